@@ -1,0 +1,2 @@
+//! The `headmix` command line (to be written).
+fn main() {}

@@ -1,0 +1,118 @@
+//! The backend abstraction and the choice of the best backend present.
+
+use std::fmt;
+
+use crate::validate::{Problem, validate};
+use crate::{Config, Result, Tensor, TensorMut, Weights};
+
+/// The kinds of backend, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    Cuda,
+    Wgpu,
+    Cpu,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 3] = [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cpu => "cpu",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BackendKind> {
+        BackendKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The inputs and outputs of one forward call on host memory.
+#[derive(Debug)]
+pub struct Io<'a> {
+    pub q: Tensor<'a>,
+    pub k: Tensor<'a>,
+    pub v: Tensor<'a>,
+    pub out: TensorMut<'a>,
+    /// `[B, H, N·P]` log-sum-exp, when asked for.
+    pub lse: Option<&'a mut [f32]>,
+}
+
+/// Device time of repeated forward calls on inputs already on the device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    /// Seconds per call, one entry per timed repetition (after warm-up).
+    pub seconds: Vec<f64>,
+    /// Extra device memory the call needed beyond inputs and outputs, in bytes.
+    pub extra_bytes: u64,
+    /// How the time was taken (e.g. "cuda events", "wgpu timestamps", "wall clock").
+    pub clock: &'static str,
+}
+
+/// A place head-mixing attention can run. Implementations receive validated problems only.
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// The device's name, as the driver reports it.
+    fn device_name(&self) -> String;
+
+    /// Key facts for `headmix info`: driver, limits, features.
+    fn describe(&self) -> Vec<(String, String)>;
+
+    /// Whether this backend can run a valid problem; `Err(Unsupported)` names why not.
+    fn supports(&self, _problem: &Problem) -> Result<()> {
+        Ok(())
+    }
+
+    /// Run a validated problem. Called only after [`validate`] and [`Backend::supports`] passed.
+    fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> Result<()>;
+
+    /// Time `reps` calls of a validated problem on device-resident random inputs (after warm-up).
+    /// The default uses host calls and the wall clock, which is right for the CPU.
+    fn time(&self, problem: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
+        crate::timing::time_host(self, problem, w, reps)
+    }
+
+    /// Validate, then run: the entry point for host slices.
+    fn forward(&self, cfg: &Config, w: &Weights, io: Io<'_>) -> Result<()> {
+        let problem = validate(cfg, w, &io.q, &io.k, &io.v, &io.out, io.lse.as_deref())?;
+        self.supports(&problem)?;
+        self.run(&problem, w, io)
+    }
+}
+
+/// The outcome of [`best`]: the backend picked and why the better ones were not.
+pub struct Selection {
+    pub backend: Box<dyn Backend>,
+    /// One line per better backend that was not available, with the reason.
+    pub skipped: Vec<(BackendKind, String)>,
+}
+
+/// Open one backend by kind.
+pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>> {
+    match kind {
+        BackendKind::Cuda => crate::backends::cuda::open(),
+        BackendKind::Wgpu => crate::backends::wgpu::open(),
+        BackendKind::Cpu => Ok(Box::new(crate::backends::cpu::CpuBackend::new())),
+    }
+}
+
+/// The best backend present: CUDA, then wgpu, then the CPU; says why the others were skipped.
+pub fn best() -> Selection {
+    let mut skipped = Vec::new();
+    for kind in BackendKind::ALL {
+        match open(kind) {
+            Ok(backend) => return Selection { backend, skipped },
+            Err(e) => skipped.push((kind, e.to_string())),
+        }
+    }
+    unreachable!("the CPU backend always opens")
+}

@@ -1,0 +1,5 @@
+//! The backends: CPU (the reference), CUDA (NVRTC kernels), wgpu (WGSL kernels).
+
+pub mod cpu;
+pub mod cuda;
+pub mod wgpu;

@@ -1,0 +1,167 @@
+//! The unfused pipeline, written independently of [`crate::attention`] so the two check each other:
+//! materialise the mixed tensors, reshape to `N·P` virtual tokens, textbook attention, reshape back,
+//! collapse, norm.
+
+use rayon::prelude::*;
+
+use crate::rope::rotate;
+use crate::{MixWeights, Output, Params, Real, Rounding};
+
+/// Mask and scale of textbook attention over `[B, L, H, d]` tensors (bottom-right aligned).
+#[derive(Clone, Copy, Debug)]
+pub struct Mask {
+    pub causal: bool,
+    /// `(left, right)` in tokens of the attention call.
+    pub window: Option<(usize, usize)>,
+}
+
+/// Textbook multi-head attention `softmax(s·QKᵀ)V` per head, with the mask aligned to the
+/// bottom-right corner (query row `i` sits at key column `i + Lk − Lq`).
+/// `q: [B, Lq, H, d]`, `k, v: [B, Lk, H, d]`; returns `o [B, Lq, H, d]` and `lse [B, H, Lq]`.
+pub fn mha<T: Real>(q: &[T], k: &[T], v: &[T], b: usize, lq: usize, lk: usize, h: usize, d: usize, scale: f64, mask: Mask) -> (Vec<T>, Vec<T>) {
+    let rows: Vec<(Vec<T>, T)> = (0..b * h * lq)
+        .into_par_iter()
+        .map(|row| {
+            let (bb, hh, i) = (row / (h * lq), (row / lq) % h, row % lq);
+            let col = i as i64 + lk as i64 - lq as i64;
+            let allowed = |j: usize| {
+                let j = j as i64;
+                let causal_ok = !mask.causal || j <= col;
+                let window_ok = match mask.window {
+                    None => true,
+                    Some((l, r)) => j >= col - l as i64 && j <= col + r as i64,
+                };
+                causal_ok && window_ok
+            };
+            let qi = &q[((bb * lq + i) * h + hh) * d..][..d];
+            let scores: Vec<Option<f64>> = (0..lk)
+                .map(|j| {
+                    allowed(j).then(|| {
+                        let kj = &k[((bb * lk + j) * h + hh) * d..][..d];
+                        qi.iter().zip(kj).map(|(a, b)| a.to_f64() * b.to_f64()).sum::<f64>() * scale
+                    })
+                })
+                .collect();
+            let max = scores.iter().flatten().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let mut o = vec![T::ZERO; d];
+            if max == f64::NEG_INFINITY {
+                return (o, T::NEG_INFINITY);
+            }
+            let z: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
+            let mut acc = vec![0.0f64; d];
+            for (j, s) in scores.iter().enumerate() {
+                if let Some(s) = s {
+                    let pj = (s - max).exp() / z;
+                    let vj = &v[((bb * lk + j) * h + hh) * d..][..d];
+                    for t in 0..d {
+                        acc[t] += pj * vj[t].to_f64();
+                    }
+                }
+            }
+            for t in 0..d {
+                o[t] = T::from_f64(acc[t]);
+            }
+            (o, T::from_f64(max + z.ln()))
+        })
+        .collect();
+    let mut o = vec![T::ZERO; b * lq * h * d];
+    let mut lse = vec![T::ZERO; b * h * lq];
+    for (row, (oi, l)) in rows.into_iter().enumerate() {
+        let (bb, hh, i) = (row / (h * lq), (row / lq) % h, row % lq);
+        o[((bb * lq + i) * h + hh) * d..][..d].copy_from_slice(&oi);
+        lse[row] = l;
+    }
+    (o, lse)
+}
+
+/// `x: [B, S, Hs, d]` mixed by `a: [Hs, H, P]` into `[B, S, P, H, d]`, which *is* `[B, S·P, H, d]`.
+pub fn materialise<T: Real>(x: &[T], a: &[T], b: usize, s: usize, hs: usize, h: usize, p: usize, d: usize) -> Vec<T> {
+    let mut y = vec![T::ZERO; b * s * p * h * d];
+    for bs in 0..b * s {
+        for q in 0..p {
+            for hh in 0..h {
+                let dst = &mut y[((bs * p + q) * h + hh) * d..][..d];
+                for m in 0..hs {
+                    let w = a[(m * h + hh) * p + q];
+                    let src = &x[(bs * hs + m) * d..][..d];
+                    for t in 0..d {
+                        dst[t] += w * src[t];
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+fn round_all<T: Real>(r: Rounding, xs: &mut [T]) {
+    for x in xs {
+        *x = T::from_f64(r.round(x.to_f64()));
+    }
+}
+
+/// The unfused pipeline; same arguments and result as [`crate::attention`]
+/// (its `Rounding` is applied to the materialised tensors and the output only).
+pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<T>) -> Output<T> {
+    let (b, h, pp, d) = (p.b, p.h, p.p, p.d);
+    let (lq, lk) = (p.n * pp, p.m * pp);
+    let mut qt = materialise(q, w.aq, b, p.n, p.hq, h, pp, d);
+    let mut kt = materialise(k, w.ak, b, p.m, p.hk, h, pp, d);
+    let mut vt = materialise(v, w.av, b, p.m, p.hk, h, pp, d);
+    if let Some(rope) = p.rope {
+        for (idx, x) in qt.chunks_mut(d).enumerate() {
+            rotate(x, p.q_pos((idx / h) % lq) as f64, rope.base);
+        }
+        for (idx, x) in kt.chunks_mut(d).enumerate() {
+            rotate(x, p.k_pos((idx / h) % lk) as f64, rope.base);
+        }
+    }
+    for t in [&mut qt, &mut kt, &mut vt] {
+        round_all(p.rounding, t);
+    }
+    let mask = Mask { causal: p.causal, window: p.window };
+    let (o, lse) = mha(&qt, &kt, &vt, b, lq, lk, h, d, p.scale, mask);
+
+    // Reshape back: o is [B, N, P, H, d]; pseudo outputs are [B, N, H, P, d].
+    let mut op = vec![T::ZERO; o.len()];
+    for bn in 0..b * p.n {
+        for q in 0..pp {
+            for hh in 0..h {
+                let src = &o[((bn * pp + q) * h + hh) * d..][..d];
+                op[((bn * h + hh) * pp + q) * d..][..d].copy_from_slice(src);
+            }
+        }
+    }
+    // Collapse as a matrix product per token: [H, H·P] × [H·P, d].
+    let mut out = match w.r {
+        None => op,
+        Some(r) => {
+            let mut out = vec![T::ZERO; b * p.n * h * d];
+            for bn in 0..b * p.n {
+                let x = &op[bn * h * pp * d..(bn + 1) * h * pp * d];
+                for row in 0..h {
+                    for t in 0..d {
+                        let mut acc = 0.0f64;
+                        for c in 0..h * pp {
+                            acc += r[row * h * pp + c].to_f64() * x[c * d + t].to_f64();
+                        }
+                        out[(bn * h + row) * d + t] = T::from_f64(acc);
+                    }
+                }
+            }
+            out
+        }
+    };
+    if let Some(gamma) = w.gamma {
+        let heads_per_vec = if w.r.is_some() { 1 } else { pp };
+        for (idx, x) in out.chunks_mut(d).enumerate() {
+            let hh = (idx / heads_per_vec) % h;
+            let rms = (x.iter().map(|e| e.to_f64() * e.to_f64()).sum::<f64>() / d as f64 + p.eps).sqrt();
+            for t in 0..d {
+                x[t] = T::from_f64(gamma[hh * d + t].to_f64() * x[t].to_f64() / rms);
+            }
+        }
+    }
+    round_all(p.rounding, &mut out);
+    Output { out, lse }
+}

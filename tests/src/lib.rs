@@ -1,0 +1,171 @@
+//! Shared helpers of the headmix test suites: device discovery with clear skips, random inputs,
+//! poisoned outputs, and the comparison of a backend against the f64 reference.
+
+use headmix::reference::{self, MixWeights, Output, Params, Rounding, max_abs_err, rel_err};
+use headmix::timing::Owned;
+use headmix::{Backend, BackendKind, Config, DType, Io, Problem, Rng, Weights};
+
+/// Open a device backend, or say in one line why the test is skipped. Under
+/// `HEADMIX_REQUIRE_CUDA=1` / `HEADMIX_REQUIRE_WGPU=1` a missing device fails the test instead.
+pub fn device_or_skip(kind: BackendKind, test: &str) -> Option<Box<dyn Backend>> {
+    let var = match kind {
+        BackendKind::Cuda => "HEADMIX_REQUIRE_CUDA",
+        BackendKind::Wgpu => "HEADMIX_REQUIRE_WGPU",
+        BackendKind::Cpu => "",
+    };
+    match headmix::open(kind) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            if !var.is_empty() && std::env::var(var).is_ok_and(|v| v == "1") {
+                panic!("{test}: {var}=1 but the {kind} backend is not available: {e}");
+            }
+            eprintln!("skipping {test}: no {kind} device ({e})");
+            None
+        }
+    }
+}
+
+/// Relative-error tolerance (‖out − ref‖ / ‖ref‖ against the f64 reference) per dtype.
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        DType::BF16 => 1e-2,
+    }
+}
+
+/// The reference's rounding that mimics a kernel in `dtype`.
+pub fn rounding(dtype: DType) -> Rounding {
+    match dtype {
+        DType::F32 => Rounding::Exact,
+        DType::F16 => Rounding::F16,
+        DType::BF16 => Rounding::BF16,
+    }
+}
+
+/// Inputs of one case, in f32 values exactly representable in the case's dtype.
+pub struct Case {
+    pub problem: Problem,
+    pub weights: Weights,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+fn representable(dtype: DType, x: Vec<f32>) -> Vec<f32> {
+    Owned::from_f32(dtype, &x).to_f32()
+}
+
+impl Case {
+    /// Fresh random inputs (normal, never zeros) for a configuration and sizes.
+    pub fn random(cfg: Config, weights: Weights, batch: usize, n: usize, m: usize, dtype: DType, seed: u64) -> Case {
+        let mut rng = Rng::new(seed);
+        let c = &cfg;
+        let q = rng.normal_vec(batch * n * c.q_heads * c.head_dim, 1.0);
+        let k = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
+        let v = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
+        let problem = Problem {
+            cfg,
+            batch,
+            n,
+            m,
+            dtype,
+            collapse: weights.r.is_some(),
+            norm: weights.gamma.is_some(),
+        };
+        Case {
+            problem,
+            weights,
+            q: representable(dtype, q),
+            k: representable(dtype, k),
+            v: representable(dtype, v),
+        }
+    }
+
+    pub fn q_shape(&self) -> [usize; 4] {
+        let p = &self.problem;
+        [p.batch, p.n, p.cfg.q_heads, p.cfg.head_dim]
+    }
+
+    pub fn kv_shape(&self) -> [usize; 4] {
+        let p = &self.problem;
+        [p.batch, p.m, p.cfg.kv_heads, p.cfg.head_dim]
+    }
+
+    /// The reference in f64 with a given rounding.
+    pub fn reference(&self, rounding: Rounding) -> Output<f64> {
+        let mut params: Params = self.problem.params();
+        params.rounding = rounding;
+        let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        let w = &self.weights;
+        let (aq, ak, av) = (f(&w.aq), f(&w.ak), f(&w.av));
+        let r = w.r.as_deref().map(f);
+        let g = w.gamma.as_deref().map(f);
+        let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: g.as_deref() };
+        reference::attention(&params, &f(&self.q), &f(&self.k), &f(&self.v), &mix)
+    }
+
+    /// Run a backend through the validated host API with NaN-poisoned outputs; returns
+    /// (out as f32, lse).
+    pub fn run(&self, backend: &dyn Backend) -> headmix::Result<(Vec<f32>, Vec<f32>)> {
+        let p = &self.problem;
+        let (q, k, v) = (
+            Owned::from_f32(p.dtype, &self.q),
+            Owned::from_f32(p.dtype, &self.k),
+            Owned::from_f32(p.dtype, &self.v),
+        );
+        let out_shape = p.out_shape();
+        let mut out = Owned::filled(p.dtype, out_shape.iter().product(), f32::NAN);
+        let mut lse = vec![f32::NAN; p.lse_len()];
+        backend.forward(
+            &p.cfg,
+            &self.weights,
+            Io {
+                q: q.tensor(&self.q_shape()),
+                k: k.tensor(&self.kv_shape()),
+                v: v.tensor(&self.kv_shape()),
+                out: out.tensor_mut(&out_shape),
+                lse: Some(&mut lse),
+            },
+        )?;
+        Ok((out.to_f32(), lse))
+    }
+
+    /// Run `backend` and assert it matches the f64 reference: relative error within
+    /// [`tolerance`], every element written (no NaN left from the poison), lse equal where
+    /// finite and `-inf` exactly where the reference has it; for f16/bf16 also the
+    /// FlashAttention rule: max error at most 2× that of the reference run in the same
+    /// precision, plus `atol`.
+    pub fn check(&self, backend: &dyn Backend, label: &str) {
+        let (out, lse) = self.run(backend).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let exact = self.reference(Rounding::Exact);
+        assert!(out.iter().all(|x| !x.is_nan()), "{label}: output has NaN (unwritten or wrong)");
+        let err = rel_err(&out, &exact.out);
+        let tol = tolerance(self.problem.dtype);
+        assert!(err <= tol, "{label}: relative error {err:.3e} above {tol:.0e} ({:?})", self.problem);
+        if self.problem.dtype != DType::F32 {
+            let low = self.reference(rounding(self.problem.dtype));
+            let ref_err = max_abs_err(&low.out, &exact.out);
+            let our_err = max_abs_err(&out, &exact.out);
+            let atol = 1e-3 * exact.out.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-3);
+            assert!(
+                our_err <= 2.0 * ref_err + atol,
+                "{label}: max error {our_err:.3e} above 2 × {ref_err:.3e} (reference in {:?}) + {atol:.1e}",
+                self.problem.dtype
+            );
+        }
+        check_lse(&lse, &exact.lse, if self.problem.dtype == DType::F32 { 1e-4 } else { 2e-2 }, label);
+    }
+}
+
+/// Log-sum-exp: `-inf` exactly where the reference has it, else within `atol`.
+pub fn check_lse(got: &[f32], want: &[f64], atol: f64, label: &str) {
+    assert_eq!(got.len(), want.len(), "{label}: lse length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w == f64::NEG_INFINITY {
+            assert!(g == f32::NEG_INFINITY, "{label}: lse[{i}] = {g}, expected -inf (row sees no key)");
+        } else {
+            assert!((g as f64 - w).abs() <= atol * (1.0 + w.abs()), "{label}: lse[{i}] = {g}, expected {w}");
+        }
+    }
+}

@@ -1,2 +1,32 @@
-//! The `headmix` command line (to be written).
-fn main() {}
+//! The `headmix` command line: `info`, `run`, `bench`.
+
+mod args;
+mod info;
+mod run;
+
+const HELP: &str = "\
+headmix — fused head-mixing attention (IHA, MEA, GQA, MHA) on CUDA, wgpu or the CPU
+
+usage: headmix <command> [options]
+  info     backends and devices found, and their limits
+  run      one forward pass on the best (or a chosen) backend, checked and timed  (headmix run --help)
+  bench    benchmark sweeps: table, JSON, SVG                                     (headmix bench --help)";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or(&[]);
+    let result = match args.first().map(|s| s.as_str()) {
+        Some("info") => info::main(),
+        Some("run") => run::main(rest),
+        Some("bench") => Err(format!("bench: not wired yet ({} args)", rest.len())),
+        None | Some("help") | Some("--help") | Some("-h") => {
+            println!("{HELP}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command {other:?}\n\n{HELP}")),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+}

@@ -26,8 +26,22 @@ headmix run [options]     one forward pass, checked against the f64 reference, t
   --causal / --non-causal, --rope, --seed S, --reps R (timed repetitions, default 5)";
 
 const KNOWN: &[&str] = &[
-    "config", "backend", "batch", "seq", "kv-seq", "heads", "kv-heads", "pseudo", "head-dim", "dtype", "window",
-    "causal", "non-causal", "rope", "seed", "reps",
+    "config",
+    "backend",
+    "batch",
+    "seq",
+    "kv-seq",
+    "heads",
+    "kv-heads",
+    "pseudo",
+    "head-dim",
+    "dtype",
+    "window",
+    "causal",
+    "non-causal",
+    "rope",
+    "seed",
+    "reps",
 ];
 
 /// Build the configuration named on the command line.
@@ -135,7 +149,13 @@ pub fn main(args: &[String]) -> Result<(), String> {
     println!("backend        {} ({})", backend.kind(), backend.device_name());
 
     let t = step("running forward");
-    let io = Io { q: qo.tensor(&qs), k: ko.tensor(&ks), v: vo.tensor(&ks), out: out.tensor_mut(&out_shape), lse: Some(&mut lse) };
+    let io = Io {
+        q: qo.tensor(&qs),
+        k: ko.tensor(&ks),
+        v: vo.tensor(&ks),
+        out: out.tensor_mut(&out_shape),
+        lse: Some(&mut lse),
+    };
     backend.forward(c, &w, io).map_err(|e| e.to_string())?;
     let first = t.elapsed().as_secs_f64();
     done(t);

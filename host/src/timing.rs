@@ -65,7 +65,8 @@ impl Owned {
 pub fn time_host<B: Backend + ?Sized>(backend: &B, problem: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
     let c = &problem.cfg;
     let (q, k, v) = random_inputs(problem, 1);
-    let (q, k, v) = (Owned::from_f32(problem.dtype, &q), Owned::from_f32(problem.dtype, &k), Owned::from_f32(problem.dtype, &v));
+    let (q, k, v) =
+        (Owned::from_f32(problem.dtype, &q), Owned::from_f32(problem.dtype, &k), Owned::from_f32(problem.dtype, &v));
     let out_shape = problem.out_shape();
     let mut out = Owned::filled(problem.dtype, out_shape.iter().product(), f32::NAN);
     let mut lse = vec![f32::NAN; problem.lse_len()];
@@ -73,7 +74,13 @@ pub fn time_host<B: Backend + ?Sized>(backend: &B, problem: &Problem, w: &Weight
     let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];
     let mut seconds = Vec::with_capacity(reps);
     for rep in 0..=reps {
-        let io = Io { q: q.tensor(&qs), k: k.tensor(&ks), v: v.tensor(&ks), out: out.tensor_mut(&out_shape), lse: Some(&mut lse) };
+        let io = Io {
+            q: q.tensor(&qs),
+            k: k.tensor(&ks),
+            v: v.tensor(&ks),
+            out: out.tensor_mut(&out_shape),
+            lse: Some(&mut lse),
+        };
         let t = Instant::now();
         backend.run(problem, w, io)?;
         if rep > 0 {

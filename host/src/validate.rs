@@ -201,7 +201,9 @@ pub fn validate(
         return Err(Error::QueryLongerThanKeys { n, m });
     }
     // Sizes must stay addressable by 32-bit kernel indices, virtual tokens included.
-    let virt = (batch as u128) * (m.max(n) as u128) * (cfg.heads.max(cfg.q_heads).max(cfg.kv_heads) as u128)
+    let virt = (batch as u128)
+        * (m.max(n) as u128)
+        * (cfg.heads.max(cfg.q_heads).max(cfg.kv_heads) as u128)
         * (cfg.pseudo as u128)
         * (cfg.head_dim as u128);
     if virt > MAX_INDEX as u128 {

@@ -103,10 +103,8 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
     assert_eq!(k.len(), p.b * p.m * p.hk * p.d, "k length");
     assert_eq!(v.len(), p.b * p.m * p.hk * p.d, "v length");
     let (hh, pp, d) = (p.h, p.p, p.d);
-    let heads: Vec<(Vec<T>, Vec<T>)> = (0..p.b * hh)
-        .into_par_iter()
-        .map(|bh| head(p, q, k, v, w, bh / hh, bh % hh))
-        .collect();
+    let heads: Vec<(Vec<T>, Vec<T>)> =
+        (0..p.b * hh).into_par_iter().map(|bh| head(p, q, k, v, w, bh / hh, bh % hh)).collect();
 
     // De-interleave: op[b, n, h, q] = o_h[n·P + q].
     let mut op = vec![T::ZERO; p.b * p.n * hh * pp * d];

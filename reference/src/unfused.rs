@@ -18,7 +18,18 @@ pub struct Mask {
 /// Textbook multi-head attention `softmax(s·QKᵀ)V` per head, with the mask aligned to the
 /// bottom-right corner (query row `i` sits at key column `i + Lk − Lq`).
 /// `q: [B, Lq, H, d]`, `k, v: [B, Lk, H, d]`; returns `o [B, Lq, H, d]` and `lse [B, H, Lq]`.
-pub fn mha<T: Real>(q: &[T], k: &[T], v: &[T], b: usize, lq: usize, lk: usize, h: usize, d: usize, scale: f64, mask: Mask) -> (Vec<T>, Vec<T>) {
+pub fn mha<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    b: usize,
+    lq: usize,
+    lk: usize,
+    h: usize,
+    d: usize,
+    scale: f64,
+    mask: Mask,
+) -> (Vec<T>, Vec<T>) {
     let rows: Vec<(Vec<T>, T)> = (0..b * h * lq)
         .into_par_iter()
         .map(|row| {

@@ -34,13 +34,14 @@ pub fn mha<T: Real>(
         .into_par_iter()
         .map(|row| {
             let (bb, hh, i) = (row / (h * lq), (row / lq) % h, row % lq);
-            let col = i as i64 + lk as i64 - lq as i64;
+            // Wide integers: a window reach may be as large as `usize::MAX` ("unbounded").
+            let col = i as i128 + lk as i128 - lq as i128;
             let allowed = |j: usize| {
-                let j = j as i64;
+                let j = j as i128;
                 let causal_ok = !mask.causal || j <= col;
                 let window_ok = match mask.window {
                     None => true,
-                    Some((l, r)) => j >= col - l as i64 && j <= col + r as i64,
+                    Some((l, r)) => j >= col - l as i128 && j <= col + r as i128,
                 };
                 causal_ok && window_ok
             };

@@ -64,22 +64,8 @@ impl Case {
         let q = rng.normal_vec(batch * n * c.q_heads * c.head_dim, 1.0);
         let k = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
         let v = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
-        let problem = Problem {
-            cfg,
-            batch,
-            n,
-            m,
-            dtype,
-            collapse: weights.r.is_some(),
-            norm: weights.gamma.is_some(),
-        };
-        Case {
-            problem,
-            weights,
-            q: representable(dtype, q),
-            k: representable(dtype, k),
-            v: representable(dtype, v),
-        }
+        let problem = Problem { cfg, batch, n, m, dtype, collapse: weights.r.is_some(), norm: weights.gamma.is_some() };
+        Case { problem, weights, q: representable(dtype, q), k: representable(dtype, k), v: representable(dtype, v) }
     }
 
     pub fn q_shape(&self) -> [usize; 4] {
@@ -109,11 +95,8 @@ impl Case {
     /// (out as f32, lse).
     pub fn run(&self, backend: &dyn Backend) -> headmix::Result<(Vec<f32>, Vec<f32>)> {
         let p = &self.problem;
-        let (q, k, v) = (
-            Owned::from_f32(p.dtype, &self.q),
-            Owned::from_f32(p.dtype, &self.k),
-            Owned::from_f32(p.dtype, &self.v),
-        );
+        let (q, k, v) =
+            (Owned::from_f32(p.dtype, &self.q), Owned::from_f32(p.dtype, &self.k), Owned::from_f32(p.dtype, &self.v));
         let out_shape = p.out_shape();
         let mut out = Owned::filled(p.dtype, out_shape.iter().product(), f32::NAN);
         let mut lse = vec![f32::NAN; p.lse_len()];
@@ -168,4 +151,53 @@ pub fn check_lse(got: &[f32], want: &[f64], atol: f64, label: &str) {
             assert!((g as f64 - w).abs() <= atol * (1.0 + w.abs()), "{label}: lse[{i}] = {g}, expected {w}");
         }
     }
+}
+
+/// Run `test` on `cases` draws of `strategy` through `proptest!` (failures shrink as usual), then
+/// assert that the cases really ran: a property suite that runs nothing cannot fail.
+/// `PROPTEST_CASES` overrides `cases`, as for any proptest.
+pub fn check_property<S>(name: &str, cases: u32, strategy: S, test: impl Fn(S::Value))
+where
+    S: proptest::strategy::Strategy,
+    S::Value: std::fmt::Debug,
+{
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let config = ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
+    let expected = proptest::test_runner::contextualize_config(config.clone()).cases;
+    let ran = AtomicU32::new(0);
+    proptest!(config, |(x in strategy)| {
+        ran.fetch_add(1, Ordering::Relaxed);
+        test(x);
+    });
+    let ran = ran.into_inner();
+    assert!(ran > 0 && ran >= expected, "{name}: only {ran} of {expected} cases ran");
+}
+
+/// `len` standard-normal values times `std` in f64, never exactly zero.
+pub fn normals(rng: &mut Rng, len: usize, std: f64) -> Vec<f64> {
+    (0..len)
+        .map(|_| {
+            let x = rng.normal();
+            if x == 0.0 { 0.5 * std } else { x * std }
+        })
+        .collect()
+}
+
+/// The mask of the spec written out directly in wide integers: virtual query `i` sits at key index
+/// `i' = i + (M − N)·P`; causal: `j <= i'`; window `(left, right)`: `i' − left <= j <= i' + right`.
+pub fn spec_visible(
+    i: usize,
+    j: usize,
+    n: usize,
+    m: usize,
+    p: usize,
+    causal: bool,
+    window: Option<(usize, usize)>,
+) -> bool {
+    let (i, j) = (i as i128, j as i128);
+    let ia = i + (m as i128 - n as i128) * p as i128;
+    let causal_ok = !causal || j <= ia;
+    let window_ok = window.is_none_or(|(l, r)| ia - l as i128 <= j && j <= ia + r as i128);
+    causal_ok && window_ok
 }

@@ -1,0 +1,237 @@
+//! The kernel variants: which source, which `#define`s, and the tile sizes the host must mirror.
+
+use crate::DType;
+
+/// Kernel sources, embedded at build time (NVRTC gets one concatenated string, no includes).
+pub mod src {
+    pub const COMMON: &str = include_str!("../../../../kernels-cuda/common.cuh");
+    pub const TRAITS: &str = include_str!("../../../../kernels-cuda/traits.cuh");
+    pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
+    pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
+}
+
+/// Numbered kernel versions (llm.c style); each stays available and tested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kernel {
+    /// v1: fused FMA kernel, f32 accumulation, mixing and online softmax in shared memory.
+    AttnV1,
+    /// The collapse epilogue (head norm and rounding of the f32 accumulator).
+    CollapseEpilogue,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::AttnV1 => "v1",
+            Kernel::CollapseEpilogue => "epilogue",
+        }
+    }
+
+    /// The `extern "C"` entry point in the module.
+    pub fn entry(self) -> &'static str {
+        match self {
+            Kernel::AttnV1 => "hm_attn_v1",
+            Kernel::CollapseEpilogue => "hm_collapse_epilogue",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Kernel::AttnV1 => src::ATTN_V1,
+            Kernel::CollapseEpilogue => src::EPILOGUE,
+        }
+    }
+}
+
+/// Compile-time head-dim capacities; a runtime `d` uses the smallest capacity `>= d`.
+pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+/// The mask kind compiled into a variant (`HM_MASK`): dense variants carry no mask code, causal
+/// ones only `j <= i'`; the window variant handles a window with or without causality.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MaskKind {
+    None,
+    Causal,
+    Window,
+}
+
+impl MaskKind {
+    pub const ALL: [MaskKind; 3] = [MaskKind::None, MaskKind::Causal, MaskKind::Window];
+
+    /// The mask kind a configuration needs.
+    pub fn of(cfg: &crate::Config) -> MaskKind {
+        match (cfg.window, cfg.causal) {
+            (Some(_), _) => MaskKind::Window,
+            (None, true) => MaskKind::Causal,
+            (None, false) => MaskKind::None,
+        }
+    }
+
+    fn code(self) -> u32 {
+        match self {
+            MaskKind::None => 0,
+            MaskKind::Causal => 1,
+            MaskKind::Window => 2,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            MaskKind::None => "dense",
+            MaskKind::Causal => "causal",
+            MaskKind::Window => "window",
+        }
+    }
+}
+
+/// One compiled instantiation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Variant {
+    pub kernel: Kernel,
+    pub dtype: DTypeKey,
+    /// Head-dim capacity (0 for kernels that do not depend on it).
+    pub hd: usize,
+    /// Mask kind (`None` for kernels without a mask).
+    pub mask: MaskKind,
+}
+
+/// `DType` with an order (for sorted listings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DTypeKey {
+    F32,
+    F16,
+    BF16,
+}
+
+impl From<DType> for DTypeKey {
+    fn from(d: DType) -> Self {
+        match d {
+            DType::F32 => DTypeKey::F32,
+            DType::F16 => DTypeKey::F16,
+            DType::BF16 => DTypeKey::BF16,
+        }
+    }
+}
+
+impl DTypeKey {
+    fn code(self) -> u32 {
+        match self {
+            DTypeKey::F32 => 0,
+            DTypeKey::F16 => 1,
+            DTypeKey::BF16 => 2,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            DTypeKey::F32 => "f32",
+            DTypeKey::F16 => "f16",
+            DTypeKey::BF16 => "bf16",
+        }
+    }
+}
+
+/// Tile sizes of a variant: mirrors `traits.cuh` (checked against it by the NVRTC test through
+/// the compiled shared-memory sizes on a device, and by `traits_match_header` below).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiles {
+    /// Virtual queries per block.
+    pub br: usize,
+    /// Virtual keys per KV tile.
+    pub bc: usize,
+    /// Threads per block.
+    pub threads: usize,
+    /// Dynamic shared memory in bytes.
+    pub smem: usize,
+}
+
+pub const THREADS: usize = 128;
+/// Output rows per block of the epilogue (`HM_EPI_ROWS`).
+pub const EPI_ROWS: usize = 4;
+
+impl Variant {
+    /// The epilogue of a dtype.
+    pub fn epilogue(dtype: DType) -> Variant {
+        Variant { kernel: Kernel::CollapseEpilogue, dtype: dtype.into(), hd: 0, mask: MaskKind::None }
+    }
+
+    /// The attention variant for a runtime head dim `d` (None when `d` exceeds every capacity).
+    pub fn attention(kernel: Kernel, dtype: DType, d: usize, mask: MaskKind) -> Option<Variant> {
+        HEAD_DIMS.iter().find(|&&c| c >= d).map(|&hd| Variant { kernel, dtype: dtype.into(), hd, mask })
+    }
+
+    pub fn name(&self) -> String {
+        match self.kernel {
+            Kernel::CollapseEpilogue => format!("{}_{}", self.kernel.name(), self.dtype.name()),
+            _ => format!("{}_{}_d{}_{}", self.kernel.name(), self.dtype.name(), self.hd, self.mask.name()),
+        }
+    }
+
+    /// The full NVRTC source: a `#define` prelude, the shared headers, the kernel.
+    pub fn source(&self) -> String {
+        let hd = if self.hd == 0 { 32 } else { self.hd };
+        format!(
+            "// headmix variant {}\n#define HM_DTYPE {}\n#define HM_HD {}\n#define HM_MASK {}\n#define HM_NT {}\n{}\n{}\n{}\n",
+            self.name(),
+            self.dtype.code(),
+            hd,
+            self.mask.code(),
+            THREADS,
+            src::COMMON,
+            src::TRAITS,
+            self.kernel.body()
+        )
+    }
+
+    /// Tiles and launch shape (mirrors `traits.cuh` and the kernels' shared-memory carve-up).
+    pub fn tiles(&self) -> Tiles {
+        match self.kernel {
+            Kernel::CollapseEpilogue => Tiles { br: EPI_ROWS, bc: 0, threads: 32 * EPI_ROWS, smem: 0 },
+            Kernel::AttnV1 => {
+                let (br, bc) = match self.hd {
+                    0..=64 => (32, 64),
+                    65..=128 => (32, 32),
+                    _ => (16, 16),
+                };
+                let hdp = self.hd + 1;
+                // qs [BR][HDP], ks and vs [BC][HDP], ss [BR][BC+1], three row statistics [BR].
+                let floats = br * hdp + 2 * bc * hdp + br * (bc + 1) + 3 * br;
+                Tiles { br, bc, threads: THREADS, smem: floats * 4 }
+            }
+        }
+    }
+}
+
+/// Every variant the backend can launch.
+pub fn all_variants() -> Vec<Variant> {
+    let mut v = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for hd in HEAD_DIMS {
+            for mask in MaskKind::ALL {
+                v.push(Variant { kernel: Kernel::AttnV1, dtype: dtype.into(), hd, mask });
+            }
+        }
+        v.push(Variant::epilogue(dtype));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traits_match_header() {
+        // The header's thresholds and sizes, restated: a change to one must change the other.
+        assert!(src::TRAITS.contains("#if HM_HD <= 64\n#define HM_BR 32\n#define HM_BC 64"));
+        assert!(src::TRAITS.contains("#elif HM_HD <= 128\n#define HM_BR 32\n#define HM_BC 32"));
+        assert!(src::TRAITS.contains("#else\n#define HM_BR 16\n#define HM_BC 16"));
+        for v in all_variants() {
+            let t = v.tiles();
+            assert!(t.smem <= 99 * 1024, "{}: {} bytes of shared memory", v.name(), t.smem);
+            if v.kernel == Kernel::AttnV1 {
+                // HM_OPT = BR·HD / NT output elements per thread must be exact.
+                assert_eq!((t.br * v.hd) % t.threads, 0, "{}", v.name());
+            }
+        }
+    }
+}

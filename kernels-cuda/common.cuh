@@ -1,0 +1,160 @@
+// headmix CUDA kernels: shared helpers (no includes: NVRTC compiles this with no include path).
+//
+// The host prepends a prelude of `#define`s that select one variant:
+//   HM_DTYPE  0 = f32, 1 = f16, 2 = bf16   (storage type of q, k, v, out)
+//   HM_HD     compile-time head-dim capacity (32, 64, 96, 128, 256); the runtime d may be smaller
+// and then concatenates this file, traits.cuh, the tile helpers and one kernel file.
+
+#define HM_NEG_INF (__int_as_float(0xff800000))
+#define HM_LOG2E 1.4426950408889634f
+#define HM_LN2 0.6931471805599453f
+
+// ---- Arguments -------------------------------------------------------------------------------
+// One struct by value (the Rust side mirrors it with #[repr(C)], see host/src/backends/cuda/args.rs): pointers first so
+// that the layout has no padding.
+struct HmArgs {
+    const void* q;      // [B, N, Hq, d]
+    const void* k;      // [B, M, Hk, d]
+    const void* v;      // [B, M, Hk, d]
+    void* out;          // [B, N, H, P, d] (no collapse) or unused (collapse: see acc)
+    float* lse;         // [B, H, N*P] or null
+    float* acc;         // collapse accumulator [B, N, H, d] f32 (zeroed by the host), or null
+    const float* aq;    // [Hq, H, P]
+    const float* ak;    // [Hk, H, P]
+    const float* av;    // [Hk, H, P]
+    const float* r;     // [H, H*P] or null
+    const float* gamma; // [H, d] or null
+    int B, N, M, Hq, Hk, H, P, d;
+    int causal, has_window, window_left, window_right;
+    int rope, rope_token, pos0, collapse, norm, has_lse;
+    float scale_log2; // softmax scale * log2(e): scores live in the log2 domain
+    float rope_base;
+    float eps;
+    float pad_;
+};
+
+// ---- Storage types and conversions (inline PTX / bit tricks instead of cuda_fp16.h) -----------
+#if HM_DTYPE == 0
+typedef float hm_elem;
+__device__ __forceinline__ float hm_to_f32(float x) { return x; }
+__device__ __forceinline__ float hm_from_f32(float x) { return x; }
+#else
+typedef unsigned short hm_elem;
+#endif
+
+__device__ __forceinline__ float hm_f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short hm_f32_to_f16(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float hm_bf16_to_f32(unsigned short h) {
+    return __uint_as_float(((unsigned)h) << 16);
+}
+// Round to nearest even; NaN stays a (quiet) NaN.
+__device__ __forceinline__ unsigned short hm_f32_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+#if HM_DTYPE == 1
+__device__ __forceinline__ float hm_to_f32(unsigned short x) { return hm_f16_to_f32(x); }
+__device__ __forceinline__ unsigned short hm_from_f32(float x) { return hm_f32_to_f16(x); }
+#elif HM_DTYPE == 2
+__device__ __forceinline__ float hm_to_f32(unsigned short x) { return hm_bf16_to_f32(x); }
+__device__ __forceinline__ unsigned short hm_from_f32(float x) { return hm_f32_to_bf16(x); }
+#endif
+
+// Round an f32 to the storage precision (what a low-precision kernel stores), as the reference's
+// `Rounding` does for mixed q/k/v, probabilities and outputs.
+__device__ __forceinline__ float hm_round(float x) {
+#if HM_DTYPE == 0
+    return x;
+#else
+    return hm_to_f32(hm_from_f32(x));
+#endif
+}
+
+__device__ __forceinline__ float hm_load(const void* base, long long idx) {
+    return hm_to_f32(((const hm_elem*)base)[idx]);
+}
+__device__ __forceinline__ void hm_store(void* base, long long idx, float x) {
+    ((hm_elem*)base)[idx] = hm_from_f32(x);
+}
+
+// ---- Warp reductions ---------------------------------------------------------------------------
+__device__ __forceinline__ float hm_warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+__device__ __forceinline__ float hm_warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// ---- Mask and positions (virtual indices, bottom-right aligned) ------------------------------
+// Query i sits at key index ia = i + (M - N) * P. The mask kind is compiled in (HM_MASK):
+//   0: every key visible, 1: causal (j <= ia), 2: sliding window (ia - left <= j <= ia + right),
+//   causal too when a.causal is set.
+#ifndef HM_MASK
+#define HM_MASK 2
+#endif
+__device__ __forceinline__ bool hm_visible(const HmArgs& a, long long ia, long long j) {
+#if HM_MASK == 0
+    return true;
+#elif HM_MASK == 1
+    return j <= ia;
+#else
+    if (a.causal && j > ia) return false;
+    return j >= ia - (long long)a.window_left && j <= ia + (long long)a.window_right;
+#endif
+}
+
+// The keys [*lo, *hi] that virtual queries [i_first, i_last] can see (empty when lo > hi): the
+// KV tiles outside it are never visited.
+__device__ __forceinline__ void hm_key_range(const HmArgs& a, long long i_first, long long i_last, long long* lo,
+                                             long long* hi) {
+    *lo = 0;
+    *hi = (long long)a.M * a.P - 1;
+#if HM_MASK != 0
+    const long long off = (long long)(a.M - a.N) * a.P;
+#endif
+#if HM_MASK == 1
+    *hi = min(*hi, i_last + off);
+#elif HM_MASK == 2
+    if (a.causal) *hi = min(*hi, i_last + off);
+    *lo = max(*lo, i_first + off - (long long)a.window_left);
+    *hi = min(*hi, i_last + off + (long long)a.window_right);
+#endif
+}
+
+// RoPE position of virtual query i / virtual key j (Token mode: the token's position).
+__device__ __forceinline__ long long hm_q_pos(const HmArgs& a, long long i) {
+    return a.rope_token ? (long long)a.pos0 + i / a.P + (a.M - a.N)
+                        : (long long)a.pos0 + i + (long long)(a.M - a.N) * a.P;
+}
+__device__ __forceinline__ long long hm_k_pos(const HmArgs& a, long long j) {
+    return a.rope_token ? (long long)a.pos0 + j / a.P : (long long)a.pos0 + j;
+}
+
+// Rotate-half pair (x0, x1) = (x[t], x[t + d/2]) to position pos, frequency base^(-2t/d). The
+// angle is formed and reduced to [-pi, pi] in f64 (positions reach 2^31), then the fast f32
+// sine/cosine, accurate to ~4e-7 absolute on that interval, rotates. Not inlined: two call sites
+// share one copy of the f64 code.
+__device__ __noinline__ void hm_rope_pair(float& x0, float& x1, long long pos, int t, int d, float base) {
+    const double two_pi = 6.283185307179586;
+    const double freq = exp2(-(double)(2 * t) / (double)d * log2((double)base));
+    double ang = (double)pos * freq;
+    ang -= rint(ang / two_pi) * two_pi;
+    float s, c;
+    __sincosf((float)ang, &s, &c);
+    const float a0 = x0, a1 = x1;
+    x0 = a0 * c - a1 * s;
+    x1 = a1 * c + a0 * s;
+}

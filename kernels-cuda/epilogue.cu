@@ -1,0 +1,32 @@
+// Collapse epilogue: out[b, n, h, :] = norm?(acc[b, n, h, :]) rounded to the storage type.
+// acc holds sum_{h', p} r[h, h'*P + p] * op[n, h', p] accumulated by the attention kernel in f32.
+// One warp per output row (d <= 256, so at most 8 values per lane).
+
+#define HM_EPI_ROWS 4
+
+extern "C" __global__ void __launch_bounds__(32 * HM_EPI_ROWS) hm_collapse_epilogue(const HmArgs a) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long rows = (long long)a.B * a.N * a.H;
+    const long long row = (long long)blockIdx.x * HM_EPI_ROWS + warp;
+    if (row >= rows) return;
+    const int d = a.d, h = (int)(row % a.H);
+    const float* src = a.acc + row * d;
+    float x[8];
+    float ms = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int t = lane + 32 * k;
+        x[k] = t < d ? src[t] : 0.f;
+        ms += x[k] * x[k];
+    }
+    float inv = 1.f;
+    if (a.norm) {
+        ms = hm_warp_sum(ms);
+        inv = 1.f / sqrtf(ms / (float)d + a.eps);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int t = lane + 32 * k;
+        if (t < d) hm_store(a.out, row * d + t, a.norm ? a.gamma[h * d + t] * x[k] * inv : x[k]);
+    }
+}

@@ -182,17 +182,17 @@ fn find_nvrtc() -> Result<String, String> {
 
 fn find_driver() -> Result<String, String> {
     const NAMES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
-    let mut errors = Vec::new();
+    let mut first_error = String::new();
     for n in NAMES {
         match open(n) {
             Ok(()) => return Ok(n.to_string()),
-            Err(e) => errors.push(e),
+            Err(e) if first_error.is_empty() => first_error = e,
+            Err(_) => {}
         }
     }
     Err(format!(
-        "the CUDA driver library was not found (searched {}: {}); is an NVIDIA driver installed?",
-        NAMES.join(", "),
-        errors.join("; ")
+        "the CUDA driver library was not found (searched {} on the loader path: {first_error}); is an NVIDIA driver installed?",
+        NAMES.join(", ")
     ))
 }
 

@@ -58,6 +58,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 use crate::validate::Problem;
 use crate::{Backend, BackendKind, DType, Error, Io, Result, Timing, Weights};
 pub use args::HmArgs;
+/// The cudarc this backend is built on (its device types appear in the zero-copy API).
+pub use cudarc;
 pub use device::{DeviceElem, DeviceWeights, RawIo};
 pub use variants::{Kernel, MaskKind, Variant};
 

@@ -6,7 +6,7 @@
 //!
 //! Without a GPU every test skips with one line; `HEADMIX_REQUIRE_CUDA=1` makes that a failure.
 
-use headmix::backends::cuda::{CudaBackend, RawIo};
+use headmix::backends::cuda::{CudaBackend, Kernel, RawIo};
 use headmix::reference::PosMode;
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, Problem, Rng, Rope, Tensor, TensorMut, Weights};
@@ -24,6 +24,14 @@ fn cuda(test: &str) -> Option<Box<dyn Backend>> {
 fn cuda_concrete(test: &str) -> Option<CudaBackend> {
     cuda(test)?;
     Some(CudaBackend::new(0).unwrap_or_else(|e| panic!("{test}: device 0 opened once, then: {e}")))
+}
+
+/// One backend per attention kernel version (v2 falls back to v1 for f32 and d > 128), or none
+/// (one skip line) without a device.
+fn kernels(test: &str) -> Vec<(&'static str, Box<dyn Backend>)> {
+    let Some(be) = cuda_concrete(test) else { return Vec::new() };
+    let v2 = CudaBackend::new(0).unwrap().with_kernel(Kernel::AttnV2);
+    vec![("v1", Box::new(be.with_kernel(Kernel::AttnV1))), ("v2", Box::new(v2))]
 }
 
 /// Dense random weights (`N(0, 1/fan_in)`), optional collapse and head norm.
@@ -67,29 +75,31 @@ fn named_cases() -> Vec<(String, Config, usize, usize)> {
 
 #[test]
 fn named_methods_match_the_reference_in_every_dtype() {
-    let Some(cuda) = cuda("named_methods_match_the_reference_in_every_dtype") else { return };
-    for (label, cfg, n, m) in named_cases() {
-        for (s, dtype) in DTYPES.into_iter().enumerate() {
-            let w = Weights::random(&cfg, 11 + s as u64);
-            let case = Case::random(cfg, w, 2, n, m, dtype, 100 + s as u64);
-            case.check(cuda.as_ref(), &format!("{label} {}", dtype.name()));
+    for (kernel, cuda) in kernels("named_methods_match_the_reference_in_every_dtype") {
+        for (label, cfg, n, m) in named_cases() {
+            for (s, dtype) in DTYPES.into_iter().enumerate() {
+                let w = Weights::random(&cfg, 11 + s as u64);
+                let case = Case::random(cfg, w, 2, n, m, dtype, 100 + s as u64);
+                case.check(cuda.as_ref(), &format!("{kernel} {label} {}", dtype.name()));
+            }
         }
     }
 }
 
 #[test]
 fn methods_with_identity_and_replication_weights() {
-    let Some(cuda) = cuda("methods_with_identity_and_replication_weights") else { return };
     // Weights::identity: no collapse (output [B,N,H,P,d]); gamma = 1 for MEA.
-    for cfg in [
-        Config::mha(3, 64).with_causal(true),
-        Config::gqa(4, 2, 64).unwrap(),
-        Config::mea(2, 128),
-        Config::iha(2, 3, 64),
-    ] {
-        for dtype in DTYPES {
-            let case = Case::random(cfg, Weights::identity(&cfg), 1, 35, 35, dtype, 5);
-            case.check(cuda.as_ref(), &format!("{} identity {}", cfg.method.name(), dtype.name()));
+    for (kernel, cuda) in kernels("methods_with_identity_and_replication_weights") {
+        for cfg in [
+            Config::mha(3, 64).with_causal(true),
+            Config::gqa(4, 2, 64).unwrap(),
+            Config::mea(2, 128),
+            Config::iha(2, 3, 64),
+        ] {
+            for dtype in DTYPES {
+                let case = Case::random(cfg, Weights::identity(&cfg), 1, 35, 35, dtype, 5);
+                case.check(cuda.as_ref(), &format!("{kernel} {} identity {}", cfg.method.name(), dtype.name()));
+            }
         }
     }
 }
@@ -198,24 +208,27 @@ fn shapes() -> impl Strategy<Value = Shape> {
 
 #[test]
 fn random_shapes_match_the_reference() {
-    let Some(cuda) = cuda("random_shapes_match_the_reference") else { return };
-    check_property("cuda random shapes", 96, shapes(), |s| {
-        s.case().check(cuda.as_ref(), &format!("{s:?}"));
-    });
+    for (kernel, cuda) in kernels("random_shapes_match_the_reference") {
+        check_property(&format!("cuda {kernel} random shapes"), 96, shapes(), |s| {
+            s.case().check(cuda.as_ref(), &format!("{kernel} {s:?}"));
+        });
+    }
 }
 
 #[test]
 fn random_shapes_p_up_to_h_with_collapse() {
-    let Some(cuda) = cuda("random_shapes_p_up_to_h_with_collapse") else { return };
     // P as large as H (the IHA maximum), always collapsed, both RoPE modes.
-    let strategy = (1..=8usize, 1..=24usize, 0..=16usize, prop_oneof![Just(64usize), Just(128)], any::<u64>());
-    check_property("cuda p = h", 24, strategy, |(h, n, extra, d, seed)| {
-        let mode = if seed % 2 == 0 { PosMode::Virtual } else { PosMode::Token };
-        let cfg = Config::iha(h, h, d).with_rope(Rope { base: 10000.0, mode });
-        let dtype = DTYPES[(seed % 3) as usize];
-        let case = Case::random(cfg, Weights::random(&cfg, seed), 1, n, n + extra, dtype, seed);
-        case.check(cuda.as_ref(), &format!("iha h = p = {h}, n {n}, m {}, d {d}, {}", n + extra, dtype.name()));
-    });
+    for (kernel, cuda) in kernels("random_shapes_p_up_to_h_with_collapse") {
+        let strategy = (1..=8usize, 1..=24usize, 0..=16usize, prop_oneof![Just(64usize), Just(128)], any::<u64>());
+        check_property(&format!("cuda {kernel} p = h"), 24, strategy, |(h, n, extra, d, seed)| {
+            let mode = if seed % 2 == 0 { PosMode::Virtual } else { PosMode::Token };
+            let cfg = Config::iha(h, h, d).with_rope(Rope { base: 10000.0, mode });
+            let dtype = DTYPES[(seed % 3) as usize];
+            let case = Case::random(cfg, Weights::random(&cfg, seed), 1, n, n + extra, dtype, seed);
+            let label = format!("{kernel} iha h = p = {h}, n {n}, m {}, d {d}, {}", n + extra, dtype.name());
+            case.check(cuda.as_ref(), &label);
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -223,30 +236,32 @@ fn random_shapes_p_up_to_h_with_collapse() {
 
 #[test]
 fn large_logits_stay_finite_and_accurate() {
-    let Some(cuda) = cuda("large_logits_stay_finite_and_accurate") else { return };
     // Queries scaled so that scores reach hundreds (f32) or tens (f16/bf16): a softmax without
     // the running max overflows; the online rescaling must keep every row exact.
-    for (dtype, factor) in [(DType::F32, 40.0f32), (DType::F16, 6.0), (DType::BF16, 6.0)] {
-        for cfg in [Config::iha(2, 2, 64), Config::mha(2, 128).with_causal(true)] {
-            let mut case = Case::random(cfg, Weights::random(&cfg, 3), 1, 70, 70, dtype, 9);
-            let scaled: Vec<f32> = case.q.iter().map(|x| x * factor).collect();
-            case.q = Owned::from_f32(dtype, &scaled).to_f32();
-            case.check(cuda.as_ref(), &format!("large logits {} {}", cfg.method.name(), dtype.name()));
+    for (kernel, cuda) in kernels("large_logits_stay_finite_and_accurate") {
+        for (dtype, factor) in [(DType::F32, 40.0f32), (DType::F16, 6.0), (DType::BF16, 6.0)] {
+            for cfg in [Config::iha(2, 2, 64), Config::mha(2, 128).with_causal(true)] {
+                let mut case = Case::random(cfg, Weights::random(&cfg, 3), 1, 70, 70, dtype, 9);
+                let scaled: Vec<f32> = case.q.iter().map(|x| x * factor).collect();
+                case.q = Owned::from_f32(dtype, &scaled).to_f32();
+                case.check(cuda.as_ref(), &format!("{kernel} large logits {} {}", cfg.method.name(), dtype.name()));
+            }
         }
     }
 }
 
 #[test]
 fn rows_that_see_nothing_in_most_tiles() {
-    let Some(cuda) = cuda("rows_that_see_nothing_in_most_tiles") else { return };
     // Bottom-right alignment always leaves key i' visible, so no row is empty overall; with a
     // window of 0..2 keys every row is empty in all but one KV tile, and most rows of a query tile
     // have nothing visible in a given key tile (the "no visible key yet" path of the softmax).
-    for (left, right) in [(0usize, 0usize), (1, 0), (0, 2), (2, 1)] {
-        for dtype in DTYPES {
-            let cfg = Config::iha(2, 3, 64).with_causal(right == 0).with_window(left, right);
-            let case = Case::random(cfg, Weights::random(&cfg, 1), 2, 40, 52, dtype, 2);
-            case.check(cuda.as_ref(), &format!("window ({left}, {right}) {}", dtype.name()));
+    for (kernel, cuda) in kernels("rows_that_see_nothing_in_most_tiles") {
+        for (left, right) in [(0usize, 0usize), (1, 0), (0, 2), (2, 1)] {
+            for dtype in DTYPES {
+                let cfg = Config::iha(2, 3, 64).with_causal(right == 0).with_window(left, right);
+                let case = Case::random(cfg, Weights::random(&cfg, 1), 2, 40, 52, dtype, 2);
+                case.check(cuda.as_ref(), &format!("{kernel} window ({left}, {right}) {}", dtype.name()));
+            }
         }
     }
 }
@@ -306,6 +321,7 @@ fn invalid_input_is_a_typed_error_and_leaves_outputs_untouched() {
 #[test]
 fn device_slices_on_a_caller_stream_match_the_host_path() {
     let Some(be) = cuda_concrete("device_slices_on_a_caller_stream_match_the_host_path") else { return };
+    let be = be.with_kernel(Kernel::AttnV2); // bf16, d = 128: the tensor-core kernel
     let cfg = Config::iha(4, 2, 128).with_rope(Rope::default());
     let case = Case::random(cfg, Weights::random(&cfg, 8), 2, 33, 41, DType::BF16, 8);
     let (host_out, host_lse) = case.run(&be).unwrap();

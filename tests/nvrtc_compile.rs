@@ -35,8 +35,13 @@ fn every_variant_compiles_cleanly_for_sm80_and_sm90() {
         return;
     }
     let all = variants::all_variants();
-    // 3 dtypes × 5 head-dim capacities × 3 mask kinds of v1, plus one epilogue per dtype.
-    assert_eq!(all.len(), 3 * variants::HEAD_DIMS.len() * 3 + 3, "the variant list changed: update this test");
+    // v1: 3 dtypes × 5 head-dim capacities × 3 mask kinds; v2: f16/bf16 × 4 capacities × 3 mask
+    // kinds; one epilogue per dtype.
+    let expected = 3 * variants::HEAD_DIMS.len() * 3 + 2 * variants::V2_HEAD_DIMS.len() * 3 + 3;
+    assert_eq!(all.len(), expected, "the variant list changed: update this test");
+    for kernel in [Kernel::AttnV1, Kernel::AttnV2, Kernel::CollapseEpilogue] {
+        assert!(all.iter().any(|v| v.kernel == kernel), "{kernel:?} is never compiled");
+    }
     let t = Instant::now();
     for arch in ARCHS {
         let compiled = cuda::compile_variants(arch, &all, threads()).unwrap_or_else(|e| panic!("{e}"));
@@ -85,6 +90,21 @@ fn a_broken_kernel_is_a_typed_compile_error() {
             assert!(why.contains("hm_key_rnage") && why.contains("error"), "log should name the error: {why}");
         }
         other => panic!("a broken kernel must be an Error::Device, got {other:?}"),
+    }
+}
+
+#[test]
+fn v2_refuses_what_it_cannot_run() {
+    if !nvrtc_or_skip("v2_refuses_what_it_cannot_run") {
+        return;
+    }
+    // f32 and head dims above 128 are compile-time errors of v2 (the host never asks for them:
+    // it falls back to v1), so a wrong variant list cannot silently build a broken kernel.
+    for (dtype, hd) in [(headmix::DType::F32, 64), (headmix::DType::BF16, 256)] {
+        let v = Variant { kernel: Kernel::AttnV2, dtype: dtype.into(), hd, mask: MaskKind::Causal };
+        let err = compile::compile_uncached(&v, "sm_80").unwrap_err();
+        assert!(err.to_string().contains("attn_v2"), "{err}");
+        assert!(Variant::attention(Kernel::AttnV2, dtype, hd, MaskKind::Causal).is_none());
     }
 }
 

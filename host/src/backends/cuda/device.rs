@@ -249,9 +249,9 @@ impl CudaBackend {
     ) -> Result<()> {
         self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
         let c = &pb.cfg;
-        let variants = CudaBackend::variants_for(pb)?;
+        let variants = self.variants_for(pb)?;
         let attn_v = variants[0];
-        debug_assert_eq!(attn_v.kernel, Kernel::AttnV1);
+        debug_assert_ne!(attn_v.kernel, Kernel::CollapseEpilogue);
         let attn = self.function(attn_v)?;
         let epi = match variants.get(1) {
             Some(&v) => Some((v, self.function(v)?)),

@@ -29,7 +29,10 @@
 //!   and rounds into `out`. Its size does not depend on `P` (this is `Timing::extra_bytes`).
 //!   Without a collapse, v1 writes the de-interleaved pseudo outputs itself (head norm included).
 //!
-//! A tensor-core v2 (mma.sync m16n8k16 in bf16/f16) is planned on top of the same arguments.
+//! - **v2** (`attn_v2.cu`): the same blocks on the tensor cores (mma.sync m16n8k16, f16/bf16,
+//!   d <= 128, sm_80+), FlashAttention-2 register layout. Opt-in ([`CudaBackend::with_kernel`] or
+//!   `HEADMIX_CUDA_KERNEL=v2`) until it has passed the device suites on hardware; problems it
+//!   cannot run fall back to v1.
 //!
 //! # Entry points
 //!
@@ -138,6 +141,8 @@ pub struct CudaBackend {
     cc: (i32, i32),
     name: String,
     max_smem: usize,
+    /// The attention kernel asked for (falls back to v1 where it cannot run a problem).
+    kernel: Kernel,
 }
 
 fn modules() -> &'static Mutex<HashMap<(usize, Variant), Arc<Loaded>>> {
@@ -170,7 +175,26 @@ impl CudaBackend {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("shared memory limit"))? as usize;
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        Ok(CudaBackend { ctx, stream, ordinal, arch: format!("sm_{}{}", cc.0, cc.1), cc, name, max_smem })
+        let kernel = match std::env::var("HEADMIX_CUDA_KERNEL").as_deref() {
+            Ok("v2") => Kernel::AttnV2,
+            Ok("v1") | Err(_) => Kernel::AttnV1,
+            Ok(other) => return Err(dev_err(format!("HEADMIX_CUDA_KERNEL={other}: expected v1 or v2"))),
+        };
+        Ok(CudaBackend { ctx, stream, ordinal, arch: format!("sm_{}{}", cc.0, cc.1), cc, name, max_smem, kernel })
+    }
+
+    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2`). v2 runs
+    /// f16/bf16 with d <= 128 on sm_80+; other problems fall back to v1.
+    pub fn with_kernel(mut self, kernel: Kernel) -> CudaBackend {
+        if kernel != Kernel::CollapseEpilogue {
+            self.kernel = kernel;
+        }
+        self
+    }
+
+    /// The attention kernel asked for.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -241,12 +265,16 @@ impl CudaBackend {
         Ok(loaded)
     }
 
-    /// The variants a validated problem launches, in launch order.
-    pub fn variants_for(pb: &Problem) -> Result<Vec<Variant>> {
-        let mut v = vec![
-            Variant::attention(Kernel::AttnV1, pb.dtype, pb.cfg.head_dim, MaskKind::of(&pb.cfg))
-                .ok_or_else(|| Error::Unsupported { backend: "cuda", why: format!("head dim {}", pb.cfg.head_dim) })?,
-        ];
+    /// The variants a validated problem launches, in launch order: the attention kernel asked
+    /// for when it can run the problem on this device (else v1), then the collapse epilogue.
+    pub fn variants_for(&self, pb: &Problem) -> Result<Vec<Variant>> {
+        let (d, mask) = (pb.cfg.head_dim, MaskKind::of(&pb.cfg));
+        let preferred = match self.kernel {
+            Kernel::AttnV2 if self.cc >= (8, 0) => Variant::attention(Kernel::AttnV2, pb.dtype, d, mask),
+            _ => None,
+        };
+        let attn = preferred.or_else(|| Variant::attention(Kernel::AttnV1, pb.dtype, d, mask));
+        let mut v = vec![attn.ok_or_else(|| Error::Unsupported { backend: "cuda", why: format!("head dim {d}") })?];
         if pb.collapse {
             v.push(Variant::epilogue(pb.dtype));
         }
@@ -256,7 +284,7 @@ impl CudaBackend {
     /// Registers, shared memory and spills of the kernels a problem launches (compiles and loads
     /// them if needed): what benchmarks report next to their timings.
     pub fn kernel_info(&self, pb: &Problem) -> Result<Vec<KernelInfo>> {
-        Self::variants_for(pb)?.into_iter().map(|v| Ok(self.function(v)?.info.clone())).collect()
+        self.variants_for(pb)?.into_iter().map(|v| Ok(self.function(v)?.info.clone())).collect()
     }
 
     /// Compile and load every variant now (instead of on first use); returns their resource use.
@@ -305,7 +333,13 @@ impl Backend for CudaBackend {
             d.push(("NVRTC".into(), format!("{major}.{minor} ({})", loader::nvrtc().unwrap_or("?"))));
         }
         d.push(("shared memory per block (opt-in)".into(), format!("{} KiB", self.max_smem / 1024)));
-        d.push(("kernel versions".into(), "v1 (FMA, f32 on chip) + collapse epilogue".into()));
+        d.push((
+            "attention kernel".into(),
+            format!(
+                "{} (v1: FMA, f32 on chip; v2: mma.sync tensor cores, f16/bf16, d <= 128, sm_80+)",
+                self.kernel.name()
+            ),
+        ));
         let loaded = modules().lock().unwrap_or_else(|e| e.into_inner());
         let mut names: Vec<_> = loaded.iter().filter(|((o, _), _)| *o == self.ordinal).collect();
         names.sort_by_key(|((_, v), _)| *v);
@@ -330,7 +364,7 @@ impl Backend for CudaBackend {
         if pb.cfg.heads > 65535 {
             return unsupported(format!("{} heads above 65535 (grid y)", pb.cfg.heads));
         }
-        for v in Self::variants_for(pb)? {
+        for v in self.variants_for(pb)? {
             if v.tiles().smem > self.max_smem {
                 return unsupported(format!(
                     "{} needs {} B of shared memory, above {}",

@@ -7,6 +7,7 @@ pub mod src {
     pub const COMMON: &str = include_str!("../../../../kernels-cuda/common.cuh");
     pub const TRAITS: &str = include_str!("../../../../kernels-cuda/traits.cuh");
     pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
+    pub const ATTN_V2: &str = include_str!("../../../../kernels-cuda/attn_v2.cu");
     pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
 }
 
@@ -15,6 +16,8 @@ pub mod src {
 pub enum Kernel {
     /// v1: fused FMA kernel, f32 accumulation, mixing and online softmax in shared memory.
     AttnV1,
+    /// v2: tensor cores (mma.sync m16n8k16), f16/bf16, head dims up to 128, sm_80+.
+    AttnV2,
     /// The collapse epilogue (head norm and rounding of the f32 accumulator).
     CollapseEpilogue,
 }
@@ -23,6 +26,7 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::AttnV1 => "v1",
+            Kernel::AttnV2 => "v2",
             Kernel::CollapseEpilogue => "epilogue",
         }
     }
@@ -31,13 +35,24 @@ impl Kernel {
     pub fn entry(self) -> &'static str {
         match self {
             Kernel::AttnV1 => "hm_attn_v1",
+            Kernel::AttnV2 => "hm_attn_v2",
             Kernel::CollapseEpilogue => "hm_collapse_epilogue",
+        }
+    }
+
+    /// The head-dim capacities compiled for a dtype (empty: the kernel does not run it).
+    pub fn head_dims(self, dtype: DType) -> &'static [usize] {
+        match (self, dtype) {
+            (Kernel::AttnV1, _) => &HEAD_DIMS,
+            (Kernel::AttnV2, DType::F16 | DType::BF16) => &V2_HEAD_DIMS,
+            (Kernel::AttnV2, DType::F32) | (Kernel::CollapseEpilogue, _) => &[],
         }
     }
 
     fn body(self) -> &'static str {
         match self {
             Kernel::AttnV1 => src::ATTN_V1,
+            Kernel::AttnV2 => src::ATTN_V2,
             Kernel::CollapseEpilogue => src::EPILOGUE,
         }
     }
@@ -45,6 +60,8 @@ impl Kernel {
 
 /// Compile-time head-dim capacities; a runtime `d` uses the smallest capacity `>= d`.
 pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+/// The capacities of the tensor-core v2 (multiples of 16, its accumulators fit registers).
+pub const V2_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 
 /// The mask kind compiled into a variant (`HM_MASK`): dense variants carry no mask code, causal
 /// ones only `j <= i'`; the window variant handles a window with or without causality.
@@ -154,9 +171,10 @@ impl Variant {
         Variant { kernel: Kernel::CollapseEpilogue, dtype: dtype.into(), hd: 0, mask: MaskKind::None }
     }
 
-    /// The attention variant for a runtime head dim `d` (None when `d` exceeds every capacity).
+    /// The attention variant for a runtime head dim `d`: the smallest capacity `>= d` the kernel
+    /// has (None when the kernel cannot run `d` or `dtype`).
     pub fn attention(kernel: Kernel, dtype: DType, d: usize, mask: MaskKind) -> Option<Variant> {
-        HEAD_DIMS.iter().find(|&&c| c >= d).map(|&hd| Variant { kernel, dtype: dtype.into(), hd, mask })
+        kernel.head_dims(dtype).iter().find(|&&c| c >= d).map(|&hd| Variant { kernel, dtype: dtype.into(), hd, mask })
     }
 
     pub fn name(&self) -> String {
@@ -197,6 +215,8 @@ impl Variant {
                 let floats = br * hdp + 2 * bc * hdp + br * (bc + 1) + 3 * br;
                 Tiles { br, bc, threads: THREADS, smem: floats * 4 }
             }
+            // 4 warps of 16 query rows; qs [64][HD+8], ks and vs [64][HD+8], all 16-bit.
+            Kernel::AttnV2 => Tiles { br: 64, bc: 64, threads: THREADS, smem: 3 * 64 * (self.hd + 8) * 2 },
         }
     }
 }
@@ -208,6 +228,11 @@ pub fn all_variants() -> Vec<Variant> {
         for hd in HEAD_DIMS {
             for mask in MaskKind::ALL {
                 v.push(Variant { kernel: Kernel::AttnV1, dtype: dtype.into(), hd, mask });
+            }
+        }
+        for &hd in Kernel::AttnV2.head_dims(dtype) {
+            for mask in MaskKind::ALL {
+                v.push(Variant { kernel: Kernel::AttnV2, dtype: dtype.into(), hd, mask });
             }
         }
         v.push(Variant::epilogue(dtype));
@@ -225,6 +250,8 @@ mod tests {
         assert!(src::TRAITS.contains("#if HM_HD <= 64\n#define HM_BR 32\n#define HM_BC 64"));
         assert!(src::TRAITS.contains("#elif HM_HD <= 128\n#define HM_BR 32\n#define HM_BC 32"));
         assert!(src::TRAITS.contains("#else\n#define HM_BR 16\n#define HM_BC 16"));
+        assert!(src::ATTN_V2.contains("#define V2_BR 64 ") && src::ATTN_V2.contains("#define V2_BC 64 "));
+        assert!(src::ATTN_V2.contains("#define V2_HDP (HM_HD + 8) "));
         for v in all_variants() {
             let t = v.tiles();
             assert!(t.smem <= 99 * 1024, "{}: {} bytes of shared memory", v.name(), t.smem);

@@ -31,7 +31,9 @@
 
 // D = A * B + D on the tensor cores, f32 accumulators.
 __device__ __forceinline__ void v2_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-#if HM_DTYPE == 1
+#if defined(HM_EMU)
+    hm_emu_mma(c, a, b0, b1); // the CPU emulator's warp-level model of the instruction
+#elif HM_DTYPE == 1
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])

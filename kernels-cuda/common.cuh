@@ -42,6 +42,7 @@ __device__ __forceinline__ float hm_from_f32(float x) { return x; }
 typedef unsigned short hm_elem;
 #endif
 
+#ifndef HM_EMU
 __device__ __forceinline__ float hm_f16_to_f32(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -52,6 +53,8 @@ __device__ __forceinline__ unsigned short hm_f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#else // the CPU emulator (kernels-cuda/emu) supplies hm_f16_to_f32 / hm_f32_to_f16
+#endif
 __device__ __forceinline__ float hm_bf16_to_f32(unsigned short h) {
     return __uint_as_float(((unsigned)h) << 16);
 }

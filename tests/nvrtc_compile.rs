@@ -3,6 +3,11 @@
 //! Skips with one line when NVRTC cannot be loaded, unless `HEADMIX_REQUIRE_NVRTC=1` (CI), which
 //! makes a missing NVRTC a failure. The negative controls show the checks can fail: a broken
 //! kernel is a typed compile error, a kernel with a warning fails the clean check.
+//!
+//! Without a GPU the kernels are also *run*: `kernels-cuda/emu/emu.cpp` compiles the real kernel
+//! sources with g++ (one fiber per CUDA thread, tensor-core instruction modelled from the PTX ISA
+//! layout) and checks them against an f64 implementation of the spec on random problems. Skips
+//! with one line without g++ (>= 12), unless `HEADMIX_REQUIRE_EMU=1`.
 
 use std::time::Instant;
 
@@ -146,4 +151,91 @@ fn ptx_disk_cache_is_keyed_and_read_back() {
     std::fs::write(&file, "garbage").unwrap();
     assert_eq!(compile::load_or_compile(&v, "sm_90", Some(&dir)).unwrap(), first);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// (kernel version, dtype code, head-dim capacity, mask code): every kernel, dtype, mask kind and
+/// capacity at least once. `kernels-cuda/emu/run.sh` runs all of them.
+const EMU_VARIANTS: [(u32, u32, u32, u32); 10] = [
+    (1, 0, 32, 2),
+    (1, 0, 64, 1),
+    (1, 1, 96, 0),
+    (1, 2, 128, 2),
+    (1, 2, 256, 1),
+    (2, 1, 32, 2),
+    (2, 2, 64, 1),
+    (2, 1, 96, 0),
+    (2, 2, 128, 2),
+    (2, 1, 64, 1),
+];
+
+fn gxx_or_skip(test: &str) -> bool {
+    let ok = std::process::Command::new("g++").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var("HEADMIX_REQUIRE_EMU").is_ok_and(|v| v == "1") {
+            panic!("{test}: HEADMIX_REQUIRE_EMU=1 but g++ is not available");
+        }
+        eprintln!("skipping {test}: no g++ for the CPU emulator of the CUDA kernels");
+    }
+    ok
+}
+
+#[test]
+fn kernels_match_the_spec_on_the_cpu_emulator() {
+    if !gxx_or_skip("kernels_match_the_spec_on_the_cpu_emulator") {
+        return;
+    }
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda/emu/emu.cpp");
+    let dir = std::env::temp_dir().join(format!("headmix-emu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = Instant::now();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads() {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(kernel, dtype, hd, mask)) = EMU_VARIANTS.get(i) else { break };
+                    let bin = dir.join(format!("emu_v{kernel}_t{dtype}_d{hd}_m{mask}"));
+                    let build = std::process::Command::new("g++")
+                        .args(["-std=c++20", "-O1"])
+                        .args([
+                            format!("-DHM_KERNEL={kernel}"),
+                            format!("-DHM_DTYPE={dtype}"),
+                            format!("-DHM_HD={hd}"),
+                            format!("-DHM_MASK={mask}"),
+                            "-DHM_NT=128".into(),
+                        ])
+                        .arg(&src)
+                        .arg("-o")
+                        .arg(&bin)
+                        .output()
+                        .expect("running g++");
+                    let fail = |why: String| failures.lock().unwrap().push(why);
+                    if !build.status.success() {
+                        fail(format!("g++ {bin:?}: {}", String::from_utf8_lossy(&build.stderr)));
+                        continue;
+                    }
+                    // 8 random problems per variant, a fixed seed per variant.
+                    let run = std::process::Command::new(&bin).args(["8", &(11 + i).to_string()]).output().unwrap();
+                    let text = String::from_utf8_lossy(&run.stdout).into_owned();
+                    eprint!("{}", text.lines().last().map(|l| format!("{l}\n")).unwrap_or_default());
+                    if !run.status.success() {
+                        fail(format!("{bin:?}:\n{text}{}", String::from_utf8_lossy(&run.stderr)));
+                    }
+                    if i == 0 {
+                        // Negative control: against a shifted reference every case must fail.
+                        let neg = std::process::Command::new(&bin).args(["3", "5"]).env("EMU_NEGATIVE", "1").output();
+                        if !neg.unwrap().status.success() {
+                            fail(format!("{bin:?}: the shifted-reference negative control passed a case"));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let failures = failures.into_inner().unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    eprintln!("emu: {} variants in {:.1} s", EMU_VARIANTS.len(), t.elapsed().as_secs_f64());
 }

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <memory>
 #include <random>
 #include <ucontext.h>
@@ -35,8 +36,9 @@ struct Dim3 {
     int x, y, z;
 };
 
-// CUDA threads are fibers (ucontext) of one OS thread, switched only at barriers: a block runs
-// deterministically and fast, and a barrier that not every thread reaches is reported as a hang.
+// CUDA threads are fibers (ucontext) of one OS thread, switched only at barriers, in a random order
+// per round: a block runs fast and reproducibly, a barrier that not every thread reaches is
+// reported as a hang, and a missing barrier shows up as a wrong result.
 static constexpr int EMU_THREADS = 128;
 struct Fiber {
     ucontext_t ctx;
@@ -165,8 +167,12 @@ static void fiber_main() {
     emu_cur->state = 2;
 }
 
+static std::mt19937 sched_rng(12345);
+
 // Run every block of the grid, one after another, each with EMU_THREADS fibers.
 static void launch(void (*kernel)(const HmArgs), Dim3 grid, const HmArgs& a) {
+    std::vector<int> order(EMU_THREADS);
+    for (int t = 0; t < EMU_THREADS; ++t) order[t] = t;
     emu_kernel = kernel;
     emu_args = &a;
     for (int z = 0; z < grid.z; ++z)
@@ -186,8 +192,11 @@ static void launch(void (*kernel)(const HmArgs), Dim3 grid, const HmArgs& a) {
                     makecontext(&f.ctx, fiber_main, 0);
                 }
                 for (;;) {
+                    // Threads run in a fresh random order in every round: a read of shared memory that
+                    // a missing barrier leaves racing sees the wrong value in some order and fails.
+                    std::shuffle(order.begin(), order.end(), sched_rng);
                     bool ran = false, all_done = true;
-                    for (int t = 0; t < EMU_THREADS; ++t) {
+                    for (int t : order) {
                         if (fibers[t].state == 2) continue;
                         all_done = false;
                         if (fibers[t].state != 0) continue;

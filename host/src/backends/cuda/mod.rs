@@ -7,14 +7,15 @@
 //!
 //! - `common.cuh`: the argument block `HmArgs`, storage types and f16/bf16 conversions written
 //!   with inline PTX (no `cuda_fp16.h`), warp reductions, the mask and RoPE positions;
-//! - `traits.cuh`: tile sizes per head-dim capacity (the "kernel traits");
+//! - `traits.cuh`: v1 tile sizes per head-dim capacity (the "kernel traits");
 //! - one kernel file.
 //!
 //! A variant is (kernel version, dtype, head-dim capacity `HM_HD` in 32/64/96/128/256, mask kind
 //! `HM_MASK` dense/causal/window); the runtime `d` uses the smallest capacity `>= d`, with the tail
 //! zero-padded. `P`, the head counts, the window edges, RoPE and the epilogue switches are runtime
-//! arguments, so a few dozen modules serve every configuration. Modules are cached per (device, variant) for the life
-//! of the process, and PTX per (variant, arch) in memory and, under `HEADMIX_CACHE_DIR`, on disk.
+//! arguments, so a few dozen modules serve every configuration. Modules are cached per (device,
+//! variant) for the life of the process, and PTX per (variant, arch) in memory and, under
+//! `HEADMIX_CACHE_DIR`, on disk.
 //!
 //! Kernel versions, numbered llm.c style and kept side by side:
 //!
@@ -24,15 +25,18 @@
 //!   scores, an f32 online softmax in the log2 domain and P·V into registers. Whole KV tiles
 //!   outside the causal/window range are never visited. It serves every dtype (f16/bf16 are
 //!   rounded where a tensor-core kernel would round: mixed q/k/v, probabilities, outputs).
-//! - **epilogue** (`epilogue.cu`): with a collapse `r`, v1 scatters each pseudo output through
-//!   `r` into an f32 accumulator `[B, N, H, d]` with atomics; the epilogue applies the head norm
-//!   and rounds into `out`. Its size does not depend on `P` (this is `Timing::extra_bytes`).
-//!   Without a collapse, v1 writes the de-interleaved pseudo outputs itself (head norm included).
-//!
 //! - **v2** (`attn_v2.cu`): the same blocks on the tensor cores (mma.sync m16n8k16, f16/bf16,
 //!   d <= 128, sm_80+), FlashAttention-2 register layout. Opt-in ([`CudaBackend::with_kernel`] or
 //!   `HEADMIX_CUDA_KERNEL=v2`) until it has passed the device suites on hardware; problems it
 //!   cannot run fall back to v1.
+//! - **epilogue** (`epilogue.cu`): with a collapse `r`, the attention kernel scatters each pseudo
+//!   output through `r` into an f32 accumulator `[B, N, H, d]` with atomics; the epilogue applies
+//!   the head norm and rounds into `out`. Its size does not depend on `P` (this is
+//!   `Timing::extra_bytes`). Without a collapse, the attention kernel writes the de-interleaved
+//!   pseudo outputs itself (head norm included).
+//!
+//! Without a GPU, every variant is compiled by the `nvrtc_compile` test and run on a CPU emulator
+//! of the kernels (`kernels-cuda/emu`) against an f64 implementation of the spec.
 //!
 //! # Entry points
 //!

@@ -104,18 +104,23 @@ __device__ __forceinline__ float hm_warp_sum(float x) {
 // ---- Mask and positions (virtual indices, bottom-right aligned) ------------------------------
 // Query i sits at key index ia = i + (M - N) * P. The mask kind is compiled in (HM_MASK):
 //   0: every key visible, 1: causal (j <= ia), 2: sliding window (ia - left <= j <= ia + right),
-//   causal too when a.causal is set.
+//   causal too when a.causal is set; 3: decided at run time from a.causal and a.has_window (one
+//   module for every mask: what the baseline v1 uses).
 #ifndef HM_MASK
-#define HM_MASK 2
+#define HM_MASK 3
 #endif
 __device__ __forceinline__ bool hm_visible(const HmArgs& a, long long ia, long long j) {
 #if HM_MASK == 0
     return true;
 #elif HM_MASK == 1
     return j <= ia;
-#else
+#elif HM_MASK == 2
     if (a.causal && j > ia) return false;
     return j >= ia - (long long)a.window_left && j <= ia + (long long)a.window_right;
+#else
+    if (a.causal && j > ia) return false;
+    if (a.has_window && (j < ia - (long long)a.window_left || j > ia + (long long)a.window_right)) return false;
+    return true;
 #endif
 }
 
@@ -130,10 +135,12 @@ __device__ __forceinline__ void hm_key_range(const HmArgs& a, long long i_first,
 #endif
 #if HM_MASK == 1
     *hi = min(*hi, i_last + off);
-#elif HM_MASK == 2
+#elif HM_MASK >= 2
     if (a.causal) *hi = min(*hi, i_last + off);
-    *lo = max(*lo, i_first + off - (long long)a.window_left);
-    *hi = min(*hi, i_last + off + (long long)a.window_right);
+    if (HM_MASK == 2 || a.has_window) {
+        *lo = max(*lo, i_first + off - (long long)a.window_left);
+        *hi = min(*hi, i_last + off + (long long)a.window_right);
+    }
 #endif
 }
 

@@ -40,9 +40,9 @@ fn every_variant_compiles_cleanly_for_sm80_and_sm90() {
         return;
     }
     let all = variants::all_variants();
-    // v1: 3 dtypes × 5 head-dim capacities × 3 mask kinds; v2: f16/bf16 × 4 capacities × 3 mask
-    // kinds; one epilogue per dtype.
-    let expected = 3 * variants::HEAD_DIMS.len() * 3 + 2 * variants::V2_HEAD_DIMS.len() * 3 + 3;
+    // v1: 3 dtypes × 5 head-dim capacities (mask at run time); v2: f16/bf16 × 4 capacities × 3
+    // mask kinds; one epilogue per dtype.
+    let expected = 3 * variants::HEAD_DIMS.len() + 2 * variants::V2_HEAD_DIMS.len() * 3 + 3;
     assert_eq!(all.len(), expected, "the variant list changed: update this test");
     for kernel in [Kernel::AttnV1, Kernel::AttnV2, Kernel::CollapseEpilogue] {
         assert!(all.iter().any(|v| v.kernel == kernel), "{kernel:?} is never compiled");
@@ -72,7 +72,7 @@ fn kernel_parameter_block_matches_the_host_struct() {
     // The kernels take `HmArgs` by value: its size in the PTX must be the Rust struct's.
     let size = std::mem::size_of::<HmArgs>();
     for v in [
-        Variant::attention(Kernel::AttnV1, headmix::DType::BF16, 128, MaskKind::Causal).unwrap(),
+        Variant::attention(Kernel::AttnV2, headmix::DType::BF16, 128, MaskKind::Causal).unwrap(),
         Variant::epilogue(headmix::DType::F32),
     ] {
         let c = compile::compile_uncached(&v, "sm_80").unwrap();
@@ -87,6 +87,7 @@ fn a_broken_kernel_is_a_typed_compile_error() {
         return;
     }
     let v = Variant::attention(Kernel::AttnV1, headmix::DType::F16, 64, MaskKind::Window).unwrap();
+    assert_eq!(v.mask, MaskKind::Runtime, "v1 reads the mask at run time");
     // The real source with one identifier misspelt in the kernel body.
     let broken = v.source().replacen("hm_key_range(a, i0", "hm_key_rnage(a, i0", 1);
     assert_ne!(broken, v.source(), "the negative control must change the source");
@@ -156,11 +157,11 @@ fn ptx_disk_cache_is_keyed_and_read_back() {
 /// (kernel version, dtype code, head-dim capacity, mask code): every kernel, dtype, mask kind and
 /// capacity at least once. `kernels-cuda/emu/run.sh` runs all of them.
 const EMU_VARIANTS: [(u32, u32, u32, u32); 10] = [
-    (1, 0, 32, 2),
-    (1, 0, 64, 1),
-    (1, 1, 96, 0),
-    (1, 2, 128, 2),
-    (1, 2, 256, 1),
+    (1, 0, 32, 3),
+    (1, 0, 64, 3),
+    (1, 1, 96, 3),
+    (1, 2, 128, 3),
+    (1, 2, 256, 3),
     (2, 1, 32, 2),
     (2, 2, 64, 1),
     (2, 1, 96, 0),

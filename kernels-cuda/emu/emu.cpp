@@ -330,8 +330,8 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     p.Hk = U(1, 4);
     p.P = U(1, 3);
     p.d = U(0, 2) == 0 ? HM_HD : 2 * U(1, HM_HD / 2);
-    p.causal = HM_MASK == 1 || (HM_MASK == 2 && U(0, 1));
-    p.window = HM_MASK == 2;
+    p.causal = HM_MASK == 1 || (HM_MASK >= 2 && U(0, 1));
+    p.window = HM_MASK == 2 || (HM_MASK == 3 && U(0, 1));
     const long long edges[4] = {0, (long long)U(1, 30), (long long)U(1, 8), 2147483647LL};
     p.left = edges[U(0, 3)];
     p.right = p.causal ? 0 : edges[U(0, 3)];

@@ -12,7 +12,9 @@ jobs=()
 for kernel in 1 2; do
   for dtype in 0 1 2; do
     for hd in 32 64 96 128 256; do
-      for mask in 0 1 2; do
+      # v1 reads the mask at run time (HM_MASK 3); v2 is compiled per mask kind (0, 1, 2).
+      masks="0 1 2"; [ "$kernel" = 1 ] && masks="3"
+      for mask in $masks; do
         if [ "$kernel" = 2 ] && { [ "$dtype" = 0 ] || [ "$hd" = 256 ]; }; then continue; fi
         jobs+=("$kernel $dtype $hd $mask")
       done

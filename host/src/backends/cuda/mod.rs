@@ -11,8 +11,9 @@
 //! - one kernel file.
 //!
 //! A variant is (kernel version, dtype, head-dim capacity `HM_HD` in 32/64/96/128/256, mask kind
-//! `HM_MASK` dense/causal/window); the runtime `d` uses the smallest capacity `>= d`, with the tail
-//! zero-padded. `P`, the head counts, the window edges, RoPE and the epilogue switches are runtime
+//! `HM_MASK`: v2 is compiled per kind, dense/causal/window, v1 reads the mask flags at run time);
+//! the runtime `d` uses the smallest capacity `>= d`, with the tail zero-padded. `P`, the head
+//! counts, the window edges, RoPE and the epilogue switches are runtime
 //! arguments, so a few dozen modules serve every configuration. Modules are cached per (device,
 //! variant) for the life of the process, and PTX per (variant, arch) in memory and, under
 //! `HEADMIX_CACHE_DIR`, on disk.

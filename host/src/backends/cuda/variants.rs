@@ -40,6 +40,11 @@ impl Kernel {
         }
     }
 
+    /// Whether the kernel is compiled per mask kind (else one `MaskKind::Runtime` module).
+    pub fn specialises_mask(self) -> bool {
+        self == Kernel::AttnV2
+    }
+
     /// The head-dim capacities compiled for a dtype (empty: the kernel does not run it).
     pub fn head_dims(self, dtype: DType) -> &'static [usize] {
         match (self, dtype) {
@@ -64,15 +69,18 @@ pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
 pub const V2_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 
 /// The mask kind compiled into a variant (`HM_MASK`): dense variants carry no mask code, causal
-/// ones only `j <= i'`; the window variant handles a window with or without causality.
+/// ones only `j <= i'`; the window variant handles a window with or without causality; `Runtime`
+/// reads both flags at run time (one module for every mask, used by the baseline v1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MaskKind {
     None,
     Causal,
     Window,
+    Runtime,
 }
 
 impl MaskKind {
+    /// The kinds a specialising kernel is compiled for.
     pub const ALL: [MaskKind; 3] = [MaskKind::None, MaskKind::Causal, MaskKind::Window];
 
     /// The mask kind a configuration needs.
@@ -89,6 +97,7 @@ impl MaskKind {
             MaskKind::None => 0,
             MaskKind::Causal => 1,
             MaskKind::Window => 2,
+            MaskKind::Runtime => 3,
         }
     }
 
@@ -97,6 +106,7 @@ impl MaskKind {
             MaskKind::None => "dense",
             MaskKind::Causal => "causal",
             MaskKind::Window => "window",
+            MaskKind::Runtime => "anymask",
         }
     }
 }
@@ -173,7 +183,9 @@ impl Variant {
 
     /// The attention variant for a runtime head dim `d`: the smallest capacity `>= d` the kernel
     /// has (None when the kernel cannot run `d` or `dtype`).
+    /// A kernel that does not specialise on the mask gets its `Runtime` module.
     pub fn attention(kernel: Kernel, dtype: DType, d: usize, mask: MaskKind) -> Option<Variant> {
+        let mask = if kernel.specialises_mask() { mask } else { MaskKind::Runtime };
         kernel.head_dims(dtype).iter().find(|&&c| c >= d).map(|&hd| Variant { kernel, dtype: dtype.into(), hd, mask })
     }
 
@@ -226,9 +238,7 @@ pub fn all_variants() -> Vec<Variant> {
     let mut v = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for hd in HEAD_DIMS {
-            for mask in MaskKind::ALL {
-                v.push(Variant { kernel: Kernel::AttnV1, dtype: dtype.into(), hd, mask });
-            }
+            v.push(Variant { kernel: Kernel::AttnV1, dtype: dtype.into(), hd, mask: MaskKind::Runtime });
         }
         for &hd in Kernel::AttnV2.head_dims(dtype) {
             for mask in MaskKind::ALL {

@@ -167,7 +167,10 @@ impl CudaBackend {
         if ordinal as i64 >= count as i64 {
             return Err(dev_err(format!("no CUDA device {ordinal} ({count} present)")));
         }
-        let ctx = CudaContext::new(ordinal).map_err(drv("creating the context"))?;
+        // cudarc resolves driver symbols lazily and panics on one an old driver lacks: guarded.
+        let ctx = loader::guarded("CUDA driver", || CudaContext::new(ordinal))
+            .map_err(dev_err)?
+            .map_err(drv("creating the context"))?;
         let cc = ctx.compute_capability().map_err(drv("compute capability"))?;
         if cc < (7, 5) {
             return Err(dev_err(format!(
@@ -236,10 +239,13 @@ impl CudaBackend {
             });
         }
         let ptx = compile::ptx(&v, &self.arch)?;
-        let module = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.as_str()))
-            .map_err(drv(&format!("loading {}", v.name())))?;
+        let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx.as_str())).map_err(|e| {
+            dev_err(format!(
+                "loading {} (PTX from NVRTC {}): {e}; a driver older than NVRTC cannot JIT its PTX",
+                v.name(),
+                compile::nvrtc_version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_else(|| "?".into())
+            ))
+        })?;
         let func = module.load_function(v.kernel.entry()).map_err(drv("cuModuleGetFunction"))?;
         if tiles.smem > 48 * 1024 {
             func.set_attribute(

@@ -12,6 +12,9 @@ use half::{bf16, f16};
 use headmix_reference::svd;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+/// The `safetensors` crate this module reads and writes with (for callers building input files).
+pub use safetensors;
+
 /// The command's help: usage and accepted layouts.
 pub const HELP: &str = "\
 headmix compress --input W.safetensors --output C.safetensors --rank Hk [--heads H]

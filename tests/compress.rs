@@ -334,7 +334,9 @@ fn decoding_with_the_compressed_cache_matches_the_rebuilt_model() {
     let cfg = Config::mea_compressed(h, hk, d).unwrap().with_causal(true).with_rope(Default::default());
     let to32 = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
     // Its mixing [Hk, H, 1] is the compression's [Hk, H] followed by the learned mixing.
-    let (ak_c, av_c) = (fold_mixing(&to32(&ak), &ak_learned, hk, h, 1), fold_mixing(&to32(&av), &av_learned, hk, h, 1));
+    let ak_c = fold_mixing(&to32(&ak), &ak_learned, hk, h, 1).unwrap();
+    let av_c = fold_mixing(&to32(&av), &av_learned, hk, h, 1).unwrap();
+    assert!(matches!(fold_mixing(&to32(&ak), &ak_learned[1..], hk, h, 1), Err(CompressError::Tensor { .. })));
     let w = Weights { aq: replication(h, h, 1), ak: ak_c, av: av_c, r: None, gamma: Some(gamma.clone()) };
     let (q, kc, vc) =
         (to32(&project(&x, &wq, h, d, dm)), to32(&project(&x, &ck, hk, d, dm)), to32(&project(&x, &cv, hk, d, dm)));

@@ -3,6 +3,13 @@
 //! Each layer's `H` per-head projections `W[h]` (`D × d`) are stacked and truncated by SVD to
 //! `Hk` component heads ([`headmix_reference::svd::compress`]): the model then caches only the
 //! `Hk` components per token, and the attention kernel rebuilds the `H` heads through `ak`/`av`.
+//!
+//! Expected tensors, names and layouts: see [`HELP`] (what `headmix compress --help` prints); in
+//! short, per layer `<prefix>.k_proj[.weight]` and `<prefix>.v_proj[.weight]`, either a linear
+//! layer's weight `[H·d, D]` (e.g. `model.layers.3.self_attn.k_proj.weight`, give `H`) or per-head
+//! `[H, D, d]`; written back: `<prefix>.{k,v}_components` (same layout, `Hk` heads) and
+//! `<prefix>.{ak,av}` `[Hk, H, 1]`. Use the result with [`crate::Config::mea_compressed`]; a layer
+//! with its own learned mixing gets it folded in by [`fold_mixing`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -191,19 +198,37 @@ pub fn reconstruct(c: &CompressedProjection, heads: usize) -> Vec<f64> {
     w
 }
 
-/// Fold an existing MEA mixing `a [H, H, P]` (over the original heads) behind the compression's
-/// `mix [Hk, H]`: the mixing `[Hk, H, P]` of the compressed layer, `Σ_h mix[c,h] · a[h,h',p]`.
-pub fn fold_mixing(mix: &[f32], a: &[f32], kv_heads: usize, heads: usize, pseudo: usize) -> Vec<f32> {
+/// Fold a layer's own mixing behind the compression: `mix [Hk, S]` rebuilds the `S` source heads
+/// that `a [S, H, P]` mixed (an MEA layer's learned `ak`, `S = H`; or a GQA replication,
+/// `S = G`), so the compressed layer's mixing `[Hk, H, P]` is `Σ_s mix[c, s] · a[s, h, p]`.
+pub fn fold_mixing(
+    mix: &[f32],
+    a: &[f32],
+    kv_heads: usize,
+    heads: usize,
+    pseudo: usize,
+) -> Result<Vec<f32>, CompressError> {
+    let src = mix.len() / kv_heads.max(1);
+    if kv_heads == 0 || mix.len() != kv_heads * src || a.len() != src * heads * pseudo {
+        return Err(CompressError::Tensor {
+            name: "mixing".into(),
+            why: format!(
+                "fold_mixing: mix has {} values for Hk = {kv_heads}, a has {} (need [S, H = {heads}, P = {pseudo}])",
+                mix.len(),
+                a.len()
+            ),
+        });
+    }
     let mut out = vec![0.0f32; kv_heads * heads * pseudo];
     for c in 0..kv_heads {
-        for h in 0..heads {
-            let m = mix[c * heads + h];
+        for s in 0..src {
+            let m = mix[c * src + s];
             for hp in 0..heads * pseudo {
-                out[c * heads * pseudo + hp] += m * a[h * heads * pseudo + hp];
+                out[c * heads * pseudo + hp] += m * a[s * heads * pseudo + hp];
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// The outcome for one layer.

@@ -505,6 +505,34 @@ fn long_prompt_into_a_ring() {
     assert_close(&s, &run_scenario(&s, &cpu, Via::Api(&cpu), Control::None), "long prompt");
 }
 
+/// Long sequences: the CPU's default split (64-token chunks) really cuts them into several chunks.
+#[test]
+fn long_sequences_split_into_default_chunks() {
+    let cpu = CpuBackend::new();
+    for kind in [Kind::IhaGlobal, Kind::MeaCompressed] {
+        let mut s = fixed(kind, Some(PosMode::Virtual));
+        s.prompts = vec![150, 70];
+        assert_close(&s, &run_scenario(&s, &cpu, Via::Api(&cpu), Control::None), "long");
+    }
+}
+
+/// A slot of the batch is cleared and refilled with a new sequence while the other goes on.
+#[test]
+fn clearing_one_sequence_leaves_the_others() {
+    let Small { cfg, w, mut cache } = small();
+    let before = cache.sequence(1).unwrap().0.to_f32();
+    cache.clear_seq(0).unwrap();
+    assert_eq!(cache.lens(), &[0, 3]);
+    assert!(matches!(cache.clear_seq(2), Err(Error::Cache { .. })));
+    let kv = Rng::new(8).normal_vec(2 * 2 * 4, 1.0);
+    cache.append_seq(0, &Tensor::new(&kv, &[2, 2, 4]), &Tensor::new(&kv, &[2, 2, 4])).unwrap();
+    assert_eq!(cache.lens(), &[2, 3]);
+    assert_eq!(cache.sequence(0).unwrap().0.to_f32(), kv);
+    assert_eq!(cache.sequence(1).unwrap().0.to_f32(), before);
+    let (res, _) = try_decode(&cfg, &w, &cache, &[2, 2, 2, 4], &[2, 2, 2, 4], 2 * 2 * 2 * 2);
+    assert!(res.is_ok(), "{res:?}");
+}
+
 /// Negative controls: new tokens cached out of order, and a perturbed cached element, are caught.
 #[test]
 fn negative_controls_decode_comparison_fails() {
@@ -518,6 +546,42 @@ fn negative_controls_decode_comparison_fails() {
         assert!(perturbed.out > 100.0 * tol, "{kind:?}: a perturbed cache went unnoticed ({perturbed:?})");
         // And the same scenario uncontrolled passes.
         assert_close(&s, &run_scenario(&s, &cpu, Via::Api(&cpu), Control::None), "uncontrolled");
+    }
+}
+
+/// A device backend that has nothing but `run` (here: the CPU's, under another kind), as wgpu and
+/// CUDA are before they get decode kernels; counts its `run` calls.
+struct RunOnly {
+    cpu: CpuBackend,
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+impl Backend for RunOnly {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+    fn device_name(&self) -> String {
+        "run-only test backend".into()
+    }
+    fn describe(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> headmix::Result<()> {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.cpu.run(problem, w, io)
+    }
+}
+
+/// Any backend decodes through the trait's default: one `run` per sequence per decode call.
+#[test]
+fn every_backend_decodes_through_the_default() {
+    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::MeaCompressed] {
+        let s = fixed(kind, Some(PosMode::Virtual));
+        let dev = RunOnly { cpu: CpuBackend::new(), runs: Default::default() };
+        assert_close(&s, &run_scenario(&s, &dev, Via::Api(&dev), Control::None), "run-only backend");
+        let runs = dev.runs.load(std::sync::atomic::Ordering::Relaxed);
+        // One prefill forward and one run per decode step, per sequence.
+        assert_eq!(runs, s.batch() * (1 + s.steps.len()), "{kind:?}");
     }
 }
 

@@ -218,6 +218,13 @@ impl KvCache {
         self.lens.iter_mut().for_each(|l| *l = 0);
     }
 
+    /// Forget sequence `b` only, so its slot can take a new sequence (continuous batching).
+    pub fn clear_seq(&mut self, b: usize) -> Result<()> {
+        self.check_batch(b)?;
+        self.lens[b] = 0;
+        Ok(())
+    }
+
     fn check_batch(&self, b: usize) -> Result<()> {
         if b >= self.shape.batch {
             return Err(Error::Cache {

@@ -1,17 +1,47 @@
 //! Decode: attention of `n_new` new tokens (their `n_new·P` virtual queries per head) against a
 //! [`KvCache`] that already holds them (append first, then decode).
 //!
+//! The cache holds the stored heads (`Hk` source or compressed heads, unmixed and un-rotated);
+//! mixing and RoPE happen inside attention, so a cached key stays valid for every later step.
 //! Every sequence of the batch has its own length. For sequence `b` holding `S` tokens whose first
 //! is at absolute token `f`, the call is the forward pass with `N = n_new`, `M = S`,
 //! bottom-right aligned, and RoPE offset `pos0 = cfg.pos_offset + f·P` (virtual positions) or
 //! `cfg.pos_offset + f` (token positions): query `i` is rotated at `pos0 + i + (S − N)·P` and key `j`
 //! at `pos0 + j`, exactly the positions these rows and keys have in a forward over the whole
-//! sequence. `cfg.pos_offset` is therefore the position of the sequence's token 0.
+//! sequence. `cfg.pos_offset` is therefore the position of the sequence's token 0. For a causal
+//! configuration, a forward on the prompt followed by decode steps equals one forward over the
+//! whole sequence (a ring cache keeps exactly the tokens a windowed query can still see).
 //!
-//! The generic path ([`decode_per_sequence`], the default of [`Backend::decode`]) unrolls each
-//! sequence's cache into a contiguous view and runs the backend's forward on it. [`split`] holds
-//! the split-KV (flash-decoding) form device kernels use: per-chunk `(o, lse)` and an exact
-//! log-sum-exp combine.
+//! [`Backend::decode`]'s default ([`decode_default`]) runs [`split::decode_host`] on the CPU:
+//! the split-KV (flash-decoding) algorithm device kernels follow, per-chunk `(o, lse)` and an
+//! exact log-sum-exp combine. Every other backend gets [`decode_per_sequence`], which unrolls each
+//! sequence's cache into a contiguous view and calls the backend's [`Backend::run`].
+//!
+//! ```
+//! use headmix::cache::KvCache;
+//! use headmix::decode::DecodeIo;
+//! use headmix::{BackendKind, Config, DType, Tensor, TensorMut, Weights};
+//!
+//! let cfg = Config::iha(4, 2, 16); // H = 4, P = 2, d = 16, causal
+//! let w = Weights::random(&cfg, 0);
+//! let backend = headmix::open(BackendKind::Cpu)?;
+//! let mut cache = KvCache::for_config(&cfg, 1, 128, DType::F32)?; // batch 1, 128 tokens
+//! // Prefill: run a forward on the prompt (not shown), then cache its stored k/v heads.
+//! let prompt = vec![0.1f32; 10 * 4 * 16];
+//! cache.append(&Tensor::new(&prompt, &[1, 10, 4, 16]), &Tensor::new(&prompt, &[1, 10, 4, 16]))?;
+//! // Each generated token: append its k/v, then decode its q.
+//! let (k, v, q) = (vec![0.2f32; 64], vec![0.3f32; 64], vec![0.4f32; 64]);
+//! cache.append(&Tensor::new(&k, &[1, 1, 4, 16]), &Tensor::new(&v, &[1, 1, 4, 16]))?;
+//! let mut out = vec![0f32; 64]; // [B, N, H, d]
+//! let io = DecodeIo {
+//!     q: Tensor::new(&q, &[1, 1, 4, 16]),
+//!     cache: &cache,
+//!     out: TensorMut::new(&mut out, &[1, 1, 4, 16]),
+//!     lse: None,
+//! };
+//! headmix::decode(backend.as_ref(), &cfg, &w, io)?;
+//! # Ok::<(), headmix::Error>(())
+//! ```
 
 pub mod split;
 
@@ -174,8 +204,8 @@ pub fn decode(backend: &dyn Backend, cfg: &Config, w: &Weights, io: DecodeIo<'_>
     backend.decode(&problem, w, io)
 }
 
-/// Validate, then decode on the host by split-KV with `splits` chunks per sequence (clamped to
-/// `1..=M`): the flash-decoding algorithm of [`split`], written out. Used by the CPU backend
+/// Validate, then decode on the host by split-KV with at most `splits` chunks per sequence
+/// (clamped to `1..=M`): the flash-decoding algorithm of [`split`], written out. Used by the CPU backend
 /// (with [`split::DEFAULT_CHUNK_TOKENS`]); this entry point lets tests pick the split count.
 pub fn decode_split(cfg: &Config, w: &Weights, io: DecodeIo<'_>, splits: usize) -> Result<()> {
     let problem = validate_decode(cfg, w, &io)?;

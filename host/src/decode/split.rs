@@ -205,10 +205,11 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
     finish(p, &combine(&parts), w)
 }
 
-/// Decode a validated problem on the host: per sequence, its held tokens (the ring unrolled,
-/// oldest first) are cut into `splits` chunks (default `ceil(M / DEFAULT_CHUNK_TOKENS)`), each
-/// chunk attended separately, the partials combined by log-sum-exp. f32 arithmetic (f16/bf16
-/// widened). Outputs are written once every sequence is done.
+/// Decode a validated problem on the host: per sequence, its `M` held tokens (the ring unrolled,
+/// oldest first) are cut into chunks of `ceil(M / splits)` tokens (at most `splits` chunks;
+/// default `splits = ceil(M / DEFAULT_CHUNK_TOKENS)`), each chunk attended separately, the
+/// partials combined by log-sum-exp. f32 arithmetic (f16/bf16 widened, outputs rounded).
+/// Outputs are written once every sequence is done.
 pub fn decode_host(problem: &DecodeProblem, w: &Weights, io: DecodeIo<'_>, splits: Option<usize>) -> Result<()> {
     let c = &problem.cfg;
     let mix = MixWeights { aq: &w.aq, ak: &w.ak, av: &w.av, r: w.r.as_deref(), gamma: w.gamma.as_deref() };

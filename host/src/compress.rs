@@ -87,8 +87,9 @@ pub struct Projection {
 }
 
 impl Projection {
-    /// `[S, D, d]` per-head values in the projection's file layout: `[S*d, D]` when linear.
-    pub fn to_layout(&self, heads: usize, w: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    /// `[S, D, d]` per-head values (`w.len() = S·D·d`) in the projection's file layout:
+    /// `[S*d, D]` when linear.
+    fn to_layout(&self, heads: usize, w: &[f32]) -> (Vec<usize>, Vec<f32>) {
         let (dm, d) = (self.model_dim, self.head_dim);
         if !self.linear {
             return (vec![heads, dm, d], w.to_vec());
@@ -103,9 +104,7 @@ impl Projection {
         }
         (vec![heads * d, dm], out)
     }
-}
 
-impl Projection {
     /// Read a tensor of shape `[H*d, D]` (needs `heads`) or `[H, D, d]` (see [`HELP`]).
     pub fn from_layout(
         name: &str,
@@ -180,22 +179,6 @@ pub fn compress_projection(name: &str, p: &Projection, rank: usize) -> Result<Co
         singular_values: c.singular_values,
         rel_error: c.rel_error,
     })
-}
-
-/// Rebuild `[H, D, d]` from a compressed projection (in f64).
-pub fn reconstruct(c: &CompressedProjection, heads: usize) -> Vec<f64> {
-    let hk = c.mix.len() / heads;
-    let dd = c.components.len() / hk;
-    let mut w = vec![0.0; heads * dd];
-    for h in 0..heads {
-        for cc in 0..hk {
-            let m = c.mix[cc * heads + h] as f64;
-            for j in 0..dd {
-                w[h * dd + j] += m * c.components[cc * dd + j] as f64;
-            }
-        }
-    }
-    w
 }
 
 /// Fold a layer's own mixing behind the compression: `mix [Hk, S]` rebuilds the `S` source heads

@@ -9,6 +9,12 @@
 //! Positions and masks are those of the whole call ([`Params::visible`], [`Params::q_pos`],
 //! [`Params::k_pos`] on global indices), so a chunk is just a range of key tokens. Arithmetic is
 //! exact in `T` (`Params::rounding` is not applied).
+//!
+//! Each chunk mixes its own stored keys/values into pseudo-heads (and rotates the keys) on the
+//! fly: only the `Hk` stored heads are ever read from the cache, which is the point of the fused
+//! design. (A device kernel may instead absorb `ak` into the queries, see the spec's design notes;
+//! the partials and the combine are the same.) A chunk cut inside the window, or one the window
+//! hides entirely, is handled by the mask alone.
 
 use std::ops::Range;
 

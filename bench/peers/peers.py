@@ -19,6 +19,7 @@ output. Writes the JSON schema of `headmix bench --json` (headmix-bench/1, bench
 
     python3 bench/peers/peers.py --sweep full --json peers.json         # on the GPU machine
     python3 bench/peers/peers.py --device cpu --json /tmp/p.json        # tiny CPU smoke test
+    python3 bench/peers/peers.py --check                                # every pipeline == the spec (f64, CPU)
     python3 bench/peers/peers.py --dry-run                              # the plan, no torch needed
 
 Written for PyTorch 2.11 (sdpa_kernel, enable_gqa, FlexAttention, F.rms_norm).
@@ -166,17 +167,36 @@ def utc_now():
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_pipelines(torch, c, dev, dtype):
-    """(implementation name, fn(q, k, v) -> out) for a case; the weights live in the closures."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def weights(torch, c, dev, dtype):
+    """Random weights of a trained layer, as headmix's Weights::random shapes them: aq [Hq, H, P],
+    ak, av [Hk, H, P], r [H, H*P] (IHA), gamma [H, d] (MEA); N(0, 1/fan_in) entries."""
     h, hk, p, d = c["heads"], c["kv_heads"], c["pseudo"], c["head_dim"]
     gen = torch.Generator(device="cpu").manual_seed(42)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(device=dev, dtype=dtype)
 
+    method = c["config"]
+    if method in ("mha", "gqa"):
+        return {}
+    if method in ("mea", "mea-compressed"):
+        ak = randn(hk, h, 1, scale=1 / math.sqrt(hk))
+        av = randn(hk, h, 1, scale=1 / math.sqrt(hk))
+        return {"ak": ak, "av": av, "gamma": 1 + randn(h, d, scale=0.1)}
+    return {
+        "aq": randn(h, h, p, scale=1 / math.sqrt(h)),
+        "ak": randn(hk, h, p, scale=1 / math.sqrt(hk)),
+        "av": randn(hk, h, p, scale=1 / math.sqrt(hk)),
+        "r": randn(h, h * p, scale=1 / math.sqrt(h * p)),
+    }
+
+
+def torch_pipelines(torch, c, dev, w):
+    """(implementation name, fn(q, k, v) -> out) for a case with weights `w`."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    h, p, d = c["heads"], c["pseudo"], c["head_dim"]
     if dev.type == "cuda":
         sdpa_backends = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
     else:
@@ -203,9 +223,7 @@ def torch_pipelines(torch, c, dev, dtype):
             suffix = " (enable_gqa)" if gqa else ""
             out.append((f"torch sdpa {name}{suffix}", fn))
     elif method in ("mea", "mea-compressed"):
-        ak = randn(hk, h, scale=1 / math.sqrt(hk))
-        av = randn(hk, h, scale=1 / math.sqrt(hk))
-        gamma = (1 + 0.1 * torch.randn(h, d, generator=gen)).to(device=dev, dtype=dtype)
+        ak, av, gamma = w["ak"][:, :, 0], w["av"][:, :, 0], w["gamma"]
         for name, backend in sdpa_backends:
             attend = sdpa(backend)
 
@@ -217,12 +235,10 @@ def torch_pipelines(torch, c, dev, dtype):
 
             out.append((f"torch einsum + sdpa {name} + rms_norm (unfused)", fn))
     else:
-        aq = randn(h, h, p, scale=1 / math.sqrt(h))
-        ak = randn(hk, h, p, scale=1 / math.sqrt(hk))
-        av = randn(hk, h, p, scale=1 / math.sqrt(hk))
-        r = randn(h, h, p, scale=1 / math.sqrt(h * p))  # r[g, h'*P + p] viewed as [g, h', p]
+        aq, ak, av = w["aq"], w["ak"], w["av"]
+        r = w["r"].reshape(h, h, p)  # r[g, h'*P + p] as [g, h', p]
 
-        def mix(x, a):  # [B, S, src, d] -> [B, S*P, H, d] -> [B, H, S*P, d]
+        def mix(x, a):  # [B, S, src, d] -> [B, S, P, H, d] = [B, S*P, H, d] -> [B, H, S*P, d]
             b, s = x.shape[0], x.shape[1]
             return torch.einsum("bsmd,mhp->bsphd", x, a).reshape(b, s * p, h, d).transpose(1, 2)
 
@@ -257,6 +273,62 @@ def torch_pipelines(torch, c, dev, dtype):
             compiled = "compiled " if dev.type == "cuda" else ""
             out.append((f"torch einsum + {compiled}flex_attention window (unfused)", fn))
     return out
+
+
+def reference(torch, c, q, k, v, w):
+    """The spec written out (shared/spec/attention.md, steps 1-8) with an explicit mask: the check
+    that the peers compute headmix's function."""
+    b, n, _, d = q.shape
+    m, hk = k.shape[1], k.shape[2]
+    h, p = c["heads"], c["pseudo"]
+    eye = torch.eye(h, dtype=q.dtype).reshape(h, h, 1).expand(h, h, p)
+    group = torch.zeros(hk, h, p, dtype=q.dtype)
+    for hh in range(h):
+        group[hh // (h // hk), hh, :] = 1  # GQA replication (the identity when Hk = H)
+    aq, ak, av = w.get("aq", eye), w.get("ak", group), w.get("av", group)
+    # 1-2. Mix and interleave: virtual token i = n*P + p.
+    qt = torch.einsum("bnmd,mhp->bhnpd", q, aq).reshape(b, h, n * p, d)
+    kt = torch.einsum("bnmd,mhp->bhnpd", k, ak).reshape(b, h, m * p, d)
+    vt = torch.einsum("bnmd,mhp->bhnpd", v, av).reshape(b, h, m * p, d)
+    # 4. Mask on virtual indices, bottom-right aligned.
+    i = torch.arange(n * p).reshape(-1, 1) + (m - n) * p
+    j = torch.arange(m * p).reshape(1, -1)
+    visible = j <= i
+    if c["window"] is not None:
+        visible &= (i - c["window"][0] <= j) & (j <= i + c["window"][1])
+    # 5. Attention.
+    s = torch.einsum("bhid,bhjd->bhij", qt, kt) / math.sqrt(d)
+    o = torch.einsum("bhij,bhjd->bhid", torch.softmax(s.masked_fill(~visible, -math.inf), -1), vt)
+    # 6-7. De-interleave, collapse.
+    o = o.reshape(b, h, n, p, d).permute(0, 2, 1, 3, 4)  # [B, N, H, P, d]
+    if "r" in w:
+        out = torch.einsum("gc,bncd->bngd", w["r"], o.reshape(b, n, h * p, d))
+    else:
+        out = o.reshape(b, n, h, d)  # P = 1
+    # 8. Head norm.
+    if "gamma" in w:
+        out = w["gamma"] * out / torch.sqrt(out.pow(2).mean(-1, keepdim=True) + 1e-5)
+    return out
+
+
+def check(torch):
+    """Every peer pipeline against `reference` on small f64 CPU problems; returns the failures."""
+    dev = torch.device("cpu")
+    failures = []
+    for method in ["mha", "gqa", "mea", "mea-compressed", "iha", "iha-local"]:
+        pseudo = 3 if method.startswith("iha") else 1
+        kv_heads = 2 if method in ("gqa", "mea-compressed") else 4
+        c = make_case(method, 4, kv_heads, pseudo, 8, 2, 24, "f32")
+        w = weights(torch, c, dev, torch.float64)
+        gen = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(2, 24, hh, 8, generator=gen, dtype=torch.float64) for hh in (4, kv_heads, kv_heads))
+        want = reference(torch, c, q, k, v, w)
+        for name, fn in torch_pipelines(torch, c, dev, w):
+            err = (fn(q, k, v) - want).abs().max().item()
+            print(f"check {label(c)} · {name}: max |error| {err:.2e}", file=sys.stderr)
+            if not err < 1e-10:
+                failures.append(f"{label(c)} · {name}: {err}")
+    return failures
 
 
 def time_calls(torch, dev, fn, input_sets, reps, warmup):
@@ -367,7 +439,7 @@ def run(args):
             for _ in range(n_sets)
         ]
         try:
-            pipelines = torch_pipelines(torch, c, dev, dtype)
+            pipelines = torch_pipelines(torch, c, dev, weights(torch, c, dev, dtype))
         except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
             pipelines = []
             report["errors"].append({"backend": "torch", "case": label(c), "why": f"{type(e).__name__}: {e}"})
@@ -400,7 +472,16 @@ def main(argv=None):
     ap.add_argument("--filter", default="", help="only cases whose label contains this text")
     ap.add_argument("--json", default="", help="write the report here (default: stdout)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (cases, FLOPs, bytes) as JSON; no torch")
+    ap.add_argument("--check", action="store_true", help="check every pipeline against the spec (f64, CPU) and exit")
     args = ap.parse_args(argv)
+    if args.check:
+        import torch
+
+        failures = check(torch)
+        if failures:
+            sys.exit("peers differ from the spec:\n  " + "\n  ".join(failures))
+        print("every peer pipeline equals the spec's reference", file=sys.stderr)
+        return
     if args.dry_run:
         gpu = not args.device.startswith("cpu")
         plan = [c for c in cases(args.sweep, gpu) if not args.filter or args.filter in label(c)]

@@ -65,7 +65,7 @@ pub fn svg(rows: &[Row], title: &str, path: &str) -> Result<(), String> {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(64)
-            .build_cartesian_2d((x0 * 0.9..x1 * 1.1).log_scale(), 0f64..y1)
+            .build_cartesian_2d((x0 * 0.9..x1 * 1.1).log_scale().base(2.0), 0f64..y1)
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()

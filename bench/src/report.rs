@@ -403,10 +403,13 @@ pub fn legend(rows: &[Row]) -> String {
         for p in places {
             let _ = writeln!(s, "  {p}");
         }
-        let _ = writeln!(
-            s,
-            "  host stages run in f32 on the host's cores; \">=\" marks a lower bound (only the attention stage was timed on the device)."
-        );
+        let _ = writeln!(s, "  host stages run in f32 on the host's cores.");
+        if rows.iter().any(|r| r.unfused.as_ref().is_some_and(|u| !u.complete)) {
+            let _ = writeln!(
+                s,
+                "  \">=\": a lower bound; on devices only the attention stage is timed (mix and collapse have no device op)."
+            );
+        }
     }
     s
 }
@@ -571,6 +574,14 @@ pub(crate) mod tests {
         let t = table(&rows);
         assert!(t.contains("iha-local") && t.contains("250.00 ms") && t.contains("3.00x"));
         assert!(legend(&rows).contains("attention on cpu"));
+        assert!(!legend(&rows).contains("lower bound"));
+        // A device row whose unfused pipeline was only timed at its attention stage: ">=".
+        let mut device = sample_row();
+        device.backend = "cuda".into();
+        device.unfused.as_mut().unwrap().complete = false;
+        let rows = vec![device];
+        assert!(table(&rows).contains(">=3.00x"));
+        assert!(legend(&rows).contains("lower bound") && legend(&rows).contains("cuda backend: unfused = attention"));
         assert_eq!(fmt_time(2.5e-6), "2.50 µs");
         assert_eq!(fmt_sig(123.456), "123");
         assert_eq!(fmt_sig(0.0012345), "0.00123");

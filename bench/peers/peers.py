@@ -414,6 +414,7 @@ def run(args):
         "sweep": args.sweep,
         "git_commit": git_commit(),
         "date_utc": utc_now(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "ceilings": [H100],
         "backends": [{"backend": "torch", "device": device, "driver": driver, "describe": [["torch", torch.__version__]]}],
         "skipped": [],

@@ -32,6 +32,13 @@ pub fn git_commit() -> String {
     if dirty { hash + "-dirty" } else { hash }
 }
 
+/// The 1, 5 and 15 minute load averages of the host (Linux `/proc/loadavg`), `None` elsewhere.
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_whitespace().map(|x| x.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
 /// The current UTC time as ISO 8601, e.g. `2026-11-23T08:40:53Z`.
 pub fn utc_now() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -65,6 +72,13 @@ mod tests {
         assert_eq!(utc_iso8601(1_709_251_199), "2024-02-29T23:59:59Z");
         assert_eq!(utc_iso8601(1_798_761_600), "2027-01-01T00:00:00Z");
         assert!(utc_now().ends_with('Z'));
+    }
+
+    #[test]
+    fn load_average_reads_three_numbers_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(load_average().unwrap().iter().all(|x| x.is_finite() && *x >= 0.0));
+        }
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub struct Report {
     pub git_commit: String,
     /// Start of the run, ISO 8601 UTC.
     pub date_utc: String,
+    /// The host's 1, 5 and 15 minute load averages at the start (`/proc/loadavg`; `null` elsewhere):
+    /// other work sharing the cores slows CPU measurements down.
+    #[serde(default)]
+    pub load_average: Option<[f64; 3]>,
     /// The denominators of the "% of peak" columns, for the devices that have them.
     pub ceilings: Vec<Ceiling>,
     /// The backends that ran.
@@ -160,6 +164,7 @@ impl Report {
             sweep: sweep.into(),
             git_commit: crate::meta::git_commit(),
             date_utc: crate::meta::utc_now(),
+            load_average: crate::meta::load_average(),
             ceilings: vec![count::H100.into()],
             backends: Vec::new(),
             skipped: Vec::new(),
@@ -192,7 +197,11 @@ impl Report {
 
     /// One line on what, where and when: the header of the printed tables.
     pub fn header(&self) -> String {
-        format!("{} · sweep {} · commit {} · {}", self.source, self.sweep, self.git_commit, self.date_utc)
+        let mut s = format!("{} · sweep {} · commit {} · {}", self.source, self.sweep, self.git_commit, self.date_utc);
+        if let Some([a, b, c]) = self.load_average {
+            s += &format!(" · load average {a:.2} {b:.2} {c:.2}");
+        }
+        s
     }
 }
 

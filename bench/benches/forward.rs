@@ -2,8 +2,8 @@
 //! unfused (`cargo bench -p headmix-bench`; filter with `-- iha-local`, shorten with `-- --quick`).
 //!
 //! Cases are the `full` sweep of `headmix bench` on GPUs (N = 1k..16k tokens, P = 1, 2, 4, 8,
-//! d = 64 and 128, bf16 and f16) and the `quick` CPU sweep on the CPU backend, which is the
-//! reference and would take hours on GPU sizes. Environment:
+//! d = 64 and 128, bf16 and f16) and the `quick` CPU sweep on the CPU backend (the reference, which
+//! would take hours on GPU sizes) and on software wgpu adapters (llvmpipe). Environment:
 //! * `HEADMIX_BENCH_SWEEP=quick|full`: the sweep of the GPU backends (default `full`);
 //! * `HEADMIX_BENCH_BACKENDS=cuda,wgpu,cpu`: the backends to try (default: all; one line per skip).
 //!
@@ -17,7 +17,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use headmix::BackendKind;
 use headmix_bench::measure::{Device, open_all, problem};
-use headmix_bench::sweep::Sweep;
+use headmix_bench::sweep::{Scale, Sweep};
 use headmix_bench::{cli, count, timer, unfused};
 
 /// Seconds as a criterion duration.
@@ -44,8 +44,8 @@ fn forward(c: &mut Criterion) {
     };
     for dev in devices() {
         let backend = dev.backend.as_ref();
-        let sweep = if dev.kind() == BackendKind::Cpu { Sweep::Quick } else { gpu_sweep };
-        for case in sweep.cases(dev.kind()) {
+        let sweep = if dev.scale == Scale::Host { Sweep::Quick } else { gpu_sweep };
+        for case in sweep.cases(dev.scale) {
             let (p, w) = match problem(&case, backend) {
                 Ok(pw) => pw,
                 Err(why) => {

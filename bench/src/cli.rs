@@ -9,7 +9,7 @@ use headmix::BackendKind;
 
 use crate::measure::{self, Device};
 use crate::report::{self, CaseError, Report, Skipped};
-use crate::sweep::{Case, Sweep};
+use crate::sweep::{Case, Scale, Sweep};
 
 pub const HELP: &str = "\
 headmix bench — time the fused kernels against the unfused pipeline, per backend present
@@ -126,7 +126,7 @@ fn measure(args: &Args) -> Result<Report, String> {
     let plan: Vec<(&Device, Case)> = devices
         .iter()
         .flat_map(|dev| {
-            let cases = sweep.cases(dev.kind());
+            let cases = sweep.cases(dev.scale);
             cases.into_iter().filter(|c| selected(c, configs.as_deref(), filter)).map(move |c| (dev, c))
         })
         .collect();
@@ -148,7 +148,7 @@ fn measure(args: &Args) -> Result<Report, String> {
     for (i, (dev, case)) in plan.iter().enumerate() {
         let label = format!("[{}/{}] {} {}", i + 1, plan.len(), dev.info.backend, case.label());
         progress.step(&format!("{label} ..."));
-        let reps = reps.unwrap_or_else(|| sweep.reps(dev.kind()));
+        let reps = reps.unwrap_or_else(|| sweep.reps(dev.scale));
         match measure::run_case(dev, case, reps) {
             Ok(rows) => {
                 let r = &rows[0];
@@ -186,8 +186,10 @@ pub fn main(args: &[String]) -> Result<(), String> {
         let sweep = Sweep::parse(sweep_name).ok_or_else(|| format!("--sweep: unknown sweep {sweep_name:?}"))?;
         let configs: Option<Vec<String>> =
             args.get("config").map(|c| c.split(',').map(|s| s.trim().to_string()).collect());
+        // Without opening devices: GPU sizes for cuda and wgpu (a software wgpu adapter gets the CPU's).
         for kind in parse_backends(args.get("backend").unwrap_or("all"))? {
-            for case in sweep.cases(kind).iter().filter(|c| selected(c, configs.as_deref(), args.get("filter"))) {
+            let scale = if kind == BackendKind::Cpu { Scale::Host } else { Scale::Gpu };
+            for case in sweep.cases(scale).iter().filter(|c| selected(c, configs.as_deref(), args.get("filter"))) {
                 println!("{kind}\t{}", case.label());
             }
         }

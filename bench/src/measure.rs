@@ -4,7 +4,7 @@ use headmix::{Backend, BackendKind, Problem, Timing, Weights};
 
 use crate::report::{BackendInfo, Row, StageResult, UnfusedResult};
 use crate::stats::median;
-use crate::sweep::Case;
+use crate::sweep::{Case, Scale};
 use crate::{count, timer, unfused};
 
 /// What the fused rows' `implementation` says.
@@ -14,6 +14,8 @@ pub const FUSED: &str = "headmix fused";
 pub struct Device {
     pub backend: Box<dyn Backend>,
     pub info: BackendInfo,
+    /// Which sizes it gets (software devices get the CPU's).
+    pub scale: Scale,
 }
 
 impl Device {
@@ -24,9 +26,10 @@ impl Device {
             .find(|(k, _)| k.eq_ignore_ascii_case("driver"))
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| "-".into());
+        let scale = Scale::of(backend.kind(), &backend.device_name(), &describe);
         let info =
             BackendInfo { backend: backend.kind().name().into(), device: backend.device_name(), driver, describe };
-        Device { backend, info }
+        Device { backend, info, scale }
     }
 
     pub fn kind(&self) -> BackendKind {

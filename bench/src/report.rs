@@ -206,20 +206,21 @@ impl Report {
 }
 
 impl Row {
-    /// The size and configuration a peer row must share to be compared with this one.
-    pub fn key(&self) -> (&str, &str, usize, usize, usize, usize, usize, usize, usize, Option<[usize; 2]>) {
-        (
-            &self.config,
-            &self.dtype,
-            self.batch,
-            self.n,
-            self.m,
-            self.heads,
-            self.kv_heads,
-            self.pseudo,
-            self.head_dim,
-            self.window,
-        )
+    /// Whether `other` is the same configuration at the same size (how peers are matched).
+    pub fn same_case(&self, other: &Row) -> bool {
+        (&self.config, &self.dtype, self.causal, self.window)
+            == (&other.config, &other.dtype, other.causal, other.window)
+            && [self.batch, self.n, self.m, self.heads, self.q_heads, self.kv_heads, self.pseudo, self.head_dim]
+                == [
+                    other.batch,
+                    other.n,
+                    other.m,
+                    other.heads,
+                    other.q_heads,
+                    other.kv_heads,
+                    other.pseudo,
+                    other.head_dim,
+                ]
     }
 }
 
@@ -447,7 +448,7 @@ pub fn side_by_side(ours: &[Row], peers: &Report) -> String {
     ];
     let mut cells = Vec::new();
     for p in &peers.results {
-        let mine = ours.iter().filter(|r| r.key() == p.key() && r.implementation == "headmix fused");
+        let mine = ours.iter().filter(|r| r.same_case(p) && r.implementation == crate::measure::FUSED);
         let mut any = false;
         for m in mine {
             any = true;

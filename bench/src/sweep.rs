@@ -30,19 +30,19 @@ impl Sweep {
         Sweep::ALL.into_iter().find(|w| w.name() == s)
     }
 
-    /// Timed repetitions per case (after one warm-up call) on a backend kind.
-    pub fn reps(self, kind: BackendKind) -> usize {
-        match (self, kind) {
-            (Sweep::Quick, BackendKind::Cpu) => 10,
-            (Sweep::Full, BackendKind::Cpu) => 5,
+    /// Timed repetitions per case (after one warm-up call) at a scale.
+    pub fn reps(self, scale: Scale) -> usize {
+        match (self, scale) {
+            (Sweep::Quick, Scale::Host) => 10,
+            (Sweep::Full, Scale::Host) => 5,
             (Sweep::Quick, _) => 10,
             _ => 20,
         }
     }
 
-    /// The cases of this sweep for a backend kind.
-    pub fn cases(self, kind: BackendKind) -> Vec<Case> {
-        let gpu = kind != BackendKind::Cpu;
+    /// The cases of this sweep at a scale.
+    pub fn cases(self, scale: Scale) -> Vec<Case> {
+        let gpu = scale == Scale::Gpu;
         let (seqs, dims, dtypes, pseudos): (&[usize], &[usize], &[DType], &[usize]) = match (self, gpu) {
             (Sweep::Quick, true) => (&[1024, 4096, 16384], &[128], &[DType::BF16], &[2, 4]),
             (Sweep::Full, true) => {
@@ -80,6 +80,30 @@ impl Sweep {
             }
         }
         cases
+    }
+}
+
+/// The sizes a device gets: GPU sizes, or the small ones of the CPU backend, which software
+/// rasterizers behind wgpu (llvmpipe, lavapipe, SwiftShader) get too: they run on the same cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scale {
+    Gpu,
+    Host,
+}
+
+impl Scale {
+    /// The scale of a device from its backend kind, name and `describe()` pairs (a `... type`
+    /// entry saying `Cpu`, as wgpu's device type prints, marks a software device).
+    pub fn of(kind: BackendKind, device: &str, describe: &[(String, String)]) -> Scale {
+        const SOFTWARE: [&str; 5] = ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "basic render driver"];
+        let name = device.to_ascii_lowercase();
+        let cpu_type =
+            describe.iter().any(|(k, v)| k.to_ascii_lowercase().contains("type") && v.eq_ignore_ascii_case("cpu"));
+        if kind == BackendKind::Cpu || cpu_type || SOFTWARE.iter().any(|s| name.contains(s)) {
+            Scale::Host
+        } else {
+            Scale::Gpu
+        }
     }
 }
 
@@ -141,8 +165,8 @@ mod tests {
     #[test]
     fn every_case_of_every_sweep_builds_a_valid_configuration() {
         for sweep in Sweep::ALL {
-            for kind in BackendKind::ALL {
-                for case in sweep.cases(kind) {
+            for scale in [Scale::Gpu, Scale::Host] {
+                for case in sweep.cases(scale) {
                     let cfg = case.config().unwrap();
                     headmix::validate::validate_config(&cfg).unwrap();
                     headmix::validate::validate_weights(&cfg, &case.weights().unwrap()).unwrap();
@@ -155,15 +179,25 @@ mod tests {
     }
 
     #[test]
+    fn software_devices_get_host_sizes() {
+        assert_eq!(Scale::of(BackendKind::Cpu, "host CPU (2 threads)", &[]), Scale::Host);
+        assert_eq!(Scale::of(BackendKind::Cuda, "NVIDIA H100 80GB HBM3", &[]), Scale::Gpu);
+        assert_eq!(Scale::of(BackendKind::Wgpu, "NVIDIA GeForce RTX 4090", &[]), Scale::Gpu);
+        assert_eq!(Scale::of(BackendKind::Wgpu, "llvmpipe (LLVM 19.1.7, 256 bits)", &[]), Scale::Host);
+        let describe = [("device type".to_string(), "Cpu".to_string())];
+        assert_eq!(Scale::of(BackendKind::Wgpu, "some adapter", &describe), Scale::Host);
+    }
+
+    #[test]
     fn sweeps_cover_the_issue_grid() {
-        let full = Sweep::Full.cases(BackendKind::Cuda);
+        let full = Sweep::Full.cases(Scale::Gpu);
         let ns: std::collections::BTreeSet<_> = full.iter().map(|c| c.n).collect();
         assert_eq!(ns.into_iter().collect::<Vec<_>>(), [1024, 2048, 4096, 8192, 16384]);
         for p in [1, 2, 4, 8] {
             assert!(full.iter().any(|c| c.method == Method::IhaLocal && c.pseudo == p));
         }
         assert!(full.iter().all(|c| c.batch * c.n == 16384 && c.heads * c.head_dim == 2048));
-        let cpu = Sweep::Full.cases(BackendKind::Cpu);
+        let cpu = Sweep::Full.cases(Scale::Host);
         assert!(cpu.iter().all(|c| c.n <= 256));
         // IHA local uses the paper's window: W = N / (2 P²) tokens, W·P virtual tokens back.
         let c = full.iter().find(|c| c.method == Method::IhaLocal && c.pseudo == 4 && c.n == 4096).unwrap();

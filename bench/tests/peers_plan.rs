@@ -4,9 +4,9 @@
 
 use std::process::Command;
 
-use headmix::{BackendKind, Problem};
+use headmix::Problem;
 use headmix_bench::count;
-use headmix_bench::sweep::Sweep;
+use headmix_bench::sweep::{Scale, Sweep};
 use serde_json::Value;
 
 fn plan(sweep: &str, device: &str) -> Option<Vec<Value>> {
@@ -24,13 +24,11 @@ fn plan(sweep: &str, device: &str) -> Option<Vec<Value>> {
 
 #[test]
 fn peers_plan_equals_the_rust_sweeps_case_by_case() {
-    for (sweep, kind, device) in [
-        (Sweep::Quick, BackendKind::Cuda, "cuda"),
-        (Sweep::Full, BackendKind::Cuda, "cuda"),
-        (Sweep::Quick, BackendKind::Cpu, "cpu"),
-    ] {
+    for (sweep, scale, device) in
+        [(Sweep::Quick, Scale::Gpu, "cuda"), (Sweep::Full, Scale::Gpu, "cuda"), (Sweep::Quick, Scale::Host, "cpu")]
+    {
         let Some(plan) = plan(sweep.name(), device) else { return };
-        let cases = sweep.cases(kind);
+        let cases = sweep.cases(scale);
         assert_eq!(plan.len(), cases.len(), "{} {device}: number of cases", sweep.name());
         for (py, case) in plan.iter().zip(&cases) {
             let w = case.weights().unwrap();

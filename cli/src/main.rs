@@ -20,8 +20,8 @@ fn main() {
     let result = match args.first().map(|s| s.as_str()) {
         Some("info") => info::main(),
         Some("run") => run::main(rest),
+        Some("bench") => headmix_bench::cli::main(rest),
         Some("compress") => compress::main(rest),
-        Some("bench") => Err(format!("bench: not wired yet ({} args)", rest.len())),
         None | Some("help") | Some("--help") | Some("-h") => {
             println!("{HELP}");
             Ok(())

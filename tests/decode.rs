@@ -17,7 +17,7 @@ use headmix::{Backend, BackendKind, Config, DType, Error, Io, Problem, Rng, Rope
 use headmix_tests::{check_property, device_or_skip, normals, tolerance};
 use proptest::prelude::*;
 
-const CASES: u32 = 48;
+const CASES: u32 = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Scenarios: a configuration, ragged prompts, and the sizes of the decode steps after them.
@@ -316,7 +316,7 @@ fn assert_close(s: &Scenario, errs: &Errors, label: &str) {
 // Strategies.
 
 fn head_dim() -> impl Strategy<Value = usize> {
-    prop::sample::select(vec![2usize, 4, 8, 16])
+    prop::sample::select(vec![2usize, 4, 8, 16, 32])
 }
 
 fn dtype() -> impl Strategy<Value = DType> {
@@ -330,7 +330,7 @@ fn rope() -> impl Strategy<Value = Option<PosMode>> {
 /// Heads `(H, Hk, P)` of a kind.
 fn heads(kind: Kind) -> BoxedStrategy<(usize, usize, usize)> {
     match kind {
-        Kind::IhaGlobal | Kind::IhaLocal => (1usize..=3, 1usize..=3).prop_map(|(h, p)| (h, h, p)).boxed(),
+        Kind::IhaGlobal | Kind::IhaLocal => (1usize..=4, 1usize..=4).prop_map(|(h, p)| (h, h, p)).boxed(),
         Kind::Mea => (1usize..=4).prop_map(|h| (h, h, 1)).boxed(),
         Kind::MeaCompressed => (2usize..=4).prop_flat_map(|h| (Just(h), 1..h)).prop_map(|(h, hk)| (h, hk, 1)).boxed(),
         Kind::Gqa => prop::sample::select(vec![(2usize, 1usize), (4, 2), (4, 1), (6, 3), (6, 2)])
@@ -345,7 +345,7 @@ fn scenario(kind: Kind) -> impl Strategy<Value = Scenario> {
     (
         heads(kind),
         head_dim(),
-        1usize..=9,
+        1usize..=12,
         rope(),
         0usize..=40,
         any::<bool>(),
@@ -361,7 +361,7 @@ fn scenario(kind: Kind) -> impl Strategy<Value = Scenario> {
                 hk,
                 p,
                 d,
-                left: left.min(3 * p),
+                left: left.min(4 * p),
                 rope,
                 pos_offset,
                 no_collapse: no_collapse && matches!(kind, Kind::IhaGlobal | Kind::IhaLocal),

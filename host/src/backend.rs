@@ -83,9 +83,9 @@ pub trait Backend: Send + Sync {
 
     /// Decode new tokens against a KV cache (a problem validated by
     /// [`crate::decode::validate_decode`]; call it through [`crate::decode()`]). The default
-    /// ([`crate::decode::decode_default`]) runs split-KV on the host for the CPU and, for any
-    /// other backend, unrolls each sequence's cache and calls [`Backend::run`] per sequence, so
-    /// every backend decodes; device backends may override it with split-KV kernels.
+    /// ([`crate::decode::decode_default`]) unrolls each sequence's cache and calls
+    /// [`Backend::run`] per sequence, so every backend decodes; the CPU overrides it with the
+    /// host split-KV algorithm, and device backends may override it with split-KV kernels.
     fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
         crate::decode::decode_default(self, problem, w, io)
     }

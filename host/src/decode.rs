@@ -212,19 +212,16 @@ pub fn decode_split(cfg: &Config, w: &Weights, io: DecodeIo<'_>, splits: usize) 
     split::decode_host(&problem, w, io, Some(splits))
 }
 
-/// What [`Backend::decode`] does unless a backend overrides it: the CPU runs the split-KV
-/// algorithm on the host cache ([`split::decode_host`]); any other backend gets
-/// [`decode_per_sequence`], which needs nothing but its [`Backend::run`].
+/// What [`Backend::decode`] does unless a backend overrides it: [`decode_per_sequence`], which
+/// needs nothing but the backend's [`Backend::run`]. (The CPU backend overrides it with the
+/// split-KV algorithm on the host cache, [`split::decode_host`].)
 pub fn decode_default<B: Backend + ?Sized>(
     backend: &B,
     problem: &DecodeProblem,
     w: &Weights,
     io: DecodeIo<'_>,
 ) -> Result<()> {
-    match backend.kind() {
-        crate::BackendKind::Cpu => split::decode_host(problem, w, io, None),
-        _ => decode_per_sequence(backend, problem, w, io),
-    }
+    decode_per_sequence(backend, problem, w, io)
 }
 
 fn sub_data<'a>(d: &Data<'a>, at: usize, len: usize) -> Data<'a> {

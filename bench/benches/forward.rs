@@ -46,7 +46,11 @@ fn forward(c: &mut Criterion) {
         let backend = dev.backend.as_ref();
         let sweep = if dev.scale == Scale::Host { Sweep::Quick } else { gpu_sweep };
         for case in sweep.cases(dev.scale) {
-            let (p, w) = match problem(&case, backend) {
+            // One timed call first: a case the backend refuses or fails is skipped with one line
+            // instead of aborting the whole suite from inside criterion.
+            let checked = problem(&case, backend)
+                .and_then(|(p, w)| timer::time(backend, &p, &w, 1).map(|_| (p, w)).map_err(|e| e.to_string()));
+            let (p, w) = match checked {
                 Ok(pw) => pw,
                 Err(why) => {
                     eprintln!("{} {}: skipped ({why})", dev.info.backend, case.label());

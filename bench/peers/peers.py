@@ -263,8 +263,12 @@ def torch_pipelines(torch, c, dev, w):
                 return (kv_idx <= q_idx) & (q_idx - kv_idx <= left)
 
             length = c["n"] * p
-            block_mask = create_block_mask(sliding_window, None, None, length, length, device=dev)
-            flex = torch.compile(flex_attention, dynamic=False) if dev.type == "cuda" else flex_attention
+            # On the GPU both are compiled: eager create_block_mask would materialise the whole
+            # (N*P)^2 mask (17 G entries at N*P = 128k), eager flex_attention the whole score matrix.
+            on_gpu = dev.type == "cuda"
+            make_mask = torch.compile(create_block_mask) if on_gpu else create_block_mask
+            block_mask = make_mask(sliding_window, None, None, length, length, device=dev)
+            flex = torch.compile(flex_attention, dynamic=False) if on_gpu else flex_attention
 
             def fn(q, k, v):
                 o = flex(mix(q, aq), mix(k, ak), mix(v, av), block_mask=block_mask)
@@ -329,6 +333,24 @@ def check(torch):
             if not err < 1e-10:
                 failures.append(f"{label(c)} · {name}: {err}")
     return failures
+
+
+def configure_compile(torch):
+    """FlexAttention is compiled once per shape. Lift dynamo's recompile limits (8 by default), so
+    that the sweep's many shapes never fall back to the slow eager path, and fail loudly if one would."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    settings = [
+        ("recompile_limit", 1024),
+        ("cache_size_limit", 1024),
+        ("accumulated_recompile_limit", 8192),
+        ("accumulated_cache_size_limit", 8192),
+        ("fail_on_recompile_limit_hit", True),
+    ]
+    for name, value in settings:
+        if hasattr(cfg, name):
+            setattr(cfg, name, value)
 
 
 def time_calls(torch, dev, fn, input_sets, reps, warmup):
@@ -400,6 +422,7 @@ def run(args):
     import torch
 
     dev = torch.device(args.device)
+    configure_compile(torch)
     if dev.type == "cuda":
         device = torch.cuda.get_device_name(dev)
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None

@@ -140,8 +140,11 @@ fn measure(args: &Args) -> Result<Report, String> {
         );
         report.backends.push(dev.info.clone());
     }
+    if devices.is_empty() {
+        return Err("none of the backends asked for opened (see the lines above)".into());
+    }
     if plan.is_empty() {
-        return Err("no case to run (check --backend, --config, --filter)".into());
+        return Err("no case to run (check --config and --filter: --list shows the cases)".into());
     }
     let progress = Progress { tty: std::io::stderr().is_terminal() };
     let start = Instant::now();

@@ -1,6 +1,6 @@
 //! What one forward call does and moves: FLOPs, bytes, and the ceilings they are compared with.
 
-use headmix::Problem;
+use headmix::{DecodeProblem, Problem};
 
 /// Measured dense bf16 tensor-core throughput of an H100 (SXM) that headmix is compared with,
 /// in TFLOP/s: a measured ceiling, used only as the denominator of "% of peak".
@@ -25,6 +25,29 @@ pub fn bytes(problem: &Problem) -> f64 {
     let kv = 2.0 * b * m * c.kv_heads as f64 * d;
     let out = problem.out_shape().iter().product::<usize>() as f64;
     (q + kv + out) * problem.dtype.size() as f64
+}
+
+/// Bytes of cache one decode call reads: the stored heads of every held token of every sequence,
+/// keys and values, `Σ_b held_b · Hk · d · 2 ·` dtype size (`B·M·Hk·d·2·size` when all sequences
+/// hold `M` tokens). The mixed pseudo-heads are never read: they are built on chip.
+pub fn decode_cache_bytes(problem: &DecodeProblem) -> f64 {
+    let c = &problem.cfg;
+    let held: usize = problem.stored.iter().sum();
+    (2 * held * c.kv_heads * c.head_dim * problem.dtype.size()) as f64
+}
+
+/// Bytes of one decode call at the memory-bound minimum: the cache read ([`decode_cache_bytes`]),
+/// the new queries `[B, N, Hq, d]` read and the output written.
+pub fn decode_bytes(problem: &DecodeProblem) -> f64 {
+    let c = &problem.cfg;
+    let q = problem.batch * problem.n * c.q_heads * c.head_dim;
+    let out = problem.out_shape().iter().product::<usize>();
+    decode_cache_bytes(problem) + ((q + out) * problem.dtype.size()) as f64
+}
+
+/// FLOPs of one decode call: per sequence, `4 · H · d ·` the pairs its new queries see.
+pub fn decode_flops(problem: &DecodeProblem) -> f64 {
+    (0..problem.batch).map(|b| problem.sequence(b).flops()).sum()
 }
 
 /// Throughput in TFLOP/s of `flops` done in `seconds`.
@@ -161,6 +184,31 @@ mod tests {
         let p = problem(Config::iha(4, 3, 32), 1, 5, 9, DType::F32, true);
         let want = (5 * 4 * 32 + 2 * 9 * 4 * 32 + 5 * 4 * 32) * 4;
         assert_eq!(bytes(&p), want as f64);
+    }
+
+    fn decode_problem(cfg: Config, stored: Vec<usize>, n: usize, dtype: DType, collapse: bool) -> DecodeProblem {
+        let batch = stored.len();
+        DecodeProblem { cfg, batch, n, dtype, collapse, norm: false, stored, pos0: vec![0; batch] }
+    }
+
+    #[test]
+    fn decode_bytes_count_the_stored_heads_and_q_out() {
+        // IHA, H = 16, P = 4, d = 128, bf16, B = 8 sequences of 32768 tokens, one new token each:
+        // the cache read is B·M·Hk·d·2·2 bytes = 8·32768·16·128·2·2 = 2 GiB (not P× that: the
+        // pseudo-heads are mixed on chip), q is 8·16·128·2 bytes, the collapsed out the same.
+        let p = decode_problem(Config::iha(16, 4, 128), vec![32768; 8], 1, DType::BF16, true);
+        assert_eq!(decode_cache_bytes(&p), (2u64 << 30) as f64);
+        assert_eq!(decode_bytes(&p), (2u64 << 30) as f64 + 2.0 * 8.0 * 16.0 * 128.0 * 2.0);
+        // Compressed MEA reads Hk = 4 heads; ragged sequences count what each holds; f32; no
+        // collapse means a [B, N, H, P, d] output (P = 1 here).
+        let cfg = Config::mea_compressed(8, 4, 64).unwrap();
+        let p = decode_problem(cfg, vec![10, 7], 2, DType::F32, false);
+        let want = (2 * (10 + 7) * 4 * 64 + 2 * 2 * 8 * 64 + 2 * 2 * 8 * 64) * 4;
+        assert_eq!(decode_bytes(&p), want as f64);
+        // Decode FLOPs: one new token of IHA P = 2 (2 virtual queries, causal, bottom-right) against
+        // M = 5 held tokens (10 virtual keys) sees 9 + 10 keys; 4·B·H·d per pair, per sequence.
+        let p = decode_problem(Config::iha(2, 2, 8), vec![5, 5], 1, DType::F32, true);
+        assert_eq!(decode_flops(&p), 2.0 * 4.0 * 2.0 * 8.0 * 19.0);
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //!
 //! * [`sweep`]: the named sweeps (`quick`, `full`) as lists of cases per
 //!   backend kind (large sequences on GPUs, tiny ones on the CPU);
+//! * [`decode`]: the decode sweeps (`decode`, `decode-quick`): one new token per sequence against
+//!   a filled KV cache, `B = 1, 8, 64`, 4k..128k tokens on GPUs;
+//! * [`decode_measure`]: fill the caches, time `headmix::decode`, count the cache read and the
+//!   cache size against the unfused design;
 //! * [`count`]: FLOPs (`4·B·H·d·` visible pairs) and bytes (q, k, v read + out written) of a case,
 //!   and the measured H100 ceilings used as denominators;
 //! * [`unfused`]: the unfused pipeline built from headmix's own pieces (mix, plain attention with
@@ -14,6 +18,8 @@
 
 pub mod cli;
 pub mod count;
+pub mod decode;
+pub mod decode_measure;
 pub mod measure;
 pub mod meta;
 pub mod plot;

@@ -167,6 +167,7 @@ pub fn row(dev: &Device, case: &Case, p: &Problem, implementation: &str, t: &Tim
         extra_bytes: (dev.kind() != BackendKind::Cpu).then_some(t.extra_bytes),
         unfused: None,
         speedup_vs_unfused: None,
+        decode: None,
     }
 }
 

@@ -129,6 +129,29 @@ pub struct Row {
     /// Unfused median over fused median. A lower bound when `unfused.complete` is false.
     #[serde(default)]
     pub speedup_vs_unfused: Option<f64>,
+    /// Decode rows only (`null` for forward passes): the KV cache the call read. In a decode row
+    /// `n` is the new tokens per sequence, `m` the tokens the cache holds per sequence, `bytes`
+    /// the cache read plus q read and out written, `gb_s` and `pct_peak_bw` follow from those.
+    #[serde(default)]
+    pub decode: Option<DecodeInfo>,
+}
+
+/// The KV cache of a decode row.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecodeInfo {
+    /// Tokens per sequence `L` (the new one included); a ring holds fewer (`m`).
+    pub tokens: usize,
+    /// `linear` (every token kept) or `ring` (IHA local: the window and the new token).
+    pub layout: String,
+    /// Bytes of cache read per call: the stored heads of the held tokens, `B·m·Hk·d·2·` dtype size.
+    pub cache_read_bytes: f64,
+    /// Bytes the headmix cache holds (`Hk` stored heads, keys and values, `m` tokens).
+    pub cache_bytes: u64,
+    /// Bytes the unfused design's cache would hold for the same tokens (the mixed heads its
+    /// attention reads: `H·P` for IHA and MEA, `Hk` for MHA and GQA), from `headmix::cache_bytes`.
+    pub unfused_cache_bytes: u64,
+    /// `unfused_cache_bytes / cache_bytes`.
+    pub cache_ratio: f64,
 }
 
 /// The unfused pipeline (mix, attention with `P = 1` over `N·P` tokens, collapse).
@@ -314,7 +337,7 @@ fn short(s: &str, max: usize) -> String {
     if s.chars().count() <= max { s.to_string() } else { s.chars().take(max - 1).collect::<String>() + "…" }
 }
 
-/// The readable table of a report's rows.
+/// The readable table of a report's forward rows (decode rows: [`decode_table`]).
 pub fn table(rows: &[Row]) -> String {
     let header = [
         "config",
@@ -335,16 +358,10 @@ pub fn table(rows: &[Row]) -> String {
     ];
     let cells: Vec<Vec<String>> = rows
         .iter()
+        .filter(|r| r.decode.is_none())
         .map(|r| {
-            let mut config = r.config.clone();
-            if r.kv_heads != r.heads {
-                config += &format!(" Hk={}", r.kv_heads);
-            }
-            if r.implementation != "headmix fused" {
-                config += &format!(" [{}]", r.implementation);
-            }
             vec![
-                config,
+                config_cell(r),
                 r.backend.clone(),
                 short(&r.device, 28),
                 r.dtype.clone(),
@@ -363,6 +380,91 @@ pub fn table(rows: &[Row]) -> String {
         })
         .collect();
     layout(&header, &cells)
+}
+
+/// The readable table of decode rows: time, cache read bandwidth, and cache size against the
+/// unfused design.
+pub fn decode_table(rows: &[Row]) -> String {
+    let header = [
+        "config",
+        "backend",
+        "device",
+        "dtype",
+        "B",
+        "L",
+        "held",
+        "P",
+        "d",
+        "median",
+        "cache read",
+        "GB/s",
+        "%bw",
+        "cache",
+        "unfused cache",
+        "smaller",
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .filter_map(|r| r.decode.as_ref().map(|dc| (r, dc)))
+        .map(|(r, dc)| {
+            vec![
+                config_cell(r),
+                r.backend.clone(),
+                short(&r.device, 28),
+                r.dtype.clone(),
+                r.batch.to_string(),
+                dc.tokens.to_string(),
+                format!("{} {}", r.m, dc.layout),
+                r.pseudo.to_string(),
+                r.head_dim.to_string(),
+                fmt_time(r.median_s),
+                fmt_bytes(dc.cache_read_bytes as u64),
+                fmt_sig(r.gb_s),
+                r.pct_peak_bw.map_or("-".into(), fmt_sig),
+                fmt_bytes(dc.cache_bytes),
+                fmt_bytes(dc.unfused_cache_bytes),
+                format!("{:.2}x", dc.cache_ratio),
+            ]
+        })
+        .collect();
+    layout(&header, &cells)
+}
+
+/// What the decode table's columns mean.
+pub fn decode_legend() -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "decode: one new token per sequence against a cache of L tokens per sequence (held: tokens the cache keeps and one call reads; a ring keeps IHA local's window and the new token)."
+    );
+    let _ = writeln!(
+        s,
+        "cache read = B·held·Hk·d·2·dtype size (the stored heads only; pseudo-heads are mixed on chip); GB/s = (cache read + q read + out written) / median."
+    );
+    let _ = writeln!(
+        s,
+        "%bw: percent of {}'s measured {} TB/s copy bandwidth, used only as a denominator; '-' on any other device.",
+        count::H100.device,
+        count::H100.tb_s
+    );
+    let _ = writeln!(
+        s,
+        "cache / unfused cache: bytes held by headmix (Hk stored heads) and by the unfused design (the H·P mixed heads it attends over; Hk for MHA/GQA); smaller = their ratio."
+    );
+    s
+}
+
+/// Configuration name with `Hk` where it differs from `H`, and the implementation when it is not
+/// the fused call.
+fn config_cell(r: &Row) -> String {
+    let mut config = r.config.clone();
+    if r.kv_heads != r.heads {
+        config += &format!(" Hk={}", r.kv_heads);
+    }
+    if r.implementation != "headmix fused" {
+        config += &format!(" [{}]", r.implementation);
+    }
+    config
 }
 
 /// What the columns mean and where the unfused stages ran, printed under the table.
@@ -448,7 +550,8 @@ pub fn side_by_side(ours: &[Row], peers: &Report) -> String {
     ];
     let mut cells = Vec::new();
     for p in &peers.results {
-        let mine = ours.iter().filter(|r| r.same_case(p) && r.implementation == crate::measure::FUSED);
+        let mine =
+            ours.iter().filter(|r| r.same_case(p) && r.implementation == crate::measure::FUSED && r.decode.is_none());
         let mut any = false;
         for m in mine {
             any = true;
@@ -538,6 +641,29 @@ pub(crate) mod tests {
                 }],
             }),
             speedup_vs_unfused: Some(3.0),
+            decode: None,
+        }
+    }
+
+    pub(crate) fn sample_decode_row() -> Row {
+        Row {
+            config: "iha".into(),
+            n: 1,
+            m: 1024,
+            window: None,
+            bytes: 2.0 * 8.0 * 1024.0 * 4.0 * 32.0 * 2.0 + 2.0 * 8.0 * 4.0 * 32.0 * 2.0,
+            unfused: None,
+            speedup_vs_unfused: None,
+            batch: 8,
+            decode: Some(DecodeInfo {
+                tokens: 1024,
+                layout: "linear".into(),
+                cache_read_bytes: 2.0 * 8.0 * 1024.0 * 4.0 * 32.0 * 2.0,
+                cache_bytes: 2 * 8 * 1024 * 4 * 32 * 2,
+                unfused_cache_bytes: 2 * 2 * 8 * 1024 * 4 * 32 * 2,
+                cache_ratio: 2.0,
+            }),
+            ..sample_row()
         }
     }
 
@@ -558,6 +684,7 @@ pub(crate) mod tests {
         mha.unfused = None;
         mha.speedup_vs_unfused = None;
         r.results.push(mha);
+        r.results.push(sample_decode_row());
         let back = Report::from_json(&r.to_json()).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.schema, SCHEMA);
@@ -565,8 +692,11 @@ pub(crate) mod tests {
         let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         v.as_object_mut().unwrap().remove("skipped");
         v["results"][1].as_object_mut().unwrap().remove("unfused");
+        // Reports written before decode rows existed (and peers files) have no `decode` field.
+        v["results"][0].as_object_mut().unwrap().remove("decode");
         let back = Report::from_json(&v.to_string()).unwrap();
         assert!(back.skipped.is_empty() && back.results[1].unfused.is_none());
+        assert!(back.results[0].decode.is_none() && back.results[2].decode.as_ref().unwrap().cache_ratio == 2.0);
     }
 
     #[test]
@@ -592,6 +722,16 @@ pub(crate) mod tests {
         let rows = vec![device];
         assert!(table(&rows).contains(">=3.00x"));
         assert!(legend(&rows).contains("lower bound") && legend(&rows).contains("cuda backend: unfused = attention"));
+        // Decode rows go to their own table, not the forward one.
+        let rows = vec![sample_row(), sample_decode_row()];
+        assert_eq!(table(&rows).lines().count(), 3);
+        let t = decode_table(&rows);
+        assert_eq!(t.lines().count(), 3, "{t}");
+        assert!(
+            t.contains("1024 linear") && t.contains("2.00x") && t.contains("4.0 MiB") && t.contains("8.0 MiB"),
+            "{t}"
+        );
+        assert!(decode_legend().contains("B·held·Hk·d·2"));
         assert_eq!(fmt_time(2.5e-6), "2.50 µs");
         assert_eq!(fmt_sig(123.456), "123");
         assert_eq!(fmt_sig(0.0012345), "0.00123");

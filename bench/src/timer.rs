@@ -10,8 +10,10 @@
 
 use std::time::Instant;
 
+use headmix::cache::KvCache;
+use headmix::decode::DecodeIo;
 use headmix::timing::{Owned, random_inputs};
-use headmix::{Backend, BackendKind, Io, Problem, Result, Timing, Weights};
+use headmix::{Backend, BackendKind, Config, Io, Problem, Result, Timing, Weights};
 
 /// Bytes of input the rotated sets cover together.
 pub const ROTATE_BYTES: usize = 64 << 20;
@@ -63,6 +65,51 @@ pub fn time_rotated(backend: &dyn Backend, problem: &Problem, w: &Weights, reps:
         };
         let t = Instant::now();
         backend.run(problem, w, io)?;
+        if call > 0 {
+            seconds.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(Timing { seconds, extra_bytes: 0, clock: "wall clock" })
+}
+
+/// How many filled caches a decode case rotates through: enough to cover [`ROTATE_BYTES`]
+/// together, 1 to [`MAX_SETS`] (large caches are read once per call anyway).
+pub fn cache_sets(cache_bytes: usize) -> usize {
+    ROTATE_BYTES.div_ceil(cache_bytes.max(1)).clamp(1, MAX_SETS)
+}
+
+/// Wall-clock time of `reps` calls of [`headmix::decode`] after one untimed warm-up call, call `i`
+/// on cache `i % caches.len()` with queries `queries[i % queries.len()]` (`[B, N, Hq, d]`, `n`
+/// new tokens per sequence). The caches are filled beforehand and never modified: decode only
+/// reads them, so every call does the same work.
+pub fn time_decode(
+    backend: &dyn Backend,
+    cfg: &Config,
+    w: &Weights,
+    caches: &[KvCache],
+    queries: &[Owned],
+    n: usize,
+    reps: usize,
+) -> Result<Timing> {
+    let first = caches.first().ok_or(headmix::Error::Empty { what: "decode caches" })?;
+    let batch = first.shape().batch;
+    let qs = [batch, n, cfg.q_heads, cfg.head_dim];
+    let out_shape = match w.r {
+        Some(_) => vec![batch, n, cfg.heads, cfg.head_dim],
+        None => vec![batch, n, cfg.heads, cfg.pseudo, cfg.head_dim],
+    };
+    let mut out = Owned::filled(first.dtype(), out_shape.iter().product(), f32::NAN);
+    let mut lse = vec![f32::NAN; batch * cfg.heads * n * cfg.pseudo];
+    let mut seconds = Vec::with_capacity(reps);
+    for call in 0..=reps {
+        let io = DecodeIo {
+            q: queries[call % queries.len()].tensor(&qs),
+            cache: &caches[call % caches.len()],
+            out: out.tensor_mut(&out_shape),
+            lse: Some(&mut lse),
+        };
+        let t = Instant::now();
+        headmix::decode(backend, cfg, w, io)?;
         if call > 0 {
             seconds.push(t.elapsed().as_secs_f64());
         }

@@ -117,7 +117,15 @@ impl AnySweep {
     fn cases(self, scale: Scale) -> Vec<AnyCase> {
         match self {
             AnySweep::Forward(s) => s.cases(scale).into_iter().map(AnyCase::Forward).collect(),
-            AnySweep::Decode(s) => s.cases(scale).into_iter().map(AnyCase::Decode).collect(),
+            // On GPUs each decode case also gets its device-clock forward N = 1 baseline row.
+            AnySweep::Decode(s) => s
+                .cases(scale)
+                .into_iter()
+                .flat_map(|c| {
+                    let forward = (scale == Scale::Gpu).then_some(AnyCase::DecodeForward(c));
+                    std::iter::once(AnyCase::Decode(c)).chain(forward)
+                })
+                .collect(),
         }
     }
 }
@@ -127,13 +135,15 @@ impl AnySweep {
 enum AnyCase {
     Forward(Case),
     Decode(DecodeCase),
+    /// A decode case's attention as a forward pass with `N = 1` (device baseline).
+    DecodeForward(DecodeCase),
 }
 
 impl AnyCase {
     fn method(&self) -> Method {
         match self {
             AnyCase::Forward(c) => c.method,
-            AnyCase::Decode(c) => c.method,
+            AnyCase::Decode(c) | AnyCase::DecodeForward(c) => c.method,
         }
     }
 
@@ -141,6 +151,7 @@ impl AnyCase {
         match self {
             AnyCase::Forward(c) => c.label(),
             AnyCase::Decode(c) => c.label(),
+            AnyCase::DecodeForward(c) => format!("{} [forward N=1]", c.label()),
         }
     }
 
@@ -148,6 +159,7 @@ impl AnyCase {
         match self {
             AnyCase::Forward(c) => measure::run_case(dev, c, reps),
             AnyCase::Decode(c) => crate::decode_measure::run_case(dev, c, reps),
+            AnyCase::DecodeForward(c) => crate::decode_measure::run_forward_case(dev, c, reps),
         }
     }
 }
@@ -341,7 +353,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
         println!();
         print!("{}", report::decode_table(&decode_rows));
         println!();
-        print!("{}", report::decode_legend());
+        print!("{}", report::decode_legend(&decode_rows));
     }
     for e in &report.errors {
         println!("failed: {} {}: {}", e.backend, e.case, e.why);

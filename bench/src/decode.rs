@@ -186,6 +186,18 @@ impl DecodeCase {
         cache.map_err(|e| e.to_string())
     }
 
+    /// Elements of the cache's key tensor (and of its value tensor): `B · held · Hk · d`, which
+    /// `KvCache` addresses with 32-bit indices; an error naming the limit when it is above it.
+    pub fn cache_elements(&self) -> Result<usize, String> {
+        let elements = self.batch * self.held()? * self.kv_heads * self.head_dim;
+        if elements > headmix::validate::MAX_INDEX {
+            return Err(format!(
+                "the cache's B·held·Hk·d = {elements} elements per tensor exceed 2^31 - 1 (KvCache indexes with 32 bits)"
+            ));
+        }
+        Ok(elements)
+    }
+
     /// `linear` or `ring`.
     pub fn layout_name(&self) -> &'static str {
         if self.ring() { "ring" } else { "linear" }

@@ -5,7 +5,7 @@
 use headmix::cache::{KvCache, KvStorage};
 use headmix::decode::{DecodeIo, DecodeProblem, validate_decode};
 use headmix::timing::Owned;
-use headmix::{BackendKind, DType, Rng, Timing};
+use headmix::{BackendKind, DType, Problem, Rng, Timing};
 use rayon::prelude::*;
 
 use crate::decode::DecodeCase;
@@ -16,6 +16,10 @@ use crate::{count, timer};
 
 /// New tokens per sequence in every decode case.
 pub const NEW_TOKENS: usize = 1;
+
+/// The `implementation` of the device baseline row: the same attention as a forward pass with
+/// `N = 1` on device-resident keys and values, timed by the device's clock ([`run_forward_case`]).
+pub const FORWARD_N1: &str = "headmix forward N=1";
 
 /// Elements of one appended block of keys (and one of values) while filling: bounds the host
 /// memory the fill needs beyond the cache itself.
@@ -109,12 +113,64 @@ pub fn run_case(dev: &Device, case: &DecodeCase, reps: usize) -> Result<Vec<Row>
     let p = problem(case, &caches[0], &queries[0])?;
     let t = timer::time_decode(backend, &cfg, &w, &caches, &queries, NEW_TOKENS, reps).map_err(|e| e.to_string())?;
     let host_cache = host_resident(&caches[0]) && dev.kind() != BackendKind::Cpu;
-    Ok(vec![row(dev, case, &p, &t, host_cache)?])
+    Ok(vec![row(dev, case, &p, &t, host_cache, FUSED)?])
+}
+
+/// The forward problem that does the same attention as a decode case: `B` sequences, `N = 1`
+/// query token against the `M = held` tokens (bottom-right aligned, so the new token sees every
+/// held key its window allows, exactly as in decode).
+pub fn forward_problem(case: &DecodeCase) -> Result<Problem, String> {
+    let cfg = case.config()?;
+    let w = case.weights()?;
+    Ok(Problem {
+        cfg,
+        batch: case.batch,
+        n: NEW_TOKENS,
+        m: case.held()?,
+        dtype: case.dtype,
+        collapse: w.r.is_some(),
+        norm: w.gamma.is_some(),
+    })
+}
+
+/// The device baseline of a decode case: its attention as a forward pass with `N = 1` on keys
+/// and values already on the device, timed by the backend's own clock ([`timer::time`]). While
+/// caches live in host memory this is the row whose `%bw` measures the device's cache read; it
+/// reads the same bytes as the decode call.
+pub fn run_forward_case(dev: &Device, case: &DecodeCase, reps: usize) -> Result<Vec<Row>, String> {
+    let backend = dev.backend.as_ref();
+    // Only the cases whose decode can build its cache (and a device run stays bounded).
+    case.cache_elements()?;
+    let fp = forward_problem(case)?;
+    let w = case.weights()?;
+    headmix::validate::validate_config(&fp.cfg).map_err(|e| e.to_string())?;
+    backend.supports(&fp).map_err(|e| e.to_string())?;
+    let t = timer::time(backend, &fp, &w, reps).map_err(|e| e.to_string())?;
+    let p = DecodeProblem {
+        cfg: fp.cfg,
+        batch: fp.batch,
+        n: fp.n,
+        dtype: fp.dtype,
+        collapse: fp.collapse,
+        norm: fp.norm,
+        stored: vec![fp.m; fp.batch],
+        pos0: vec![0; fp.batch],
+    };
+    let mut r = row(dev, case, &p, &t, false, FORWARD_N1)?;
+    r.extra_bytes = (dev.kind() != BackendKind::Cpu).then_some(t.extra_bytes);
+    Ok(vec![r])
 }
 
 /// A decode row from its timing. On a device backend reading a host-resident cache the time
 /// includes moving the cache to the device, so no percentage of the device's bandwidth is given.
-pub fn row(dev: &Device, case: &DecodeCase, p: &DecodeProblem, t: &Timing, host_cache: bool) -> Result<Row, String> {
+pub fn row(
+    dev: &Device,
+    case: &DecodeCase,
+    p: &DecodeProblem,
+    t: &Timing,
+    host_cache: bool,
+    implementation: &str,
+) -> Result<Row, String> {
     let c = &p.cfg;
     let median_s = median(&t.seconds);
     let flops = count::decode_flops(p);
@@ -126,7 +182,7 @@ pub fn row(dev: &Device, case: &DecodeCase, p: &DecodeProblem, t: &Timing, host_
     let held = p.stored.iter().copied().max().unwrap_or(0);
     Ok(Row {
         config: case.method.name().into(),
-        implementation: FUSED.into(),
+        implementation: implementation.into(),
         backend: dev.info.backend.clone(),
         device: dev.info.device.clone(),
         driver: dev.info.driver.clone(),
@@ -218,6 +274,65 @@ mod tests {
         let r = &run_case(&devs[0], &small(Method::IhaLocal, 4, 2), 1).unwrap()[0];
         assert_eq!((r.m, r.decode.as_ref().unwrap().layout.as_str()), (13, "ring"));
         assert_eq!(r.decode.as_ref().unwrap().cache_read_bytes, (3 * 13 * 4 * 16 * 2 * 2) as f64);
+    }
+
+    /// The forward baseline does the same attention and reads the same bytes as the decode call;
+    /// run on the CPU here (devices run it in the sweep), it gives the same output.
+    #[test]
+    fn the_forward_n1_baseline_counts_what_decode_counts() {
+        let (devs, _) = open_all(&[BackendKind::Cpu]);
+        for case in [small(Method::Iha, 4, 2), small(Method::IhaLocal, 4, 2), small(Method::MeaCompressed, 1, 1)] {
+            let dec = &run_case(&devs[0], &case, 1).unwrap()[0];
+            let fwd = &run_forward_case(&devs[0], &case, 1).unwrap()[0];
+            assert_eq!(fwd.implementation, FORWARD_N1);
+            assert_eq!((fwd.n, fwd.m, fwd.bytes, fwd.flops), (dec.n, dec.m, dec.bytes, dec.flops), "{}", case.label());
+            assert_eq!(fwd.decode, dec.decode);
+            assert!(fwd.extra_bytes.is_none() && fwd.pct_peak_bw.is_none());
+            // Same attention: the forward of the held tokens' k/v with N = 1 equals the decode.
+            let cfg = case.config().unwrap();
+            let w = case.weights().unwrap();
+            let cache = filled_cache(&case, 9).unwrap();
+            let q = random_owned(case.dtype, case.batch * cfg.q_heads * cfg.head_dim, 3);
+            let p = problem(&case, &cache, &q).unwrap();
+            let out_len: usize = p.out_shape().iter().product();
+            let mut dec_out = Owned::filled(case.dtype, out_len, f32::NAN);
+            let io = DecodeIo {
+                q: q.tensor(&[3, 1, cfg.q_heads, 16]),
+                cache: &cache,
+                out: dec_out.tensor_mut(&p.out_shape()),
+                lse: None,
+            };
+            headmix::decode(devs[0].backend.as_ref(), &cfg, &w, io).unwrap();
+            let held = case.held().unwrap();
+            for b in 0..3 {
+                let (k, v) = cache.sequence(b).unwrap();
+                let qb = Owned::from_f32(case.dtype, &q.to_f32()[b * cfg.q_heads * 16..(b + 1) * cfg.q_heads * 16]);
+                let mut shape = p.out_shape();
+                shape[0] = 1;
+                let mut out = Owned::filled(case.dtype, out_len / 3, f32::NAN);
+                let kv = [1, held, case.kv_heads, 16];
+                let io = headmix::Io {
+                    q: qb.tensor(&[1, 1, cfg.q_heads, 16]),
+                    k: k.tensor(&kv),
+                    v: v.tensor(&kv),
+                    out: out.tensor_mut(&shape),
+                    lse: None,
+                };
+                devs[0].backend.forward(&cfg, &w, io).unwrap();
+                let want = &dec_out.to_f32()[b * out_len / 3..(b + 1) * out_len / 3];
+                let got = out.to_f32();
+                let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err <= 0.02, "{} b={b}: max |forward - decode| = {err}", case.label());
+            }
+        }
+    }
+
+    #[test]
+    fn cases_beyond_the_cache_index_limit_are_refused_before_anything_is_allocated() {
+        let (devs, _) = open_all(&[BackendKind::Cpu]);
+        let big = DecodeCase { batch: 64, tokens: 131072, ..issue_size_cases()[0] };
+        assert!(run_forward_case(&devs[0], &big, 1).unwrap_err().contains("2^31 - 1"));
+        assert!(run_case(&devs[0], &big, 1).unwrap_err().contains("KV cache"));
     }
 
     #[test]

@@ -430,8 +430,8 @@ pub fn decode_table(rows: &[Row]) -> String {
     layout(&header, &cells)
 }
 
-/// What the decode table's columns mean.
-pub fn decode_legend() -> String {
+/// What the decode table's columns mean (and its device rows, where there are any).
+pub fn decode_legend(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -451,6 +451,19 @@ pub fn decode_legend() -> String {
         s,
         "cache / unfused cache: bytes held by headmix (Hk stored heads) and by the unfused design (the H·P mixed heads it attends over; Hk for MHA/GQA); smaller = their ratio."
     );
+    if rows.iter().any(|r| r.clock.contains("host-resident")) {
+        let _ = writeln!(
+            s,
+            "host-resident cache: the cache lives in host memory, so a device's decode time includes moving it to the device (no %bw)."
+        );
+    }
+    if rows.iter().any(|r| r.implementation == crate::decode_measure::FORWARD_N1) {
+        let _ = writeln!(
+            s,
+            "[{}]: the same attention as a forward pass with one query token on device-resident k/v, timed by the device clock; same bytes.",
+            crate::decode_measure::FORWARD_N1
+        );
+    }
     s
 }
 
@@ -731,7 +744,11 @@ pub(crate) mod tests {
             t.contains("1024 linear") && t.contains("2.00x") && t.contains("4.0 MiB") && t.contains("8.0 MiB"),
             "{t}"
         );
-        assert!(decode_legend().contains("B·held·Hk·d·2"));
+        assert!(decode_legend(&rows).contains("B·held·Hk·d·2"));
+        assert!(!decode_legend(&rows).contains("host-resident"));
+        let mut device = sample_decode_row();
+        device.clock = "wall clock (host-resident cache)".into();
+        assert!(decode_legend(&[device]).contains("host-resident cache:"));
         assert_eq!(fmt_time(2.5e-6), "2.50 µs");
         assert_eq!(fmt_sig(123.456), "123");
         assert_eq!(fmt_sig(0.0012345), "0.00123");

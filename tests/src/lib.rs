@@ -21,7 +21,9 @@ pub fn device_or_skip(kind: BackendKind, test: &str) -> Option<Box<dyn Backend>>
             if !var.is_empty() && std::env::var(var).is_ok_and(|v| v == "1") {
                 panic!("{test}: {var}=1 but the {kind} backend is not available: {e}");
             }
-            eprintln!("skipping {test}: no {kind} device ({e})");
+            // Straight to stderr, past libtest's capture, so the skip shows in a passing run.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipping {test}: no {kind} device ({e})");
             None
         }
     }

@@ -12,10 +12,10 @@
 //! configuration, a forward on the prompt followed by decode steps equals one forward over the
 //! whole sequence (a ring cache keeps exactly the tokens a windowed query can still see).
 //!
-//! [`Backend::decode`]'s default ([`decode_default`]) runs [`split::decode_host`] on the CPU:
-//! the split-KV (flash-decoding) algorithm device kernels follow, per-chunk `(o, lse)` and an
-//! exact log-sum-exp combine. Every other backend gets [`decode_per_sequence`], which unrolls each
-//! sequence's cache into a contiguous view and calls the backend's [`Backend::run`].
+//! The CPU backend's [`Backend::decode`] runs [`split::decode_host`]: the split-KV
+//! (flash-decoding) algorithm device kernels follow, per-chunk `(o, lse)` and an exact
+//! log-sum-exp combine. The trait's default ([`decode_default`]) is [`decode_per_sequence`], which
+//! unrolls each sequence's cache into a contiguous view and calls the backend's [`Backend::run`].
 //!
 //! ```
 //! use headmix::cache::KvCache;

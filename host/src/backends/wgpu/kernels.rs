@@ -1,0 +1,173 @@
+//! WGSL sources, variant generation (constants substituted before compile), tile sizes chosen
+//! from the device's limits, and the per-device pipeline cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::device::device_err;
+use crate::{DType, Result};
+
+const COMMON: &str = include_str!("../../../../kernels-wgsl/common.wgsl");
+const DTYPE_F32: &str = include_str!("../../../../kernels-wgsl/dtype_f32.wgsl");
+const DTYPE_F16: &str = include_str!("../../../../kernels-wgsl/dtype_f16.wgsl");
+const DTYPE_BF16: &str = include_str!("../../../../kernels-wgsl/dtype_bf16.wgsl");
+const FLASH: &str = include_str!("../../../../kernels-wgsl/flash_forward.wgsl");
+const NAIVE: &str = include_str!("../../../../kernels-wgsl/naive_forward.wgsl");
+const EPILOGUE: &str = include_str!("../../../../kernels-wgsl/epilogue.wgsl");
+
+/// Which kernel, with its compile-time tile sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Tiled flash forward: `br` query rows, `bc` keys per tile, `wg` threads.
+    Flash { br: u32, bc: u32, wg: u32 },
+    /// One thread per virtual query.
+    Naive { wg: u32 },
+    /// Collapse / head norm / dtype conversion, one workgroup of `wg` threads per output vector.
+    Epilogue { wg: u32 },
+}
+
+/// One compiled variant: kernel, tensor dtype, head dim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub kind: Kind,
+    pub dtype: DType,
+    pub d: u32,
+}
+
+/// The full WGSL text of a variant.
+pub fn source(v: &KernelKey) -> String {
+    let dtype = match v.dtype {
+        DType::F32 => DTYPE_F32,
+        DType::F16 => DTYPE_F16,
+        DType::BF16 => DTYPE_BF16,
+    };
+    let mut consts = format!("const D: u32 = {}u;\n", v.d);
+    let body = match v.kind {
+        Kind::Flash { br, bc, wg } => {
+            consts += &format!("const BR: u32 = {br}u;\nconst BC: u32 = {bc}u;\nconst WG: u32 = {wg}u;\n");
+            FLASH
+        }
+        Kind::Naive { wg } => {
+            consts += &format!("const WG: u32 = {wg}u;\n");
+            NAIVE
+        }
+        Kind::Epilogue { wg } => {
+            consts += &format!("const WG: u32 = {wg}u;\n");
+            EPILOGUE
+        }
+    };
+    format!("{consts}\n{dtype}\n{COMMON}\n{body}")
+}
+
+/// Bytes of workgroup memory the flash kernel declares for a tile shape.
+pub fn flash_storage_bytes(d: u32, br: u32, bc: u32) -> u64 {
+    4 * (br * d + 2 * bc * (d + 1) + br * bc + 3 * br) as u64
+}
+
+/// Threads per workgroup of the flash kernel: 128 where the device allows, else 64.
+pub fn flash_threads(limits: &wgpu::Limits) -> u32 {
+    if limits.max_compute_invocations_per_workgroup >= 128 && limits.max_compute_workgroup_size_x >= 128 {
+        128
+    } else {
+        64
+    }
+}
+
+/// Tile sizes of the flash kernel for head dim `d` and `nq` virtual queries per head: the
+/// largest candidate whose workgroup memory fits the device; query tiles no longer than needed.
+pub fn flash_tiles(limits: &wgpu::Limits, d: u32, nq: usize) -> Option<(u32, u32, u32)> {
+    const CANDIDATES: [(u32, u32); 8] = [(64, 32), (32, 32), (32, 16), (16, 16), (16, 8), (8, 8), (8, 4), (4, 4)];
+    let wg = flash_threads(limits);
+    let fits = |&(br, bc): &(u32, u32)| {
+        br <= wg && wg % br == 0 && flash_storage_bytes(d, br, bc) <= limits.max_compute_workgroup_storage_size as u64
+    };
+    let mut ok = CANDIDATES.iter().filter(|c| fits(c)).copied();
+    let best = ok.next()?;
+    // Short query sequences (decode): the smallest fitting tile that still holds every query.
+    let shortest = CANDIDATES.iter().filter(|c| fits(c) && c.0 as usize >= nq && c.0 >= 8).last().copied();
+    let (br, bc) = match shortest {
+        Some(s) if (s.0 as usize) < best.0 as usize => s,
+        _ => best,
+    };
+    Some((br, bc, wg))
+}
+
+/// Compiled pipelines of one device, built once per variant and shared by all calls.
+pub struct Kernels {
+    pub device: wgpu::Device,
+    pub layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+    cache: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl Kernels {
+    /// The shared bind-group layout (uniform, weights, q, k, v, out, lse, op) on `device`.
+    pub fn new(device: &wgpu::Device) -> Kernels {
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        for b in 1..=4 {
+            entries.push(storage_entry(b, true));
+        }
+        for b in 5..=7 {
+            entries.push(storage_entry(b, false));
+        }
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("headmix bindings"),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("headmix pipeline layout"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        Kernels { device: device.clone(), layout, pipeline_layout, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// The pipeline of a variant, compiled on first use (compile errors become `Error::Device`).
+    pub fn pipeline(&self, v: &KernelKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(v) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("headmix kernel"),
+            source: wgpu::ShaderSource::Wgsl(source(v).into()),
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("headmix kernel"),
+            layout: Some(&self.pipeline_layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err(format!("compiling {v:?}: {e}")));
+        }
+        let p = Arc::new(pipeline);
+        cache.insert(*v, p.clone());
+        Ok(p)
+    }
+}

@@ -1,0 +1,289 @@
+//! The launch plan of one call: the uniform block the kernels read, the packed f32 weights buffer
+//! (mixing, collapse, gamma, RoPE table), the kernels to run and their grids.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::Variant;
+use super::kernels::{KernelKey, Kind, flash_threads, flash_tiles};
+use crate::validate::Problem;
+use crate::{Error, PosMode, Result, Weights};
+
+/// Threads per workgroup of the naive kernel and of the epilogue.
+const NAIVE_WG: u32 = 64;
+const EPILOGUE_WG: u32 = 64;
+
+/// The call's sizes and options, word for word the `Params` struct of `common.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct Uniforms {
+    pub batch: u32,
+    pub n: u32,
+    pub m: u32,
+    pub heads: u32,
+    pub hq: u32,
+    pub hk: u32,
+    pub p: u32,
+    /// Virtual queries per head, `N·P`.
+    pub nq: u32,
+    /// Virtual keys per head, `M·P`.
+    pub nk: u32,
+    /// `(M − N)·P`: key index of virtual query 0 (bottom-right alignment).
+    pub off: u32,
+    pub causal: u32,
+    pub windowed: u32,
+    /// Window edges, clamped to `nk` (exact: no key lies further away).
+    pub win_left: u32,
+    pub win_right: u32,
+    /// 0 none, 1 virtual positions, 2 token positions.
+    pub rope: u32,
+    /// Bytes of the largest position: levels of the RoPE table.
+    pub rope_levels: u32,
+    pub pos0: u32,
+    /// Softmax scale times log2(e): scores come out in the log2 domain.
+    pub scale_log2: f32,
+    pub aq_off: u32,
+    pub ak_off: u32,
+    pub av_off: u32,
+    pub r_off: u32,
+    pub gamma_off: u32,
+    pub rope_off: u32,
+    /// Query tiles per head (flash kernel).
+    pub q_tiles: u32,
+    pub pad0: u32,
+    pub eps: f32,
+    pub collapse: u32,
+    pub norm: u32,
+    /// 1: the attention kernel writes `out` itself (no collapse, no norm).
+    pub direct: u32,
+    /// Output vectors of length d (epilogue).
+    pub n_vec: u32,
+    /// The bits of -inf (WGSL has no infinite literals).
+    pub neg_inf_bits: u32,
+}
+
+/// One dispatch: the kernel and how many workgroups it needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dispatch {
+    pub key: KernelKey,
+    pub workgroups: u32,
+}
+
+/// Everything one forward call launches.
+pub(crate) struct Plan {
+    pub uniforms: Uniforms,
+    pub weights: Vec<f32>,
+    pub attention: Dispatch,
+    /// Collapse and/or head norm, reading the f32 pseudo outputs.
+    pub epilogue: Option<Dispatch>,
+    /// Bytes of the f32 pseudo-output buffer the epilogue reads (0 when direct).
+    pub op_bytes: u64,
+}
+
+fn unsupported(why: String) -> Error {
+    Error::Unsupported { backend: "wgpu", why }
+}
+
+fn to_u32(what: &'static str, x: usize) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::TooLarge { what, elements: x as u128, max: u32::MAX as u128 })
+}
+
+/// RoPE table: for level `l`, byte value `b` and frequency index `t`, the (cos, sin) of
+/// `b · 256^l · base^(−2t/d)` computed in f64. The kernel composes one entry per byte of the
+/// position, so any position below 2^32 is exact to a few f32 ulps.
+fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
+    let half = d / 2;
+    let mut table = Vec::with_capacity(levels as usize * 256 * half * 2);
+    for l in 0..levels {
+        for b in 0..256u64 {
+            let pos = (b << (8 * l)) as f64;
+            for t in 0..half {
+                let freq = base.powf(-2.0 * t as f64 / d as f64);
+                let (sin, cos) = (pos * freq).sin_cos();
+                table.push(cos as f32);
+                table.push(sin as f32);
+            }
+        }
+    }
+    table
+}
+
+/// The plan of a validated problem on a device with `limits`.
+pub(crate) fn plan(problem: &Problem, w: &Weights, variant: Variant, limits: &wgpu::Limits) -> Result<Plan> {
+    let c = &problem.cfg;
+    let (d, p) = (c.head_dim, c.pseudo);
+    let nq = problem.n * p;
+    let nk = problem.m * p;
+
+    // Packed weights: aq | ak | av | r | gamma | RoPE table (all f32, one binding).
+    let mut weights = Vec::new();
+    let mut push = |xs: &[f32]| -> Result<u32> {
+        let off = to_u32("weights buffer", weights.len())?;
+        weights.extend_from_slice(xs);
+        Ok(off)
+    };
+    let aq_off = push(&w.aq)?;
+    let ak_off = push(&w.ak)?;
+    let av_off = push(&w.av)?;
+    let r_off = push(w.r.as_deref().unwrap_or(&[]))?;
+    let gamma_off = push(w.gamma.as_deref().unwrap_or(&[]))?;
+    let rope_levels = rope_levels(problem)?;
+    let rope_off = match c.rope {
+        Some(r) => push(&rope_table(rope_levels, d, r.base as f64))?,
+        None => push(&[])?,
+    };
+    if weights.is_empty() {
+        weights.push(0.0); // bindings may not be empty
+    }
+
+    let direct = !problem.collapse && !problem.norm;
+    let mut u = Uniforms {
+        batch: to_u32("batch", problem.batch)?,
+        n: to_u32("n", problem.n)?,
+        m: to_u32("m", problem.m)?,
+        heads: to_u32("heads", c.heads)?,
+        hq: to_u32("q_heads", c.q_heads)?,
+        hk: to_u32("kv_heads", c.kv_heads)?,
+        p: to_u32("pseudo", p)?,
+        nq: to_u32("N·P", nq)?,
+        nk: to_u32("M·P", nk)?,
+        off: to_u32("(M−N)·P", nk - nq)?,
+        causal: c.causal as u32,
+        windowed: c.window.is_some() as u32,
+        win_left: c.window.map_or(0, |w| w.left.min(nk)) as u32,
+        win_right: c.window.map_or(0, |w| w.right.min(nk)) as u32,
+        rope: match c.rope.map(|r| r.mode) {
+            None => 0,
+            Some(PosMode::Virtual) => 1,
+            Some(PosMode::Token) => 2,
+        },
+        rope_levels,
+        pos0: to_u32("pos_offset", c.pos_offset)?,
+        scale_log2: c.softmax_scale() * std::f32::consts::LOG2_E,
+        aq_off,
+        ak_off,
+        av_off,
+        r_off,
+        gamma_off,
+        rope_off,
+        q_tiles: 0,
+        pad0: 0,
+        eps: c.norm_eps,
+        collapse: problem.collapse as u32,
+        norm: problem.norm as u32,
+        direct: direct as u32,
+        n_vec: 0,
+        neg_inf_bits: f32::NEG_INFINITY.to_bits(),
+    };
+
+    let (attention, epilogue, q_tiles) = dispatches(problem, variant, limits)?;
+    u.q_tiles = q_tiles;
+    u.n_vec = epilogue.map_or(0, |e| e.workgroups);
+    let op_bytes = if direct { 0 } else { 4 * (problem.batch * problem.n * c.heads * p * d) as u64 };
+    Ok(Plan { uniforms: u, weights, attention, epilogue, op_bytes })
+}
+
+/// The attention dispatch, the epilogue's (when collapse or norm asks for one) and the query
+/// tiles per head, with tile sizes from the device limits.
+fn dispatches(problem: &Problem, variant: Variant, limits: &wgpu::Limits) -> Result<(Dispatch, Option<Dispatch>, u32)> {
+    let c = &problem.cfg;
+    let d = c.head_dim;
+    let d32 = to_u32("head dim", d)?;
+    let nq = problem.n * c.pseudo;
+    let heads_batch = problem.batch * c.heads;
+    let mut q_tiles = 0;
+    let attention = match variant {
+        Variant::Flash => {
+            let (br, bc, wg) = flash_tiles(limits, d32, nq).ok_or_else(|| {
+                unsupported(format!(
+                    "no flash tile for d = {d} fits {} bytes of workgroup memory with {} threads",
+                    limits.max_compute_workgroup_storage_size,
+                    flash_threads(limits)
+                ))
+            })?;
+            q_tiles = to_u32("query tiles", nq.div_ceil(br as usize))?;
+            let workgroups = to_u32("workgroups", q_tiles as usize * heads_batch)?;
+            Dispatch { key: KernelKey { kind: Kind::Flash { br, bc, wg }, dtype: problem.dtype, d: d32 }, workgroups }
+        }
+        Variant::Naive => {
+            let workgroups = to_u32("workgroups", (heads_batch * nq).div_ceil(NAIVE_WG as usize))?;
+            Dispatch { key: KernelKey { kind: Kind::Naive { wg: NAIVE_WG }, dtype: problem.dtype, d: d32 }, workgroups }
+        }
+    };
+    let epilogue = if !problem.collapse && !problem.norm {
+        None
+    } else {
+        let n_vec = problem.batch * problem.n * c.heads * if problem.collapse { 1 } else { c.pseudo };
+        let key = KernelKey { kind: Kind::Epilogue { wg: EPILOGUE_WG }, dtype: problem.dtype, d: d32 };
+        Some(Dispatch { key, workgroups: to_u32("output vectors", n_vec)? })
+    };
+    Ok((attention, epilogue, q_tiles))
+}
+
+/// Levels of the RoPE table: bytes of the largest position (virtual or token) of the call.
+fn rope_levels(problem: &Problem) -> Result<u32> {
+    if problem.cfg.rope.is_none() {
+        return Ok(0);
+    }
+    let max_pos = problem.cfg.pos_offset as u64 + (problem.m * problem.cfg.pseudo) as u64 - 1;
+    let levels = (64 - max_pos.leading_zeros()).div_ceil(8).max(1);
+    if levels > 4 {
+        return Err(unsupported(format!("RoPE position {max_pos} above 2^32 - 1")));
+    }
+    Ok(levels)
+}
+
+/// Whether a valid problem fits the device: every binding under the adapter's storage-binding
+/// and buffer limits (never truncated), the tile in workgroup memory, the grids in range.
+pub(crate) fn check_limits(problem: &Problem, variant: Variant, limits: &wgpu::Limits) -> Result<()> {
+    let c = &problem.cfg;
+    let (b, n, m, h, p, d) = (problem.batch, problem.n, problem.m, c.heads, c.pseudo, c.head_dim);
+    let es = problem.dtype.size() as u128;
+    let levels = rope_levels(problem)? as u128;
+    let weights = ((c.q_heads + 2 * c.kv_heads) * h * p) as u128
+        + if problem.collapse { (h * h * p) as u128 } else { 0 }
+        + if problem.norm { (h * d) as u128 } else { 0 }
+        + levels * 256 * d as u128;
+    let out_len: u128 = problem.out_shape().iter().map(|&x| x as u128).product();
+    let direct = !problem.collapse && !problem.norm;
+    let bindings = [
+        ("q", (b * n * c.q_heads * d) as u128 * es),
+        ("k", (b * m * c.kv_heads * d) as u128 * es),
+        ("v", (b * m * c.kv_heads * d) as u128 * es),
+        ("out", out_len * es),
+        ("lse", 4 * problem.lse_len() as u128),
+        ("pseudo outputs (f32)", if direct { 0 } else { 4 * (b * n * h * p * d) as u128 }),
+        ("weights", 4 * weights),
+    ];
+    let max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) as u128;
+    for (what, bytes) in bindings {
+        if bytes > max {
+            return Err(unsupported(format!(
+                "{what} needs {bytes} bytes, above this adapter's largest storage binding ({max} bytes); \
+                 split the batch or the sequence"
+            )));
+        }
+    }
+    if limits.max_storage_buffers_per_shader_stage < 7 {
+        return Err(unsupported(format!(
+            "the kernels bind 7 storage buffers, the adapter allows {}",
+            limits.max_storage_buffers_per_shader_stage
+        )));
+    }
+    let (attention, epilogue, _) = dispatches(problem, variant, limits)?;
+    grid(attention.workgroups, limits)?;
+    if let Some(e) = epilogue {
+        grid(e.workgroups, limits)?;
+    }
+    Ok(())
+}
+
+/// A 2-D grid for `total` workgroups under the per-dimension limit (kernels linearise it).
+pub(crate) fn grid(total: u32, limits: &wgpu::Limits) -> Result<(u32, u32)> {
+    let max = limits.max_compute_workgroups_per_dimension.max(1);
+    let x = total.clamp(1, max);
+    let y = total.div_ceil(x);
+    if y > max {
+        return Err(unsupported(format!("{total} workgroups exceed the {max} x {max} grid")));
+    }
+    Ok((x, y))
+}

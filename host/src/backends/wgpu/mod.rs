@@ -22,6 +22,9 @@ mod kernels;
 #[cfg(feature = "wgpu")]
 mod launch;
 
+/// The wgpu crate headmix is built against, for [`WgpuBackend::forward_buffers`] callers.
+#[cfg(feature = "wgpu")]
+pub use ::wgpu;
 #[cfg(feature = "wgpu")]
 pub use backend::{DeviceIo, WgpuBackend};
 #[cfg(feature = "wgpu")]

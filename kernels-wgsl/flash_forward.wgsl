@@ -9,20 +9,21 @@
 // keys costs O(W) per query tile. Outputs are de-interleaved on the way out.
 //
 // Constants prepended by the host: D (head dim), BR (query rows per tile), BC (keys per tile),
-// WG (threads; a multiple of BR). Thread `lid` accumulates row lid / TPR, element pairs
-// sub + TPR*u of it, where sub = lid % TPR.
+// WG (threads; BR divides WG and WG / BR divides BC). The TPR = WG / BR threads of one query row
+// share its work: thread `sub` of the row scores columns sub + TPR*u of each key tile and
+// accumulates output element pairs sub + TPR*u; each keeps the row's running max and its own
+// part of the running sum in registers.
 
 const TPR: u32 = WG / BR;                    // threads per query row
+const CPT: u32 = BC / TPR;                   // score columns per thread
 const NPAIR: u32 = (HALF + TPR - 1u) / TPR;  // output element pairs per thread
-const DS: u32 = D + 1u;                      // padded K/V row stride: column reads hit distinct banks
+const DS: u32 = D + 1u;                      // padded row stride: column walks hit distinct banks
 
-var<workgroup> qs: array<f32, BR * D>;       // mixed, rotated, pre-scaled queries
+var<workgroup> qs: array<f32, BR * DS>;      // mixed, rotated, pre-scaled queries
 var<workgroup> ks: array<f32, BC * DS>;      // mixed, rotated keys of the current tile
 var<workgroup> vs: array<f32, BC * DS>;      // mixed values of the current tile
-var<workgroup> sp: array<f32, BR * BC>;      // scores, then probabilities
-var<workgroup> row_m: array<f32, BR>;        // running max (log2 domain)
-var<workgroup> row_l: array<f32, BR>;        // running sum of 2^(s - m)
-var<workgroup> row_alpha: array<f32, BR>;    // rescale of the accumulators for this tile
+var<workgroup> sp: array<f32, BR * BC>;      // probabilities of the current tile
+var<workgroup> part: array<f32, WG>;         // per-thread maxima, then per-thread sums
 
 @compute @workgroup_size(WG)
 fn main(
@@ -41,43 +42,42 @@ fn main(
     let i_last = min(i0 + BR, params.nq) - 1u;
     let row = lid / TPR;
     let sub = lid % TPR;
+    let i = i0 + row; // this thread's virtual query
 
     // 1. Queries: mix the stored heads of the tile's tokens, rotate at the query positions, and
     //    fold in scale*log2(e) so that scores come out in the log2 domain.
     for (var e = lid; e < BR * HALF; e += WG) {
         let r = e / HALF;
         let t = e % HALF;
-        let i = i0 + r;
+        let iq = i0 + r;
         var x = vec2<f32>(0.0);
-        if (i < params.nq) {
-            let n = i / params.p;
-            let pq = i % params.p;
+        if (iq < params.nq) {
+            let n = iq / params.p;
+            let pq = iq % params.p;
             let base = (b * params.n + n) * params.hq * D + t;
             for (var m = 0u; m < params.hq; m++) {
                 let a = weights[params.aq_off + (m * params.heads + h) * params.p + pq];
                 x += a * vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
             }
             if (params.rope != 0u) {
-                x = rotate(x, q_pos(i), t);
+                x = rotate(x, q_pos(iq), t);
             }
             x *= params.scale_log2;
         }
-        qs[r * D + t] = x.x;
-        qs[r * D + t + HALF] = x.y;
-    }
-    if (lid < BR) {
-        row_m[lid] = NEG_BIG;
-        row_l[lid] = 0.0;
+        qs[r * DS + t] = x.x;
+        qs[r * DS + t + HALF] = x.y;
     }
 
-    var o: array<vec2<f32>, NPAIR>;
+    var o: array<vec2<f32>, NPAIR>; // output accumulators (zero-initialised)
+    var m_run = NEG_BIG;             // running max of the row (log2 domain)
+    var l_part = 0.0;                // this thread's part of the running sum of 2^(s - m_run)
 
-    // 2. The key tiles the mask lets the tile see: [first, last] from the band of its rows.
+    // 2. The key tiles the mask lets the query tile see: [first, last] from the band of its rows.
     let range = key_range(i0 + params.off, i_last + params.off);
     if (range.x <= range.y) {
         for (var kt = range.x / BC; kt <= range.y / BC; kt++) {
             let j0 = kt * BC;
-            workgroupBarrier(); // the previous tile's readers are done with ks, vs, sp
+            workgroupBarrier(); // the previous tile's readers are done with ks, vs, sp, part
 
             // 2a. Keys and values: mix the stored heads into workgroup memory, rotate keys.
             for (var e = lid; e < BC * HALF; e += WG) {
@@ -92,11 +92,9 @@ fn main(
                     let base = (b * params.m + s_tok) * params.hk * D + t;
                     for (var m = 0u; m < params.hk; m++) {
                         let w = (m * params.heads + h) * params.p + pk;
-                        let ak = weights[params.ak_off + w];
-                        let av = weights[params.av_off + w];
                         let src = base + m * D;
-                        kx += ak * vec2<f32>(k_at(src), k_at(src + HALF));
-                        vx += av * vec2<f32>(v_at(src), v_at(src + HALF));
+                        kx += weights[params.ak_off + w] * vec2<f32>(k_at(src), k_at(src + HALF));
+                        vx += weights[params.av_off + w] * vec2<f32>(v_at(src), v_at(src + HALF));
                     }
                     if (params.rope != 0u) {
                         kx = rotate(kx, k_pos(j), t);
@@ -109,66 +107,68 @@ fn main(
             }
             workgroupBarrier();
 
-            // 2b. Scores of the BR x BC block; masked pairs get NEG_BIG.
-            for (var e = lid; e < BR * BC; e += WG) {
-                let r = e / BC;
-                let c = e % BC;
-                let i = i0 + r;
-                let j = j0 + c;
-                var s = NEG_BIG;
-                if (i < params.nq && j < params.nk && visible(i + params.off, j)) {
-                    var acc = 0.0;
-                    for (var t = 0u; t < D; t++) {
-                        acc += qs[r * D + t] * ks[c * DS + t];
-                    }
-                    s = acc;
+            // 2b. This thread's CPT scores of its row, kept in registers; masked pairs (and rows
+            //     or columns past the end) get NEG_BIG. Each query value is loaded once per t.
+            var s: array<f32, CPT>;
+            for (var t = 0u; t < D; t++) {
+                let qv = qs[row * DS + t];
+                for (var u = 0u; u < CPT; u++) {
+                    s[u] += qv * ks[(sub + TPR * u) * DS + t];
                 }
-                sp[e] = s;
             }
+            var m_mine = NEG_BIG;
+            for (var u = 0u; u < CPT; u++) {
+                let j = j0 + sub + TPR * u;
+                if (i >= params.nq || j >= params.nk || !visible(i + params.off, j)) {
+                    s[u] = NEG_BIG;
+                }
+                m_mine = max(m_mine, s[u]);
+            }
+            part[lid] = m_mine;
             workgroupBarrier();
 
-            // 2c. Online softmax, one thread per row: new max, rescale factor, probabilities.
-            if (lid < BR) {
-                let m_old = row_m[lid];
-                var m_new = m_old;
-                for (var c = 0u; c < BC; c++) {
-                    m_new = max(m_new, sp[lid * BC + c]);
-                }
-                var sum = 0.0;
-                for (var c = 0u; c < BC; c++) {
-                    let s = sp[lid * BC + c];
-                    let pr = select(0.0, exp2(s - m_new), s > 0.5 * NEG_BIG);
-                    sp[lid * BC + c] = pr;
-                    sum += pr;
-                }
-                let alpha = exp2(m_old - m_new);
-                row_alpha[lid] = alpha;
-                row_l[lid] = row_l[lid] * alpha + sum;
-                row_m[lid] = m_new;
+            // 2c. Online softmax: the row's new max from its threads' maxima, the rescale of the
+            //     accumulators, and this thread's probabilities (shared for the P V product).
+            var m_new = m_run;
+            for (var q = 0u; q < TPR; q++) {
+                m_new = max(m_new, part[row * TPR + q]);
             }
-            workgroupBarrier();
-
-            // 2d. Accumulate: o = alpha * o + P V for this thread's element pairs.
-            let alpha = row_alpha[row];
+            let alpha = exp2(m_run - m_new);
+            m_run = m_new;
+            var sum = 0.0;
+            for (var u = 0u; u < CPT; u++) {
+                let pr = select(0.0, exp2(s[u] - m_new), s[u] > 0.5 * NEG_BIG);
+                sp[row * BC + sub + TPR * u] = pr;
+                sum += pr;
+            }
+            l_part = l_part * alpha + sum;
             for (var u = 0u; u < NPAIR; u++) {
-                let w = sub + TPR * u;
-                if (w < HALF) {
-                    var acc = o[u] * alpha;
-                    for (var c = 0u; c < BC; c++) {
-                        let pr = sp[row * BC + c];
-                        acc += pr * vec2<f32>(vs[c * DS + 2u * w], vs[c * DS + 2u * w + 1u]);
-                    }
-                    o[u] = acc;
+                o[u] *= alpha;
+            }
+            workgroupBarrier();
+
+            // 2d. Accumulate o += P V for this thread's element pairs.
+            for (var c = 0u; c < BC; c++) {
+                let pr = sp[row * BC + c];
+                for (var u = 0u; u < NPAIR; u++) {
+                    let w = min(sub + TPR * u, HALF - 1u); // pairs past HALF are never stored
+                    o[u] += pr * vec2<f32>(vs[c * DS + 2u * w], vs[c * DS + 2u * w + 1u]);
                 }
             }
         }
     }
-    workgroupBarrier(); // row_l / row_m final (also when no tile was visited)
 
-    // 3. Normalise and de-interleave: virtual query i = n*P + p is pseudo-output p of token n.
-    let i = i0 + row;
+    // 3. The row's sum from its threads' parts.
+    workgroupBarrier(); // everyone is past the last tile's reads of part
+    part[lid] = l_part;
+    workgroupBarrier();
+    var l = 0.0;
+    for (var q = 0u; q < TPR; q++) {
+        l += part[row * TPR + q];
+    }
+
+    // 4. Normalise and de-interleave: virtual query i = n*P + p is pseudo-output p of token n.
     if (i < params.nq) {
-        let l = row_l[row];
         let inv = select(0.0, 1.0 / l, l > 0.0);
         let n = i / params.p;
         let pq = i % params.p;
@@ -180,8 +180,7 @@ fn main(
             }
         }
         if (sub == 0u) {
-            lse[(b * params.heads + h) * params.nq + i] =
-                select(neg_inf(), (row_m[row] + log2(l)) * LN2, l > 0.0);
+            lse[(b * params.heads + h) * params.nq + i] = select(neg_inf(), (m_run + log2(l)) * LN2, l > 0.0);
         }
     }
 }

@@ -59,37 +59,40 @@ pub fn source(v: &KernelKey) -> String {
     format!("{consts}\n{dtype}\n{COMMON}\n{body}")
 }
 
-/// Bytes of workgroup memory the flash kernel declares for a tile shape.
-pub fn flash_storage_bytes(d: u32, br: u32, bc: u32) -> u64 {
-    4 * (br * d + 2 * bc * (d + 1) + br * bc + 3 * br) as u64
+/// Bytes of workgroup memory the flash kernel declares for a tile shape (see flash_forward.wgsl).
+pub fn flash_storage_bytes(d: u32, br: u32, bc: u32, wg: u32) -> u64 {
+    4 * ((br + 2 * bc) * (d + 1) + br * bc + wg) as u64
 }
 
-/// Threads per workgroup of the flash kernel: 128 where the device allows, else 64.
+/// Tile shapes of the flash kernel, largest first: (query rows, keys, threads). Each has
+/// `wg % br == 0` and `bc % (wg / br) == 0` (the threads of a row split the key columns).
+const FLASH_TILES: [(u32, u32, u32); 8] =
+    [(64, 32, 128), (32, 32, 128), (32, 16, 128), (16, 16, 128), (16, 8, 128), (8, 8, 64), (8, 4, 32), (4, 4, 16)];
+
+/// Threads per workgroup of the largest flash tile the device allows (for reports).
 pub fn flash_threads(limits: &wgpu::Limits) -> u32 {
-    if limits.max_compute_invocations_per_workgroup >= 128 && limits.max_compute_workgroup_size_x >= 128 {
-        128
-    } else {
-        64
-    }
+    FLASH_TILES
+        .iter()
+        .map(|t| t.2)
+        .find(|&wg| wg <= limits.max_compute_invocations_per_workgroup && wg <= limits.max_compute_workgroup_size_x)
+        .unwrap_or(0)
 }
 
 /// Tile sizes of the flash kernel for head dim `d` and `nq` virtual queries per head: the
-/// largest candidate whose workgroup memory fits the device; query tiles no longer than needed.
+/// largest shape whose workgroup memory and thread count fit the device, or, for short query
+/// sequences (decode), the smallest fitting one that still holds every query (at least 8 rows).
 pub fn flash_tiles(limits: &wgpu::Limits, d: u32, nq: usize) -> Option<(u32, u32, u32)> {
-    const CANDIDATES: [(u32, u32); 8] = [(64, 32), (32, 32), (32, 16), (16, 16), (16, 8), (8, 8), (8, 4), (4, 4)];
-    let wg = flash_threads(limits);
-    let fits = |&(br, bc): &(u32, u32)| {
-        br <= wg && wg % br == 0 && flash_storage_bytes(d, br, bc) <= limits.max_compute_workgroup_storage_size as u64
+    let fits = |&&(br, bc, wg): &&(u32, u32, u32)| {
+        wg <= limits.max_compute_invocations_per_workgroup
+            && wg <= limits.max_compute_workgroup_size_x
+            && flash_storage_bytes(d, br, bc, wg) <= limits.max_compute_workgroup_storage_size as u64
     };
-    let mut ok = CANDIDATES.iter().filter(|c| fits(c)).copied();
-    let best = ok.next()?;
-    // Short query sequences (decode): the smallest fitting tile that still holds every query.
-    let shortest = CANDIDATES.iter().filter(|c| fits(c) && c.0 as usize >= nq && c.0 >= 8).last().copied();
-    let (br, bc) = match shortest {
-        Some(s) if (s.0 as usize) < best.0 as usize => s,
+    let best = *FLASH_TILES.iter().find(fits)?;
+    let shortest = FLASH_TILES.iter().filter(fits).filter(|t| t.0 as usize >= nq && t.0 >= 8).last().copied();
+    Some(match shortest {
+        Some(s) if s.0 < best.0 => s,
         _ => best,
-    };
-    Some((br, bc, wg))
+    })
 }
 
 /// Compiled pipelines of one device, built once per variant and shared by all calls.

@@ -88,7 +88,7 @@ pub fn flash_tiles(limits: &wgpu::Limits, d: u32, nq: usize) -> Option<(u32, u32
             && flash_storage_bytes(d, br, bc, wg) <= limits.max_compute_workgroup_storage_size as u64
     };
     let best = *FLASH_TILES.iter().find(fits)?;
-    let shortest = FLASH_TILES.iter().filter(fits).filter(|t| t.0 as usize >= nq && t.0 >= 8).last().copied();
+    let shortest = FLASH_TILES.iter().filter(fits).rfind(|t| t.0 as usize >= nq && t.0 >= 8).copied();
     Some(match shortest {
         Some(s) if s.0 < best.0 => s,
         _ => best,

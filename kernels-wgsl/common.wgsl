@@ -2,7 +2,7 @@
 // and the rotary embedding. The host prepends one dtype file (dtype_*.wgsl) and the constants
 // `D` (head dim) and kernel tile sizes before compiling.
 
-// One call's sizes and options (32 words; mirrors `Uniforms` in launch.rs).
+// One call's sizes and options (36 words; mirrors `Uniforms` in launch.rs).
 struct Params {
     batch: u32, n: u32, m: u32, heads: u32,
     hq: u32, hk: u32, p: u32, nq: u32,           // nq = N*P virtual queries per head
@@ -10,8 +10,9 @@ struct Params {
     win_left: u32, win_right: u32, rope: u32, rope_levels: u32, // rope: 0 none, 1 virtual, 2 token
     pos0: u32, scale_log2: f32, aq_off: u32, ak_off: u32, // scale_log2 = softmax scale * log2(e)
     av_off: u32, r_off: u32, gamma_off: u32, rope_off: u32, // offsets into `weights`
-    q_tiles: u32, pad0: u32, eps: f32, collapse: u32,
+    q_tiles: u32, splits: u32, eps: f32, collapse: u32, // splits: key ranges per query tile
     norm: u32, direct: u32, n_vec: u32, neg_inf_bits: u32,
+    part_off: u32, pad1: u32, pad2: u32, pad3: u32,   // part_off: split partials in `op`
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -22,7 +23,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read> v: array<Elem>;
 @group(0) @binding(5) var<storage, read_write> out: array<Elem>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
-// Pseudo outputs [B, N, H, P, d] in f32 when the epilogue (collapse / head norm) follows.
+// f32 scratch: pseudo outputs [B, N, H, P, d] when the epilogue (collapse / head norm) follows,
+// then, from `part_off`, the split-KV partials [splits, B, H, N*P, d + 2] (o, max, sum).
 @group(0) @binding(7) var<storage, read_write> op: array<f32>;
 
 const HALF: u32 = D / 2u;
@@ -97,4 +99,10 @@ fn emit_pair(e: u32, x: vec2<f32>) {
         op[e] = x.x;
         op[e + 1u] = x.y;
     }
+}
+
+// Offset in `op` of the split-KV partial of (split, b, h, virtual query i): d unnormalised
+// outputs, then the row max (log2 domain) and the row sum.
+fn partial_at(split: u32, b: u32, h: u32, i: u32) -> u32 {
+    return params.part_off + (((split * params.batch + b) * params.heads + h) * params.nq + i) * (D + 2u);
 }

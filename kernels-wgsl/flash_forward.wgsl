@@ -7,6 +7,9 @@
 // through an online softmax in f32 (log2 domain), and the output rows accumulate in registers.
 // Tiles outside the causal / sliding-window band are never visited, so a window of W virtual
 // keys costs O(W) per query tile. Outputs are de-interleaved on the way out.
+// Split-KV (decode: few query tiles, many keys): with params.splits > 1 the band's key tiles are
+// cut into `splits` contiguous ranges, one workgroup each; each writes its unnormalised partial
+// (o, max, sum) to `op` and combine.wgsl merges them.
 //
 // Constants prepended by the host: D (head dim), BR (query rows per tile), BC (keys per tile),
 // WG (threads; BR divides WG and WG / BR divides BC). The TPR = WG / BR threads of one query row
@@ -32,12 +35,13 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lin = wid.x + wid.y * nwg.x;
-    if (lin >= params.q_tiles * params.heads * params.batch) {
+    if (lin >= params.q_tiles * params.heads * params.batch * params.splits) {
         return; // padding workgroup of the 2-D grid (uniform per workgroup)
     }
     let tile = lin % params.q_tiles;
     let h = (lin / params.q_tiles) % params.heads;
-    let b = lin / (params.q_tiles * params.heads);
+    let b = (lin / (params.q_tiles * params.heads)) % params.batch;
+    let split = lin / (params.q_tiles * params.heads * params.batch);
     let i0 = tile * BR;
     let i_last = min(i0 + BR, params.nq) - 1u;
     let row = lid / TPR;
@@ -72,10 +76,14 @@ fn main(
     var m_run = NEG_BIG;             // running max of the row (log2 domain)
     var l_part = 0.0;                // this thread's part of the running sum of 2^(s - m_run)
 
-    // 2. The key tiles the mask lets the query tile see: [first, last] from the band of its rows.
+    // 2. The key tiles the mask lets the query tile see: [first, last] from the band of its rows,
+    //    this split's share of them.
     let range = key_range(i0 + params.off, i_last + params.off);
     if (range.x <= range.y) {
-        for (var kt = range.x / BC; kt <= range.y / BC; kt++) {
+        let per = (range.y / BC - range.x / BC + params.splits) / params.splits; // tiles per split
+        let kt_begin = range.x / BC + split * per;
+        let kt_end = min(range.y / BC + 1u, kt_begin + per);
+        for (var kt = kt_begin; kt < kt_end; kt++) {
             let j0 = kt * BC;
             workgroupBarrier(); // the previous tile's readers are done with ks, vs, sp, part
 
@@ -167,7 +175,26 @@ fn main(
         l += part[row * TPR + q];
     }
 
-    // 4. Normalise and de-interleave: virtual query i = n*P + p is pseudo-output p of token n.
+    // 4a. Split-KV: store the partial for combine.wgsl.
+    if (params.splits > 1u) {
+        if (i < params.nq) {
+            let dst = partial_at(split, b, h, i);
+            for (var u = 0u; u < NPAIR; u++) {
+                let w = sub + TPR * u;
+                if (w < HALF) {
+                    op[dst + 2u * w] = o[u].x;
+                    op[dst + 2u * w + 1u] = o[u].y;
+                }
+            }
+            if (sub == 0u) {
+                op[dst + D] = m_run;
+                op[dst + D + 1u] = l;
+            }
+        }
+        return;
+    }
+
+    // 4b. Normalise and de-interleave: virtual query i = n*P + p is pseudo-output p of token n.
     if (i < params.nq) {
         let inv = select(0.0, 1.0 / l, l > 0.0);
         let n = i / params.p;

@@ -23,6 +23,14 @@ fn flash(test: &str) -> Option<Box<dyn Backend>> {
     device_or_skip(BackendKind::Wgpu, test)
 }
 
+/// Flash backends with the split-KV heuristic, with splitting off, and with 3 key ranges per
+/// query tile; or a one-line skip.
+fn flash_splits(test: &str) -> Option<[WgpuBackend; 3]> {
+    device_or_skip(BackendKind::Wgpu, test)?;
+    let open = |s| WgpuBackend::new().expect("opened once already").with_kv_splits(s);
+    Some([open(None), open(Some(1)), open(Some(3))])
+}
+
 /// The naive baseline on its own device, or a one-line skip.
 fn naive(test: &str) -> Option<WgpuBackend> {
     device_or_skip(BackendKind::Wgpu, test)?;
@@ -141,25 +149,28 @@ fn label(s: &Shape, dtype: DType, kernel: &str) -> String {
 
 #[test]
 fn flash_f32_matches_reference_on_random_shapes() {
-    let Some(be) = flash("flash_f32_matches_reference_on_random_shapes") else { return };
+    let Some(bes) = flash_splits("flash_f32_matches_reference_on_random_shapes") else { return };
     check_property("flash f32", 128, shapes(24, &[32, 64, 128]), |s| {
-        s.case(DType::F32).check(be.as_ref(), &label(&s, DType::F32, "flash"));
+        let (be, splits) = (&bes[s.seed as usize % 3], ["auto", "1", "3"][s.seed as usize % 3]);
+        s.case(DType::F32).check(be, &label(&s, DType::F32, &format!("flash splits={splits}")));
     });
 }
 
 #[test]
 fn flash_f16_matches_reference_on_random_shapes() {
-    let Some(be) = flash("flash_f16_matches_reference_on_random_shapes") else { return };
+    let Some(bes) = flash_splits("flash_f16_matches_reference_on_random_shapes") else { return };
     check_property("flash f16", 64, shapes(16, &[32, 64, 128]), |s| {
-        s.case(DType::F16).check(be.as_ref(), &label(&s, DType::F16, "flash"));
+        let (be, splits) = (&bes[s.seed as usize % 3], ["auto", "1", "3"][s.seed as usize % 3]);
+        s.case(DType::F16).check(be, &label(&s, DType::F16, &format!("flash splits={splits}")));
     });
 }
 
 #[test]
 fn flash_bf16_matches_reference_on_random_shapes() {
-    let Some(be) = flash("flash_bf16_matches_reference_on_random_shapes") else { return };
+    let Some(bes) = flash_splits("flash_bf16_matches_reference_on_random_shapes") else { return };
     check_property("flash bf16", 64, shapes(16, &[32, 64, 128]), |s| {
-        s.case(DType::BF16).check(be.as_ref(), &label(&s, DType::BF16, "flash"));
+        let (be, splits) = (&bes[s.seed as usize % 3], ["auto", "1", "3"][s.seed as usize % 3]);
+        s.case(DType::BF16).check(be, &label(&s, DType::BF16, &format!("flash splits={splits}")));
     });
 }
 
@@ -173,26 +184,50 @@ fn naive_matches_reference_on_random_shapes() {
 }
 
 /// Several query tiles and key tiles, partial last tiles, and a window narrower than a tile
-/// band, so that whole key tiles are skipped; with a KV prefix, RoPE and an odd P.
+/// band, so that whole key tiles are skipped; with a KV prefix, RoPE and an odd P. Each with
+/// split-KV off, on (4 ranges, some empty) and by the heuristic.
 #[test]
 fn flash_multi_tile_window_and_prefix() {
-    let Some(be) = flash("flash_multi_tile_window_and_prefix") else { return };
+    let Some(bes) = device_or_skip(BackendKind::Wgpu, "flash_multi_tile_window_and_prefix") else { return };
+    drop(bes);
+    for splits in [Some(1), Some(4), None] {
+        let be = WgpuBackend::new().expect("adapter present").with_kv_splits(splits);
+        multi_tile_cases(&be, &format!("splits {splits:?}"));
+    }
+}
+
+fn multi_tile_cases(be: &WgpuBackend, what: &str) {
     let cfg = Config::iha_window(2, 3, 64, 9).with_rope(Rope::default()).with_pos_offset(7);
     let w = Weights::random(&cfg, 1);
     let case = Case::random(cfg, w, 1, 61, 83, DType::F32, 2);
-    case.check(be.as_ref(), "multi-tile iha-local, M > N, rope");
+    case.check(be, &format!("multi-tile iha-local, M > N, rope, {what}"));
     // Non-causal two-sided window with norm and no collapse, d = 128 (smaller tiles).
     let cfg = Config::mea(2, 128).with_window(20, 13).with_rope(Rope { base: 500.0, mode: PosMode::Token });
     let case = Case::random(cfg, Weights::random(&cfg, 3), 2, 50, 70, DType::F32, 4);
-    case.check(be.as_ref(), "multi-tile mea, two-sided window, d = 128");
+    case.check(be, &format!("multi-tile mea, two-sided window, d = 128, {what}"));
     // Global causal IHA, batch 2, 400 virtual queries per head: many query and key tiles.
     let cfg = Config::iha(2, 2, 64).with_rope(Rope::default());
     let case = Case::random(cfg, Weights::random(&cfg, 17), 2, 200, 200, DType::F32, 18);
-    case.check(be.as_ref(), "multi-tile iha, 400 virtual tokens");
+    case.check(be, &format!("multi-tile iha, 400 virtual tokens, {what}"));
     // Global causal IHA, f16, enough queries for several tiles.
     let cfg = Config::iha(2, 2, 64);
     let case = Case::random(cfg, Weights::random(&cfg, 5), 1, 45, 45, DType::F16, 6);
-    case.check(be.as_ref(), "multi-tile iha f16");
+    case.check(be, &format!("multi-tile iha f16, {what}"));
+}
+
+/// Decode: one or two new tokens against a long KV cache (split-KV by the heuristic), RoPE at
+/// the bottom-right-aligned positions with an offset, compressed MEA and IHA.
+#[test]
+fn flash_decode_against_long_cache() {
+    let Some(be) = flash("flash_decode_against_long_cache") else { return };
+    for (n, dtype) in [(1, DType::F32), (2, DType::BF16)] {
+        let cfg = Config::iha(2, 2, 64).with_rope(Rope::default()).with_pos_offset(1000);
+        let case = Case::random(cfg, Weights::random(&cfg, 19), 1, n, 300, dtype, 20);
+        case.check(be.as_ref(), &format!("decode iha n={n} {dtype:?}"));
+        let cfg = Config::mea_compressed(4, 2, 32).expect("valid").with_causal(true);
+        let case = Case::random(cfg, Weights::random(&cfg, 21), 2, n, 257, dtype, 22);
+        case.check(be.as_ref(), &format!("decode mea-compressed n={n} {dtype:?}"));
+    }
 }
 
 /// Logits of several hundred: the online softmax must rescale without overflow.

@@ -8,7 +8,7 @@ use wgpu::util::DeviceExt;
 
 use super::Variant;
 use super::device::{self, device_err};
-use super::kernels::{KernelKey, Kernels, flash_tiles};
+use super::kernels::{Kernels, flash_tiles};
 use super::launch::{self, Plan};
 use crate::timing::{Owned, random_inputs};
 use crate::validate::{MAX_INDEX, Problem, validate_config, validate_weights};
@@ -21,6 +21,8 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     kernels: Kernels,
     variant: Variant,
+    /// Forced split-KV ranges per query tile, or `None` for the heuristic.
+    kv_splits: Option<u32>,
     /// Errors no error scope caught (device loss, errors raised on other threads), reported by
     /// the next call instead of wgpu's default panic.
     faults: Arc<Mutex<Option<String>>>,
@@ -48,8 +50,8 @@ pub struct DeviceIo<'a> {
 /// Bind group and pipelines of one call, ready to record (possibly many times, for timing).
 struct Prepared {
     bind_group: wgpu::BindGroup,
-    attention: (Arc<wgpu::ComputePipeline>, (u32, u32)),
-    epilogue: Option<(Arc<wgpu::ComputePipeline>, (u32, u32))>,
+    /// Pipelines and 2-D grids, in launch order.
+    passes: Vec<(Arc<wgpu::ComputePipeline>, (u32, u32))>,
     extra_bytes: u64,
 }
 
@@ -86,6 +88,7 @@ impl WgpuBackend {
             queue,
             kernels: Kernels::new(&device),
             variant: Variant::Flash,
+            kv_splits: None,
             faults: Arc::new(Mutex::new(None)),
             dummy,
         }
@@ -94,6 +97,14 @@ impl WgpuBackend {
     /// The same device with another attention kernel (e.g. [`Variant::Naive`], the baseline).
     pub fn with_variant(mut self, variant: Variant) -> WgpuBackend {
         self.variant = variant;
+        self
+    }
+
+    /// Split the keys of each query tile into `splits` ranges run by separate workgroups and
+    /// merged by a combine pass (split-KV, for decode). `None` (the default): split only when the
+    /// query tiles alone give too few workgroups to fill a GPU; `Some(1)`: never split.
+    pub fn with_kv_splits(mut self, splits: Option<u32>) -> WgpuBackend {
+        self.kv_splits = splits.map(|s| s.max(1));
         self
     }
 
@@ -154,7 +165,7 @@ impl WgpuBackend {
             }
         }
         self.check_faults()?;
-        let plan = launch::plan(&problem, w, self.variant, &self.device().limits())?;
+        let plan = launch::plan(&problem, w, self.variant, self.kv_splits, &self.device().limits())?;
         self.scoped(|| {
             let scratch;
             let lse = match io.lse {
@@ -243,24 +254,20 @@ impl WgpuBackend {
             layout: &self.kernels.layout,
             entries: &entries,
         });
-        let pipeline = |key: &KernelKey, workgroups: u32| -> Result<_> {
-            Ok((self.kernels.pipeline(key)?, launch::grid(workgroups, &limits)?))
-        };
-        let attention = pipeline(&plan.attention.key, plan.attention.workgroups)?;
-        let epilogue = match &plan.epilogue {
-            Some(e) => Some(pipeline(&e.key, e.workgroups)?),
-            None => None,
-        };
+        let passes = plan
+            .passes
+            .iter()
+            .map(|p| Ok((self.kernels.pipeline(&p.key)?, launch::grid(p.workgroups, &limits)?)))
+            .collect::<Result<Vec<_>>>()?;
         let extra_bytes = plan.op_bytes + 4 * plan.weights.len() as u64 + std::mem::size_of_val(&plan.uniforms) as u64;
-        Ok(Prepared { bind_group, attention, epilogue, extra_bytes })
+        Ok(Prepared { bind_group, passes, extra_bytes })
     }
 
     /// Record the call's passes; with `timestamps = (set, i)` write queries `i` (start of the
     /// first pass) and `i + 1` (end of the last).
     fn record(&self, p: &Prepared, enc: &mut wgpu::CommandEncoder, timestamps: Option<(&wgpu::QuerySet, u32)>) {
-        let passes: Vec<_> = std::iter::once(&p.attention).chain(p.epilogue.as_ref()).collect();
-        let last = passes.len() - 1;
-        for (i, (pipeline, (x, y))) in passes.into_iter().enumerate() {
+        let last = p.passes.len() - 1;
+        for (i, (pipeline, (x, y))) in p.passes.iter().enumerate() {
             let timestamp_writes = timestamps.map(|(set, base)| wgpu::ComputePassTimestampWrites {
                 query_set: set,
                 beginning_of_pass_write_index: (i == 0).then_some(base),
@@ -337,6 +344,7 @@ impl Backend for WgpuBackend {
             ("device type".into(), format!("{:?}", self.info.device_type)),
             ("driver".into(), format!("{} {}", self.info.driver, self.info.driver_info).trim().to_string()),
             ("kernel".into(), self.variant.name().into()),
+            ("split-KV".into(), self.kv_splits.map_or("auto".into(), |s| s.to_string())),
             ("workgroup storage".into(), format!("{} bytes", l.max_compute_workgroup_storage_size)),
             ("invocations / workgroup".into(), l.max_compute_invocations_per_workgroup.to_string()),
             ("workgroups / dimension".into(), l.max_compute_workgroups_per_dimension.to_string()),
@@ -350,12 +358,12 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, problem: &Problem) -> Result<()> {
-        launch::check_limits(problem, self.variant, &self.device().limits())
+        launch::check_limits(problem, self.variant, self.kv_splits, &self.device().limits())
     }
 
     fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
         self.check_faults()?;
-        let plan = launch::plan(problem, w, self.variant, &self.device().limits())?;
+        let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits())?;
         let out_bytes = (io.out.data.len() * io.out.dtype().size()) as u64;
         let lse_bytes = 4 * problem.lse_len() as u64;
         let bytes = self.scoped(|| {
@@ -390,7 +398,7 @@ impl Backend for WgpuBackend {
         self.supports(problem)?;
         self.check_faults()?;
         let c = &problem.cfg;
-        let plan = launch::plan(problem, w, self.variant, &self.device().limits())?;
+        let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits())?;
         let (q, k, v) = random_inputs(problem, 1);
         let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
         let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];

@@ -14,6 +14,7 @@ const DTYPE_BF16: &str = include_str!("../../../../kernels-wgsl/dtype_bf16.wgsl"
 const FLASH: &str = include_str!("../../../../kernels-wgsl/flash_forward.wgsl");
 const NAIVE: &str = include_str!("../../../../kernels-wgsl/naive_forward.wgsl");
 const EPILOGUE: &str = include_str!("../../../../kernels-wgsl/epilogue.wgsl");
+const COMBINE: &str = include_str!("../../../../kernels-wgsl/combine.wgsl");
 
 /// Which kernel, with its compile-time tile sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -24,6 +25,8 @@ pub enum Kind {
     Naive { wg: u32 },
     /// Collapse / head norm / dtype conversion, one workgroup of `wg` threads per output vector.
     Epilogue { wg: u32 },
+    /// Merge of the split-KV partials, one workgroup of `wg` threads per virtual query.
+    Combine { wg: u32 },
 }
 
 /// One compiled variant: kernel, tensor dtype, head dim.
@@ -54,6 +57,10 @@ pub fn source(v: &KernelKey) -> String {
         Kind::Epilogue { wg } => {
             consts += &format!("const WG: u32 = {wg}u;\n");
             EPILOGUE
+        }
+        Kind::Combine { wg } => {
+            consts += &format!("const WG: u32 = {wg}u;\n");
+            COMBINE
         }
     };
     format!("{consts}\n{dtype}\n{COMMON}\n{body}")

@@ -11,6 +11,7 @@ use crate::{Error, PosMode, Result, Weights};
 /// Threads per workgroup of the naive kernel and of the epilogue.
 const NAIVE_WG: u32 = 64;
 const EPILOGUE_WG: u32 = 64;
+const COMBINE_WG: u32 = 64;
 
 /// The call's sizes and options, word for word the `Params` struct of `common.wgsl`.
 #[repr(C)]
@@ -49,7 +50,8 @@ pub(crate) struct Uniforms {
     pub rope_off: u32,
     /// Query tiles per head (flash kernel).
     pub q_tiles: u32,
-    pub pad0: u32,
+    /// Key ranges (split-KV) per query tile; 1: no split, no combine pass.
+    pub splits: u32,
     pub eps: f32,
     pub collapse: u32,
     pub norm: u32,
@@ -59,6 +61,9 @@ pub(crate) struct Uniforms {
     pub n_vec: u32,
     /// The bits of -inf (WGSL has no infinite literals).
     pub neg_inf_bits: u32,
+    /// Offset (in f32) of the split-KV partials in the scratch buffer.
+    pub part_off: u32,
+    pub pad: [u32; 3],
 }
 
 /// One dispatch: the kernel and how many workgroups it needs.
@@ -72,10 +77,10 @@ pub(crate) struct Dispatch {
 pub(crate) struct Plan {
     pub uniforms: Uniforms,
     pub weights: Vec<f32>,
-    pub attention: Dispatch,
-    /// Collapse and/or head norm, reading the f32 pseudo outputs.
-    pub epilogue: Option<Dispatch>,
-    /// Bytes of the f32 pseudo-output buffer the epilogue reads (0 when direct).
+    /// The attention kernel, the split-KV combine (when split) and the collapse / head-norm
+    /// epilogue (when asked for), in launch order.
+    pub passes: Vec<Dispatch>,
+    /// Bytes of the f32 scratch buffer: pseudo outputs for the epilogue, split-KV partials.
     pub op_bytes: u64,
 }
 
@@ -108,7 +113,13 @@ fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
 }
 
 /// The plan of a validated problem on a device with `limits`.
-pub(crate) fn plan(problem: &Problem, w: &Weights, variant: Variant, limits: &wgpu::Limits) -> Result<Plan> {
+pub(crate) fn plan(
+    problem: &Problem,
+    w: &Weights,
+    variant: Variant,
+    splits: Option<u32>,
+    limits: &wgpu::Limits,
+) -> Result<Plan> {
     let c = &problem.cfg;
     let (d, p) = (c.head_dim, c.pseudo);
     let nq = problem.n * p;
@@ -166,31 +177,73 @@ pub(crate) fn plan(problem: &Problem, w: &Weights, variant: Variant, limits: &wg
         gamma_off,
         rope_off,
         q_tiles: 0,
-        pad0: 0,
+        splits: 1,
         eps: c.norm_eps,
         collapse: problem.collapse as u32,
         norm: problem.norm as u32,
         direct: direct as u32,
         n_vec: 0,
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
+        part_off: 0,
+        pad: [0; 3],
     };
 
-    let (attention, epilogue, q_tiles) = dispatches(problem, variant, limits)?;
-    u.q_tiles = q_tiles;
-    u.n_vec = epilogue.map_or(0, |e| e.workgroups);
-    let op_bytes = if direct { 0 } else { 4 * (problem.batch * problem.n * c.heads * p * d) as u64 };
-    Ok(Plan { uniforms: u, weights, attention, epilogue, op_bytes })
+    let ds = dispatches(problem, variant, splits, limits)?;
+    u.q_tiles = ds.q_tiles;
+    u.splits = ds.splits;
+    u.n_vec = ds.epilogue.map_or(0, |e| e.workgroups);
+    u.part_off = to_u32("scratch offset", ds.op_len)?;
+    let passes = std::iter::once(ds.attention).chain(ds.combine).chain(ds.epilogue).collect();
+    Ok(Plan { uniforms: u, weights, passes, op_bytes: 4 * (ds.op_len + ds.part_len) as u64 })
 }
 
-/// The attention dispatch, the epilogue's (when collapse or norm asks for one) and the query
-/// tiles per head, with tile sizes from the device limits.
-fn dispatches(problem: &Problem, variant: Variant, limits: &wgpu::Limits) -> Result<(Dispatch, Option<Dispatch>, u32)> {
+/// Workgroups the split-KV heuristic aims for: enough to fill a large GPU twice over.
+const TARGET_WORKGROUPS: usize = 256;
+/// Most key ranges per query tile, and fewest key tiles per range.
+const MAX_SPLITS: usize = 32;
+const MIN_TILES_PER_SPLIT: usize = 2;
+
+/// The dispatches of one call and the scratch they need.
+#[derive(Clone, Copy, Debug)]
+struct Dispatches {
+    attention: Dispatch,
+    combine: Option<Dispatch>,
+    epilogue: Option<Dispatch>,
+    q_tiles: u32,
+    splits: u32,
+    /// f32 elements of pseudo outputs (epilogue input) and of split-KV partials in the scratch.
+    op_len: usize,
+    part_len: usize,
+}
+
+/// Key tiles the last (widest-reaching) query tile visits: the band of the mask, as in the kernel.
+fn key_tiles(problem: &Problem, br: usize, bc: usize) -> usize {
+    let c = &problem.cfg;
+    let (nq, nk) = (problem.n * c.pseudo, problem.m * c.pseudo);
+    let off = nk - nq;
+    let (ia0, ia1) = ((nq - 1) / br * br + off, nq - 1 + off);
+    let (mut lo, mut hi) = (0, nk - 1);
+    if let Some(w) = c.window {
+        lo = ia0.saturating_sub(w.left);
+        hi = hi.min(ia1.saturating_add(w.right));
+    }
+    if c.causal {
+        hi = hi.min(ia1);
+    }
+    hi / bc - lo / bc + 1
+}
+
+/// The attention dispatch, the split-KV combine's and the epilogue's (when collapse or norm asks
+/// for one), with tile sizes from the device limits. `splits`: forced key ranges per query tile,
+/// or `None` for the heuristic (split only when the query tiles alone cannot fill the device).
+fn dispatches(problem: &Problem, variant: Variant, splits: Option<u32>, limits: &wgpu::Limits) -> Result<Dispatches> {
     let c = &problem.cfg;
     let d = c.head_dim;
     let d32 = to_u32("head dim", d)?;
     let nq = problem.n * c.pseudo;
     let heads_batch = problem.batch * c.heads;
-    let mut q_tiles = 0;
+    let key = |kind| KernelKey { kind, dtype: problem.dtype, d: d32 };
+    let (mut q_tiles, mut n_splits) = (0, 1);
     let attention = match variant {
         Variant::Flash => {
             let (br, bc, wg) = flash_tiles(limits, d32, nq).ok_or_else(|| {
@@ -200,23 +253,40 @@ fn dispatches(problem: &Problem, variant: Variant, limits: &wgpu::Limits) -> Res
                     flash_threads(limits)
                 ))
             })?;
-            q_tiles = to_u32("query tiles", nq.div_ceil(br as usize))?;
-            let workgroups = to_u32("workgroups", q_tiles as usize * heads_batch)?;
-            Dispatch { key: KernelKey { kind: Kind::Flash { br, bc, wg }, dtype: problem.dtype, d: d32 }, workgroups }
+            let tiles = nq.div_ceil(br as usize);
+            q_tiles = to_u32("query tiles", tiles)?;
+            let base = tiles * heads_batch;
+            n_splits = match splits {
+                Some(s) => s.max(1) as usize,
+                None if base >= TARGET_WORKGROUPS => 1,
+                None => TARGET_WORKGROUPS
+                    .div_ceil(base)
+                    .min(MAX_SPLITS)
+                    .min(key_tiles(problem, br as usize, bc as usize) / MIN_TILES_PER_SPLIT)
+                    .max(1),
+            };
+            let workgroups = to_u32("workgroups", base * n_splits)?;
+            Dispatch { key: key(Kind::Flash { br, bc, wg }), workgroups }
         }
         Variant::Naive => {
             let workgroups = to_u32("workgroups", (heads_batch * nq).div_ceil(NAIVE_WG as usize))?;
-            Dispatch { key: KernelKey { kind: Kind::Naive { wg: NAIVE_WG }, dtype: problem.dtype, d: d32 }, workgroups }
+            Dispatch { key: key(Kind::Naive { wg: NAIVE_WG }), workgroups }
         }
     };
-    let epilogue = if !problem.collapse && !problem.norm {
+    let combine = (n_splits > 1).then(|| -> Result<Dispatch> {
+        Ok(Dispatch { key: key(Kind::Combine { wg: COMBINE_WG }), workgroups: to_u32("rows", heads_batch * nq)? })
+    });
+    let combine = combine.transpose()?;
+    let direct = !problem.collapse && !problem.norm;
+    let epilogue = if direct {
         None
     } else {
         let n_vec = problem.batch * problem.n * c.heads * if problem.collapse { 1 } else { c.pseudo };
-        let key = KernelKey { kind: Kind::Epilogue { wg: EPILOGUE_WG }, dtype: problem.dtype, d: d32 };
-        Some(Dispatch { key, workgroups: to_u32("output vectors", n_vec)? })
+        Some(Dispatch { key: key(Kind::Epilogue { wg: EPILOGUE_WG }), workgroups: to_u32("output vectors", n_vec)? })
     };
-    Ok((attention, epilogue, q_tiles))
+    let op_len = if direct { 0 } else { heads_batch * nq * d };
+    let part_len = if n_splits > 1 { n_splits * heads_batch * nq * (d + 2) } else { 0 };
+    Ok(Dispatches { attention, combine, epilogue, q_tiles, splits: to_u32("splits", n_splits)?, op_len, part_len })
 }
 
 /// Levels of the RoPE table: bytes of the largest position (virtual or token) of the call.
@@ -234,7 +304,12 @@ fn rope_levels(problem: &Problem) -> Result<u32> {
 
 /// Whether a valid problem fits the device: every binding under the adapter's storage-binding
 /// and buffer limits (never truncated), the tile in workgroup memory, the grids in range.
-pub(crate) fn check_limits(problem: &Problem, variant: Variant, limits: &wgpu::Limits) -> Result<()> {
+pub(crate) fn check_limits(
+    problem: &Problem,
+    variant: Variant,
+    splits: Option<u32>,
+    limits: &wgpu::Limits,
+) -> Result<()> {
     let c = &problem.cfg;
     let (b, n, m, h, p, d) = (problem.batch, problem.n, problem.m, c.heads, c.pseudo, c.head_dim);
     let es = problem.dtype.size() as u128;
@@ -244,14 +319,14 @@ pub(crate) fn check_limits(problem: &Problem, variant: Variant, limits: &wgpu::L
         + if problem.norm { (h * d) as u128 } else { 0 }
         + levels * 256 * d as u128;
     let out_len: u128 = problem.out_shape().iter().map(|&x| x as u128).product();
-    let direct = !problem.collapse && !problem.norm;
+    let ds = dispatches(problem, variant, splits, limits)?;
     let bindings = [
         ("q", (b * n * c.q_heads * d) as u128 * es),
         ("k", (b * m * c.kv_heads * d) as u128 * es),
         ("v", (b * m * c.kv_heads * d) as u128 * es),
         ("out", out_len * es),
         ("lse", 4 * problem.lse_len() as u128),
-        ("pseudo outputs (f32)", if direct { 0 } else { 4 * (b * n * h * p * d) as u128 }),
+        ("f32 scratch (pseudo outputs, split-KV partials)", 4 * (ds.op_len + ds.part_len) as u128),
         ("weights", 4 * weights),
     ];
     let max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) as u128;
@@ -269,10 +344,8 @@ pub(crate) fn check_limits(problem: &Problem, variant: Variant, limits: &wgpu::L
             limits.max_storage_buffers_per_shader_stage
         )));
     }
-    let (attention, epilogue, _) = dispatches(problem, variant, limits)?;
-    grid(attention.workgroups, limits)?;
-    if let Some(e) = epilogue {
-        grid(e.workgroups, limits)?;
+    for pass in std::iter::once(ds.attention).chain(ds.combine).chain(ds.epilogue) {
+        grid(pass.workgroups, limits)?;
     }
     Ok(())
 }

@@ -426,8 +426,9 @@ fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
 #[test]
 fn timing_reports_device_time() {
     let Some(_) = flash("timing_reports_device_time") else { return };
-    for variant in [Variant::Flash, Variant::Naive] {
-        let wb = WgpuBackend::new().expect("adapter present").with_variant(variant);
+    // Up to three passes (attention, split-KV combine, collapse epilogue): stamps on the first and last.
+    for (variant, splits) in [(Variant::Flash, None), (Variant::Flash, Some(3)), (Variant::Naive, None)] {
+        let wb = WgpuBackend::new().expect("adapter present").with_variant(variant).with_kv_splits(splits);
         let cfg = Config::iha(2, 2, 32);
         let w = Weights::random(&cfg, 1);
         let problem = Problem { cfg, batch: 1, n: 16, m: 16, dtype: DType::F16, collapse: true, norm: false };

@@ -64,7 +64,7 @@ impl WgpuBackend {
         // Route errors outside our error scopes, and device loss, to the next call's result.
         let faults = backend.faults.clone();
         backend.kernels.device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            faults.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
+            faults.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(describe_error(&e));
         }));
         let faults = backend.faults.clone();
         backend.kernels.device.set_device_lost_callback(move |reason, msg| {
@@ -204,10 +204,7 @@ impl WgpuBackend {
         let mut caught = None;
         for scope in scopes.into_iter().rev() {
             if let Some(e) = pollster::block_on(scope.pop()) {
-                caught.get_or_insert(match e {
-                    wgpu::Error::OutOfMemory { .. } => "out of device memory".to_string(),
-                    e => e.to_string(),
-                });
+                caught.get_or_insert(describe_error(&e));
             }
         }
         self.check_faults()?;
@@ -268,11 +265,13 @@ impl WgpuBackend {
     fn record(&self, p: &Prepared, enc: &mut wgpu::CommandEncoder, timestamps: Option<(&wgpu::QuerySet, u32)>) {
         let last = p.passes.len() - 1;
         for (i, (pipeline, (x, y))) in p.passes.iter().enumerate() {
-            let timestamp_writes = timestamps.map(|(set, base)| wgpu::ComputePassTimestampWrites {
-                query_set: set,
-                beginning_of_pass_write_index: (i == 0).then_some(base),
-                end_of_pass_write_index: (i == last).then_some(base + 1),
-            });
+            // Start stamp on the first pass, end stamp on the last; none on passes between.
+            let timestamp_writes =
+                timestamps.filter(|_| i == 0 || i == last).map(|(set, base)| wgpu::ComputePassTimestampWrites {
+                    query_set: set,
+                    beginning_of_pass_write_index: (i == 0).then_some(base),
+                    end_of_pass_write_index: (i == last).then_some(base + 1),
+                });
             let mut pass =
                 enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("headmix"), timestamp_writes });
             pass.set_pipeline(pipeline);
@@ -294,6 +293,14 @@ impl WgpuBackend {
         let bytes = staging.get_mapped_range(..).map_err(|e| device_err(format!("get_mapped_range: {e}")))?.to_vec();
         staging.unmap();
         Ok(bytes)
+    }
+}
+
+/// A wgpu error on one line (its text is "Validation Error", then the chain of causes, one per line).
+fn describe_error(e: &wgpu::Error) -> String {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => "out of device memory".into(),
+        e => e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
     }
 }
 

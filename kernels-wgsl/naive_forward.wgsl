@@ -37,7 +37,6 @@ fn main(
 
     // Online softmax over the visible keys, in the log2 domain.
     var o: array<f32, D>;
-    var kt: array<f32, D>;
     var m_run = NEG_BIG;
     var l_run = 0.0;
     let ia = i + params.off;
@@ -45,6 +44,8 @@ fn main(
     for (var j = range.x; j <= range.y && range.x <= range.y; j++) {
         let s_tok = j / params.p;
         let pk = j % params.p;
+        // Mixed, rotated key, dotted with the query pair by pair.
+        var s = 0.0;
         for (var t = 0u; t < HALF; t++) {
             var x = vec2<f32>(0.0);
             for (var m = 0u; m < params.hk; m++) {
@@ -55,12 +56,7 @@ fn main(
             if (params.rope != 0u) {
                 x = rotate(x, k_pos(j), t);
             }
-            kt[t] = x.x;
-            kt[t + HALF] = x.y;
-        }
-        var s = 0.0;
-        for (var t = 0u; t < D; t++) {
-            s += qt[t] * kt[t];
+            s += qt[t] * x.x + qt[t + HALF] * x.y;
         }
         let m_new = max(m_run, s);
         let alpha = exp2(m_run - m_new);

@@ -14,6 +14,10 @@ use crate::timing::{Owned, random_inputs};
 use crate::validate::{MAX_INDEX, Problem, validate_config, validate_weights};
 use crate::{Backend, BackendKind, Config, DType, Error, Io, Result, Timing, Weights};
 
+/// Loop-iteration budget per invocation on llvmpipe, in the units of `launch::loops` (which
+/// undercount llvmpipe's own count by up to ~1.8x: the cap there is 65535).
+const LLVMPIPE_LOOP_BUDGET: u64 = 30_000;
+
 /// Head-mixing attention on one wgpu device. Cheap to share: pipelines are compiled once per
 /// (kernel, tile, dtype, head dim) and cached.
 pub struct WgpuBackend {
@@ -165,7 +169,8 @@ impl WgpuBackend {
             }
         }
         self.check_faults()?;
-        let plan = launch::plan(&problem, w, self.variant, self.kv_splits, &self.device().limits())?;
+        let plan =
+            launch::plan(&problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
         self.scoped(|| {
             let scratch;
             let lse = match io.lse {
@@ -181,6 +186,18 @@ impl WgpuBackend {
             self.queue.submit([enc.finish()]);
             Ok(())
         })
+    }
+
+    /// Loop iterations one invocation may run: Mesa's llvmpipe (lavapipe) silently ends an
+    /// invocation's loops after 65535 iterations in all; the kernels stay under this budget (the
+    /// flash kernel by splitting the keys) or refuse the call. `None`: no such limit.
+    /// `HEADMIX_WGPU_LOOP_BUDGET=<n>` overrides it (`0`: no budget).
+    pub fn loop_budget(&self) -> Option<u64> {
+        if let Some(n) = std::env::var("HEADMIX_WGPU_LOOP_BUDGET").ok().and_then(|v| v.parse::<u64>().ok()) {
+            return (n > 0).then_some(n);
+        }
+        let llvmpipe = |s: &str| s.to_lowercase().contains("llvmpipe");
+        (llvmpipe(&self.info.name) || llvmpipe(&self.info.driver)).then_some(LLVMPIPE_LOOP_BUDGET)
     }
 
     /// Report (once) an error that arrived outside an error scope.
@@ -352,6 +369,10 @@ impl Backend for WgpuBackend {
             ("driver".into(), format!("{} {}", self.info.driver, self.info.driver_info).trim().to_string()),
             ("kernel".into(), self.variant.name().into()),
             ("split-KV".into(), self.kv_splits.map_or("auto".into(), |s| s.to_string())),
+            (
+                "loop budget".into(),
+                self.loop_budget().map_or("none".into(), |b| format!("{b} iterations per invocation (llvmpipe)")),
+            ),
             ("workgroup storage".into(), format!("{} bytes", l.max_compute_workgroup_storage_size)),
             ("invocations / workgroup".into(), l.max_compute_invocations_per_workgroup.to_string()),
             ("workgroups / dimension".into(), l.max_compute_workgroups_per_dimension.to_string()),
@@ -365,12 +386,12 @@ impl Backend for WgpuBackend {
     }
 
     fn supports(&self, problem: &Problem) -> Result<()> {
-        launch::check_limits(problem, self.variant, self.kv_splits, &self.device().limits())
+        launch::check_limits(problem, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())
     }
 
     fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
         self.check_faults()?;
-        let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits())?;
+        let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
         let out_bytes = (io.out.data.len() * io.out.dtype().size()) as u64;
         let lse_bytes = 4 * problem.lse_len() as u64;
         let bytes = self.scoped(|| {
@@ -405,7 +426,7 @@ impl Backend for WgpuBackend {
         self.supports(problem)?;
         self.check_faults()?;
         let c = &problem.cfg;
-        let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits())?;
+        let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
         let (q, k, v) = random_inputs(problem, 1);
         let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
         let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];

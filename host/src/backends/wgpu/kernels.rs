@@ -73,8 +73,21 @@ pub fn flash_storage_bytes(d: u32, br: u32, bc: u32, wg: u32) -> u64 {
 
 /// Tile shapes of the flash kernel, largest first: (query rows, keys, threads). Each has
 /// `wg % br == 0` and `bc % (wg / br) == 0` (the threads of a row split the key columns).
-const FLASH_TILES: [(u32, u32, u32); 8] =
-    [(64, 32, 128), (32, 32, 128), (32, 16, 128), (16, 16, 128), (16, 8, 128), (8, 8, 64), (8, 4, 32), (4, 4, 16)];
+/// Within one row count, wider key tiles come first.
+const FLASH_TILES: [(u32, u32, u32); 12] = [
+    (64, 32, 128),
+    (32, 32, 128),
+    (32, 16, 128),
+    (16, 32, 128),
+    (16, 16, 128),
+    (16, 8, 128),
+    (8, 64, 128),
+    (8, 32, 64),
+    (8, 16, 64),
+    (8, 8, 64),
+    (8, 4, 32),
+    (4, 4, 16),
+];
 
 /// Threads per workgroup of the largest flash tile the device allows (for reports).
 pub fn flash_threads(limits: &wgpu::Limits) -> u32 {
@@ -86,8 +99,9 @@ pub fn flash_threads(limits: &wgpu::Limits) -> u32 {
 }
 
 /// Tile sizes of the flash kernel for head dim `d` and `nq` virtual queries per head: the
-/// largest shape whose workgroup memory and thread count fit the device, or, for short query
-/// sequences (decode), the smallest fitting one that still holds every query (at least 8 rows).
+/// largest shape whose workgroup memory and thread count fit the device; for query sequences
+/// shorter than its rows (decode), the fewest rows that hold them all (at least 8), with the
+/// widest key tile that fits.
 pub fn flash_tiles(limits: &wgpu::Limits, d: u32, nq: usize) -> Option<(u32, u32, u32)> {
     let fits = |&&(br, bc, wg): &&(u32, u32, u32)| {
         wg <= limits.max_compute_invocations_per_workgroup
@@ -95,11 +109,17 @@ pub fn flash_tiles(limits: &wgpu::Limits, d: u32, nq: usize) -> Option<(u32, u32
             && flash_storage_bytes(d, br, bc, wg) <= limits.max_compute_workgroup_storage_size as u64
     };
     let best = *FLASH_TILES.iter().find(fits)?;
-    let shortest = FLASH_TILES.iter().filter(fits).rfind(|t| t.0 as usize >= nq && t.0 >= 8).copied();
-    Some(match shortest {
-        Some(s) if s.0 < best.0 => s,
-        _ => best,
-    })
+    if nq >= best.0 as usize {
+        return Some(best);
+    }
+    let need = nq.max(8);
+    FLASH_TILES
+        .iter()
+        .filter(fits)
+        .filter(|t| t.0 as usize >= need)
+        .min_by_key(|t| (t.0, std::cmp::Reverse(t.1)))
+        .copied()
+        .or(Some(best))
 }
 
 /// Compiled pipelines of one device, built once per variant and shared by all calls.

@@ -119,6 +119,7 @@ pub(crate) fn plan(
     variant: Variant,
     splits: Option<u32>,
     limits: &wgpu::Limits,
+    loop_budget: Option<u64>,
 ) -> Result<Plan> {
     let c = &problem.cfg;
     let (d, p) = (c.head_dim, c.pseudo);
@@ -188,7 +189,7 @@ pub(crate) fn plan(
         pad: [0; 3],
     };
 
-    let ds = dispatches(problem, variant, splits, limits)?;
+    let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
     u.q_tiles = ds.q_tiles;
     u.splits = ds.splits;
     u.n_vec = ds.epilogue.map_or(0, |e| e.workgroups);
@@ -216,27 +217,86 @@ struct Dispatches {
     part_len: usize,
 }
 
-/// Key tiles the last (widest-reaching) query tile visits: the band of the mask, as in the kernel.
-fn key_tiles(problem: &Problem, br: usize, bc: usize) -> usize {
-    let c = &problem.cfg;
-    let (nq, nk) = (problem.n * c.pseudo, problem.m * c.pseudo);
-    let off = nk - nq;
-    let (ia0, ia1) = ((nq - 1) / br * br + off, nq - 1 + off);
-    let (mut lo, mut hi) = (0, nk - 1);
-    if let Some(w) = c.window {
-        lo = ia0.saturating_sub(w.left);
-        hi = hi.min(ia1.saturating_add(w.right));
+/// Most key tiles one query tile of `br` rows visits: all of them, or the window's band.
+fn max_key_tiles(problem: &Problem, br: usize, bc: usize) -> usize {
+    let nk = problem.m * problem.cfg.pseudo;
+    let all = nk.div_ceil(bc);
+    match problem.cfg.window {
+        Some(w) => all.min((br + w.left.min(nk) + w.right.min(nk)).div_ceil(bc) + 1),
+        None => all,
     }
-    if c.causal {
-        hi = hi.min(ia1);
+}
+
+/// Most keys one virtual query sees.
+fn max_keys(problem: &Problem) -> usize {
+    let nk = problem.m * problem.cfg.pseudo;
+    match problem.cfg.window {
+        Some(w) => nk.min(w.left.min(nk) + w.right.min(nk) + 1),
+        None => nk,
     }
-    hi / bc - lo / bc + 1
+}
+
+/// Loop iterations, in all, that one invocation of a kernel runs at most: every loop of the
+/// kernel counted as written (`rope` is the RoPE table levels, looped over in `rotate`).
+/// Mesa's llvmpipe (lavapipe) silently ends the loops of an invocation once they have run 65535
+/// iterations together, so on it the flash kernel splits the keys to stay under a budget and
+/// the other kernels refuse calls above it (see `loop_budget` in backend.rs).
+mod loops {
+    use super::Problem;
+
+    pub fn flash(p: &Problem, (br, bc, wg): (u32, u32, u32), tiles: usize, rope: u32) -> u64 {
+        let c = &p.cfg;
+        let (d, half) = (c.head_dim as u64, c.head_dim as u64 / 2);
+        let (br, bc, wg, rope) = (br as u64, bc as u64, wg as u64, rope as u64);
+        let (tpr, hq, hk) = (wg / br, c.q_heads as u64, c.kv_heads as u64);
+        let (cpt, npair) = (bc / tpr, half.div_ceil(tpr));
+        let queries = (br * half).div_ceil(wg) * (1 + hq + rope);
+        let per_tile = 1                                  // key-tile loop
+            + (bc * half).div_ceil(wg) * (1 + hk + rope)  // 2a: mix keys and values
+            + d * (1 + cpt) + cpt                         // 2b: scores, mask
+            + tpr + cpt + npair                           // 2c: softmax
+            + bc * (1 + npair); // 2d: P V
+        queries + tiles as u64 * per_tile + tpr + 2 * npair
+    }
+
+    pub fn naive(p: &Problem, keys: usize, rope: u32) -> u64 {
+        let c = &p.cfg;
+        let (d, half, rope) = (c.head_dim as u64, c.head_dim as u64 / 2, rope as u64);
+        let (hq, hk) = (c.q_heads as u64, c.kv_heads as u64);
+        let per_key = 1 + half * (1 + hk + rope) + d * (1 + hk);
+        half * (1 + hq + rope) + keys as u64 * per_key + d / 2
+    }
+
+    pub fn combine(p: &Problem, splits: usize, wg: u32) -> u64 {
+        let half = p.cfg.head_dim as u64 / 2;
+        2 * splits as u64 + half.div_ceil(wg as u64) * (1 + splits as u64)
+    }
+
+    pub fn epilogue(p: &Problem, wg: u32) -> u64 {
+        let c = &p.cfg;
+        let pairs = (c.head_dim as u64 / 2).div_ceil(wg as u64);
+        let sources = if p.collapse { (c.heads * c.pseudo) as u64 } else { 0 };
+        pairs * (2 + sources) + wg.ilog2() as u64 + 1
+    }
+}
+
+fn over_budget(kernel: &str, iterations: u64, budget: u64) -> Error {
+    unsupported(format!(
+        "the {kernel} kernel would run {iterations} loop iterations per invocation, above this adapter's \
+         {budget} (llvmpipe ends longer loops early); use shorter sequences or a hardware adapter"
+    ))
 }
 
 /// The attention dispatch, the split-KV combine's and the epilogue's (when collapse or norm asks
 /// for one), with tile sizes from the device limits. `splits`: forced key ranges per query tile,
 /// or `None` for the heuristic (split only when the query tiles alone cannot fill the device).
-fn dispatches(problem: &Problem, variant: Variant, splits: Option<u32>, limits: &wgpu::Limits) -> Result<Dispatches> {
+fn dispatches(
+    problem: &Problem,
+    variant: Variant,
+    splits: Option<u32>,
+    limits: &wgpu::Limits,
+    loop_budget: Option<u64>,
+) -> Result<Dispatches> {
     let c = &problem.cfg;
     let d = c.head_dim;
     let d32 = to_u32("head dim", d)?;
@@ -256,19 +316,39 @@ fn dispatches(problem: &Problem, variant: Variant, splits: Option<u32>, limits: 
             let tiles = nq.div_ceil(br as usize);
             q_tiles = to_u32("query tiles", tiles)?;
             let base = tiles * heads_batch;
+            let key_tiles = max_key_tiles(problem, br as usize, bc as usize);
             n_splits = match splits {
                 Some(s) => s.max(1) as usize,
                 None if base >= TARGET_WORKGROUPS => 1,
-                None => TARGET_WORKGROUPS
-                    .div_ceil(base)
-                    .min(MAX_SPLITS)
-                    .min(key_tiles(problem, br as usize, bc as usize) / MIN_TILES_PER_SPLIT)
-                    .max(1),
+                None => TARGET_WORKGROUPS.div_ceil(base).min(MAX_SPLITS).min(key_tiles / MIN_TILES_PER_SPLIT).max(1),
             };
+            if let Some(budget) = loop_budget {
+                let rope = rope_levels(problem)?;
+                let per_workgroup = |tiles: usize| loops::flash(problem, (br, bc, wg), tiles, rope);
+                let iterations = |splits: usize| per_workgroup(key_tiles.div_ceil(splits));
+                if splits.is_none() {
+                    // Fewest splits whose share of key tiles stays under the budget.
+                    let fixed = per_workgroup(0);
+                    let tiles_per_split = budget.saturating_sub(fixed) / (per_workgroup(1) - fixed);
+                    if tiles_per_split == 0 {
+                        return Err(over_budget("flash", iterations(key_tiles.max(1)), budget));
+                    }
+                    n_splits = n_splits.max(key_tiles.div_ceil(tiles_per_split as usize));
+                }
+                if iterations(n_splits) > budget {
+                    return Err(over_budget("flash", iterations(n_splits), budget));
+                }
+            }
             let workgroups = to_u32("workgroups", base * n_splits)?;
             Dispatch { key: key(Kind::Flash { br, bc, wg }), workgroups }
         }
         Variant::Naive => {
+            if let Some(budget) = loop_budget {
+                let iterations = loops::naive(problem, max_keys(problem), rope_levels(problem)?);
+                if iterations > budget {
+                    return Err(over_budget("naive", iterations, budget));
+                }
+            }
             let workgroups = to_u32("workgroups", (heads_batch * nq).div_ceil(NAIVE_WG as usize))?;
             Dispatch { key: key(Kind::Naive { wg: NAIVE_WG }), workgroups }
         }
@@ -284,6 +364,15 @@ fn dispatches(problem: &Problem, variant: Variant, splits: Option<u32>, limits: 
         let n_vec = problem.batch * problem.n * c.heads * if problem.collapse { 1 } else { c.pseudo };
         Some(Dispatch { key: key(Kind::Epilogue { wg: EPILOGUE_WG }), workgroups: to_u32("output vectors", n_vec)? })
     };
+    if let Some(budget) = loop_budget {
+        let tails = [
+            ("combine", if combine.is_some() { loops::combine(problem, n_splits, COMBINE_WG) } else { 0 }),
+            ("epilogue", if epilogue.is_some() { loops::epilogue(problem, EPILOGUE_WG) } else { 0 }),
+        ];
+        if let Some((kernel, iterations)) = tails.into_iter().find(|t| t.1 > budget) {
+            return Err(over_budget(kernel, iterations, budget));
+        }
+    }
     let op_len = if direct { 0 } else { heads_batch * nq * d };
     let part_len = if n_splits > 1 { n_splits * heads_batch * nq * (d + 2) } else { 0 };
     Ok(Dispatches { attention, combine, epilogue, q_tiles, splits: to_u32("splits", n_splits)?, op_len, part_len })
@@ -309,6 +398,7 @@ pub(crate) fn check_limits(
     variant: Variant,
     splits: Option<u32>,
     limits: &wgpu::Limits,
+    loop_budget: Option<u64>,
 ) -> Result<()> {
     let c = &problem.cfg;
     let (b, n, m, h, p, d) = (problem.batch, problem.n, problem.m, c.heads, c.pseudo, c.head_dim);
@@ -319,7 +409,7 @@ pub(crate) fn check_limits(
         + if problem.norm { (h * d) as u128 } else { 0 }
         + levels * 256 * d as u128;
     let out_len: u128 = problem.out_shape().iter().map(|&x| x as u128).product();
-    let ds = dispatches(problem, variant, splits, limits)?;
+    let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
     let bindings = [
         ("q", (b * n * c.q_heads * d) as u128 * es),
         ("k", (b * m * c.kv_heads * d) as u128 * es),

@@ -44,8 +44,8 @@ pub(crate) fn pick_adapter() -> Result<wgpu::Adapter> {
     desc.backends = backends;
     let instance = wgpu::Instance::new(desc);
     let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
-    // Compute needs storage buffers in compute shaders; GL ES 3.0 adapters without them are useless.
-    adapters.retain(|a| a.limits().max_storage_buffers_per_shader_stage >= 8);
+    // The kernels bind 7 storage buffers; adapters without them (GL ES 3.0) cannot run them.
+    adapters.retain(|a| a.limits().max_storage_buffers_per_shader_stage >= 7);
     if adapters.is_empty() {
         return Err(device_err("no wgpu adapter with compute storage buffers found"));
     }

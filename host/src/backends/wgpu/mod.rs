@@ -10,8 +10,17 @@
 //!   outputs; without either, the attention kernel writes the output itself.
 //! * f16 and bf16 tensors are stored packed two per `u32` and widened in the shader, so they run
 //!   on every adapter (`SHADER_F16` is not needed); arithmetic is f32 throughout.
+//! * Split-KV: when the query tiles alone give too few workgroups (decode), each query tile's keys
+//!   are cut into ranges run by separate workgroups and merged by a combine pass
+//!   ([`WgpuBackend::with_kv_splits`] forces a count; `Some(1)` turns it off).
+//! * Mesa's llvmpipe (lavapipe) silently ends an invocation's loops after 65535 iterations; on it
+//!   the flash kernel splits the keys to stay under a budget and calls that cannot are refused
+//!   with `Error::Unsupported` ([`WgpuBackend::loop_budget`], `HEADMIX_WGPU_LOOP_BUDGET`).
+//! * Buffers above the adapter's storage-binding limit are refused (`Error::Unsupported`), never
+//!   truncated; wgpu validation, out-of-memory and device-loss errors become `Error::Device`.
 //! * [`WgpuBackend::forward_buffers`] runs on the caller's own device, queue and buffers.
-//! * [`crate::Backend::time`] uses GPU timestamps where the adapter has `TIMESTAMP_QUERY`.
+//! * [`crate::Backend::time`] uses GPU timestamps where the adapter has `TIMESTAMP_QUERY`
+//!   (`Timing::clock` = "wgpu timestamps"), else the host clock around submit + wait.
 
 #[cfg(feature = "wgpu")]
 mod backend;

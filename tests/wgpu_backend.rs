@@ -386,6 +386,18 @@ fn typed_errors_for_bad_and_oversized_input() {
     assert!(matches!(e, Error::Length { what: "out buffer", .. }), "{e}");
     let e = wb.forward_buffers(&cfg, &w, 1, 5, 4, DType::F32, io).expect_err("N > M");
     assert!(matches!(e, Error::QueryLongerThanKeys { .. }), "{e}");
+
+    // wgpu's own validation errors come back as `Error::Device`, not panics (here the output
+    // buffer also bound as the read-only query); the backend stays usable.
+    let s = wgpu::BufferUsages::STORAGE;
+    let (q, out) = (buf(4 * 4 * 2 * 32, s), buf(4 * 4 * 2 * 32, s));
+    let io = DeviceIo { q: &out, k: &q, v: &q, out: &out, lse: None };
+    let cfg = Config::mha(2, 32);
+    let w = Weights::random(&cfg, 3);
+    let e = wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect_err("aliased in/out");
+    assert!(matches!(e, Error::Device { backend: "wgpu", .. }), "{e}");
+    let io = DeviceIo { q: &q, k: &q, v: &q, out: &out, lse: None };
+    wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect("still usable after errors");
 }
 
 /// `forward_buffers` on buffers the caller owns equals the host path, for f32 and bf16.

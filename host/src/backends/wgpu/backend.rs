@@ -42,6 +42,10 @@ pub struct WgpuBackend {
 /// * `q`: `[B, N, Hq, d]` in the dtype; `k`, `v`: `[B, M, Hk, d]` in the dtype;
 /// * `out`: `[B, N, H, d]` in the dtype when the weights carry `r`, else `[B, N, H, P, d]`;
 /// * `lse`: `[B, H, N·P]` f32, optional.
+///
+/// All must live on this backend's [`WgpuBackend::device`] (wgpu does not always detect a buffer
+/// of another device), and `out`/`lse` must not alias an input (that is reported as
+/// `Error::Device`).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceIo<'a> {
     pub q: &'a wgpu::Buffer,

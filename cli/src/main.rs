@@ -1,6 +1,7 @@
-//! The `headmix` command line: `info`, `run`, `bench`.
+//! The `headmix` command line: `info`, `run`, `bench`, `compress`.
 
 mod args;
+mod compress;
 mod info;
 mod run;
 
@@ -10,7 +11,8 @@ headmix — fused head-mixing attention (IHA, MEA, GQA, MHA) on CUDA, wgpu or th
 usage: headmix <command> [options]
   info     backends and devices found, and their limits
   run      one forward pass on the best (or a chosen) backend, checked and timed  (headmix run --help)
-  bench    benchmark sweeps: table, JSON, SVG                                     (headmix bench --help)";
+  bench    benchmark sweeps: table, JSON, SVG                                     (headmix bench --help)
+  compress MEA KV-cache compression of k/v projections in a safetensors file     (headmix compress --help)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,7 +20,8 @@ fn main() {
     let result = match args.first().map(|s| s.as_str()) {
         Some("info") => info::main(),
         Some("run") => run::main(rest),
-        Some("bench") => Err(format!("bench: not wired yet ({} args)", rest.len())),
+        Some("bench") => headmix_bench::cli::main(rest),
+        Some("compress") => compress::main(rest),
         None | Some("help") | Some("--help") | Some("-h") => {
             println!("{HELP}");
             Ok(())

@@ -81,6 +81,15 @@ pub trait Backend: Send + Sync {
         crate::timing::time_host(self, problem, w, reps)
     }
 
+    /// Decode new tokens against a KV cache (a problem validated by
+    /// [`crate::decode::validate_decode`]; call it through [`crate::decode()`]). The default
+    /// ([`crate::decode::decode_default`]) unrolls each sequence's cache and calls
+    /// [`Backend::run`] per sequence, so every backend decodes; the CPU overrides it with the
+    /// host split-KV algorithm, and device backends may override it with split-KV kernels.
+    fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
+        crate::decode::decode_default(self, problem, w, io)
+    }
+
     /// Validate, then run: the entry point for host slices.
     fn forward(&self, cfg: &Config, w: &Weights, io: Io<'_>) -> Result<()> {
         let problem = validate(cfg, w, &io.q, &io.k, &io.v, &io.out, io.lse.as_deref())?;

@@ -29,7 +29,10 @@
 
 mod backend;
 pub mod backends;
+pub mod cache;
+pub mod compress;
 mod config;
+pub mod decode;
 mod error;
 mod rng;
 mod tensor;
@@ -38,7 +41,9 @@ pub mod validate;
 mod weights;
 
 pub use backend::{Backend, BackendKind, Io, Selection, Timing, best, open};
+pub use cache::{CacheBytes, KvCache, KvCacheStack, cache_bytes};
 pub use config::{Config, Method, PosMode, Rope, Window};
+pub use decode::{DecodeIo, DecodeProblem, decode};
 pub use error::{Error, Result};
 pub use headmix_reference as reference;
 pub use rng::Rng;

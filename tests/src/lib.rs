@@ -1,6 +1,8 @@
 //! Shared helpers of the headmix test suites: device discovery with clear skips, random inputs,
 //! poisoned outputs, and the comparison of a backend against the f64 reference.
 
+pub mod cases;
+
 use headmix::reference::{self, MixWeights, Output, Params, Rounding, max_abs_err, rel_err};
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, Config, DType, Io, Problem, Rng, Weights};

@@ -43,4 +43,10 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+
+    /// Flash-decoding on the host: the cache split into chunks, each attended separately, then
+    /// combined by log-sum-exp (the algorithm device kernels follow, written out).
+    fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
+        crate::decode::split::decode_host(problem, w, io, None)
+    }
 }

@@ -1,0 +1,526 @@
+#!/usr/bin/env python3
+"""Time the configurations of `headmix bench` the way people run them today, in PyTorch.
+
+Peers, per configuration (all causal prefill, M = N, inputs token-major [B, N, heads, d]):
+  mha             F.scaled_dot_product_attention under sdpa_kernel(CUDNN_ATTENTION) and (FLASH_ATTENTION)
+  gqa             the same with enable_gqa=True (no repeat_kv copy)
+  mea, mea-compressed
+                  einsum K/V mixing of the Hk stored heads into H heads, SDPA, F.rms_norm * gamma
+  iha             einsum mixing of q, k, v into P pseudo-heads, reshape to N*P virtual tokens, SDPA
+                  (cuDNN, flash), reshape back, einsum collapse by r
+  iha-local       the same pipeline with FlexAttention (torch.compile) and a sliding-window block mask
+                  of W*P virtual tokens, W = N / (2 P^2) (the paper's schedule)
+
+Timing: CUDA events around each call, after warm-up, cycling through several input sets so that
+caches do not flatter small problems; FLOPs are headmix's count, 4*B*H*d * visible (query, key)
+pairs of virtual tokens; peak extra memory is torch.cuda.max_memory_allocated beyond inputs and
+output. Writes the JSON schema of `headmix bench --json` (headmix-bench/1, bench/README.md), so
+`headmix bench --peers peers.json` prints both side by side.
+
+    python3 bench/peers/peers.py --sweep full --json peers.json         # on the GPU machine
+    python3 bench/peers/peers.py --device cpu --json /tmp/p.json        # tiny CPU smoke test
+    python3 bench/peers/peers.py --check                                # every pipeline == the spec (f64, CPU)
+    python3 bench/peers/peers.py --dry-run                              # the plan, no torch needed
+
+Written for PyTorch 2.11 (sdpa_kernel, enable_gqa, FlexAttention, F.rms_norm).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SCHEMA = "headmix-bench/1"
+SOURCE = "bench/peers/peers.py"
+# Measured H100 SXM ceilings, used only as denominators (bench/src/count.rs has the same).
+H100 = {"device": "H100 SXM", "dense_bf16_tflops": 790.0, "copy_tb_s": 3.0}
+DTYPE_SIZE = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases: a mirror of bench/src/sweep.rs (Sweep::cases) and of headmix's FLOP and byte counts.
+# ---------------------------------------------------------------------------------------------
+
+
+def cases(sweep, gpu):
+    """The cases of a sweep, exactly as headmix's sweep.rs lists them for a GPU or the CPU."""
+    if gpu:
+        grid = {
+            "quick": ([1024, 4096, 16384], [128], ["bf16"], [2, 4]),
+            "full": ([1024, 2048, 4096, 8192, 16384], [64, 128], ["bf16", "f16"], [1, 2, 4, 8]),
+        }[sweep]
+    else:
+        grid = {
+            "quick": ([64, 128, 256], [64], ["f32"], [2, 4]),
+            "full": ([64, 128, 256], [64, 128], ["f32", "bf16"], [1, 2, 4, 8]),
+        }[sweep]
+    seqs, dims, dtypes, pseudos = grid
+    out = []
+    for dtype in dtypes:
+        for d in dims:
+            heads = 2048 // d if gpu else 4
+            for n in seqs:
+                batch = max(16384 // n, 1) if gpu else 1
+
+                def case(method, kv_heads, pseudo):
+                    return make_case(method, heads, kv_heads, pseudo, d, batch, n, dtype)
+
+                out.append(case("mha", heads, 1))
+                out.append(case("gqa", heads // 4, 1))
+                out.append(case("mea", heads, 1))
+                out.append(case("mea-compressed", heads // 2, 1))
+                for p in pseudos:
+                    out.append(case("iha", heads, p))
+                    out.append(case("iha-local", heads, p))
+    return out
+
+
+def make_case(method, heads, kv_heads, pseudo, d, batch, n, dtype):
+    window = None
+    if method == "iha-local":
+        w_tokens = max(n // (2 * pseudo * pseudo), 1)
+        window = [w_tokens * pseudo, 0]
+    return {
+        "config": method,
+        "heads": heads,
+        "q_heads": heads,
+        "kv_heads": kv_heads,
+        "pseudo": pseudo,
+        "head_dim": d,
+        "batch": batch,
+        "n": n,
+        "m": n,
+        "dtype": dtype,
+        "causal": True,
+        "window": window,
+        # Only IHA carries a collapse r: its output is [B, N, H, d]; the others [B, N, H, 1, d].
+        "collapse": method in ("iha", "iha-local"),
+    }
+
+
+def label(c):
+    s = c["config"]
+    if c["config"].startswith("iha"):
+        s += f" P={c['pseudo']}"
+    if c["config"] in ("gqa", "mea-compressed"):
+        s += f" Hk={c['kv_heads']}"
+    return f"{s} B={c['batch']} N={c['n']} d={c['head_dim']} {c['dtype']}"
+
+
+def visible_pairs(c):
+    """Visible (virtual query, virtual key) pairs per (batch, head): headmix's Problem::visible_pairs."""
+    p = c["pseudo"]
+    nq, nk = c["n"] * p, c["m"] * p
+    off = (c["m"] - c["n"]) * p
+    total = 0
+    for i in range(nq):
+        ia = i + off
+        lo, hi = 0, nk - 1
+        if c["causal"]:
+            hi = min(hi, ia)
+        if c["window"] is not None:
+            left, right = c["window"]
+            lo = max(lo, ia - left)
+            hi = min(hi, ia + right)
+        if hi >= lo:
+            total += hi - lo + 1
+    return total
+
+
+def flops(c):
+    return 4.0 * c["batch"] * c["heads"] * c["head_dim"] * visible_pairs(c)
+
+
+def nbytes(c):
+    """q, k, v read once and the output written once, in the dtype (headmix's count::bytes)."""
+    b, n, m, d = c["batch"], c["n"], c["m"], c["head_dim"]
+    out_heads = c["heads"] if c["collapse"] else c["heads"] * c["pseudo"]
+    elements = b * n * c["q_heads"] * d + 2 * b * m * c["kv_heads"] * d + b * n * out_heads * d
+    return float(elements * DTYPE_SIZE[c["dtype"]])
+
+
+def known_peak(device):
+    d = device.upper()
+    return H100 if ("H100" in d and "PCIE" not in d) else None
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return (out.stdout.strip() or "unknown") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch pipelines.
+# ---------------------------------------------------------------------------------------------
+
+
+def weights(torch, c, dev, dtype):
+    """Random weights of a trained layer, as headmix's Weights::random shapes them: aq [Hq, H, P],
+    ak, av [Hk, H, P], r [H, H*P] (IHA), gamma [H, d] (MEA); N(0, 1/fan_in) entries."""
+    h, hk, p, d = c["heads"], c["kv_heads"], c["pseudo"], c["head_dim"]
+    gen = torch.Generator(device="cpu").manual_seed(42)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=dev, dtype=dtype)
+
+    method = c["config"]
+    if method in ("mha", "gqa"):
+        return {}
+    if method in ("mea", "mea-compressed"):
+        ak = randn(hk, h, 1, scale=1 / math.sqrt(hk))
+        av = randn(hk, h, 1, scale=1 / math.sqrt(hk))
+        return {"ak": ak, "av": av, "gamma": 1 + randn(h, d, scale=0.1)}
+    return {
+        "aq": randn(h, h, p, scale=1 / math.sqrt(h)),
+        "ak": randn(hk, h, p, scale=1 / math.sqrt(hk)),
+        "av": randn(hk, h, p, scale=1 / math.sqrt(hk)),
+        "r": randn(h, h * p, scale=1 / math.sqrt(h * p)),
+    }
+
+
+def torch_pipelines(torch, c, dev, w):
+    """(implementation name, fn(q, k, v) -> out) for a case with weights `w`."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    h, p, d = c["heads"], c["pseudo"], c["head_dim"]
+    if dev.type == "cuda":
+        sdpa_backends = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
+    else:
+        sdpa_backends = [("math", SDPBackend.MATH)]
+
+    def sdpa(backend):
+        def run(q, k, v, **kw):  # q, k, v: [B, heads, L, d]
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+
+        return run
+
+    out = []
+    method = c["config"]
+    if method in ("mha", "gqa"):
+        gqa = {"enable_gqa": True} if method == "gqa" else {}
+        for name, backend in sdpa_backends:
+            attend = sdpa(backend)
+
+            def fn(q, k, v, attend=attend):
+                o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **gqa)
+                return o.transpose(1, 2)
+
+            suffix = " (enable_gqa)" if gqa else ""
+            out.append((f"torch sdpa {name}{suffix}", fn))
+    elif method in ("mea", "mea-compressed"):
+        ak, av, gamma = w["ak"][:, :, 0], w["av"][:, :, 0], w["gamma"]
+        for name, backend in sdpa_backends:
+            attend = sdpa(backend)
+
+            def fn(q, k, v, attend=attend):
+                kt = torch.einsum("bmcd,ch->bmhd", k, ak)  # mix the Hk stored heads into H heads
+                vt = torch.einsum("bmcd,ch->bmhd", v, av)
+                o = attend(q.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2)).transpose(1, 2)
+                return F.rms_norm(o, (d,), eps=1e-5) * gamma  # head-level RMS norm
+
+            out.append((f"torch einsum + sdpa {name} + rms_norm (unfused)", fn))
+    else:
+        aq, ak, av = w["aq"], w["ak"], w["av"]
+        r = w["r"].reshape(h, h, p)  # r[g, h'*P + p] as [g, h', p]
+
+        def mix(x, a):  # [B, S, src, d] -> [B, S, P, H, d] = [B, S*P, H, d] -> [B, H, S*P, d]
+            b, s = x.shape[0], x.shape[1]
+            return torch.einsum("bsmd,mhp->bsphd", x, a).reshape(b, s * p, h, d).transpose(1, 2)
+
+        def collapse(o, b, n):  # [B, H, N*P, d] -> [B, N, P, H, d] -> [B, N, H, d]
+            o = o.transpose(1, 2).reshape(b, n, p, h, d)
+            return torch.einsum("bnphd,ghp->bngd", o, r)
+
+        if method == "iha":
+            for name, backend in sdpa_backends:
+                attend = sdpa(backend)
+
+                def fn(q, k, v, attend=attend):
+                    return collapse(attend(mix(q, aq), mix(k, ak), mix(v, av)), q.shape[0], q.shape[1])
+
+                out.append((f"torch einsum + sdpa {name} over N*P (unfused)", fn))
+        else:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            left = c["window"][0]
+
+            def sliding_window(b, hh, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (q_idx - kv_idx <= left)
+
+            length = c["n"] * p
+            # On the GPU both are compiled: eager create_block_mask would materialise the whole
+            # (N*P)^2 mask (17 G entries at N*P = 128k), eager flex_attention the whole score matrix.
+            on_gpu = dev.type == "cuda"
+            make_mask = torch.compile(create_block_mask) if on_gpu else create_block_mask
+            block_mask = make_mask(sliding_window, None, None, length, length, device=dev)
+            flex = torch.compile(flex_attention, dynamic=False) if on_gpu else flex_attention
+
+            def fn(q, k, v):
+                o = flex(mix(q, aq), mix(k, ak), mix(v, av), block_mask=block_mask)
+                return collapse(o, q.shape[0], q.shape[1])
+
+            compiled = "compiled " if dev.type == "cuda" else ""
+            out.append((f"torch einsum + {compiled}flex_attention window (unfused)", fn))
+    return out
+
+
+def reference(torch, c, q, k, v, w):
+    """The spec written out (shared/spec/attention.md, steps 1-8) with an explicit mask: the check
+    that the peers compute headmix's function."""
+    b, n, _, d = q.shape
+    m, hk = k.shape[1], k.shape[2]
+    h, p = c["heads"], c["pseudo"]
+    eye = torch.eye(h, dtype=q.dtype).reshape(h, h, 1).expand(h, h, p)
+    group = torch.zeros(hk, h, p, dtype=q.dtype)
+    for hh in range(h):
+        group[hh // (h // hk), hh, :] = 1  # GQA replication (the identity when Hk = H)
+    aq, ak, av = w.get("aq", eye), w.get("ak", group), w.get("av", group)
+    # 1-2. Mix and interleave: virtual token i = n*P + p.
+    qt = torch.einsum("bnmd,mhp->bhnpd", q, aq).reshape(b, h, n * p, d)
+    kt = torch.einsum("bnmd,mhp->bhnpd", k, ak).reshape(b, h, m * p, d)
+    vt = torch.einsum("bnmd,mhp->bhnpd", v, av).reshape(b, h, m * p, d)
+    # 4. Mask on virtual indices, bottom-right aligned.
+    i = torch.arange(n * p).reshape(-1, 1) + (m - n) * p
+    j = torch.arange(m * p).reshape(1, -1)
+    visible = j <= i
+    if c["window"] is not None:
+        visible &= (i - c["window"][0] <= j) & (j <= i + c["window"][1])
+    # 5. Attention.
+    s = torch.einsum("bhid,bhjd->bhij", qt, kt) / math.sqrt(d)
+    o = torch.einsum("bhij,bhjd->bhid", torch.softmax(s.masked_fill(~visible, -math.inf), -1), vt)
+    # 6-7. De-interleave, collapse.
+    o = o.reshape(b, h, n, p, d).permute(0, 2, 1, 3, 4)  # [B, N, H, P, d]
+    if "r" in w:
+        out = torch.einsum("gc,bncd->bngd", w["r"], o.reshape(b, n, h * p, d))
+    else:
+        out = o.reshape(b, n, h, d)  # P = 1
+    # 8. Head norm.
+    if "gamma" in w:
+        out = w["gamma"] * out / torch.sqrt(out.pow(2).mean(-1, keepdim=True) + 1e-5)
+    return out
+
+
+def check(torch):
+    """Every peer pipeline against `reference` on small f64 CPU problems; returns the failures."""
+    dev = torch.device("cpu")
+    failures = []
+    for method in ["mha", "gqa", "mea", "mea-compressed", "iha", "iha-local"]:
+        pseudo = 3 if method.startswith("iha") else 1
+        kv_heads = 2 if method in ("gqa", "mea-compressed") else 4
+        c = make_case(method, 4, kv_heads, pseudo, 8, 2, 24, "f32")
+        w = weights(torch, c, dev, torch.float64)
+        gen = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(2, 24, hh, 8, generator=gen, dtype=torch.float64) for hh in (4, kv_heads, kv_heads))
+        want = reference(torch, c, q, k, v, w)
+        for name, fn in torch_pipelines(torch, c, dev, w):
+            err = (fn(q, k, v) - want).abs().max().item()
+            print(f"check {label(c)} · {name}: max |error| {err:.2e}", file=sys.stderr)
+            if not err < 1e-10:
+                failures.append(f"{label(c)} · {name}: {err}")
+    return failures
+
+
+def configure_compile(torch):
+    """FlexAttention is compiled once per shape. Lift dynamo's recompile limits (8 by default), so
+    that the sweep's many shapes never fall back to the slow eager path, and fail loudly if one would."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    settings = [
+        ("recompile_limit", 1024),
+        ("cache_size_limit", 1024),
+        ("accumulated_recompile_limit", 8192),
+        ("accumulated_cache_size_limit", 8192),
+        ("fail_on_recompile_limit_hit", True),
+    ]
+    for name, value in settings:
+        if hasattr(cfg, name):
+            setattr(cfg, name, value)
+
+
+def time_calls(torch, dev, fn, input_sets, reps, warmup):
+    """Seconds per call (CUDA events on a GPU, else the wall clock), input sets cycled."""
+    for i in range(warmup):
+        fn(*input_sets[i % len(input_sets)])
+    if dev.type != "cuda":
+        seconds = []
+        for i in range(reps):
+            t = time.perf_counter()
+            fn(*input_sets[i % len(input_sets)])
+            seconds.append(time.perf_counter() - t)
+        return seconds, "wall clock"
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (start, end) in enumerate(events):
+        args = input_sets[i % len(input_sets)]
+        start.record()
+        fn(*args)
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in events], "cuda events"
+
+
+def extra_memory(torch, dev, fn, args):
+    """Peak device memory of one call beyond its inputs (already allocated) and its output."""
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    o = fn(*args)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - o.numel() * o.element_size()
+    del o
+    return max(int(extra), 0)
+
+
+def row(c, implementation, device, driver, clock, seconds, extra):
+    med = statistics.median(seconds)
+    fl, by = flops(c), nbytes(c)
+    tflops, gb_s = fl / med / 1e12, by / med / 1e9
+    peak = known_peak(device)
+    keys = ["config", "dtype", "batch", "n", "m", "heads", "q_heads", "kv_heads", "pseudo", "head_dim", "causal"]
+    r = {k: c[k] for k in keys}
+    r.update(
+        implementation=implementation,
+        backend="torch",
+        device=device,
+        driver=driver,
+        window=c["window"],
+        flops=fl,
+        bytes=by,
+        clock=clock,
+        seconds=seconds,
+        median_s=med,
+        tflops=tflops,
+        gb_s=gb_s,
+        pct_peak_flops=100 * tflops / peak["dense_bf16_tflops"] if peak else None,
+        pct_peak_bw=100 * gb_s / (peak["copy_tb_s"] * 1000) if peak else None,
+        extra_bytes=extra,
+        unfused=None,
+        speedup_vs_unfused=None,
+    )
+    return r
+
+
+def run(args):
+    import torch
+
+    dev = torch.device(args.device)
+    configure_compile(torch)
+    if dev.type == "cuda":
+        device = torch.cuda.get_device_name(dev)
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        driver = f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn}"
+    else:
+        device = f"host CPU ({torch.get_num_threads()} threads)"
+        driver = f"torch {torch.__version__}"
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+    report = {
+        "schema": SCHEMA,
+        "source": SOURCE,
+        "sweep": args.sweep,
+        "git_commit": git_commit(),
+        "date_utc": utc_now(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "ceilings": [H100],
+        "backends": [{"backend": "torch", "device": device, "driver": driver, "describe": [["torch", torch.__version__]]}],
+        "skipped": [],
+        "results": [],
+        "errors": [],
+    }
+    plan = [c for c in cases(args.sweep, dev.type == "cuda") if not args.filter or args.filter in label(c)]
+    reps = args.reps or (20 if dev.type == "cuda" else 5)
+    start = time.time()
+    for i, c in enumerate(plan):
+        dtype = torch_dtype[c["dtype"]]
+        b, n, m, d = c["batch"], c["n"], c["m"], c["head_dim"]
+        # Enough input sets to cover 128 MiB (more than an H100's L2), 2 to 8 of them.
+        set_bytes = nbytes(c)
+        n_sets = min(max(math.ceil((128 << 20) / set_bytes), 2), 8)
+        gen = torch.Generator(device="cpu").manual_seed(1000 + i)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen).to(device=dev, dtype=dtype)
+
+        input_sets = [
+            (randn(b, n, c["q_heads"], d), randn(b, m, c["kv_heads"], d), randn(b, m, c["kv_heads"], d))
+            for _ in range(n_sets)
+        ]
+        try:
+            pipelines = torch_pipelines(torch, c, dev, weights(torch, c, dev, dtype))
+        except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
+            pipelines = []
+            report["errors"].append({"backend": "torch", "case": label(c), "why": f"{type(e).__name__}: {e}"})
+        for name, fn in pipelines:
+            tag = f"[{i + 1}/{len(plan)}] {label(c)} · {name}"
+            try:
+                with torch.inference_mode():
+                    seconds, clock = time_calls(torch, dev, fn, input_sets, reps, args.warmup)
+                    extra = extra_memory(torch, dev, fn, input_sets[0])
+                r = row(c, name, device, driver, clock, seconds, extra)
+                report["results"].append(r)
+                print(f"{tag}: {r['median_s'] * 1e3:.3f} ms, {r['tflops']:.3g} TFLOP/s", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not support the shape
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                report["errors"].append({"backend": "torch", "case": f"{label(c)} · {name}", "why": why})
+                print(f"{tag}: failed: {why}", file=sys.stderr)
+        del input_sets
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"measured {len(plan)} cases in {time.time() - start:.1f} s", file=sys.stderr)
+    return report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", choices=["quick", "full"], default="quick")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny sizes: a smoke test)")
+    ap.add_argument("--reps", type=int, default=0, help="timed calls per case (default 20 on a GPU, 5 on the CPU)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed calls first (compiles FlexAttention)")
+    ap.add_argument("--filter", default="", help="only cases whose label contains this text")
+    ap.add_argument("--json", default="", help="write the report here (default: stdout)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (cases, FLOPs, bytes) as JSON; no torch")
+    ap.add_argument("--check", action="store_true", help="check every pipeline against the spec (f64, CPU) and exit")
+    args = ap.parse_args(argv)
+    if args.check:
+        import torch
+
+        failures = check(torch)
+        if failures:
+            sys.exit("peers differ from the spec:\n  " + "\n  ".join(failures))
+        print("every peer pipeline equals the spec's reference", file=sys.stderr)
+        return
+    if args.dry_run:
+        gpu = not args.device.startswith("cpu")
+        plan = [c for c in cases(args.sweep, gpu) if not args.filter or args.filter in label(c)]
+        for c in plan:
+            c["label"], c["flops"], c["bytes"] = label(c), flops(c), nbytes(c)
+        text = json.dumps(plan, indent=1)
+    else:
+        text = json.dumps(run(args), indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+//! Random problems for the backend property suites: a method, sizes, mask, RoPE and weights,
+//! drawn by proptest so failures shrink to a small case. One strategy serves every backend;
+//! each backend suite chooses the head dims and sizes its device runs in reasonable time.
+
+use headmix::{Config, DType, PosMode, Rope, Weights};
+use proptest::prelude::*;
+
+use crate::Case;
+
+/// Which named method a random problem is built as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Mha,
+    Gqa,
+    Mea,
+    MeaCompressed,
+    Iha,
+    IhaLocal,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [Kind::Mha, Kind::Gqa, Kind::Mea, Kind::MeaCompressed, Kind::Iha, Kind::IhaLocal];
+}
+
+/// Limits of a random problem.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_batch: usize,
+    pub max_heads: usize,
+    pub max_pseudo: usize,
+    pub max_n: usize,
+    /// Extra key tokens beyond `N` (a KV-cache prefix), at most.
+    pub max_extra: usize,
+    pub head_dims: Vec<usize>,
+    pub dtypes: Vec<DType>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch: 2,
+            max_heads: 4,
+            max_pseudo: 4,
+            max_n: 12,
+            max_extra: 6,
+            head_dims: vec![2, 4, 8, 16, 32],
+            dtypes: vec![DType::F32, DType::F16, DType::BF16],
+        }
+    }
+}
+
+/// One random problem, before its values are drawn.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub kind: Kind,
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub pseudo: usize,
+    pub head_dim: usize,
+    pub n: usize,
+    pub m: usize,
+    pub causal: bool,
+    /// `(left, right)` in virtual tokens (IHA local always has one, `right = 0`).
+    pub window: Option<(usize, usize)>,
+    pub rope: Option<PosMode>,
+    pub pos_offset: usize,
+    pub scale: Option<f32>,
+    pub collapse: bool,
+    pub norm: bool,
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+impl Spec {
+    /// The configuration this spec describes.
+    pub fn config(&self) -> Config {
+        let (h, d) = (self.heads, self.head_dim);
+        let mut c = match self.kind {
+            Kind::Mha => Config::mha(h, d),
+            Kind::Gqa => Config::gqa(h, self.kv_heads, d).expect("divisor by construction"),
+            Kind::Mea => Config::mea(h, d),
+            Kind::MeaCompressed => Config::mea_compressed(h, self.kv_heads, d).expect("Hk <= H by construction"),
+            Kind::Iha => Config::iha(h, self.pseudo, d),
+            Kind::IhaLocal => Config::iha_window(h, self.pseudo, d, 1),
+        };
+        c = c.with_causal(self.causal);
+        c.window = self.window.map(|(left, right)| headmix::Window { left, right });
+        if let Some(mode) = self.rope {
+            c = c.with_rope(Rope { base: 10000.0, mode });
+        }
+        c = c.with_pos_offset(self.pos_offset);
+        if let Some(s) = self.scale {
+            c = c.with_scale(s);
+        }
+        c
+    }
+
+    /// Random weights of the method, with `r` and `gamma` present as the spec says.
+    pub fn weights(&self) -> Weights {
+        let cfg = self.config();
+        let mut w = Weights::random(&cfg, self.seed ^ 0x9e37_79b9);
+        let mut rng = headmix::Rng::new(self.seed ^ 0x51ed);
+        let (h, p, d) = (cfg.heads, cfg.pseudo, cfg.head_dim);
+        w.r = self
+            .collapse
+            .then(|| w.r.clone().unwrap_or_else(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt())));
+        w.gamma = self.norm.then(|| {
+            w.gamma.clone().unwrap_or_else(|| (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect())
+        });
+        w
+    }
+
+    /// The case: fresh random inputs in the spec's dtype.
+    pub fn case(&self) -> Case {
+        Case::random(self.config(), self.weights(), self.batch, self.n, self.m, self.dtype, self.seed)
+    }
+}
+
+/// Random problems within `limits`, over every method.
+pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
+    let l = limits.clone();
+    (
+        prop::sample::select(Kind::ALL.to_vec()),
+        1..=l.max_heads,
+        1..=l.max_pseudo,
+        prop::sample::select(l.head_dims.clone()),
+        prop::sample::select(l.dtypes.clone()),
+    )
+        .prop_flat_map(move |(kind, heads, pseudo, head_dim, dtype)| {
+            let l = limits.clone();
+            let pseudo = match kind {
+                Kind::Iha | Kind::IhaLocal => pseudo.min(heads.max(1)).max(1),
+                _ => 1,
+            };
+            let kv_choices: Vec<usize> = match kind {
+                Kind::Gqa => (1..=heads).filter(|g| heads % g == 0).collect(),
+                Kind::MeaCompressed => (1..=heads).collect(),
+                _ => vec![heads],
+            };
+            (
+                Just((kind, heads, pseudo, head_dim, dtype)),
+                prop::sample::select(kv_choices),
+                1..=l.max_batch,
+                1..=l.max_n,
+                0..=l.max_extra,
+                any::<bool>(),
+                prop_oneof![3 => Just(None), 1 => (0..8usize, 0..4usize).prop_map(Some)],
+                prop_oneof![Just(None), Just(Some(PosMode::Virtual)), Just(Some(PosMode::Token))],
+                0..40usize,
+                prop_oneof![3 => Just(None), 1 => (0.05f32..0.6).prop_map(Some)],
+                (any::<bool>(), any::<bool>(), any::<u64>()),
+            )
+        })
+        .prop_map(
+            |(
+                (kind, heads, pseudo, head_dim, dtype),
+                kv_heads,
+                batch,
+                n,
+                extra,
+                causal,
+                window,
+                rope,
+                pos,
+                scale,
+                x,
+            )| {
+                let (collapse_draw, norm_draw, seed) = x;
+                let (causal, window) = match kind {
+                    Kind::Iha => (true, None),
+                    Kind::IhaLocal => (true, Some((window.map_or(pseudo, |(l, _)| l + 1), 0))),
+                    _ => (causal, window),
+                };
+                let collapse = collapse_draw;
+                let norm = matches!(kind, Kind::Mea | Kind::MeaCompressed) || norm_draw;
+                Spec {
+                    kind,
+                    batch,
+                    heads,
+                    kv_heads,
+                    pseudo,
+                    head_dim,
+                    n,
+                    m: n + extra,
+                    causal,
+                    window,
+                    rope,
+                    pos_offset: pos,
+                    scale,
+                    collapse,
+                    norm,
+                    dtype,
+                    seed,
+                }
+            },
+        )
+}

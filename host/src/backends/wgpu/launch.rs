@@ -375,6 +375,7 @@ fn dispatches(
     }
     let op_len = if direct { 0 } else { heads_batch * nq * d };
     let part_len = if n_splits > 1 { n_splits * heads_batch * nq * (d + 2) } else { 0 };
+    to_u32("f32 scratch elements (kernels index it with u32)", op_len + part_len)?;
     Ok(Dispatches { attention, combine, epilogue, q_tiles, splits: to_u32("splits", n_splits)?, op_len, part_len })
 }
 

@@ -1,1 +1,478 @@
-//! (to be written)
+//! The wgpu backend (WGSL kernels) against the f64 reference: property suites over random shapes
+//! for every method and option, in f32, f16 and bf16, for the flash kernel and the naive
+//! baseline; large logits; multi-tile shapes (several query and key tiles, partial tiles,
+//! window tile skipping); the zero-copy entry point; device timing; typed errors.
+//!
+//! Runs on any adapter, Mesa's lavapipe included (slow: shapes are kept small). Skips with one
+//! line when no adapter is found; `HEADMIX_REQUIRE_WGPU=1` makes that a failure.
+//! Rows that see no key (lse = -inf, output 0) cannot be built through the validated API (with
+//! `M >= N` every virtual query sees its diagonal key); the kernels handle them (`l = 0`).
+
+use headmix::backends::wgpu::{DeviceIo, Variant, WgpuBackend, wgpu};
+use headmix::reference::Rounding;
+use headmix::timing::Owned;
+use headmix::{
+    Backend, BackendKind, Config, DType, Error, Io, PosMode, Problem, Rng, Rope, Tensor, TensorMut, Weights,
+};
+use headmix_tests::{Case, check_property, device_or_skip};
+use proptest::prelude::*;
+use wgpu::util::DeviceExt;
+
+/// The flash backend, or a one-line skip.
+fn flash(test: &str) -> Option<Box<dyn Backend>> {
+    device_or_skip(BackendKind::Wgpu, test)
+}
+
+/// Flash backends with the split-KV heuristic, with splitting off, and with 3 key ranges per
+/// query tile; or a one-line skip.
+fn flash_splits(test: &str) -> Option<[WgpuBackend; 3]> {
+    device_or_skip(BackendKind::Wgpu, test)?;
+    let open = |s| WgpuBackend::new().expect("opened once already").with_kv_splits(s);
+    Some([open(None), open(Some(1)), open(Some(3))])
+}
+
+/// The naive baseline on its own device, or a one-line skip.
+fn naive(test: &str) -> Option<WgpuBackend> {
+    device_or_skip(BackendKind::Wgpu, test)?;
+    Some(WgpuBackend::new().expect("opened once already").with_variant(Variant::Naive))
+}
+
+/// One random problem: a method with random sizes and options.
+#[derive(Clone, Debug)]
+struct Shape {
+    method: usize,
+    b: usize,
+    n: usize,
+    extra_m: usize,
+    h: usize,
+    /// Source heads for the methods that allow them (`Hq`/`Hk` of custom IHA, `G` of GQA, `Hk` of
+    /// compressed MEA), as a fraction picker.
+    src: usize,
+    p: usize,
+    d: usize,
+    causal: bool,
+    window: Option<(usize, usize)>,
+    rope: Option<PosMode>,
+    pos0: usize,
+    collapse: bool,
+    norm: bool,
+    seed: u64,
+}
+
+const METHODS: [&str; 7] = ["mha", "gqa", "mea", "mea-compressed", "iha", "iha-local", "iha-custom-heads"];
+
+impl Shape {
+    fn config(&self) -> Config {
+        let (h, d) = (self.h, self.d);
+        let src = 1 + self.src % h; // 1..=h
+        let mut cfg = match METHODS[self.method] {
+            "mha" => Config::mha(h, d),
+            "gqa" => {
+                let g = (1..=h).rev().filter(|g| h % g == 0).nth(self.src % 2).unwrap_or(1);
+                Config::gqa(h, g, d).expect("divisor")
+            }
+            "mea" => Config::mea(h, d),
+            "mea-compressed" => Config::mea_compressed(h, src, d).expect("1 <= Hk <= H"),
+            "iha" => Config::iha(h, self.p, d),
+            "iha-local" => Config::iha_window(h, self.p, d, 1 + self.seed as usize % 4),
+            _ => {
+                let mut c = Config::iha(h, self.p, d);
+                c.q_heads = src;
+                c.kv_heads = 1 + (self.src / 3) % h;
+                c
+            }
+        };
+        // Options on top of the method's own (IHA keeps causal; the others take the draw).
+        if !METHODS[self.method].starts_with("iha") {
+            cfg.causal = self.causal;
+        }
+        if let Some((l, r)) = self.window {
+            cfg = cfg.with_window(l, r);
+        }
+        if let Some(mode) = self.rope {
+            cfg = cfg.with_rope(Rope { base: 10000.0, mode });
+        }
+        cfg.with_pos_offset(self.pos0)
+    }
+
+    fn weights(&self, cfg: &Config) -> Weights {
+        let mut w = Weights::random(cfg, self.seed ^ 0x5eed);
+        let mut rng = Rng::new(self.seed ^ 0xc011);
+        let (h, p, d) = (cfg.heads, cfg.pseudo, cfg.head_dim);
+        w.r = self.collapse.then(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt()));
+        w.gamma = self.norm.then(|| (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect());
+        w
+    }
+
+    fn case(&self, dtype: DType) -> Case {
+        let cfg = self.config();
+        Case::random(cfg, self.weights(&cfg), self.b, self.n, self.n + self.extra_m, dtype, self.seed)
+    }
+}
+
+/// Small random shapes: `max_n` query tokens at most, head dims from `dims`.
+fn shapes(max_n: usize, dims: &'static [usize]) -> impl Strategy<Value = Shape> {
+    (
+        (0..METHODS.len(), 1..=2usize, 1..=max_n, prop_oneof![Just(0usize), 1..=6usize], 1..=4usize, 0..12usize),
+        (1..=3usize, proptest::sample::select(dims), any::<bool>()),
+        (
+            prop_oneof![2 => Just(None), 1 => (0..=12usize, 0..=4usize).prop_map(Some)],
+            prop_oneof![Just(None), Just(Some(PosMode::Virtual)), Just(Some(PosMode::Token))],
+            prop_oneof![Just(0usize), 1..=50usize, 60_000..=70_000usize],
+        ),
+        (any::<bool>(), any::<bool>(), any::<u64>()),
+    )
+        .prop_map(
+            |((method, b, n, extra_m, h, src), (p, d, causal), (window, rope, pos0), (collapse, norm, seed))| Shape {
+                method,
+                b,
+                n,
+                extra_m,
+                h,
+                src,
+                p,
+                d,
+                causal,
+                window,
+                rope,
+                pos0,
+                collapse,
+                norm,
+                seed,
+            },
+        )
+}
+
+fn label(s: &Shape, dtype: DType, kernel: &str) -> String {
+    format!("{kernel} {} {dtype:?} {s:?}", METHODS[s.method])
+}
+
+#[test]
+fn flash_f32_matches_reference_on_random_shapes() {
+    let Some(bes) = flash_splits("flash_f32_matches_reference_on_random_shapes") else { return };
+    check_property("flash f32", 128, shapes(24, &[32, 64, 128]), |s| {
+        let (be, splits) = (&bes[s.seed as usize % 3], ["auto", "1", "3"][s.seed as usize % 3]);
+        s.case(DType::F32).check(be, &label(&s, DType::F32, &format!("flash splits={splits}")));
+    });
+}
+
+#[test]
+fn flash_f16_matches_reference_on_random_shapes() {
+    let Some(bes) = flash_splits("flash_f16_matches_reference_on_random_shapes") else { return };
+    check_property("flash f16", 64, shapes(16, &[32, 64, 128]), |s| {
+        let (be, splits) = (&bes[s.seed as usize % 3], ["auto", "1", "3"][s.seed as usize % 3]);
+        s.case(DType::F16).check(be, &label(&s, DType::F16, &format!("flash splits={splits}")));
+    });
+}
+
+#[test]
+fn flash_bf16_matches_reference_on_random_shapes() {
+    let Some(bes) = flash_splits("flash_bf16_matches_reference_on_random_shapes") else { return };
+    check_property("flash bf16", 64, shapes(16, &[32, 64, 128]), |s| {
+        let (be, splits) = (&bes[s.seed as usize % 3], ["auto", "1", "3"][s.seed as usize % 3]);
+        s.case(DType::BF16).check(be, &label(&s, DType::BF16, &format!("flash splits={splits}")));
+    });
+}
+
+#[test]
+fn naive_matches_reference_on_random_shapes() {
+    let Some(be) = naive("naive_matches_reference_on_random_shapes") else { return };
+    // Small enough for llvmpipe's loop budget (a thread walks all its keys; see long_loops_*).
+    check_property("naive", 48, shapes(8, &[32, 64]), |s| {
+        let dtype = [DType::F32, DType::F16, DType::BF16][s.seed as usize % 3];
+        s.case(dtype).check(&be, &label(&s, dtype, "naive"));
+    });
+}
+
+/// Several query tiles and key tiles, partial last tiles, and a window narrower than a tile
+/// band, so that whole key tiles are skipped; with a KV prefix, RoPE and an odd P. Each with
+/// split-KV off, on (4 ranges, some empty) and by the heuristic.
+#[test]
+fn flash_multi_tile_window_and_prefix() {
+    let Some(bes) = device_or_skip(BackendKind::Wgpu, "flash_multi_tile_window_and_prefix") else { return };
+    drop(bes);
+    for splits in [Some(1), Some(4), None] {
+        let be = WgpuBackend::new().expect("adapter present").with_kv_splits(splits);
+        multi_tile_cases(&be, &format!("splits {splits:?}"));
+    }
+}
+
+fn multi_tile_cases(be: &WgpuBackend, what: &str) {
+    let cfg = Config::iha_window(2, 3, 64, 9).with_rope(Rope::default()).with_pos_offset(7);
+    let w = Weights::random(&cfg, 1);
+    let case = Case::random(cfg, w, 1, 61, 83, DType::F32, 2);
+    case.check(be, &format!("multi-tile iha-local, M > N, rope, {what}"));
+    // Non-causal two-sided window with norm and no collapse, d = 128 (smaller tiles).
+    let cfg = Config::mea(2, 128).with_window(20, 13).with_rope(Rope { base: 500.0, mode: PosMode::Token });
+    let case = Case::random(cfg, Weights::random(&cfg, 3), 2, 50, 70, DType::F32, 4);
+    case.check(be, &format!("multi-tile mea, two-sided window, d = 128, {what}"));
+    // Global causal IHA, batch 2, 400 virtual queries per head: many query and key tiles.
+    let cfg = Config::iha(2, 2, 64).with_rope(Rope::default());
+    let case = Case::random(cfg, Weights::random(&cfg, 17), 2, 200, 200, DType::F32, 18);
+    case.check(be, &format!("multi-tile iha, 400 virtual tokens, {what}"));
+    // Global causal IHA, f16, enough queries for several tiles.
+    let cfg = Config::iha(2, 2, 64);
+    let case = Case::random(cfg, Weights::random(&cfg, 5), 1, 45, 45, DType::F16, 6);
+    case.check(be, &format!("multi-tile iha f16, {what}"));
+}
+
+/// Long loops: Mesa's llvmpipe silently ends an invocation's loops after 65535 iterations in all.
+/// The flash kernel must still be right on a long cache (it splits the keys under the adapter's
+/// loop budget), and the naive kernel must either be right or refuse with `Unsupported`, never
+/// return truncated sums. (Without the budget, the naive case below returns wrong values on
+/// llvmpipe: it sees only its first ~400 keys.)
+#[test]
+fn long_loops_are_split_or_refused() {
+    let Some(be) = flash("long_loops_are_split_or_refused") else { return };
+    let cfg = Config::iha(2, 2, 64).with_rope(Rope::default());
+    let case = Case::random(cfg, Weights::random(&cfg, 23), 1, 1, 3000, DType::F32, 24);
+    case.check(be.as_ref(), "flash decode over a 6000-key cache");
+    let nv = naive("long_loops_are_split_or_refused").expect("adapter present");
+    let cfg = Config::iha(1, 1, 32);
+    let case = Case::random(cfg, Weights::random(&cfg, 25), 1, 1, 600, DType::F32, 26);
+    match case.run(&nv) {
+        Ok(_) => case.check(&nv, "naive decode over 600 keys"),
+        Err(Error::Unsupported { why, .. }) => {
+            assert!(nv.loop_budget().is_some() && why.contains("loop iterations"), "{why}")
+        }
+        Err(e) => panic!("naive decode over 600 keys: {e}"),
+    }
+}
+
+/// Decode: one or two new tokens against a long KV cache (split-KV by the heuristic), RoPE at
+/// the bottom-right-aligned positions with an offset, compressed MEA and IHA.
+#[test]
+fn flash_decode_against_long_cache() {
+    let Some(be) = flash("flash_decode_against_long_cache") else { return };
+    for (n, dtype) in [(1, DType::F32), (2, DType::BF16)] {
+        let cfg = Config::iha(2, 2, 64).with_rope(Rope::default()).with_pos_offset(1000);
+        let case = Case::random(cfg, Weights::random(&cfg, 19), 1, n, 300, dtype, 20);
+        case.check(be.as_ref(), &format!("decode iha n={n} {dtype:?}"));
+        let cfg = Config::mea_compressed(4, 2, 32).expect("valid").with_causal(true);
+        let case = Case::random(cfg, Weights::random(&cfg, 21), 2, n, 257, dtype, 22);
+        case.check(be.as_ref(), &format!("decode mea-compressed n={n} {dtype:?}"));
+    }
+}
+
+/// Logits of several hundred: the online softmax must rescale without overflow.
+#[test]
+fn flash_and_naive_large_logits() {
+    let Some(be) = flash("flash_and_naive_large_logits") else { return };
+    let Some(nv) = naive("flash_and_naive_large_logits") else { return };
+    for (i, scale) in [40.0f32, 400.0].into_iter().enumerate() {
+        let cfg = Config::iha(2, 2, 32).with_scale(scale);
+        let case = Case::random(cfg, Weights::random(&cfg, 7), 1, 20, 24, DType::F32, 8 + i as u64);
+        let exact = case.reference(Rounding::Exact);
+        let max_lse = exact.lse.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        assert!(max_lse > 50.0, "logits are not large ({max_lse})");
+        case.check(be.as_ref(), &format!("flash, scale {scale}"));
+        case.check(&nv, &format!("naive, scale {scale}"));
+    }
+}
+
+/// d = 256, the largest head dimension: tiles shrink to fit the workgroup memory.
+#[test]
+fn flash_head_dim_256() {
+    let Some(be) = flash("flash_head_dim_256") else { return };
+    let cfg = Config::iha(2, 2, 256).with_rope(Rope::default());
+    let case = Case::random(cfg, Weights::random(&cfg, 9), 1, 9, 11, DType::BF16, 10);
+    case.check(be.as_ref(), "iha d = 256 bf16");
+}
+
+/// A test of the tests: a wrong kernel result must fail `Case::check` (here the reference of a
+/// different problem).
+#[test]
+fn check_detects_a_wrong_answer() {
+    let Some(be) = flash("check_detects_a_wrong_answer") else { return };
+    let cfg = Config::iha(2, 2, 32);
+    let case = Case::random(cfg, Weights::random(&cfg, 11), 1, 6, 6, DType::F32, 12);
+    let mut other = Case::random(cfg, Weights::random(&cfg, 11), 1, 6, 6, DType::F32, 12);
+    other.q[5] += 0.05; // a single input element changed
+    case.check(be.as_ref(), "control");
+    let (out, _) = other.run(be.as_ref()).expect("runs");
+    let err = headmix::reference::rel_err(&out, &case.reference(Rounding::Exact).out);
+    assert!(err > 1e-5, "a changed input must move the output past the f32 tolerance ({err:.2e})");
+}
+
+/// f16 / bf16 outputs are the round-to-nearest-even of the kernel's f32 result (arithmetic is f32
+/// for every dtype, so the same inputs run in f32 give the unrounded values), on both store paths:
+/// the attention kernel's (no collapse, no norm) and the epilogue's. Catches a truncating store,
+/// which the 2x-reference error rule of `Case::check` lets through.
+#[test]
+fn low_precision_outputs_round_to_nearest() {
+    let Some(be) = flash("low_precision_outputs_round_to_nearest") else { return };
+    for dtype in [DType::F16, DType::BF16] {
+        for collapse in [false, true] {
+            let cfg = Config::iha(2, 2, 32).with_rope(Rope::default());
+            let mut w = Weights::random(&cfg, 15);
+            if !collapse {
+                w.r = None;
+            }
+            let case = Case::random(cfg, w, 1, 12, 14, dtype, 16);
+            let wide = Case {
+                problem: Problem { dtype: DType::F32, ..case.problem },
+                weights: case.weights.clone(),
+                q: case.q.clone(),
+                k: case.k.clone(),
+                v: case.v.clone(),
+            };
+            let (low, _) = case.run(be.as_ref()).expect("runs");
+            let (high, _) = wide.run(be.as_ref()).expect("runs");
+            let rounded = Owned::from_f32(dtype, &high).to_f32();
+            let same = low.iter().zip(&rounded).filter(|(a, b)| a == b).count();
+            assert!(
+                same * 100 >= 99 * low.len(),
+                "{dtype:?} collapse={collapse}: only {same} of {} outputs are the nearest value",
+                low.len()
+            );
+        }
+    }
+}
+
+fn poisoned_io_result(be: &dyn Backend, cfg: &Config, w: &Weights, q_shape: [usize; 4]) -> (Error, Vec<f32>) {
+    let [b, n, _, d] = q_shape;
+    let q = vec![0.5f32; q_shape.iter().product()];
+    let kv = vec![0.25f32; b * n * cfg.kv_heads * d];
+    let mut out = vec![f32::NAN; b * n * cfg.heads * d];
+    let e = be
+        .forward(
+            cfg,
+            w,
+            Io {
+                q: Tensor::new(&q, &q_shape),
+                k: Tensor::new(&kv, &[b, n, cfg.kv_heads, d]),
+                v: Tensor::new(&kv, &[b, n, cfg.kv_heads, d]),
+                out: TensorMut::new(&mut out, &[b, n, cfg.heads, d]),
+                lse: None,
+            },
+        )
+        .expect_err("invalid input");
+    (e, out)
+}
+
+/// Bad input gives a typed error before anything is written; oversized problems are refused with
+/// `Unsupported` naming the binding (never truncated).
+#[test]
+fn typed_errors_for_bad_and_oversized_input() {
+    let Some(be) = flash("typed_errors_for_bad_and_oversized_input") else { return };
+    let cfg = Config::mha(2, 32);
+    let w = Weights::random(&cfg, 1);
+    let (e, out) = poisoned_io_result(be.as_ref(), &cfg, &w, [1, 4, 3, 32]);
+    assert!(matches!(e, Error::Shape { what: "q", .. }), "{e}");
+    assert!(out.iter().all(|x| x.is_nan()), "output written despite the error");
+
+    // Oversized: q alone is 4·2^25·... bytes, above the adapter's storage-binding limit.
+    let wb = WgpuBackend::new().expect("adapter present");
+    let max = wb.device().limits().max_storage_buffer_binding_size;
+    // A narrow window keeps the work per workgroup small (llvmpipe's loop budget plays no part).
+    let cfg = Config::mha(4, 64).with_window(64, 0);
+    let n = (max / (4 * 4 * 64)) as usize + 1; // one token more than fits
+    let big = Problem { cfg, batch: 1, n, m: n, dtype: DType::F32, collapse: false, norm: false };
+    let e = wb.supports(&big).expect_err("over the binding limit");
+    assert!(matches!(&e, Error::Unsupported { backend: "wgpu", why } if why.contains("q needs")), "{e}");
+    let ok = Problem { n: n - 1, m: n - 1, ..big };
+    wb.supports(&ok).expect("just fits");
+
+    // The zero-copy entry point refuses buffers that are too small or not STORAGE.
+    let cfg = Config::iha(2, 2, 32);
+    let w = Weights::random(&cfg, 2);
+    let buf = |size: u64, usage| {
+        wb.device().create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false })
+    };
+    let s = wgpu::BufferUsages::STORAGE;
+    let (q, small) = (buf(4 * 4 * 2 * 32, s), buf(4, s));
+    let io = DeviceIo { q: &q, k: &q, v: &q, out: &small, lse: None };
+    let e = wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect_err("out too small");
+    assert!(matches!(e, Error::Length { what: "out buffer", .. }), "{e}");
+    let e = wb.forward_buffers(&cfg, &w, 1, 5, 4, DType::F32, io).expect_err("N > M");
+    assert!(matches!(e, Error::QueryLongerThanKeys { .. }), "{e}");
+
+    // wgpu's own validation errors come back as `Error::Device`, not panics (here the output
+    // buffer also bound as the read-only query); the backend stays usable.
+    let s = wgpu::BufferUsages::STORAGE;
+    let (q, out) = (buf(4 * 4 * 2 * 32, s), buf(4 * 4 * 2 * 32, s));
+    let io = DeviceIo { q: &out, k: &q, v: &q, out: &out, lse: None };
+    let cfg = Config::mha(2, 32);
+    let w = Weights::random(&cfg, 3);
+    let e = wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect_err("aliased in/out");
+    assert!(matches!(e, Error::Device { backend: "wgpu", .. }), "{e}");
+    let io = DeviceIo { q: &q, k: &q, v: &q, out: &out, lse: None };
+    wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect("still usable after errors");
+}
+
+/// `forward_buffers` on buffers the caller owns equals the host path, for f32 and bf16.
+#[test]
+fn zero_copy_matches_reference() {
+    let Some(_) = flash("zero_copy_matches_reference") else { return };
+    let wb = WgpuBackend::new().expect("adapter present");
+    for dtype in [DType::F32, DType::BF16] {
+        let cfg = Config::iha(3, 2, 32).with_rope(Rope::default());
+        let case = Case::random(cfg, Weights::random(&cfg, 13), 2, 7, 9, dtype, 14);
+        let p = case.problem;
+        let dev = wb.device();
+        let upload = |x: &[f32], shape: &[usize]| {
+            let o = Owned::from_f32(dtype, x);
+            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: o.tensor(shape).data.bytes(),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let (q, k, v) =
+            (upload(&case.q, &case.q_shape()), upload(&case.k, &case.kv_shape()), upload(&case.v, &case.kv_shape()));
+        let out_len: usize = p.out_shape().iter().product();
+        let out_bytes = (out_len * dtype.size()) as u64;
+        let lse_bytes = 4 * p.lse_len() as u64;
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        let mk =
+            |size| dev.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
+        let (out, lse) = (mk(out_bytes), mk(lse_bytes));
+        let io = DeviceIo { q: &q, k: &k, v: &v, out: &out, lse: Some(&lse) };
+        wb.forward_buffers(&cfg, &case.weights, p.batch, p.n, p.m, dtype, io).expect("zero-copy forward");
+        let staging = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: out_bytes + lse_bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = dev.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&out, 0, &staging, 0, out_bytes);
+        enc.copy_buffer_to_buffer(&lse, 0, &staging, out_bytes, lse_bytes);
+        wb.queue().submit([enc.finish()]);
+        staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
+        dev.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+        let bytes = staging.get_mapped_range(..).expect("mapped").to_vec();
+        let (ob, lb) = bytes.split_at(out_bytes as usize);
+        let got: Vec<f32> = match dtype {
+            DType::F32 => bytemuck_f32(ob),
+            _ => ob.chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        };
+        let lse_got = bytemuck_f32(lb);
+        let (host_out, host_lse) = case.run(&wb).expect("host path");
+        assert_eq!(got, host_out, "{dtype:?}: zero-copy output differs from the host path");
+        assert_eq!(lse_got, host_lse, "{dtype:?}: zero-copy lse differs from the host path");
+        case.check(&wb, &format!("zero-copy {dtype:?} (host path)"));
+    }
+}
+
+fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// `time` returns one positive duration per repetition, by timestamps where the adapter has them.
+#[test]
+fn timing_reports_device_time() {
+    let Some(_) = flash("timing_reports_device_time") else { return };
+    // Up to three passes (attention, split-KV combine, collapse epilogue): stamps on the first and last.
+    for (variant, splits) in [(Variant::Flash, None), (Variant::Flash, Some(3)), (Variant::Naive, None)] {
+        let wb = WgpuBackend::new().expect("adapter present").with_variant(variant).with_kv_splits(splits);
+        let cfg = Config::iha(2, 2, 32);
+        let w = Weights::random(&cfg, 1);
+        let problem = Problem { cfg, batch: 1, n: 16, m: 16, dtype: DType::F16, collapse: true, norm: false };
+        let t = wb.time(&problem, &w, 3).expect("timed");
+        assert_eq!(t.seconds.len(), 3);
+        assert!(t.seconds.iter().all(|&s| s > 0.0 && s < 10.0), "{:?}", t.seconds);
+        assert_eq!(t.clock, if wb.has_timestamps() { "wgpu timestamps" } else { "wall clock (submit + wait)" });
+        assert!(t.extra_bytes > 0);
+    }
+}

@@ -1,0 +1,203 @@
+//! WGSL sources, variant generation (constants substituted before compile), tile sizes chosen
+//! from the device's limits, and the per-device pipeline cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::device::device_err;
+use crate::{DType, Result};
+
+const COMMON: &str = include_str!("../../../../kernels-wgsl/common.wgsl");
+const DTYPE_F32: &str = include_str!("../../../../kernels-wgsl/dtype_f32.wgsl");
+const DTYPE_F16: &str = include_str!("../../../../kernels-wgsl/dtype_f16.wgsl");
+const DTYPE_BF16: &str = include_str!("../../../../kernels-wgsl/dtype_bf16.wgsl");
+const FLASH: &str = include_str!("../../../../kernels-wgsl/flash_forward.wgsl");
+const NAIVE: &str = include_str!("../../../../kernels-wgsl/naive_forward.wgsl");
+const EPILOGUE: &str = include_str!("../../../../kernels-wgsl/epilogue.wgsl");
+const COMBINE: &str = include_str!("../../../../kernels-wgsl/combine.wgsl");
+
+/// Which kernel, with its compile-time tile sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Tiled flash forward: `br` query rows, `bc` keys per tile, `wg` threads.
+    Flash { br: u32, bc: u32, wg: u32 },
+    /// One thread per virtual query.
+    Naive { wg: u32 },
+    /// Collapse / head norm / dtype conversion, one workgroup of `wg` threads per output vector.
+    Epilogue { wg: u32 },
+    /// Merge of the split-KV partials, one workgroup of `wg` threads per virtual query.
+    Combine { wg: u32 },
+}
+
+/// One compiled variant: kernel, tensor dtype, head dim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub kind: Kind,
+    pub dtype: DType,
+    pub d: u32,
+}
+
+/// The full WGSL text of a variant.
+pub fn source(v: &KernelKey) -> String {
+    let dtype = match v.dtype {
+        DType::F32 => DTYPE_F32,
+        DType::F16 => DTYPE_F16,
+        DType::BF16 => DTYPE_BF16,
+    };
+    let mut consts = format!("const D: u32 = {}u;\n", v.d);
+    let body = match v.kind {
+        Kind::Flash { br, bc, wg } => {
+            consts += &format!("const BR: u32 = {br}u;\nconst BC: u32 = {bc}u;\nconst WG: u32 = {wg}u;\n");
+            FLASH
+        }
+        Kind::Naive { wg } => {
+            consts += &format!("const WG: u32 = {wg}u;\n");
+            NAIVE
+        }
+        Kind::Epilogue { wg } => {
+            consts += &format!("const WG: u32 = {wg}u;\n");
+            EPILOGUE
+        }
+        Kind::Combine { wg } => {
+            consts += &format!("const WG: u32 = {wg}u;\n");
+            COMBINE
+        }
+    };
+    format!("{consts}\n{dtype}\n{COMMON}\n{body}")
+}
+
+/// Bytes of workgroup memory the flash kernel declares for a tile shape (see flash_forward.wgsl).
+pub fn flash_storage_bytes(d: u32, br: u32, bc: u32, wg: u32) -> u64 {
+    4 * ((br + 2 * bc) * (d + 1) + br * bc + wg) as u64
+}
+
+/// Tile shapes of the flash kernel, largest first: (query rows, keys, threads). Each has
+/// `wg % br == 0` and `bc % (wg / br) == 0` (the threads of a row split the key columns).
+/// Within one row count, wider key tiles come first.
+const FLASH_TILES: [(u32, u32, u32); 12] = [
+    (64, 32, 128),
+    (32, 32, 128),
+    (32, 16, 128),
+    (16, 32, 128),
+    (16, 16, 128),
+    (16, 8, 128),
+    (8, 64, 128),
+    (8, 32, 64),
+    (8, 16, 64),
+    (8, 8, 64),
+    (8, 4, 32),
+    (4, 4, 16),
+];
+
+/// Threads per workgroup of the largest flash tile the device allows (for reports).
+pub fn flash_threads(limits: &wgpu::Limits) -> u32 {
+    FLASH_TILES
+        .iter()
+        .map(|t| t.2)
+        .find(|&wg| wg <= limits.max_compute_invocations_per_workgroup && wg <= limits.max_compute_workgroup_size_x)
+        .unwrap_or(0)
+}
+
+/// Tile sizes of the flash kernel for head dim `d` and `nq` virtual queries per head: the
+/// largest shape whose workgroup memory and thread count fit the device; for query sequences
+/// shorter than its rows (decode), the fewest rows that hold them all (at least 8), with the
+/// widest key tile that fits.
+pub fn flash_tiles(limits: &wgpu::Limits, d: u32, nq: usize) -> Option<(u32, u32, u32)> {
+    let fits = |&&(br, bc, wg): &&(u32, u32, u32)| {
+        wg <= limits.max_compute_invocations_per_workgroup
+            && wg <= limits.max_compute_workgroup_size_x
+            && flash_storage_bytes(d, br, bc, wg) <= limits.max_compute_workgroup_storage_size as u64
+    };
+    let best = *FLASH_TILES.iter().find(fits)?;
+    if nq >= best.0 as usize {
+        return Some(best);
+    }
+    let need = nq.max(8);
+    FLASH_TILES
+        .iter()
+        .filter(fits)
+        .filter(|t| t.0 as usize >= need)
+        .min_by_key(|t| (t.0, std::cmp::Reverse(t.1)))
+        .copied()
+        .or(Some(best))
+}
+
+/// Compiled pipelines of one device, built once per variant and shared by all calls.
+pub struct Kernels {
+    pub device: wgpu::Device,
+    pub layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+    cache: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl Kernels {
+    /// The shared bind-group layout (uniform, weights, q, k, v, out, lse, op) on `device`.
+    pub fn new(device: &wgpu::Device) -> Kernels {
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        for b in 1..=4 {
+            entries.push(storage_entry(b, true));
+        }
+        for b in 5..=7 {
+            entries.push(storage_entry(b, false));
+        }
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("headmix bindings"),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("headmix pipeline layout"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        Kernels { device: device.clone(), layout, pipeline_layout, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// The pipeline of a variant, compiled on first use (compile errors become `Error::Device`).
+    pub fn pipeline(&self, v: &KernelKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(v) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("headmix kernel"),
+            source: wgpu::ShaderSource::Wgsl(source(v).into()),
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("headmix kernel"),
+            layout: Some(&self.pipeline_layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err(format!("compiling {v:?}: {e}")));
+        }
+        let p = Arc::new(pipeline);
+        cache.insert(*v, p.clone());
+        Ok(p)
+    }
+}

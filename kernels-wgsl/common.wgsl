@@ -1,0 +1,108 @@
+// Shared declarations of the headmix WGSL kernels: the call's parameters, the bindings, the mask
+// and the rotary embedding. The host prepends one dtype file (dtype_*.wgsl) and the constants
+// `D` (head dim) and kernel tile sizes before compiling.
+
+// One call's sizes and options (36 words; mirrors `Uniforms` in launch.rs).
+struct Params {
+    batch: u32, n: u32, m: u32, heads: u32,
+    hq: u32, hk: u32, p: u32, nq: u32,           // nq = N*P virtual queries per head
+    nk: u32, off: u32, causal: u32, windowed: u32, // nk = M*P virtual keys, off = (M-N)*P
+    win_left: u32, win_right: u32, rope: u32, rope_levels: u32, // rope: 0 none, 1 virtual, 2 token
+    pos0: u32, scale_log2: f32, aq_off: u32, ak_off: u32, // scale_log2 = softmax scale * log2(e)
+    av_off: u32, r_off: u32, gamma_off: u32, rope_off: u32, // offsets into `weights`
+    q_tiles: u32, splits: u32, eps: f32, collapse: u32, // splits: key ranges per query tile
+    norm: u32, direct: u32, n_vec: u32, neg_inf_bits: u32,
+    part_off: u32, pad1: u32, pad2: u32, pad3: u32,   // part_off: split partials in `op`
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+// aq | ak | av | r | gamma | RoPE table, all f32.
+@group(0) @binding(1) var<storage, read> weights: array<f32>;
+@group(0) @binding(2) var<storage, read> q: array<Elem>;
+@group(0) @binding(3) var<storage, read> k: array<Elem>;
+@group(0) @binding(4) var<storage, read> v: array<Elem>;
+@group(0) @binding(5) var<storage, read_write> out: array<Elem>;
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+// f32 scratch: pseudo outputs [B, N, H, P, d] when the epilogue (collapse / head norm) follows,
+// then, from `part_off`, the split-KV partials [splits, B, H, N*P, d + 2] (o, max, sum).
+@group(0) @binding(7) var<storage, read_write> op: array<f32>;
+
+const HALF: u32 = D / 2u;
+const LN2: f32 = 0.6931471805599453;
+// Score of a masked pair; finite so that max/exp2 never meet inf - inf.
+const NEG_BIG: f32 = -3.0e38;
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(params.neg_inf_bits);
+}
+
+// Whether virtual key `j` is visible to the query at key index `ia` (bottom-right aligned).
+// Window edges are clamped to nk on the host, so the sums stay below 2^32.
+fn visible(ia: u32, j: u32) -> bool {
+    if (params.causal != 0u && j > ia) {
+        return false;
+    }
+    if (params.windowed != 0u && (j + params.win_left < ia || j > ia + params.win_right)) {
+        return false;
+    }
+    return true;
+}
+
+// First and last visible key of the queries at key indices ia0 <= ia1 (empty when x > y).
+fn key_range(ia0: u32, ia1: u32) -> vec2<u32> {
+    var lo = 0u;
+    var hi = params.nk - 1u;
+    if (params.windowed != 0u) {
+        lo = select(0u, ia0 - params.win_left, ia0 >= params.win_left);
+        hi = min(hi, ia1 + params.win_right);
+    }
+    if (params.causal != 0u) {
+        hi = min(hi, ia1);
+    }
+    return vec2<u32>(lo, hi);
+}
+
+// RoPE positions of virtual query i and virtual key j.
+fn q_pos(i: u32) -> u32 {
+    if (params.rope == 2u) {
+        return params.pos0 + i / params.p + (params.m - params.n);
+    }
+    return params.pos0 + i + params.off;
+}
+
+fn k_pos(j: u32) -> u32 {
+    if (params.rope == 2u) {
+        return params.pos0 + j / params.p;
+    }
+    return params.pos0 + j;
+}
+
+// Rotate the pair (x[t], x[t + d/2]) to position `pos`. cos/sin come from a host table built in
+// f64, one level per byte of `pos`, composed as rotations: accurate for any position.
+fn rotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
+    var cs = vec2<f32>(1.0, 0.0);
+    for (var l = 0u; l < params.rope_levels; l++) {
+        let byte = (pos >> (8u * l)) & 255u;
+        let idx = params.rope_off + ((l * 256u + byte) * HALF + t) * 2u;
+        let e = vec2<f32>(weights[idx], weights[idx + 1u]);
+        cs = vec2<f32>(cs.x * e.x - cs.y * e.y, cs.x * e.y + cs.y * e.x);
+    }
+    return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
+}
+
+// Write elements (e, e + 1) of pseudo-output storage: straight to `out` in its dtype when no
+// epilogue follows, else to the f32 buffer `op`.
+fn emit_pair(e: u32, x: vec2<f32>) {
+    if (params.direct != 0u) {
+        store_pair(e, x);
+    } else {
+        op[e] = x.x;
+        op[e + 1u] = x.y;
+    }
+}
+
+// Offset in `op` of the split-KV partial of (split, b, h, virtual query i): d unnormalised
+// outputs, then the row max (log2 domain) and the row sum.
+fn partial_at(split: u32, b: u32, h: u32, i: u32) -> u32 {
+    return params.part_off + (((split * params.batch + b) * params.heads + h) * params.nq + i) * (D + 2u);
+}

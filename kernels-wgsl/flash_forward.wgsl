@@ -1,0 +1,213 @@
+// Tiled flash forward of head-mixing attention.
+//
+// One workgroup owns (batch b, head h, a tile of BR virtual queries). It mixes the stored query
+// heads of its tokens with aq into workgroup memory, then walks the key tiles its mask can see:
+// each tile's stored key/value heads are mixed with ak/av straight into workgroup memory (the
+// mixed pseudo-heads never reach a storage buffer), keys are rotated after mixing, scores go
+// through an online softmax in f32 (log2 domain), and the output rows accumulate in registers.
+// Tiles outside the causal / sliding-window band are never visited, so a window of W virtual
+// keys costs O(W) per query tile. Outputs are de-interleaved on the way out.
+// Split-KV (decode: few query tiles, many keys): with params.splits > 1 the band's key tiles are
+// cut into `splits` contiguous ranges, one workgroup each; each writes its unnormalised partial
+// (o, max, sum) to `op` and combine.wgsl merges them.
+//
+// Constants prepended by the host: D (head dim), BR (query rows per tile), BC (keys per tile),
+// WG (threads; BR divides WG and WG / BR divides BC). The TPR = WG / BR threads of one query row
+// share its work: thread `sub` of the row scores columns sub + TPR*u of each key tile and
+// accumulates output element pairs sub + TPR*u; each keeps the row's running max and its own
+// part of the running sum in registers.
+
+const TPR: u32 = WG / BR;                    // threads per query row
+const CPT: u32 = BC / TPR;                   // score columns per thread
+const NPAIR: u32 = (HALF + TPR - 1u) / TPR;  // output element pairs per thread
+const DS: u32 = D + 1u;                      // padded row stride: column walks hit distinct banks
+
+var<workgroup> qs: array<f32, BR * DS>;      // mixed, rotated, pre-scaled queries
+var<workgroup> ks: array<f32, BC * DS>;      // mixed, rotated keys of the current tile
+var<workgroup> vs: array<f32, BC * DS>;      // mixed values of the current tile
+var<workgroup> sp: array<f32, BR * BC>;      // probabilities of the current tile
+var<workgroup> part: array<f32, WG>;         // per-thread maxima, then per-thread sums
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let lin = wid.x + wid.y * nwg.x;
+    if (lin >= params.q_tiles * params.heads * params.batch * params.splits) {
+        return; // padding workgroup of the 2-D grid (uniform per workgroup)
+    }
+    let tile = lin % params.q_tiles;
+    let h = (lin / params.q_tiles) % params.heads;
+    let b = (lin / (params.q_tiles * params.heads)) % params.batch;
+    let split = lin / (params.q_tiles * params.heads * params.batch);
+    let i0 = tile * BR;
+    let i_last = min(i0 + BR, params.nq) - 1u;
+    let row = lid / TPR;
+    let sub = lid % TPR;
+    let i = i0 + row; // this thread's virtual query
+
+    // 1. Queries: mix the stored heads of the tile's tokens, rotate at the query positions, and
+    //    fold in scale*log2(e) so that scores come out in the log2 domain.
+    for (var e = lid; e < BR * HALF; e += WG) {
+        let r = e / HALF;
+        let t = e % HALF;
+        let iq = i0 + r;
+        var x = vec2<f32>(0.0);
+        if (iq < params.nq) {
+            let n = iq / params.p;
+            let pq = iq % params.p;
+            let base = (b * params.n + n) * params.hq * D + t;
+            for (var m = 0u; m < params.hq; m++) {
+                let a = weights[params.aq_off + (m * params.heads + h) * params.p + pq];
+                x += a * vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
+            }
+            if (params.rope != 0u) {
+                x = rotate(x, q_pos(iq), t);
+            }
+            x *= params.scale_log2;
+        }
+        qs[r * DS + t] = x.x;
+        qs[r * DS + t + HALF] = x.y;
+    }
+
+    var o: array<vec2<f32>, NPAIR>; // output accumulators (zero-initialised)
+    var m_run = NEG_BIG;             // running max of the row (log2 domain)
+    var l_part = 0.0;                // this thread's part of the running sum of 2^(s - m_run)
+
+    // 2. The key tiles the mask lets the query tile see: [first, last] from the band of its rows,
+    //    this split's share of them.
+    let range = key_range(i0 + params.off, i_last + params.off);
+    if (range.x <= range.y) {
+        let per = (range.y / BC - range.x / BC + params.splits) / params.splits; // tiles per split
+        let kt_begin = range.x / BC + split * per;
+        let kt_end = min(range.y / BC + 1u, kt_begin + per);
+        for (var kt = kt_begin; kt < kt_end; kt++) {
+            let j0 = kt * BC;
+            workgroupBarrier(); // the previous tile's readers are done with ks, vs, sp, part
+
+            // 2a. Keys and values: mix the stored heads into workgroup memory, rotate keys.
+            for (var e = lid; e < BC * HALF; e += WG) {
+                let c = e / HALF;
+                let t = e % HALF;
+                let j = j0 + c;
+                var kx = vec2<f32>(0.0);
+                var vx = vec2<f32>(0.0);
+                if (j < params.nk) {
+                    let s_tok = j / params.p;
+                    let pk = j % params.p;
+                    let base = (b * params.m + s_tok) * params.hk * D + t;
+                    for (var m = 0u; m < params.hk; m++) {
+                        let w = (m * params.heads + h) * params.p + pk;
+                        let src = base + m * D;
+                        kx += weights[params.ak_off + w] * vec2<f32>(k_at(src), k_at(src + HALF));
+                        vx += weights[params.av_off + w] * vec2<f32>(v_at(src), v_at(src + HALF));
+                    }
+                    if (params.rope != 0u) {
+                        kx = rotate(kx, k_pos(j), t);
+                    }
+                }
+                ks[c * DS + t] = kx.x;
+                ks[c * DS + t + HALF] = kx.y;
+                vs[c * DS + t] = vx.x;
+                vs[c * DS + t + HALF] = vx.y;
+            }
+            workgroupBarrier();
+
+            // 2b. This thread's CPT scores of its row, kept in registers; masked pairs (and rows
+            //     or columns past the end) get NEG_BIG. Each query value is loaded once per t.
+            var s: array<f32, CPT>;
+            for (var t = 0u; t < D; t++) {
+                let qv = qs[row * DS + t];
+                for (var u = 0u; u < CPT; u++) {
+                    s[u] += qv * ks[(sub + TPR * u) * DS + t];
+                }
+            }
+            var m_mine = NEG_BIG;
+            for (var u = 0u; u < CPT; u++) {
+                let j = j0 + sub + TPR * u;
+                if (i >= params.nq || j >= params.nk || !visible(i + params.off, j)) {
+                    s[u] = NEG_BIG;
+                }
+                m_mine = max(m_mine, s[u]);
+            }
+            part[lid] = m_mine;
+            workgroupBarrier();
+
+            // 2c. Online softmax: the row's new max from its threads' maxima, the rescale of the
+            //     accumulators, and this thread's probabilities (shared for the P V product).
+            var m_new = m_run;
+            for (var q = 0u; q < TPR; q++) {
+                m_new = max(m_new, part[row * TPR + q]);
+            }
+            let alpha = exp2(m_run - m_new);
+            m_run = m_new;
+            var sum = 0.0;
+            for (var u = 0u; u < CPT; u++) {
+                let pr = select(0.0, exp2(s[u] - m_new), s[u] > 0.5 * NEG_BIG);
+                sp[row * BC + sub + TPR * u] = pr;
+                sum += pr;
+            }
+            l_part = l_part * alpha + sum;
+            for (var u = 0u; u < NPAIR; u++) {
+                o[u] *= alpha;
+            }
+            workgroupBarrier();
+
+            // 2d. Accumulate o += P V for this thread's element pairs.
+            for (var c = 0u; c < BC; c++) {
+                let pr = sp[row * BC + c];
+                for (var u = 0u; u < NPAIR; u++) {
+                    let w = min(sub + TPR * u, HALF - 1u); // pairs past HALF are never stored
+                    o[u] += pr * vec2<f32>(vs[c * DS + 2u * w], vs[c * DS + 2u * w + 1u]);
+                }
+            }
+        }
+    }
+
+    // 3. The row's sum from its threads' parts.
+    workgroupBarrier(); // everyone is past the last tile's reads of part
+    part[lid] = l_part;
+    workgroupBarrier();
+    var l = 0.0;
+    for (var q = 0u; q < TPR; q++) {
+        l += part[row * TPR + q];
+    }
+
+    // 4a. Split-KV: store the partial for combine.wgsl.
+    if (params.splits > 1u) {
+        if (i < params.nq) {
+            let dst = partial_at(split, b, h, i);
+            for (var u = 0u; u < NPAIR; u++) {
+                let w = sub + TPR * u;
+                if (w < HALF) {
+                    op[dst + 2u * w] = o[u].x;
+                    op[dst + 2u * w + 1u] = o[u].y;
+                }
+            }
+            if (sub == 0u) {
+                op[dst + D] = m_run;
+                op[dst + D + 1u] = l;
+            }
+        }
+        return;
+    }
+
+    // 4b. Normalise and de-interleave: virtual query i = n*P + p is pseudo-output p of token n.
+    if (i < params.nq) {
+        let inv = select(0.0, 1.0 / l, l > 0.0);
+        let n = i / params.p;
+        let pq = i % params.p;
+        let dst = (((b * params.n + n) * params.heads + h) * params.p + pq) * D;
+        for (var u = 0u; u < NPAIR; u++) {
+            let w = sub + TPR * u;
+            if (w < HALF) {
+                emit_pair(dst + 2u * w, o[u] * inv);
+            }
+        }
+        if (sub == 0u) {
+            lse[(b * params.heads + h) * params.nq + i] = select(neg_inf(), (m_run + log2(l)) * LN2, l > 0.0);
+        }
+    }
+}

@@ -15,6 +15,12 @@ usage: headmix <command> [options]
   compress MEA KV-cache compression of k/v projections in a safetensors file     (headmix compress --help)";
 
 fn main() {
+    // Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid" on headless machines when
+    // the variable is unset; give them a harmless value. Done first, before any thread exists.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // SAFETY: single-threaded at this point; nothing else reads the environment concurrently.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or(&[]);
     let result = match args.first().map(|s| s.as_str()) {

@@ -114,11 +114,28 @@ pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>> {
     }
 }
 
-/// The best backend present: CUDA, then wgpu, then the CPU; says why the others were skipped.
+/// A wgpu adapter that is the CPU in disguise (Mesa's lavapipe/llvmpipe), unless the user named
+/// an adapter explicitly.
+fn is_software_adapter(b: &dyn Backend) -> bool {
+    b.kind() == BackendKind::Wgpu
+        && std::env::var_os("HEADMIX_WGPU_ADAPTER").is_none()
+        && b.describe().iter().any(|(k, v)| k == "device type" && v == "Cpu")
+}
+
+/// The best backend present: CUDA, then a hardware wgpu adapter, then the CPU; says why the
+/// others were skipped.
 pub fn best() -> Selection {
     let mut skipped = Vec::new();
     for kind in BackendKind::ALL {
         match open(kind) {
+            Ok(backend) if is_software_adapter(backend.as_ref()) => skipped.push((
+                kind,
+                format!(
+                    "only a software adapter ({}), slower than the CPU backend; \
+                     name it in HEADMIX_WGPU_ADAPTER or pick the backend to use it anyway",
+                    backend.device_name()
+                ),
+            )),
             Ok(backend) => return Selection { backend, skipped },
             Err(e) => skipped.push((kind, e.to_string())),
         }

@@ -16,6 +16,8 @@ pub struct Device {
     pub info: BackendInfo,
     /// Which sizes it gets (software devices get the CPU's).
     pub scale: Scale,
+    /// Other implementations timed beside the fused kernel on this device (see [`baselines`]).
+    pub baselines: Vec<Box<dyn Baseline>>,
 }
 
 impl Device {
@@ -29,7 +31,8 @@ impl Device {
         let scale = Scale::of(backend.kind(), &backend.device_name(), &describe);
         let info =
             BackendInfo { backend: backend.kind().name().into(), device: backend.device_name(), driver, describe };
-        Device { backend, info, scale }
+        let baselines = baselines(backend.kind());
+        Device { backend, info, scale, baselines }
     }
 
     pub fn kind(&self) -> BackendKind {
@@ -52,9 +55,6 @@ pub fn open_all(kinds: &[BackendKind]) -> (Vec<Device>, Vec<(BackendKind, String
 
 /// Another implementation timed next to the fused kernel on the same device, reported as an extra
 /// row whose `implementation` is its name (no unfused pipeline, no speed-up column).
-///
-/// HOOK: the wgpu backend's naive baseline (one thread per virtual query, no tiling) belongs here.
-/// When its API lands, wrap it in a `Baseline` and return it from [`baselines`] for wgpu devices.
 pub trait Baseline {
     /// E.g. `wgpu naive`.
     fn name(&self) -> String;
@@ -62,9 +62,43 @@ pub trait Baseline {
     fn time(&self, problem: &Problem, w: &Weights, reps: usize) -> headmix::Result<Timing>;
 }
 
-/// The extra baselines a device has. None yet (see [`Baseline`]).
-pub fn baselines(_dev: &Device) -> Vec<Box<dyn Baseline>> {
-    Vec::new()
+/// A backend configured differently from its default, timed by its own clock.
+struct Variant<B: Backend> {
+    name: &'static str,
+    backend: B,
+}
+
+impl<B: Backend> Baseline for Variant<B> {
+    fn name(&self) -> String {
+        self.name.into()
+    }
+
+    fn time(&self, problem: &Problem, w: &Weights, reps: usize) -> headmix::Result<Timing> {
+        self.backend.supports(problem)?;
+        self.backend.time(problem, w, reps)
+    }
+}
+
+/// The extra baselines of a device kind, opened once: on wgpu the straightforward
+/// one-thread-per-virtual-query kernel (the bar the tiled kernel must clear by 10×); on CUDA the
+/// tensor-core kernel `attn_v2` beside the default `attn_v1` (until v2 is the default).
+pub fn baselines(kind: BackendKind) -> Vec<Box<dyn Baseline>> {
+    use headmix::backends::{cuda, wgpu};
+    let mut out: Vec<Box<dyn Baseline>> = Vec::new();
+    match kind {
+        BackendKind::Wgpu => {
+            if let Ok(b) = wgpu::WgpuBackend::new() {
+                out.push(Box::new(Variant { name: "wgpu naive", backend: b.with_variant(wgpu::Variant::Naive) }));
+            }
+        }
+        BackendKind::Cuda => {
+            if let Ok(b) = cuda::CudaBackend::new(0) {
+                out.push(Box::new(Variant { name: "cuda attn_v2", backend: b.with_kernel(cuda::Kernel::AttnV2) }));
+            }
+        }
+        BackendKind::Cpu => {}
+    }
+    out
 }
 
 /// The validated problem of a case (what `forward` would build from the tensors), after the
@@ -121,9 +155,13 @@ pub fn run_case(dev: &Device, case: &Case, reps: usize) -> Result<Vec<Row>, Stri
         });
     }
     let mut rows = vec![fused];
-    for b in baselines(dev) {
-        let t = b.time(&p, &w, reps).map_err(|e| format!("{}: {e}", b.name()))?;
-        rows.push(row(dev, case, &p, &b.name(), &t));
+    for b in &dev.baselines {
+        match b.time(&p, &w, reps) {
+            Ok(t) => rows.push(row(dev, case, &p, &b.name(), &t)),
+            // A baseline that cannot take this case (e.g. the naive kernel on a large one) is left out.
+            Err(headmix::Error::Unsupported { .. }) => {}
+            Err(e) => return Err(format!("{}: {e}", b.name())),
+        }
     }
     Ok(rows)
 }

@@ -92,8 +92,10 @@ impl Call {
 
 /// The CPU backend and every device backend present (validation is shared, but each backend's
 /// entry point must still refuse before writing).
-fn backends() -> Vec<Box<dyn Backend>> {
-    BackendKind::ALL.into_iter().filter_map(|k| headmix::open(k).ok()).collect()
+/// Opened once for the whole binary.
+fn backends() -> &'static [Box<dyn Backend>] {
+    static ALL: std::sync::OnceLock<Vec<Box<dyn Backend>>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| BackendKind::ALL.into_iter().filter_map(|k| headmix::open(k).ok()).collect())
 }
 
 fn expect_err(call: &Call, want: impl Fn(&Error) -> bool, what: &str) {

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use headmix::cache::KvCache;
 use headmix::decode::DecodeIo;
-use headmix::timing::{Owned, random_inputs};
-use headmix::{Backend, BackendKind, Config, Io, Problem, Result, Timing, Weights};
+use headmix::timing::Owned;
+use headmix::{Backend, BackendKind, Config, Problem, Result, Timing, Weights};
 
 /// Bytes of input the rotated sets cover together.
 pub const ROTATE_BYTES: usize = 64 << 20;
@@ -40,36 +40,7 @@ pub fn time(backend: &dyn Backend, problem: &Problem, w: &Weights, reps: usize) 
 /// Wall-clock time of `reps` host calls of `backend.run`, call `i` on input set `i % sets` (random,
 /// never zeros), after one untimed warm-up call.
 pub fn time_rotated(backend: &dyn Backend, problem: &Problem, w: &Weights, reps: usize, sets: usize) -> Result<Timing> {
-    let c = &problem.cfg;
-    let inputs: Vec<[Owned; 3]> = (0..sets.max(1) as u64)
-        .map(|s| {
-            let (q, k, v) = random_inputs(problem, 1000 + s);
-            [q, k, v].map(|x| Owned::from_f32(problem.dtype, &x))
-        })
-        .collect();
-    let out_shape = problem.out_shape();
-    let mut out = Owned::filled(problem.dtype, out_shape.iter().product(), f32::NAN);
-    let mut lse = vec![f32::NAN; problem.lse_len()];
-    let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
-    let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];
-    let mut seconds = Vec::with_capacity(reps);
-    // Call 0 is the warm-up; the timed calls then walk the sets in turn.
-    for call in 0..=reps {
-        let [q, k, v] = &inputs[call % inputs.len()];
-        let io = Io {
-            q: q.tensor(&qs),
-            k: k.tensor(&ks),
-            v: v.tensor(&ks),
-            out: out.tensor_mut(&out_shape),
-            lse: Some(&mut lse),
-        };
-        let t = Instant::now();
-        backend.run(problem, w, io)?;
-        if call > 0 {
-            seconds.push(t.elapsed().as_secs_f64());
-        }
-    }
-    Ok(Timing { seconds, extra_bytes: 0, clock: "wall clock" })
+    headmix::timing::time_host_rotated(backend, problem, w, reps, 1000..1000 + sets.max(1) as u64)
 }
 
 /// How many filled caches a decode case rotates through: enough to cover [`ROTATE_BYTES`]

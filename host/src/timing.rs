@@ -63,17 +63,34 @@ impl Owned {
 
 /// Time `reps` host calls after one warm-up call.
 pub fn time_host<B: Backend + ?Sized>(backend: &B, problem: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
+    time_host_rotated(backend, problem, w, reps, 1..2)
+}
+
+/// Wall-clock time of `reps` host calls of `backend.run` after one untimed warm-up call, rotating
+/// through one random input set (never zeros) per seed in `seeds`: call `i` uses set
+/// `i % seeds.len()`, so small problems do not find their inputs in cache.
+pub fn time_host_rotated<B: Backend + ?Sized>(
+    backend: &B,
+    problem: &Problem,
+    w: &Weights,
+    reps: usize,
+    seeds: std::ops::Range<u64>,
+) -> Result<Timing> {
     let c = &problem.cfg;
-    let (q, k, v) = random_inputs(problem, 1);
-    let (q, k, v) =
-        (Owned::from_f32(problem.dtype, &q), Owned::from_f32(problem.dtype, &k), Owned::from_f32(problem.dtype, &v));
+    let inputs: Vec<[Owned; 3]> = seeds
+        .map(|s| {
+            let (q, k, v) = random_inputs(problem, s);
+            [q, k, v].map(|x| Owned::from_f32(problem.dtype, &x))
+        })
+        .collect();
     let out_shape = problem.out_shape();
     let mut out = Owned::filled(problem.dtype, out_shape.iter().product(), f32::NAN);
     let mut lse = vec![f32::NAN; problem.lse_len()];
     let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
     let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];
     let mut seconds = Vec::with_capacity(reps);
-    for rep in 0..=reps {
+    for call in 0..=reps {
+        let [q, k, v] = &inputs[call % inputs.len()];
         let io = Io {
             q: q.tensor(&qs),
             k: k.tensor(&ks),
@@ -83,7 +100,7 @@ pub fn time_host<B: Backend + ?Sized>(backend: &B, problem: &Problem, w: &Weight
         };
         let t = Instant::now();
         backend.run(problem, w, io)?;
-        if rep > 0 {
+        if call > 0 {
             seconds.push(t.elapsed().as_secs_f64());
         }
     }

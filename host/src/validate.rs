@@ -161,6 +161,30 @@ pub fn validate_weights(c: &Config, w: &Weights) -> Result<()> {
     Ok(())
 }
 
+/// Checks of the sizes of a call: non-empty, `N <= M`, and every virtual-token index within
+/// the kernels' 32-bit range. Shared by [`validate`] and the device entry points that take sizes
+/// instead of host tensors.
+pub fn validate_sizes(cfg: &Config, batch: usize, n: usize, m: usize) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::Empty { what: "batch" });
+    }
+    if n == 0 {
+        return Err(Error::Empty { what: "query sequence" });
+    }
+    if n > m {
+        return Err(Error::QueryLongerThanKeys { n, m });
+    }
+    let virt = (batch as u128)
+        * (m as u128)
+        * (cfg.heads.max(cfg.q_heads).max(cfg.kv_heads) as u128)
+        * (cfg.pseudo as u128)
+        * (cfg.head_dim as u128);
+    if virt > MAX_INDEX as u128 {
+        return Err(Error::TooLarge { what: "B·M·H·P·d", elements: virt, max: MAX_INDEX as u128 });
+    }
+    Ok(())
+}
+
 fn check_shape(what: &'static str, got: &[usize], expected: &[usize]) -> Result<()> {
     if got != expected {
         return Err(Error::Shape { what, expected: expected.to_vec(), got: got.to_vec() });
@@ -191,24 +215,7 @@ pub fn validate(
     check_shape("q", &q.shape, &[batch, n, cfg.q_heads, cfg.head_dim])?;
     check_shape("k", &k.shape, &[batch, m, cfg.kv_heads, cfg.head_dim])?;
     check_shape("v", &v.shape, &k.shape)?;
-    if batch == 0 {
-        return Err(Error::Empty { what: "batch" });
-    }
-    if n == 0 {
-        return Err(Error::Empty { what: "query sequence" });
-    }
-    if n > m {
-        return Err(Error::QueryLongerThanKeys { n, m });
-    }
-    // Sizes must stay addressable by 32-bit kernel indices, virtual tokens included.
-    let virt = (batch as u128)
-        * (m.max(n) as u128)
-        * (cfg.heads.max(cfg.q_heads).max(cfg.kv_heads) as u128)
-        * (cfg.pseudo as u128)
-        * (cfg.head_dim as u128);
-    if virt > MAX_INDEX as u128 {
-        return Err(Error::TooLarge { what: "B·M·H·P·d", elements: virt, max: MAX_INDEX as u128 });
-    }
+    validate_sizes(cfg, batch, n, m)?;
     check_len("q", q.data.len(), q.shape.iter().product())?;
     check_len("k", k.data.len(), k.shape.iter().product())?;
     check_len("v", v.data.len(), v.shape.iter().product())?;

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr}
 use super::args::HmArgs;
 use super::variants::Kernel;
 use super::{CudaBackend, dev_err, drv};
-use crate::validate::{MAX_INDEX, Problem, validate_config, validate_weights};
+use crate::validate::{Problem, validate_config, validate_weights};
 use crate::{Config, DType, Error, Result, Weights};
 
 /// Element types of device tensors.
@@ -127,23 +127,7 @@ impl CudaBackend {
     ) -> Result<Problem> {
         validate_config(cfg)?;
         w.check(cfg)?;
-        if batch == 0 {
-            return Err(Error::Empty { what: "batch" });
-        }
-        if n == 0 {
-            return Err(Error::Empty { what: "query sequence" });
-        }
-        if n > m {
-            return Err(Error::QueryLongerThanKeys { n, m });
-        }
-        let virt = (batch as u128)
-            * (m as u128)
-            * (cfg.heads.max(cfg.q_heads).max(cfg.kv_heads) as u128)
-            * (cfg.pseudo as u128)
-            * (cfg.head_dim as u128);
-        if virt > MAX_INDEX as u128 {
-            return Err(Error::TooLarge { what: "B·M·H·P·d", elements: virt, max: MAX_INDEX as u128 });
-        }
+        crate::validate::validate_sizes(cfg, batch, n, m)?;
         let pb = Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.collapse, norm: w.norm };
         crate::Backend::supports(self, &pb)?;
         Ok(pb)

@@ -11,7 +11,7 @@ use super::device::{self, device_err};
 use super::kernels::{Kernels, flash_tiles};
 use super::launch::{self, Plan};
 use crate::timing::{Owned, random_inputs};
-use crate::validate::{MAX_INDEX, Problem, validate_config, validate_weights};
+use crate::validate::{Problem, validate_config, validate_weights};
 use crate::{Backend, BackendKind, Config, DType, Error, Io, Result, Timing, Weights};
 
 /// Loop-iteration budget per invocation on llvmpipe, in the units of `launch::loops` (which
@@ -329,23 +329,7 @@ fn describe_error(e: &wgpu::Error) -> String {
 fn problem_of(cfg: &Config, w: &Weights, batch: usize, n: usize, m: usize, dtype: DType) -> Result<Problem> {
     validate_config(cfg)?;
     validate_weights(cfg, w)?;
-    if batch == 0 {
-        return Err(Error::Empty { what: "batch" });
-    }
-    if n == 0 {
-        return Err(Error::Empty { what: "query sequence" });
-    }
-    if n > m {
-        return Err(Error::QueryLongerThanKeys { n, m });
-    }
-    let virt = (batch as u128)
-        * (m as u128)
-        * (cfg.heads.max(cfg.q_heads).max(cfg.kv_heads) as u128)
-        * (cfg.pseudo as u128)
-        * (cfg.head_dim as u128);
-    if virt > MAX_INDEX as u128 {
-        return Err(Error::TooLarge { what: "B·M·H·P·d", elements: virt, max: MAX_INDEX as u128 });
-    }
+    crate::validate::validate_sizes(cfg, batch, n, m)?;
     Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() })
 }
 

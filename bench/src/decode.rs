@@ -141,17 +141,7 @@ pub struct DecodeCase {
 impl DecodeCase {
     /// The configuration (causal; IHA local with the paper's window `L / (2 P²)` tokens).
     pub fn config(&self) -> Result<Config, String> {
-        let (h, d) = (self.heads, self.head_dim);
-        let cfg = match self.method {
-            Method::Mha => Config::mha(h, d),
-            Method::Gqa => Config::gqa(h, self.kv_heads, d).map_err(|e| e.to_string())?,
-            Method::Mea => Config::mea(h, d),
-            Method::MeaCompressed => Config::mea_compressed(h, self.kv_heads, d).map_err(|e| e.to_string())?,
-            Method::Iha => Config::iha(h, self.pseudo, d),
-            Method::IhaLocal => Config::iha_local(h, self.pseudo, d, self.tokens).map_err(|e| e.to_string())?,
-            Method::Custom => return Err("custom configurations are not benchmarked".into()),
-        };
-        Ok(cfg.with_causal(true))
+        crate::sweep::method_config(self.method, self.heads, self.kv_heads, self.pseudo, self.head_dim, self.tokens)
     }
 
     /// The weights a trained layer of the method would have (fixed seed, as the forward sweeps).

@@ -124,20 +124,33 @@ pub struct Case {
     pub dtype: DType,
 }
 
+/// The causal configuration of a named method, as every sweep builds it (IHA local with the
+/// paper's window `seq_len / (2 P²)` tokens).
+pub fn method_config(
+    method: Method,
+    heads: usize,
+    kv_heads: usize,
+    pseudo: usize,
+    head_dim: usize,
+    seq_len: usize,
+) -> Result<Config, String> {
+    let (h, d) = (heads, head_dim);
+    let cfg = match method {
+        Method::Mha => Config::mha(h, d),
+        Method::Gqa => Config::gqa(h, kv_heads, d).map_err(|e| e.to_string())?,
+        Method::Mea => Config::mea(h, d),
+        Method::MeaCompressed => Config::mea_compressed(h, kv_heads, d).map_err(|e| e.to_string())?,
+        Method::Iha => Config::iha(h, pseudo, d),
+        Method::IhaLocal => Config::iha_local(h, pseudo, d, seq_len).map_err(|e| e.to_string())?,
+        Method::Custom => return Err("custom configurations are not benchmarked".into()),
+    };
+    Ok(cfg.with_causal(true))
+}
+
 impl Case {
     /// The configuration (causal; IHA local with the paper's window `N / (2 P²)` tokens).
     pub fn config(&self) -> Result<Config, String> {
-        let (h, d) = (self.heads, self.head_dim);
-        let cfg = match self.method {
-            Method::Mha => Config::mha(h, d),
-            Method::Gqa => Config::gqa(h, self.kv_heads, d).map_err(|e| e.to_string())?,
-            Method::Mea => Config::mea(h, d),
-            Method::MeaCompressed => Config::mea_compressed(h, self.kv_heads, d).map_err(|e| e.to_string())?,
-            Method::Iha => Config::iha(h, self.pseudo, d),
-            Method::IhaLocal => Config::iha_local(h, self.pseudo, d, self.n).map_err(|e| e.to_string())?,
-            Method::Custom => return Err("custom configurations are not benchmarked".into()),
-        };
-        Ok(cfg.with_causal(true))
+        method_config(self.method, self.heads, self.kv_heads, self.pseudo, self.head_dim, self.n)
     }
 
     /// The weights a trained layer of the method would have (fixed seed).

@@ -9,9 +9,8 @@ use headmix::{BackendKind, DType, Problem, Rng, Timing};
 use rayon::prelude::*;
 
 use crate::decode::DecodeCase;
-use crate::measure::{Device, FUSED};
+use crate::measure::{Device, FUSED, Work, timed_row};
 use crate::report::{DecodeInfo, Row};
-use crate::stats::median;
 use crate::{count, timer};
 
 /// New tokens per sequence in every decode case.
@@ -171,44 +170,20 @@ pub fn row(
     host_cache: bool,
     implementation: &str,
 ) -> Result<Row, String> {
-    let c = &p.cfg;
-    let median_s = median(&t.seconds);
-    let flops = count::decode_flops(p);
-    let bytes = count::decode_bytes(p);
-    let tflops = count::tflops(flops, median_s);
-    let gb_s = count::gb_s(bytes, median_s);
     let peak = count::known_peak(&dev.info.device).filter(|_| !host_cache);
     let sizes = case.cache_bytes()?;
     let held = p.stored.iter().copied().max().unwrap_or(0);
-    Ok(Row {
-        config: case.method.name().into(),
-        implementation: implementation.into(),
-        backend: dev.info.backend.clone(),
-        device: dev.info.device.clone(),
-        driver: dev.info.driver.clone(),
-        dtype: p.dtype.name().into(),
+    let work = Work {
+        dtype: p.dtype,
         batch: p.batch,
         n: p.n,
         m: held,
-        heads: c.heads,
-        q_heads: c.q_heads,
-        kv_heads: c.kv_heads,
-        pseudo: c.pseudo,
-        head_dim: c.head_dim,
-        causal: c.causal,
-        window: c.window.map(|w| [w.left, w.right]),
-        flops,
-        bytes,
-        clock: if host_cache { "wall clock (host-resident cache)".into() } else { t.clock.into() },
-        seconds: t.seconds.clone(),
-        median_s,
-        tflops,
-        gb_s,
-        pct_peak_flops: count::pct_peak_flops(tflops, peak),
-        pct_peak_bw: count::pct_peak_bw(gb_s, peak),
-        extra_bytes: None,
-        unfused: None,
-        speedup_vs_unfused: None,
+        flops: count::decode_flops(p),
+        bytes: count::decode_bytes(p),
+    };
+    let clock = if host_cache { "wall clock (host-resident cache)" } else { t.clock };
+    let config = case.method.name();
+    Ok(Row {
         decode: Some(DecodeInfo {
             tokens: case.tokens,
             layout: case.layout_name().into(),
@@ -217,6 +192,7 @@ pub fn row(
             unfused_cache_bytes: sizes.unfused as u64,
             cache_ratio: sizes.ratio(),
         }),
+        ..timed_row(dev, config, implementation, &p.cfg, work, clock, t, peak)
     })
 }
 

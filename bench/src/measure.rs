@@ -168,23 +168,50 @@ pub fn run_case(dev: &Device, case: &Case, reps: usize) -> Result<Vec<Row>, Stri
 
 /// A row for a case from its timing.
 pub fn row(dev: &Device, case: &Case, p: &Problem, implementation: &str, t: &Timing) -> Row {
-    let c = &p.cfg;
-    let median_s = median(&t.seconds);
-    let flops = count::flops(p);
-    let bytes = count::bytes(p);
-    let tflops = count::tflops(flops, median_s);
-    let gb_s = count::gb_s(bytes, median_s);
     let peak = count::known_peak(&dev.info.device);
+    let work = Work { dtype: p.dtype, batch: p.batch, n: p.n, m: p.m, flops: count::flops(p), bytes: count::bytes(p) };
+    let mut r = timed_row(dev, case.method.name(), implementation, &p.cfg, work, t.clock, t, peak);
+    // The CPU backend's host allocations are not tracked: no device memory to report.
+    r.extra_bytes = (dev.kind() != BackendKind::Cpu).then_some(t.extra_bytes);
+    r
+}
+
+/// The sizes and work of a timed call, as a row reports them.
+pub struct Work {
+    pub dtype: headmix::DType,
+    pub batch: usize,
+    pub n: usize,
+    pub m: usize,
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+/// A row of a timed call (forward or decode): throughput from the median, percentages against
+/// `peak` where one is known; no extra memory, unfused pipeline or decode facts (callers add them).
+#[allow(clippy::too_many_arguments)]
+pub fn timed_row(
+    dev: &Device,
+    config: &str,
+    implementation: &str,
+    c: &headmix::Config,
+    work: Work,
+    clock: &str,
+    t: &Timing,
+    peak: Option<count::Peak>,
+) -> Row {
+    let median_s = median(&t.seconds);
+    let tflops = count::tflops(work.flops, median_s);
+    let gb_s = count::gb_s(work.bytes, median_s);
     Row {
-        config: case.method.name().into(),
+        config: config.into(),
         implementation: implementation.into(),
         backend: dev.info.backend.clone(),
         device: dev.info.device.clone(),
         driver: dev.info.driver.clone(),
-        dtype: p.dtype.name().into(),
-        batch: p.batch,
-        n: p.n,
-        m: p.m,
+        dtype: work.dtype.name().into(),
+        batch: work.batch,
+        n: work.n,
+        m: work.m,
         heads: c.heads,
         q_heads: c.q_heads,
         kv_heads: c.kv_heads,
@@ -192,17 +219,16 @@ pub fn row(dev: &Device, case: &Case, p: &Problem, implementation: &str, t: &Tim
         head_dim: c.head_dim,
         causal: c.causal,
         window: c.window.map(|w| [w.left, w.right]),
-        flops,
-        bytes,
-        clock: t.clock.into(),
+        flops: work.flops,
+        bytes: work.bytes,
+        clock: clock.into(),
         seconds: t.seconds.clone(),
         median_s,
         tflops,
         gb_s,
         pct_peak_flops: count::pct_peak_flops(tflops, peak),
         pct_peak_bw: count::pct_peak_bw(gb_s, peak),
-        // The CPU backend's host allocations are not tracked: no device memory to report.
-        extra_bytes: (dev.kind() != BackendKind::Cpu).then_some(t.extra_bytes),
+        extra_bytes: None,
         unfused: None,
         speedup_vs_unfused: None,
         decode: None,

@@ -38,7 +38,10 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
         if (i < nq && t < d) {
             const int n = i / P, p = i % P;
             const long long src = ((long long)(b * a.N + n) * a.Hq) * d + t; // q[b, n, 0, t]
-            for (int m = 0; m < a.Hq; ++m) x += a.aq[(m * H + h) * P + p] * hm_load(a.q, src + (long long)m * d);
+            for (int m = 0; m < a.Hq; ++m) {
+                const float w = a.aq[(m * H + h) * P + p];
+                if (w != 0.f) x += w * hm_load(a.q, src + (long long)m * d); // unread heads stay unread
+            }
         }
         qs[r * HM_HDP + t] = x;
     }
@@ -80,8 +83,8 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
                 const long long src = ((long long)(b * a.M + s) * a.Hk) * d + t; // k[b, s, 0, t]
                 for (int m = 0; m < a.Hk; ++m) {
                     const int w = (m * H + h) * P + p;
-                    xk += a.ak[w] * hm_load(a.k, src + (long long)m * d);
-                    xv += a.av[w] * hm_load(a.v, src + (long long)m * d);
+                    if (a.ak[w] != 0.f) xk += a.ak[w] * hm_load(a.k, src + (long long)m * d);
+                    if (a.av[w] != 0.f) xv += a.av[w] * hm_load(a.v, src + (long long)m * d);
                 }
             }
             ks[c * HM_HDP + t] = a.rope ? xk : hm_round(xk); // with RoPE: rounded after rotation
@@ -109,6 +112,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
             if (i < nq && j < nk && hm_visible(a, (long long)i + off, j)) {
                 sc = 0.f;
                 for (int t = 0; t < d; ++t) sc += qs[r * HM_HDP + t] * ks[c * HM_HDP + t];
+                sc = hm_score_visible(sc, 1.f); // (q is pre-scaled) a visible -inf: NaN
             }
             ss[r * HM_SSP + c] = sc;
         }
@@ -118,21 +122,24 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
             float mx = HM_NEG_INF;
             for (int c = lane; c < HM_BC; c += 32) mx = fmaxf(mx, ss[r * HM_SSP + c]);
             mx = hm_warp_max(mx);
-            const float m_old = row_m[r];
-            const float m_new = fmaxf(m_old, mx);
-            const float m_use = m_new == HM_NEG_INF ? 0.f : m_new; // nothing visible yet: no inf - inf
+            HmRow st{row_m[r], row_l[r]};
+            float mu;
+            const float alpha = hm_row_rescale(st, mx, &mu); // softmax.cuh
             float sum = 0.f;
             for (int c = lane; c < HM_BC; c += 32) {
-                const float pr = exp2f(ss[r * HM_SSP + c] - m_use); // masked: exp2(-inf) = 0
-                sum += pr;                                           // the sum is kept in f32
-                ss[r * HM_SSP + c] = hm_round(pr); // P.V uses probabilities in storage precision
+                const float sc = ss[r * HM_SSP + c];
+                const float pr = hm_prob(sc, mu); // masked: exp2(-inf) = 0
+                sum += pr;                        // the sum is kept in f32
+                // P.V uses probabilities in storage precision; a masked key is marked -0 so that
+                // P.V skips it by select (its value, even NaN, never reaches the row).
+                ss[r * HM_SSP + c] = sc == HM_NEG_INF ? -0.f : hm_round(pr);
             }
             sum = hm_warp_sum(sum);
             if (lane == 0) {
-                const float alpha = exp2f(m_old - m_use); // 0 while the row had no visible key
+                hm_row_add(st, alpha, sum);
                 row_x[r] = alpha;
-                row_l[r] = row_l[r] * alpha + sum;
-                row_m[r] = m_new;
+                row_l[r] = st.l;
+                row_m[r] = st.m;
             }
         }
         __syncthreads();
@@ -144,7 +151,8 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
 #pragma unroll
             for (int k = 0; k < HM_OPT; ++k) {
                 const int e = tid + k * HM_NT, r = e / HM_HD, t = e % HM_HD;
-                o[k] += ss[r * HM_SSP + c] * vs[c * HM_HDP + t];
+                const float pr = ss[r * HM_SSP + c];
+                if (__float_as_uint(pr) != 0x80000000u) o[k] += pr * vs[c * HM_HDP + t]; // -0: masked
             }
         }
     }
@@ -152,11 +160,10 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
 
     // ---- 3. normalise, lse, then store or scatter ------------------------------------------
     for (int r = tid; r < HM_BR; r += HM_NT) {
-        const float l = row_l[r];
-        row_x[r] = l > 0.f ? 1.f / l : 0.f; // a row that sees no key outputs zeros
+        const HmRow st{row_m[r], row_l[r]};
+        row_x[r] = hm_row_inv(st); // a row that sees no key outputs zeros (softmax.cuh)
         const int i = i0 + r;
-        if (a.has_lse && i < nq)
-            a.lse[(long long)(b * H + h) * nq + i] = l > 0.f ? (row_m[r] + log2f(l)) * HM_LN2 : HM_NEG_INF;
+        if (a.has_lse && i < nq) a.lse[(long long)(b * H + h) * nq + i] = hm_row_lse(st);
     }
     __syncthreads();
     // The normalised outputs, rounded to the storage precision, go to qs (free now).

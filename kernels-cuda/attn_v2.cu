@@ -7,11 +7,10 @@
 // f16/bf16 only, head-dim capacity <= 128, sm_80+ (bf16 mma). Rounding points are v1's: mixed
 // q/k/v and probabilities in the storage precision, everything accumulated in f32.
 //
-// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4; two 16-bit values per register,
-// the lower column/k index in the low half):
-//   A 16x16 (row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
-//   B 16x8  (k x n, "col"): b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8..2t+9, n = g)
-//   C 16x8  (f32): c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
+// Fragment layouts and the mma instruction: tiles.cuh. Softmax statistics: softmax.cuh. NaN
+// policy: mixing skips zero weights (a selection reads only its head); the mixed value tile is
+// sanitized (mask.cuh) and a row that sees a sanitized key outputs NaN, so a masked key's
+// non-finite value never reaches a row through 0 * NaN in the mma.
 
 #define V2_BR 64                    // virtual queries per block: 4 warps x 16 rows
 #define V2_BC 64                    // virtual keys per KV tile
@@ -29,27 +28,6 @@
 #error "attn_v2 needs a head-dim capacity that is a multiple of 16, at most 128"
 #endif
 
-// D = A * B + D on the tensor cores, f32 accumulators.
-__device__ __forceinline__ void v2_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-#if defined(HM_EMU)
-    hm_emu_mma(c, a, b0, b1); // the CPU emulator's warp-level model of the instruction
-#elif HM_DTYPE == 1
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-// Two f32 values rounded to the storage type, packed (lo in the low half).
-__device__ __forceinline__ unsigned v2_pack(float lo, float hi) {
-    return (unsigned)hm_from_f32(lo) | ((unsigned)hm_from_f32(hi) << 16);
-}
 // Two adjacent 16-bit values of a shared tile as one register (index even: 4-byte aligned).
 __device__ __forceinline__ unsigned v2_ld2(const unsigned short* p) {
     return *(const unsigned*)p;
@@ -81,6 +59,7 @@ __device__ __noinline__ void v2_mix_tile(const HmArgs& a, unsigned short* dst, i
             const long long src = ((long long)(b * L + tok) * S) * d; // x[b, tok, 0, 0]
             for (int m = 0; m < S; ++m) {
                 const float wm = w[(m * H + h) * P + p];
+                if (wm == 0.f) continue; // unread head (selection): never multiplied
                 x0 += wm * hm_load(x, src + (long long)m * d + c0);
                 x1 += wm * hm_load(x, src + (long long)m * d + c1);
             }
@@ -96,6 +75,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
     unsigned short* qs = (unsigned short*)hm_smem; // [BR][HDP] mixed, rotated queries (16-bit)
     unsigned short* ks = qs + V2_BR * V2_HDP;      // [BC][HDP] mixed, rotated keys
     unsigned short* vs = ks + V2_BC * V2_HDP;      // [BC][HDP] mixed values
+    int* bad = (int*)(vs + V2_BC * V2_HDP);         // [BC] value rows sanitized this tile
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -116,13 +96,18 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
     float o[V2_NO][4];
 #pragma unroll
     for (int n = 0; n < V2_NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m_a = HM_NEG_INF, m_b = HM_NEG_INF; // running max (log2 domain) of rows a, b
-    float l_a = 0.f, l_b = 0.f;               // this thread's part of the running sums
+    HmRow ra, rb; // running statistics of rows a, b (softmax.cuh)
+    hm_row_init(ra);
+    hm_row_init(rb);
+    bool bad_a = false, bad_b = false; // the row saw a sanitized (non-finite) value
+    if (threadIdx.x < V2_BC) bad[threadIdx.x] = 0;
 
     for (long long j0 = (jlo / V2_BC) * V2_BC; j0 <= jhi; j0 += V2_BC) {
         __syncthreads(); // previous tile consumed; on the first tile, the query tile complete
         v2_mix_tile(a, ks, V2_BC, j0, nk, a.k, a.M, a.Hk, a.ak, b, h, false, a.rope != 0);
         v2_mix_tile(a, vs, V2_BC, j0, nk, a.v, a.M, a.Hk, a.av, b, h, false, false);
+        __syncthreads();
+        hm_sanitize_rows(vs, V2_BC, V2_HDP, HM_HD, bad, threadIdx.x, HM_NT);
         __syncthreads();
 
         // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
@@ -139,7 +124,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
 #pragma unroll
             for (int n = 0; n < V2_NS; ++n) {
                 const unsigned short* kr = ks + (n * 8 + g) * V2_HDP + kk + 2 * t; // key n*8+g
-                v2_mma(s[n], qa, v2_ld2(kr), v2_ld2(kr + 8));
+                hm_mma16816(s[n], qa, v2_ld2(kr), v2_ld2(kr + 8));
             }
         }
 
@@ -153,36 +138,29 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
                 const int i = i0 + (c < 2 ? row_a : row_b);
                 const long long j = j0 + n * 8 + 2 * t + (c & 1);
                 const bool ok = i < nq && j < nk && hm_visible(a, (long long)i + off, j);
-                s[n][c] = ok ? s[n][c] * a.scale_log2 : HM_NEG_INF;
+                s[n][c] = hm_score(s[n][c], a.scale_log2, ok);
+                if (ok && bad[n * 8 + 2 * t + (c & 1)]) (c < 2 ? bad_a : bad_b) = true;
             }
             mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
             mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
         }
-        // Row max over the quad of threads that share the row (lanes 4g .. 4g+3).
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-        const float mu_a = mn_a == HM_NEG_INF ? 0.f : mn_a; // nothing visible yet: no inf - inf
-        const float mu_b = mn_b == HM_NEG_INF ? 0.f : mn_b;
-        const float alpha_a = exp2f(m_a - mu_a), alpha_b = exp2f(m_b - mu_b);
-        m_a = mn_a;
-        m_b = mn_b;
+        float mu_a, mu_b;
+        const float alpha_a = hm_row_rescale(ra, hm_quad_max(mx_a), &mu_a);
+        const float alpha_b = hm_row_rescale(rb, hm_quad_max(mx_b), &mu_b);
 
         // Probabilities (f32 sums; rounded to the storage type as the P.V operand).
         float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
         for (int n = 0; n < V2_NS; ++n) {
-            s[n][0] = exp2f(s[n][0] - mu_a);
-            s[n][1] = exp2f(s[n][1] - mu_a);
-            s[n][2] = exp2f(s[n][2] - mu_b);
-            s[n][3] = exp2f(s[n][3] - mu_b);
+            s[n][0] = hm_prob(s[n][0], mu_a);
+            s[n][1] = hm_prob(s[n][1], mu_a);
+            s[n][2] = hm_prob(s[n][2], mu_b);
+            s[n][3] = hm_prob(s[n][3], mu_b);
             sum_a += s[n][0] + s[n][1];
             sum_b += s[n][2] + s[n][3];
         }
-        l_a = l_a * alpha_a + sum_a;
-        l_b = l_b * alpha_b + sum_b;
+        hm_row_add(ra, alpha_a, sum_a);
+        hm_row_add(rb, alpha_b, sum_b);
 #pragma unroll
         for (int n = 0; n < V2_NO; ++n) {
             o[n][0] *= alpha_a;
@@ -195,32 +173,34 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
 #pragma unroll
         for (int kk = 0; kk < V2_BC / 16; ++kk) {
             unsigned pa[4];
-            pa[0] = v2_pack(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = v2_pack(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = v2_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = v2_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            pa[0] = hm_pack2(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = hm_pack2(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = hm_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = hm_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
             const unsigned short* v0 = vs + (kk * 16 + 2 * t) * V2_HDP; // keys 2t, 2t+1 of the step
 #pragma unroll
             for (int n = 0; n < V2_NO; ++n) {
                 const int col = n * 8 + g;
                 const unsigned b0 = (unsigned)v0[col] | ((unsigned)v0[V2_HDP + col] << 16);
                 const unsigned b1 = (unsigned)v0[8 * V2_HDP + col] | ((unsigned)v0[9 * V2_HDP + col] << 16);
-                v2_mma(o[n], pa, b0, b1);
+                hm_mma16816(o[n], pa, b0, b1);
             }
         }
+        __syncthreads(); // every row has read bad[]
+        if (threadIdx.x < V2_BC) bad[threadIdx.x] = 0;
     }
 
     // ---- 3. normalise, lse, then store (with head norm) or scatter through r ---------------
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    ra.l = hm_quad_sum(ra.l);
+    rb.l = hm_quad_sum(rb.l);
+    const bool nan_a = hm_quad_max(bad_a ? 1.f : 0.f) > 0.f, nan_b = hm_quad_max(bad_b ? 1.f : 0.f) > 0.f;
     const int ia = i0 + row_a, ib = i0 + row_b;
     if (a.has_lse && t == 0) {
-        if (ia < nq) a.lse[(long long)(b * H + h) * nq + ia] = l_a > 0.f ? (m_a + log2f(l_a)) * HM_LN2 : HM_NEG_INF;
-        if (ib < nq) a.lse[(long long)(b * H + h) * nq + ib] = l_b > 0.f ? (m_b + log2f(l_b)) * HM_LN2 : HM_NEG_INF;
+        if (ia < nq) a.lse[(long long)(b * H + h) * nq + ia] = hm_row_lse(ra);
+        if (ib < nq) a.lse[(long long)(b * H + h) * nq + ib] = hm_row_lse(rb);
     }
-    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f; // no key: zeros
+    const float inv_a = nan_a ? __int_as_float(0x7fc00000) : hm_row_inv(ra); // no key: zeros
+    const float inv_b = nan_b ? __int_as_float(0x7fc00000) : hm_row_inv(rb);
 #pragma unroll
     for (int n = 0; n < V2_NO; ++n) {
         o[n][0] = hm_round(o[n][0] * inv_a);
@@ -258,12 +238,8 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
             ss_a += o[n][0] * o[n][0] + o[n][1] * o[n][1]; // tail columns >= d hold zeros
             ss_b += o[n][2] * o[n][2] + o[n][3] * o[n][3];
         }
-        ss_a += __shfl_xor_sync(0xffffffffu, ss_a, 1);
-        ss_a += __shfl_xor_sync(0xffffffffu, ss_a, 2);
-        ss_b += __shfl_xor_sync(0xffffffffu, ss_b, 1);
-        ss_b += __shfl_xor_sync(0xffffffffu, ss_b, 2);
-        sc_a = 1.f / sqrtf(ss_a / (float)d + a.eps);
-        sc_b = 1.f / sqrtf(ss_b / (float)d + a.eps);
+        sc_a = 1.f / sqrtf(hm_quad_sum(ss_a) / (float)d + a.eps);
+        sc_b = 1.f / sqrtf(hm_quad_sum(ss_b) / (float)d + a.eps);
     }
     // De-interleave: virtual row i = n*P + p goes to out[b, n, h, p, :].
 #pragma unroll

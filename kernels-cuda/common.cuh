@@ -101,49 +101,7 @@ __device__ __forceinline__ float hm_warp_sum(float x) {
     return x;
 }
 
-// ---- Mask and positions (virtual indices, bottom-right aligned) ------------------------------
-// Query i sits at key index ia = i + (M - N) * P. The mask kind is compiled in (HM_MASK):
-//   0: every key visible, 1: causal (j <= ia), 2: sliding window (ia - left <= j <= ia + right),
-//   causal too when a.causal is set; 3: decided at run time from a.causal and a.has_window (one
-//   module for every mask: what the baseline v1 uses).
-#ifndef HM_MASK
-#define HM_MASK 3
-#endif
-__device__ __forceinline__ bool hm_visible(const HmArgs& a, long long ia, long long j) {
-#if HM_MASK == 0
-    return true;
-#elif HM_MASK == 1
-    return j <= ia;
-#elif HM_MASK == 2
-    if (a.causal && j > ia) return false;
-    return j >= ia - (long long)a.window_left && j <= ia + (long long)a.window_right;
-#else
-    if (a.causal && j > ia) return false;
-    if (a.has_window && (j < ia - (long long)a.window_left || j > ia + (long long)a.window_right)) return false;
-    return true;
-#endif
-}
-
-// The keys [*lo, *hi] that virtual queries [i_first, i_last] can see (empty when lo > hi): the
-// KV tiles outside it are never visited.
-__device__ __forceinline__ void hm_key_range(const HmArgs& a, long long i_first, long long i_last, long long* lo,
-                                             long long* hi) {
-    *lo = 0;
-    *hi = (long long)a.M * a.P - 1;
-#if HM_MASK != 0
-    const long long off = (long long)(a.M - a.N) * a.P;
-#endif
-#if HM_MASK == 1
-    *hi = min(*hi, i_last + off);
-#elif HM_MASK >= 2
-    if (a.causal) *hi = min(*hi, i_last + off);
-    if (HM_MASK == 2 || a.has_window) {
-        *lo = max(*lo, i_first + off - (long long)a.window_left);
-        *hi = min(*hi, i_last + off + (long long)a.window_right);
-    }
-#endif
-}
-
+// ---- Positions (virtual indices, bottom-right aligned; the mask itself is in mask.cuh) -------
 // RoPE position of virtual query i / virtual key j (Token mode: the token's position).
 __device__ __forceinline__ long long hm_q_pos(const HmArgs& a, long long i) {
     return a.rope_token ? (long long)a.pos0 + i / a.P + (a.M - a.N)

@@ -40,11 +40,12 @@ fn every_variant_compiles_cleanly_for_sm80_and_sm90() {
         return;
     }
     let all = variants::all_variants();
-    // v1: 3 dtypes × 5 head-dim capacities (mask at run time); v2: f16/bf16 × 4 capacities × 3
-    // mask kinds; one epilogue per dtype.
-    let expected = 3 * variants::HEAD_DIMS.len() + 2 * variants::V2_HEAD_DIMS.len() * 3 + 3;
+    // v1: 3 dtypes × 5 head-dim capacities (mask at run time); v2 and v3: f16/bf16 × 4
+    // capacities × 3 mask kinds; one epilogue per dtype.
+    let expected =
+        3 * variants::HEAD_DIMS.len() + 2 * (variants::V2_HEAD_DIMS.len() + variants::V3_HEAD_DIMS.len()) * 3 + 3;
     assert_eq!(all.len(), expected, "the variant list changed: update this test");
-    for kernel in [Kernel::AttnV1, Kernel::AttnV2, Kernel::CollapseEpilogue] {
+    for kernel in [Kernel::AttnV1, Kernel::AttnV2, Kernel::AttnV3, Kernel::CollapseEpilogue] {
         assert!(all.iter().any(|v| v.kernel == kernel), "{kernel:?} is never compiled");
     }
     let t = Instant::now();
@@ -156,7 +157,7 @@ fn ptx_disk_cache_is_keyed_and_read_back() {
 
 /// (kernel version, dtype code, head-dim capacity, mask code): every kernel, dtype, mask kind and
 /// capacity at least once. `kernels-cuda/emu/run.sh` runs all of them.
-const EMU_VARIANTS: [(u32, u32, u32, u32); 10] = [
+const EMU_VARIANTS: [(u32, u32, u32, u32); 14] = [
     (1, 0, 32, 3),
     (1, 0, 64, 3),
     (1, 1, 96, 3),
@@ -167,7 +168,14 @@ const EMU_VARIANTS: [(u32, u32, u32, u32); 10] = [
     (2, 1, 96, 0),
     (2, 2, 128, 2),
     (2, 1, 64, 1),
+    (3, 2, 128, 1),
+    (3, 1, 64, 2),
+    (3, 2, 32, 0),
+    (3, 1, 96, 1),
 ];
+
+/// The sm_80 instruction models broken one at a time (`EMU_BREAK`): every v3 case must fail.
+const EMU_BREAKS: [&str; 5] = ["ldsm_trans", "ldsm_rows", "cp_nowait", "cp_zfill", "mma_b"];
 
 /// g++ 12 or newer (C++20 and `_Float16` on x86), or a one-line skip (a failure under
 /// `HEADMIX_REQUIRE_EMU=1`).
@@ -241,6 +249,16 @@ fn kernels_match_the_spec_on_the_cpu_emulator() {
                         let neg = std::process::Command::new(&bin).args(["3", "5"]).env("EMU_NEGATIVE", "1").output();
                         if !neg.unwrap().status.success() {
                             fail(format!("{bin:?}: the shifted-reference negative control passed a case"));
+                        }
+                    }
+                    if kernel == 3 && hd == 128 {
+                        // Negative controls of the ldmatrix / cp.async / mma models: a wrong layout, a
+                        // missing wait, a missing zero-fill must fail every case.
+                        for brk in EMU_BREAKS {
+                            let neg = std::process::Command::new(&bin).args(["2", "7"]).env("EMU_BREAK", brk).output();
+                            if !neg.unwrap().status.success() {
+                                fail(format!("{bin:?}: EMU_BREAK={brk} passed a case"));
+                            }
                         }
                     }
                 }

@@ -1,12 +1,23 @@
 // CPU emulator of the headmix CUDA kernels, for machines without a GPU.
 //
-// It compiles the real kernel sources (common.cuh, traits.cuh, one attention kernel, epilogue.cu)
-// as C++ with one fiber per CUDA thread: __syncthreads is a block barrier, warp shuffles and
-// mma.sync are warp-level exchanges through memory, and the tensor-core instruction is modelled
-// element by element from the fragment layout of the PTX ISA (independently of the kernel's own
-// fragment loads). Each build is one variant (-DHM_KERNEL=1|2 -DHM_DTYPE -DHM_HD -DHM_MASK); it
-// launches the kernels on random problems exactly as host/src/backends/cuda/device.rs does and
-// compares with a direct f64 implementation of shared/spec/attention.md (same rounding points).
+// It compiles the real kernel sources (common.cuh, mask.cuh, softmax.cuh, tiles.cuh, traits.cuh,
+// one attention kernel, epilogue.cu) as C++ with one fiber per CUDA thread: __syncthreads is a
+// block barrier, warp shuffles, ldmatrix and mma.sync are warp-level exchanges through memory.
+// The sm_80 instructions are modelled from the PTX ISA, independently of the kernels' own use:
+//   mma.sync.m16n8k16   element by element from the fragment layouts ("Matrix fragments for
+//                       mma.m16n8k16");
+//   ldmatrix .x1/.x2/.x4 [.trans]  lanes 8i..8i+7 address the rows of matrix i; lane l receives
+//                       (row l/4, columns 2(l%4), 2(l%4)+1), or transposed; rows 16-byte aligned;
+//   cp.async (16 B, src-size 0 zero-fills), commit_group, wait_group N: the copies are queued per
+//                       thread and land only when a wait_group retires their group, so a missing
+//                       or short wait reads stale shared memory (which starts as NaN garbage).
+// EMU_BREAK=<what> breaks one model on purpose (ldsm_trans, ldsm_rows, cp_nowait, cp_zfill,
+// mma_b): the negative controls, which every v3 case must then fail.
+// Each build is one variant (-DHM_KERNEL=1|2|3 -DHM_DTYPE -DHM_HD -DHM_MASK); it launches the
+// kernels on random problems exactly as host/src/backends/cuda/device.rs does (for v3: the
+// selection test, the pre-mix plan, the RoPE tables) and compares with a direct f64
+// implementation of the operator (docs/operator.md, same rounding points), NaN policy included:
+// cases with non-finite inputs check that exactly the rows that read them are non-finite.
 // What it cannot check: real-GPU behaviour (memory model, occupancy, NVRTC-specific code paths).
 //
 // Run: kernels-cuda/emu/run.sh  (g++ >= 12, C++20).
@@ -16,7 +27,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
+#include <cstdint>
+#include <deque>
+#include <functional>
 #include <memory>
+#include <string>
 #include <random>
 #include <ucontext.h>
 #include <vector>
@@ -29,6 +44,7 @@
 #define __launch_bounds__(x)
 #define __shared__
 #define HM_EMU 1
+#define __ldg(p) (*(p))
 using std::max;
 using std::min;
 
@@ -39,7 +55,7 @@ struct Dim3 {
 // CUDA threads are fibers (ucontext) of one OS thread, switched only at barriers, in a random order
 // per round: a block runs fast and reproducibly, a barrier that not every thread reaches is
 // reported as a hang, and a missing barrier shows up as a wrong result.
-static constexpr int EMU_THREADS = 128;
+static constexpr int EMU_THREADS = 256; // the most threads a block has (v3 attention)
 struct Fiber {
     ucontext_t ctx;
     Dim3 tid;
@@ -57,7 +73,8 @@ struct Barrier {
     std::vector<int> waiting;
 };
 static Barrier block_bar{EMU_THREADS, 0, {}};
-static Barrier warp_bar[EMU_THREADS / 32] = {{32, 0, {}}, {32, 0, {}}, {32, 0, {}}, {32, 0, {}}};
+static Barrier warp_bar[EMU_THREADS / 32] = {{32, 0, {}}, {32, 0, {}}, {32, 0, {}}, {32, 0, {}},
+                                             {32, 0, {}}, {32, 0, {}}, {32, 0, {}}, {32, 0, {}}};
 
 static void emu_wait(Barrier& b) {
     if (++b.arrived == b.participants) { // the last to arrive releases the others and runs on
@@ -72,8 +89,23 @@ static void emu_wait(Barrier& b) {
 }
 
 alignas(16) float hm_smem[1 << 16]; // dynamic shared memory of the one block running at a time
+static size_t emu_smem_bytes;        // what the launch asked for (reads/writes beyond it are bugs)
+static void emu_check_smem(const void* p, size_t n, const char* what) {
+    const char* b = (const char*)hm_smem;
+    if ((const char*)p < b || (const char*)p + n > b + emu_smem_bytes) {
+        std::fprintf(stderr, "emu: %s outside the %zu bytes of dynamic shared memory\n", what, emu_smem_bytes);
+        std::exit(3);
+    }
+    if ((uintptr_t)p % 16) {
+        std::fprintf(stderr, "emu: %s address not 16-byte aligned\n", what);
+        std::exit(3);
+    }
+}
 static float shfl_buf[EMU_THREADS / 32][32];
 static unsigned mma_buf[EMU_THREADS / 32][32][6];
+static const void* ldsm_buf[EMU_THREADS / 32][32];
+static const char* emu_break = std::getenv("EMU_BREAK") ? std::getenv("EMU_BREAK") : "";
+static bool broken(const char* what) { return std::strcmp(emu_break, what) == 0; }
 
 inline void __syncthreads() { emu_wait(block_bar); }
 
@@ -101,6 +133,12 @@ inline void __sincosf(float x, float* s, float* c) {
     *s = std::sin(x);
     *c = std::cos(x);
 }
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+    const unsigned old = *p; // fibers never run concurrently
+    *p = old | v;
+    return old;
+}
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 inline float atomicAdd(float* p, float v) {
     const float old = *p; // fibers never run concurrently
     *p = old + v;
@@ -119,10 +157,83 @@ inline unsigned short hm_f32_to_f16(float x) {
     return h;
 }
 
+// ---- sm_80 instructions (v3): ldmatrix and cp.async, from the PTX ISA -----------------------
+// ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16: lanes 8i .. 8i+7 hold the row addresses
+// of matrix i (i < num); lane l receives register i = elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1)
+// of matrix i, low half first; .trans: elements (2(l%4), l/4) and (2(l%4)+1, l/4).
+inline void hm_emu_ldsm(unsigned* r, const void* p, int num, bool trans) {
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    ldsm_buf[w][l] = p;
+    emu_wait(warp_bar[w]);
+    if (broken("ldsm_trans")) trans = !trans;
+    for (int i = 0; i < num; ++i) {
+        auto row = [&](int rr) {
+            const void* a = ldsm_buf[w][8 * i + (broken("ldsm_rows") ? 7 - rr : rr)];
+            emu_check_smem(a, 16, "ldmatrix row");
+            return (const unsigned short*)a;
+        };
+        unsigned short lo, hi;
+        if (!trans) {
+            lo = row(l / 4)[2 * (l % 4)];
+            hi = row(l / 4)[2 * (l % 4) + 1];
+        } else {
+            lo = row(2 * (l % 4))[l / 4];
+            hi = row(2 * (l % 4) + 1)[l / 4];
+        }
+        r[i] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+    emu_wait(warp_bar[w]);
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src-size (0 or 16): queued until a wait retires it.
+struct CpOp {
+    void* dst;
+    const void* src;
+    bool valid;
+};
+static std::vector<CpOp> cp_open[EMU_THREADS];
+static std::deque<std::vector<CpOp>> cp_groups[EMU_THREADS];
+inline void hm_emu_cp_async16(void* dst, const void* src, bool valid) {
+    emu_check_smem(dst, 16, "cp.async destination");
+    if ((uintptr_t)src % 16) {
+        std::fprintf(stderr, "emu: cp.async source not 16-byte aligned\n");
+        std::exit(3);
+    }
+    cp_open[threadIdx.x].push_back({dst, src, valid});
+}
+inline void hm_emu_cp_commit() {
+    cp_groups[threadIdx.x].push_back(std::move(cp_open[threadIdx.x]));
+    cp_open[threadIdx.x].clear();
+}
+// cp.async.wait_group N: every group but the N most recent has landed.
+template <int N> inline void hm_emu_cp_wait() {
+    auto& gs = cp_groups[threadIdx.x];
+    while ((int)gs.size() > N) {
+        if (!broken("cp_nowait"))
+            for (const CpOp& op : gs.front()) {
+                if (op.valid) std::memcpy(op.dst, op.src, 16);
+                else if (!broken("cp_zfill")) std::memset(op.dst, 0, 16);
+            }
+        gs.pop_front();
+    }
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's 32 lanes each bring 4 A registers
+// and 2 B registers; lane l computes its 4 accumulators. Layout (PTX ISA, "Matrix fragments for
+// mma.m16n8k16", g = lane / 4, t = lane % 4, element e of a register pair: low half first):
+//   A[r][k]: lane (r % 8) * 4 + (k % 8) / 2, register (r >= 8) + 2 * (k >= 8), half k % 2
+//   B[k][n]: lane n * 4 + (k % 8) / 2, register (k >= 8), half k % 2
+//   C[r][n]: lane (r % 8) * 4 + n / 2, register 2 * (r >= 8) + n % 2
+inline float emu_half(unsigned reg, int half);
+inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1);
+
 #include "../common.cuh"
+#include "../mask.cuh"
+#include "../softmax.cuh"
+#include "../tiles.cuh"
 #include "../traits.cuh"
 
-#if HM_KERNEL == 2
+#if HM_KERNEL >= 2
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's 32 lanes each bring 4 A registers
 // and 2 B registers; lane l computes its 4 accumulators. Layout (PTX ISA, "Matrix fragments for
 // mma.m16n8k16", g = lane / 4, t = lane % 4, element e of a register pair: low half first):
@@ -139,19 +250,26 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     auto A = [&](int r, int k) {
         return emu_half(mma_buf[w][(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k % 2);
     };
-    auto B = [&](int k, int n) { return emu_half(mma_buf[w][n * 4 + (k % 8) / 2][4 + (k >= 8)], k % 2); };
+    auto B = [&](int k, int n) {
+        if (broken("mma_b")) k ^= 8; // negative control: the two B registers swapped
+        return emu_half(mma_buf[w][n * 4 + (k % 8) / 2][4 + (k >= 8)], k % 2);
+    };
     for (int i = 0; i < 4; ++i) {
         // This lane's accumulator i is C[r][n] with r = l/4 + 8*(i >= 2), n = 2*(l%4) + i%2.
         const int r = l / 4 + 8 * (i >= 2), n = 2 * (l % 4) + i % 2;
         double acc = 0;
         for (int k = 0; k < 16; ++k) acc += (double)A(r, k) * (double)B(k, n);
-        c[i] += (float)acc;
+        c[i] = (float)((double)c[i] + acc);
     }
     emu_wait(warp_bar[w]);
 }
+#if HM_KERNEL == 3
+#include "../attn_v3.cu"
+#else
 #include "../attn_v2.cu"
 #define EMU_ATTN hm_attn_v2
 #define EMU_BR V2_BR
+#endif
 #else
 #include "../attn_v1.cu"
 #define EMU_ATTN hm_attn_v1
@@ -160,31 +278,38 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
 #include "../epilogue.cu"
 
 // ---- Launch ------------------------------------------------------------------------------------
-static void (*emu_kernel)(const HmArgs);
-static const HmArgs* emu_args;
+static std::function<void()> emu_body;
 static void fiber_main() {
-    emu_kernel(*emu_args);
+    emu_body();
     emu_cur->state = 2;
 }
 
 static std::mt19937 sched_rng(12345);
 
-// Run every block of the grid, one after another, each with EMU_THREADS fibers.
-static void launch(void (*kernel)(const HmArgs), Dim3 grid, const HmArgs& a) {
-    std::vector<int> order(EMU_THREADS);
-    for (int t = 0; t < EMU_THREADS; ++t) order[t] = t;
-    emu_kernel = kernel;
-    emu_args = &a;
+// Run every block of the grid, one after another, each with `threads` fibers and `smem` bytes of
+// dynamic shared memory; body() is the kernel call with its arguments.
+static void launch(const std::function<void()>& body, Dim3 grid, int threads, size_t smem) {
+    if (threads > EMU_THREADS || threads % 32 || smem > sizeof(hm_smem)) {
+        std::fprintf(stderr, "emu: launch of %d threads, %zu bytes of shared memory\n", threads, smem);
+        std::exit(3);
+    }
+    std::vector<int> order(threads);
+    for (int t = 0; t < threads; ++t) order[t] = t;
+    emu_body = body;
+    emu_smem_bytes = smem;
+    block_bar.participants = threads;
     for (int z = 0; z < grid.z; ++z)
         for (int y = 0; y < grid.y; ++y)
             for (int x = 0; x < grid.x; ++x) {
                 std::memset(hm_smem, 0xff, sizeof(hm_smem)); // shared memory starts as garbage (NaN)
                 blockIdx = {x, y, z};
-                for (int t = 0; t < EMU_THREADS; ++t) {
+                for (int t = 0; t < threads; ++t) {
                     Fiber& f = fibers[t];
                     f.tid = {t, 0, 0};
                     f.state = 0;
                     f.stack.resize(256 * 1024);
+                    cp_open[t].clear();
+                    cp_groups[t].clear();
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = f.stack.data();
                     f.ctx.uc_stack.ss_size = f.stack.size();
@@ -225,11 +350,28 @@ struct Problem {
 
 static double rnd(double x) { return (double)hm_round((float)x); } // the kernels' storage rounding
 
+// The one-hot selection a mixing matrix w [S, H*P] is (every column one weight exactly 1, the
+// others exactly 0), or empty: what the host detects (selection mixing reads only that head).
+static std::vector<int> selection(const std::vector<float>& w, int S, int HP) {
+    std::vector<int> sel(HP, -1);
+    for (int c = 0; c < HP; ++c)
+        for (int m = 0; m < S; ++m) {
+            const float x = w[(size_t)m * HP + c];
+            if (x == 1.f && sel[c] < 0) sel[c] = m;
+            else if (x != 0.f) return {};
+        }
+    for (int m : sel)
+        if (m < 0) return {};
+    return sel;
+}
+
+// NaN policy: a selection reads only its head; dense mixing multiplies every head (0 * NaN = NaN);
+// masked keys never reach a row; a row that reads a non-finite value is non-finite.
 static void reference(const Problem& p, const std::vector<float>& q, const std::vector<float>& k,
                       const std::vector<float>& v, const std::vector<float>& aq, const std::vector<float>& ak,
                       const std::vector<float>& av, const std::vector<float>& r, const std::vector<float>& gamma,
                       std::vector<double>& out, std::vector<double>& lse) {
-    const int nq = p.N * p.P, nk = p.M * p.P, d = p.d;
+    const int nq = p.N * p.P, nk = p.M * p.P, d = p.d, HP = p.H * p.P;
     std::vector<double> op((size_t)p.B * p.N * p.H * p.P * d, 0.0);
     lse.assign((size_t)p.B * p.H * nq, -INFINITY);
     auto rope = [&](std::vector<double>& x, long long pos) {
@@ -243,9 +385,12 @@ static void reference(const Problem& p, const std::vector<float>& q, const std::
     auto mixed = [&](const std::vector<float>& x, int L, int S, const std::vector<float>& w, int b, int h, int idx) {
         std::vector<double> y(d, 0.0);
         const int tok = idx / p.P, pp = idx % p.P;
-        for (int m = 0; m < S; ++m)
+        const auto sel = selection(w, S, HP);
+        for (int m = 0; m < S; ++m) {
+            if (!sel.empty() && sel[h * p.P + pp] != m) continue;
             for (int t = 0; t < d; ++t)
                 y[t] += (double)w[(m * p.H + h) * p.P + pp] * x[(((size_t)b * L + tok) * S + m) * d + t];
+        }
         return y;
     };
     const long long off = (long long)(p.M - p.N) * p.P;
@@ -265,27 +410,45 @@ static void reference(const Problem& p, const std::vector<float>& q, const std::
                 for (auto& e : qi) e = rnd(e);
                 const long long ia = i + off;
                 std::vector<double> s(nk, -INFINITY);
+                std::vector<char> vis(nk, 0);
                 double mx = -INFINITY;
+                bool any = false, read_bad = false, read_bad_v = false; // NaN policy 3
+                auto finite = [](const std::vector<double>& x) {
+                    for (double e : x)
+                        if (!std::isfinite(e)) return false;
+                    return true;
+                };
+                read_bad = !finite(qi);
                 for (int j = 0; j < nk; ++j) {
                     if (p.causal && j > ia) continue;
                     if (p.window && (j < ia - p.left || j > ia + p.right)) continue;
                     double dot = 0;
                     for (int t = 0; t < d; ++t) dot += qi[t] * kt[j][t];
                     s[j] = dot * p.scale;
-                    mx = std::max(mx, s[j]);
+                    vis[j] = any = true;
+                    if (s[j] > mx) mx = s[j];
+                    read_bad |= !finite(kt[j]);
+                    read_bad_v |= !finite(vt[j]);
                 }
-                if (mx == -INFINITY) continue;
+                if (!any) continue;
+                if (read_bad || read_bad_v) { // the row read a non-finite value: its output is non-finite
+                    const int n = i / p.P, pp = i % p.P;
+                    for (int t = 0; t < d; ++t) op[((((size_t)b * p.N + n) * p.H + h) * p.P + pp) * d + t] = NAN;
+                    if (read_bad) lse[((size_t)b * p.H + h) * nq + i] = NAN; // (a value does not reach lse)
+                    if (read_bad) continue;
+                }
                 double sum = 0;
                 std::vector<double> o(d, 0.0);
                 for (int j = 0; j < nk; ++j) {
-                    if (s[j] == -INFINITY) continue;
+                    if (!vis[j]) continue;
                     const double e = std::exp(s[j] - mx);
                     sum += e;
                     for (int t = 0; t < d; ++t) o[t] += rnd(e) * vt[j][t];
                 }
                 lse[((size_t)b * p.H + h) * nq + i] = mx + std::log(sum);
                 const int n = i / p.P, pp = i % p.P;
-                for (int t = 0; t < d; ++t) op[((((size_t)b * p.N + n) * p.H + h) * p.P + pp) * d + t] = rnd(o[t] / sum);
+                if (!read_bad_v)
+                    for (int t = 0; t < d; ++t) op[((((size_t)b * p.N + n) * p.H + h) * p.P + pp) * d + t] = rnd(o[t] / sum);
             }
         }
     const int width = p.collapse ? 1 : p.P;
@@ -295,8 +458,9 @@ static void reference(const Problem& p, const std::vector<float>& q, const std::
             for (int h = 0; h < p.H; ++h)
                 for (int c = 0; c < p.H * p.P; ++c)
                     for (int t = 0; t < d; ++t)
-                        out[((size_t)bn * p.H + h) * d + t] +=
-                            (double)r[h * p.H * p.P + c] * op[((size_t)bn * p.H * p.P + c) * d + t];
+                        if (r[h * p.H * p.P + c] != 0.f)
+                            out[((size_t)bn * p.H + h) * d + t] +=
+                                (double)r[h * p.H * p.P + c] * op[((size_t)bn * p.H * p.P + c) * d + t];
     } else {
         out = op;
     }
@@ -318,18 +482,109 @@ static std::vector<hm_elem> store(const std::vector<float>& x) {
     return y;
 }
 
+// Launch the kernels of one problem as the host does (device.rs).
+static void run_kernels(const Problem& p, const HmArgs& a0, std::vector<hm_elem>& out) {
+    HmArgs a = a0;
+#if HM_KERNEL == 3
+    const int HP = p.H * p.P, d = p.d;
+    const auto selq = selection(std::vector<float>(a.aq, a.aq + (size_t)p.Hq * HP), p.Hq, HP);
+    const auto selk = selection(std::vector<float>(a.ak, a.ak + (size_t)p.Hk * HP), p.Hk, HP);
+    const auto selv = selection(std::vector<float>(a.av, a.av + (size_t)p.Hk * HP), p.Hk, HP);
+    std::vector<int> iota(HP);
+    for (int c = 0; c < HP; ++c) iota[c] = c;
+    // RoPE: two-level (cos, sin) tables in f64 -> f32, over the positions the call uses.
+    std::vector<float> rope_hi, rope_lo;
+    const unsigned long long pos_last = (unsigned long long)p.pos0 + (unsigned long long)p.M * p.P - 1;
+    const unsigned hi0 = (unsigned)p.pos0 >> 7, nhi = (unsigned)(pos_last >> 7) - hi0 + 1;
+    if (p.rope) {
+        const int half = d / 2;
+        rope_hi.resize((size_t)nhi * half * 2);
+        rope_lo.resize((size_t)128 * half * 2);
+        for (int u = 0; u < half; ++u) {
+            const double f = std::pow((double)p.base, -2.0 * u / d);
+            for (unsigned rr = 0; rr < nhi; ++rr) {
+                const double ang = (double)(hi0 + rr) * 128.0 * f;
+                rope_hi[((size_t)rr * half + u) * 2] = (float)std::cos(ang);
+                rope_hi[((size_t)rr * half + u) * 2 + 1] = (float)std::sin(ang);
+            }
+            for (int rr = 0; rr < 128; ++rr) {
+                rope_lo[((size_t)rr * half + u) * 2] = (float)std::cos(rr * f);
+                rope_lo[((size_t)rr * half + u) * 2 + 1] = (float)std::sin(rr * f);
+            }
+        }
+    }
+    std::vector<std::vector<hm_elem>> scratch;
+    auto premix = [&](const void* x, int L, int S, const float* w, const std::vector<int>& sel, bool rope,
+                      bool query) -> HmRows {
+        scratch.emplace_back((size_t)p.B * L * HP * d, hm_from_f32(NAN));
+        HmV3Mix m{};
+        m.x = x;
+        m.y = scratch.back().data();
+        m.w = w;
+        m.sel = sel.empty() ? nullptr : sel.data();
+        m.rope_hi = rope ? rope_hi.data() : nullptr;
+        m.rope_lo = rope ? rope_lo.data() : nullptr;
+        m.L = L, m.S = S, m.query = query, m.rope_hi0 = (int)hi0;
+        const int Sp = (S + 15) & ~15;
+        const size_t smem = 64 * (HM_HD + 4) * 4 + 2 * Sp * (HM_HD + 8) * 2 + 3 * 64 * (Sp + 8) * 2;
+        launch([&] { hm_v3_mix(a, m); }, {(L + V3M_TOK - 1) / V3M_TOK, (HP + V3M_HP - 1) / V3M_HP, p.B}, V3M_NT, smem);
+        return HmRows{scratch.back().data(), iota.data(), HP * d, 0};
+    };
+    HmV3Attn x{};
+    // Division by P (CUTLASS FastDivmod): mul = ceil(2^(31 + ceil_log2 P) / P), shr = ceil_log2 P - 1.
+    if (p.P > 1) {
+        int l = 0;
+        while ((1 << l) < p.P) ++l;
+        x.p_mul = (unsigned)(((1ull << (31 + l)) + p.P - 1) / p.P);
+        x.p_shr = (unsigned)(l - 1);
+    }
+    x.q = selq.empty() || p.rope ? premix(a.q, p.N, p.Hq, a.aq, selq, p.rope, true)
+                                 : HmRows{a.q, selq.data(), p.Hq * d, 0};
+    x.k = selk.empty() || p.rope ? premix(a.k, p.M, p.Hk, a.ak, selk, p.rope, false)
+                                 : HmRows{a.k, selk.data(), p.Hk * d, 0};
+    x.v = selv.empty() ? premix(a.v, p.M, p.Hk, a.av, selv, false, false) : HmRows{a.v, selv.data(), p.Hk * d, 0};
+    std::vector<hm_elem> op;
+    if (p.collapse) op.assign((size_t)p.B * p.N * HP * d, hm_from_f32(NAN));
+    x.op = p.collapse ? (void*)op.data() : a.out;
+    const size_t smem = 4 * V3_BC * (HM_HD + 8) * 2 + 64 * 4;
+    launch([&] { hm_attn_v3(a, x); }, {(p.N * p.P + V3_BR - 1) / V3_BR, p.H, p.B}, V3_NT, smem);
+    if (p.collapse) {
+        const void* opp = op.data();
+        launch([&] { hm_v3_collapse(a, opp); }, {p.B * p.N, 1, 1}, V3C_NT, 0);
+    }
+#else
+    const int nq = p.N * p.P;
+#if HM_KERNEL == 2
+    const size_t smem = 3 * 64 * (HM_HD + 8) * 2 + 64 * 4;
+#else
+    const size_t smem = (HM_BR * HM_HDP + 2 * HM_BC * HM_HDP + HM_BR * HM_SSP + 3 * HM_BR) * 4;
+#endif
+    launch([&] { EMU_ATTN(a); }, {(nq + EMU_BR - 1) / EMU_BR, p.H, p.B}, HM_NT, smem);
+#endif
+    if (p.collapse) launch([&] { hm_collapse_epilogue(a); }, {(p.B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1},
+                           32 * HM_EPI_ROWS, 0);
+    (void)out;
+}
+
 static bool run_case(std::mt19937_64& rng, int idx) {
     auto U = [&](int lo, int hi) { return (int)std::uniform_int_distribution<int>(lo, hi)(rng); };
     std::normal_distribution<float> nd(0.f, 1.f);
     Problem p{};
     p.B = U(1, 2);
-    p.N = U(1, 40);
-    p.M = p.N + U(0, 24);
     p.H = U(1, 4);
     p.Hq = U(1, 4);
     p.Hk = U(1, 4);
-    p.P = U(1, 3);
+    p.P = U(1, p.H); // P from 1 to H
+#if HM_KERNEL == 3
+    // Query tiles of 128 and key tiles of 64 virtual tokens: sizes that span several of each.
+    p.N = U(1, std::max(1, 300 / p.P));
+    p.M = p.N + U(0, 24);
+    p.d = U(0, 2) == 0 ? HM_HD : 8 * U(1, HM_HD / 8); // v3 needs d % 8 == 0 (16-byte rows)
+#else
+    p.N = U(1, 40);
+    p.M = p.N + U(0, 24);
     p.d = U(0, 2) == 0 ? HM_HD : 2 * U(1, HM_HD / 2);
+#endif
     p.causal = HM_MASK == 1 || (HM_MASK >= 2 && U(0, 1));
     p.window = HM_MASK == 2 || (HM_MASK == 3 && U(0, 1));
     const long long edges[4] = {0, (long long)U(1, 30), (long long)U(1, 8), 2147483647LL};
@@ -343,24 +598,67 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     p.eps = 1e-5f;
     p.collapse = U(0, 1);
     p.norm = U(0, 1);
+    // Mixing kinds: 0 dense (IHA), 1 MHA / GQA / MEA-like selections, 2 a random one-hot
+    // selection per (h, p), 3 dense keys/values over fewer stored heads (MEA compressed).
+    const int kind = U(0, 3);
+    if (kind == 1) {
+        p.P = 1;
+        p.Hq = p.H;
+        p.Hk = U(0, 1) ? p.H : std::max(1, p.H / 2); // MHA or GQA (Hk divides H when H/2 does)
+        if (p.H % p.Hk) p.Hk = 1;
+    } else if (kind == 3) {
+        p.P = 1;
+        p.Hq = p.H;
+        p.Hk = std::max(1, p.H - 1);
+    }
+    const float logit = U(0, 5) == 0 ? 6.f : 1.f; // large logits now and then
+    const bool poison = U(0, 3) == 0;             // non-finite inputs (NaN policy)
 
     auto normal = [&](size_t n, float s) {
         std::vector<float> x(n);
         for (auto& e : x) e = hm_round(nd(rng) * s); // representable in the storage type
         return x;
     };
-    auto q = normal((size_t)p.B * p.N * p.Hq * p.d, 1.f);
-    auto k = normal((size_t)p.B * p.M * p.Hk * p.d, 1.f);
+    auto q = normal((size_t)p.B * p.N * p.Hq * p.d, logit);
+    auto k = normal((size_t)p.B * p.M * p.Hk * p.d, logit);
     auto v = normal((size_t)p.B * p.M * p.Hk * p.d, 1.f);
+    if (poison) {
+        auto hit = [&](std::vector<float>& x) {
+            const float bad[3] = {NAN, INFINITY, -INFINITY};
+            const size_t at = std::uniform_int_distribution<size_t>(0, x.size() - 1)(rng);
+            x[at] = bad[U(0, 2)];
+            if (std::getenv("EMU_VERBOSE"))
+                std::printf("  poison %s[%zu] = %g\n", &x == &q ? "q" : &x == &k ? "k" : "v", at, x[at]);
+        };
+        for (int n = U(1, 3); n > 0; --n) hit(U(0, 1) ? v : U(0, 1) ? k : q);
+    }
+    const int HP = p.H * p.P;
     auto weights = [&](size_t n, float s) {
         std::vector<float> x(n);
         for (auto& e : x) e = nd(rng) * s;
         return x;
     };
-    auto aq = weights((size_t)p.Hq * p.H * p.P, 1.f / std::sqrt((float)p.Hq));
-    auto ak = weights((size_t)p.Hk * p.H * p.P, 1.f / std::sqrt((float)p.Hk));
-    auto av = weights((size_t)p.Hk * p.H * p.P, 1.f / std::sqrt((float)p.Hk));
-    auto r = weights((size_t)p.H * p.H * p.P, 1.f / std::sqrt((float)(p.H * p.P)));
+    auto onehot = [&](int S, std::function<int(int, int)> pick) {
+        std::vector<float> w((size_t)S * HP, 0.f);
+        for (int h = 0; h < p.H; ++h)
+            for (int pp = 0; pp < p.P; ++pp) w[(size_t)pick(h, pp) * HP + h * p.P + pp] = 1.f;
+        return w;
+    };
+    auto aq = weights((size_t)p.Hq * HP, 1.f / std::sqrt((float)p.Hq));
+    auto ak = weights((size_t)p.Hk * HP, 1.f / std::sqrt((float)p.Hk));
+    auto av = weights((size_t)p.Hk * HP, 1.f / std::sqrt((float)p.Hk));
+    if (kind == 1) {
+        aq = onehot(p.Hq, [&](int h, int) { return h; });
+        ak = onehot(p.Hk, [&](int h, int) { return h / (p.H / p.Hk); });
+        av = ak;
+    } else if (kind == 2) {
+        aq = onehot(p.Hq, [&](int, int) { return U(0, p.Hq - 1); });
+        ak = onehot(p.Hk, [&](int, int) { return U(0, p.Hk - 1); });
+        av = onehot(p.Hk, [&](int, int) { return U(0, p.Hk - 1); });
+    } else if (kind == 3) {
+        aq = onehot(p.Hq, [&](int h, int) { return h; });
+    }
+    auto r = weights((size_t)p.H * HP, 1.f / std::sqrt((float)HP));
     auto gamma = weights((size_t)p.H * p.d, 0.2f);
     for (auto& g : gamma) g += 1.f;
 
@@ -391,24 +689,42 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     a.scale_log2 = p.scale * 1.4426950408889634f;
     a.rope_base = p.base;
     a.eps = p.eps;
-    launch(EMU_ATTN, {(nq + EMU_BR - 1) / EMU_BR, p.H, p.B}, a);
-    if (p.collapse) launch(hm_collapse_epilogue, {(p.B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, a);
+    run_kernels(p, a, out);
 
     // Negative control (EMU_NEGATIVE=1): compare against the reference shifted by one element, which
     // every case must then fail (shows the comparison can fail).
     const size_t shift = std::getenv("EMU_NEGATIVE") ? 1 : 0;
+    // NaN policy, per output row (d elements): a row the reference makes non-finite (it read a
+    // non-finite value) must be non-finite in the kernel's output too (the kernels may spread it
+    // over the whole row); every other row must be finite, and is compared.
     double num = 0, den = 0;
-    bool nan = false;
-    for (size_t i = 0; i < want.size(); ++i) {
-        const double g = hm_to_f32(out[(i + shift) % want.size()]);
-        nan |= std::isnan(g);
-        num += (g - want[i]) * (g - want[i]);
-        den += want[i] * want[i];
+    size_t nan_wrong = 0, nonfinite = 0;
+    const int d = p.d;
+    for (size_t row = 0; row < want.size() / d; ++row) {
+        bool want_bad = false, got_bad = false;
+        for (int t = 0; t < d; ++t) {
+            want_bad |= !std::isfinite(want[row * d + t]);
+            got_bad |= !std::isfinite(hm_to_f32(out[(row * d + t + shift) % want.size()]));
+        }
+        if (want_bad != got_bad && nan_wrong < 4 && std::getenv("EMU_VERBOSE"))
+            std::printf("  row %zu: reference %s, kernel %s\n", row, want_bad ? "non-finite" : "finite",
+                        got_bad ? "non-finite" : "finite");
+        nonfinite += want_bad;
+        nan_wrong += want_bad != got_bad;
+        if (want_bad || got_bad) continue;
+        for (int t = 0; t < d; ++t) {
+            const size_t i = row * d + t;
+            const double g = hm_to_f32(out[(i + shift) % want.size()]);
+            num += (g - want[i]) * (g - want[i]);
+            den += want[i] * want[i];
+        }
     }
     const double err = std::sqrt(num / (den > 0 ? den : 1));
     double lse_err = 0;
     for (size_t i = 0; i < want_lse.size(); ++i) {
-        if (want_lse[i] == -INFINITY) {
+        if (std::isnan(want_lse[i])) {
+            if (std::isfinite(lse[i])) lse_err = INFINITY;
+        } else if (want_lse[i] == -INFINITY) {
             if (lse[i] != -INFINITY) lse_err = INFINITY;
         } else {
             lse_err = std::max(lse_err, std::fabs(lse[i] - want_lse[i]) / (1 + std::fabs(want_lse[i])));
@@ -416,12 +732,14 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     }
     const double tol = HM_DTYPE == 0 ? 1e-5 : HM_DTYPE == 1 ? 2e-3 : 1e-2;
     const double lse_tol = HM_DTYPE == 0 ? 1e-5 : 1e-3;
-    const bool ok = !nan && err <= tol && lse_err <= lse_tol;
+    const bool ok = nan_wrong == 0 && err <= tol && lse_err <= lse_tol && (poison || nonfinite == 0);
     if (!ok || std::getenv("EMU_VERBOSE"))
         std::printf("%s case %d: B%d N%d M%d H%d Hq%d Hk%d P%d d%d causal%d window%d(%lld,%lld) rope%d/%d pos0 %d "
-                    "collapse%d norm%d: rel err %.2e, lse err %.2e%s\n",
+                    "collapse%d norm%d mix%d logit%g poison%d: rel err %.2e, lse err %.2e, %zu non-finite "
+                    "rows expected, %zu rows wrong finiteness\n",
                     ok ? "ok" : "FAIL", idx, p.B, p.N, p.M, p.H, p.Hq, p.Hk, p.P, p.d, p.causal, p.window, p.left,
-                    p.right, p.rope, p.rope_token, p.pos0, p.collapse, p.norm, err, lse_err, nan ? " (NaN left)" : "");
+                    p.right, p.rope, p.rope_token, p.pos0, p.collapse, p.norm, kind, logit, poison, err, lse_err,
+                    nonfinite, nan_wrong);
     return ok;
 }
 
@@ -430,8 +748,8 @@ int main(int argc, char** argv) {
     std::mt19937_64 rng(argc > 2 ? std::atoll(argv[2]) : 1);
     int failed = 0;
     for (int i = 0; i < cases; ++i) failed += !run_case(rng, i);
-    std::printf("emu v%d dtype %d hd %d mask %d: %d/%d cases pass\n", HM_KERNEL, HM_DTYPE, HM_HD, HM_MASK, cases - failed,
-                cases);
-    if (std::getenv("EMU_NEGATIVE")) return failed == cases ? 0 : 1;
+    std::printf("emu v%d dtype %d hd %d mask %d%s%s: %d/%d cases pass\n", HM_KERNEL, HM_DTYPE, HM_HD, HM_MASK,
+                *emu_break ? " EMU_BREAK=" : "", emu_break, cases - failed, cases);
+    if (std::getenv("EMU_NEGATIVE") || *emu_break) return failed == cases ? 0 : 1;
     return failed != 0;
 }

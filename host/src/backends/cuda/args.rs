@@ -77,3 +77,54 @@ impl HmArgs {
         }
     }
 }
+
+/// Where the virtual rows of one tensor live for `attn_v3` (`HmRows` in `attn_v3.cu`): virtual
+/// row `t*P + p` of head `h` is `base + (b*L + t)*tok + sel[h*P + p]*d` (elements).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HmRows {
+    pub base: u64,
+    /// Device pointer to `i32 [H*P]`.
+    pub sel: u64,
+    pub tok: i32,
+    pub pad: i32,
+}
+
+/// The second argument of `hm_attn_v3` (`HmV3Attn`): the rows of q, k, v and where the pseudo
+/// outputs go (`out` without a collapse, else a scratch `[B, N, H, P, d]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HmV3Attn {
+    pub q: HmRows,
+    pub k: HmRows,
+    pub v: HmRows,
+    pub op: u64,
+    /// Division by `P` without a divide (`V3DivP`): see [`super::plan::fast_div`].
+    pub p_mul: u32,
+    pub p_shr: u32,
+}
+
+/// The second argument of `hm_v3_mix` (`HmV3Mix`): one tensor's pre-mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HmV3Mix {
+    /// Stored heads `[B, L, S, d]`.
+    pub x: u64,
+    /// Pre-mixed rows `[B, L, H*P, d]`.
+    pub y: u64,
+    /// `f32 [S, H*P]`.
+    pub w: u64,
+    /// `i32 [H*P]` one-hot selection, or 0: dense mixing.
+    pub sel: u64,
+    /// RoPE tables (`f32 (cos, sin)` pairs), 0: no RoPE.
+    pub rope_hi: u64,
+    pub rope_lo: u64,
+    pub l: i32,
+    pub s: i32,
+    pub query: i32,
+    pub rope_hi0: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<HmRows>() == 24);
+const _: () = assert!(std::mem::size_of::<HmV3Attn>() == 88);
+const _: () = assert!(std::mem::size_of::<HmV3Mix>() == 64);

@@ -4,10 +4,12 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::args::HmArgs;
-use super::variants::Kernel;
+use super::args::{HmArgs, HmRows, HmV3Attn, HmV3Mix};
+use super::plan::{self, Source, V3Plan};
+use super::variants::{Kernel, Variant};
 use super::{CudaBackend, dev_err, drv};
 use crate::validate::{Problem, validate_config, validate_weights};
 use crate::{Config, DType, Error, Result, Weights};
@@ -56,6 +58,11 @@ pub struct DeviceWeights {
     norm: bool,
     /// (Hq, Hk, H, P, d) the weights were validated for.
     dims: [usize; 5],
+    /// v3: which tensors are read stored (selection) and which pre-mixed.
+    plan: V3Plan,
+    /// Element offsets in `buf` of the i32 tables (bit-cast into the f32 buffer): the selections
+    /// of q, k, v (`usize::MAX` for dense mixing) and the identity `0..H*P` of pre-mixed rows.
+    tables: [usize; 4],
 }
 
 impl DeviceWeights {
@@ -102,9 +109,31 @@ impl CudaBackend {
                 packed.extend_from_slice(part);
             }
         }
+        // v3's tables: selections (detected here, once per upload) and the identity.
+        let plan = V3Plan::new(cfg, &w.aq, &w.ak, &w.av);
+        let mut tables = [usize::MAX; 4];
+        let hp = cfg.heads * cfg.pseudo;
+        let iota: Vec<i32> = (0..hp as i32).collect();
+        for (slot, src) in [Some(&plan.q), Some(&plan.k), Some(&plan.v), None].into_iter().enumerate() {
+            let table = match src {
+                Some(Source::Stored(sel)) | Some(Source::Premixed(Some(sel))) => sel,
+                Some(Source::Premixed(None)) => continue,
+                None => &iota,
+            };
+            tables[slot] = packed.len();
+            packed.extend(table.iter().map(|&m| f32::from_bits(m as u32)));
+        }
         packed.push(0.0); // never empty
         let buf = stream.clone_htod(&packed).map_err(drv("uploading the weights"))?;
-        Ok(DeviceWeights { buf, offsets, collapse: w.r.is_some(), norm: w.gamma.is_some(), dims: dims_of(cfg) })
+        Ok(DeviceWeights {
+            buf,
+            offsets,
+            collapse: w.r.is_some(),
+            norm: w.gamma.is_some(),
+            dims: dims_of(cfg),
+            plan,
+            tables,
+        })
     }
 
     fn check_stream(&self, stream: &Arc<CudaStream>) -> Result<()> {
@@ -233,7 +262,12 @@ impl CudaBackend {
     ) -> Result<()> {
         self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
         let c = &pb.cfg;
-        let variants = self.variants_for(pb)?;
+        let mut variants = self.variants_for(pb)?;
+        if variants[0].kernel == Kernel::AttnV3 && [io.q, io.k, io.v, io.out].iter().any(|p| p % 16 != 0) {
+            // v3 loads 16-byte rows: a tensor that is not 16-byte aligned runs on v1.
+            variants[0] = Variant::attention(Kernel::AttnV1, pb.dtype, c.head_dim, super::variants::MaskKind::of(c))
+                .ok_or_else(|| Error::Unsupported { backend: "cuda", why: format!("head dim {}", c.head_dim) })?;
+        }
         let attn_v = variants[0];
         debug_assert_ne!(attn_v.kernel, Kernel::CollapseEpilogue);
         let attn = self.function(attn_v)?;
@@ -275,6 +309,43 @@ impl CudaBackend {
         args.r = if w.collapse { at(3) } else { 0 };
         args.gamma = if w.norm { at(4) } else { 0 };
 
+        if attn_v.kernel == Kernel::AttnV3 {
+            // SAFETY: as this function's contract; the weights buffer holds the v3 tables.
+            unsafe { self.launch_v3(pb, w, &args, attn_v, &attn, stream)? };
+        } else {
+            self.launch_attention(pb, &args, attn_v, &attn, stream)?;
+        }
+        if let Some((ev, epi)) = epi {
+            let mut params = [&mut args as *mut HmArgs as *mut c_void];
+            let rows = pb.batch * pb.n * c.heads;
+            let et = ev.tiles();
+            // SAFETY: the function is loaded in this context; `args` matches the kernel's HmArgs.
+            unsafe {
+                cudarc::driver::result::launch_kernel(
+                    epi.func.cu_function(),
+                    (rows.div_ceil(et.br) as u32, 1, 1),
+                    (et.threads as u32, 1, 1),
+                    0,
+                    stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .map_err(drv(&format!("launching {}", ev.name())))?;
+        }
+        Ok(())
+    }
+
+    /// v1/v2: one attention launch over (query tiles, heads, batch).
+    fn launch_attention(
+        &self,
+        pb: &Problem,
+        args: &HmArgs,
+        attn_v: Variant,
+        attn: &super::Loaded,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        let c = &pb.cfg;
+        let mut args = *args;
         let t = attn_v.tiles();
         let grid = ((pb.n * c.pseudo).div_ceil(t.br) as u32, c.heads as u32, pb.batch as u32);
         // cuLaunchKernel takes one pointer per kernel parameter; the kernels take `HmArgs` by value.
@@ -292,22 +363,148 @@ impl CudaBackend {
             )
         }
         .map_err(drv(&format!("launching {}", attn_v.name())))?;
-        if let Some((ev, epi)) = epi {
-            let rows = pb.batch * pb.n * c.heads;
-            let et = ev.tiles();
-            // SAFETY: as above.
+        Ok(())
+    }
+
+    /// v3: the pre-mixes the plan asks for (scratch rows `[B, L, H*P, d]`, RoPE tables built
+    /// here in f64), the attention over row tables, and with a collapse the no-atomics collapse
+    /// into the accumulator (the epilogue follows in [`CudaBackend::launch`]).
+    ///
+    /// # Safety
+    /// As [`CudaBackend::forward_raw`]; `args` carries the call's device pointers.
+    unsafe fn launch_v3(
+        &self,
+        pb: &Problem,
+        w: &DeviceWeights,
+        args: &HmArgs,
+        attn_v: Variant,
+        attn: &super::Loaded,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        let c = &pb.cfg;
+        let (b, n, m) = (pb.batch, pb.n, pb.m);
+        let (hp, d) = (c.heads * c.pseudo, c.head_dim);
+        let mut args = *args;
+        let (wp, _gw) = w.buf.device_ptr(stream);
+        let table = |slot: usize| if w.tables[slot] == usize::MAX { 0 } else { wp + 4 * w.tables[slot] as u64 };
+        let iota = table(3);
+        // RoPE: positions pos0 .. pos0 + M*P - 1 (queries sit at the last N*P of them).
+        let rope = match c.rope {
+            Some(r) => {
+                let first = c.pos_offset as u64;
+                let t = plan::rope_tables(r.base, d, first, first + (m * c.pseudo) as u64 - 1);
+                let hi = stream.clone_htod(&t.hi).map_err(drv("uploading the RoPE table"))?;
+                let lo = stream.clone_htod(&t.lo).map_err(drv("uploading the RoPE table"))?;
+                Some((hi, lo, t.hi0))
+            }
+            None => None,
+        };
+        let mut scratch: Vec<CudaSlice<u16>> = Vec::new();
+        let mix_fn = &attn.extra[0];
+        let mut rows =
+            |src: &Source, x: u64, l: usize, s: usize, wslot: usize, tslot: usize, query: bool| -> Result<HmRows> {
+                match src {
+                    Source::Stored(_) => Ok(HmRows { base: x, sel: table(tslot), tok: (s * d) as i32, pad: 0 }),
+                    Source::Premixed(sel) => {
+                        // SAFETY: every element is written by the pre-mix before the attention reads it.
+                        let mut y =
+                            unsafe { stream.alloc::<u16>(b * l * hp * d) }.map_err(drv("allocating pre-mix rows"))?;
+                        let (yp, _gy) = y.device_ptr_mut(stream);
+                        let (rh, rl, hi0) = match (&rope, tslot != 2) {
+                            (Some((hi, lo, hi0)), true) => (hi.device_ptr(stream).0, lo.device_ptr(stream).0, *hi0),
+                            _ => (0, 0, 0),
+                        };
+                        let mut mix = HmV3Mix {
+                            x,
+                            y: yp,
+                            w: wp + 4 * w.offsets[wslot] as u64,
+                            sel: if sel.is_some() { table(tslot) } else { 0 },
+                            rope_hi: rh,
+                            rope_lo: rl,
+                            l: l as i32,
+                            s: s as i32,
+                            query: query as i32,
+                            rope_hi0: hi0 as i32,
+                        };
+                        let smem = plan::mix_smem(attn_v.hd, s);
+                        if smem > 48 * 1024 {
+                            mix_fn
+                                .set_attribute(
+                                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    smem as i32,
+                                )
+                                .map_err(drv("cuFuncSetAttribute (pre-mix shared memory)"))?;
+                        }
+                        let mut a = args;
+                        let mut params =
+                            [&mut a as *mut HmArgs as *mut c_void, &mut mix as *mut HmV3Mix as *mut c_void];
+                        // SAFETY: loaded in this context; the parameters match hm_v3_mix(HmArgs, HmV3Mix).
+                        unsafe {
+                            cudarc::driver::result::launch_kernel(
+                                mix_fn.cu_function(),
+                                (l.div_ceil(16) as u32, hp.div_ceil(64) as u32, b as u32),
+                                (128, 1, 1),
+                                smem as u32,
+                                stream.cu_stream(),
+                                &mut params,
+                            )
+                        }
+                        .map_err(drv("launching hm_v3_mix"))?;
+                        drop(_gy);
+                        scratch.push(y);
+                        Ok(HmRows { base: yp, sel: iota, tok: (hp * d) as i32, pad: 0 })
+                    }
+                }
+            };
+        let q = rows(&w.plan.q, args.q, n, c.q_heads, 0, 0, true)?;
+        let k = rows(&w.plan.k, args.k, m, c.kv_heads, 1, 1, false)?;
+        let v = rows(&w.plan.v, args.v, m, c.kv_heads, 2, 2, false)?;
+        // With a collapse the pseudo outputs go to a scratch [B, N, H, P, d] once (no atomics).
+        let mut op_buf: Option<CudaSlice<u16>> = if pb.collapse {
+            // SAFETY: the attention kernel writes every element before the collapse reads it.
+            Some(unsafe { stream.alloc::<u16>(b * n * hp * d) }.map_err(drv("allocating pseudo outputs"))?)
+        } else {
+            None
+        };
+        let op = match op_buf.as_mut() {
+            Some(o) => o.device_ptr_mut(stream).0,
+            None => args.out,
+        };
+        let (p_mul, p_shr) = plan::fast_div(c.pseudo as u32);
+        let mut x = HmV3Attn { q, k, v, op, p_mul, p_shr };
+        let t = attn_v.tiles();
+        let grid = ((n * c.pseudo).div_ceil(t.br) as u32, c.heads as u32, b as u32);
+        let mut params = [&mut args as *mut HmArgs as *mut c_void, &mut x as *mut HmV3Attn as *mut c_void];
+        // SAFETY: loaded in this context; the parameters match hm_attn_v3(HmArgs, HmV3Attn).
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                attn.func.cu_function(),
+                grid,
+                (t.threads as u32, 1, 1),
+                t.smem as u32,
+                stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(drv(&format!("launching {}", attn_v.name())))?;
+        if pb.collapse {
+            let mut opp = op;
+            let mut params = [&mut args as *mut HmArgs as *mut c_void, &mut opp as *mut u64 as *mut c_void];
+            // SAFETY: loaded in this context; the parameters match hm_v3_collapse(HmArgs, const void*).
             unsafe {
                 cudarc::driver::result::launch_kernel(
-                    epi.func.cu_function(),
-                    (rows.div_ceil(et.br) as u32, 1, 1),
-                    (et.threads as u32, 1, 1),
+                    attn.extra[1].cu_function(),
+                    ((b * n) as u32, 1, 1),
+                    (128, 1, 1),
                     0,
                     stream.cu_stream(),
                     &mut params,
                 )
             }
-            .map_err(drv(&format!("launching {}", ev.name())))?;
+            .map_err(drv("launching hm_v3_collapse"))?;
         }
+        drop(scratch); // stream-ordered frees, after the kernels that read them
+        drop(op_buf);
         Ok(())
     }
 }

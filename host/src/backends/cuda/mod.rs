@@ -55,6 +55,7 @@ pub mod args;
 pub mod compile;
 mod device;
 mod loader;
+pub mod plan;
 pub mod variants;
 
 use std::collections::HashMap;
@@ -116,6 +117,8 @@ pub fn compile_variants(arch: &str, list: &[Variant], threads: usize) -> Result<
 /// A loaded kernel and its resource use.
 struct Loaded {
     func: CudaFunction,
+    /// The module's further entry points ([`Kernel::extra_entries`]), in that order.
+    extra: Vec<CudaFunction>,
     info: KernelInfo,
 }
 
@@ -185,14 +188,17 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
         let kernel = match std::env::var("HEADMIX_CUDA_KERNEL").as_deref() {
             Ok("v2") => Kernel::AttnV2,
+            Ok("v3") => Kernel::AttnV3,
             Ok("v1") | Err(_) => Kernel::AttnV1,
-            Ok(other) => return Err(dev_err(format!("HEADMIX_CUDA_KERNEL={other}: expected v1 or v2"))),
+            Ok(other) => return Err(dev_err(format!("HEADMIX_CUDA_KERNEL={other}: expected v1, v2 or v3"))),
         };
         Ok(CudaBackend { ctx, stream, ordinal, arch: format!("sm_{}{}", cc.0, cc.1), cc, name, max_smem, kernel })
     }
 
-    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2`). v2 runs
-    /// f16/bf16 with d <= 128 on sm_80+; other problems fall back to v1.
+    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2|v3`). v2 runs
+    /// f16/bf16 with d <= 128 on sm_80+; v3 the same with d a multiple of 8 and 16-byte aligned
+    /// tensors; other problems fall back to v1. v1 stays the default until a GPU has validated
+    /// the others.
     pub fn with_kernel(mut self, kernel: Kernel) -> CudaBackend {
         if kernel != Kernel::CollapseEpilogue {
             self.kernel = kernel;
@@ -247,6 +253,12 @@ impl CudaBackend {
             ))
         })?;
         let func = module.load_function(v.kernel.entry()).map_err(drv("cuModuleGetFunction"))?;
+        let extra = v
+            .kernel
+            .extra_entries()
+            .iter()
+            .map(|e| module.load_function(e).map_err(drv("cuModuleGetFunction")))
+            .collect::<Result<Vec<_>>>()?;
         if tiles.smem > 48 * 1024 {
             func.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -271,7 +283,7 @@ impl CudaBackend {
                 info.max_threads
             )));
         }
-        let loaded = Arc::new(Loaded { func, info });
+        let loaded = Arc::new(Loaded { func, extra, info });
         modules().lock().unwrap_or_else(|e| e.into_inner()).insert(key, loaded.clone());
         Ok(loaded)
     }
@@ -282,6 +294,11 @@ impl CudaBackend {
         let (d, mask) = (pb.cfg.head_dim, MaskKind::of(&pb.cfg));
         let preferred = match self.kernel {
             Kernel::AttnV2 if self.cc >= (8, 0) => Variant::attention(Kernel::AttnV2, pb.dtype, d, mask),
+            Kernel::AttnV3 if self.cc >= (8, 0) && d % 8 == 0 => {
+                let most_heads = pb.cfg.q_heads.max(pb.cfg.kv_heads);
+                Variant::attention(Kernel::AttnV3, pb.dtype, d, mask)
+                    .filter(|v| plan::mix_smem(v.hd, most_heads) <= self.max_smem)
+            }
             _ => None,
         };
         let attn = preferred.or_else(|| Variant::attention(Kernel::AttnV1, pb.dtype, d, mask));
@@ -347,7 +364,8 @@ impl Backend for CudaBackend {
         d.push((
             "attention kernel".into(),
             format!(
-                "{} (v1: FMA, f32 on chip; v2: mma.sync tensor cores, f16/bf16, d <= 128, sm_80+)",
+                "{} (v1: FMA, f32 on chip; v2: mma.sync tensor cores, f16/bf16, d <= 128, sm_80+; v3: \
+                 FlashAttention-2 class, cp.async + ldmatrix + mma.sync, tensor-core pre-mix)",
                 self.kernel.name()
             ),
         ));

@@ -6,8 +6,15 @@ use crate::DType;
 pub mod src {
     pub const COMMON: &str = include_str!("../../../../kernels-cuda/common.cuh");
     pub const TRAITS: &str = include_str!("../../../../kernels-cuda/traits.cuh");
+    /// The mask (visibility, key range, value-tile sanitizing): every kernel's one copy.
+    pub const MASK: &str = include_str!("../../../../kernels-cuda/mask.cuh");
+    /// The online softmax (row statistics, rescale, final normalise and lse).
+    pub const SOFTMAX: &str = include_str!("../../../../kernels-cuda/softmax.cuh");
+    /// sm_80 tile vocabulary: cp.async, ldmatrix, mma.sync (empty below sm_80).
+    pub const TILES: &str = include_str!("../../../../kernels-cuda/tiles.cuh");
     pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
     pub const ATTN_V2: &str = include_str!("../../../../kernels-cuda/attn_v2.cu");
+    pub const ATTN_V3: &str = include_str!("../../../../kernels-cuda/attn_v3.cu");
     pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
 }
 
@@ -18,6 +25,10 @@ pub enum Kernel {
     AttnV1,
     /// v2: tensor cores (mma.sync m16n8k16), f16/bf16, head dims up to 128, sm_80+.
     AttnV2,
+    /// v3: FlashAttention-2 class (cp.async double-buffered tiles, ldmatrix, mma.sync), 128
+    /// virtual queries per block; selection weights read the stored head directly, dense mixing
+    /// runs as a tensor-core pre-mix; f16/bf16, head dims up to 128 (multiples of 8), sm_80+.
+    AttnV3,
     /// The collapse epilogue (head norm and rounding of the f32 accumulator).
     CollapseEpilogue,
 }
@@ -27,6 +38,7 @@ impl Kernel {
         match self {
             Kernel::AttnV1 => "v1",
             Kernel::AttnV2 => "v2",
+            Kernel::AttnV3 => "v3",
             Kernel::CollapseEpilogue => "epilogue",
         }
     }
@@ -36,13 +48,22 @@ impl Kernel {
         match self {
             Kernel::AttnV1 => "hm_attn_v1",
             Kernel::AttnV2 => "hm_attn_v2",
+            Kernel::AttnV3 => "hm_attn_v3",
             Kernel::CollapseEpilogue => "hm_collapse_epilogue",
+        }
+    }
+
+    /// Further entry points of the module (v3: the pre-mix and the collapse).
+    pub fn extra_entries(self) -> &'static [&'static str] {
+        match self {
+            Kernel::AttnV3 => &["hm_v3_mix", "hm_v3_collapse"],
+            _ => &[],
         }
     }
 
     /// Whether the kernel is compiled per mask kind (else one `MaskKind::Runtime` module).
     pub fn specialises_mask(self) -> bool {
-        self == Kernel::AttnV2
+        matches!(self, Kernel::AttnV2 | Kernel::AttnV3)
     }
 
     /// The head-dim capacities compiled for a dtype (empty: the kernel does not run it).
@@ -50,7 +71,8 @@ impl Kernel {
         match (self, dtype) {
             (Kernel::AttnV1, _) => &HEAD_DIMS,
             (Kernel::AttnV2, DType::F16 | DType::BF16) => &V2_HEAD_DIMS,
-            (Kernel::AttnV2, DType::F32) | (Kernel::CollapseEpilogue, _) => &[],
+            (Kernel::AttnV3, DType::F16 | DType::BF16) => &V3_HEAD_DIMS,
+            (Kernel::AttnV2 | Kernel::AttnV3, DType::F32) | (Kernel::CollapseEpilogue, _) => &[],
         }
     }
 
@@ -58,6 +80,7 @@ impl Kernel {
         match self {
             Kernel::AttnV1 => src::ATTN_V1,
             Kernel::AttnV2 => src::ATTN_V2,
+            Kernel::AttnV3 => src::ATTN_V3,
             Kernel::CollapseEpilogue => src::EPILOGUE,
         }
     }
@@ -67,6 +90,8 @@ impl Kernel {
 pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
 /// The capacities of the tensor-core v2 (multiples of 16, its accumulators fit registers).
 pub const V2_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+/// The capacities of v3 (as v2; the runtime d must be a multiple of 8: 16-byte rows).
+pub const V3_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 
 /// The mask kind compiled into a variant (`HM_MASK`): dense variants carry no mask code, causal
 /// ones only `j <= i'`; the window variant handles a window with or without causality; `Runtime`
@@ -200,7 +225,7 @@ impl Variant {
     pub fn source(&self) -> String {
         let hd = if self.hd == 0 { 32 } else { self.hd };
         format!(
-            "// headmix variant {}\n#define HM_DTYPE {}\n#define HM_HD {}\n#define HM_MASK {}\n#define HM_NT {}\n{}\n{}\n{}\n",
+            "// headmix variant {}\n#define HM_DTYPE {}\n#define HM_HD {}\n#define HM_MASK {}\n#define HM_NT {}\n{}\n{}\n{}\n{}\n{}\n{}\n",
             self.name(),
             self.dtype.code(),
             hd,
@@ -208,6 +233,9 @@ impl Variant {
             THREADS,
             src::COMMON,
             src::TRAITS,
+            src::MASK,
+            src::SOFTMAX,
+            src::TILES,
             self.kernel.body()
         )
     }
@@ -227,8 +255,11 @@ impl Variant {
                 let floats = br * hdp + 2 * bc * hdp + br * (bc + 1) + 3 * br;
                 Tiles { br, bc, threads: THREADS, smem: floats * 4 }
             }
-            // 4 warps of 16 query rows; qs [64][HD+8], ks and vs [64][HD+8], all 16-bit.
-            Kernel::AttnV2 => Tiles { br: 64, bc: 64, threads: THREADS, smem: 3 * 64 * (self.hd + 8) * 2 },
+            // 4 warps of 16 query rows; qs [64][HD+8], ks and vs [64][HD+8], all 16-bit; bad[64].
+            Kernel::AttnV2 => Tiles { br: 64, bc: 64, threads: THREADS, smem: 3 * 64 * (self.hd + 8) * 2 + 64 * 4 },
+            // 8 warps of 16 query rows; K and V stages [2][2][64][HD+8] 16-bit (the query tile
+            // is loaded into the second stage first); bad[64].
+            Kernel::AttnV3 => Tiles { br: 128, bc: 64, threads: 256, smem: 4 * 64 * (self.hd + 8) * 2 + 64 * 4 },
         }
     }
 }
@@ -240,9 +271,11 @@ pub fn all_variants() -> Vec<Variant> {
         for hd in HEAD_DIMS {
             v.push(Variant { kernel: Kernel::AttnV1, dtype: dtype.into(), hd, mask: MaskKind::Runtime });
         }
-        for &hd in Kernel::AttnV2.head_dims(dtype) {
-            for mask in MaskKind::ALL {
-                v.push(Variant { kernel: Kernel::AttnV2, dtype: dtype.into(), hd, mask });
+        for kernel in [Kernel::AttnV2, Kernel::AttnV3] {
+            for &hd in kernel.head_dims(dtype) {
+                for mask in MaskKind::ALL {
+                    v.push(Variant { kernel, dtype: dtype.into(), hd, mask });
+                }
             }
         }
         v.push(Variant::epilogue(dtype));
@@ -262,6 +295,8 @@ mod tests {
         assert!(src::TRAITS.contains("#else\n#define HM_BR 16\n#define HM_BC 16"));
         assert!(src::ATTN_V2.contains("#define V2_BR 64 ") && src::ATTN_V2.contains("#define V2_BC 64 "));
         assert!(src::ATTN_V2.contains("#define V2_HDP (HM_HD + 8) "));
+        assert!(src::ATTN_V3.contains("#define V3_BR 128 ") && src::ATTN_V3.contains("#define V3_BC 64 "));
+        assert!(src::ATTN_V3.contains("#define V3_NT 256\n") && src::ATTN_V3.contains("#define V3_PITCH (HM_HD + 8) "));
         for v in all_variants() {
             let t = v.tiles();
             assert!(t.smem <= 99 * 1024, "{}: {} bytes of shared memory", v.name(), t.smem);

@@ -95,7 +95,7 @@ __device__ __forceinline__ unsigned v3_row(const HmRows& r, const V3DivP& dp, un
 // Issue the cp.async of virtual rows [first, first + ROWS) into a [ROWS][V3_PITCH] tile: rows
 // past `count` and columns past d are zero-filled (they add nothing and hold no garbage).
 template <int ROWS>
-__device__ __forceinline__ void v3_load_rows(unsigned short* dst, const HmRows& r, const V3DivP& dp, unsigned tok0,
+__device__ __forceinline__ void v3_load_rows(unsigned dst, const HmRows& r, const V3DivP& dp, unsigned tok0,
                                              int first, int count, int hP, int d, int tid) {
 #pragma unroll
     for (int k = 0; k < ROWS * V3_CH / V3_NT; ++k) {
@@ -103,7 +103,28 @@ __device__ __forceinline__ void v3_load_rows(unsigned short* dst, const HmRows& 
         const bool ok = i < count && ch * 8 < d;
         const hm_elem* src = (const hm_elem*)r.base;
         if (ok) src += v3_row(r, dp, tok0, (unsigned)i, hP, d) + ch * 8;
-        hm_cp_async16(dst + row * V3_PITCH + ch * 8, src, ok);
+        hm_cp_async16(dst + (row * V3_PITCH + ch * 8) * 2, src, ok);
+    }
+}
+
+// K and V rows of one tile share the token/pseudo split of each virtual key: one division.
+__device__ __forceinline__ void v3_load_kv(unsigned dst, const HmV3Attn& x, const V3DivP& dp, unsigned tok0, int j0,
+                                           int nk, int hP, int d, int tid, int ksel1, int vsel1) {
+#pragma unroll
+    for (int k = 0; k < V3_BC * V3_CH / V3_NT; ++k) {
+        const int e = tid + k * V3_NT, row = e / V3_CH, ch = e - row * V3_CH, j = j0 + row;
+        const bool ok = j < nk && ch * 8 < d;
+        const hm_elem* ksrc = (const hm_elem*)x.k.base;
+        const hm_elem* vsrc = (const hm_elem*)x.v.base;
+        if (ok) {
+            const unsigned tok = dp.div((unsigned)j), p = (unsigned)j - tok * dp.P;
+            const int ks = dp.P == 1 ? ksel1 : __ldg(x.k.sel + hP + p), vs = dp.P == 1 ? vsel1 : __ldg(x.v.sel + hP + p);
+            ksrc += (tok0 + tok) * (unsigned)x.k.tok + (unsigned)ks * (unsigned)d + ch * 8;
+            vsrc += (tok0 + tok) * (unsigned)x.v.tok + (unsigned)vs * (unsigned)d + ch * 8;
+        }
+        const unsigned o = (row * V3_PITCH + ch * 8) * 2;
+        hm_cp_async16(dst + o, ksrc, ok);
+        hm_cp_async16(dst + V3_BC * V3_PITCH * 2 + o, vsrc, ok);
     }
 }
 
@@ -114,6 +135,8 @@ struct V3Block {
     const HmV3Attn& x;
     V3DivP dp;
     unsigned short* kv; // [stage][K | V][BC][PITCH]
+    unsigned kv_s;      // its shared-space address
+    int ksel1, vsel1;   // the stored head of k and v when P = 1
     unsigned* badmask;  // [2]: value rows of the tile that were sanitized
     int tid, lane, warp, g, t, mi, lr;
     int hP, d, nk;
@@ -134,10 +157,8 @@ struct V3Block {
     }
 
     __device__ __forceinline__ void load_tile(int k) {
-        const int j0 = tile_of(k) * V3_BC;
-        unsigned short* dst = kv + (k & 1) * 2 * V3_BC * V3_PITCH;
-        v3_load_rows<V3_BC>(dst, x.k, dp, k_tok0, j0, nk, hP, d, tid);
-        v3_load_rows<V3_BC>(dst + V3_BC * V3_PITCH, x.v, dp, k_tok0, j0, nk, hP, d, tid);
+        v3_load_kv(kv_s + (k & 1) * 2 * V3_BC * V3_PITCH * 2, x, dp, k_tok0, tile_of(k) * V3_BC, nk, hP, d, tid, ksel1,
+                   vsel1);
     }
 
     // One KV tile (position k in the order): next tile in flight, this one waited for, then
@@ -149,7 +170,8 @@ struct V3Block {
         hm_cp_wait<1>();                      // tile k landed (this thread's copies) ...
         __syncthreads();                      // ... and every thread's
         const int j0 = tile_of(k) * V3_BC;
-        const unsigned short* ks = kv + (k & 1) * 2 * V3_BC * V3_PITCH;
+        const unsigned ks = kv_s + (k & 1) * 2 * V3_BC * V3_PITCH * 2;
+        const unsigned vss = ks + V3_BC * V3_PITCH * 2;
         unsigned short* vs = kv + ((k & 1) * 2 + 1) * V3_BC * V3_PITCH;
         if (MASKED) { // no masked value may reach a row through 0 * NaN in the P V mma
             hm_sanitize_chunks<V3_BC, V3_CH, V3_NT>(vs, V3_PITCH, badmask, tid);
@@ -165,7 +187,7 @@ struct V3Block {
 #pragma unroll
             for (int np = 0; np < V3_NS / 2; ++np) {
                 unsigned kb[4];
-                hm_ldsm_x4(kb, ks + (np * 16 + lr + 8 * (mi >> 1)) * V3_PITCH + kk * 16 + 8 * (mi & 1));
+                hm_ldsm_x4(kb, ks + ((np * 16 + lr + 8 * (mi >> 1)) * V3_PITCH + kk * 16 + 8 * (mi & 1)) * 2);
                 hm_mma16816(s[2 * np], qf[kk], kb[0], kb[1]);
                 hm_mma16816(s[2 * np + 1], qf[kk], kb[2], kb[3]);
             }
@@ -234,7 +256,7 @@ struct V3Block {
 #pragma unroll
             for (int np = 0; np < V3_NO / 2; ++np) {
                 unsigned vb[4];
-                hm_ldsm_x4_trans(vb, vs + (kk * 16 + lr + 8 * (mi & 1)) * V3_PITCH + np * 16 + 8 * (mi >> 1));
+                hm_ldsm_x4_trans(vb, vss + ((kk * 16 + lr + 8 * (mi & 1)) * V3_PITCH + np * 16 + 8 * (mi >> 1)) * 2);
                 hm_mma16816(o[2 * np], pa, vb[0], vb[1]);
                 hm_mma16816(o[2 * np + 1], pa, vb[2], vb[3]);
             }
@@ -258,6 +280,7 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
     // [stage][K | V][BC][PITCH] 16-bit; the query tile is first loaded into stage 1 (K1 V1 = 128
     // rows), read into registers, then stage 1 joins the pipeline. Then badmask[2].
     k.kv = (unsigned short*)hm_smem;
+    k.kv_s = hm_smem_addr(k.kv);
     unsigned short* qs = k.kv + 2 * V3_BC * V3_PITCH;
     k.badmask = (unsigned*)(k.kv + 4 * V3_BC * V3_PITCH);
     k.tid = threadIdx.x;
@@ -270,6 +293,8 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
     const int b = blockIdx.z, h = blockIdx.y, P = a.P;
     k.dp = V3DivP{(unsigned)P, x.p_mul, x.p_shr};
     k.hP = h * P;
+    k.ksel1 = __ldg(x.k.sel + k.hP);
+    k.vsel1 = __ldg(x.v.sel + k.hP);
     k.d = a.d;
     k.nk = a.M * P;
     const int nq = a.N * P, off = (a.M - a.N) * P;
@@ -302,7 +327,7 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
     k.hi_b = i0 + row_b < nq ? (int)rhi : -1;
 
     // ---- 1. prologue: query tile and the first KV tile in flight; Q fragments to registers ----
-    v3_load_rows<V3_BR>(qs, x.q, k.dp, (unsigned)b * a.N, i0, nq, k.hP, k.d, k.tid);
+    v3_load_rows<V3_BR>(hm_smem_addr(qs), x.q, k.dp, (unsigned)b * a.N, i0, nq, k.hP, k.d, k.tid);
     hm_cp_commit();
     if (k.ntiles > 0) k.load_tile(0);
     hm_cp_commit();
@@ -310,7 +335,7 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
     __syncthreads(); // ... and every thread's
 #pragma unroll
     for (int kk = 0; kk < HM_HD / 16; ++kk)
-        hm_ldsm_x4(k.qf[kk], qs + (k.warp * 16 + k.lr + 8 * (k.mi & 1)) * V3_PITCH + kk * 16 + 8 * (k.mi >> 1));
+        hm_ldsm_x4(k.qf[kk], hm_smem_addr(qs + (k.warp * 16 + k.lr + 8 * (k.mi & 1)) * V3_PITCH + kk * 16 + 8 * (k.mi >> 1)));
     if (k.tid < 2) k.badmask[k.tid] = 0;
     __syncthreads(); // stage 1 is free for the pipeline
 
@@ -436,7 +461,8 @@ extern "C" __global__ void __launch_bounds__(V3M_NT) hm_v3_mix(const HmArgs a, c
         for (int e = tid; e < chunks; e += V3M_NT) {
             const int r = e / V3_CH, ch = e - r * V3_CH;
             const bool ok = r < S && ch * 8 < d;
-            hm_cp_async16(xs + (stage * Sp + r) * V3_PITCH + ch * 8, x + (ok ? src0 + r * d + ch * 8 : 0u), ok);
+            hm_cp_async16(hm_smem_addr(xs + (stage * Sp + r) * V3_PITCH + ch * 8), x + (ok ? src0 + r * d + ch * 8 : 0u),
+                          ok);
         }
     };
     load(0, 0);
@@ -456,14 +482,14 @@ extern "C" __global__ void __launch_bounds__(V3M_NT) hm_v3_mix(const HmArgs a, c
                 for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
                 for (int k0 = 0; k0 < Sp; k0 += 16) {
                     unsigned af[4];
-                    hm_ldsm_x4_trans(af, xt + (k0 + lr + 8 * (mi >> 1)) * V3_PITCH + mt * 16 + 8 * (mi & 1));
+                    hm_ldsm_x4_trans(af, hm_smem_addr(xt + (k0 + lr + 8 * (mi >> 1)) * V3_PITCH + mt * 16 + 8 * (mi & 1)));
 #pragma unroll
                     for (int np = 0; np < 4; ++np) {
                         const int wo = (np * 16 + lr + 8 * (mi >> 1)) * WP + k0 + 8 * (mi & 1);
 #pragma unroll
                         for (int part = 2; part >= 0; --part) { // lo first: small terms added first
                             unsigned bw[4];
-                            hm_ldsm_x4(bw, whi + part * V3M_HP * WP + wo);
+                            hm_ldsm_x4(bw, hm_smem_addr(whi + part * V3M_HP * WP + wo));
                             hm_mma16816(acc[2 * np], af, bw[0], bw[1]);
                             hm_mma16816(acc[2 * np + 1], af, bw[2], bw[3]);
                         }

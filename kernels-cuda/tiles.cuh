@@ -23,10 +23,10 @@ __device__ __forceinline__ unsigned hm_smem_addr(const void* p) {
     return a;
 }
 
-// 16 bytes global -> shared, asynchronous, L1 bypassed (.cg); !valid: 16 zero bytes (src-size 0;
-// src must still be a valid address).
-__device__ __forceinline__ void hm_cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(hm_smem_addr(dst)), "l"(src),
+// 16 bytes global -> shared (a shared-space address), asynchronous, L1 bypassed (.cg); !valid:
+// 16 zero bytes (src-size 0; src must still be a valid address).
+__device__ __forceinline__ void hm_cp_async16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0)
                  : "memory");
 }
@@ -40,15 +40,17 @@ template <int N> __device__ __forceinline__ void hm_cp_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void hm_ldsm_x4(unsigned* r, const void* p) {
+// ldmatrix from shared-space addresses (32-bit: a base plus constant offsets folds into the
+// instruction's immediate).
+__device__ __forceinline__ void hm_ldsm_x4(unsigned* r, unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(hm_smem_addr(p)));
+                 : "r"(addr));
 }
-__device__ __forceinline__ void hm_ldsm_x4_trans(unsigned* r, const void* p) {
+__device__ __forceinline__ void hm_ldsm_x4_trans(unsigned* r, unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(hm_smem_addr(p)));
+                 : "r"(addr));
 }
 
 // C += A * B on the tensor cores (f16 or bf16 inputs by HM_DTYPE, f32 accumulators).
@@ -66,6 +68,7 @@ __device__ __forceinline__ void hm_mma16816(float* c, const unsigned* a, unsigne
 #endif
 }
 #else  // HM_EMU: the emulator's models (emu.cpp defines them before including the kernels)
+#define hm_smem_addr hm_emu_smem_addr
 #define hm_cp_async16 hm_emu_cp_async16
 #define hm_cp_commit hm_emu_cp_commit
 #define hm_cp_wait hm_emu_cp_wait
@@ -74,9 +77,20 @@ __device__ __forceinline__ void hm_mma16816(float* c, const unsigned* a, unsigne
 #define hm_mma16816 hm_emu_mma
 #endif
 
-// Two f32 values rounded to the storage type, packed (lo in the low half).
+// Two f32 values rounded (to nearest even) to the storage type, packed (lo in the low half):
+// one cvt.rn.{bf16x2,f16x2}.f32 on the device.
 __device__ __forceinline__ unsigned hm_pack2(float lo, float hi) {
+#ifdef HM_EMU
     return (unsigned)hm_from_f32(lo) | ((unsigned)hm_from_f32(hi) << 16);
+#else
+    unsigned r;
+#if HM_DTYPE == 1
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+#endif
 }
 
 #endif // HM_DTYPE != 0

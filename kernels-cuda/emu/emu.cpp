@@ -161,9 +161,11 @@ inline unsigned short hm_f32_to_f16(float x) {
 // ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16: lanes 8i .. 8i+7 hold the row addresses
 // of matrix i (i < num); lane l receives register i = elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1)
 // of matrix i, low half first; .trans: elements (2(l%4), l/4) and (2(l%4)+1, l/4).
-inline void hm_emu_ldsm(unsigned* r, const void* p, int num, bool trans) {
+// Shared-space addresses are byte offsets into the block's dynamic shared memory.
+inline unsigned hm_emu_smem_addr(const void* p) { return (unsigned)((const char*)p - (const char*)hm_smem); }
+inline void hm_emu_ldsm(unsigned* r, unsigned addr, int num, bool trans) {
     const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-    ldsm_buf[w][l] = p;
+    ldsm_buf[w][l] = (const char*)hm_smem + addr;
     emu_wait(warp_bar[w]);
     if (broken("ldsm_trans")) trans = !trans;
     for (int i = 0; i < num; ++i) {
@@ -193,7 +195,8 @@ struct CpOp {
 };
 static std::vector<CpOp> cp_open[EMU_THREADS];
 static std::deque<std::vector<CpOp>> cp_groups[EMU_THREADS];
-inline void hm_emu_cp_async16(void* dst, const void* src, bool valid) {
+inline void hm_emu_cp_async16(unsigned addr, const void* src, bool valid) {
+    void* dst = (char*)hm_smem + addr;
     emu_check_smem(dst, 16, "cp.async destination");
     if ((uintptr_t)src % 16) {
         std::fprintf(stderr, "emu: cp.async source not 16-byte aligned\n");

@@ -30,6 +30,12 @@
 //!   d <= 128, sm_80+), FlashAttention-2 register layout. Opt-in ([`CudaBackend::with_kernel`] or
 //!   `HEADMIX_CUDA_KERNEL=v2`) until it has passed the device suites on hardware; problems it
 //!   cannot run fall back to v1.
+//! - **v3** (`attn_v3.cu`): FlashAttention-2 class on sm_80+ (f16/bf16, d <= 128 with d % 8 == 0):
+//!   16-byte `cp.async` into a double-buffered shared-memory pipeline, `ldmatrix` fragments,
+//!   `mma.sync`, 128 virtual queries per block. Selection weights (MHA, GQA, one-hot mixing,
+//!   detected at upload, [`plan::V3Plan`]) read the stored heads directly; dense mixing and RoPE
+//!   go through a tensor-core pre-mix into scratch rows; the collapse runs without atomics.
+//!   Opt-in (`with_kernel(Kernel::AttnV3)` or `HEADMIX_CUDA_KERNEL=v3`) until a GPU validates it.
 //! - **epilogue** (`epilogue.cu`): with a collapse `r`, the attention kernel scatters each pseudo
 //!   output through `r` into an f32 accumulator `[B, N, H, d]` with atomics; the epilogue applies
 //!   the head norm and rounds into `out`. Its size does not depend on `P` (this is

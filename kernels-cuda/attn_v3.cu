@@ -107,27 +107,6 @@ __device__ __forceinline__ void v3_load_rows(unsigned dst, const HmRows& r, cons
     }
 }
 
-// K and V rows of one tile share the token/pseudo split of each virtual key: one division.
-__device__ __forceinline__ void v3_load_kv(unsigned dst, const HmV3Attn& x, const V3DivP& dp, unsigned tok0, int j0,
-                                           int nk, int hP, int d, int tid, int ksel1, int vsel1) {
-#pragma unroll
-    for (int k = 0; k < V3_BC * V3_CH / V3_NT; ++k) {
-        const int e = tid + k * V3_NT, row = e / V3_CH, ch = e - row * V3_CH, j = j0 + row;
-        const bool ok = j < nk && ch * 8 < d;
-        const hm_elem* ksrc = (const hm_elem*)x.k.base;
-        const hm_elem* vsrc = (const hm_elem*)x.v.base;
-        if (ok) {
-            const unsigned tok = dp.div((unsigned)j), p = (unsigned)j - tok * dp.P;
-            const int ks = dp.P == 1 ? ksel1 : __ldg(x.k.sel + hP + p), vs = dp.P == 1 ? vsel1 : __ldg(x.v.sel + hP + p);
-            ksrc += (tok0 + tok) * (unsigned)x.k.tok + (unsigned)ks * (unsigned)d + ch * 8;
-            vsrc += (tok0 + tok) * (unsigned)x.v.tok + (unsigned)vs * (unsigned)d + ch * 8;
-        }
-        const unsigned o = (row * V3_PITCH + ch * 8) * 2;
-        hm_cp_async16(dst + o, ksrc, ok);
-        hm_cp_async16(dst + V3_BC * V3_PITCH * 2 + o, vsrc, ok);
-    }
-}
-
 // The per-thread state of one block of hm_attn_v3 (FlashAttention-2 layout: this thread holds
 // rows a = warp*16 + g and b = a + 8 of the query tile, columns 2t, 2t+1 of each n-tile).
 struct V3Block {
@@ -138,10 +117,11 @@ struct V3Block {
     unsigned kv_s;      // its shared-space address
     int ksel1, vsel1;   // the stored head of k and v when P = 1
     unsigned* badmask;  // [2]: value rows of the tile that were sanitized
+    unsigned* offs;     // [2 slots][K | V][BC]: element offsets of a tile's key/value rows (~0: none)
     int tid, lane, warp, g, t, mi, lr;
     int hP, d, nk;
     unsigned k_tok0;
-    int t_first, nhead, nmasked, flo, fhi, ntiles;
+    int t_first, nhead, nfull, flo, fhi, ntiles;
     int lo_a, hi_a, lo_b, hi_b; // keys rows a and b see
     unsigned qf[HM_HD / 16][4]; // the warp's Q fragments, loaded once
     float o[V3_NO][4];
@@ -151,14 +131,45 @@ struct V3Block {
 
     __device__ __forceinline__ V3Block(const HmArgs& a_, const HmV3Attn& x_) : a(a_), x(x_) {}
 
-    // Tile k of the processing order: the tiles the mask cuts (head, then tail), then the rest.
+    // Tile k of the processing order (the online softmax does not depend on it): the tiles the
+    // mask does not cut, then those it cuts (before them, then after them).
     __device__ __forceinline__ int tile_of(int k) const {
-        return k < nhead ? t_first + k : k < nmasked ? fhi + 1 + (k - nhead) : flo + (k - nmasked);
+        return k < nfull ? flo + k : k - nfull < nhead ? t_first + (k - nfull) : fhi + 1 + (k - nfull - nhead);
     }
 
+    // Row offsets of tile k (threads 0..63, one key each: the one division by P per key per
+    // block-tile, out of the other threads' load path) into slot k & 1.
+    __device__ __forceinline__ void fill_offs(int k) {
+        if (tid < V3_BC) {
+            const int j = tile_of(k) * V3_BC + tid;
+            unsigned ko = ~0u, vo = ~0u;
+            if (j < nk) {
+                const unsigned tok = dp.div((unsigned)j), p = (unsigned)j - tok * dp.P;
+                const int ks = dp.P == 1 ? ksel1 : __ldg(x.k.sel + hP + p);
+                const int vs = dp.P == 1 ? vsel1 : __ldg(x.v.sel + hP + p);
+                ko = (k_tok0 + tok) * (unsigned)x.k.tok + (unsigned)ks * (unsigned)d;
+                vo = (k_tok0 + tok) * (unsigned)x.v.tok + (unsigned)vs * (unsigned)d;
+            }
+            offs[(k & 1) * 2 * V3_BC + tid] = ko;
+            offs[(k & 1) * 2 * V3_BC + V3_BC + tid] = vo;
+        }
+    }
+
+    // Issue the cp.async of tile k's K and V rows (offsets from fill_offs) into stage k & 1.
     __device__ __forceinline__ void load_tile(int k) {
-        v3_load_kv(kv_s + (k & 1) * 2 * V3_BC * V3_PITCH * 2, x, dp, k_tok0, tile_of(k) * V3_BC, nk, hP, d, tid, ksel1,
-                   vsel1);
+        const unsigned dst = kv_s + (k & 1) * 2 * V3_BC * V3_PITCH * 2;
+        const unsigned* of = offs + (k & 1) * 2 * V3_BC;
+        const hm_elem* kb = (const hm_elem*)x.k.base;
+        const hm_elem* vb = (const hm_elem*)x.v.base;
+#pragma unroll
+        for (int r = 0; r < V3_BC * V3_CH / V3_NT; ++r) {
+            const int e = tid + r * V3_NT, row = e / V3_CH, ch = e - row * V3_CH;
+            const unsigned ko = of[row], vo = of[V3_BC + row];
+            const bool ok = ko != ~0u && ch * 8 < d;
+            const unsigned o = (row * V3_PITCH + ch * 8) * 2;
+            hm_cp_async16(dst + o, kb + (ok ? ko + ch * 8 : 0u), ok);
+            hm_cp_async16(dst + V3_BC * V3_PITCH * 2 + o, vb + (ok ? vo + ch * 8 : 0u), ok);
+        }
     }
 
     // One KV tile (position k in the order): next tile in flight, this one waited for, then
@@ -167,6 +178,7 @@ struct V3Block {
     template <bool MASKED> __device__ __forceinline__ void step(int k) {
         if (k + 1 < ntiles) load_tile(k + 1); // into the stage consumed at k - 1
         hm_cp_commit();                       // (an empty group on the last tile keeps the count)
+        if (k + 2 < ntiles) fill_offs(k + 2); // slot k & 1, read by load_tile(k) at k - 1
         hm_cp_wait<1>();                      // tile k landed (this thread's copies) ...
         __syncthreads();                      // ... and every thread's
         const int j0 = tile_of(k) * V3_BC;
@@ -283,6 +295,7 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
     k.kv_s = hm_smem_addr(k.kv);
     unsigned short* qs = k.kv + 2 * V3_BC * V3_PITCH;
     k.badmask = (unsigned*)(k.kv + 4 * V3_BC * V3_PITCH);
+    k.offs = k.badmask + 2;
     k.tid = threadIdx.x;
     k.lane = k.tid & 31;
     k.warp = k.tid >> 5;
@@ -318,7 +331,7 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
         k.fhi = t_last;
     }
     k.nhead = k.ntiles > 0 ? k.flo - k.t_first : 0;
-    k.nmasked = k.ntiles > 0 ? k.nhead + (t_last - k.fhi) : 0;
+    k.nfull = k.ntiles > 0 ? k.fhi - k.flo + 1 : 0;
     hm_row_keys(a, (long long)i0 + row_a + off, k.nk, &rlo, &rhi);
     k.lo_a = (int)rlo;
     k.hi_a = i0 + row_a < nq ? (int)rhi : -1;
@@ -329,6 +342,9 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
     // ---- 1. prologue: query tile and the first KV tile in flight; Q fragments to registers ----
     v3_load_rows<V3_BR>(hm_smem_addr(qs), x.q, k.dp, (unsigned)b * a.N, i0, nq, k.hP, k.d, k.tid);
     hm_cp_commit();
+    if (k.ntiles > 0) k.fill_offs(0);
+    if (k.ntiles > 1) k.fill_offs(1);
+    __syncthreads(); // the offsets of tiles 0 and 1
     if (k.ntiles > 0) k.load_tile(0);
     hm_cp_commit();
     hm_cp_wait<1>(); // the query group landed (this thread's part)
@@ -346,12 +362,12 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
     k.mn_a = k.mn_b = __int_as_float(0x7f800000);
     k.bad_a = k.bad_b = false;
 
-    // ---- 2. the tiles the mask cuts, then the tiles it does not (the hot loop) ----------------
+    // ---- 2. the tiles the mask does not cut (the hot loop), then those it cuts -----------------
     int it = 0;
 #pragma unroll 1
-    for (; it < k.nmasked; ++it) k.step<true>(it);
+    for (; it < k.nfull; ++it) k.step<false>(it);
 #pragma unroll 1
-    for (; it < k.ntiles; ++it) k.step<false>(it);
+    for (; it < k.ntiles; ++it) k.step<true>(it);
 
     // ---- 3. normalise, lse, head norm, store the pseudo outputs -------------------------------
     const int t = k.t, d = k.d;
@@ -360,14 +376,16 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
     rb.l = hm_quad_sum(rb.l);
     // NaN policy: a row that read a non-finite value (a sanitized value row it sees, or a visible
     // score of -inf from a non-finite q or k) is NaN; NaN scores already made l NaN.
-    const bool nan_a = hm_quad_max(k.bad_a || k.mn_a == HM_NEG_INF ? 1.f : 0.f) > 0.f;
-    const bool nan_b = hm_quad_max(k.bad_b || k.mn_b == HM_NEG_INF ? 1.f : 0.f) > 0.f;
+    const bool kinf_a = hm_quad_max(k.mn_a == HM_NEG_INF ? 1.f : 0.f) > 0.f; // over the row's 4 lanes
+    const bool kinf_b = hm_quad_max(k.mn_b == HM_NEG_INF ? 1.f : 0.f) > 0.f;
+    const bool vbad_a = hm_quad_max(k.bad_a ? 1.f : 0.f) > 0.f, vbad_b = hm_quad_max(k.bad_b ? 1.f : 0.f) > 0.f;
+    const bool nan_a = kinf_a || vbad_a, nan_b = kinf_b || vbad_b;
     const int ia = i0 + row_a, ib = i0 + row_b;
     const float qnan = __int_as_float(0x7fc00000);
     if (a.has_lse && t == 0) {
         const unsigned base = (unsigned)(b * a.H + h) * (unsigned)nq;
-        if (ia < nq) a.lse[base + ia] = k.mn_a == HM_NEG_INF ? qnan : hm_row_lse(ra);
-        if (ib < nq) a.lse[base + ib] = k.mn_b == HM_NEG_INF ? qnan : hm_row_lse(rb);
+        if (ia < nq) a.lse[base + ia] = kinf_a ? qnan : hm_row_lse(ra);
+        if (ib < nq) a.lse[base + ib] = kinf_b ? qnan : hm_row_lse(rb);
     }
     const float inv_a = nan_a ? qnan : hm_row_inv(ra);
     const float inv_b = nan_b ? qnan : hm_row_inv(rb);

@@ -26,12 +26,13 @@ fn cuda_concrete(test: &str) -> Option<CudaBackend> {
     Some(CudaBackend::new(0).unwrap_or_else(|e| panic!("{test}: device 0 opened once, then: {e}")))
 }
 
-/// One backend per attention kernel version (v2 falls back to v1 for f32 and d > 128), or none
-/// (one skip line) without a device.
+/// One backend per attention kernel version (v2 and v3 fall back to v1 for f32 and d > 128, v3
+/// also for d % 8 != 0), or none (one skip line) without a device.
 fn kernels(test: &str) -> Vec<(&'static str, Box<dyn Backend>)> {
     let Some(be) = cuda_concrete(test) else { return Vec::new() };
     let v2 = CudaBackend::new(0).unwrap().with_kernel(Kernel::AttnV2);
-    vec![("v1", Box::new(be.with_kernel(Kernel::AttnV1))), ("v2", Box::new(v2))]
+    let v3 = CudaBackend::new(0).unwrap().with_kernel(Kernel::AttnV3);
+    vec![("v1", Box::new(be.with_kernel(Kernel::AttnV1))), ("v2", Box::new(v2)), ("v3", Box::new(v3))]
 }
 
 /// Dense random weights (`N(0, 1/fan_in)`), optional collapse and head norm.

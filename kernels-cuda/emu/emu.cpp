@@ -549,7 +549,7 @@ static void run_kernels(const Problem& p, const HmArgs& a0, std::vector<hm_elem>
     std::vector<hm_elem> op;
     if (p.collapse) op.assign((size_t)p.B * p.N * HP * d, hm_from_f32(NAN));
     x.op = p.collapse ? (void*)op.data() : a.out;
-    const size_t smem = 4 * V3_BC * (HM_HD + 8) * 2 + 64 * 4;
+    const size_t smem = 4 * V3_BC * (HM_HD + 8) * 2 + 8 + 4 * V3_BC * 4; // stages, badmask, offsets
     launch([&] { hm_attn_v3(a, x); }, {(p.N * p.P + V3_BR - 1) / V3_BR, p.H, p.B}, V3_NT, smem);
     if (p.collapse) {
         const void* opp = op.data();
@@ -725,6 +725,9 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     const double err = std::sqrt(num / (den > 0 ? den : 1));
     double lse_err = 0;
     for (size_t i = 0; i < want_lse.size(); ++i) {
+        if (std::getenv("EMU_VERBOSE") && (std::isnan(want_lse[i]) != std::isnan(lse[i]) ||
+                                           (want_lse[i] == -INFINITY) != (lse[i] == -INFINITY)))
+            std::printf("  lse %zu: want %g, got %g\n", i, want_lse[i], lse[i]);
         if (std::isnan(want_lse[i])) {
             if (std::isfinite(lse[i])) lse_err = INFINITY;
         } else if (want_lse[i] == -INFINITY) {
@@ -734,7 +737,10 @@ static bool run_case(std::mt19937_64& rng, int idx) {
         }
     }
     const double tol = HM_DTYPE == 0 ? 1e-5 : HM_DTYPE == 1 ? 2e-3 : 1e-2;
-    const double lse_tol = HM_DTYPE == 0 ? 1e-5 : 1e-3;
+    // lse of a row that sees one key is that key's score, a dot product of two rounded vectors:
+    // a rounding tie decided the other way (f32 vs f64 mixing or rotation) moves it by up to about
+    // one unit in the last place of the storage type (bf16: 2^-8).
+    const double lse_tol = HM_DTYPE == 0 ? 1e-5 : HM_DTYPE == 1 ? 1e-3 : 4e-3;
     const bool ok = nan_wrong == 0 && err <= tol && lse_err <= lse_tol && (poison || nonfinite == 0);
     if (!ok || std::getenv("EMU_VERBOSE"))
         std::printf("%s case %d: B%d N%d M%d H%d Hq%d Hk%d P%d d%d causal%d window%d(%lld,%lld) rope%d/%d pos0 %d "

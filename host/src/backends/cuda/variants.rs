@@ -258,8 +258,10 @@ impl Variant {
             // 4 warps of 16 query rows; qs [64][HD+8], ks and vs [64][HD+8], all 16-bit; bad[64].
             Kernel::AttnV2 => Tiles { br: 64, bc: 64, threads: THREADS, smem: 3 * 64 * (self.hd + 8) * 2 + 64 * 4 },
             // 8 warps of 16 query rows; K and V stages [2][2][64][HD+8] 16-bit (the query tile
-            // is loaded into the second stage first); bad[64].
-            Kernel::AttnV3 => Tiles { br: 128, bc: 64, threads: 256, smem: 4 * 64 * (self.hd + 8) * 2 + 64 * 4 },
+            // is loaded into the second stage first); badmask [2]; row offsets [2][2][64] u32.
+            Kernel::AttnV3 => {
+                Tiles { br: 128, bc: 64, threads: 256, smem: 4 * 64 * (self.hd + 8) * 2 + 8 + 4 * 64 * 4 }
+            }
         }
     }
 }

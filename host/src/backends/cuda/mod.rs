@@ -53,7 +53,9 @@
 
 pub mod args;
 pub mod compile;
+pub mod cost;
 mod device;
+pub mod kernel_table;
 mod loader;
 pub mod variants;
 
@@ -183,18 +185,21 @@ impl CudaBackend {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("shared memory limit"))? as usize;
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        let kernel = match std::env::var("HEADMIX_CUDA_KERNEL").as_deref() {
-            Ok("v2") => Kernel::AttnV2,
-            Ok("v1") | Err(_) => Kernel::AttnV1,
-            Ok(other) => return Err(dev_err(format!("HEADMIX_CUDA_KERNEL={other}: expected v1 or v2"))),
+        let kernel = match std::env::var("HEADMIX_CUDA_KERNEL") {
+            Err(_) => Kernel::AttnV1,
+            Ok(name) => Kernel::parse(&name).filter(|k| k.spec().number > 0).ok_or_else(|| {
+                let names: Vec<_> = Kernel::attention().map(|k| k.name()).collect();
+                dev_err(format!("HEADMIX_CUDA_KERNEL={name}: expected one of {}", names.join(", ")))
+            })?,
         };
         Ok(CudaBackend { ctx, stream, ordinal, arch: format!("sm_{}{}", cc.0, cc.1), cc, name, max_smem, kernel })
     }
 
-    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2`). v2 runs
-    /// f16/bf16 with d <= 128 on sm_80+; other problems fall back to v1.
+    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2|...`, the
+    /// names of the kernel table). Problems the kernel cannot run (dtype, head dim, compute
+    /// capability: its table entry) fall back to v1.
     pub fn with_kernel(mut self, kernel: Kernel) -> CudaBackend {
-        if kernel != Kernel::CollapseEpilogue {
+        if kernel.spec().number > 0 {
             self.kernel = kernel;
         }
         self
@@ -280,8 +285,8 @@ impl CudaBackend {
     /// for when it can run the problem on this device (else v1), then the collapse epilogue.
     pub fn variants_for(&self, pb: &Problem) -> Result<Vec<Variant>> {
         let (d, mask) = (pb.cfg.head_dim, MaskKind::of(&pb.cfg));
-        let preferred = match self.kernel {
-            Kernel::AttnV2 if self.cc >= (8, 0) => Variant::attention(Kernel::AttnV2, pb.dtype, d, mask),
+        let preferred = match self.kernel.spec() {
+            spec if self.cc >= spec.min_cc => Variant::attention(self.kernel, pb.dtype, d, mask),
             _ => None,
         };
         let attn = preferred.or_else(|| Variant::attention(Kernel::AttnV1, pb.dtype, d, mask));
@@ -296,6 +301,11 @@ impl CudaBackend {
     /// them if needed): what benchmarks report next to their timings.
     pub fn kernel_info(&self, pb: &Problem) -> Result<Vec<KernelInfo>> {
         self.variants_for(pb)?.into_iter().map(|v| Ok(self.function(v)?.info.clone())).collect()
+    }
+
+    /// Registers, shared memory and local memory of one variant (compiled and loaded if needed).
+    pub fn variant_info(&self, v: Variant) -> Result<KernelInfo> {
+        Ok(self.function(v)?.info.clone())
     }
 
     /// Compile and load every variant now (instead of on first use); returns their resource use.
@@ -344,13 +354,8 @@ impl Backend for CudaBackend {
             d.push(("NVRTC".into(), format!("{major}.{minor} ({})", loader::nvrtc().unwrap_or("?"))));
         }
         d.push(("shared memory per block (opt-in)".into(), format!("{} KiB", self.max_smem / 1024)));
-        d.push((
-            "attention kernel".into(),
-            format!(
-                "{} (v1: FMA, f32 on chip; v2: mma.sync tensor cores, f16/bf16, d <= 128, sm_80+)",
-                self.kernel.name()
-            ),
-        ));
+        let spec = self.kernel.spec();
+        d.push(("attention kernel".into(), format!("{} ({})", spec.name, spec.summary)));
         let loaded = modules().lock().unwrap_or_else(|e| e.into_inner());
         let mut names: Vec<_> = loaded.iter().filter(|((o, _), _)| *o == self.ordinal).collect();
         names.sort_by_key(|((_, v), _)| *v);

@@ -7,7 +7,7 @@ struct Params {
     batch: u32, n: u32, m: u32, heads: u32,
     hq: u32, hk: u32, p: u32, nq: u32,           // nq = N*P virtual queries per head
     nk: u32, off: u32, causal: u32, windowed: u32, // nk = M*P virtual keys, off = (M-N)*P
-    win_left: u32, win_right: u32, rope: u32, rope_levels: u32, // rope: 0 none, 1 virtual, 2 token
+    win_left: u32, win_right: u32, rope: u32, rope_rows: u32, // rope: 0 none, 1 virtual, 2 token
     pos0: u32, scale_log2: f32, aq_off: u32, ak_off: u32, // scale_log2 = softmax scale * log2(e)
     av_off: u32, r_off: u32, gamma_off: u32, rope_off: u32, // offsets into `weights`
     q_tiles: u32, splits: u32, eps: f32, collapse: u32, // splits: key ranges per query tile
@@ -77,16 +77,12 @@ fn k_pos(j: u32) -> u32 {
     return params.pos0 + j;
 }
 
-// Rotate the pair (x[t], x[t + d/2]) to position `pos`. cos/sin come from a host table built in
-// f64, one level per byte of `pos`, composed as rotations: accurate for any position.
+// Rotate the pair (x[t], x[t + d/2]) to position `pos`. The host builds the call's table once, in
+// f64: row `pos - pos0` (every position of the call lies in [pos0, pos0 + rope_rows)) holds the
+// (cos, sin) of pos * base^(-2t/d) for t < d/2, as f32 pairs. One read, no transcendental.
 fn rotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
-    var cs = vec2<f32>(1.0, 0.0);
-    for (var l = 0u; l < params.rope_levels; l++) {
-        let byte = (pos >> (8u * l)) & 255u;
-        let idx = params.rope_off + ((l * 256u + byte) * HALF + t) * 2u;
-        let e = vec2<f32>(weights[idx], weights[idx + 1u]);
-        cs = vec2<f32>(cs.x * e.x - cs.y * e.y, cs.x * e.y + cs.y * e.x);
-    }
+    let idx = params.rope_off + ((pos - params.pos0) * HALF + t) * 2u;
+    let cs = vec2<f32>(weights[idx], weights[idx + 1u]);
     return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
 }
 

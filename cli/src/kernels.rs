@@ -466,6 +466,67 @@ mod tests {
         assert!(text.contains("2.500"), "{text}");
     }
 
+    /// `--bench`: the cuda rows of the same shape, by implementation (`headmix fused` ran the
+    /// kernel the backend's describe() names; `cuda attn_v2` ran v2); other shapes and backends
+    /// are ignored.
+    #[test]
+    fn bench_report_times_are_matched_to_the_problem() {
+        use headmix_bench::report::{BackendInfo, Report, Row};
+        let pb = problem_from(&args("--config iha --heads 4 --pseudo 2 --head-dim 64 --seq 128 --batch 2")).unwrap();
+        let c = &pb.cfg;
+        let row = |implementation: &str, backend: &str, n: usize, median_s: f64| Row {
+            config: c.method.name().into(),
+            implementation: implementation.into(),
+            backend: backend.into(),
+            device: "GPU".into(),
+            driver: "-".into(),
+            dtype: "bf16".into(),
+            batch: 2,
+            n,
+            m: n,
+            heads: c.heads,
+            q_heads: c.q_heads,
+            kv_heads: c.kv_heads,
+            pseudo: c.pseudo,
+            head_dim: c.head_dim,
+            causal: c.causal,
+            window: None,
+            flops: 0.0,
+            bytes: 0.0,
+            clock: "cuda events".into(),
+            seconds: vec![median_s],
+            median_s,
+            tflops: 0.0,
+            gb_s: 0.0,
+            pct_peak_flops: None,
+            pct_peak_bw: None,
+            extra_bytes: None,
+            unfused: None,
+            speedup_vs_unfused: None,
+            decode: None,
+        };
+        let mut r = Report::new("test", "test");
+        r.backends.push(BackendInfo {
+            backend: "cuda".into(),
+            device: "GPU".into(),
+            driver: "-".into(),
+            describe: vec![("attention kernel".into(), "v1 (FMA)".into())],
+        });
+        r.results = vec![
+            row("headmix fused", "cuda", 128, 0.004),
+            row("cuda attn_v2", "cuda", 128, 0.001),
+            row("headmix fused", "cuda", 256, 9.0), // another shape
+            row("headmix fused", "wgpu", 128, 9.0), // another backend
+        ];
+        let file = std::env::temp_dir().join(format!("headmix-kernels-bench-{}.json", std::process::id()));
+        r.save(file.to_str().unwrap()).unwrap();
+        let m = measured_times(&args(&format!("--bench {}", file.display())), &pb).unwrap();
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m.get("v1"), Some(&0.004));
+        assert_eq!(m.get("v2"), Some(&0.001));
+    }
+
     #[test]
     fn si_prefixes() {
         assert_eq!(si(4.4e12, "FLOP"), "4.400 TFLOP");

@@ -2,21 +2,12 @@
 //!
 //! # The variant scheme
 //!
-//! The kernel sources live in `kernels-cuda/` and are embedded with `include_str!`. NVRTC gets one
-//! string per variant, with no include path: a prelude of `#define`s, then
-//!
-//! - `common.cuh`: the argument block `HmArgs`, storage types and f16/bf16 conversions written
-//!   with inline PTX (no `cuda_fp16.h`), warp reductions, the mask and RoPE positions;
-//! - `traits.cuh`: v1 tile sizes per head-dim capacity (the "kernel traits");
-//! - one kernel file.
-//!
-//! A variant is (kernel version, dtype, head-dim capacity `HM_HD` in 32/64/96/128/256, mask kind
-//! `HM_MASK`: v2 is compiled per kind, dense/causal/window, v1 reads the mask flags at run time);
-//! the runtime `d` uses the smallest capacity `>= d`, with the tail zero-padded. `P`, the head
-//! counts, the window edges, RoPE and the epilogue switches are runtime
-//! arguments, so a few dozen modules serve every configuration. Modules are cached per (device,
-//! variant) for the life of the process, and PTX per (variant, arch) in memory and, under
-//! `HEADMIX_CACHE_DIR`, on disk.
+//! The kernel sources live in `kernels-cuda/` and are embedded with `include_str!`. Every kernel
+//! version is one entry of the kernel table ([`kernel_table::KERNELS`]); the variants, the
+//! `#define` prelude NVRTC compiles (tile sizes included), the launch shape, the emulator's grid
+//! and the count model all derive from it. `kernels-cuda/README.md` describes the scheme and how to
+//! add a version. Modules are cached per (device, variant) for the life of the process, and PTX per
+//! (variant, arch) in memory and, under `HEADMIX_CACHE_DIR`, on disk.
 //!
 //! Kernel versions, numbered llm.c style and kept side by side:
 //!

@@ -71,7 +71,13 @@ impl Problem {
 
     fn direct(&self, fault: Fault) -> Grads<f64> {
         let fw = forward(&self.p, &self.q, &self.k, &self.v, &self.layer());
-        backward_with_fault(&self.p, &self.q, &self.k, &self.v, &self.layer(), &fw.out, &fw.lse, &self.g, fault)
+        backward_with_fault(&self.p, &self.q, &self.k, &self.v, &self.layer(), Some(&fw.out), &fw.lse, &self.g, fault)
+    }
+
+    /// The direct form with `o` recomputed even where the saved `out` could serve.
+    fn direct_recomputed(&self) -> Grads<f64> {
+        let fw = forward(&self.p, &self.q, &self.k, &self.v, &self.layer());
+        backward_with_fault(&self.p, &self.q, &self.k, &self.v, &self.layer(), None, &fw.lse, &self.g, Fault::None)
     }
 
     fn unfused(&self) -> Grads<f64> {
@@ -162,8 +168,11 @@ fn direct_matches_unfused_on_random_problems() {
     let limits = Limits { dtypes: vec![DType::F32], max_n: 8, head_dims: vec![2, 4, 8, 16], ..Limits::default() };
     check_property("direct vs unfused", 64, (specs(limits), any::<bool>()), |(spec, group)| {
         let pb = Problem::from_spec(&spec, group);
-        let (err, name) = grads_error(&pb.direct(Fault::None), &pb.unfused());
+        let unfused = pb.unfused();
+        let (err, name) = grads_error(&pb.direct(Fault::None), &unfused);
         assert!(err <= 1e-9, "{name}: direct vs unfused {err:.3e} ({spec:?}, group {group})");
+        let (err, name) = grads_error(&pb.direct_recomputed(), &unfused);
+        assert!(err <= 1e-9, "{name}: direct (o recomputed) vs unfused {err:.3e} ({spec:?}, group {group})");
     });
 }
 

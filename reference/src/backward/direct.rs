@@ -76,15 +76,17 @@ struct Part<T> {
 }
 
 /// The gradients by FlashAttention-2's algorithm. `out` and `lse` are the forward's (`lse` as
-/// returned, `[B, H, N·P]`); `out` is read only when it is the pseudo-output itself (no collapse,
-/// no norm), else `o` is recomputed. Panics on inconsistent lengths (validation is the caller's).
+/// returned, `[B, H, N·P]`); `out` is read only when given and when it is the pseudo-output itself
+/// (no collapse, no norm), else `o` is recomputed (a caller holding `out` rounded to a low
+/// precision may pass `None` for a more accurate `D`). Panics on inconsistent lengths
+/// (validation is the caller's).
 pub fn backward<T: Real>(
     p: &Params,
     q: &[T],
     k: &[T],
     v: &[T],
     layer: &Layer<T>,
-    out: &[T],
+    out: Option<&[T]>,
     lse: &[T],
     dout: &[T],
 ) -> Grads<T> {
@@ -114,14 +116,16 @@ pub fn backward_with_fault<T: Real>(
     k: &[T],
     v: &[T],
     layer: &Layer<T>,
-    out: &[T],
+    out: Option<&[T]>,
     lse: &[T],
     dout: &[T],
     fault: Fault,
 ) -> Grads<T> {
     let width = layer.width(p);
-    assert_eq!(out.len(), p.b * p.n * p.h * width * p.d, "out length");
-    assert_eq!(dout.len(), out.len(), "dout length");
+    assert_eq!(dout.len(), p.b * p.n * p.h * width * p.d, "dout length");
+    if let Some(out) = out {
+        assert_eq!(out.len(), dout.len(), "out length");
+    }
     assert_eq!(lse.len(), p.b * p.h * p.nq(), "lse length");
     let parts: Vec<Part<T>> =
         (0..p.b).into_par_iter().map(|b| batch(p, q, k, v, layer, out, lse, dout, b, fault)).collect();
@@ -152,7 +156,7 @@ fn batch<T: Real>(
     k: &[T],
     v: &[T],
     layer: &Layer<T>,
-    out: &[T],
+    out: Option<&[T]>,
     lse: &[T],
     dout: &[T],
     b: usize,
@@ -162,7 +166,7 @@ fn batch<T: Real>(
     let width = layer.width(p);
     let vec_len = p.n * hh * width * d; // out / dout of one batch element
     let dout_b = &dout[b * vec_len..][..vec_len];
-    let out_b = &out[b * vec_len..][..vec_len];
+    let out_b = out.map(|o| &o[b * vec_len..][..vec_len]);
     let mut g = Grads::zeros(&Params { b: 1, ..p.clone() }, layer);
     let lse_of = |h: usize, i: usize| lse[(b * hh + h) * nq + i];
 
@@ -204,7 +208,8 @@ fn batch<T: Real>(
             dy
         }
     };
-    let saved_o = layer.r.is_none() && layer.norm.is_none();
+    // FlashAttention-2's D = rowsum(dO ∘ O) from the saved output when it is the pseudo-output.
+    let saved_o = out_b.filter(|_| layer.r.is_none() && layer.norm.is_none());
 
     let mut dq = vec![T::ZERO; p.n * p.hq * d];
     let mut dk = vec![T::ZERO; p.m * p.hk * d];
@@ -232,11 +237,9 @@ fn batch<T: Real>(
             .map(|i| {
                 let l = lse_of(h, i);
                 let doi = d_out(i);
-                let oi = if saved_o {
-                    let (n, ps) = (i / pp, i % pp);
-                    out_b[((n * hh + h) * pp + ps) * d..][..d].to_vec()
-                } else {
-                    head.output(p, i, l)
+                let oi = match saved_o {
+                    Some(o) => o[((i / pp * hh + h) * pp + i % pp) * d..][..d].to_vec(),
+                    None => head.output(p, i, l),
                 };
                 let mut dqr = vec![T::ZERO; d];
                 let mut di = T::ZERO;

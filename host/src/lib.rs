@@ -28,6 +28,7 @@
 //! ```
 
 mod backend;
+pub mod backward;
 pub mod backends;
 pub mod cache;
 pub mod compress;
@@ -41,6 +42,7 @@ pub mod validate;
 mod weights;
 
 pub use backend::{Backend, BackendKind, Io, Selection, Timing, best, open};
+pub use backward::{BackwardIo, WeightGrads, validate_backward};
 pub use cache::{CacheBytes, KvCache, KvCacheStack, cache_bytes};
 pub use config::{Config, Method, PosMode, Rope, Window};
 pub use decode::{DecodeIo, DecodeProblem, decode};

@@ -12,7 +12,10 @@
 //! Both are generic over [`Real`] (`f32`, `f64`). [`Rounding`] makes the reference round its
 //! intermediates the way a low-precision kernel must (mixed q/k/v, probabilities, outputs), which
 //! gives the "reference run in the same low precision" that kernel tolerances are measured against.
+//!
+//! [`backward`] holds the gradients (`docs/backward.md`), again in two forms that check each other.
 
+pub mod backward;
 mod direct;
 mod params;
 mod real;

@@ -209,6 +209,7 @@ pub fn decode(backend: &dyn Backend, cfg: &Config, w: &Weights, io: DecodeIo<'_>
 /// (with [`split::DEFAULT_CHUNK_TOKENS`]); this entry point lets tests pick the split count.
 pub fn decode_split(cfg: &Config, w: &Weights, io: DecodeIo<'_>, splits: usize) -> Result<()> {
     let problem = validate_decode(cfg, w, &io)?;
+    check_host_cache(io.cache, crate::BackendKind::Cpu)?;
     split::decode_host(&problem, w, io, Some(splits))
 }
 
@@ -221,7 +222,22 @@ pub fn decode_default<B: Backend + ?Sized>(
     w: &Weights,
     io: DecodeIo<'_>,
 ) -> Result<()> {
+    check_host_cache(io.cache, backend.kind())?;
     decode_per_sequence(backend, problem, w, io)
+}
+
+/// Host decode paths refuse a device-resident cache: only its own backend's decode kernels read
+/// it, in place (reading it back here would hide a cache on the wrong backend).
+pub fn check_host_cache(cache: &KvCache, backend: crate::BackendKind) -> Result<()> {
+    if cache.is_host() {
+        return Ok(());
+    }
+    Err(Error::Cache {
+        why: format!(
+            "the cache lives on the {} device; decode it with that backend (this is the {backend} backend)",
+            cache.location()
+        ),
+    })
 }
 
 fn sub_data<'a>(d: &Data<'a>, at: usize, len: usize) -> Data<'a> {

@@ -73,7 +73,8 @@ __device__ __forceinline__ void hm_widen16(const uint4 u, float* dst) {
 }
 
 extern "C" __global__ void __launch_bounds__(HM_NT) hm_decode_v1(const HmArgs a, const HmDecodeArgs x) {
-    extern __shared__ __align__(16) float smem[];
+    extern __shared__ float hm_smem[];
+    float* smem = hm_smem;
     const int tid = threadIdx.x;
     const int split = blockIdx.x, b = blockIdx.y;
     const int H = a.H, P = a.P, d = a.d, half = d / 2, HK = a.Hk;
@@ -129,8 +130,10 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_decode_v1(const HmArgs a,
             const unsigned pos = a.rope_token ? pos0 + n + (stored - a.N) : pos0 + i + off;
             hm_rope_tab(x, x0, x1, pos, t, half);
         }
-        qs[r * d + t] = x0 * a.scale_log2;
-        qs[r * d + t + half] = x1 * a.scale_log2;
+        // Rounded to the storage precision where v1 / a tensor-core kernel rounds (mixed q, k, v,
+        // probabilities, outputs), so f16/bf16 results match the reference's rounding points.
+        qs[r * d + t] = hm_round(x0) * a.scale_log2;
+        qs[r * d + t + half] = hm_round(x1) * a.scale_log2;
     }
     for (int e = tid; e < R * d; e += HM_NT) os[e] = 0.f;
     for (int r = tid; r < R; r += HM_NT) {
@@ -201,10 +204,10 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_decode_v1(const HmArgs a,
                     const unsigned pos = a.rope_token ? pos0 + (unsigned)(t0 + c) : pos0 + (unsigned)((t0 + c) * P + pk);
                     hm_rope_tab(x, k0, k1, pos, t, half);
                 }
-                kt[jj * d + t] = k0;
-                kt[jj * d + t + half] = k1;
-                vt[jj * d + t] = v0;
-                vt[jj * d + t + half] = v1;
+                kt[jj * d + t] = hm_round(k0);
+                kt[jj * d + t + half] = hm_round(k1);
+                vt[jj * d + t] = hm_round(v0);
+                vt[jj * d + t + half] = hm_round(v1);
             }
             __syncthreads();
 
@@ -244,7 +247,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_decode_v1(const HmArgs a,
                 const int i = e / d, t = e % d, ia = i + off;
                 float o = os[(h * NP + i) * d + t] * alpha[i];
                 for (int jj = 0; jj < TP; ++jj)
-                    if (jj / P < tiles_valid && hm_dec_visible(a, ia, t0 * P + jj)) o += sp[i * TP + jj] * vt[jj * d + t];
+                    if (jj / P < tiles_valid && hm_dec_visible(a, ia, t0 * P + jj)) o += hm_round(sp[i * TP + jj]) * vt[jj * d + t];
                 os[(h * NP + i) * d + t] = o;
             }
         }

@@ -198,6 +198,23 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
     Ok(problem)
 }
 
+/// The band `[lo, hi)` of held tokens that any of the `n·P` new virtual queries of a sequence
+/// holding `stored >= n` tokens can see under the mask: what device decode kernels visit.
+pub fn band(cfg: &Config, stored: usize, n: usize) -> (usize, usize) {
+    let p = cfg.pseudo as u64;
+    let (off, nq, nk) = ((stored - n) as u64 * p, n as u64 * p, stored as u64 * p);
+    let mut lo = 0u64;
+    let mut hi = nk - 1;
+    if let Some(w) = cfg.window {
+        lo = off.saturating_sub(w.left as u64);
+        hi = hi.min(off + nq - 1 + w.right as u64);
+    }
+    if cfg.causal {
+        hi = hi.min(off + nq - 1);
+    }
+    ((lo / p) as usize, (hi / p) as usize + 1)
+}
+
 /// Validate, then decode on `backend` (see the module docs for the positions and masks).
 pub fn decode(backend: &dyn Backend, cfg: &Config, w: &Weights, io: DecodeIo<'_>) -> Result<()> {
     let problem = validate_decode(cfg, w, &io)?;

@@ -16,7 +16,7 @@ use super::device::device_err;
 use super::kernels::{KernelKey, Kind, decode_storage_bytes};
 use super::launch::{self, COMBINE_WG, Dispatch, EPILOGUE_WG, Uniforms, loops, rope_table, to_u32};
 use crate::cache::{CacheShape, DeviceKv, HostTraffic, KvCache};
-use crate::decode::{DecodeIo, DecodeProblem};
+use crate::decode::{DecodeIo, DecodeProblem, band};
 use crate::timing::Owned;
 use crate::validate::Problem;
 use crate::{BackendKind, DType, Data, Error, PosMode, Result, Weights};
@@ -224,23 +224,6 @@ pub(crate) struct DecodePlan {
     /// Cache bytes the decode kernel reads: every held token of the visible band, keys and
     /// values, once (counted from the plan, not measured).
     pub cache_bytes_read: u64,
-}
-
-/// The band `[lo, hi)` of held tokens that any of the `n·P` new virtual queries of a sequence
-/// holding `stored` tokens can see (what the kernel visits).
-pub(crate) fn band(cfg: &crate::Config, stored: usize, n: usize) -> (usize, usize) {
-    let p = cfg.pseudo;
-    let (off, nq, nk) = (((stored - n) * p) as u64, (n * p) as u64, (stored * p) as u64);
-    let mut lo = 0u64;
-    let mut hi = nk - 1;
-    if let Some(w) = cfg.window {
-        lo = off.saturating_sub(w.left as u64);
-        hi = hi.min(off + nq - 1 + w.right as u64);
-    }
-    if cfg.causal {
-        hi = hi.min(off + nq - 1);
-    }
-    ((lo / p as u64) as usize, (hi / p as u64) as usize + 1)
 }
 
 /// The workgroup size: enough threads for the rows' output pairs, within the device's limits.

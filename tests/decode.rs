@@ -960,7 +960,7 @@ fn prefill_decode_wgpu_device_cache() {
     let cpu = CpuBackend::new();
     for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa, Kind::Mha] {
         let name = format!("wgpu device-cache decode {kind:?}");
-        check_property(&name, 6, (scenario(kind), 0usize..=4), |(s, splits)| {
+        check_property(&name, 4, (scenario(kind), 0usize..=4), |(s, splits)| {
             let dev = gpu_splits(&gpu, splits);
             let errs = run_scenario_on(&s, &cpu, Via::Api(&dev), Control::None, Some(&dev));
             assert_close(&s, &errs, &format!("wgpu device cache, splits {splits}"));
@@ -1189,4 +1189,43 @@ fn b8_at_128k_builds() {
     shape.check().unwrap();
     let too_long = CacheShape { capacity: 1 << 20, ..shape };
     assert!(matches!(too_long.check(), Err(Error::TooLarge { .. })));
+}
+
+/// The decode timer of the benchmark: one device time per repetition, and the counted cache
+/// bytes per call equal the stored-head cache size (each held token read once, for all heads).
+#[test]
+fn wgpu_time_decode_counts_the_cache_once() {
+    let Some(gpu) = wgpu_or_skip("wgpu_time_decode_counts_the_cache_once", None) else { return };
+    let cfg = Config::iha(2, 2, 16);
+    let w = Weights::random(&cfg, 5);
+    let (b, len) = (2, 40);
+    let mut cache = KvCache::for_config_on(&gpu, &cfg, b, len, DType::BF16).unwrap();
+    let kv = Owned::from_f32(DType::BF16, &Rng::new(3).normal_vec(b * len * 2 * 16, 1.0));
+    cache.append(&kv.tensor(&[b, len, 2, 16]), &kv.tensor(&[b, len, 2, 16])).unwrap();
+    let (timing, bytes) = gpu.time_decode(&cfg, &w, &cache, 1, 3).unwrap();
+    assert_eq!(timing.seconds.len(), 3);
+    assert!(timing.seconds.iter().all(|s| s.is_finite() && *s >= 0.0), "{timing:?}");
+    assert_eq!(bytes as usize, cache_bytes(&cfg, b, len, DType::BF16).headmix);
+    // A window reads only its band: 3 tokens back plus the new one.
+    let local = Config::iha_window(2, 2, 16, 3);
+    let mut ring = KvCache::for_config_on(&gpu, &local, b, len, DType::BF16).unwrap();
+    ring.append(&kv.tensor(&[b, len, 2, 16]), &kv.tensor(&[b, len, 2, 16])).unwrap();
+    let (_, bytes) = gpu.time_decode(&local, &Weights::random(&local, 5), &ring, 1, 1).unwrap();
+    let band = window_tokens(&local).unwrap() + 1;
+    assert_eq!(bytes as usize, cache_bytes(&local, b, band, DType::BF16).headmix);
+}
+
+/// The same scenarios on a CUDA device cache (runs where a GPU is present).
+#[test]
+fn prefill_decode_cuda_device_cache() {
+    let Some(gpu) = device_or_skip(BackendKind::Cuda, "prefill_decode_cuda_device_cache") else { return };
+    let cpu = CpuBackend::new();
+    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa, Kind::Mha] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut s = fixed(kind, Some(PosMode::Virtual));
+            s.dtype = dtype;
+            let errs = run_scenario_on(&s, &cpu, Via::Api(gpu.as_ref()), Control::None, Some(gpu.as_ref()));
+            assert_close(&s, &errs, &format!("cuda device cache {kind:?} {dtype:?}"));
+        }
+    }
 }

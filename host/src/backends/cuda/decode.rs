@@ -348,6 +348,55 @@ impl CudaBackend {
         io: DecodeIo<'_>,
         kv: &CudaKv,
     ) -> Result<()> {
+        self.decode_calls(problem, w, io, kv, 0).map(|_| ())
+    }
+
+    /// Device time (CUDA events) of `reps` decode calls of `n` new tokens on a cache of this
+    /// device, after one warm-up call, with the plan's counted cache bytes read per call: what
+    /// the decode benchmark reports.
+    pub fn time_decode(
+        &self,
+        cfg: &crate::Config,
+        w: &Weights,
+        cache: &crate::cache::KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<(crate::Timing, u64)> {
+        let kv = cache.device_storage().and_then(|d| d.as_any().downcast_ref::<CudaKv>()).ok_or_else(|| {
+            Error::Cache { why: format!("the cache lives on the {} device, not CUDA", cache.location()) }
+        })?;
+        let shape = cache.shape();
+        let q = Owned::from_f32(
+            shape.dtype,
+            &crate::Rng::new(1).normal_vec(shape.batch * n * cfg.q_heads * cfg.head_dim, 1.0),
+        );
+        let out_shape: Vec<usize> = if w.r.is_some() {
+            vec![shape.batch, n, cfg.heads, cfg.head_dim]
+        } else {
+            vec![shape.batch, n, cfg.heads, cfg.pseudo, cfg.head_dim]
+        };
+        let mut out = Owned::filled(shape.dtype, out_shape.iter().product(), f32::NAN);
+        let io = DecodeIo {
+            q: q.tensor(&[shape.batch, n, cfg.q_heads, cfg.head_dim]),
+            cache,
+            out: out.tensor_mut(&out_shape),
+            lse: None,
+        };
+        let problem = crate::decode::validate_decode(cfg, w, &io)?;
+        let (seconds, bytes) = self.decode_calls(&problem, w, io, kv, reps.max(1))?;
+        Ok((crate::Timing { seconds, extra_bytes: 0, clock: "cuda events" }, bytes))
+    }
+
+    /// One decode call (`reps = 0`), or a warm-up and `reps` timed calls; returns the event
+    /// times and the counted cache bytes read per call.
+    fn decode_calls(
+        &self,
+        problem: &DecodeProblem,
+        w: &Weights,
+        io: DecodeIo<'_>,
+        kv: &CudaKv,
+        reps: usize,
+    ) -> Result<(Vec<f64>, u64)> {
         if kv.ordinal != self.ordinal {
             return Err(Error::Cache { why: format!("the cache lives on CUDA device {}", kv.ordinal) });
         }
@@ -357,6 +406,7 @@ impl CudaBackend {
             .unwrap_or(1) as usize;
         let shape = io.cache.shape();
         let mut plan = plan_decode(problem, w, &shape, io.cache.lens(), self.max_smem, sms)?;
+        let mut seconds = Vec::with_capacity(reps);
         let fns = self.decode_fns(problem.dtype)?;
         let epi = if problem.collapse { Some(self.function(Variant::epilogue(problem.dtype))?) } else { None };
         let s = self.stream();
@@ -434,40 +484,52 @@ impl CudaBackend {
             plan.args.rope_tab = if c.rope.is_some() { tp } else { 0 };
             let mut dargs = plan.args;
             let mut params = [&mut args as *mut HmArgs as *mut c_void, &mut dargs as *mut DecodeArgs as *mut c_void];
-            // SAFETY: the functions are loaded in this context; the structs match the kernels'
-            // parameters and live until the calls return (the driver copies them at launch); every
-            // pointer is a live allocation of the validated size, guarded until enqueued.
-            unsafe {
-                cudarc::driver::result::launch_kernel(
-                    fns.decode.cu_function(),
-                    (plan.grid.0, plan.grid.1, 1),
-                    (DECODE_THREADS as u32, 1, 1),
-                    plan.smem as u32,
-                    s.cu_stream(),
-                    &mut params,
-                )
-                .map_err(drv("launching hm_decode_v1"))?;
-                cudarc::driver::result::launch_kernel(
-                    fns.combine.cu_function(),
-                    (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
-                    (32 * COMBINE_ROWS as u32, 1, 1),
-                    0,
-                    s.cu_stream(),
-                    &mut params,
-                )
-                .map_err(drv("launching hm_decode_combine_v1"))?;
-                if let Some(epi) = &epi {
-                    let erows = problem.batch * problem.n * c.heads;
-                    let mut eparams = [&mut args as *mut HmArgs as *mut c_void];
+            let event =
+                || s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("event"));
+            for rep in 0..=reps {
+                let start = if reps > 0 { Some(event()?) } else { None };
+                // SAFETY: the functions are loaded in this context; the structs match the kernels'
+                // parameters and live until the calls return (the driver copies them at launch); every
+                // pointer is a live allocation of the validated size, guarded until enqueued.
+                unsafe {
                     cudarc::driver::result::launch_kernel(
-                        epi.func.cu_function(),
-                        (erows.div_ceil(super::variants::EPI_ROWS) as u32, 1, 1),
-                        ((32 * super::variants::EPI_ROWS) as u32, 1, 1),
+                        fns.decode.cu_function(),
+                        (plan.grid.0, plan.grid.1, 1),
+                        (DECODE_THREADS as u32, 1, 1),
+                        plan.smem as u32,
+                        s.cu_stream(),
+                        &mut params,
+                    )
+                    .map_err(drv("launching hm_decode_v1"))?;
+                    cudarc::driver::result::launch_kernel(
+                        fns.combine.cu_function(),
+                        (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
+                        (32 * COMBINE_ROWS as u32, 1, 1),
                         0,
                         s.cu_stream(),
-                        &mut eparams,
+                        &mut params,
                     )
-                    .map_err(drv("launching the collapse epilogue"))?;
+                    .map_err(drv("launching hm_decode_combine_v1"))?;
+                    if let Some(epi) = &epi {
+                        let erows = problem.batch * problem.n * c.heads;
+                        let mut eparams = [&mut args as *mut HmArgs as *mut c_void];
+                        cudarc::driver::result::launch_kernel(
+                            epi.func.cu_function(),
+                            (erows.div_ceil(super::variants::EPI_ROWS) as u32, 1, 1),
+                            ((32 * super::variants::EPI_ROWS) as u32, 1, 1),
+                            0,
+                            s.cu_stream(),
+                            &mut eparams,
+                        )
+                        .map_err(drv("launching the collapse epilogue"))?;
+                    }
+                }
+                if let Some(start) = start {
+                    let end = event()?;
+                    end.synchronize().map_err(drv("running the decode kernels"))?;
+                    if rep > 0 {
+                        seconds.push(start.elapsed_ms(&end).map_err(drv("event time"))? as f64 * 1e-3);
+                    }
                 }
             }
         }
@@ -478,6 +540,49 @@ impl CudaBackend {
         if let Some(l) = io.lse {
             l.copy_from_slice(&lse_host);
         }
-        Ok(())
+        Ok((seconds, plan.cache_bytes_read))
+    }
+
+    /// Append `n` tokens to every sequence of a cache on this device from device tensors `k`, `v`
+    /// `[B, n, Hk, d]` of the cache dtype's bytes (e.g. the prefill forward's inputs of
+    /// [`CudaBackend::forward_device`]): copied device to device on the backend's stream.
+    pub fn append_device<S: DevicePtr<u8>>(
+        &self,
+        cache: &mut crate::cache::KvCache,
+        k: &S,
+        v: &S,
+        n: usize,
+    ) -> Result<()> {
+        let shape = cache.shape();
+        let row = shape.kv_heads * shape.head_dim * shape.dtype.size();
+        for (what, len) in [("appended k (device)", k.len()), ("appended v (device)", v.len())] {
+            if len != shape.batch * n * row {
+                return Err(Error::Length { what, expected: shape.batch * n * row, got: len });
+            }
+        }
+        let ordinal =
+            cache.device_storage().and_then(|d| d.as_any().downcast_ref::<CudaKv>()).map(|kv| kv.ordinal).ok_or_else(
+                || Error::Cache { why: format!("the cache lives on the {} device, not CUDA", cache.location()) },
+            )?;
+        if ordinal != self.ordinal {
+            return Err(Error::Cache { why: format!("the cache lives on CUDA device {ordinal}") });
+        }
+        let s = self.stream().clone();
+        let seqs: Vec<usize> = (0..shape.batch).collect();
+        let (kp, _gk) = k.device_ptr(&s);
+        let (vp, _gv) = v.device_ptr(&s);
+        cache.append_with(n, &seqs, |d, b, t, slot, rows| {
+            let kv = d.as_any_mut().downcast_mut::<CudaKv>().expect("checked above");
+            let (src, bytes, at) = (((b * n + t) * row) as u64, rows * row, kv.at(b, slot));
+            for (from, dst) in [(kp + src, &mut kv.k), (vp + src, &mut kv.v)] {
+                let mut view = dst.slice_mut(at..at + bytes);
+                let (dp, _g) = view.device_ptr_mut(&s);
+                // SAFETY: both ranges are live device memory of this context, checked lengths,
+                // and do not overlap (the cache owns its buffers).
+                unsafe { cudarc::driver::result::memcpy_dtod_async(dp, from, bytes, s.cu_stream()) }
+                    .map_err(drv("appending device to device"))?;
+            }
+            Ok(())
+        })
     }
 }

@@ -451,6 +451,15 @@ pub(crate) fn plan(
     })
 }
 
+/// Bind groups, pipelines and output buffers of one decode call, ready to record.
+struct PreparedDecode {
+    decode_group: wgpu::BindGroup,
+    forward_group: wgpu::BindGroup,
+    passes: Vec<(std::sync::Arc<wgpu::ComputePipeline>, (u32, u32))>,
+    out: wgpu::Buffer,
+    lse: wgpu::Buffer,
+}
+
 fn over_budget(kernel: &str, iterations: u64, budget: u64) -> Error {
     unsupported(format!(
         "the {kernel} kernel would run {iterations} loop iterations per invocation, above this adapter's \
@@ -488,9 +497,7 @@ impl WgpuBackend {
         io: DecodeIo<'_>,
         kv: &WgpuKv,
     ) -> Result<()> {
-        if kv.device != *self.device() {
-            return Err(Error::Cache { why: "the cache lives on another wgpu device than this backend's".into() });
-        }
+        self.check_cache(kv)?;
         self.check_faults()?;
         let plan = self.decode_plan(problem, w, io.cache)?;
         let out_bytes = (io.out.data.len() * io.out.dtype().size()) as u64;
@@ -498,52 +505,12 @@ impl WgpuBackend {
         let bytes = self.scoped(|| {
             use wgpu::BufferUsages as U;
             let q = self.upload("q", io.q.data.bytes(), U::STORAGE);
-            let out = self.buffer("out", out_bytes, U::STORAGE | U::COPY_SRC);
-            let lse = self.buffer("lse", lse_bytes, U::STORAGE | U::COPY_SRC);
-            let uniforms =
-                self.upload("headmix uniforms", bytemuck::bytes_of(&plan.uniforms), wgpu::BufferUsages::UNIFORM);
-            let weights = self.upload("headmix weights", bytemuck::cast_slice(&plan.weights), U::STORAGE);
-            let op = self.buffer("headmix decode scratch", plan.op_bytes, U::STORAGE);
-            let buffers = [&uniforms, &weights, &q, &kv.k, &kv.v, &out, &lse, &op, &kv.lens];
-            let entries = |n: usize| -> Vec<wgpu::BindGroupEntry> {
-                buffers[..n]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
-                    .collect()
-            };
-            let device = self.device();
-            let decode_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("headmix decode"),
-                layout: &self
-                    .kernels
-                    .decode_layout
-                    .as_ref()
-                    .ok_or_else(|| unsupported("the decode kernel needs 8 storage buffers per shader stage".into()))?
-                    .0,
-                entries: &entries(9),
-            });
-            let forward_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("headmix decode combine"),
-                layout: &self.kernels.layout,
-                entries: &entries(8),
-            });
-            let limits = device.limits();
-            let mut enc = device.create_command_encoder(&Default::default());
-            for (i, pass) in plan.passes.iter().enumerate() {
-                let pipeline = self.kernels.pipeline(&pass.key)?;
-                let (x, y) = launch::grid(pass.workgroups, &limits)?;
-                let mut cp = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("headmix decode"),
-                    timestamp_writes: None,
-                });
-                cp.set_pipeline(&pipeline);
-                cp.set_bind_group(0, if i == 0 { &decode_group } else { &forward_group }, &[]);
-                cp.dispatch_workgroups(x, y, 1);
-            }
+            let call = self.prepare_decode(&plan, &q, kv, out_bytes, lse_bytes)?;
+            let mut enc = self.device().create_command_encoder(&Default::default());
+            self.record_decode(&call, &mut enc, None);
             let staging = self.buffer("read back", out_bytes + lse_bytes, U::MAP_READ | U::COPY_DST);
-            enc.copy_buffer_to_buffer(&out, 0, &staging, 0, out_bytes);
-            enc.copy_buffer_to_buffer(&lse, 0, &staging, out_bytes, lse_bytes);
+            enc.copy_buffer_to_buffer(&call.out, 0, &staging, 0, out_bytes);
+            enc.copy_buffer_to_buffer(&call.lse, 0, &staging, out_bytes, lse_bytes);
             self.queue.submit([enc.finish()]);
             self.read_back(&staging)
         })?;
@@ -555,6 +522,171 @@ impl WgpuBackend {
             bytemuck::cast_slice_mut::<f32, u8>(lse).copy_from_slice(&lse_part[..lse_bytes as usize]);
         }
         Ok(())
+    }
+
+    fn check_cache(&self, kv: &WgpuKv) -> Result<()> {
+        if kv.device != *self.device() {
+            return Err(Error::Cache { why: "the cache lives on another wgpu device than this backend's".into() });
+        }
+        Ok(())
+    }
+
+    /// Output, scratch and small uploads of one decode call, its bind groups and pipelines.
+    fn prepare_decode(
+        &self,
+        plan: &DecodePlan,
+        q: &wgpu::Buffer,
+        kv: &WgpuKv,
+        out_bytes: u64,
+        lse_bytes: u64,
+    ) -> Result<PreparedDecode> {
+        use wgpu::BufferUsages as U;
+        let out = self.buffer("out", out_bytes, U::STORAGE | U::COPY_SRC);
+        let lse = self.buffer("lse", lse_bytes, U::STORAGE | U::COPY_SRC);
+        let uniforms = self.upload("headmix uniforms", bytemuck::bytes_of(&plan.uniforms), U::UNIFORM);
+        let weights = self.upload("headmix weights", bytemuck::cast_slice(&plan.weights), U::STORAGE);
+        let op = self.buffer("headmix decode scratch", plan.op_bytes, U::STORAGE);
+        let buffers = [&uniforms, &weights, q, &kv.k, &kv.v, &out, &lse, &op, &kv.lens];
+        let entries = |n: usize| -> Vec<wgpu::BindGroupEntry> {
+            buffers[..n]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+                .collect()
+        };
+        let device = self.device();
+        let layout = &self
+            .kernels
+            .decode_layout
+            .as_ref()
+            .ok_or_else(|| unsupported("the decode kernel needs 8 storage buffers per shader stage".into()))?
+            .0;
+        let decode_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("headmix decode"),
+            layout,
+            entries: &entries(9),
+        });
+        let forward_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("headmix decode combine"),
+            layout: &self.kernels.layout,
+            entries: &entries(8),
+        });
+        let limits = device.limits();
+        let passes = plan
+            .passes
+            .iter()
+            .map(|p| Ok((self.kernels.pipeline(&p.key)?, launch::grid(p.workgroups, &limits)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PreparedDecode { decode_group, forward_group, passes, out, lse })
+    }
+
+    /// Record the passes of a prepared decode; with `timestamps = (set, i)` write queries `i`
+    /// (start of the decode pass) and `i + 1` (end of the last pass).
+    fn record_decode(
+        &self,
+        call: &PreparedDecode,
+        enc: &mut wgpu::CommandEncoder,
+        timestamps: Option<(&wgpu::QuerySet, u32)>,
+    ) {
+        let last = call.passes.len() - 1;
+        for (i, (pipeline, (x, y))) in call.passes.iter().enumerate() {
+            let timestamp_writes =
+                timestamps.filter(|_| i == 0 || i == last).map(|(set, base)| wgpu::ComputePassTimestampWrites {
+                    query_set: set,
+                    beginning_of_pass_write_index: (i == 0).then_some(base),
+                    end_of_pass_write_index: (i == last).then_some(base + 1),
+                });
+            let mut cp = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("headmix decode"), timestamp_writes });
+            cp.set_pipeline(pipeline);
+            cp.set_bind_group(0, if i == 0 { &call.decode_group } else { &call.forward_group }, &[]);
+            cp.dispatch_workgroups(*x, *y, 1);
+        }
+    }
+
+    /// Device time of `reps` decode calls on a cache of this device (after one warm-up call),
+    /// random new queries uploaded once: GPU timestamps around the passes where the adapter has
+    /// `TIMESTAMP_QUERY`, else the host clock around submit + wait. With the plan's counted
+    /// cache bytes read per call, for the decode benchmark.
+    pub fn time_decode(
+        &self,
+        cfg: &crate::Config,
+        w: &Weights,
+        cache: &KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<(crate::Timing, u64)> {
+        let kv = cache.device_storage().and_then(|d| d.as_any().downcast_ref::<WgpuKv>()).ok_or_else(|| {
+            Error::Cache { why: format!("the cache lives on the {} device, not wgpu", cache.location()) }
+        })?;
+        self.check_cache(kv)?;
+        let shape = cache.shape();
+        let q = Owned::from_f32(
+            shape.dtype,
+            &crate::Rng::new(1).normal_vec(shape.batch * n * cfg.q_heads * cfg.head_dim, 1.0),
+        );
+        let qs = [shape.batch, n, cfg.q_heads, cfg.head_dim];
+        let out_len = shape.batch * n * cfg.heads * cfg.head_dim * if w.r.is_some() { 1 } else { cfg.pseudo };
+        let mut out = Owned::filled(shape.dtype, out_len, f32::NAN);
+        let out_shape: Vec<usize> = if w.r.is_some() {
+            vec![shape.batch, n, cfg.heads, cfg.head_dim]
+        } else {
+            vec![shape.batch, n, cfg.heads, cfg.pseudo, cfg.head_dim]
+        };
+        let io = DecodeIo { q: q.tensor(&qs), cache, out: out.tensor_mut(&out_shape), lse: None };
+        let problem = crate::decode::validate_decode(cfg, w, &io)?;
+        let plan = self.decode_plan(&problem, w, cache)?;
+        let stamps = self.has_timestamps();
+        self.check_faults()?;
+        let out_bytes = (out_len * shape.dtype.size()) as u64;
+        let timing = self.scoped(|| {
+            use wgpu::BufferUsages as U;
+            let qb = self.upload("q", io.q.data.bytes(), U::STORAGE);
+            let call = self.prepare_decode(&plan, &qb, kv, out_bytes, 4 * problem.lse_len() as u64)?;
+            let set = stamps.then(|| {
+                self.device().create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("headmix decode timing"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                })
+            });
+            let stride = wgpu::QUERY_RESOLVE_BUFFER_ALIGNMENT;
+            let resolve = self.buffer("timestamps", stride * reps.max(1) as u64, U::QUERY_RESOLVE | U::COPY_SRC);
+            let mut seconds = Vec::with_capacity(reps);
+            for rep in 0..=reps {
+                let mut enc = self.device().create_command_encoder(&Default::default());
+                self.record_decode(&call, &mut enc, set.as_ref().map(|s| (s, 0)));
+                if let (Some(set), Some(r)) = (&set, rep.checked_sub(1)) {
+                    enc.resolve_query_set(set, 0..2, &resolve, stride * r as u64);
+                }
+                let t = std::time::Instant::now();
+                self.queue.submit([enc.finish()]);
+                self.device()
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| device_err(format!("poll: {e}")))?;
+                if rep > 0 {
+                    seconds.push(t.elapsed().as_secs_f64());
+                }
+            }
+            if stamps && reps > 0 {
+                let staging = self.buffer("timestamps read back", stride * reps as u64, U::MAP_READ | U::COPY_DST);
+                let mut enc = self.device().create_command_encoder(&Default::default());
+                enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, stride * reps as u64);
+                self.queue.submit([enc.finish()]);
+                let bytes = self.read_back(&staging)?;
+                let period = self.queue.get_timestamp_period() as f64 * 1e-9;
+                for (r, s) in seconds.iter_mut().enumerate() {
+                    let at = |i: usize| {
+                        let o = r * stride as usize + 8 * i;
+                        u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"))
+                    };
+                    *s = at(1).wrapping_sub(at(0)) as f64 * period;
+                }
+            }
+            let clock = if stamps { "wgpu timestamps" } else { "wall clock (submit + wait)" };
+            Ok(crate::Timing { seconds, extra_bytes: plan.op_bytes, clock })
+        })?;
+        Ok((timing, plan.cache_bytes_read))
     }
 
     /// Append `n` tokens to every sequence of a cache on this device from device buffers `k`, `v`

@@ -14,8 +14,11 @@
 //!
 //! The CPU backend's [`Backend::decode`] runs [`split::decode_host`]: the split-KV
 //! (flash-decoding) algorithm device kernels follow, per-chunk `(o, lse)` and an exact
-//! log-sum-exp combine. The trait's default ([`decode_default`]) is [`decode_per_sequence`], which
-//! unrolls each sequence's cache into a contiguous view and calls the backend's [`Backend::run`].
+//! log-sum-exp combine. On a cache allocated on a device ([`KvCache::new_on`]), the wgpu and CUDA
+//! backends run their decode kernels on the cache in place (one workgroup/block per (sequence,
+//! split of the [`band`]) owning all heads, each cached tile read once); the host paths refuse a
+//! device cache. The trait's default ([`decode_default`]) is [`decode_per_sequence`], which
+//! unrolls each sequence's host cache into a contiguous view and calls the backend's [`Backend::run`].
 //!
 //! ```
 //! use headmix::cache::KvCache;

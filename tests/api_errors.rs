@@ -3,7 +3,7 @@
 
 use headmix::timing::Owned;
 use headmix::validate::MAX_INDEX;
-use headmix::{Backend, BackendKind, Config, DType, Error, Io, Weights};
+use headmix::{Backend, BackendKind, Config, DType, Error, HeadNorm, Io, Weights};
 use headmix_tests::cases::{Limits, specs};
 use headmix_tests::check_property;
 
@@ -159,8 +159,11 @@ fn buffers_of_the_wrong_size() {
     c.w.r.as_mut().unwrap().push(0.5);
     expect_err(&c, |e| matches!(e, Error::Length { what: "r", .. }), "r length");
     let mut c = Call::valid();
-    c.w.gamma = Some(vec![1.0; 31]);
+    c.w.norm = Some(HeadNorm::Rms { gamma: vec![1.0; 31] });
     expect_err(&c, |e| matches!(e, Error::Length { what: "gamma", .. }), "gamma length");
+    let mut c = Call::valid();
+    c.w.norm = Some(HeadNorm::Group { gamma: vec![1.0; 32], beta: vec![0.5; 33] });
+    expect_err(&c, |e| matches!(e, Error::Length { what: "beta", expected: 32, got: 33 }), "beta length");
 }
 
 #[test]
@@ -247,8 +250,13 @@ fn non_finite_weights() {
     let mut c = Call::valid();
     let mut g = vec![1.0; 32];
     g[31] = f32::NAN;
-    c.w.gamma = Some(g);
+    c.w.norm = Some(HeadNorm::Group { gamma: g, beta: vec![0.5; 32] });
     expect_err(&c, |e| matches!(e, Error::NonFinite { what: "gamma", index: 31, .. }), "NaN in gamma");
+    let mut c = Call::valid();
+    let mut b = vec![0.5; 32];
+    b[7] = f32::INFINITY;
+    c.w.norm = Some(HeadNorm::Group { gamma: vec![1.0; 32], beta: b });
+    expect_err(&c, |e| matches!(e, Error::NonFinite { what: "beta", index: 7, .. }), "inf in beta");
 }
 
 #[test]

@@ -36,7 +36,7 @@ fn cpu_matches_reference_iha_causal_window_rope() {
     let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
     let w = &case.weights;
     let (aq, ak, av, r) = (f(&w.aq), f(&w.ak), f(&w.av), w.r.as_deref().map(f));
-    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: None };
+    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), norm: None };
     let un = unfused::attention(&p, &f(&case.q), &f(&case.k), &f(&case.v), &mix);
     assert!(rel_err(&un.out, &direct.out) < 1e-12, "{}", rel_err(&un.out, &direct.out));
     assert_eq!(un.lse.len(), direct.lse.len());

@@ -11,10 +11,10 @@
 use headmix::backends::cpu::CpuBackend;
 use headmix::cache::{CacheLayout, KvCache, KvCacheStack, cache_bytes, window_tokens};
 use headmix::decode::{DecodeIo, decode_per_sequence, decode_split, split, validate_decode};
-use headmix::reference::{self, MixWeights, Output, Params, PosMode, Rope as RefRope, rel_err};
+use headmix::reference::{self, HeadNorm, MixWeights, Output, Params, PosMode, Rope as RefRope, rel_err};
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, Config, DType, Error, Io, Problem, Rng, Rope, Tensor, TensorMut, Weights};
-use headmix_tests::{check_property, device_or_skip, normals, tolerance};
+use headmix_tests::{Weights64, check_property, device_or_skip, normals, tolerance};
 use proptest::prelude::*;
 
 const CASES: u32 = 64;
@@ -141,13 +141,10 @@ fn reference_forward(cfg: &Config, w: &Weights, seq: &Seq, len: usize) -> Output
         m: len,
         dtype: DType::F32,
         collapse: w.r.is_some(),
-        norm: w.gamma.is_some(),
+        norm: w.norm.is_some(),
     };
     let params = problem.params();
-    let (aq, ak, av) = (f64s(&w.aq), f64s(&w.ak), f64s(&w.av));
-    let (r, g) = (w.r.as_deref().map(f64s), w.gamma.as_deref().map(f64s));
-    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: g.as_deref() };
-    reference::attention(&params, &f64s(&seq.q), &f64s(&seq.k), &f64s(&seq.v), &mix)
+    reference::attention(&params, &f64s(&seq.q), &f64s(&seq.k), &f64s(&seq.v), &Weights64::of(w).mix())
 }
 
 /// How a decode call is made.
@@ -640,7 +637,7 @@ struct Inputs {
     ak: Vec<f64>,
     av: Vec<f64>,
     r: Option<Vec<f64>>,
-    g: Option<Vec<f64>>,
+    norm: Option<HeadNorm<Vec<f64>>>,
 }
 
 impl Inputs {
@@ -656,12 +653,13 @@ impl Inputs {
             ak: x(p.hk * p.h * p.p),
             av: x(p.hk * p.h * p.p),
             r: c.collapse.then(|| x(p.h * p.h * p.p)),
-            g: c.norm.then(|| x(p.h * p.d)),
+            norm: c.norm.then(|| HeadNorm::Group { gamma: x(p.h * p.d), beta: x(p.h * p.d) }),
         }
     }
 
     fn mix(&self) -> MixWeights<'_, f64> {
-        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), gamma: self.g.as_deref() }
+        let norm = self.norm.as_ref().map(|n| n.as_slices());
+        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), norm }
     }
 }
 
@@ -814,7 +812,7 @@ fn decode_errors_are_typed_and_write_nothing() {
 
 #[test]
 fn ring_decode_of_more_than_its_room_is_refused() {
-    let cfg = Config::iha_window(2, 2, 4, 2); // left = 4 virtual = 2 tokens
+    let cfg = Config::iha_window(2, 2, 4, 2); // left = 3 virtual: reaches 2 tokens back
     let w = Weights::random(&cfg, 1);
     let mut cache = KvCache::ring(&cfg, 1, 2, DType::F32).unwrap(); // capacity 2 + 2
     let kv = Rng::new(1).normal_vec(3 * 2 * 4, 1.0);

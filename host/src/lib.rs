@@ -49,4 +49,5 @@ pub use headmix_reference as reference;
 pub use rng::Rng;
 pub use tensor::{DType, Data, DataMut, Tensor, TensorMut};
 pub use validate::{Problem, validate};
-pub use weights::{Weights, replication};
+pub use headmix_reference::NormKind;
+pub use weights::{HeadNorm, Weights, identity_norm, replication};

@@ -3,7 +3,7 @@
 
 pub mod cases;
 
-use headmix::reference::{self, MixWeights, Output, Params, Rounding, max_abs_err, rel_err};
+use headmix::reference::{self, HeadNorm, MixWeights, Output, Params, Rounding, max_abs_err, rel_err};
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, Config, DType, Io, Problem, Rng, Weights};
 
@@ -47,6 +47,33 @@ pub fn rounding(dtype: DType) -> Rounding {
     }
 }
 
+/// A layer's weights widened to f64 (what the f64 reference takes).
+pub struct Weights64 {
+    pub aq: Vec<f64>,
+    pub ak: Vec<f64>,
+    pub av: Vec<f64>,
+    pub r: Option<Vec<f64>>,
+    pub norm: Option<HeadNorm<Vec<f64>>>,
+}
+
+impl Weights64 {
+    pub fn of(w: &Weights) -> Weights64 {
+        let f = |x: &Vec<f32>| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        Weights64 {
+            aq: f(&w.aq),
+            ak: f(&w.ak),
+            av: f(&w.av),
+            r: w.r.as_ref().map(f),
+            norm: w.norm.as_ref().map(|n| n.map(f)),
+        }
+    }
+
+    pub fn mix(&self) -> MixWeights<'_, f64> {
+        let norm = self.norm.as_ref().map(|n| n.as_slices());
+        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), norm }
+    }
+}
+
 /// Inputs of one case, in f32 values exactly representable in the case's dtype.
 pub struct Case {
     pub problem: Problem,
@@ -68,7 +95,7 @@ impl Case {
         let q = rng.normal_vec(batch * n * c.q_heads * c.head_dim, 1.0);
         let k = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
         let v = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
-        let problem = Problem { cfg, batch, n, m, dtype, collapse: weights.r.is_some(), norm: weights.gamma.is_some() };
+        let problem = Problem { cfg, batch, n, m, dtype, collapse: weights.r.is_some(), norm: weights.norm.is_some() };
         Case { problem, weights, q: representable(dtype, q), k: representable(dtype, k), v: representable(dtype, v) }
     }
 
@@ -87,12 +114,8 @@ impl Case {
         let mut params: Params = self.problem.params();
         params.rounding = rounding;
         let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-        let w = &self.weights;
-        let (aq, ak, av) = (f(&w.aq), f(&w.ak), f(&w.av));
-        let r = w.r.as_deref().map(f);
-        let g = w.gamma.as_deref().map(f);
-        let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: g.as_deref() };
-        reference::attention(&params, &f(&self.q), &f(&self.k), &f(&self.v), &mix)
+        let w = Weights64::of(&self.weights);
+        reference::attention(&params, &f(&self.q), &f(&self.k), &f(&self.v), &w.mix())
     }
 
     /// Run a backend through the validated host API with NaN-poisoned outputs; returns

@@ -65,3 +65,15 @@ fn negative_control_check_detects_a_wrong_element() {
     out[7] += 0.05;
     assert!(rel_err(&out, &exact.out) > 1e-5, "a perturbed element went unnoticed");
 }
+
+/// IHA-local: each virtual query sees exactly W·P keys (itself included); fails at the old width.
+#[test]
+fn iha_local_window_sees_exactly_wp_keys() {
+    headmix_tests::check_iha_local_window(&CpuBackend::new(), "cpu");
+}
+
+/// MEA's GroupNorm through the CPU backend, with its negative controls (beta or centring dropped).
+#[test]
+fn mea_group_norm_with_negative_controls() {
+    headmix_tests::check_group_norm(&CpuBackend::new(), "cpu");
+}

@@ -858,6 +858,20 @@ fn append_errors_are_typed_and_leave_the_cache_intact() {
     assert!(res.is_ok(), "{res:?}");
 }
 
+/// The ring cache keeps what IHA-local's window `(W·P − 1, 0)` can reach: `W` past tokens for
+/// `P > 1`, `W − 1` for `P = 1` (a window of `W` tokens, the query's own included).
+#[test]
+fn ring_window_tokens_follow_iha_local() {
+    for (p, n) in [(1, 40), (2, 40), (3, 90), (4, 70), (2, 3)] {
+        let cfg = Config::iha_local(2, p, 8, n).unwrap();
+        let w = Config::iha_local_tokens(p, n).unwrap();
+        let want = if p == 1 { w - 1 } else { w };
+        assert_eq!(window_tokens(&cfg), Some(want), "P = {p}, N = {n}, W = {w}");
+        let ring = KvCache::ring(&cfg, 1, 2, DType::F32).unwrap();
+        assert_eq!(ring.layout(), CacheLayout::Ring { window_tokens: want });
+    }
+}
+
 #[test]
 fn cache_stack_checks_each_layer() {
     let global = Config::iha(2, 2, 8);

@@ -482,3 +482,20 @@ fn timing_reports_device_time() {
         assert!(t.extra_bytes > 0);
     }
 }
+
+/// IHA-local: each virtual query sees exactly W·P keys (itself included), flash and naive
+/// kernels; the count fails at the old width W·P + 1.
+#[test]
+fn iha_local_window_sees_exactly_wp_keys() {
+    let Some(be) = flash("iha_local_window_sees_exactly_wp_keys") else { return };
+    headmix_tests::check_iha_local_window(be.as_ref(), "wgpu flash");
+    let nv = naive("iha_local_window_sees_exactly_wp_keys").expect("adapter present");
+    headmix_tests::check_iha_local_window(&nv, "wgpu naive");
+}
+
+/// MEA's GroupNorm in the WGSL epilogue (with and without collapse), with its negative controls.
+#[test]
+fn mea_group_norm_with_negative_controls() {
+    let Some(be) = flash("mea_group_norm_with_negative_controls") else { return };
+    headmix_tests::check_group_norm(be.as_ref(), "wgpu flash");
+}

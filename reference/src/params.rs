@@ -4,7 +4,8 @@ use half::{bf16, f16};
 
 use crate::Real;
 
-/// Which positions RoPE uses.
+/// Which positions RoPE uses; both are bottom-right aligned (with `M > N` keys, the queries are
+/// the last `N` tokens).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PosMode {
     /// Virtual positions: query `i` at `pos0 + i + (M−N)·P`, key `j` at `pos0 + j`.
@@ -42,7 +43,7 @@ impl Rounding {
     }
 }
 
-/// Sizes and options of one head-mixing attention call (see `shared/spec/attention.md`).
+/// Sizes and options of one head-mixing attention call (see `docs/operator.md`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Params {
     /// Batch size `B`.
@@ -62,7 +63,9 @@ pub struct Params {
     /// Head dimension `d`.
     pub d: usize,
     pub causal: bool,
-    /// Sliding window `(left, right)` in virtual tokens.
+    /// Sliding window `(left, right)` in virtual tokens (FlashAttention's convention): query `i`
+    /// at key index `i'` sees key `j` iff `i' − left <= j <= i' + right`: `left` keys before its
+    /// own, its own, `right` after.
     pub window: Option<(usize, usize)>,
     pub rope: Option<Rope>,
     /// Position offset `pos0` of RoPE.

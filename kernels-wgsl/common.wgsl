@@ -7,16 +7,16 @@ struct Params {
     batch: u32, n: u32, m: u32, heads: u32,
     hq: u32, hk: u32, p: u32, nq: u32,           // nq = N*P virtual queries per head
     nk: u32, off: u32, causal: u32, windowed: u32, // nk = M*P virtual keys, off = (M-N)*P
-    win_left: u32, win_right: u32, rope: u32, rope_rows: u32, // rope: 0 none, 1 virtual, 2 token
+    win_left: u32, win_right: u32, rope: u32, rope_levels: u32, // rope: 0 none, 1 virtual, 2 token
     pos0: u32, scale_log2: f32, aq_off: u32, ak_off: u32, // scale_log2 = softmax scale * log2(e)
     av_off: u32, r_off: u32, gamma_off: u32, rope_off: u32, // offsets into `weights`
     q_tiles: u32, splits: u32, eps: f32, collapse: u32, // splits: key ranges per query tile
-    norm: u32, direct: u32, n_vec: u32, neg_inf_bits: u32,
-    part_off: u32, pad1: u32, pad2: u32, pad3: u32,   // part_off: split partials in `op`
+    norm: u32, direct: u32, n_vec: u32, neg_inf_bits: u32, // norm: 0 none, 1 rms, 2 group
+    part_off: u32, beta_off: u32, pad2: u32, pad3: u32, // part_off: split partials in `op`
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-// aq | ak | av | r | gamma | RoPE table, all f32.
+// aq | ak | av | r | gamma | beta | RoPE table, all f32.
 @group(0) @binding(1) var<storage, read> weights: array<f32>;
 @group(0) @binding(2) var<storage, read> q: array<Elem>;
 @group(0) @binding(3) var<storage, read> k: array<Elem>;
@@ -77,12 +77,24 @@ fn k_pos(j: u32) -> u32 {
     return params.pos0 + j;
 }
 
-// Rotate the pair (x[t], x[t + d/2]) to position `pos`. The host builds the call's table once, in
-// f64: row `pos - pos0` (every position of the call lies in [pos0, pos0 + rope_rows)) holds the
-// (cos, sin) of pos * base^(-2t/d) for t < d/2, as f32 pairs. One read, no transcendental.
+// Rotate the pair (x[t], x[t + d/2]) to position `pos`. cos/sin come from a host table built once
+// per call in f64 and stored as f32 (cos, sin) pairs, in one of two layouts:
+// - rope_levels == 0 (the forward): row `pos - pos0` of a table with one row per position of the
+//   call, for t < d/2: one read, no transcendental;
+// - rope_levels > 0 (decode over long caches, where a row per position would be large): one level
+//   per byte of `pos`, composed as rotations: accurate for any position.
 fn rotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
-    let idx = params.rope_off + ((pos - params.pos0) * HALF + t) * 2u;
-    let cs = vec2<f32>(weights[idx], weights[idx + 1u]);
+    var cs = vec2<f32>(1.0, 0.0);
+    if (params.rope_levels == 0u) {
+        let idx = params.rope_off + ((pos - params.pos0) * HALF + t) * 2u;
+        cs = vec2<f32>(weights[idx], weights[idx + 1u]);
+    }
+    for (var l = 0u; l < params.rope_levels; l++) {
+        let byte = (pos >> (8u * l)) & 255u;
+        let idx = params.rope_off + ((l * 256u + byte) * HALF + t) * 2u;
+        let e = vec2<f32>(weights[idx], weights[idx + 1u]);
+        cs = vec2<f32>(cs.x * e.x - cs.y * e.y, cs.x * e.y + cs.y * e.x);
+    }
     return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
 }
 

@@ -131,7 +131,7 @@ fn problem_from(a: &Args) -> Result<Problem, String> {
         return Err(format!("--seq {n} above --kv-seq {m}"));
     }
     let w = Weights::random(&cfg, 1);
-    Ok(Problem { cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() })
+    Ok(Problem { cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() })
 }
 
 fn describe_problem(pb: &Problem) -> String {

@@ -22,19 +22,28 @@ pub struct Problem {
     pub dtype: DType,
     /// Whether the weights carry `r` (output `[B,N,H,d]`), else `[B,N,H,P,d]`.
     pub collapse: bool,
-    /// Whether the weights carry `gamma`.
+    /// Whether the weights carry a head norm (its kind is in the weights).
     pub norm: bool,
 }
 
 impl Problem {
-    /// Output shape.
+    /// Output shape: `[B, N, H, d]` with a collapse or when `P = 1`, else `[B, N, H, P, d]`.
+    /// (For `P = 1` without a collapse the 5-D `[B, N, H, 1, d]` is accepted too: same layout.)
     pub fn out_shape(&self) -> Vec<usize> {
         let c = &self.cfg;
-        if self.collapse {
+        if self.collapse || c.pseudo == 1 {
             vec![self.batch, self.n, c.heads, c.head_dim]
         } else {
             vec![self.batch, self.n, c.heads, c.pseudo, c.head_dim]
         }
+    }
+
+    /// Whether `shape` is an accepted output shape: [`Problem::out_shape`], or `[B, N, H, 1, d]`
+    /// for `P = 1` without a collapse.
+    pub fn accepts_out_shape(&self, shape: &[usize]) -> bool {
+        let c = &self.cfg;
+        shape == self.out_shape().as_slice()
+            || (!self.collapse && c.pseudo == 1 && shape == [self.batch, self.n, c.heads, 1, c.head_dim])
     }
 
     /// Length of the log-sum-exp output `[B, H, N·P]`.
@@ -93,7 +102,7 @@ fn check_finite(what: &'static str, xs: &[f32]) -> Result<()> {
     }
 }
 
-fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
     if got != expected { Err(Error::Length { what, expected, got }) } else { Ok(()) }
 }
 
@@ -154,9 +163,15 @@ pub fn validate_weights(c: &Config, w: &Weights) -> Result<()> {
         check_len("r", r.len(), h * h * p)?;
         check_finite("r", r)?;
     }
-    if let Some(g) = &w.gamma {
-        check_len("gamma", g.len(), h * c.head_dim)?;
-        check_finite("gamma", g)?;
+    if let Some(norm) = &w.norm {
+        check_len("gamma", norm.gamma().len(), h * c.head_dim)?;
+        if let Some(beta) = norm.beta() {
+            check_len("beta", beta.len(), h * c.head_dim)?;
+        }
+        check_finite("gamma", norm.gamma())?;
+        if let Some(beta) = norm.beta() {
+            check_finite("beta", beta)?;
+        }
     }
     Ok(())
 }
@@ -185,7 +200,7 @@ pub fn validate_sizes(cfg: &Config, batch: usize, n: usize, m: usize) -> Result<
     Ok(())
 }
 
-fn check_shape(what: &'static str, got: &[usize], expected: &[usize]) -> Result<()> {
+pub(crate) fn check_shape(what: &'static str, got: &[usize], expected: &[usize]) -> Result<()> {
     if got != expected {
         return Err(Error::Shape { what, expected: expected.to_vec(), got: got.to_vec() });
     }
@@ -202,6 +217,23 @@ pub fn validate(
     out: &TensorMut,
     lse: Option<&[f32]>,
 ) -> Result<Problem> {
+    let problem = validate_inputs(cfg, w, q, k, v)?;
+    if out.dtype() != problem.dtype {
+        return Err(Error::DType { what: "out", expected: problem.dtype, got: out.dtype() });
+    }
+    if !problem.accepts_out_shape(&out.shape) {
+        check_shape("out", &out.shape, &problem.out_shape())?;
+    }
+    check_len("out", out.data.len(), out.shape.iter().product())?;
+    if let Some(l) = lse {
+        check_len("lse", l.len(), problem.lse_len())?;
+    }
+    Ok(problem)
+}
+
+/// Validate the configuration, the weights and `q, k, v` of a call (the forward's and the
+/// backward's common part); returns the problem they describe, in `q`'s dtype.
+pub fn validate_inputs(cfg: &Config, w: &Weights, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Problem> {
     validate_config(cfg)?;
     validate_weights(cfg, w)?;
     if q.shape.len() != 4 {
@@ -220,16 +252,10 @@ pub fn validate(
     check_len("k", k.data.len(), k.shape.iter().product())?;
     check_len("v", v.data.len(), v.shape.iter().product())?;
     let dtype = q.dtype();
-    for (what, dt) in [("k", k.dtype()), ("v", v.dtype()), ("out", out.dtype())] {
+    for (what, dt) in [("k", k.dtype()), ("v", v.dtype())] {
         if dt != dtype {
             return Err(Error::DType { what, expected: dtype, got: dt });
         }
     }
-    let problem = Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() };
-    check_shape("out", &out.shape, &problem.out_shape())?;
-    check_len("out", out.data.len(), out.shape.iter().product())?;
-    if let Some(l) = lse {
-        check_len("lse", l.len(), problem.lse_len())?;
-    }
-    Ok(problem)
+    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() })
 }

@@ -8,7 +8,7 @@
 // (HM_KERNEL, HM_DTYPE, HM_HD, HM_MASK, HM_NT, HM_BR, ...) plus HM_KERNEL_FILE and HM_ENTRY, all
 // printed by `headmix kernels --emu-grid` from the kernel table (run.sh reads them); it
 // launches the kernels on random problems exactly as host/src/backends/cuda/device.rs does and
-// compares with a direct f64 implementation of shared/spec/attention.md (same rounding points).
+// compares with a direct f64 implementation of docs/operator.md (same rounding points).
 // What it cannot check: real-GPU behaviour (memory model, occupancy, NVRTC-specific code paths).
 //
 // Run: kernels-cuda/emu/run.sh  (g++ >= 12, C++20; builds the headmix CLI for the grid).
@@ -122,8 +122,12 @@ inline unsigned short hm_f32_to_f16(float x) {
 }
 
 #include "../common.cuh"
+#ifndef HM_EMU_DECODE // decode_emu.cpp includes this file for the CUDA surface and launch only
 #include "../traits.cuh"
+#endif
+#include "../norm.cuh"
 
+#ifndef HM_EMU_DECODE
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's 32 lanes each bring 4 A registers
 // and 2 B registers; lane l computes its 4 accumulators. Layout (PTX ISA, "Matrix fragments for
 // mma.m16n8k16", g = lane / 4, t = lane % 4, element e of a register pair: low half first):
@@ -156,19 +160,24 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
 #include EMU_STR(HM_KERNEL_FILE)
 #define EMU_ATTN HM_ENTRY
 #include "../epilogue.cu"
+#endif
 
 // ---- Launch ------------------------------------------------------------------------------------
 static void (*emu_kernel)(const HmArgs);
 static const HmArgs* emu_args;
+static void (*emu_body)() = nullptr; // a kernel with other parameters (decode_emu.cpp)
 static void fiber_main() {
-    emu_kernel(*emu_args);
+    if (emu_body)
+        emu_body();
+    else
+        emu_kernel(*emu_args);
     emu_cur->state = 2;
 }
 
 static std::mt19937 sched_rng(12345);
 
 // Run every block of the grid, one after another, each with `threads` fibers.
-static void launch(void (*kernel)(const HmArgs), Dim3 grid, int threads, const HmArgs& a) {
+static void launch(void (*kernel)(const HmArgs), Dim3 grid, const HmArgs& a, int threads = HM_NT) {
     if (threads < 32 || threads > EMU_THREADS || threads % 32) {
         std::fprintf(stderr, "emu: %d threads per block\n", threads);
         std::exit(2);
@@ -221,7 +230,8 @@ static void launch(void (*kernel)(const HmArgs), Dim3 grid, int threads, const H
 // ---- The spec in f64 ---------------------------------------------------------------------------
 struct Problem {
     int B, N, M, Hq, Hk, H, P, d;
-    bool causal, window, rope, rope_token, collapse, norm;
+    bool causal, window, rope, rope_token, collapse;
+    int norm; // HM_NORM_NONE / HM_NORM_RMS / HM_NORM_GROUP
     long long left, right;
     int pos0;
     float base, scale, eps;
@@ -232,7 +242,7 @@ static double rnd(double x) { return (double)hm_round((float)x); } // the kernel
 static void reference(const Problem& p, const std::vector<float>& q, const std::vector<float>& k,
                       const std::vector<float>& v, const std::vector<float>& aq, const std::vector<float>& ak,
                       const std::vector<float>& av, const std::vector<float>& r, const std::vector<float>& gamma,
-                      std::vector<double>& out, std::vector<double>& lse) {
+                      const std::vector<float>& beta, std::vector<double>& out, std::vector<double>& lse) {
     const int nq = p.N * p.P, nk = p.M * p.P, d = p.d;
     std::vector<double> op((size_t)p.B * p.N * p.H * p.P * d, 0.0);
     lse.assign((size_t)p.B * p.H * nq, -INFINITY);
@@ -304,17 +314,27 @@ static void reference(const Problem& p, const std::vector<float>& q, const std::
     } else {
         out = op;
     }
-    if (p.norm)
+    // Head norm per output vector: group = gamma * (x - mean) / sqrt(var + eps) + beta (PyTorch
+    // GroupNorm(H, H*d), one group per head), rms = gamma * x / sqrt(mean(x^2) + eps).
+    if (p.norm != HM_NORM_NONE)
         for (size_t row = 0; row < out.size() / d; ++row) {
             const int h = (int)((row / width) % p.H);
-            double ms = 0;
-            for (int t = 0; t < d; ++t) ms += out[row * d + t] * out[row * d + t];
-            const double inv = 1.0 / std::sqrt(ms / d + p.eps);
-            for (int t = 0; t < d; ++t) out[row * d + t] = gamma[h * d + t] * out[row * d + t] * inv;
+            const bool group = p.norm == HM_NORM_GROUP;
+            double mu = 0;
+            if (group) {
+                for (int t = 0; t < d; ++t) mu += out[row * d + t];
+                mu /= d;
+            }
+            double var = 0;
+            for (int t = 0; t < d; ++t) var += (out[row * d + t] - mu) * (out[row * d + t] - mu);
+            const double inv = 1.0 / std::sqrt(var / d + p.eps);
+            for (int t = 0; t < d; ++t)
+                out[row * d + t] = gamma[h * d + t] * (out[row * d + t] - mu) * inv + (group ? beta[h * d + t] : 0.0);
         }
     for (auto& e : out) e = rnd(e);
 }
 
+#ifndef HM_EMU_DECODE
 // ---- One random case ---------------------------------------------------------------------------
 static std::vector<hm_elem> store(const std::vector<float>& x) {
     std::vector<hm_elem> y(x.size());
@@ -346,7 +366,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     p.scale = U(0, 1) ? 1.f / std::sqrt((float)p.d) : 0.3f;
     p.eps = 1e-5f;
     p.collapse = U(0, 1);
-    p.norm = U(0, 1);
+    p.norm = U(0, 2); // none, rms, group
 
     auto normal = [&](size_t n, float s) {
         std::vector<float> x(n);
@@ -367,9 +387,10 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     auto r = weights((size_t)p.H * p.H * p.P, 1.f / std::sqrt((float)(p.H * p.P)));
     auto gamma = weights((size_t)p.H * p.d, 0.2f);
     for (auto& g : gamma) g += 1.f;
+    auto beta = weights((size_t)p.H * p.d, 0.5f);
 
     std::vector<double> want, want_lse;
-    reference(p, q, k, v, aq, ak, av, r, gamma, want, want_lse);
+    reference(p, q, k, v, aq, ak, av, r, gamma, beta, want, want_lse);
 
     const int nq = p.N * p.P;
     auto qs = store(q), ks = store(k), vs = store(v);
@@ -387,6 +408,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     a.av = av.data();
     a.r = p.collapse ? r.data() : nullptr;
     a.gamma = p.norm ? gamma.data() : nullptr;
+    a.beta = p.norm == HM_NORM_GROUP ? beta.data() : nullptr;
     a.B = p.B, a.N = p.N, a.M = p.M, a.Hq = p.Hq, a.Hk = p.Hk, a.H = p.H, a.P = p.P, a.d = p.d;
     a.causal = p.causal, a.has_window = p.window;
     a.window_left = (int)p.left, a.window_right = (int)p.right;
@@ -395,8 +417,8 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     a.scale_log2 = p.scale * 1.4426950408889634f;
     a.rope_base = p.base;
     a.eps = p.eps;
-    launch(EMU_ATTN, {(nq + HM_BR - 1) / HM_BR, p.H, p.B}, HM_NT, a);
-    if (p.collapse) launch(hm_collapse_epilogue, {(p.B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, 32 * HM_EPI_ROWS, a);
+    launch(EMU_ATTN, {(nq + HM_BR - 1) / HM_BR, p.H, p.B}, a, HM_NT);
+    if (p.collapse) launch(hm_collapse_epilogue, {(p.B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, a, 32 * HM_EPI_ROWS);
 
     // Negative control (EMU_NEGATIVE=1): compare against the reference shifted by one element, which
     // every case must then fail (shows the comparison can fail).
@@ -439,3 +461,4 @@ int main(int argc, char** argv) {
     if (std::getenv("EMU_NEGATIVE")) return failed == cases ? 0 : 1;
     return failed != 0;
 }
+#endif

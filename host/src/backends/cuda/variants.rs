@@ -5,12 +5,18 @@
 pub use super::kernel_table::{EPI_ROWS, KERNELS, Kernel, KernelSpec, MaskKind};
 use crate::DType;
 
+/// Shared sources, embedded at build time (NVRTC gets one concatenated string, no includes).
+pub mod src {
+    pub const COMMON: &str = include_str!("../../../../kernels-cuda/common.cuh");
+    pub const TRAITS: &str = include_str!("../../../../kernels-cuda/traits.cuh");
+    pub const NORM: &str = include_str!("../../../../kernels-cuda/norm.cuh");
+    /// The decode kernels (not in the kernel table yet: `decode.rs` assembles their source).
+    pub const DECODE_V1: &str = include_str!("../../../../kernels-cuda/decode_v1.cu");
+}
+
 /// The shared headers, in the order NVRTC gets them after the prelude (no `#include`: one
 /// concatenated string). A new shared header is one more line here.
-pub const HEADERS: &[(&str, &str)] = &[
-    ("common.cuh", include_str!("../../../../kernels-cuda/common.cuh")),
-    ("traits.cuh", include_str!("../../../../kernels-cuda/traits.cuh")),
-];
+pub const HEADERS: &[(&str, &str)] = &[("common.cuh", src::COMMON), ("traits.cuh", src::TRAITS), ("norm.cuh", src::NORM)];
 
 impl MaskKind {
     /// The mask kind a configuration needs.

@@ -1,17 +1,17 @@
 //! The launch plan of one call: the uniform block the kernels read, the packed f32 weights buffer
-//! (mixing, collapse, gamma, RoPE table), the kernels to run and their grids.
+//! (mixing, collapse, gamma, beta, RoPE table), the kernels to run and their grids.
 
 use bytemuck::{Pod, Zeroable};
 
 use super::Variant;
 use super::kernels::{KernelKey, Kind, flash_threads, flash_tiles};
 use crate::validate::Problem;
-use crate::{Error, PosMode, Result, Weights};
+use crate::{Error, NormKind, PosMode, Result, Weights};
 
 /// Threads per workgroup of the naive kernel and of the epilogue.
 const NAIVE_WG: u32 = 64;
-const EPILOGUE_WG: u32 = 64;
-const COMBINE_WG: u32 = 64;
+pub(crate) const EPILOGUE_WG: u32 = 64;
+pub(crate) const COMBINE_WG: u32 = 64;
 
 /// The call's sizes and options, word for word the `Params` struct of `common.wgsl`.
 #[repr(C)]
@@ -37,8 +37,9 @@ pub(crate) struct Uniforms {
     pub win_right: u32,
     /// 0 none, 1 virtual positions, 2 token positions.
     pub rope: u32,
-    /// Rows of the RoPE table: positions `[pos0, pos0 + rope_rows)`.
-    pub rope_rows: u32,
+    /// RoPE table layout: 0, one row per position `[pos0, ...)` (the forward); else the levels
+    /// (bytes of the largest position) of the byte-level table (decode).
+    pub rope_levels: u32,
     pub pos0: u32,
     /// Softmax scale times log2(e): scores come out in the log2 domain.
     pub scale_log2: f32,
@@ -63,7 +64,9 @@ pub(crate) struct Uniforms {
     pub neg_inf_bits: u32,
     /// Offset (in f32) of the split-KV partials in the scratch buffer.
     pub part_off: u32,
-    pub pad: [u32; 3],
+    /// Offset of the group norm's `beta` in `weights`.
+    pub beta_off: u32,
+    pub pad: [u32; 2],
 }
 
 /// One dispatch: the kernel and how many workgroups it needs.
@@ -88,15 +91,15 @@ fn unsupported(why: String) -> Error {
     Error::Unsupported { backend: "wgpu", why }
 }
 
-fn to_u32(what: &'static str, x: usize) -> Result<u32> {
+pub(crate) fn to_u32(what: &'static str, x: usize) -> Result<u32> {
     u32::try_from(x).map_err(|_| Error::TooLarge { what, elements: x as u128, max: u32::MAX as u128 })
 }
 
-/// RoPE table of a call, built once on the host in f64: row `r` (position `pos0 + r`), frequency
-/// index `t < d/2`, the pair (cos, sin) of `(pos0 + r) · base^(−2t/d)` rounded to f32, the angle
-/// formed as the reference forms it. The kernels read one pair per rotated element (no
-/// transcendental, no f64 on the device).
-pub(crate) fn rope_table(rows: u32, pos0: usize, d: usize, base: f64) -> Vec<f32> {
+/// RoPE table of a forward call, built once on the host in f64: row `r` (position `pos0 + r`),
+/// frequency index `t < d/2`, the pair (cos, sin) of `(pos0 + r) · base^(−2t/d)` rounded to f32,
+/// the angle formed as the reference forms it. The kernels read one pair per rotated element (no
+/// transcendental, no f64 on the device); `Uniforms::rope_levels` is 0 for this layout.
+pub(crate) fn rope_position_table(rows: u32, pos0: usize, d: usize, base: f64) -> Vec<f32> {
     let half = d / 2;
     let freq: Vec<f64> = (0..half).map(|t| base.powf(-2.0 * t as f64 / d as f64)).collect();
     let mut table = Vec::with_capacity(rows as usize * half * 2);
@@ -106,6 +109,27 @@ pub(crate) fn rope_table(rows: u32, pos0: usize, d: usize, base: f64) -> Vec<f32
             let (sin, cos) = (pos * f).sin_cos();
             table.push(cos as f32);
             table.push(sin as f32);
+        }
+    }
+    table
+}
+
+/// RoPE table by levels (decode over long caches, where a row per position would be large): for
+/// level `l`, byte value `b` and frequency index `t`, the (cos, sin) of `b · 256^l · base^(−2t/d)`
+/// computed in f64. The kernel composes one entry per byte of the position, so any position below
+/// 2^32 is exact to a few f32 ulps.
+pub(crate) fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
+    let half = d / 2;
+    let mut table = Vec::with_capacity(levels as usize * 256 * half * 2);
+    for l in 0..levels {
+        for b in 0..256u64 {
+            let pos = (b << (8 * l)) as f64;
+            for t in 0..half {
+                let freq = base.powf(-2.0 * t as f64 / d as f64);
+                let (sin, cos) = (pos * freq).sin_cos();
+                table.push(cos as f32);
+                table.push(sin as f32);
+            }
         }
     }
     table
@@ -125,7 +149,7 @@ pub(crate) fn plan(
     let nq = problem.n * p;
     let nk = problem.m * p;
 
-    // Packed weights: aq | ak | av | r | gamma | RoPE table (all f32, one binding).
+    // Packed weights: aq | ak | av | r | gamma | beta | RoPE table (all f32, one binding).
     let mut weights = Vec::new();
     let mut push = |xs: &[f32]| -> Result<u32> {
         let off = to_u32("weights buffer", weights.len())?;
@@ -136,10 +160,11 @@ pub(crate) fn plan(
     let ak_off = push(&w.ak)?;
     let av_off = push(&w.av)?;
     let r_off = push(w.r.as_deref().unwrap_or(&[]))?;
-    let gamma_off = push(w.gamma.as_deref().unwrap_or(&[]))?;
+    let gamma_off = push(w.norm.as_ref().map_or(&[][..], |n| n.gamma()))?;
+    let beta_off = push(w.norm.as_ref().and_then(|n| n.beta()).map_or(&[][..], |b| b))?;
     let rope_rows = rope_rows(problem)?;
     let rope_off = match c.rope {
-        Some(r) => push(&rope_table(rope_rows, c.pos_offset, d, r.base as f64))?,
+        Some(r) => push(&rope_position_table(rope_rows, c.pos_offset, d, r.base as f64))?,
         None => push(&[])?,
     };
     if weights.is_empty() {
@@ -167,7 +192,7 @@ pub(crate) fn plan(
             Some(PosMode::Virtual) => 1,
             Some(PosMode::Token) => 2,
         },
-        rope_rows,
+        rope_levels: 0, // the per-position table
         pos0: to_u32("pos_offset", c.pos_offset)?,
         scale_log2: c.softmax_scale() * std::f32::consts::LOG2_E,
         aq_off,
@@ -180,12 +205,17 @@ pub(crate) fn plan(
         splits: 1,
         eps: c.norm_eps,
         collapse: problem.collapse as u32,
-        norm: problem.norm as u32,
+        norm: match w.norm.as_ref().map(|n| n.kind()) {
+            None => 0,
+            Some(NormKind::Rms) => 1,
+            Some(NormKind::Group) => 2,
+        },
         direct: direct as u32,
         n_vec: 0,
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
         part_off: 0,
-        pad: [0; 3],
+        beta_off,
+        pad: [0; 2],
     };
 
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
@@ -240,7 +270,7 @@ fn max_keys(problem: &Problem) -> usize {
 /// Mesa's llvmpipe (lavapipe) silently ends the loops of an invocation once they have run 65535
 /// iterations together, so on it the flash kernel splits the keys to stay under a budget and
 /// the other kernels refuse calls above it (see `loop_budget` in backend.rs).
-mod loops {
+pub(crate) mod loops {
     use super::Problem;
 
     pub fn flash(p: &Problem, (br, bc, wg): (u32, u32, u32), tiles: usize) -> u64 {
@@ -264,6 +294,29 @@ mod loops {
         let (hq, hk) = (c.q_heads as u64, c.kv_heads as u64);
         let per_key = 1 + half * (1 + hk) + d * (1 + hk);
         half * (1 + hq) + keys as u64 * per_key + d / 2
+    }
+
+    /// The decode kernel (decode.wgsl) over `tiles` cached tiles of `tc` tokens, for
+    /// `(Hq, Hk, H, P, N·P, d)` and `rope` RoPE table levels.
+    pub fn decode(
+        wg: u32,
+        tc: u32,
+        (hq, hk, h, p, np, d): (usize, usize, usize, usize, usize, usize),
+        rope: u64,
+        tiles: u64,
+    ) -> u64 {
+        let (wg, tc) = (wg as u64, tc as u64);
+        let (hq, hk, h, p, np, d) = (hq as u64, hk as u64, h as u64, p as u64, np as u64, d as u64);
+        let (half, rows, tp) = (d / 2, h * np, tc * p);
+        let opt = (rows * half).div_ceil(wg);
+        let fixed = (rows * half).div_ceil(wg) * (1 + hq + rope) + 2 * rows.div_ceil(wg) + 2 * opt;
+        let per_head = 1
+            + (tp * half).div_ceil(wg) * (1 + hk + rope) // 2b: mix and rotate
+            + (np * tp).div_ceil(wg) * (1 + d)           // 2c: scores
+            + np.div_ceil(wg) * (1 + 2 * tp)             // 2d: softmax
+            + opt + ((np * half).div_ceil(wg) + 1) * tp; // 2e: P V
+        let per_tile = 1 + (tc * hk * half).div_ceil(wg) + h * per_head;
+        fixed + tiles * per_tile
     }
 
     pub fn combine(p: &Problem, splits: usize, wg: u32) -> u64 {
@@ -408,7 +461,7 @@ pub(crate) fn check_limits(
     let rope_rows = rope_rows(problem)? as u128;
     let weights = ((c.q_heads + 2 * c.kv_heads) * h * p) as u128
         + if problem.collapse { (h * h * p) as u128 } else { 0 }
-        + if problem.norm { (h * d) as u128 } else { 0 }
+        + if problem.norm { 2 * (h * d) as u128 } else { 0 }
         + rope_rows * d as u128;
     let out_len: u128 = problem.out_shape().iter().map(|&x| x as u128).product();
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
@@ -466,7 +519,7 @@ mod tests {
     fn rope_table_rows_are_the_positions_of_the_call() {
         // Row r holds position pos0 + r: cos/sin of (pos0 + r)·base^(−2t/d) formed in f64.
         let (pos0, d, base) = (4_000_000_000usize, 8, 10000.0f64);
-        let t = rope_table(3, pos0, d, base);
+        let t = rope_position_table(3, pos0, d, base);
         assert_eq!(t.len(), 3 * (d / 2) * 2);
         for r in 0..3 {
             for k in 0..d / 2 {

@@ -149,6 +149,8 @@ impl KvCache {
                 return Err(Error::Cache { why: format!("{what} must be at least 1") });
             }
         }
+        // A head dimension no kernel runs is refused now, not at the first decode.
+        crate::validate::validate_head_dim(s.head_dim)?;
         let elems = (s.batch as u128) * (s.capacity as u128) * (s.kv_heads as u128) * (s.head_dim as u128);
         if elems > crate::validate::MAX_INDEX as u128 {
             return Err(Error::TooLarge {
@@ -159,8 +161,11 @@ impl KvCache {
         }
         let len = elems as usize;
         // Poisoned with NaN: a slot read before it is written shows up in every test.
-        let storage =
-            KvStorage::Host { k: Owned::filled(s.dtype, len, f32::NAN), v: Owned::filled(s.dtype, len, f32::NAN) };
+        // Allocation failure (more than the host has) is an error, not an abort.
+        let storage = KvStorage::Host {
+            k: Owned::try_filled("KV cache keys", s.dtype, len, f32::NAN)?,
+            v: Owned::try_filled("KV cache values", s.dtype, len, f32::NAN)?,
+        };
         Ok(KvCache { shape, layout, storage, lens: vec![0; s.batch] })
     }
 
@@ -338,6 +343,40 @@ impl KvCache {
             copy_into(vc, dst, &v.data, (from + t) * row, row);
         }
         self.lens[b] += n;
+    }
+
+    /// The first NaN or infinity among the held tokens, as [`Error::NonFinite`] naming
+    /// `"cache k"` or `"cache v"` and the flat index in the storage `[B, capacity, Hk, d]`
+    /// (the opt-in check of [`Config::check_finite`] for decode).
+    pub fn check_finite(&self) -> Result<()> {
+        let s = self.shape;
+        let row = s.kv_heads * s.head_dim;
+        let KvStorage::Host { k, v } = &self.storage;
+        for (what, buf) in [("cache k", k), ("cache v", v)] {
+            for b in 0..s.batch {
+                let held = self.lens[b].min(s.capacity);
+                // A ring holds its tokens in some `held` slots; a linear cache in the first ones.
+                let slots = (self.lens[b] - held..self.lens[b]).map(|t| t % s.capacity);
+                for slot in slots {
+                    let at = (b * s.capacity + slot) * row;
+                    let bad = match buf {
+                        Owned::F32(x) => {
+                            x[at..at + row].iter().position(|e| !e.is_finite()).map(|i| (i, x[at + i] as f64))
+                        }
+                        Owned::F16(x) => {
+                            x[at..at + row].iter().position(|e| !e.is_finite()).map(|i| (i, x[at + i].to_f64()))
+                        }
+                        Owned::BF16(x) => {
+                            x[at..at + row].iter().position(|e| !e.is_finite()).map(|i| (i, x[at + i].to_f64()))
+                        }
+                    };
+                    if let Some((i, value)) = bad {
+                        return Err(Error::NonFinite { what, index: at + i, value });
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The held tokens of sequence `b` in order (the ring unrolled): `(k, v)` of shape

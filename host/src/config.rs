@@ -76,6 +76,10 @@ pub struct Config {
     pub scale: Option<f32>,
     /// Head-norm epsilon (used when the weights carry `gamma`).
     pub norm_eps: f32,
+    /// Validate `q`, `k`, `v` (and a decode's cached keys/values) on the host: the first NaN or
+    /// infinity is an [`Error::NonFinite`] naming the tensor and flat index. Off by default
+    /// (it reads every input once); see the crate docs' NaN policy.
+    pub check_finite: bool,
 }
 
 impl Config {
@@ -93,6 +97,7 @@ impl Config {
             pos_offset: 0,
             scale: None,
             norm_eps: 1e-5,
+            check_finite: false,
         }
     }
 
@@ -137,7 +142,9 @@ impl Config {
         if pseudo == 0 {
             return Err(Error::ZeroPseudoHeads);
         }
-        let w = (seq_len / (2 * pseudo * pseudo)).max(1);
+        // 2·P² in checked arithmetic: a P so large that it overflows leaves a window of 1 token
+        // (the sizes are validated when the configuration is used).
+        let w = pseudo.checked_mul(pseudo).and_then(|x| x.checked_mul(2)).map_or(1, |den| (seq_len / den).max(1));
         Ok(Config::iha_window(heads, pseudo, head_dim, w))
     }
 
@@ -177,6 +184,12 @@ impl Config {
 
     pub fn with_norm_eps(mut self, eps: f32) -> Config {
         self.norm_eps = eps;
+        self
+    }
+
+    /// Opt in (or out) of host-side validation of `q`, `k`, `v` for NaN and infinities.
+    pub fn with_check_finite(mut self, check: bool) -> Config {
+        self.check_finite = check;
         self
     }
 

@@ -49,4 +49,4 @@ pub use headmix_reference as reference;
 pub use rng::Rng;
 pub use tensor::{DType, Data, DataMut, Tensor, TensorMut};
 pub use validate::{Problem, validate};
-pub use weights::{Weights, replication};
+pub use weights::{Weights, replication, try_replication};

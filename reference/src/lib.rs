@@ -14,6 +14,7 @@
 //! gives the "reference run in the same low precision" that kernel tolerances are measured against.
 
 mod direct;
+pub mod mixing;
 mod params;
 mod real;
 pub mod rope;

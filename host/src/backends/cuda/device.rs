@@ -127,8 +127,14 @@ impl CudaBackend {
     ) -> Result<Problem> {
         validate_config(cfg)?;
         w.check(cfg)?;
-        crate::validate::validate_sizes(cfg, batch, n, m)?;
-        let pb = Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.collapse, norm: w.norm };
+        if cfg.check_finite {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                why: "check_finite validates host tensors; the device entries take device memory (check it before upload)"
+                    .into(),
+            });
+        }
+        let pb = Problem::new(cfg, batch, n, m, dtype, w.collapse, w.norm)?;
         crate::Backend::supports(self, &pb)?;
         Ok(pb)
     }

@@ -387,15 +387,15 @@ fn typed_errors_for_bad_and_oversized_input() {
     let e = wb.forward_buffers(&cfg, &w, 1, 5, 4, DType::F32, io).expect_err("N > M");
     assert!(matches!(e, Error::QueryLongerThanKeys { .. }), "{e}");
 
-    // wgpu's own validation errors come back as `Error::Device`, not panics (here the output
-    // buffer also bound as the read-only query); the backend stays usable.
+    // An output also bound as the read-only query is refused up front as `Error::Alias`
+    // (issue 11), not left to wgpu's validation; the backend stays usable.
     let s = wgpu::BufferUsages::STORAGE;
     let (q, out) = (buf(4 * 4 * 2 * 32, s), buf(4 * 4 * 2 * 32, s));
     let io = DeviceIo { q: &out, k: &q, v: &q, out: &out, lse: None };
     let cfg = Config::mha(2, 32);
     let w = Weights::random(&cfg, 3);
     let e = wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect_err("aliased in/out");
-    assert!(matches!(e, Error::Device { backend: "wgpu", .. }), "{e}");
+    assert_eq!(e, Error::Alias { what: "out buffer", other: "q buffer" });
     let io = DeviceIo { q: &q, k: &q, v: &q, out: &out, lse: None };
     wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect("still usable after errors");
 }

@@ -56,6 +56,7 @@ impl Problem {
 
     /// [`Problem::new`] for the weights `w` (validated too; `collapse`/`norm` read off them).
     pub fn for_weights(cfg: &Config, w: &Weights, batch: usize, n: usize, m: usize, dtype: DType) -> Result<Problem> {
+        validate_config(cfg)?;
         validate_weights(cfg, w)?;
         Problem::new(cfg, batch, n, m, dtype, w.r.is_some(), w.gamma.is_some())
     }
@@ -363,4 +364,29 @@ pub fn validate(
         check_len("lse", l.len(), problem.lse_len())?;
     }
     Ok(problem)
+}
+
+/// One binding of a device call for [`check_no_alias`]: its name, address range and whether
+/// the call writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub what: &'static str,
+    pub addr: u64,
+    pub bytes: u64,
+    pub written: bool,
+}
+
+/// [`Error::Alias`] when a written binding overlaps any other binding (address ranges
+/// `[addr, addr + bytes)`, empty ranges overlap nothing): device entries that take pointers
+/// check their outputs with it before anything is enqueued.
+pub fn check_no_alias(bindings: &[Binding]) -> Result<()> {
+    let end = |b: &Binding| b.addr.saturating_add(b.bytes);
+    for (i, a) in bindings.iter().enumerate() {
+        for (j, b) in bindings.iter().enumerate() {
+            if i != j && a.written && a.bytes > 0 && b.bytes > 0 && a.addr < end(b) && b.addr < end(a) {
+                return Err(Error::Alias { what: a.what, other: b.what });
+            }
+        }
+    }
+    Ok(())
 }

@@ -43,9 +43,9 @@ pub struct WgpuBackend {
 /// * `out`: `[B, N, H, d]` in the dtype when the weights carry `r`, else `[B, N, H, P, d]`;
 /// * `lse`: `[B, H, N·P]` f32, optional.
 ///
-/// All must live on this backend's [`WgpuBackend::device`] (wgpu does not always detect a buffer
-/// of another device), and `out`/`lse` must not alias an input (that is reported as
-/// `Error::Device`).
+/// All must live on this backend's [`WgpuBackend::device`] (a buffer of another device of the
+/// same wgpu instance is [`Error::ForeignBuffer`]; one of another instance cannot be detected),
+/// and `out`/`lse` may not alias any other binding ([`Error::Alias`]; inputs may share a buffer).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceIo<'a> {
     pub q: &'a wgpu::Buffer,
@@ -188,8 +188,9 @@ impl WgpuBackend {
                 }
             }
         }
-        // Every buffer must live on this backend's device: wgpu would catch a foreign one only
-        // at the bind group, as an anonymous validation error (or not at all on some paths).
+        // Every buffer must live on this backend's device: a buffer of another device of the same
+        // wgpu instance is `Error::ForeignBuffer`. (A buffer of another *instance* cannot be told
+        // apart: wgpu 30 resolves buffer ids in the calling device's instance.)
         for (what, buf) in needs.iter().map(|n| (n.0, n.1)).chain(io.lse.map(|l| ("lse buffer", l))) {
             self.check_own_device(what, buf)?;
         }
@@ -226,7 +227,8 @@ impl WgpuBackend {
     }
 
     /// [`Error::ForeignBuffer`] unless `buf` belongs to this backend's device: a one-entry bind
-    /// group on this device, in a validation error scope, accepts only buffers of this device.
+    /// group on this device, in a validation error scope, accepts only buffers of this device
+    /// (wgpu-core's device check; it cannot see buffers of another wgpu instance).
     fn check_own_device(&self, what: &'static str, buf: &wgpu::Buffer) -> Result<()> {
         let device = self.device();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);

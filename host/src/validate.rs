@@ -20,6 +20,21 @@ pub(crate) struct Checked(pub(crate) ());
 /// fields are public to read. A problem changed after validation (its fields are plain data) is
 /// validated again by every backend entry ([`crate::Backend::run`], [`crate::Backend::time`]) against
 /// the weights and tensors it runs with, so no entry reaches a kernel with unchecked sizes.
+///
+/// ```compile_fail
+/// // A problem cannot be written out field by field (it would skip validation).
+/// let p = headmix::Problem {
+///     cfg: headmix::Config::mha(2, 8), batch: 0, n: 1, m: 1,
+///     dtype: headmix::DType::F32, collapse: false, norm: false,
+/// };
+/// ```
+/// ```
+/// let cfg = headmix::Config::mha(2, 8);
+/// let p = headmix::Problem::new(&cfg, 1, 4, 4, headmix::DType::F32, false, false)?;
+/// assert_eq!(p.batch, 1);
+/// assert!(headmix::Problem::new(&cfg, 0, 4, 4, headmix::DType::F32, false, false).is_err());
+/// # Ok::<(), headmix::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Problem {
     pub cfg: Config,

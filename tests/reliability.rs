@@ -28,7 +28,7 @@ fn iha_local_with_huge_pseudo_heads_is_a_typed_error() {
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
     // Negative control: an ordinary P gives the paper's window N / (2 P^2).
     let ok = Config::iha_local(8, 2, 64, 100).unwrap();
-    assert_eq!(ok.window.unwrap().left, (100 / 8) * 2);
+    assert_eq!(ok.window.unwrap().left, (100 / 8) * 2 - 1); // W·P − 1 keys before the own one
 }
 
 /// Finding 1: `Weights::identity`/`random` indexed out of bounds when `Hk·H·P` wrapped; now they

@@ -1202,15 +1202,20 @@ fn wgpu_time_decode_counts_the_cache_once() {
     let mut cache = KvCache::for_config_on(&gpu, &cfg, b, len, DType::BF16).unwrap();
     let kv = Owned::from_f32(DType::BF16, &Rng::new(3).normal_vec(b * len * 2 * 16, 1.0));
     cache.append(&kv.tensor(&[b, len, 2, 16]), &kv.tensor(&[b, len, 2, 16])).unwrap();
-    let (timing, bytes) = gpu.time_decode(&cfg, &w, &cache, 1, 3).unwrap();
-    assert_eq!(timing.seconds.len(), 3);
-    assert!(timing.seconds.iter().all(|s| s.is_finite() && *s >= 0.0), "{timing:?}");
-    assert_eq!(bytes as usize, cache_bytes(&cfg, b, len, DType::BF16).headmix);
+    let t = gpu.time_decode(&cfg, &w, &cache, 1, 3).unwrap();
+    assert_eq!(t.timing.seconds.len(), 3);
+    assert!(t.timing.seconds.iter().all(|s| s.is_finite() && *s >= 0.0), "{t:?}");
+    assert_eq!(t.cache_bytes_read as usize, cache_bytes(&cfg, b, len, DType::BF16).headmix);
+    // The CPU's host-clock timer counts the same bytes on a host cache.
+    let host = cache.to_host().unwrap();
+    let t = CpuBackend::new().time_decode(&cfg, &w, &host, 1, 2).unwrap();
+    assert_eq!((t.timing.seconds.len(), t.timing.clock), (2, "wall clock"));
+    assert_eq!(t.cache_bytes_read as usize, cache_bytes(&cfg, b, len, DType::BF16).headmix);
     // A window reads only its band: 3 tokens back plus the new one.
     let local = Config::iha_window(2, 2, 16, 3);
     let mut ring = KvCache::for_config_on(&gpu, &local, b, len, DType::BF16).unwrap();
     ring.append(&kv.tensor(&[b, len, 2, 16]), &kv.tensor(&[b, len, 2, 16])).unwrap();
-    let (_, bytes) = gpu.time_decode(&local, &Weights::random(&local, 5), &ring, 1, 1).unwrap();
+    let bytes = gpu.time_decode(&local, &Weights::random(&local, 5), &ring, 1, 1).unwrap().cache_bytes_read;
     let band = window_tokens(&local).unwrap() + 1;
     assert_eq!(bytes as usize, cache_bytes(&local, b, band, DType::BF16).headmix);
 }

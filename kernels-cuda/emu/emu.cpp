@@ -6,7 +6,7 @@
 // element by element from the fragment layout of the PTX ISA (independently of the kernel's own
 // fragment loads). Each build is one variant (-DHM_KERNEL=1|2 -DHM_DTYPE -DHM_HD -DHM_MASK); it
 // launches the kernels on random problems exactly as host/src/backends/cuda/device.rs does and
-// compares with a direct f64 implementation of shared/spec/attention.md (same rounding points).
+// compares with a direct f64 implementation of docs/operator.md (same rounding points).
 // What it cannot check: real-GPU behaviour (memory model, occupancy, NVRTC-specific code paths).
 //
 // Run: kernels-cuda/emu/run.sh  (g++ >= 12, C++20).

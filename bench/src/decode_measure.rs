@@ -128,7 +128,7 @@ pub fn forward_problem(case: &DecodeCase) -> Result<Problem, String> {
         m: case.held()?,
         dtype: case.dtype,
         collapse: w.r.is_some(),
-        norm: w.gamma.is_some(),
+        norm: w.norm.is_some(),
     })
 }
 

@@ -118,7 +118,7 @@ pub fn problem(case: &Case, backend: &dyn Backend) -> Result<(Problem, Weights),
         m: case.m,
         dtype: case.dtype,
         collapse: w.r.is_some(),
-        norm: w.gamma.is_some(),
+        norm: w.norm.is_some(),
     };
     backend.supports(&p).map_err(|e| e.to_string())?;
     Ok((p, w))

@@ -39,7 +39,7 @@ fn peers_plan_equals_the_rust_sweeps_case_by_case() {
                 m: case.m,
                 dtype: case.dtype,
                 collapse: w.r.is_some(),
-                norm: w.gamma.is_some(),
+                norm: w.norm.is_some(),
             };
             let label = case.label();
             assert_eq!(py["label"], label.as_str());

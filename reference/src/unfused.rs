@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use crate::rope::rotate;
-use crate::{MixWeights, Output, Params, Real, Rounding};
+use crate::{HeadNorm, MixWeights, Output, Params, Real, Rounding};
 
 /// Mask and scale of textbook attention over `[B, L, H, d]` tensors (bottom-right aligned).
 #[derive(Clone, Copy, Debug)]
@@ -164,13 +164,20 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
             out
         }
     };
-    if let Some(gamma) = w.gamma {
-        let heads_per_vec = if w.r.is_some() { 1 } else { pp };
+    // Head norm: view the output as [B·N·(H·width), d] rows of the concatenated channels, one
+    // group per row (PyTorch GroupNorm(H, H·d) for the collapsed [B, N, H·d]), statistics in f64.
+    if let Some(norm) = &w.norm {
+        let width = if w.r.is_some() { 1 } else { pp };
+        let centre = matches!(norm, HeadNorm::Group { .. });
         for (idx, x) in out.chunks_mut(d).enumerate() {
-            let hh = (idx / heads_per_vec) % h;
-            let rms = (x.iter().map(|e| e.to_f64() * e.to_f64()).sum::<f64>() / d as f64 + p.eps).sqrt();
+            let hh = (idx / width) % h;
+            let xs: Vec<f64> = x.iter().map(|e| e.to_f64()).collect();
+            let mu = if centre { xs.iter().sum::<f64>() / d as f64 } else { 0.0 };
+            let var = xs.iter().map(|e| (e - mu) * (e - mu)).sum::<f64>() / d as f64;
+            let sd = (var + p.eps).sqrt();
             for t in 0..d {
-                x[t] = T::from_f64(gamma[hh * d + t].to_f64() * x[t].to_f64() / rms);
+                let shift = norm.beta().map_or(0.0, |b| b[hh * d + t].to_f64());
+                x[t] = T::from_f64(norm.gamma()[hh * d + t].to_f64() * (xs[t] - mu) / sd + shift);
             }
         }
     }

@@ -147,15 +147,7 @@ fn f64s(x: &[f32]) -> Vec<f64> {
 
 /// The f64 reference forward over a whole sequence of `len` tokens (batch 1, `N = M = len`).
 fn reference_forward(cfg: &Config, w: &Weights, seq: &Seq, len: usize) -> Output<f64> {
-    let problem = Problem {
-        cfg: *cfg,
-        batch: 1,
-        n: len,
-        m: len,
-        dtype: DType::F32,
-        collapse: w.r.is_some(),
-        norm: w.norm.is_some(),
-    };
+    let problem = Problem::for_weights(cfg, w, 1, len, len, DType::F32).unwrap();
     let params = problem.params();
     reference::attention(&params, &f64s(&seq.q), &f64s(&seq.k), &f64s(&seq.v), &Weights64::of(w).mix())
 }

@@ -434,6 +434,7 @@ impl CudaBackend {
                 dtype: problem.dtype,
                 collapse: problem.collapse,
                 norm: problem.norm,
+                checked: crate::validate::Checked(()), // sizes of a validated decode problem
             };
             let mut args = HmArgs::from_problem(&fwd);
             let cap_p = (shape.capacity * c.pseudo).min(i32::MAX as usize) as i32;

@@ -399,12 +399,25 @@ pub(crate) fn plan(
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
         part_off: to_u32("scratch offset", op_len)?,
         beta_off,
-        pad: [selection, 0],
+        sel_q: super::launch::DENSE,
+        sel_k: super::launch::DENSE,
+        sel_v: super::launch::DENSE,
+        dec_sel: selection,
+        pad: [0; 2],
     };
 
     // The forward's combine and epilogue, on the problem of the whole batch.
     let fwd =
-        Problem { cfg: *c, batch: b, n, m: n, dtype: problem.dtype, collapse: problem.collapse, norm: problem.norm };
+        Problem {
+            cfg: *c,
+            batch: b,
+            n,
+            m: n,
+            dtype: problem.dtype,
+            collapse: problem.collapse,
+            norm: problem.norm,
+            checked: crate::validate::Checked(()), // sizes of a validated decode problem
+        };
     let decode = Dispatch {
         key: key(Kind::Decode { tc, wg, hk: dims.0, h: dims.1, p: dims.2, np: dims.3 }),
         workgroups: to_u32("workgroups", b * n_splits)?,

@@ -460,10 +460,10 @@ impl KvCache {
         2 * s.batch * s.capacity * s.kv_heads * s.head_dim * s.dtype.size()
     }
 
-    /// Forget every sequence (the buffers are kept).
-    pub fn clear(&mut self) {
+    /// Forget every sequence (the buffers are kept; a device cache's lengths are reset there too).
+    pub fn clear(&mut self) -> Result<()> {
         self.lens.iter_mut().for_each(|l| *l = 0);
-        self.sync_lens().expect("publishing zero lengths to the device");
+        self.sync_lens()
     }
 
     /// Forget sequence `b` only, so its slot can take a new sequence (continuous batching).

@@ -277,6 +277,62 @@ pub fn band(cfg: &Config, stored: usize, n: usize) -> (usize, usize) {
     ((lo / p) as usize, (hi / p) as usize + 1)
 }
 
+/// Device (or host) time of repeated decode calls and the cache bytes each call reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeTiming {
+    pub timing: crate::Timing,
+    /// Cache bytes one call reads (counted from the bands, not measured).
+    pub cache_bytes_read: u64,
+}
+
+/// Cache bytes one decode of `problem` reads on a cache of `shape`: each held token of every
+/// sequence's visible [`band`], keys and values, once (for global attention, the stored-head
+/// cache size).
+pub fn cache_bytes_read(problem: &DecodeProblem) -> u64 {
+    let c = &problem.cfg;
+    let row = (c.kv_heads * c.head_dim * problem.dtype.size()) as u64;
+    problem.stored.iter().map(|&m| band(c, m, problem.n)).map(|(lo, hi)| 2 * (hi - lo) as u64 * row).sum()
+}
+
+/// Random new queries and an output of `n` tokens per sequence for timing decode on `cache`.
+pub(crate) fn timing_io(cfg: &Config, w: &Weights, cache: &KvCache, n: usize) -> (Owned, Vec<usize>, Owned, Vec<usize>) {
+    let s = cache.shape();
+    let q = Owned::from_f32(s.dtype, &crate::Rng::new(1).normal_vec(s.batch * n * cfg.q_heads * cfg.head_dim, 1.0));
+    let out_shape: Vec<usize> = if w.r.is_some() {
+        vec![s.batch, n, cfg.heads, cfg.head_dim]
+    } else {
+        vec![s.batch, n, cfg.heads, cfg.pseudo, cfg.head_dim]
+    };
+    let out = Owned::filled(s.dtype, out_shape.iter().product(), f32::NAN);
+    (q, vec![s.batch, n, cfg.q_heads, cfg.head_dim], out, out_shape)
+}
+
+/// [`Backend::time_decode`]'s default: the host clock around `reps` calls of [`decode()`] after
+/// one warm-up call.
+pub fn time_decode_host<B: Backend + ?Sized>(
+    backend: &B,
+    cfg: &Config,
+    w: &Weights,
+    cache: &KvCache,
+    n: usize,
+    reps: usize,
+) -> Result<DecodeTiming> {
+    let (q, qs, mut out, os) = timing_io(cfg, w, cache, n);
+    let mut seconds = Vec::with_capacity(reps);
+    let mut bytes = 0;
+    for rep in 0..=reps {
+        let io = DecodeIo { q: q.tensor(&qs), cache, out: out.tensor_mut(&os), lse: None };
+        let problem = validate_decode(cfg, w, &io)?;
+        bytes = cache_bytes_read(&problem);
+        let t = std::time::Instant::now();
+        backend.decode(&problem, w, io)?;
+        if rep > 0 {
+            seconds.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(DecodeTiming { timing: crate::Timing { seconds, extra_bytes: 0, clock: "wall clock" }, cache_bytes_read: bytes })
+}
+
 /// Validate, then decode on `backend` (see the module docs for the positions and masks).
 pub fn decode(backend: &dyn Backend, cfg: &Config, w: &Weights, io: DecodeIo<'_>) -> Result<()> {
     let problem = validate_decode(cfg, w, &io)?;

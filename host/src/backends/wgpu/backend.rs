@@ -439,6 +439,22 @@ impl Backend for WgpuBackend {
         ]
     }
 
+    /// On a cache of this device: the decode passes timed by GPU timestamps
+    /// ([`WgpuBackend::time_decode_device`]); on a host cache, the host clock.
+    fn time_decode(
+        &self,
+        cfg: &Config,
+        w: &Weights,
+        cache: &crate::cache::KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<crate::decode::DecodeTiming> {
+        if cache.is_host() {
+            return crate::decode::time_decode_host(self, cfg, w, cache, n, reps);
+        }
+        self.time_decode_device(cfg, w, cache, n, reps)
+    }
+
     /// A cache in this device's memory ([`super::WgpuKv`]).
     fn new_cache_storage(
         &self,

@@ -90,16 +90,8 @@ pub fn attention_problem(problem: &Problem) -> Result<(Problem, Weights), String
         cfg = cfg.with_window(win.left, win.right);
     }
     let w = Weights::identity(&cfg);
-    let p = Problem {
-        cfg,
-        batch: problem.batch,
-        n: problem.n * c.pseudo,
-        m: problem.m * c.pseudo,
-        dtype: problem.dtype,
-        collapse: false,
-        norm: false,
-    };
-    headmix::validate::validate_config(&p.cfg).map_err(|e| e.to_string())?;
+    let p = Problem::new(&cfg, problem.batch, problem.n * c.pseudo, problem.m * c.pseudo, problem.dtype, false, false)
+        .map_err(|e| e.to_string())?;
     Ok((p, w))
 }
 
@@ -301,7 +293,7 @@ mod tests {
     use headmix::{BackendKind, Method};
 
     fn problem(cfg: Config, w: &Weights, batch: usize, n: usize, m: usize) -> Problem {
-        Problem { cfg, batch, n, m, dtype: DType::F32, collapse: w.r.is_some(), norm: w.norm.is_some() }
+        Problem::for_weights(&cfg, w, batch, n, m, DType::F32).unwrap()
     }
 
     #[test]

@@ -124,14 +124,11 @@ fn problem_from(a: &Args) -> Result<Problem, String> {
     let batch: usize = a.get("batch", 1)?;
     let dtype = DType::parse(a.str("dtype").unwrap_or("bf16")).ok_or("--dtype: f32, f16 or bf16")?;
     let cfg: Config = crate::run::config_from(a, n)?;
-    let e = |e: headmix::Error| e.to_string();
-    headmix::validate::validate_config(&cfg).map_err(e)?;
-    headmix::validate::validate_sizes(&cfg, batch, n, m).map_err(e)?;
     if n > m {
         return Err(format!("--seq {n} above --kv-seq {m}"));
     }
     let w = Weights::random(&cfg, 1);
-    Ok(Problem { cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() })
+    Problem::for_weights(&cfg, &w, batch, n, m, dtype).map_err(|e| e.to_string())
 }
 
 fn describe_problem(pb: &Problem) -> String {

@@ -133,7 +133,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
     let backend = backend_from(&a)?;
 
     let c = &cfg;
-    let mut problem = Problem { cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() };
+    let mut problem = Problem::for_weights(&cfg, &w, batch, n, m, dtype).map_err(|e| e.to_string())?;
     let (q, k, v) = random_inputs(&problem, seed);
     let (qo, ko, vo) = (Owned::from_f32(dtype, &q), Owned::from_f32(dtype, &k), Owned::from_f32(dtype, &v));
     let out_shape = problem.out_shape();

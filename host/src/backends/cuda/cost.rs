@@ -282,7 +282,7 @@ mod tests {
     use crate::{Config, DType};
 
     fn problem(cfg: Config, batch: usize, n: usize, m: usize, dtype: DType, collapse: bool) -> Problem {
-        Problem { cfg, batch, n, m, dtype, collapse, norm: false }
+        Problem::new(&cfg, batch, n, m, dtype, collapse, false).unwrap()
     }
 
     #[test]

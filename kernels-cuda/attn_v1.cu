@@ -13,6 +13,9 @@
 //      (head norm applied here) or scatter them through r into the f32 collapse accumulator (the
 //      epilogue kernel norms and rounds it).
 // Shared memory (f32): q tile, k and v tiles, scores, three per-row statistics.
+static_assert(HM_SMEM == 4 * (HM_BR * HM_HDP + 2 * HM_BC * HM_HDP + HM_BR * HM_SSP + 3 * HM_BR),
+              "attn_v1: the kernel table's shared memory (HM_SMEM) is not this carve-up");
+static_assert((HM_BR * HM_HD) % HM_NT == 0, "attn_v1: HM_OPT = BR*HD/NT output elements per thread must be exact");
 
 extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
     extern __shared__ float hm_smem[];
@@ -22,7 +25,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
     float* ss = vs + HM_BC * HM_HDP;    // [BR][SSP] scores, then probabilities
     float* row_m = ss + HM_BR * HM_SSP; // [BR] running max (log2 domain)
     float* row_l = row_m + HM_BR;       // [BR] running sum of exp2(score - max)
-    float* row_x = row_l + HM_BR;       // [BR] scratch: rescale factor, then 1/l, then 1/rms
+    float* row_x = row_l + HM_BR;       // [BR] scratch: rescale factor, then 1/l, then the norm's 1/sd
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int b = blockIdx.z, h = blockIdx.y;
@@ -190,12 +193,25 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
     }
 
     if (a.norm) {
-        // Head norm per pseudo output vector (length d): 1/rms per row, one warp per row.
+        // Head norm per pseudo output vector (length d), one warp per row (norm.cuh): the mean
+        // goes to row_m (free since lse), 1/sd to row_x.
         for (int r = warp; r < HM_BR; r += HM_NT / 32) {
-            float ms = 0.f;
-            for (int t = lane; t < d; t += 32) ms += qs[r * HM_HDP + t] * qs[r * HM_HDP + t];
-            ms = hm_warp_sum(ms);
-            if (lane == 0) row_x[r] = 1.f / sqrtf(ms / (float)d + a.eps);
+            float sum = 0.f;
+            if (a.norm == HM_NORM_GROUP) {
+                for (int t = lane; t < d; t += 32) sum += qs[r * HM_HDP + t];
+                sum = hm_warp_sum(sum);
+            }
+            const float mu = hm_norm_mean(a, sum);
+            float sq = 0.f;
+            for (int t = lane; t < d; t += 32) {
+                const float c = qs[r * HM_HDP + t] - mu;
+                sq += c * c;
+            }
+            sq = hm_warp_sum(sq);
+            if (lane == 0) {
+                row_m[r] = mu;
+                row_x[r] = hm_norm_inv(a, sq);
+            }
         }
         __syncthreads();
     }
@@ -205,7 +221,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
         if (i < nq && t < d) {
             const int n = i / P, p = i % P;
             float x = qs[r * HM_HDP + t];
-            if (a.norm) x = a.gamma[h * d + t] * x * row_x[r];
+            if (a.norm) x = hm_norm_apply(a, h, t, x, row_m[r], row_x[r]);
             hm_store(a.out, (((long long)(b * a.N + n) * H + h) * P + p) * d + t, x);
         }
     }

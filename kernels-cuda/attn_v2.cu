@@ -12,8 +12,8 @@
 // sanitized (mask.cuh) and a row that sees a sanitized key outputs NaN, so a masked key's
 // non-finite value never reaches a row through 0 * NaN in the mma.
 
-#define V2_BR 64                    // virtual queries per block: 4 warps x 16 rows
-#define V2_BC 64                    // virtual keys per KV tile
+#define V2_BR HM_BR                 // virtual queries per block: 4 warps x 16 rows (kernel table)
+#define V2_BC HM_BC                 // virtual keys per KV tile (kernel table)
 #define V2_HDP (HM_HD + 8)          // row pitch of the 16-bit tiles (16 B pad: conflict-free fragments)
 #define V2_NS (V2_BC / 8)           // score n-tiles per warp
 #define V2_NO (HM_HD / 8)           // output n-tiles per warp
@@ -27,6 +27,9 @@
 #if HM_HD > 128 || HM_HD % 16 != 0
 #error "attn_v2 needs a head-dim capacity that is a multiple of 16, at most 128"
 #endif
+static_assert(V2_BR == 16 * (HM_NT / 32) && V2_BC % 16 == 0, "attn_v2: 16 query rows per warp, keys in steps of 16");
+static_assert(HM_SMEM == 2 * (V2_BR + 2 * V2_BC) * V2_HDP + 4 * V2_BC,
+              "attn_v2: the kernel table's shared memory (HM_SMEM) is not this carve-up");
 
 // Two adjacent 16-bit values of a shared tile as one register (index even: 4-byte aligned).
 __device__ __forceinline__ unsigned v2_ld2(const unsigned short* p) {
@@ -229,17 +232,38 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
         return;
     }
 
-    // Head norm per pseudo output row: the quad holds the whole row, reduce over it.
-    float sc_a = 1.f, sc_b = 1.f;
+    // Head norm per pseudo output row (norm.cuh): the quad holds the whole row, reduce over it in
+    // two passes (mean for the group norm, then the centred squares of the row's d columns).
+    float mu_a = 0.f, mu_b = 0.f, sc_a = 1.f, sc_b = 1.f;
     if (a.norm) {
+        float s_a = 0.f, s_b = 0.f;
+        if (a.norm == HM_NORM_GROUP) {
+#pragma unroll
+            for (int n = 0; n < V2_NO; ++n) {
+                s_a += o[n][0] + o[n][1]; // tail columns >= d hold zeros
+                s_b += o[n][2] + o[n][3];
+            }
+            s_a += __shfl_xor_sync(0xffffffffu, s_a, 1);
+            s_a += __shfl_xor_sync(0xffffffffu, s_a, 2);
+            s_b += __shfl_xor_sync(0xffffffffu, s_b, 1);
+            s_b += __shfl_xor_sync(0xffffffffu, s_b, 2);
+        }
+        mu_a = hm_norm_mean(a, s_a);
+        mu_b = hm_norm_mean(a, s_b);
         float ss_a = 0.f, ss_b = 0.f;
 #pragma unroll
         for (int n = 0; n < V2_NO; ++n) {
-            ss_a += o[n][0] * o[n][0] + o[n][1] * o[n][1]; // tail columns >= d hold zeros
-            ss_b += o[n][2] * o[n][2] + o[n][3] * o[n][3];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                if (n * 8 + 2 * t + c < d) { // tail columns are not part of the row
+                    const float ca = o[n][c] - mu_a, cb = o[n][2 + c] - mu_b;
+                    ss_a += ca * ca;
+                    ss_b += cb * cb;
+                }
+            }
         }
-        sc_a = 1.f / sqrtf(hm_quad_sum(ss_a) / (float)d + a.eps);
-        sc_b = 1.f / sqrtf(hm_quad_sum(ss_b) / (float)d + a.eps);
+        sc_a = hm_norm_inv(a, hm_quad_sum(ss_a));
+        sc_b = hm_norm_inv(a, hm_quad_sum(ss_b));
     }
     // De-interleave: virtual row i = n*P + p goes to out[b, n, h, p, :].
 #pragma unroll
@@ -248,13 +272,13 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
         if (i >= nq) continue;
         const int n_tok = i / P, p = i % P;
         const long long base = (((long long)(b * a.N + n_tok) * H + h) * P + p) * d;
-        const float sc = c < 2 ? sc_a : sc_b;
+        const float sc = c < 2 ? sc_a : sc_b, mu = c < 2 ? mu_a : mu_b;
 #pragma unroll
         for (int n = 0; n < V2_NO; ++n) {
             const int col = n * 8 + 2 * t + (c & 1);
             if (col < d) {
                 float x = o[n][c];
-                if (a.norm) x = a.gamma[h * d + col] * x * sc;
+                if (a.norm) x = hm_norm_apply(a, h, col, x, mu, sc);
                 hm_store(a.out, base + col, x);
             }
         }

@@ -28,13 +28,9 @@
 // (the host checks; else it runs v1). NaN policy: masked keys by select; tiles the mask cuts have
 // their value rows sanitized (hm_sanitize_rows) and rows that see a sanitized key output NaN.
 
-#ifndef V3_BR
-#define V3_BR 128 // virtual queries per block (8 warps x 16 rows)
-#endif
-#ifndef V3_BC
-#define V3_BC 64 // virtual keys per KV tile
-#endif
-#define V3_NT 256
+#define V3_BR HM_BR // virtual queries per block (8 warps x 16 rows; the kernel table's 128)
+#define V3_BC HM_BC // virtual keys per KV tile (the kernel table's 64)
+#define V3_NT HM_NT // 256
 #define V3_PITCH (HM_HD + 8) // 16-bit elements per shared row: +16 B, conflict-free ldmatrix rows
 #define V3_CH (HM_HD / 8)    // 16-byte chunks per row
 #define V3_NS (V3_BC / 8)    // score n-tiles per warp
@@ -53,6 +49,9 @@
 #if V3_BR != 2 * V3_BC || V3_BR != 16 * (V3_NT / 32)
 #error "attn_v3: the query tile is 16 rows per warp and fills the second K/V stage"
 #endif
+// K and V stages [2][2][BC][PITCH] 16-bit, badmask [2] u32, row offsets [2][2][BC] u32.
+static_assert(HM_SMEM == 4 * V3_BC * V3_PITCH * 2 + 8 + 4 * V3_BC * 4,
+              "attn_v3: the kernel table's shared memory (HM_SMEM) is not this carve-up");
 
 // Where the virtual rows of one tensor live (mirrored by args.rs).
 struct HmRows {
@@ -398,16 +397,36 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
         o[n][3] = hm_round(o[n][3] * inv_b);
     }
     const bool norm = a.norm && !a.collapse; // with a collapse the epilogue norms the collapsed rows
-    float sc_a = 1.f, sc_b = 1.f;
+    // Head norm per pseudo output row (norm.cuh): the quad holds the whole row, reduce over it in
+    // two passes (mean for the group norm, then the centred squares of the row's d columns).
+    float mu_a = 0.f, mu_b = 0.f, sc_a = 1.f, sc_b = 1.f;
     if (norm) {
+        float s_a = 0.f, s_b = 0.f;
+        if (a.norm == HM_NORM_GROUP) {
+#pragma unroll
+            for (int n = 0; n < V3_NO; ++n) {
+                s_a += o[n][0] + o[n][1]; // tail columns >= d hold zeros
+                s_b += o[n][2] + o[n][3];
+            }
+            s_a = hm_quad_sum(s_a);
+            s_b = hm_quad_sum(s_b);
+        }
+        mu_a = hm_norm_mean(a, s_a);
+        mu_b = hm_norm_mean(a, s_b);
         float ss_a = 0.f, ss_b = 0.f;
 #pragma unroll
         for (int n = 0; n < V3_NO; ++n) {
-            ss_a += o[n][0] * o[n][0] + o[n][1] * o[n][1]; // tail columns >= d hold zeros
-            ss_b += o[n][2] * o[n][2] + o[n][3] * o[n][3];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                if (n * 8 + 2 * t + c < d) { // tail columns are not part of the row
+                    const float ca = o[n][c] - mu_a, cb = o[n][2 + c] - mu_b;
+                    ss_a += ca * ca;
+                    ss_b += cb * cb;
+                }
+            }
         }
-        sc_a = 1.f / sqrtf(hm_quad_sum(ss_a) / (float)d + a.eps);
-        sc_b = 1.f / sqrtf(hm_quad_sum(ss_b) / (float)d + a.eps);
+        sc_a = hm_norm_inv(a, hm_quad_sum(ss_a));
+        sc_b = hm_norm_inv(a, hm_quad_sum(ss_b));
     }
     // De-interleave: virtual row i = n*P + p goes to op[b, n, h, p, :]; two columns per store.
 #pragma unroll
@@ -416,15 +435,15 @@ extern "C" __global__ void __launch_bounds__(V3_NT) hm_attn_v3(const HmArgs a, c
         if (i >= nq) continue;
         const unsigned tok = k.dp.div((unsigned)i), p = (unsigned)i - tok * (unsigned)P;
         const unsigned base = (((unsigned)b * a.N + tok) * (unsigned)a.H * P + k.hP + p) * (unsigned)d;
-        const float sc = half ? sc_b : sc_a;
+        const float sc = half ? sc_b : sc_a, mu = half ? mu_b : mu_a;
 #pragma unroll
         for (int n = 0; n < V3_NO; ++n) {
             const int col = n * 8 + 2 * t;
             if (col < d) { // d is even: col + 1 < d too
                 float x0 = o[n][2 * half], x1 = o[n][2 * half + 1];
                 if (norm) {
-                    x0 = a.gamma[h * d + col] * x0 * sc;
-                    x1 = a.gamma[h * d + col + 1] * x1 * sc;
+                    x0 = hm_norm_apply(a, h, col, x0, mu, sc);
+                    x1 = hm_norm_apply(a, h, col + 1, x1, mu, sc);
                 }
                 *(unsigned*)((hm_elem*)x.op + base + col) = hm_pack2(x0, x1);
             }

@@ -10,7 +10,7 @@ use headmix::backends::cuda::{CudaBackend, Kernel, RawIo};
 use headmix::reference::PosMode;
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, Problem, Rng, Rope, Tensor, TensorMut, Weights};
-use headmix::{Window, validate};
+use headmix::{HeadNorm, Window, validate};
 use headmix_tests::{Case, check_lse, check_property, device_or_skip};
 use proptest::prelude::*;
 
@@ -35,7 +35,8 @@ fn kernels(test: &str) -> Vec<(&'static str, Box<dyn Backend>)> {
     vec![("v1", Box::new(be.with_kernel(Kernel::AttnV1))), ("v2", Box::new(v2)), ("v3", Box::new(v3))]
 }
 
-/// Dense random weights (`N(0, 1/fan_in)`), optional collapse and head norm.
+/// Dense random weights (`N(0, 1/fan_in)`), optional collapse and head norm (a `Group` norm with
+/// random `beta` when `norm`, and an `Rms` norm for odd seeds so both kinds run).
 fn dense_weights(cfg: &Config, collapse: bool, norm: bool, seed: u64) -> Weights {
     let mut rng = Rng::new(seed);
     let (h, p, d) = (cfg.heads, cfg.pseudo, cfg.head_dim);
@@ -44,8 +45,10 @@ fn dense_weights(cfg: &Config, collapse: bool, norm: bool, seed: u64) -> Weights
     let ak = fan(cfg.kv_heads);
     let av = fan(cfg.kv_heads);
     let r = collapse.then(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt()));
-    let gamma = norm.then(|| rng.normal_vec(h * d, 0.2).into_iter().map(|g| 1.0 + g).collect());
-    Weights { aq, ak, av, r, gamma }
+    let gamma: Vec<f32> = rng.normal_vec(h * d, 0.2).into_iter().map(|g| 1.0 + g).collect();
+    let beta = rng.normal_vec(h * d, 0.5);
+    let norm = norm.then(|| if seed % 2 == 0 { HeadNorm::Group { gamma, beta } } else { HeadNorm::Rms { gamma } });
+    Weights { aq, ak, av, r, norm }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -89,7 +92,8 @@ fn named_methods_match_the_reference_in_every_dtype() {
 
 #[test]
 fn methods_with_identity_and_replication_weights() {
-    // Weights::identity: no collapse (output [B,N,H,P,d]); gamma = 1 for MEA.
+    // Weights::identity: no collapse (output [B,N,H,d] for P = 1, else [B,N,H,P,d]); MEA's Group
+    // norm with gamma = 1, beta = 0.
     for (kernel, cuda) in kernels("methods_with_identity_and_replication_weights") {
         for cfg in [
             Config::mha(3, 64).with_causal(true),
@@ -144,6 +148,7 @@ impl Shape {
             pos_offset: self.pos0,
             scale: self.scale,
             norm_eps: 1e-5,
+            check_finite: false,
         }
     }
 
@@ -424,4 +429,14 @@ fn timing_uses_cuda_events_and_kernel_info_is_reported() {
         assert!(d.iter().any(|(k, _)| k == key), "describe lacks {key}: {d:?}");
     }
     assert!(headmix::best().backend.kind() == BackendKind::Cuda, "best() must pick CUDA when present");
+}
+
+/// IHA-local sees exactly W·P keys per virtual query (fails at the old width), and MEA's
+/// GroupNorm with its negative controls (beta or centring dropped), on every kernel version.
+#[test]
+fn iha_local_window_and_mea_group_norm() {
+    for (kernel, cuda) in kernels("iha_local_window_and_mea_group_norm") {
+        headmix_tests::check_iha_local_window(cuda.as_ref(), &format!("cuda {kernel}"));
+        headmix_tests::check_group_norm(cuda.as_ref(), &format!("cuda {kernel}"));
+    }
 }

@@ -98,7 +98,7 @@ mod tests {
     use headmix::{Config, DType};
 
     fn problem(cfg: Config, batch: usize, n: usize, m: usize, dtype: DType, collapse: bool) -> Problem {
-        Problem { cfg, batch, n, m, dtype, collapse, norm: false }
+        Problem::new(&cfg, batch, n, m, dtype, collapse, false).unwrap()
     }
 
     /// Visible pairs by brute force over the reference's own mask.
@@ -115,8 +115,9 @@ mod tests {
 
     #[test]
     fn flops_of_full_and_causal_attention_in_closed_form() {
-        // No mask: every query sees every key: 4·B·H·d·N·M.
-        let p = problem(Config::mha(4, 64), 2, 16, 24, DType::F32, false);
+        // No mask (bidirectional, explicitly: named configurations are causal by default): every
+        // query sees every key: 4·B·H·d·N·M.
+        let p = problem(Config::mha(4, 64).with_causal(false), 2, 16, 24, DType::F32, false);
         assert_eq!(flops(&p), 4.0 * 2.0 * 4.0 * 64.0 * 16.0 * 24.0);
         // Causal, M = N = L virtual tokens per head: L(L+1)/2 pairs.
         let p = problem(Config::iha(4, 2, 64), 1, 32, 32, DType::BF16, true);
@@ -152,12 +153,13 @@ mod tests {
 
     #[test]
     fn windowed_flops_count_only_visible_pairs() {
-        // IHA local, N = 64, P = 2: window W = N / (2 P²) = 8 tokens = 16 virtual tokens back.
+        // IHA local, N = 64, P = 2: window W = N / (2 P²) = 8 tokens: W·P = 16 virtual keys seen,
+        // the query's own included (left = 15).
         let cfg = Config::iha_local(2, 2, 32, 64).unwrap();
         let p = problem(cfg, 1, 64, 64, DType::F16, true);
         assert_eq!(p.visible_pairs(), brute_pairs(&p));
-        // Each row sees min(i, 16) + 1 keys over L = 128 virtual rows.
-        let want: u64 = (0..128u64).map(|i| i.min(16) + 1).sum();
+        // Each row sees min(i + 1, 16) keys over L = 128 virtual rows.
+        let want: u64 = (0..128u64).map(|i| (i + 1).min(16)).sum();
         assert_eq!(p.visible_pairs(), want);
         assert_eq!(flops(&p), 4.0 * 2.0 * 32.0 * want as f64);
         // And the window cuts the work below the global causal count.
@@ -188,7 +190,7 @@ mod tests {
 
     fn decode_problem(cfg: Config, stored: Vec<usize>, n: usize, dtype: DType, collapse: bool) -> DecodeProblem {
         let batch = stored.len();
-        DecodeProblem { cfg, batch, n, dtype, collapse, norm: false, stored, pos0: vec![0; batch] }
+        DecodeProblem::new(&cfg, n, dtype, collapse, false, stored, vec![0; batch]).unwrap()
     }
 
     #[test]

@@ -330,7 +330,7 @@ mod tests {
     fn ring_cases_hold_the_window_and_the_new_token() {
         // IHA local, L = 32768, P = 2: W = 32768 / 8 = 4096 tokens, ring of 4097.
         let c = issue_size_cases().into_iter().find(|c| c.method == Method::IhaLocal && c.pseudo == 2).unwrap();
-        assert_eq!(c.config().unwrap().window.unwrap().left, 4096 * 2);
+        assert_eq!(c.config().unwrap().window.unwrap().left, 4096 * 2 - 1); // W·P keys seen, own included
         assert_eq!(c.held().unwrap(), 4097);
         let small = DecodeCase { batch: 2, tokens: 256, heads: 4, kv_heads: 4, head_dim: 8, dtype: DType::F32, ..c };
         let cache = small.empty_cache().unwrap();

@@ -212,8 +212,9 @@ mod tests {
         assert!(full.iter().all(|c| c.batch * c.n == 16384 && c.heads * c.head_dim == 2048));
         let cpu = Sweep::Full.cases(Scale::Host);
         assert!(cpu.iter().all(|c| c.n <= 256));
-        // IHA local uses the paper's window: W = N / (2 P²) tokens, W·P virtual tokens back.
+        // IHA local uses the paper's window: W = N / (2 P²) tokens, W·P virtual keys seen (the
+        // query's own included: left = W·P − 1).
         let c = full.iter().find(|c| c.method == Method::IhaLocal && c.pseudo == 4 && c.n == 4096).unwrap();
-        assert_eq!(c.config().unwrap().window.unwrap().left, 4096 / 32 * 4);
+        assert_eq!(c.config().unwrap().window.unwrap().left, 4096 / 32 * 4 - 1);
     }
 }

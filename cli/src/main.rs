@@ -1,8 +1,10 @@
-//! The `headmix` command line: `info`, `run`, `bench`, `compress`.
+//! The `headmix` command line: `info`, `run`, `bench`, `compress`, `kernels`.
 
 mod args;
 mod compress;
 mod info;
+mod kernels;
+mod ptxas;
 mod run;
 
 const HELP: &str = "\
@@ -12,7 +14,8 @@ usage: headmix <command> [options]
   info     backends and devices found, and their limits
   run      one forward pass on the best (or a chosen) backend, checked and timed  (headmix run --help)
   bench    benchmark sweeps: table, JSON, SVG                                     (headmix bench --help)
-  compress MEA KV-cache compression of k/v projections in a safetensors file     (headmix compress --help)";
+  compress MEA KV-cache compression of k/v projections in a safetensors file     (headmix compress --help)
+  kernels  CUDA kernel variants: registers, occupancy, counted cost, NVRTC source (headmix kernels --help)";
 
 fn main() {
     // Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid" on headless machines when
@@ -28,6 +31,7 @@ fn main() {
         Some("run") => run::main(rest),
         Some("bench") => headmix_bench::cli::main(rest),
         Some("compress") => compress::main(rest),
+        Some("kernels") => kernels::main(rest),
         None | Some("help") | Some("--help") | Some("-h") => {
             println!("{HELP}");
             Ok(())

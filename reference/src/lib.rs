@@ -1,6 +1,6 @@
 //! Pure-Rust reference of head-mixing attention.
 //!
-//! This crate is the contract of `shared/spec/attention.md` written as plainly as possible, so that
+//! This crate is the contract of `docs/operator.md` (in the headmix repository) written as plainly as possible, so that
 //! every headmix kernel can be checked against it. Two independent implementations check each other:
 //!
 //! * [`attention`] follows the definition step by step (mix, interleave, RoPE, mask, softmax,
@@ -12,8 +12,12 @@
 //! Both are generic over [`Real`] (`f32`, `f64`). [`Rounding`] makes the reference round its
 //! intermediates the way a low-precision kernel must (mixed q/k/v, probabilities, outputs), which
 //! gives the "reference run in the same low precision" that kernel tolerances are measured against.
+//!
+//! [`backward`] holds the gradients (`docs/backward.md`), again in two forms that check each other.
 
+pub mod backward;
 mod direct;
+pub mod mixing;
 mod params;
 mod real;
 pub mod rope;
@@ -21,7 +25,7 @@ pub mod svd;
 pub mod unfused;
 
 pub use direct::attention;
-pub use params::{MixWeights, Output, Params, PosMode, Rope, Rounding};
+pub use params::{HeadNorm, MixWeights, NormKind, Output, Params, PosMode, Rope, Rounding, apply_head_norm};
 pub use real::Real;
 
 /// Relative Frobenius error `‖a − b‖ / ‖b‖` (the tolerance measure of the project), in f64.

@@ -2,21 +2,12 @@
 //!
 //! # The variant scheme
 //!
-//! The kernel sources live in `kernels-cuda/` and are embedded with `include_str!`. NVRTC gets one
-//! string per variant, with no include path: a prelude of `#define`s, then
-//!
-//! - `common.cuh`: the argument block `HmArgs`, storage types and f16/bf16 conversions written
-//!   with inline PTX (no `cuda_fp16.h`), warp reductions, the mask and RoPE positions;
-//! - `traits.cuh`: v1 tile sizes per head-dim capacity (the "kernel traits");
-//! - one kernel file.
-//!
-//! A variant is (kernel version, dtype, head-dim capacity `HM_HD` in 32/64/96/128/256, mask kind
-//! `HM_MASK`: v2 is compiled per kind, dense/causal/window, v1 reads the mask flags at run time);
-//! the runtime `d` uses the smallest capacity `>= d`, with the tail zero-padded. `P`, the head
-//! counts, the window edges, RoPE and the epilogue switches are runtime
-//! arguments, so a few dozen modules serve every configuration. Modules are cached per (device,
-//! variant) for the life of the process, and PTX per (variant, arch) in memory and, under
-//! `HEADMIX_CACHE_DIR`, on disk.
+//! The kernel sources live in `kernels-cuda/` and are embedded with `include_str!`. Every kernel
+//! version is one entry of the kernel table ([`kernel_table::KERNELS`]); the variants, the
+//! `#define` prelude NVRTC compiles (tile sizes included), the launch shape, the emulator's grid
+//! and the count model all derive from it. `kernels-cuda/README.md` describes the scheme and how to
+//! add a version. Modules are cached per (device, variant) for the life of the process, and PTX per
+//! (variant, arch) in memory and, under `HEADMIX_CACHE_DIR`, on disk.
 //!
 //! Kernel versions, numbered llm.c style and kept side by side:
 //!
@@ -59,7 +50,10 @@
 
 pub mod args;
 pub mod compile;
+pub mod cost;
+pub mod decode;
 mod device;
+pub mod kernel_table;
 mod loader;
 pub mod plan;
 pub mod variants;
@@ -192,21 +186,23 @@ impl CudaBackend {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("shared memory limit"))? as usize;
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        let kernel = match std::env::var("HEADMIX_CUDA_KERNEL").as_deref() {
-            Ok("v2") => Kernel::AttnV2,
-            Ok("v3") => Kernel::AttnV3,
-            Ok("v1") | Err(_) => Kernel::AttnV1,
-            Ok(other) => return Err(dev_err(format!("HEADMIX_CUDA_KERNEL={other}: expected v1, v2 or v3"))),
+        let kernel = match std::env::var("HEADMIX_CUDA_KERNEL") {
+            Err(_) => Kernel::AttnV1,
+            Ok(name) => Kernel::parse(&name).filter(|k| k.spec().number > 0).ok_or_else(|| {
+                let names: Vec<_> = Kernel::attention().map(|k| k.name()).collect();
+                dev_err(format!("HEADMIX_CUDA_KERNEL={name}: expected one of {}", names.join(", ")))
+            })?,
         };
         Ok(CudaBackend { ctx, stream, ordinal, arch: format!("sm_{}{}", cc.0, cc.1), cc, name, max_smem, kernel })
     }
 
-    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2|v3`). v2 runs
-    /// f16/bf16 with d <= 128 on sm_80+; v3 the same with d a multiple of 8 and 16-byte aligned
-    /// tensors; other problems fall back to v1. v1 stays the default until a GPU has validated
-    /// the others.
+    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2|v3`, the
+    /// names of the kernel table). Problems the kernel cannot run (dtype, head dim, compute
+    /// capability: its table entry; v3 also needs d a multiple of 8, 16-byte aligned tensors and
+    /// a pre-mix that fits shared memory) fall back to v1. v1 stays the default until a GPU has
+    /// validated the others.
     pub fn with_kernel(mut self, kernel: Kernel) -> CudaBackend {
-        if kernel != Kernel::CollapseEpilogue {
+        if kernel.spec().number > 0 {
             self.kernel = kernel;
         }
         self
@@ -298,14 +294,16 @@ impl CudaBackend {
     /// for when it can run the problem on this device (else v1), then the collapse epilogue.
     pub fn variants_for(&self, pb: &Problem) -> Result<Vec<Variant>> {
         let (d, mask) = (pb.cfg.head_dim, MaskKind::of(&pb.cfg));
-        let preferred = match self.kernel {
-            Kernel::AttnV2 if self.cc >= (8, 0) => Variant::attention(Kernel::AttnV2, pb.dtype, d, mask),
-            Kernel::AttnV3 if self.cc >= (8, 0) && d % 8 == 0 => {
+        let preferred = match self.kernel.spec() {
+            spec if self.cc < spec.min_cc => None,
+            spec if spec.kernel == Kernel::AttnV3 => {
                 let most_heads = pb.cfg.q_heads.max(pb.cfg.kv_heads);
-                Variant::attention(Kernel::AttnV3, pb.dtype, d, mask)
+                Some(d)
+                    .filter(|d| d % 8 == 0)
+                    .and_then(|d| Variant::attention(Kernel::AttnV3, pb.dtype, d, mask))
                     .filter(|v| plan::mix_smem(v.hd, most_heads) <= self.max_smem)
             }
-            _ => None,
+            _ => Variant::attention(self.kernel, pb.dtype, d, mask),
         };
         let attn = preferred.or_else(|| Variant::attention(Kernel::AttnV1, pb.dtype, d, mask));
         let mut v = vec![attn.ok_or_else(|| Error::Unsupported { backend: "cuda", why: format!("head dim {d}") })?];
@@ -319,6 +317,11 @@ impl CudaBackend {
     /// them if needed): what benchmarks report next to their timings.
     pub fn kernel_info(&self, pb: &Problem) -> Result<Vec<KernelInfo>> {
         self.variants_for(pb)?.into_iter().map(|v| Ok(self.function(v)?.info.clone())).collect()
+    }
+
+    /// Registers, shared memory and local memory of one variant (compiled and loaded if needed).
+    pub fn variant_info(&self, v: Variant) -> Result<KernelInfo> {
+        Ok(self.function(v)?.info.clone())
     }
 
     /// Compile and load every variant now (instead of on first use); returns their resource use.
@@ -367,14 +370,8 @@ impl Backend for CudaBackend {
             d.push(("NVRTC".into(), format!("{major}.{minor} ({})", loader::nvrtc().unwrap_or("?"))));
         }
         d.push(("shared memory per block (opt-in)".into(), format!("{} KiB", self.max_smem / 1024)));
-        d.push((
-            "attention kernel".into(),
-            format!(
-                "{} (v1: FMA, f32 on chip; v2: mma.sync tensor cores, f16/bf16, d <= 128, sm_80+; v3: \
-                 FlashAttention-2 class, cp.async + ldmatrix + mma.sync, tensor-core pre-mix)",
-                self.kernel.name()
-            ),
-        ));
+        let spec = self.kernel.spec();
+        d.push(("attention kernel".into(), format!("{} ({})", spec.name, spec.summary)));
         let loaded = modules().lock().unwrap_or_else(|e| e.into_inner());
         let mut names: Vec<_> = loaded.iter().filter(|((o, _), _)| *o == self.ordinal).collect();
         names.sort_by_key(|((_, v), _)| *v);
@@ -389,6 +386,44 @@ impl Backend for CudaBackend {
             ));
         }
         d
+    }
+
+    /// On a cache of this device: the decode kernels timed by CUDA events
+    /// ([`CudaBackend::time_decode_device`]); on a host cache, the host clock.
+    fn time_decode(
+        &self,
+        cfg: &crate::Config,
+        w: &Weights,
+        cache: &crate::cache::KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<crate::decode::DecodeTiming> {
+        if cache.is_host() {
+            return crate::decode::time_decode_host(self, cfg, w, cache, n, reps);
+        }
+        self.time_decode_device(cfg, w, cache, n, reps)
+    }
+
+    /// A cache in this device's memory ([`decode::CudaKv`]).
+    fn new_cache_storage(
+        &self,
+        shape: &crate::cache::CacheShape,
+    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+        Ok(Some(Box::new(decode::CudaKv::new(self, shape)?)))
+    }
+
+    /// Decode: a cache on this device is read in place by `decode_v1.cu`; a host cache goes
+    /// through the generic per-sequence path.
+    fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
+        match io.cache.device_storage() {
+            None => crate::decode::decode_default(self, problem, w, io),
+            Some(d) => match d.as_any().downcast_ref::<decode::CudaKv>() {
+                Some(kv) => self.decode_on_device(problem, w, io, kv),
+                None => Err(Error::Cache {
+                    why: format!("the cache lives on the {} device; this is the CUDA backend", d.backend()),
+                }),
+            },
+        }
     }
 
     fn supports(&self, pb: &Problem) -> Result<()> {
@@ -413,6 +448,8 @@ impl Backend for CudaBackend {
     }
 
     fn run(&self, pb: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
+        pb.check_io(w, &io)?;
+        self.supports(pb)?;
         let s = &self.stream;
         let dw = self.upload_weights(&pb.cfg, w, s)?;
         let q = s.clone_htod(io.q.data.bytes()).map_err(drv("copying q"))?;
@@ -452,8 +489,10 @@ impl Backend for CudaBackend {
     /// CUDA events around [`CudaBackend::forward_device`] on device-resident random inputs, with
     /// the weights uploaded once (as a model would hold them).
     fn time(&self, pb: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
+        pb.check(w)?;
+        self.supports(pb)?;
         let s = &self.stream;
-        let (q, k, v) = crate::timing::random_inputs(pb, 1);
+        let (q, k, v) = crate::timing::try_random_inputs(pb, 1)?;
         let out_len: usize = pb.out_shape().iter().product();
         let dw = self.upload_weights(&pb.cfg, w, s)?;
         let mut seconds = Vec::with_capacity(reps);

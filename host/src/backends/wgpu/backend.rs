@@ -10,7 +10,7 @@ use super::Variant;
 use super::device::{self, device_err};
 use super::kernels::{Kernels, flash_tiles};
 use super::launch::{self, Plan};
-use crate::timing::{Owned, random_inputs};
+use crate::timing::{Owned, try_random_inputs};
 use crate::validate::{Problem, validate_config, validate_weights};
 use crate::{Backend, BackendKind, Config, DType, Error, Io, Result, Timing, Weights};
 
@@ -22,11 +22,14 @@ const LLVMPIPE_LOOP_BUDGET: u64 = 30_000;
 /// (kernel, tile, dtype, head dim) and cached.
 pub struct WgpuBackend {
     info: wgpu::AdapterInfo,
-    queue: wgpu::Queue,
-    kernels: Kernels,
+    pub(super) queue: wgpu::Queue,
+    pub(super) kernels: Kernels,
     variant: Variant,
     /// Forced split-KV ranges per query tile, or `None` for the heuristic.
-    kv_splits: Option<u32>,
+    pub(super) kv_splits: Option<u32>,
+    /// Bytes this backend moved host to device and device to host (uploads, read-backs).
+    uploaded: Arc<std::sync::atomic::AtomicU64>,
+    downloaded: Arc<std::sync::atomic::AtomicU64>,
     /// Errors no error scope caught (device loss, errors raised on other threads), reported by
     /// the next call instead of wgpu's default panic.
     faults: Arc<Mutex<Option<String>>>,
@@ -43,9 +46,9 @@ pub struct WgpuBackend {
 /// * `out`: `[B, N, H, d]` in the dtype when the weights carry `r`, else `[B, N, H, P, d]`;
 /// * `lse`: `[B, H, N·P]` f32, optional.
 ///
-/// All must live on this backend's [`WgpuBackend::device`] (wgpu does not always detect a buffer
-/// of another device), and `out`/`lse` must not alias an input (that is reported as
-/// `Error::Device`).
+/// All must live on this backend's [`WgpuBackend::device`] (a buffer of another device of the
+/// same wgpu instance is [`Error::ForeignBuffer`]; one of another instance cannot be detected),
+/// and `out`/`lse` may not alias any other binding ([`Error::Alias`]; inputs may share a buffer).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceIo<'a> {
     pub q: &'a wgpu::Buffer,
@@ -99,6 +102,8 @@ impl WgpuBackend {
             kv_splits: None,
             faults: Arc::new(Mutex::new(None)),
             dummy,
+            uploaded: Default::default(),
+            downloaded: Default::default(),
         }
     }
 
@@ -140,7 +145,7 @@ impl WgpuBackend {
     /// Zero copy: validate, then record and submit one forward call on `queue` reading and writing
     /// the caller's buffers (layouts in [`DeviceIo`]). Returns once submitted; the results are
     /// ready when the queue's work completes (map a buffer or `device.poll`). Small temporary
-    /// buffers (uniforms, packed weights, the f32 pseudo outputs when `r` or `gamma` is given) are
+    /// buffers (uniforms, packed weights, the f32 pseudo outputs when `r` or a head norm is given) are
     /// allocated per call and freed by wgpu after the work completes.
     pub fn forward_buffers(
         &self,
@@ -171,6 +176,28 @@ impl WgpuBackend {
             if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
                 return Err(Error::Device { backend: "wgpu", why: format!("{what} lacks BufferUsages::STORAGE") });
             }
+        }
+        // Outputs may not alias any other binding (whole buffers at offset 0: aliasing is
+        // identity); inputs may share a buffer (they are only read).
+        let bindings = [
+            ("q buffer", Some(io.q)),
+            ("k buffer", Some(io.k)),
+            ("v buffer", Some(io.v)),
+            ("out buffer", Some(io.out)),
+        ];
+        for (what, out) in [("out buffer", Some(io.out)), ("lse buffer", io.lse)] {
+            let Some(out) = out else { continue };
+            for &(other, buf) in bindings.iter().filter(|(o, _)| *o != what) {
+                if buf == Some(out) {
+                    return Err(Error::Alias { what, other });
+                }
+            }
+        }
+        // Every buffer must live on this backend's device: a buffer of another device of the same
+        // wgpu instance is `Error::ForeignBuffer`. (A buffer of another *instance* cannot be told
+        // apart: wgpu 30 resolves buffer ids in the calling device's instance.)
+        for (what, buf) in needs.iter().map(|n| (n.0, n.1)).chain(io.lse.map(|l| ("lse buffer", l))) {
+            self.check_own_device(what, buf)?;
         }
         self.check_faults()?;
         let plan =
@@ -204,8 +231,33 @@ impl WgpuBackend {
         (llvmpipe(&self.info.name) || llvmpipe(&self.info.driver)).then_some(LLVMPIPE_LOOP_BUDGET)
     }
 
+    /// Bytes this backend has moved between host and device so far: uploads (inputs, weights,
+    /// uniforms) and read-backs (outputs). A decode on a device cache moves none of the cache.
+    pub fn host_traffic(&self) -> crate::cache::HostTraffic {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::cache::HostTraffic { uploaded: self.uploaded.load(Relaxed), downloaded: self.downloaded.load(Relaxed) }
+    }
+
+    /// [`Error::ForeignBuffer`] unless `buf` belongs to this backend's device: a one-entry bind
+    /// group on this device, in a validation error scope, accepts only buffers of this device
+    /// (wgpu-core's device check; it cannot see buffers of another wgpu instance).
+    fn check_own_device(&self, what: &'static str, buf: &wgpu::Buffer) -> Result<()> {
+        let device = self.device();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let _probe = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("headmix device check"),
+            layout: &self.kernels.probe_layout,
+            entries: &[wgpu::BindGroupEntry { binding: 0, resource: buf.as_entire_binding() }],
+        });
+        match pollster::block_on(scope.pop()) {
+            None => Ok(()),
+            Some(e) if describe_error(&e).contains("doesn't match") => Err(Error::ForeignBuffer { what }),
+            Some(e) => Err(device_err(format!("{what}: {}", describe_error(&e)))),
+        }
+    }
+
     /// Report (once) an error that arrived outside an error scope.
-    fn check_faults(&self) -> Result<()> {
+    pub(super) fn check_faults(&self) -> Result<()> {
         match self.faults.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(why) => Err(device_err(why)),
             None => Ok(()),
@@ -214,7 +266,7 @@ impl WgpuBackend {
 
     /// Run `f` inside validation, out-of-memory and internal error scopes: wgpu errors become
     /// `Error::Device` instead of panics.
-    fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    pub(super) fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let device = self.device();
         let scopes = [
             device.push_error_scope(wgpu::ErrorFilter::Validation),
@@ -235,7 +287,7 @@ impl WgpuBackend {
         }
     }
 
-    fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    pub(super) fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
         self.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: size.max(4),
@@ -244,7 +296,8 @@ impl WgpuBackend {
         })
     }
 
-    fn upload(&self, label: &str, bytes: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    pub(super) fn upload(&self, label: &str, bytes: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.uploaded.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents: bytes,
@@ -302,19 +355,26 @@ impl WgpuBackend {
     }
 
     /// Wait for the queue, then read a MAP_READ buffer back.
-    fn read_back(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| device_err(format!("poll: {e}")))?;
-        rx.recv()
-            .map_err(|_| device_err("buffer map callback never ran"))?
-            .map_err(|e| device_err(format!("map_async: {e}")))?;
-        let bytes = staging.get_mapped_range(..).map_err(|e| device_err(format!("get_mapped_range: {e}")))?.to_vec();
-        staging.unmap();
+    pub(super) fn read_back(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+        let bytes = map_read(self.device(), staging)?;
+        self.downloaded.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(bytes)
     }
+}
+
+/// Wait for the device, then read a MAP_READ buffer back.
+pub(super) fn map_read(device: &wgpu::Device, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| device_err(format!("poll: {e}")))?;
+    rx.recv()
+        .map_err(|_| device_err("buffer map callback never ran"))?
+        .map_err(|e| device_err(format!("map_async: {e}")))?;
+    let bytes = staging.get_mapped_range(..).map_err(|e| device_err(format!("get_mapped_range: {e}")))?.to_vec();
+    staging.unmap();
+    Ok(bytes)
 }
 
 /// A wgpu error on one line (its text is "Validation Error", then the chain of causes, one per line).
@@ -329,8 +389,14 @@ fn describe_error(e: &wgpu::Error) -> String {
 fn problem_of(cfg: &Config, w: &Weights, batch: usize, n: usize, m: usize, dtype: DType) -> Result<Problem> {
     validate_config(cfg)?;
     validate_weights(cfg, w)?;
-    crate::validate::validate_sizes(cfg, batch, n, m)?;
-    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() })
+    if cfg.check_finite {
+        return Err(Error::Unsupported {
+            backend: "wgpu",
+            why: "check_finite validates host tensors; forward_buffers takes device buffers (check them before upload)"
+                .into(),
+        });
+    }
+    Problem::for_weights(cfg, w, batch, n, m, dtype)
 }
 
 impl Backend for WgpuBackend {
@@ -373,11 +439,51 @@ impl Backend for WgpuBackend {
         ]
     }
 
+    /// On a cache of this device: the decode passes timed by GPU timestamps
+    /// ([`WgpuBackend::time_decode_device`]); on a host cache, the host clock.
+    fn time_decode(
+        &self,
+        cfg: &Config,
+        w: &Weights,
+        cache: &crate::cache::KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<crate::decode::DecodeTiming> {
+        if cache.is_host() {
+            return crate::decode::time_decode_host(self, cfg, w, cache, n, reps);
+        }
+        self.time_decode_device(cfg, w, cache, n, reps)
+    }
+
+    /// A cache in this device's memory ([`super::WgpuKv`]).
+    fn new_cache_storage(
+        &self,
+        shape: &crate::cache::CacheShape,
+    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+        Ok(Some(Box::new(super::decode::WgpuKv::new(self, shape)?)))
+    }
+
+    /// Decode: a cache on this device is read in place by the decode kernel
+    /// ([`super::decode`]); a host cache goes through the generic per-sequence path.
+    fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
+        match io.cache.device_storage() {
+            None => crate::decode::decode_default(self, problem, w, io),
+            Some(d) => match d.as_any().downcast_ref::<super::decode::WgpuKv>() {
+                Some(kv) => self.decode_on_device(problem, w, io, kv),
+                None => Err(Error::Cache {
+                    why: format!("the cache lives on the {} device; this is the wgpu backend", d.backend()),
+                }),
+            },
+        }
+    }
+
     fn supports(&self, problem: &Problem) -> Result<()> {
         launch::check_limits(problem, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())
     }
 
     fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
+        problem.check_io(w, &io)?;
+        self.supports(problem)?;
         self.check_faults()?;
         let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
         let out_bytes = (io.out.data.len() * io.out.dtype().size()) as u64;
@@ -411,11 +517,12 @@ impl Backend for WgpuBackend {
     /// Device time of `reps` calls on resident random inputs: GPU timestamps around the passes
     /// when the adapter has `TIMESTAMP_QUERY`, else the host clock around submit + wait.
     fn time(&self, problem: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
+        problem.check(w)?;
         self.supports(problem)?;
         self.check_faults()?;
         let c = &problem.cfg;
         let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
-        let (q, k, v) = random_inputs(problem, 1);
+        let (q, k, v) = try_random_inputs(problem, 1)?;
         let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
         let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];
         let owned = |x: &[f32]| Owned::from_f32(problem.dtype, x);

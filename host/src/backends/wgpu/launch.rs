@@ -1,17 +1,17 @@
 //! The launch plan of one call: the uniform block the kernels read, the packed f32 weights buffer
-//! (mixing, collapse, gamma, RoPE table), the kernels to run and their grids.
+//! (mixing, collapse, gamma, beta, RoPE table), the kernels to run and their grids.
 
 use bytemuck::{Pod, Zeroable};
 
 use super::Variant;
 use super::kernels::{KernelKey, Kind, flash_threads, flash_tiles};
 use crate::validate::Problem;
-use crate::{Error, PosMode, Result, Weights};
+use crate::{Error, NormKind, PosMode, Result, Weights};
 
 /// Threads per workgroup of the naive kernel and of the epilogue.
 const NAIVE_WG: u32 = 64;
-const EPILOGUE_WG: u32 = 64;
-const COMBINE_WG: u32 = 64;
+pub(crate) const EPILOGUE_WG: u32 = 64;
+pub(crate) const COMBINE_WG: u32 = 64;
 
 /// The call's sizes and options, word for word the `Params` struct of `common.wgsl`.
 #[repr(C)]
@@ -37,7 +37,8 @@ pub(crate) struct Uniforms {
     pub win_right: u32,
     /// 0 none, 1 virtual positions, 2 token positions.
     pub rope: u32,
-    /// Bytes of the largest position: levels of the RoPE table.
+    /// RoPE table layout: 0, one row per position `[pos0, ...)` (the forward); else the levels
+    /// (bytes of the largest position) of the byte-level table (decode).
     pub rope_levels: u32,
     pub pos0: u32,
     /// Softmax scale times log2(e): scores come out in the log2 domain.
@@ -63,8 +64,20 @@ pub(crate) struct Uniforms {
     pub neg_inf_bits: u32,
     /// Offset (in f32) of the split-KV partials in the scratch buffer.
     pub part_off: u32,
-    pub pad: [u32; 3],
+    /// Offset of the group norm's `beta` in `weights`.
+    pub beta_off: u32,
+    /// Offsets in `weights` of the selection tables of aq, ak, av (`[H, P]` stored-head indices
+    /// as u32 bits), or [`DENSE`] for a dense matrix (NaN policy: a selection is a gather).
+    pub sel_q: u32,
+    pub sel_k: u32,
+    pub sel_v: u32,
+    /// Decode only: selection bits (1 aq, 2 ak, 4 av) of the mixing matrices.
+    pub dec_sel: u32,
+    pub pad: [u32; 2],
 }
+
+/// `sel_*` of a dense mixing matrix (the `DENSE` of common.wgsl).
+pub(crate) const DENSE: u32 = u32::MAX;
 
 /// One dispatch: the kernel and how many workgroups it needs.
 #[derive(Clone, Copy, Debug)]
@@ -88,14 +101,34 @@ fn unsupported(why: String) -> Error {
     Error::Unsupported { backend: "wgpu", why }
 }
 
-fn to_u32(what: &'static str, x: usize) -> Result<u32> {
+pub(crate) fn to_u32(what: &'static str, x: usize) -> Result<u32> {
     u32::try_from(x).map_err(|_| Error::TooLarge { what, elements: x as u128, max: u32::MAX as u128 })
 }
 
-/// RoPE table: for level `l`, byte value `b` and frequency index `t`, the (cos, sin) of
-/// `b · 256^l · base^(−2t/d)` computed in f64. The kernel composes one entry per byte of the
-/// position, so any position below 2^32 is exact to a few f32 ulps.
-fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
+/// RoPE table of a forward call, built once on the host in f64: row `r` (position `pos0 + r`),
+/// frequency index `t < d/2`, the pair (cos, sin) of `(pos0 + r) · base^(−2t/d)` rounded to f32,
+/// the angle formed as the reference forms it. The kernels read one pair per rotated element (no
+/// transcendental, no f64 on the device); `Uniforms::rope_levels` is 0 for this layout.
+pub(crate) fn rope_position_table(rows: u32, pos0: usize, d: usize, base: f64) -> Vec<f32> {
+    let half = d / 2;
+    let freq: Vec<f64> = (0..half).map(|t| base.powf(-2.0 * t as f64 / d as f64)).collect();
+    let mut table = Vec::with_capacity(rows as usize * half * 2);
+    for r in 0..rows as usize {
+        let pos = (pos0 + r) as f64;
+        for f in &freq {
+            let (sin, cos) = (pos * f).sin_cos();
+            table.push(cos as f32);
+            table.push(sin as f32);
+        }
+    }
+    table
+}
+
+/// RoPE table by levels (decode over long caches, where a row per position would be large): for
+/// level `l`, byte value `b` and frequency index `t`, the (cos, sin) of `b · 256^l · base^(−2t/d)`
+/// computed in f64. The kernel composes one entry per byte of the position, so any position below
+/// 2^32 is exact to a few f32 ulps.
+pub(crate) fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
     let half = d / 2;
     let mut table = Vec::with_capacity(levels as usize * 256 * half * 2);
     for l in 0..levels {
@@ -126,7 +159,7 @@ pub(crate) fn plan(
     let nq = problem.n * p;
     let nk = problem.m * p;
 
-    // Packed weights: aq | ak | av | r | gamma | RoPE table (all f32, one binding).
+    // Packed weights: aq | ak | av | r | gamma | beta | RoPE table (all f32, one binding).
     let mut weights = Vec::new();
     let mut push = |xs: &[f32]| -> Result<u32> {
         let off = to_u32("weights buffer", weights.len())?;
@@ -137,10 +170,21 @@ pub(crate) fn plan(
     let ak_off = push(&w.ak)?;
     let av_off = push(&w.av)?;
     let r_off = push(w.r.as_deref().unwrap_or(&[]))?;
-    let gamma_off = push(w.gamma.as_deref().unwrap_or(&[]))?;
-    let rope_levels = rope_levels(problem)?;
+    let gamma_off = push(w.norm.as_ref().map_or(&[][..], |n| n.gamma()))?;
+    let beta_off = push(w.norm.as_ref().and_then(|n| n.beta()).map_or(&[][..], |b| b))?;
+    // Selection matrices (MHA, GQA, identity) become gathers: tables of stored-head indices.
+    let mut push_sel = |a: &[f32], src: usize| -> Result<u32> {
+        match headmix_reference::mixing::selection(a, src, c.heads, p) {
+            Some(sel) => push(&sel.iter().map(|&m| f32::from_bits(m as u32)).collect::<Vec<_>>()),
+            None => Ok(DENSE),
+        }
+    };
+    let sel_q = push_sel(&w.aq, c.q_heads)?;
+    let sel_k = push_sel(&w.ak, c.kv_heads)?;
+    let sel_v = push_sel(&w.av, c.kv_heads)?;
+    let rope_rows = rope_rows(problem)?;
     let rope_off = match c.rope {
-        Some(r) => push(&rope_table(rope_levels, d, r.base as f64))?,
+        Some(r) => push(&rope_position_table(rope_rows, c.pos_offset, d, r.base as f64))?,
         None => push(&[])?,
     };
     if weights.is_empty() {
@@ -168,7 +212,7 @@ pub(crate) fn plan(
             Some(PosMode::Virtual) => 1,
             Some(PosMode::Token) => 2,
         },
-        rope_levels,
+        rope_levels: 0, // the per-position table
         pos0: to_u32("pos_offset", c.pos_offset)?,
         scale_log2: c.softmax_scale() * std::f32::consts::LOG2_E,
         aq_off,
@@ -181,12 +225,21 @@ pub(crate) fn plan(
         splits: 1,
         eps: c.norm_eps,
         collapse: problem.collapse as u32,
-        norm: problem.norm as u32,
+        norm: match w.norm.as_ref().map(|n| n.kind()) {
+            None => 0,
+            Some(NormKind::Rms) => 1,
+            Some(NormKind::Group) => 2,
+        },
         direct: direct as u32,
         n_vec: 0,
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
         part_off: 0,
-        pad: [0; 3],
+        beta_off,
+        sel_q,
+        sel_k,
+        sel_v,
+        dec_sel: 0,
+        pad: [0; 2],
     };
 
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
@@ -237,34 +290,58 @@ fn max_keys(problem: &Problem) -> usize {
 }
 
 /// Loop iterations, in all, that one invocation of a kernel runs at most: every loop of the
-/// kernel counted as written (`rope` is the RoPE table levels, looped over in `rotate`).
+/// kernel counted as written (`rotate` has no loop: one table read).
 /// Mesa's llvmpipe (lavapipe) silently ends the loops of an invocation once they have run 65535
 /// iterations together, so on it the flash kernel splits the keys to stay under a budget and
 /// the other kernels refuse calls above it (see `loop_budget` in backend.rs).
-mod loops {
+pub(crate) mod loops {
     use super::Problem;
 
-    pub fn flash(p: &Problem, (br, bc, wg): (u32, u32, u32), tiles: usize, rope: u32) -> u64 {
+    pub fn flash(p: &Problem, (br, bc, wg): (u32, u32, u32), tiles: usize) -> u64 {
         let c = &p.cfg;
         let (d, half) = (c.head_dim as u64, c.head_dim as u64 / 2);
-        let (br, bc, wg, rope) = (br as u64, bc as u64, wg as u64, rope as u64);
+        let (br, bc, wg) = (br as u64, bc as u64, wg as u64);
         let (tpr, hq, hk) = (wg / br, c.q_heads as u64, c.kv_heads as u64);
         let (cpt, npair) = (bc / tpr, half.div_ceil(tpr));
-        let queries = (br * half).div_ceil(wg) * (1 + hq + rope);
+        let queries = (br * half).div_ceil(wg) * (1 + hq);
         let per_tile = 1                                  // key-tile loop
-            + (bc * half).div_ceil(wg) * (1 + hk + rope)  // 2a: mix keys and values
+            + (bc * half).div_ceil(wg) * (1 + hk)         // 2a: mix keys and values
             + d * (1 + cpt) + cpt                         // 2b: scores, mask
             + tpr + cpt + npair                           // 2c: softmax
             + bc * (1 + npair); // 2d: P V
-        queries + tiles as u64 * per_tile + tpr + 2 * npair
+        let init = (br + bc).div_ceil(wg); // NaN-policy flags
+        init + queries + tiles as u64 * per_tile + tpr + 2 * npair
     }
 
-    pub fn naive(p: &Problem, keys: usize, rope: u32) -> u64 {
+    pub fn naive(p: &Problem, keys: usize) -> u64 {
         let c = &p.cfg;
-        let (d, half, rope) = (c.head_dim as u64, c.head_dim as u64 / 2, rope as u64);
+        let (d, half) = (c.head_dim as u64, c.head_dim as u64 / 2);
         let (hq, hk) = (c.q_heads as u64, c.kv_heads as u64);
-        let per_key = 1 + half * (1 + hk + rope) + d * (1 + hk);
-        half * (1 + hq + rope) + keys as u64 * per_key + d / 2
+        let per_key = 1 + half * (1 + hk) + d * (1 + hk);
+        half * (1 + hq) + keys as u64 * per_key + d / 2
+    }
+
+    /// The decode kernel (decode.wgsl) over `tiles` cached tiles of `tc` tokens, for
+    /// `(Hq, Hk, H, P, N·P, d)` and `rope` RoPE table levels.
+    pub fn decode(
+        wg: u32,
+        tc: u32,
+        (hq, hk, h, p, np, d): (usize, usize, usize, usize, usize, usize),
+        rope: u64,
+        tiles: u64,
+    ) -> u64 {
+        let (wg, tc) = (wg as u64, tc as u64);
+        let (hq, hk, h, p, np, d) = (hq as u64, hk as u64, h as u64, p as u64, np as u64, d as u64);
+        let (half, rows, tp) = (d / 2, h * np, tc * p);
+        let opt = (rows * half).div_ceil(wg);
+        let fixed = (rows * half).div_ceil(wg) * (1 + hq + rope) + 2 * rows.div_ceil(wg) + 2 * opt;
+        let per_head = 1
+            + (tp * half).div_ceil(wg) * (1 + hk + rope) // 2b: mix and rotate
+            + (np * tp).div_ceil(wg) * (1 + d)           // 2c: scores
+            + np.div_ceil(wg) * (1 + 2 * tp)             // 2d: softmax
+            + opt + ((np * half).div_ceil(wg) + 1) * tp; // 2e: P V
+        let per_tile = 1 + (tc * hk * half).div_ceil(wg) + h * per_head;
+        fixed + tiles * per_tile
     }
 
     pub fn combine(p: &Problem, splits: usize, wg: u32) -> u64 {
@@ -323,8 +400,7 @@ fn dispatches(
                 None => TARGET_WORKGROUPS.div_ceil(base).min(MAX_SPLITS).min(key_tiles / MIN_TILES_PER_SPLIT).max(1),
             };
             if let Some(budget) = loop_budget {
-                let rope = rope_levels(problem)?;
-                let per_workgroup = |tiles: usize| loops::flash(problem, (br, bc, wg), tiles, rope);
+                let per_workgroup = |tiles: usize| loops::flash(problem, (br, bc, wg), tiles);
                 let iterations = |splits: usize| per_workgroup(key_tiles.div_ceil(splits));
                 if splits.is_none() {
                     // Fewest splits whose share of key tiles stays under the budget.
@@ -344,7 +420,7 @@ fn dispatches(
         }
         Variant::Naive => {
             if let Some(budget) = loop_budget {
-                let iterations = loops::naive(problem, max_keys(problem), rope_levels(problem)?);
+                let iterations = loops::naive(problem, max_keys(problem));
                 if iterations > budget {
                     return Err(over_budget("naive", iterations, budget));
                 }
@@ -379,17 +455,20 @@ fn dispatches(
     Ok(Dispatches { attention, combine, epilogue, q_tiles, splits: to_u32("splits", n_splits)?, op_len, part_len })
 }
 
-/// Levels of the RoPE table: bytes of the largest position (virtual or token) of the call.
-fn rope_levels(problem: &Problem) -> Result<u32> {
-    if problem.cfg.rope.is_none() {
-        return Ok(0);
-    }
-    let max_pos = problem.cfg.pos_offset as u64 + (problem.m * problem.cfg.pseudo) as u64 - 1;
-    let levels = (64 - max_pos.leading_zeros()).div_ceil(8).max(1);
-    if levels > 4 {
+/// Rows of the RoPE table: the positions of the call, `[pos0, pos0 + rows)` (virtual positions
+/// reach `pos0 + M·P − 1`, token positions `pos0 + M − 1`); 0 without RoPE. Positions are u32 in
+/// the kernels.
+fn rope_rows(problem: &Problem) -> Result<u32> {
+    let Some(rope) = problem.cfg.rope else { return Ok(0) };
+    let rows = match rope.mode {
+        PosMode::Virtual => problem.m * problem.cfg.pseudo,
+        PosMode::Token => problem.m,
+    };
+    let max_pos = problem.cfg.pos_offset as u64 + rows as u64 - 1;
+    if max_pos > u32::MAX as u64 {
         return Err(unsupported(format!("RoPE position {max_pos} above 2^32 - 1")));
     }
-    Ok(levels)
+    to_u32("RoPE table rows", rows)
 }
 
 /// Whether a valid problem fits the device: every binding under the adapter's storage-binding
@@ -404,11 +483,12 @@ pub(crate) fn check_limits(
     let c = &problem.cfg;
     let (b, n, m, h, p, d) = (problem.batch, problem.n, problem.m, c.heads, c.pseudo, c.head_dim);
     let es = problem.dtype.size() as u128;
-    let levels = rope_levels(problem)? as u128;
+    let rope_rows = rope_rows(problem)? as u128;
     let weights = ((c.q_heads + 2 * c.kv_heads) * h * p) as u128
         + if problem.collapse { (h * h * p) as u128 } else { 0 }
-        + if problem.norm { (h * d) as u128 } else { 0 }
-        + levels * 256 * d as u128;
+        + if problem.norm { 2 * (h * d) as u128 } else { 0 }
+        + rope_rows * d as u128
+        + 3 * (h * p) as u128; // selection tables
     let out_len: u128 = problem.out_shape().iter().map(|&x| x as u128).product();
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
     let bindings = [
@@ -450,4 +530,39 @@ pub(crate) fn grid(total: u32, limits: &wgpu::Limits) -> Result<(u32, u32)> {
         return Err(unsupported(format!("{total} workgroups exceed the {max} x {max} grid")));
     }
     Ok((x, y))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, DType, Rope};
+
+    fn problem(cfg: Config, n: usize, m: usize) -> Problem {
+        Problem::new(&cfg.with_pos_offset(0), 1, n, m, DType::F32, false, false).map(|mut p| { p.cfg = cfg; p }).unwrap()
+    }
+
+    #[test]
+    fn rope_table_rows_are_the_positions_of_the_call() {
+        // Row r holds position pos0 + r: cos/sin of (pos0 + r)·base^(−2t/d) formed in f64.
+        let (pos0, d, base) = (4_000_000_000usize, 8, 10000.0f64);
+        let t = rope_position_table(3, pos0, d, base);
+        assert_eq!(t.len(), 3 * (d / 2) * 2);
+        for r in 0..3 {
+            for k in 0..d / 2 {
+                let ang = (pos0 + r) as f64 * base.powf(-2.0 * k as f64 / d as f64);
+                let i = (r * d / 2 + k) * 2;
+                assert_eq!((t[i], t[i + 1]), (ang.cos() as f32, ang.sin() as f32), "row {r} t {k}");
+            }
+        }
+        // Virtual positions reach pos0 + M·P − 1, token positions pos0 + M − 1.
+        let cfg = Config::iha(2, 3, 16).with_rope(Rope { base: 10000.0, mode: PosMode::Virtual });
+        assert_eq!(rope_rows(&problem(cfg, 5, 7)).unwrap(), 21);
+        let cfg = cfg.with_rope(Rope { base: 10000.0, mode: PosMode::Token });
+        assert_eq!(rope_rows(&problem(cfg, 5, 7)).unwrap(), 7);
+        assert_eq!(rope_rows(&problem(Config::iha(2, 3, 16), 5, 7)).unwrap(), 0, "no RoPE, no table");
+        // A position past u32 is refused by name.
+        let cfg = cfg.with_pos_offset(u32::MAX as usize - 3);
+        let e = rope_rows(&problem(cfg, 5, 7)).unwrap_err().to_string();
+        assert!(e.contains("RoPE position"), "{e}");
+    }
 }

@@ -23,7 +23,8 @@ headmix run [options]     one forward pass, checked against the f64 reference, t
   --head-dim d      head dimension                                      (default 64)
   --dtype T         f32 | f16 | bf16                                    (default f32)
   --window L,R      sliding window in virtual tokens (overrides iha-local's)
-  --causal / --non-causal, --rope, --seed S, --reps R (timed repetitions, default 5)";
+  --causal / --non-causal, --rope, --seed S, --reps R (timed repetitions, default 5)
+  --backward        also run the backward (random dout): every gradient's error, its time";
 
 const KNOWN: &[&str] = &[
     "config",
@@ -42,6 +43,7 @@ const KNOWN: &[&str] = &[
     "rope",
     "seed",
     "reps",
+    "backward",
 ];
 
 /// Build the configuration named on the command line.
@@ -95,13 +97,13 @@ pub fn backend_from(a: &Args) -> Result<Box<dyn Backend>, String> {
     }
 }
 
-fn step(msg: &str) -> Instant {
+pub fn step(msg: &str) -> Instant {
     eprint!("{msg} ... ");
     let _ = std::io::stderr().flush();
     Instant::now()
 }
 
-fn done(t: Instant) {
+pub fn done(t: Instant) {
     eprintln!("done ({:.2} s)", t.elapsed().as_secs_f64());
 }
 
@@ -110,7 +112,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
         println!("{HELP}");
         return Ok(());
     }
-    let a = Args::parse(args, &["causal", "non-causal", "rope"])?;
+    let a = Args::parse(args, &["causal", "non-causal", "rope", "backward"])?;
     if let Some(u) = a.unknown(KNOWN).first() {
         return Err(format!("unknown option --{u}\n{HELP}"));
     }
@@ -210,6 +212,9 @@ pub fn main(args: &[String]) -> Result<(), String> {
             );
         }
         _ => println!("time           {:.3} ms (one call, wall clock)", first * 1e3),
+    }
+    if a.flag("backward") {
+        crate::run_backward::main(backend.as_ref(), &problem, &w, (&qo, &ko, &vo), &out, &lse, seed)?;
     }
     Ok(())
 }

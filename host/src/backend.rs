@@ -104,6 +104,15 @@ pub trait Backend: Send + Sync {
         self.run_backward(&problem, w, io)
     }
 
+    /// Allocate a device-resident KV cache storage for `shape` on this backend's device (see
+    /// [`crate::cache::KvCache::new_on`]); `None`: this backend keeps caches in host memory.
+    fn new_cache_storage(
+        &self,
+        _shape: &crate::cache::CacheShape,
+    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+        Ok(None)
+    }
+
     /// Validate, then run: the entry point for host slices.
     fn forward(&self, cfg: &Config, w: &Weights, io: Io<'_>) -> Result<()> {
         let problem = validate(cfg, w, &io.q, &io.k, &io.v, &io.out, io.lse.as_deref())?;

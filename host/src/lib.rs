@@ -2,7 +2,7 @@
 //!
 //! Attention in which heads mix before the softmax: standard MHA and GQA, Multi-head Explicit
 //! Attention (MEA) and Interleaved Head Attention (IHA) are configurations of one operator, defined
-//! in `shared/spec/attention.md` and implemented by every backend:
+//! in `docs/operator.md` of the headmix repository and implemented by every backend:
 //!
 //! * **CUDA**: flash-style kernels compiled at run time by NVRTC (no CUDA toolkit to build);
 //! * **wgpu**: WGSL kernels on any Vulkan, Metal, DX12 or WebGPU device;

@@ -1,6 +1,6 @@
 //! Pure-Rust reference of head-mixing attention.
 //!
-//! This crate is the contract of `shared/spec/attention.md` written as plainly as possible, so that
+//! This crate is the contract of `docs/operator.md` (in the headmix repository) written as plainly as possible, so that
 //! every headmix kernel can be checked against it. Two independent implementations check each other:
 //!
 //! * [`attention`] follows the definition step by step (mix, interleave, RoPE, mask, softmax,

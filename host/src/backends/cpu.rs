@@ -78,6 +78,7 @@ impl Backend for CpuBackend {
     /// Flash-decoding on the host: the cache split into chunks, each attended separately, then
     /// combined by log-sum-exp (the algorithm device kernels follow, written out).
     fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
+        crate::decode::check_host_cache(io.cache, BackendKind::Cpu)?;
         crate::decode::split::decode_host(problem, w, io, None)
     }
 }

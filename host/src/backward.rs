@@ -2,6 +2,7 @@
 //! its validation, and the adapter from [`Weights`] to the reference's backward layer.
 //! The mathematics is in `docs/backward.md`.
 
+use headmix_reference::Real;
 use headmix_reference::backward::{Grads, Layer, NormWeights};
 
 use crate::timing::Owned;
@@ -190,7 +191,19 @@ impl GradBuffers {
 /// The f64 reference gradients of a problem (its own f64 forward for `out` and `lse`), from f32
 /// values of the inputs, weights and `dout`.
 pub fn reference_grads(problem: &Problem, w: &Weights, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> Grads<f64> {
-    let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    reference_grads_in::<f64>(problem, w, q, k, v, dout)
+}
+
+/// [`reference_grads`] computed in `T` (f32 gives "the reference run in the same precision").
+pub fn reference_grads_in<T: Real>(
+    problem: &Problem,
+    w: &Weights,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+) -> Grads<T> {
+    let f = |x: &[f32]| x.iter().map(|&v| T::from_f64(v as f64)).collect::<Vec<T>>();
     let (aq, ak, av) = (f(&w.aq), f(&w.ak), f(&w.av));
     let (r, gamma, b) = (w.r.as_deref().map(f), w.gamma.as_deref().map(f), beta(w).map(f));
     let norm = gamma.as_deref().map(|gamma| match b.as_deref() {

@@ -7,7 +7,7 @@
 
 use headmix::reference::backward::direct::{Fault, backward_with_fault};
 use headmix::reference::backward::{Grads, Layer, NormWeights, forward, unfused};
-use headmix::reference::{MixWeights, Params, PosMode, attention, rel_err};
+use headmix::reference::{HeadNorm, MixWeights, NormKind, Params, PosMode, attention, rel_err};
 use headmix::{DType, Rng};
 use headmix_tests::cases::{Kind, Limits, Spec, specs};
 use headmix_tests::{check_property, normals};
@@ -38,7 +38,7 @@ impl Problem {
         let w = &case.weights;
         let p = case.problem.params();
         let mut rng = Rng::new(spec.seed ^ 0xbac4);
-        let beta = (group && w.gamma.is_some()).then(|| normals(&mut rng, p.h * p.d, 0.3));
+        let beta = (group && w.norm.is_some()).then(|| normals(&mut rng, p.h * p.d, 0.3));
         let g = normals(&mut rng, p.out_len(w.r.is_some()), 1.0);
         Problem {
             q: f(&case.q),
@@ -48,7 +48,7 @@ impl Problem {
             ak: f(&w.ak),
             av: f(&w.av),
             r: w.r.as_deref().map(f),
-            gamma: w.gamma.as_deref().map(f),
+            gamma: w.norm.as_ref().map(|n| f(n.gamma())),
             beta,
             g,
             p,
@@ -229,7 +229,7 @@ fn finite_differences_every_named_configuration() {
                     pos_offset: 3,
                     scale: None,
                     collapse: matches!(kind, Kind::Iha | Kind::IhaLocal),
-                    norm: matches!(kind, Kind::Mea | Kind::MeaCompressed) || group,
+                    norm: (matches!(kind, Kind::Mea | Kind::MeaCompressed) || group).then_some(NormKind::Rms),
                     dtype: DType::F32,
                     seed: (ki * 10 + ri) as u64,
                 };
@@ -263,12 +263,12 @@ fn backward_forward_is_the_operator() {
         pos_offset: 0,
         scale: None,
         collapse: true,
-        norm: true,
+        norm: Some(NormKind::Rms),
         dtype: DType::F32,
         seed: 4,
     };
     let pb = Problem::from_spec(&spec, false);
-    let mix = MixWeights { aq: &pb.aq, ak: &pb.ak, av: &pb.av, r: pb.r.as_deref(), gamma: pb.gamma.as_deref() };
+    let mix = MixWeights { aq: &pb.aq, ak: &pb.ak, av: &pb.av, r: pb.r.as_deref(), norm: pb.gamma.as_deref().map(|gamma| HeadNorm::Rms { gamma }) };
     let a = attention(&pb.p, &pb.q, &pb.k, &pb.v, &mix);
     let layer = Layer::from_mix(&mix);
     assert!(matches!(layer.norm, Some(NormWeights::Rms { .. })));
@@ -295,7 +295,7 @@ fn group_norm_dbeta_is_the_sum_of_dout() {
         pos_offset: 0,
         scale: None,
         collapse: false,
-        norm: true,
+        norm: Some(NormKind::Rms),
         dtype: DType::F32,
         seed: 9,
     };
@@ -331,7 +331,7 @@ fn negative_controls_fail_the_finite_difference_check() {
         pos_offset: 1,
         scale: None,
         collapse: true,
-        norm: true,
+        norm: Some(NormKind::Rms),
         dtype: DType::F32,
         seed: 21,
     };
@@ -370,7 +370,7 @@ fn rope_reaches_the_gradients() {
         pos_offset: 0,
         scale: None,
         collapse: true,
-        norm: false,
+        norm: None,
         dtype: DType::F32,
         seed: 5,
     };

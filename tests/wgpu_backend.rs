@@ -12,7 +12,8 @@ use headmix::backends::wgpu::{DeviceIo, Variant, WgpuBackend, wgpu};
 use headmix::reference::Rounding;
 use headmix::timing::Owned;
 use headmix::{
-    Backend, BackendKind, Config, DType, Error, Io, PosMode, Problem, Rng, Rope, Tensor, TensorMut, Weights,
+    Backend, BackendKind, Config, DType, Error, HeadNorm, Io, NormKind, PosMode, Problem, Rng, Rope, Tensor, TensorMut,
+    Weights,
 };
 use headmix_tests::{Case, check_property, device_or_skip};
 use proptest::prelude::*;
@@ -55,7 +56,7 @@ struct Shape {
     rope: Option<PosMode>,
     pos0: usize,
     collapse: bool,
-    norm: bool,
+    norm: Option<NormKind>,
     seed: u64,
 }
 
@@ -100,7 +101,11 @@ impl Shape {
         let mut rng = Rng::new(self.seed ^ 0xc011);
         let (h, p, d) = (cfg.heads, cfg.pseudo, cfg.head_dim);
         w.r = self.collapse.then(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt()));
-        w.gamma = self.norm.then(|| (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect());
+        let gamma: Vec<f32> = (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect();
+        w.norm = self.norm.map(|kind| match kind {
+            NormKind::Rms => HeadNorm::Rms { gamma },
+            NormKind::Group => HeadNorm::Group { gamma, beta: rng.normal_vec(h * d, 0.5) },
+        });
         w
     }
 
@@ -120,7 +125,7 @@ fn shapes(max_n: usize, dims: &'static [usize]) -> impl Strategy<Value = Shape> 
             prop_oneof![Just(None), Just(Some(PosMode::Virtual)), Just(Some(PosMode::Token))],
             prop_oneof![Just(0usize), 1..=50usize, 60_000..=70_000usize],
         ),
-        (any::<bool>(), any::<bool>(), any::<u64>()),
+        (any::<bool>(), proptest::option::of(prop_oneof![Just(NormKind::Group), Just(NormKind::Rms)]), any::<u64>()),
     )
         .prop_map(
             |((method, b, n, extra_m, h, src), (p, d, causal), (window, rope, pos0), (collapse, norm, seed))| Shape {
@@ -203,7 +208,8 @@ fn multi_tile_cases(be: &WgpuBackend, what: &str) {
     let case = Case::random(cfg, w, 1, 61, 83, DType::F32, 2);
     case.check(be, &format!("multi-tile iha-local, M > N, rope, {what}"));
     // Non-causal two-sided window with norm and no collapse, d = 128 (smaller tiles).
-    let cfg = Config::mea(2, 128).with_window(20, 13).with_rope(Rope { base: 500.0, mode: PosMode::Token });
+    let cfg =
+        Config::mea(2, 128).with_causal(false).with_window(20, 13).with_rope(Rope { base: 500.0, mode: PosMode::Token });
     let case = Case::random(cfg, Weights::random(&cfg, 3), 2, 50, 70, DType::F32, 4);
     case.check(be, &format!("multi-tile mea, two-sided window, d = 128, {what}"));
     // Global causal IHA, batch 2, 400 virtual queries per head: many query and key tiles.
@@ -310,7 +316,7 @@ fn low_precision_outputs_round_to_nearest() {
             }
             let case = Case::random(cfg, w, 1, 12, 14, dtype, 16);
             let wide = Case {
-                problem: Problem { dtype: DType::F32, ..case.problem },
+                problem: Problem::for_weights(&cfg, &case.weights, 1, 12, 14, DType::F32).unwrap(),
                 weights: case.weights.clone(),
                 q: case.q.clone(),
                 k: case.k.clone(),
@@ -367,10 +373,10 @@ fn typed_errors_for_bad_and_oversized_input() {
     // A narrow window keeps the work per workgroup small (llvmpipe's loop budget plays no part).
     let cfg = Config::mha(4, 64).with_window(64, 0);
     let n = (max / (4 * 4 * 64)) as usize + 1; // one token more than fits
-    let big = Problem { cfg, batch: 1, n, m: n, dtype: DType::F32, collapse: false, norm: false };
+    let big = Problem::new(&cfg, 1, n, n, DType::F32, false, false).unwrap();
     let e = wb.supports(&big).expect_err("over the binding limit");
     assert!(matches!(&e, Error::Unsupported { backend: "wgpu", why } if why.contains("q needs")), "{e}");
-    let ok = Problem { n: n - 1, m: n - 1, ..big };
+    let ok = Problem::new(&cfg, 1, n - 1, n - 1, DType::F32, false, false).unwrap();
     wb.supports(&ok).expect("just fits");
 
     // The zero-copy entry point refuses buffers that are too small or not STORAGE.
@@ -387,15 +393,15 @@ fn typed_errors_for_bad_and_oversized_input() {
     let e = wb.forward_buffers(&cfg, &w, 1, 5, 4, DType::F32, io).expect_err("N > M");
     assert!(matches!(e, Error::QueryLongerThanKeys { .. }), "{e}");
 
-    // wgpu's own validation errors come back as `Error::Device`, not panics (here the output
-    // buffer also bound as the read-only query); the backend stays usable.
+    // An output also bound as the read-only query is refused up front as `Error::Alias`
+    // (issue 11), not left to wgpu's validation; the backend stays usable.
     let s = wgpu::BufferUsages::STORAGE;
     let (q, out) = (buf(4 * 4 * 2 * 32, s), buf(4 * 4 * 2 * 32, s));
     let io = DeviceIo { q: &out, k: &q, v: &q, out: &out, lse: None };
     let cfg = Config::mha(2, 32);
     let w = Weights::random(&cfg, 3);
     let e = wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect_err("aliased in/out");
-    assert!(matches!(e, Error::Device { backend: "wgpu", .. }), "{e}");
+    assert_eq!(e, Error::Alias { what: "out buffer", other: "q buffer" });
     let io = DeviceIo { q: &q, k: &q, v: &q, out: &out, lse: None };
     wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect("still usable after errors");
 }
@@ -468,11 +474,28 @@ fn timing_reports_device_time() {
         let wb = WgpuBackend::new().expect("adapter present").with_variant(variant).with_kv_splits(splits);
         let cfg = Config::iha(2, 2, 32);
         let w = Weights::random(&cfg, 1);
-        let problem = Problem { cfg, batch: 1, n: 16, m: 16, dtype: DType::F16, collapse: true, norm: false };
+        let problem = Problem::new(&cfg, 1, 16, 16, DType::F16, true, false).unwrap();
         let t = wb.time(&problem, &w, 3).expect("timed");
         assert_eq!(t.seconds.len(), 3);
         assert!(t.seconds.iter().all(|&s| s > 0.0 && s < 10.0), "{:?}", t.seconds);
         assert_eq!(t.clock, if wb.has_timestamps() { "wgpu timestamps" } else { "wall clock (submit + wait)" });
         assert!(t.extra_bytes > 0);
     }
+}
+
+/// IHA-local: each virtual query sees exactly W·P keys (itself included), flash and naive
+/// kernels; the count fails at the old width W·P + 1.
+#[test]
+fn iha_local_window_sees_exactly_wp_keys() {
+    let Some(be) = flash("iha_local_window_sees_exactly_wp_keys") else { return };
+    headmix_tests::check_iha_local_window(be.as_ref(), "wgpu flash");
+    let nv = naive("iha_local_window_sees_exactly_wp_keys").expect("adapter present");
+    headmix_tests::check_iha_local_window(&nv, "wgpu naive");
+}
+
+/// MEA's GroupNorm in the WGSL epilogue (with and without collapse), with its negative controls.
+#[test]
+fn mea_group_norm_with_negative_controls() {
+    let Some(be) = flash("mea_group_norm_with_negative_controls") else { return };
+    headmix_tests::check_group_norm(be.as_ref(), "wgpu flash");
 }

@@ -98,7 +98,7 @@ mod tests {
     use headmix::{Config, DType};
 
     fn problem(cfg: Config, batch: usize, n: usize, m: usize, dtype: DType, collapse: bool) -> Problem {
-        Problem { cfg, batch, n, m, dtype, collapse, norm: false }
+        Problem::new(&cfg, batch, n, m, dtype, collapse, false).unwrap()
     }
 
     /// Visible pairs by brute force over the reference's own mask.
@@ -188,7 +188,7 @@ mod tests {
 
     fn decode_problem(cfg: Config, stored: Vec<usize>, n: usize, dtype: DType, collapse: bool) -> DecodeProblem {
         let batch = stored.len();
-        DecodeProblem { cfg, batch, n, dtype, collapse, norm: false, stored, pos0: vec![0; batch] }
+        DecodeProblem::new(&cfg, n, dtype, collapse, false, stored, vec![0; batch]).unwrap()
     }
 
     #[test]

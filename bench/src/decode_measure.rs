@@ -121,15 +121,7 @@ pub fn run_case(dev: &Device, case: &DecodeCase, reps: usize) -> Result<Vec<Row>
 pub fn forward_problem(case: &DecodeCase) -> Result<Problem, String> {
     let cfg = case.config()?;
     let w = case.weights()?;
-    Ok(Problem {
-        cfg,
-        batch: case.batch,
-        n: NEW_TOKENS,
-        m: case.held()?,
-        dtype: case.dtype,
-        collapse: w.r.is_some(),
-        norm: w.gamma.is_some(),
-    })
+    Problem::for_weights(&cfg, &w, case.batch, NEW_TOKENS, case.held()?, case.dtype).map_err(|e| e.to_string())
 }
 
 /// The device baseline of a decode case: its attention as a forward pass with `N = 1` on keys
@@ -145,16 +137,8 @@ pub fn run_forward_case(dev: &Device, case: &DecodeCase, reps: usize) -> Result<
     headmix::validate::validate_config(&fp.cfg).map_err(|e| e.to_string())?;
     backend.supports(&fp).map_err(|e| e.to_string())?;
     let t = timer::time(backend, &fp, &w, reps).map_err(|e| e.to_string())?;
-    let p = DecodeProblem {
-        cfg: fp.cfg,
-        batch: fp.batch,
-        n: fp.n,
-        dtype: fp.dtype,
-        collapse: fp.collapse,
-        norm: fp.norm,
-        stored: vec![fp.m; fp.batch],
-        pos0: vec![0; fp.batch],
-    };
+    let p = DecodeProblem::new(&fp.cfg, fp.n, fp.dtype, fp.collapse, fp.norm, vec![fp.m; fp.batch], vec![0; fp.batch])
+        .map_err(|e| e.to_string())?;
     let mut r = row(dev, case, &p, &t, false, FORWARD_N1)?;
     r.extra_bytes = (dev.kind() != BackendKind::Cpu).then_some(t.extra_bytes);
     Ok(vec![r])

@@ -111,15 +111,7 @@ pub fn problem(case: &Case, backend: &dyn Backend) -> Result<(Problem, Weights),
     if case.batch == 0 || case.n == 0 || case.n > case.m {
         return Err(format!("bad sizes B={} N={} M={}", case.batch, case.n, case.m));
     }
-    let p = Problem {
-        cfg,
-        batch: case.batch,
-        n: case.n,
-        m: case.m,
-        dtype: case.dtype,
-        collapse: w.r.is_some(),
-        norm: w.gamma.is_some(),
-    };
+    let p = Problem::for_weights(&cfg, &w, case.batch, case.n, case.m, case.dtype).map_err(|e| e.to_string())?;
     backend.supports(&p).map_err(|e| e.to_string())?;
     Ok((p, w))
 }

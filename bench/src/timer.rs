@@ -96,9 +96,9 @@ mod tests {
     #[test]
     fn small_problems_rotate_many_sets_large_ones_few() {
         let cfg = Config::iha(4, 2, 64);
-        let small = Problem { cfg, batch: 1, n: 64, m: 64, dtype: DType::F32, collapse: true, norm: false };
+        let small = Problem::new(&cfg, 1, 64, 64, DType::F32, true, false).unwrap();
         assert_eq!(input_sets(&small), MAX_SETS);
-        let large = Problem { n: 1 << 16, m: 1 << 16, ..small };
+        let large = Problem::new(&cfg, 1, 1 << 16, 1 << 16, DType::F32, true, false).unwrap();
         assert_eq!(input_sets(&large), 2);
     }
 
@@ -107,7 +107,7 @@ mod tests {
         let cpu = headmix::open(BackendKind::Cpu).unwrap();
         let cfg = Config::iha(2, 2, 8);
         let w = Weights::random(&cfg, 3);
-        let p = Problem { cfg, batch: 1, n: 8, m: 8, dtype: DType::BF16, collapse: true, norm: false };
+        let p = Problem::new(&cfg, 1, 8, 8, DType::BF16, true, false).unwrap();
         let t = time(cpu.as_ref(), &p, &w, 5).unwrap();
         assert_eq!(t.seconds.len(), 5);
         assert!(t.seconds.iter().all(|&s| s > 0.0 && s.is_finite()));

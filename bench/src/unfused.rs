@@ -13,6 +13,7 @@
 
 use std::time::Instant;
 
+use headmix::reference::{HeadNorm, apply_head_norm};
 use headmix::{Backend, Config, DType, Io, Problem, Rng, Tensor, TensorMut, Weights, replication};
 use rayon::prelude::*;
 
@@ -89,16 +90,8 @@ pub fn attention_problem(problem: &Problem) -> Result<(Problem, Weights), String
         cfg = cfg.with_window(win.left, win.right);
     }
     let w = Weights::identity(&cfg);
-    let p = Problem {
-        cfg,
-        batch: problem.batch,
-        n: problem.n * c.pseudo,
-        m: problem.m * c.pseudo,
-        dtype: problem.dtype,
-        collapse: false,
-        norm: false,
-    };
-    headmix::validate::validate_config(&p.cfg).map_err(|e| e.to_string())?;
+    let p = Problem::new(&cfg, problem.batch, problem.n * c.pseudo, problem.m * c.pseudo, problem.dtype, false, false)
+        .map_err(|e| e.to_string())?;
     Ok((p, w))
 }
 
@@ -126,11 +119,11 @@ pub fn mix(x: &[f32], a: &[f32], b: usize, s: usize, hs: usize, h: usize, p: usi
 }
 
 /// After the attention: `o: [B, N, P, H, d]` to the output: collapsed by `r` into `[B, N, H, d]`
-/// (else de-interleaved into `[B, N, H, P, d]`), then the head norm by `gamma`.
+/// (else de-interleaved into `[B, N, H, P, d]`), then the head norm (`Group` or `Rms`).
 pub fn collapse(
     o: &[f32],
     r: Option<&[f32]>,
-    gamma: Option<&[f32]>,
+    norm: Option<HeadNorm<&[f32]>>,
     eps: f32,
     b: usize,
     n: usize,
@@ -165,15 +158,9 @@ pub fn collapse(
                 }
             }
         }
-        if let Some(g) = gamma {
+        if let Some(norm) = &norm {
             let vecs_per_head = if r.is_some() { 1 } else { p };
-            for (idx, v) in ot.chunks_mut(d).enumerate() {
-                let hh = idx / vecs_per_head;
-                let rms = (v.iter().map(|e| e * e).sum::<f32>() / d as f32 + eps).sqrt();
-                for (e, &gt) in v.iter_mut().zip(&g[hh * d..][..d]) {
-                    *e = gt * *e / rms;
-                }
-            }
+            apply_head_norm(norm, ot, h, d, vecs_per_head, eps as f64);
         }
     });
     out
@@ -245,7 +232,7 @@ pub fn time(
     if host_stages && s.collapse {
         let o = random_sets(b * problem.n * p * h * d);
         let r = if problem.collapse { w.r.as_deref() } else { None };
-        let g = if problem.norm { w.gamma.as_deref() } else { None };
+        let g = if problem.norm { w.norm.as_ref().map(|n| n.as_slices()) } else { None };
         let seconds = time_host_stage(reps, |i| {
             std::hint::black_box(collapse(&o[i % sets], r, g, c.norm_eps, b, problem.n, h, p, d));
         });
@@ -295,7 +282,7 @@ pub fn forward(
         return Ok(o);
     }
     let r = if problem.collapse { w.r.as_deref() } else { None };
-    let g = if problem.norm { w.gamma.as_deref() } else { None };
+    let g = if problem.norm { w.norm.as_ref().map(|n| n.as_slices()) } else { None };
     Ok(collapse(&o, r, g, c.norm_eps, b, n, h, p, d))
 }
 
@@ -306,7 +293,7 @@ mod tests {
     use headmix::{BackendKind, Method};
 
     fn problem(cfg: Config, w: &Weights, batch: usize, n: usize, m: usize) -> Problem {
-        Problem { cfg, batch, n, m, dtype: DType::F32, collapse: w.r.is_some(), norm: w.gamma.is_some() }
+        Problem::for_weights(&cfg, w, batch, n, m, DType::F32).unwrap()
     }
 
     #[test]

@@ -32,15 +32,7 @@ fn peers_plan_equals_the_rust_sweeps_case_by_case() {
         assert_eq!(plan.len(), cases.len(), "{} {device}: number of cases", sweep.name());
         for (py, case) in plan.iter().zip(&cases) {
             let w = case.weights().unwrap();
-            let p = Problem {
-                cfg: case.config().unwrap(),
-                batch: case.batch,
-                n: case.n,
-                m: case.m,
-                dtype: case.dtype,
-                collapse: w.r.is_some(),
-                norm: w.gamma.is_some(),
-            };
+            let p = Problem::for_weights(&case.config().unwrap(), &w, case.batch, case.n, case.m, case.dtype).unwrap();
             let label = case.label();
             assert_eq!(py["label"], label.as_str());
             assert_eq!(py["flops"].as_f64().unwrap(), count::flops(&p), "{label}: FLOPs");

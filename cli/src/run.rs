@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use headmix::reference::{MixWeights, Rounding, rel_err};
 use headmix::timing::{Owned, random_inputs};
-use headmix::{Backend, BackendKind, Config, DType, Io, Problem, Rope, Weights};
+use headmix::{Backend, BackendKind, Config, DType, Io, NormKind, Problem, Rope, Weights};
 
 use crate::args::Args;
 
@@ -22,8 +22,12 @@ headmix run [options]     one forward pass, checked against the f64 reference, t
   --pseudo P        pseudo-heads per head for iha                       (default 2)
   --head-dim d      head dimension                                      (default 64)
   --dtype T         f32 | f16 | bf16                                    (default f32)
-  --window L,R      sliding window in virtual tokens (overrides iha-local's)
-  --causal / --non-causal, --rope, --seed S, --reps R (timed repetitions, default 5)
+  --causal B        true | false: causal mask (default true for every configuration)
+  --norm K          head norm: group | rms | none   (default group for mea / mea-compressed,
+                    MEA's GroupNorm(H, H*d); none for the others)
+  --window L,R      sliding window in virtual tokens: each query sees L keys before its own and R
+                    after (overrides iha-local's (W*P-1, 0))
+  --rope, --seed S, --reps R (timed repetitions, default 5)
   --backward        also run the backward (random dout): every gradient's error, its time";
 
 const KNOWN: &[&str] = &[
@@ -39,7 +43,7 @@ const KNOWN: &[&str] = &[
     "dtype",
     "window",
     "causal",
-    "non-causal",
+    "norm",
     "rope",
     "seed",
     "reps",
@@ -62,11 +66,8 @@ pub fn config_from(a: &Args, n: usize) -> Result<Config, String> {
         "iha-local" => Config::iha_local(h, p, d, n).map_err(e)?,
         other => return Err(format!("--config: unknown configuration {other:?}")),
     };
-    if a.flag("causal") {
-        cfg.causal = true;
-    }
-    if a.flag("non-causal") {
-        cfg.causal = false;
+    if let Some(c) = a.str("causal") {
+        cfg.causal = c.parse().map_err(|_| format!("--causal takes true or false, not {c:?}"))?;
     }
     if a.flag("rope") {
         cfg.rope = Some(Rope::default());
@@ -112,7 +113,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
         println!("{HELP}");
         return Ok(());
     }
-    let a = Args::parse(args, &["causal", "non-causal", "rope", "backward"])?;
+    let a = Args::parse(args, &["rope", "backward"])?;
     if let Some(u) = a.unknown(KNOWN).first() {
         return Err(format!("unknown option --{u}\n{HELP}"));
     }
@@ -123,11 +124,18 @@ pub fn main(args: &[String]) -> Result<(), String> {
     let seed: u64 = a.get("seed", 1)?;
     let dtype = DType::parse(a.str("dtype").unwrap_or("f32")).ok_or("--dtype: f32, f16 or bf16")?;
     let cfg = config_from(&a, n)?;
-    let w = Weights::random(&cfg, seed);
+    let mut w = Weights::random(&cfg, seed);
+    if let Some(kind) = a.str("norm") {
+        let kind = match kind {
+            "none" => None,
+            k => Some(NormKind::parse(k).ok_or_else(|| format!("--norm takes group, rms or none, not {k:?}"))?),
+        };
+        w = w.with_norm_kind(kind, &cfg);
+    }
     let backend = backend_from(&a)?;
 
     let c = &cfg;
-    let mut problem = Problem { cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() };
+    let mut problem = Problem::for_weights(&cfg, &w, batch, n, m, dtype).map_err(|e| e.to_string())?;
     let (q, k, v) = random_inputs(&problem, seed);
     let (qo, ko, vo) = (Owned::from_f32(dtype, &q), Owned::from_f32(dtype, &k), Owned::from_f32(dtype, &v));
     let out_shape = problem.out_shape();
@@ -136,7 +144,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
     let (qs, ks) = ([batch, n, c.q_heads, c.head_dim], [batch, m, c.kv_heads, c.head_dim]);
 
     println!(
-        "configuration  {} H={} Hq={} Hk={} P={} d={} causal={} window={:?} rope={}",
+        "configuration  {} H={} Hq={} Hk={} P={} d={} causal={} window={:?} rope={} norm={}",
         c.method.name(),
         c.heads,
         c.q_heads,
@@ -145,7 +153,8 @@ pub fn main(args: &[String]) -> Result<(), String> {
         c.head_dim,
         c.causal,
         c.window.map(|w| (w.left, w.right)),
-        c.rope.is_some()
+        c.rope.is_some(),
+        w.norm.as_ref().map_or("none", |n| n.kind().name())
     );
     println!("sizes          B={batch} N={n} M={m} dtype={}", dtype.name());
     println!("backend        {} ({})", backend.kind(), backend.device_name());
@@ -177,8 +186,9 @@ pub fn main(args: &[String]) -> Result<(), String> {
     params.rounding = Rounding::Exact;
     let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
     let (aq, ak, av) = (f(&w.aq), f(&w.ak), f(&w.av));
-    let (r, g) = (w.r.as_deref().map(f), w.gamma.as_deref().map(f));
-    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: g.as_deref() };
+    let r = w.r.as_deref().map(f);
+    let norm = w.norm.as_ref().map(|n| n.map(|v| f(v)));
+    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), norm: norm.as_ref().map(|n| n.as_slices()) };
     let reference = headmix::reference::attention(&params, &f(&qo.to_f32()), &f(&ko.to_f32()), &f(&vo.to_f32()), &mix);
     done(t);
     let err = rel_err(&out.to_f32(), &reference.out);

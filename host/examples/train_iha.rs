@@ -12,7 +12,7 @@
 
 use headmix::backward::GradBuffers;
 use headmix::timing::Owned;
-use headmix::{Backend, BackwardIo, Config, DType, Io, Problem, Rng, Tensor, TensorMut, Weights};
+use headmix::{Backend, BackwardIo, Config, DType, HeadNorm, Io, Problem, Rng, Tensor, TensorMut, Weights};
 
 /// The layer and the data of the synthetic task.
 pub struct Task {
@@ -34,7 +34,7 @@ impl Task {
         let len = batch * n * 2 * 8;
         let (q, k, v) = (rng.normal_vec(len, 1.0), rng.normal_vec(len, 1.0), rng.normal_vec(len, 1.0));
         let mut teacher = Weights::random(&cfg, seed ^ 1);
-        teacher.gamma = Some((0..2 * 8).map(|_| (1.0 + 0.3 * rng.normal()) as f32).collect());
+        teacher.norm = Some(HeadNorm::Rms { gamma: (0..2 * 8).map(|_| (1.0 + 0.3 * rng.normal()) as f32).collect() });
         let mut task = Task { cfg, batch, n, q, k, v, target: vec![] };
         task.target = task.forward(backend, &teacher)?.0;
         Ok(task)
@@ -67,15 +67,7 @@ impl Task {
         let loss = out.iter().zip(&self.target).map(|(o, t)| ((o - t) as f64).powi(2)).sum::<f64>() / (2.0 * len);
         let dout: Vec<f32> = out.iter().zip(&self.target).map(|(o, t)| ((o - t) as f64 / len) as f32).collect();
         let s = self.shape();
-        let problem = Problem {
-            cfg: self.cfg,
-            batch: self.batch,
-            n: self.n,
-            m: self.n,
-            dtype: DType::F32,
-            collapse: w.r.is_some(),
-            norm: w.gamma.is_some(),
-        };
+        let problem = Problem::new(&self.cfg, self.batch, self.n, self.n, DType::F32, w.r.is_some(), w.norm.is_some())?;
         let mut g = GradBuffers::new(&problem, w, f32::NAN);
         let (dq, dk, dv, dw) = g.outputs(&s, &s);
         let out_o = Owned::F32(out);
@@ -106,7 +98,9 @@ struct Adam {
 fn params(w: &mut Weights) -> Vec<&mut Vec<f32>> {
     let mut p = vec![&mut w.aq, &mut w.ak, &mut w.av];
     p.extend(w.r.as_mut());
-    p.extend(w.gamma.as_mut());
+    if let Some(HeadNorm::Rms { gamma } | HeadNorm::Group { gamma, .. }) = w.norm.as_mut() {
+        p.push(gamma);
+    }
     p
 }
 
@@ -142,7 +136,7 @@ impl Adam {
 pub fn fit(backend: &dyn Backend, steps: usize, lr: f64, log: bool) -> headmix::Result<Vec<f64>> {
     let task = Task::new(backend, 2, 16, 7)?;
     let mut student = Weights::random(&task.cfg, 1234);
-    student.gamma = Some(vec![1.0; task.cfg.heads * task.cfg.head_dim]);
+    student.norm = Some(HeadNorm::Rms { gamma: vec![1.0; task.cfg.heads * task.cfg.head_dim] });
     let mut adam = Adam { m: vec![], v: vec![], t: 0 };
     let mut losses = Vec::with_capacity(steps);
     for step in 0..steps {

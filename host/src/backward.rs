@@ -48,17 +48,19 @@ pub struct BackwardIo<'a> {
     pub dw: WeightGrads<'a>,
 }
 
-/// The Group norm's `beta` of the weights. [`Weights`] carries the Rms `gamma` only until the
-/// Group norm lands; this and [`layer`] are the places that change then.
-fn beta(_w: &Weights) -> Option<&[f32]> {
-    None
+/// The Group norm's `beta` of the weights, if they carry a Group norm.
+fn beta(w: &Weights) -> Option<&[f32]> {
+    match &w.norm {
+        Some(crate::HeadNorm::Group { beta, .. }) => Some(beta),
+        _ => None,
+    }
 }
 
 /// The reference's backward layer of the weights.
 pub fn layer(w: &Weights) -> Layer<'_, f32> {
-    let norm = w.gamma.as_deref().map(|gamma| match beta(w) {
-        Some(beta) => NormWeights::Group { gamma, beta },
-        None => NormWeights::Rms { gamma },
+    let norm = w.norm.as_ref().map(|n| match n {
+        crate::HeadNorm::Group { gamma, beta } => NormWeights::Group { gamma, beta },
+        crate::HeadNorm::Rms { gamma } => NormWeights::Rms { gamma },
     });
     Layer { aq: &w.aq, ak: &w.ak, av: &w.av, r: w.r.as_deref(), norm }
 }
@@ -107,7 +109,7 @@ pub fn validate_backward(cfg: &Config, w: &Weights, io: &BackwardIo) -> Result<P
     check_optional(
         "dgamma",
         len(&io.dw.dgamma),
-        w.gamma.as_ref().map(|_| h * d),
+        w.norm.as_ref().map(|_| h * d),
         "dgamma (the weights have no head norm: pass None)",
     )?;
     check_optional(
@@ -148,7 +150,7 @@ impl GradBuffers {
             dak: like(&w.ak),
             dav: like(&w.av),
             dr: w.r.as_ref().map(like),
-            dgamma: w.gamma.as_ref().map(like),
+            dgamma: w.norm.as_ref().map(|n| like(n.gamma())),
             dbeta: beta(w).map(|b| vec![fill; b.len()]),
         }
     }
@@ -205,7 +207,7 @@ pub fn reference_grads_in<T: Real>(
 ) -> Grads<T> {
     let f = |x: &[f32]| x.iter().map(|&v| T::from_f64(v as f64)).collect::<Vec<T>>();
     let (aq, ak, av) = (f(&w.aq), f(&w.ak), f(&w.av));
-    let (r, gamma, b) = (w.r.as_deref().map(f), w.gamma.as_deref().map(f), beta(w).map(f));
+    let (r, gamma, b) = (w.r.as_deref().map(f), w.norm.as_ref().map(|n| f(n.gamma())), beta(w).map(f));
     let norm = gamma.as_deref().map(|gamma| match b.as_deref() {
         Some(beta) => NormWeights::Group { gamma, beta },
         None => NormWeights::Rms { gamma },

@@ -9,7 +9,9 @@
 //! layer's weight `[H·d, D]` (e.g. `model.layers.3.self_attn.k_proj.weight`, give `H`) or per-head
 //! `[H, D, d]`; written back: `<prefix>.{k,v}_components` (same layout, `Hk` heads) and
 //! `<prefix>.{ak,av}` `[Hk, H, 1]`. Use the result with [`crate::Config::mea_compressed`]; a layer
-//! with its own learned mixing gets it folded in by [`fold_mixing`].
+//! with its own learned mixing gets it folded in by [`fold_mixing`]. The output holds no norm
+//! weights: the layer keeps the model's own head norm (MEA's GroupNorm, weight and bias of `H·d`
+//! channels = [`crate::HeadNorm::Group`] `{ gamma, beta }` reshaped to `[H, d]`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,6 +46,9 @@ Output tensors (f32), per layer:
                                      c-th component, D x d); Config::mea_compressed(H, Hk, d)
   <prefix>.v_components, <prefix>.av   the same for values
 Rank: 1 <= Hk <= min(H, D*d); Hk = H is exact.
+Head norm: not written (the compression does not change it). Run the compressed layer with the
+model's own MEA GroupNorm (weight and bias [H*d], i.e. PyTorch GroupNorm(H, H*d), reshaped to
+[H, d]) as headmix's HeadNorm::Group { gamma, beta }.
 ";
 
 /// What can go wrong in a compression.
@@ -113,7 +118,9 @@ impl Projection {
         heads: Option<usize>,
     ) -> Result<Projection, CompressError> {
         let bad = |why: String| CompressError::Tensor { name: name.to_string(), why };
-        if data.len() != shape.iter().product::<usize>() || data.is_empty() {
+        // The product in checked arithmetic: a shape whose product overflows matches no data.
+        let elements = shape.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x));
+        if elements != Some(data.len()) || data.is_empty() {
             return Err(bad(format!("shape {shape:?} does not match {} values", data.len())));
         }
         match *shape {
@@ -281,6 +288,17 @@ fn layer_names(st: &SafeTensors) -> Result<Vec<(String, String, String)>, Compre
     }
     if layers.is_empty() {
         return Err(CompressError::Format("no <prefix>.k_proj tensors found (see --help)".into()));
+    }
+    // `l.0.k_proj` and `l.0.k_proj.weight` name one layer twice: its outputs would collide.
+    let mut prefixes: Vec<&(String, String, String)> = layers.iter().collect();
+    prefixes.sort_by(|a, b| a.0.cmp(&b.0));
+    for pair in prefixes.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            return Err(CompressError::Tensor {
+                name: pair[1].1.clone(),
+                why: format!("layer {} also has {}: one projection per layer, remove one", pair[1].0, pair[0].1),
+            });
+        }
     }
     let number = |p: &str| p.split('.').filter_map(|s| s.parse::<usize>().ok()).next_back().unwrap_or(usize::MAX);
     layers.sort_by(|a, b| (number(&a.0), &a.0).cmp(&(number(&b.0), &b.0)));

@@ -50,10 +50,12 @@ pub mod split;
 
 use crate::cache::{CacheLayout, KvCache};
 use crate::timing::Owned;
-use crate::validate::{MAX_INDEX, Problem, validate, validate_config, validate_weights};
+use crate::validate::{Checked, MAX_INDEX, Problem, validate, validate_config, validate_weights};
 use crate::{Backend, Config, DType, Data, DataMut, Error, Io, PosMode, Result, Tensor, TensorMut, Weights};
 
-/// A validated decode call.
+/// A validated decode call. Only validation builds one ([`validate_decode`],
+/// [`DecodeProblem::new`]); fields are public to read, and every backend entry validates the
+/// problem again against the call's cache and tensors ([`DecodeProblem::check_io`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeProblem {
     pub cfg: Config,
@@ -64,18 +66,67 @@ pub struct DecodeProblem {
     pub dtype: DType,
     /// Whether the weights carry `r` (output `[B,N,H,d]`), else `[B,N,H,P,d]`.
     pub collapse: bool,
-    /// Whether the weights carry `gamma`.
+    /// Whether the weights carry a head norm.
     pub norm: bool,
     /// Tokens held per sequence (`M` of each sequence's attention).
     pub stored: Vec<usize>,
     /// RoPE offset `pos0` of each sequence's first held token.
     pub pos0: Vec<usize>,
+    checked: Checked,
 }
 
 impl DecodeProblem {
+    /// A decode problem given by sizes (no cache; for models and reports): sequence `b` holds
+    /// `stored[b]` tokens, the first at RoPE offset `pos0[b]`. Validated as a decode call is:
+    /// configuration, `N >= 1`, `N <= stored[b]`, and each sequence's forward problem.
+    pub fn new(
+        cfg: &Config,
+        n: usize,
+        dtype: DType,
+        collapse: bool,
+        norm: bool,
+        stored: Vec<usize>,
+        pos0: Vec<usize>,
+    ) -> Result<DecodeProblem> {
+        validate_config(cfg)?;
+        let batch = stored.len();
+        if batch == 0 {
+            return Err(Error::Empty { what: "batch" });
+        }
+        if pos0.len() != batch {
+            return Err(Error::Length { what: "pos0 (one per sequence)", expected: batch, got: pos0.len() });
+        }
+        if n == 0 {
+            return Err(Error::Empty { what: "query sequence" });
+        }
+        for (&m, &p0) in stored.iter().zip(&pos0) {
+            Problem::new(&cfg.with_pos_offset(p0), 1, n, m, dtype, collapse, norm)?;
+        }
+        Ok(DecodeProblem { cfg: *cfg, batch, n, dtype, collapse, norm, stored, pos0, checked: Checked(()) })
+    }
+
+    /// Validate the call again (the problem's fields may have changed since) and check that it
+    /// is the problem of these weights, cache and tensors: what every decode entry runs first.
+    pub fn check_io(&self, w: &Weights, io: &DecodeIo) -> Result<()> {
+        // (The opt-in finite check already ran when the problem was built.)
+        let mut again = validate_decode(&self.cfg.with_check_finite(false), w, io)?;
+        again.cfg.check_finite = self.cfg.check_finite;
+        if again != *self {
+            return Err(Error::ProblemMismatch {
+                why: format!(
+                    "decode problem has B = {}, N = {}, stored {:?}, pos0 {:?}; the call has B = {}, N = {}, stored {:?}, pos0 {:?}",
+                    self.batch, self.n, self.stored, self.pos0, again.batch, again.n, again.stored, again.pos0
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `[B, N, H, d]` with a collapse or when `P = 1`, else `[B, N, H, P, d]` (as
+    /// [`Problem::out_shape`]; `[B, N, H, 1, d]` is accepted too for `P = 1`).
     pub fn out_shape(&self) -> Vec<usize> {
         let c = &self.cfg;
-        if self.collapse {
+        if self.collapse || c.pseudo == 1 {
             vec![self.batch, self.n, c.heads, c.head_dim]
         } else {
             vec![self.batch, self.n, c.heads, c.pseudo, c.head_dim]
@@ -89,6 +140,7 @@ impl DecodeProblem {
 
     /// The forward problem of sequence `b`: `N` queries against its `stored[b]` keys at `pos0[b]`.
     pub fn sequence(&self, b: usize) -> Problem {
+        // Each sequence's problem was validated when this one was built.
         Problem {
             cfg: self.cfg.with_pos_offset(self.pos0[b]),
             batch: 1,
@@ -97,6 +149,7 @@ impl DecodeProblem {
             dtype: self.dtype,
             collapse: self.collapse,
             norm: self.norm,
+            checked: Checked(()),
         }
     }
 }
@@ -168,13 +221,18 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
         if virt > MAX_INDEX as u128 {
             return Err(Error::TooLarge { what: "M·H·P·d of one sequence", elements: virt, max: MAX_INDEX as u128 });
         }
+        // The sequence's RoPE offset: the same limit as a forward's `pos_offset`, so a decode
+        // accepts exactly the positions a forward over the held tokens accepts.
         let p0 = (cache.first_pos(b)? as u128) * virt_unit as u128 + cfg.pos_offset as u128;
-        let last = p0 + (m as u128) * cfg.pseudo as u128;
-        if last > MAX_INDEX as u128 {
-            return Err(Error::Config { what: "decode position", value: last as f64, why: "above 2^31 - 1" });
+        if p0 > MAX_INDEX as u128 {
+            return Err(Error::Config { what: "pos_offset", value: p0 as f64, why: "above 2^31 - 1" });
         }
         stored.push(m);
         pos0.push(p0 as usize);
+    }
+    if cfg.check_finite {
+        crate::validate::check_finite_data("q", &q.data)?;
+        cache.check_finite()?;
     }
     let problem = DecodeProblem {
         cfg: *cfg,
@@ -182,12 +240,13 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
         n,
         dtype: cs.dtype,
         collapse: w.r.is_some(),
-        norm: w.gamma.is_some(),
+        norm: w.norm.is_some(),
         stored,
         pos0,
+        checked: Checked(()),
     };
     let out_shape = problem.out_shape();
-    if io.out.shape != out_shape {
+    if !(Problem { batch: problem.batch, ..problem.sequence(0) }).accepts_out_shape(&io.out.shape) {
         return Err(Error::Shape { what: "out", expected: out_shape, got: io.out.shape.clone() });
     }
     if io.out.data.len() != out_shape.iter().product::<usize>() {
@@ -286,6 +345,7 @@ pub fn decode_per_sequence<B: Backend + ?Sized>(
     w: &Weights,
     io: DecodeIo<'_>,
 ) -> Result<()> {
+    problem.check_io(w, &io)?;
     let c = &problem.cfg;
     let q_row = problem.n * c.q_heads * c.head_dim;
     let out_row: usize = problem.out_shape()[1..].iter().product();

@@ -4,8 +4,9 @@
 
 use rayon::prelude::*;
 
+use crate::mixing::{mix_into, row_max, selection};
 use crate::rope::rotate;
-use crate::{MixWeights, Output, Params, Real, Rounding};
+use crate::{HeadNorm, MixWeights, Output, Params, Real, Rounding};
 
 /// Mask and scale of textbook attention over `[B, L, H, d]` tensors (bottom-right aligned).
 #[derive(Clone, Copy, Debug)]
@@ -54,11 +55,11 @@ pub fn mha<T: Real>(
                     })
                 })
                 .collect();
-            let max = scores.iter().flatten().cloned().fold(f64::NEG_INFINITY, f64::max);
+            // NaN-aware: a NaN score makes the row NaN (f64::max would drop it).
             let mut o = vec![T::ZERO; d];
-            if max == f64::NEG_INFINITY {
+            let Some(max) = row_max(scores.iter().flatten().cloned()) else {
                 return (o, T::NEG_INFINITY);
-            }
+            };
             let z: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
             let mut acc = vec![0.0f64; d];
             for (j, s) in scores.iter().enumerate() {
@@ -87,19 +88,16 @@ pub fn mha<T: Real>(
 }
 
 /// `x: [B, S, Hs, d]` mixed by `a: [Hs, H, P]` into `[B, S, P, H, d]`, which *is* `[B, S·P, H, d]`.
+/// A selection matrix gathers (see [`crate::mixing`]).
 pub fn materialise<T: Real>(x: &[T], a: &[T], b: usize, s: usize, hs: usize, h: usize, p: usize, d: usize) -> Vec<T> {
+    let sel = selection(a, hs, h, p);
     let mut y = vec![T::ZERO; b * s * p * h * d];
     for bs in 0..b * s {
+        let heads = &x[bs * hs * d..(bs + 1) * hs * d];
         for q in 0..p {
             for hh in 0..h {
                 let dst = &mut y[((bs * p + q) * h + hh) * d..][..d];
-                for m in 0..hs {
-                    let w = a[(m * h + hh) * p + q];
-                    let src = &x[(bs * hs + m) * d..][..d];
-                    for t in 0..d {
-                        dst[t] += w * src[t];
-                    }
-                }
+                mix_into(dst, heads, a, sel.as_deref(), h, p, hh, q);
             }
         }
     }
@@ -164,13 +162,20 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
             out
         }
     };
-    if let Some(gamma) = w.gamma {
-        let heads_per_vec = if w.r.is_some() { 1 } else { pp };
+    // Head norm: view the output as [B·N·(H·width), d] rows of the concatenated channels, one
+    // group per row (PyTorch GroupNorm(H, H·d) for the collapsed [B, N, H·d]), statistics in f64.
+    if let Some(norm) = &w.norm {
+        let width = if w.r.is_some() { 1 } else { pp };
+        let centre = matches!(norm, HeadNorm::Group { .. });
         for (idx, x) in out.chunks_mut(d).enumerate() {
-            let hh = (idx / heads_per_vec) % h;
-            let rms = (x.iter().map(|e| e.to_f64() * e.to_f64()).sum::<f64>() / d as f64 + p.eps).sqrt();
+            let hh = (idx / width) % h;
+            let xs: Vec<f64> = x.iter().map(|e| e.to_f64()).collect();
+            let mu = if centre { xs.iter().sum::<f64>() / d as f64 } else { 0.0 };
+            let var = xs.iter().map(|e| (e - mu) * (e - mu)).sum::<f64>() / d as f64;
+            let sd = (var + p.eps).sqrt();
             for t in 0..d {
-                x[t] = T::from_f64(gamma[hh * d + t].to_f64() * x[t].to_f64() / rms);
+                let shift = norm.beta().map_or(0.0, |b| b[hh * d + t].to_f64());
+                x[t] = T::from_f64(norm.gamma()[hh * d + t].to_f64() * (xs[t] - mu) / sd + shift);
             }
         }
     }

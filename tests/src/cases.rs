@@ -2,7 +2,7 @@
 //! drawn by proptest so failures shrink to a small case. One strategy serves every backend;
 //! each backend suite chooses the head dims and sizes its device runs in reasonable time.
 
-use headmix::{Config, DType, PosMode, Rope, Weights};
+use headmix::{Config, DType, HeadNorm, NormKind, PosMode, Rope, Weights};
 use proptest::prelude::*;
 
 use crate::Case;
@@ -67,7 +67,8 @@ pub struct Spec {
     pub pos_offset: usize,
     pub scale: Option<f32>,
     pub collapse: bool,
-    pub norm: bool,
+    /// The head norm (MEA always has one; `Group` or `Rms` drawn for every method).
+    pub norm: Option<NormKind>,
     pub dtype: DType,
     pub seed: u64,
 }
@@ -82,7 +83,7 @@ impl Spec {
             Kind::Mea => Config::mea(h, d),
             Kind::MeaCompressed => Config::mea_compressed(h, self.kv_heads, d).expect("Hk <= H by construction"),
             Kind::Iha => Config::iha(h, self.pseudo, d),
-            Kind::IhaLocal => Config::iha_window(h, self.pseudo, d, 1),
+            Kind::IhaLocal => Config::iha_window(h, self.pseudo, d, 1), // window replaced below
         };
         c = c.with_causal(self.causal);
         c.window = self.window.map(|(left, right)| headmix::Window { left, right });
@@ -96,7 +97,8 @@ impl Spec {
         c
     }
 
-    /// Random weights of the method, with `r` and `gamma` present as the spec says.
+    /// Random weights of the method, with `r` and the head norm present as the spec says (random
+    /// `gamma` around 1 and, for `Group`, random `beta`: never the identity).
     pub fn weights(&self) -> Weights {
         let cfg = self.config();
         let mut w = Weights::random(&cfg, self.seed ^ 0x9e37_79b9);
@@ -105,8 +107,10 @@ impl Spec {
         w.r = self
             .collapse
             .then(|| w.r.clone().unwrap_or_else(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt())));
-        w.gamma = self.norm.then(|| {
-            w.gamma.clone().unwrap_or_else(|| (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect())
+        let gamma: Vec<f32> = (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect();
+        w.norm = self.norm.map(|kind| match kind {
+            NormKind::Rms => HeadNorm::Rms { gamma },
+            NormKind::Group => HeadNorm::Group { gamma, beta: rng.normal_vec(h * d, 0.5) },
         });
         w
     }
@@ -149,7 +153,7 @@ pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
                 prop_oneof![Just(None), Just(Some(PosMode::Virtual)), Just(Some(PosMode::Token))],
                 0..40usize,
                 prop_oneof![3 => Just(None), 1 => (0.05f32..0.6).prop_map(Some)],
-                (any::<bool>(), any::<bool>(), any::<u64>()),
+                (any::<bool>(), 0..4u8, any::<u64>()),
             )
         })
         .prop_map(
@@ -169,11 +173,17 @@ pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
                 let (collapse_draw, norm_draw, seed) = x;
                 let (causal, window) = match kind {
                     Kind::Iha => (true, None),
-                    Kind::IhaLocal => (true, Some((window.map_or(pseudo, |(l, _)| l + 1), 0))),
+                    Kind::IhaLocal => (true, Some((window.map_or(pseudo - 1, |(l, _)| l + 1), 0))),
                     _ => (causal, window),
                 };
                 let collapse = collapse_draw;
-                let norm = matches!(kind, Kind::Mea | Kind::MeaCompressed) || norm_draw;
+                // MEA: the paper's Group norm 2/3 of the time, else Rms; others: none half the time.
+                let mea = matches!(kind, Kind::Mea | Kind::MeaCompressed);
+                let norm = match (mea, norm_draw) {
+                    (true, 0 | 1 | 2) | (false, 2) => Some(NormKind::Group),
+                    (_, 3) | (true, _) => Some(NormKind::Rms),
+                    (false, _) => None,
+                };
                 Spec {
                     kind,
                     batch,

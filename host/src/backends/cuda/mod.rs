@@ -8,6 +8,8 @@
 //! - `common.cuh`: the argument block `HmArgs`, storage types and f16/bf16 conversions written
 //!   with inline PTX (no `cuda_fp16.h`), warp reductions, the mask and RoPE positions;
 //! - `traits.cuh`: v1 tile sizes per head-dim capacity (the "kernel traits");
+//! - `norm.cuh`: the head norm (`Rms`, or MEA's `Group` with `beta`) as three device functions
+//!   (`hm_norm_mean`, `hm_norm_inv`, `hm_norm_apply`) every kernel that finishes rows calls;
 //! - one kernel file.
 //!
 //! A variant is (kernel version, dtype, head-dim capacity `HM_HD` in 32/64/96/128/256, mask kind
@@ -412,6 +414,8 @@ impl Backend for CudaBackend {
     }
 
     fn run(&self, pb: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
+        pb.check_io(w, &io)?;
+        self.supports(pb)?;
         let s = &self.stream;
         let dw = self.upload_weights(&pb.cfg, w, s)?;
         let q = s.clone_htod(io.q.data.bytes()).map_err(drv("copying q"))?;
@@ -451,8 +455,10 @@ impl Backend for CudaBackend {
     /// CUDA events around [`CudaBackend::forward_device`] on device-resident random inputs, with
     /// the weights uploaded once (as a model would hold them).
     fn time(&self, pb: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
+        pb.check(w)?;
+        self.supports(pb)?;
         let s = &self.stream;
-        let (q, k, v) = crate::timing::random_inputs(pb, 1);
+        let (q, k, v) = crate::timing::try_random_inputs(pb, 1)?;
         let out_len: usize = pb.out_shape().iter().product();
         let dw = self.upload_weights(&pb.cfg, w, s)?;
         let mut seconds = Vec::with_capacity(reps);

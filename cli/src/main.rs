@@ -4,6 +4,7 @@ mod args;
 mod compress;
 mod info;
 mod run;
+mod run_backward;
 
 const HELP: &str = "\
 headmix — fused head-mixing attention (IHA, MEA, GQA, MHA) on CUDA, wgpu or the CPU

@@ -27,7 +27,8 @@ headmix run [options]     one forward pass, checked against the f64 reference, t
                     MEA's GroupNorm(H, H*d); none for the others)
   --window L,R      sliding window in virtual tokens: each query sees L keys before its own and R
                     after (overrides iha-local's (W*P-1, 0))
-  --rope, --seed S, --reps R (timed repetitions, default 5)";
+  --rope, --seed S, --reps R (timed repetitions, default 5)
+  --backward        also run the backward (random dout): every gradient's error, its time";
 
 const KNOWN: &[&str] = &[
     "config",
@@ -46,6 +47,7 @@ const KNOWN: &[&str] = &[
     "rope",
     "seed",
     "reps",
+    "backward",
 ];
 
 /// Build the configuration named on the command line.
@@ -96,13 +98,13 @@ pub fn backend_from(a: &Args) -> Result<Box<dyn Backend>, String> {
     }
 }
 
-fn step(msg: &str) -> Instant {
+pub fn step(msg: &str) -> Instant {
     eprint!("{msg} ... ");
     let _ = std::io::stderr().flush();
     Instant::now()
 }
 
-fn done(t: Instant) {
+pub fn done(t: Instant) {
     eprintln!("done ({:.2} s)", t.elapsed().as_secs_f64());
 }
 
@@ -111,7 +113,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
         println!("{HELP}");
         return Ok(());
     }
-    let a = Args::parse(args, &["rope"])?;
+    let a = Args::parse(args, &["rope", "backward"])?;
     if let Some(u) = a.unknown(KNOWN).first() {
         return Err(format!("unknown option --{u}\n{HELP}"));
     }
@@ -220,6 +222,9 @@ pub fn main(args: &[String]) -> Result<(), String> {
             );
         }
         _ => println!("time           {:.3} ms (one call, wall clock)", first * 1e3),
+    }
+    if a.flag("backward") {
+        crate::run_backward::main(backend.as_ref(), &problem, &w, (&qo, &ko, &vo), &out, &lse, seed)?;
     }
     Ok(())
 }

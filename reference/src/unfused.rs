@@ -86,13 +86,14 @@ pub fn mha<T: Real>(
     (o, lse)
 }
 
-/// `x: [B, S, Hs, d]` mixed by `a: [Hs, H, P]` into `[B, S, P, H, d]`, which *is* `[B, S·P, H, d]`.
+/// `x: [B, S, Hs, d]` mixed by `a: [Hs, H, P]` into `[B, S, P, H, d]`, which *is* `[B, S·P, H, d]`
+/// (parallel over tokens; the benchmarks' unfused pipeline runs this as its mix stage).
 pub fn materialise<T: Real>(x: &[T], a: &[T], b: usize, s: usize, hs: usize, h: usize, p: usize, d: usize) -> Vec<T> {
     let mut y = vec![T::ZERO; b * s * p * h * d];
-    for bs in 0..b * s {
+    y.par_chunks_mut(p * h * d).enumerate().for_each(|(bs, yt)| {
         for q in 0..p {
             for hh in 0..h {
-                let dst = &mut y[((bs * p + q) * h + hh) * d..][..d];
+                let dst = &mut yt[(q * h + hh) * d..][..d];
                 for m in 0..hs {
                     let w = a[(m * h + hh) * p + q];
                     let src = &x[(bs * hs + m) * d..][..d];
@@ -102,7 +103,7 @@ pub fn materialise<T: Real>(x: &[T], a: &[T], b: usize, s: usize, hs: usize, h: 
                 }
             }
         }
-    }
+    });
     y
 }
 
@@ -134,46 +135,62 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
     let mask = Mask { causal: p.causal, window: p.window };
     let (o, lse) = mha(&qt, &kt, &vt, b, lq, lk, h, d, p.scale, mask);
 
-    // Reshape back: o is [B, N, P, H, d]; pseudo outputs are [B, N, H, P, d].
-    let mut op = vec![T::ZERO; o.len()];
-    for bn in 0..b * p.n {
+    let mut out = collapse(&o, w.r, w.gamma, p.eps, b, p.n, h, pp, d);
+    round_all(p.rounding, &mut out);
+    Output { out, lse }
+}
+
+/// After the attention: `o: [B, N, P, H, d]` (the `N·P` virtual tokens) reshaped back to pseudo
+/// outputs `[B, N, H, P, d]`, collapsed by `r: [H, H·P]` into `[B, N, H, d]` when given, then
+/// the head norm by `gamma: [H, d]` when given (parallel over tokens; the benchmarks' unfused
+/// pipeline runs this as its collapse stage).
+pub fn collapse<T: Real>(
+    o: &[T],
+    r: Option<&[T]>,
+    gamma: Option<&[T]>,
+    eps: f64,
+    b: usize,
+    n: usize,
+    h: usize,
+    pp: usize,
+    d: usize,
+) -> Vec<T> {
+    let per_token = if r.is_some() { h * d } else { h * pp * d };
+    let mut out = vec![T::ZERO; b * n * per_token];
+    out.par_chunks_mut(per_token).enumerate().for_each(|(bn, ot)| {
+        // Reshape back: pseudo output (h, q) is virtual token q of head h.
+        let mut op = vec![T::ZERO; h * pp * d];
         for q in 0..pp {
             for hh in 0..h {
                 let src = &o[((bn * pp + q) * h + hh) * d..][..d];
-                op[((bn * h + hh) * pp + q) * d..][..d].copy_from_slice(src);
+                op[(hh * pp + q) * d..][..d].copy_from_slice(src);
             }
         }
-    }
-    // Collapse as a matrix product per token: [H, H·P] × [H·P, d].
-    let mut out = match w.r {
-        None => op,
-        Some(r) => {
-            let mut out = vec![T::ZERO; b * p.n * h * d];
-            for bn in 0..b * p.n {
-                let x = &op[bn * h * pp * d..(bn + 1) * h * pp * d];
+        // Collapse as a matrix product per token: [H, H·P] × [H·P, d].
+        match r {
+            None => ot.copy_from_slice(&op),
+            Some(r) => {
                 for row in 0..h {
                     for t in 0..d {
                         let mut acc = 0.0f64;
                         for c in 0..h * pp {
-                            acc += r[row * h * pp + c].to_f64() * x[c * d + t].to_f64();
+                            acc += r[row * h * pp + c].to_f64() * op[c * d + t].to_f64();
                         }
-                        out[(bn * h + row) * d + t] = T::from_f64(acc);
+                        ot[row * d + t] = T::from_f64(acc);
                     }
                 }
             }
-            out
         }
-    };
-    if let Some(gamma) = w.gamma {
-        let heads_per_vec = if w.r.is_some() { 1 } else { pp };
-        for (idx, x) in out.chunks_mut(d).enumerate() {
-            let hh = (idx / heads_per_vec) % h;
-            let rms = (x.iter().map(|e| e.to_f64() * e.to_f64()).sum::<f64>() / d as f64 + p.eps).sqrt();
-            for t in 0..d {
-                x[t] = T::from_f64(gamma[hh * d + t].to_f64() * x[t].to_f64() / rms);
+        if let Some(gamma) = gamma {
+            let heads_per_vec = if r.is_some() { 1 } else { pp };
+            for (idx, x) in ot.chunks_mut(d).enumerate() {
+                let hh = idx / heads_per_vec;
+                let rms = (x.iter().map(|e| e.to_f64() * e.to_f64()).sum::<f64>() / d as f64 + eps).sqrt();
+                for t in 0..d {
+                    x[t] = T::from_f64(gamma[hh * d + t].to_f64() * x[t].to_f64() / rms);
+                }
             }
         }
-    }
-    round_all(p.rounding, &mut out);
-    Output { out, lse }
+    });
+    out
 }

@@ -2,25 +2,10 @@
 //! drawn by proptest so failures shrink to a small case. One strategy serves every backend;
 //! each backend suite chooses the head dims and sizes its device runs in reasonable time.
 
-use headmix::{Config, DType, PosMode, Rope, Weights};
+use headmix::{Config, DType, Method, PosMode, Rope, Weights};
 use proptest::prelude::*;
 
 use crate::Case;
-
-/// Which named method a random problem is built as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Mha,
-    Gqa,
-    Mea,
-    MeaCompressed,
-    Iha,
-    IhaLocal,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::Mha, Kind::Gqa, Kind::Mea, Kind::MeaCompressed, Kind::Iha, Kind::IhaLocal];
-}
 
 /// Limits of a random problem.
 #[derive(Clone, Debug)]
@@ -52,7 +37,8 @@ impl Default for Limits {
 /// One random problem, before its values are drawn.
 #[derive(Clone, Debug)]
 pub struct Spec {
-    pub kind: Kind,
+    /// The named method (one of [`Method::ALL`]).
+    pub kind: Method,
     pub batch: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -76,14 +62,8 @@ impl Spec {
     /// The configuration this spec describes.
     pub fn config(&self) -> Config {
         let (h, d) = (self.heads, self.head_dim);
-        let mut c = match self.kind {
-            Kind::Mha => Config::mha(h, d),
-            Kind::Gqa => Config::gqa(h, self.kv_heads, d).expect("divisor by construction"),
-            Kind::Mea => Config::mea(h, d),
-            Kind::MeaCompressed => Config::mea_compressed(h, self.kv_heads, d).expect("Hk <= H by construction"),
-            Kind::Iha => Config::iha(h, self.pseudo, d),
-            Kind::IhaLocal => Config::iha_window(h, self.pseudo, d, 1),
-        };
+        // IHA local's window is drawn below; its constructor's is replaced.
+        let mut c = self.kind.config(h, self.kv_heads, self.pseudo, d, 1).expect("valid by construction");
         c = c.with_causal(self.causal);
         c.window = self.window.map(|(left, right)| headmix::Window { left, right });
         if let Some(mode) = self.rope {
@@ -121,7 +101,7 @@ impl Spec {
 pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
     let l = limits.clone();
     (
-        prop::sample::select(Kind::ALL.to_vec()),
+        prop::sample::select(Method::ALL.to_vec()),
         1..=l.max_heads,
         1..=l.max_pseudo,
         prop::sample::select(l.head_dims.clone()),
@@ -130,12 +110,12 @@ pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
         .prop_flat_map(move |(kind, heads, pseudo, head_dim, dtype)| {
             let l = limits.clone();
             let pseudo = match kind {
-                Kind::Iha | Kind::IhaLocal => pseudo.min(heads.max(1)).max(1),
+                Method::Iha | Method::IhaLocal => pseudo.min(heads.max(1)).max(1),
                 _ => 1,
             };
             let kv_choices: Vec<usize> = match kind {
-                Kind::Gqa => (1..=heads).filter(|g| heads % g == 0).collect(),
-                Kind::MeaCompressed => (1..=heads).collect(),
+                Method::Gqa => (1..=heads).filter(|g| heads % g == 0).collect(),
+                Method::MeaCompressed => (1..=heads).collect(),
                 _ => vec![heads],
             };
             (
@@ -168,12 +148,12 @@ pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
             )| {
                 let (collapse_draw, norm_draw, seed) = x;
                 let (causal, window) = match kind {
-                    Kind::Iha => (true, None),
-                    Kind::IhaLocal => (true, Some((window.map_or(pseudo, |(l, _)| l + 1), 0))),
+                    Method::Iha => (true, None),
+                    Method::IhaLocal => (true, Some((window.map_or(pseudo, |(l, _)| l + 1), 0))),
                     _ => (causal, window),
                 };
                 let collapse = collapse_draw;
-                let norm = matches!(kind, Kind::Mea | Kind::MeaCompressed) || norm_draw;
+                let norm = matches!(kind, Method::Mea | Method::MeaCompressed) || norm_draw;
                 Spec {
                     kind,
                     batch,

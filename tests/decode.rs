@@ -29,6 +29,7 @@ enum Kind {
     Mea,
     MeaCompressed,
     Gqa,
+    Mha,
 }
 
 #[derive(Clone, Debug)]
@@ -62,6 +63,7 @@ impl Scenario {
             Kind::Mea => Config::mea(h, d).with_causal(true),
             Kind::MeaCompressed => Config::mea_compressed(h, self.hk, d).unwrap().with_causal(true),
             Kind::Gqa => Config::gqa(h, self.hk, d).unwrap().with_causal(true),
+            Kind::Mha => Config::mha(h, d).with_causal(true),
         };
         let cfg = cfg.with_pos_offset(self.pos_offset);
         match self.rope {
@@ -98,6 +100,17 @@ impl Scenario {
         } else {
             let cap = (0..self.batch()).map(|b| self.len(b)).max().unwrap();
             KvCache::for_config(&cfg, self.batch(), cap, self.dtype).unwrap()
+        }
+    }
+
+    /// [`Scenario::cache`] on a backend's device.
+    fn cache_on(&self, on: &dyn Backend) -> KvCache {
+        let cfg = self.cfg();
+        if cfg.window.is_some() {
+            KvCache::ring_on(on, &cfg, self.batch(), self.max_step(), self.dtype).unwrap()
+        } else {
+            let cap = (0..self.batch()).map(|b| self.len(b)).max().unwrap();
+            KvCache::for_config_on(on, &cfg, self.batch(), cap, self.dtype).unwrap()
         }
     }
 }
@@ -209,6 +222,17 @@ fn lse_err(got: &[f32], want: &[f64]) -> f64 {
 /// cache, ragged), then decode `steps` tokens at a time for the whole batch; compare everything
 /// with the reference forward over the whole sequences.
 fn run_scenario(s: &Scenario, prefill: &dyn Backend, via: Via, control: Control) -> Errors {
+    run_scenario_on(s, prefill, via, control, None)
+}
+
+/// [`run_scenario`] with the cache on `cache_on`'s device (host memory when `None`).
+fn run_scenario_on(
+    s: &Scenario,
+    prefill: &dyn Backend,
+    via: Via,
+    control: Control,
+    cache_on: Option<&dyn Backend>,
+) -> Errors {
     let cfg = s.cfg();
     let w = s.weights();
     let (hq, hk, h, p, d) = (cfg.q_heads, cfg.kv_heads, cfg.heads, cfg.pseudo, cfg.head_dim);
@@ -218,7 +242,10 @@ fn run_scenario(s: &Scenario, prefill: &dyn Backend, via: Via, control: Control)
     let mut errs = Errors::default();
 
     // Prefill: a forward on each prompt (batch 1), then its stored heads into the cache.
-    let mut cache = s.cache();
+    let mut cache = match cache_on {
+        Some(on) => s.cache_on(on),
+        None => s.cache(),
+    };
     for (b, seq) in seqs.iter().enumerate() {
         let n = s.prompts[b];
         let (q, k, v) = (
@@ -336,6 +363,7 @@ fn heads(kind: Kind) -> BoxedStrategy<(usize, usize, usize)> {
         Kind::Gqa => prop::sample::select(vec![(2usize, 1usize), (4, 2), (4, 1), (6, 3), (6, 2)])
             .prop_map(|(h, g)| (h, g, 1))
             .boxed(),
+        Kind::Mha => (1usize..=4).prop_map(|h| (h, h, 1)).boxed(),
     }
 }
 
@@ -416,6 +444,7 @@ fn fixed(kind: Kind, rope: Option<PosMode>) -> Scenario {
         Kind::Mea => (3, 3, 1),
         Kind::MeaCompressed => (4, 2, 1),
         Kind::Gqa => (4, 2, 1),
+        Kind::Mha => (3, 3, 1),
     };
     Scenario {
         kind,
@@ -909,4 +938,294 @@ fn cache_bytes_headmix_against_unfused() {
     let local = Config::iha_window(8, 4, 64, 16);
     let ring = KvCache::ring(&local, b, 1, DType::BF16).unwrap();
     assert_eq!(ring.bytes(), cache_bytes(&local, b, 17, DType::BF16).headmix);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device-resident caches (wgpu): the decode kernel reads the cache in place.
+
+use headmix::backends::wgpu::WgpuBackend;
+use headmix::cache::{CacheShape, HostTraffic};
+
+/// The wgpu backend with `splits` forced cache splits (`None`: the heuristic), or `None` (skip).
+fn wgpu_or_skip(test: &str, splits: Option<u32>) -> Option<WgpuBackend> {
+    device_or_skip(BackendKind::Wgpu, test)?;
+    Some(WgpuBackend::new().expect("wgpu opened once already").with_kv_splits(splits))
+}
+
+/// Every kind, ragged prompts, random dtype / RoPE / head dims, a random number of cache splits:
+/// prefill on the CPU, decode on a wgpu cache equals the reference over the whole sequences.
+#[test]
+fn prefill_decode_wgpu_device_cache() {
+    let Some(gpu) = wgpu_or_skip("prefill_decode_wgpu_device_cache", None) else { return };
+    let cpu = CpuBackend::new();
+    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa, Kind::Mha] {
+        let name = format!("wgpu device-cache decode {kind:?}");
+        check_property(&name, 4, (scenario(kind), 0usize..=4), |(s, splits)| {
+            let dev = gpu_splits(&gpu, splits);
+            let errs = run_scenario_on(&s, &cpu, Via::Api(&dev), Control::None, Some(&dev));
+            assert_close(&s, &errs, &format!("wgpu device cache, splits {splits}"));
+        });
+    }
+}
+
+/// The backend with a forced split count (0: the heuristic) on the same device.
+fn gpu_splits(gpu: &WgpuBackend, splits: usize) -> WgpuBackend {
+    WgpuBackend::from_device(gpu.adapter_info().clone(), gpu.device().clone(), gpu.queue().clone())
+        .with_kv_splits((splits > 0).then_some(splits as u32))
+}
+
+/// Every dtype on fixed scenarios of every kind, and a long IHA-local generation whose ring
+/// wraps many times; split combine equals a single split.
+#[test]
+fn wgpu_device_decode_fixed_scenarios() {
+    let Some(gpu) = wgpu_or_skip("wgpu_device_decode_fixed_scenarios", None) else { return };
+    let cpu = CpuBackend::new();
+    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa, Kind::Mha] {
+        for (dtype, splits) in [(DType::F32, 1), (DType::F32, 3), (DType::F16, 2), (DType::BF16, 0)] {
+            {
+                let mut s = fixed(kind, Some(PosMode::Virtual));
+                s.dtype = dtype;
+                let dev = gpu_splits(&gpu, splits);
+                let errs = run_scenario_on(&s, &cpu, Via::Api(&dev), Control::None, Some(&dev));
+                assert_close(&s, &errs, &format!("{kind:?} {dtype:?} splits {splits}"));
+            }
+        }
+    }
+    // IHA local: 40 decode steps through a ring of ceil(left / P) + 3 tokens.
+    let mut s = fixed(Kind::IhaLocal, Some(PosMode::Virtual));
+    s.steps = (0..30).map(|i| 1 + i % 3).collect();
+    let cap = s.cache().shape().capacity;
+    assert!(s.len(0) > 10 * cap, "the ring wraps many times ({} tokens, capacity {cap})", s.len(0));
+    let errs = run_scenario_on(&s, &cpu, Via::Api(&gpu), Control::None, Some(&gpu));
+    assert_close(&s, &errs, "long ring");
+}
+
+/// Negative controls on the device path: a perturbed cache and reversed appends are caught.
+#[test]
+fn negative_controls_wgpu_device_decode() {
+    let Some(gpu) = wgpu_or_skip("negative_controls_wgpu_device_decode", None) else { return };
+    let cpu = CpuBackend::new();
+    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::MeaCompressed] {
+        let s = fixed(kind, Some(PosMode::Virtual));
+        for control in [Control::PerturbCache, Control::ReverseStep] {
+            let errs = run_scenario_on(&s, &cpu, Via::Api(&gpu), control, Some(&gpu));
+            assert!(
+                errs.out > tolerance(s.dtype),
+                "{kind:?} {control:?}: the broken decode passed ({:.3e})",
+                errs.out
+            );
+        }
+    }
+}
+
+fn owned_bytes(o: &Owned) -> Vec<u8> {
+    o.tensor(&[owned_len(o)]).data.bytes().to_vec()
+}
+
+fn owned_len(o: &Owned) -> usize {
+    match o {
+        Owned::F32(x) => x.len(),
+        Owned::F16(x) => x.len(),
+        Owned::BF16(x) => x.len(),
+    }
+}
+
+/// Held tokens of every sequence, byte for byte.
+fn held_bytes(c: &KvCache) -> Vec<Vec<u8>> {
+    (0..c.shape().batch)
+        .flat_map(|b| {
+            let (k, v) = c.sequence(b).unwrap();
+            [owned_bytes(&k), owned_bytes(&v)]
+        })
+        .collect()
+}
+
+/// Device append (from host tensors, and device to device from buffers) equals host append
+/// byte for byte: ragged prefill, batched steps, a ring wrapping many times, every dtype.
+#[test]
+fn wgpu_device_append_equals_host_append() {
+    let Some(gpu) = wgpu_or_skip("wgpu_device_append_equals_host_append", None) else { return };
+    let local = Config::iha_window(2, 2, 8, 3); // ring of 3 + max_new tokens
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for cfg in [Config::iha(2, 2, 8), local] {
+            let (b, hk, d) = (3, cfg.kv_heads, cfg.head_dim);
+            let make = |on: Option<&dyn Backend>| match (cfg.window.is_some(), on) {
+                (true, Some(on)) => KvCache::ring_on(on, &cfg, b, 4, dtype).unwrap(),
+                (true, None) => KvCache::ring(&cfg, b, 4, dtype).unwrap(),
+                (false, Some(on)) => KvCache::for_config_on(on, &cfg, b, 64, dtype).unwrap(),
+                (false, None) => KvCache::for_config(&cfg, b, 64, dtype).unwrap(),
+            };
+            let (mut host, mut dev, mut d2d) = (make(None), make(Some(&gpu)), make(Some(&gpu)));
+            assert_eq!(dev.location(), BackendKind::Wgpu);
+            let mut rng = Rng::new(7);
+            let mut draw = |len: usize| Owned::from_f32(dtype, &rng.normal_vec(len, 1.0));
+            let usage = headmix::backends::wgpu::wgpu::BufferUsages::COPY_SRC;
+            let buffer = |o: &Owned| {
+                use headmix::backends::wgpu::wgpu::util::DeviceExt;
+                gpu.device().create_buffer_init(&headmix::backends::wgpu::wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: o.tensor(&[owned_len(o)]).data.bytes(),
+                    usage,
+                })
+            };
+            // Ragged prefill, per sequence.
+            for seq in 0..b {
+                let n = [5, 1, 12][seq];
+                let (k, v) = (draw(n * hk * d), draw(n * hk * d));
+                let shape = [n, hk, d];
+                host.append_seq(seq, &k.tensor(&shape), &v.tensor(&shape)).unwrap();
+                dev.append_seq(seq, &k.tensor(&shape), &v.tensor(&shape)).unwrap();
+                gpu.append_seq_buffers(&mut d2d, seq, &buffer(&k), &buffer(&v), n).unwrap();
+            }
+            // Batched steps of 1..=4 tokens.
+            for step in 0..14 {
+                let n = 1 + step % 4;
+                let (k, v) = (draw(b * n * hk * d), draw(b * n * hk * d));
+                let shape = [b, n, hk, d];
+                host.append(&k.tensor(&shape), &v.tensor(&shape)).unwrap();
+                dev.append(&k.tensor(&shape), &v.tensor(&shape)).unwrap();
+                gpu.append_buffers(&mut d2d, &buffer(&k), &buffer(&v), n).unwrap();
+            }
+            assert_eq!(host.lens(), dev.lens());
+            assert_eq!(host.lens(), d2d.lens());
+            let want = held_bytes(&host);
+            assert_eq!(held_bytes(&dev), want, "{dtype:?} {cfg:?}: host-tensor append");
+            assert_eq!(held_bytes(&d2d), want, "{dtype:?} {cfg:?}: device-to-device append");
+            // The device-to-device path uploaded nothing; reading back is counted.
+            let t = d2d.host_traffic();
+            assert_eq!(t.uploaded, 0);
+            assert!(t.downloaded > 0);
+        }
+    }
+}
+
+/// A decode on a device cache moves no cache byte between host and device: the cache's own
+/// counter does not move, and the backend's traffic per call does not depend on the cache length.
+#[test]
+fn wgpu_device_decode_moves_no_cache_bytes() {
+    let Some(gpu) = wgpu_or_skip("wgpu_device_decode_moves_no_cache_bytes", None) else { return };
+    let cfg = Config::iha(2, 2, 16);
+    let w = Weights::random(&cfg, 3);
+    let (hk, d) = (cfg.kv_heads, cfg.head_dim);
+    let mut per_call = Vec::new();
+    for len in [8usize, 300] {
+        let mut cache = KvCache::for_config_on(&gpu, &cfg, 1, len, DType::F32).unwrap();
+        let kv = Rng::new(1).normal_vec(len * hk * d, 1.0);
+        cache.append(&Tensor::new(&kv, &[1, len, hk, d]), &Tensor::new(&kv, &[1, len, hk, d])).unwrap();
+        let before = (cache.host_traffic(), gpu.host_traffic());
+        let q = Rng::new(2).normal_vec(hk * d, 1.0);
+        let mut out = vec![f32::NAN; 2 * d];
+        let io = DecodeIo {
+            q: Tensor::new(&q, &[1, 1, 2, d]),
+            cache: &cache,
+            out: TensorMut::new(&mut out, &[1, 1, 2, d]),
+            lse: None,
+        };
+        headmix::decode(&gpu, &cfg, &w, io).unwrap();
+        assert!(out.iter().all(|x| x.is_finite()));
+        let after = (cache.host_traffic(), gpu.host_traffic());
+        assert_eq!(after.0, before.0, "the cache's own host traffic moved during decode");
+        let moved = HostTraffic {
+            uploaded: after.1.uploaded - before.1.uploaded,
+            downloaded: after.1.downloaded - before.1.downloaded,
+        };
+        assert!(moved.uploaded + moved.downloaded < (cache.bytes() as u64).max(1), "{moved:?}");
+        per_call.push(moved);
+    }
+    assert_eq!(per_call[0], per_call[1], "decode traffic depends on the cache length");
+    // Negative control: the counters do see a read-back of the cache.
+    let mut cache = KvCache::for_config_on(&gpu, &cfg, 1, 4, DType::F32).unwrap();
+    let kv = vec![0.5f32; 4 * hk * d];
+    cache.append(&Tensor::new(&kv, &[1, 4, hk, d]), &Tensor::new(&kv, &[1, 4, hk, d])).unwrap();
+    let before = cache.host_traffic();
+    cache.sequence(0).unwrap();
+    assert!(cache.host_traffic().downloaded > before.downloaded);
+}
+
+/// Misuse of a device cache is a typed error that writes nothing: another backend, the wrong
+/// layer, overflow.
+#[test]
+fn wgpu_device_cache_errors() {
+    let Some(gpu) = wgpu_or_skip("wgpu_device_cache_errors", None) else { return };
+    let cfg = Config::iha(2, 2, 8);
+    let w = Weights::random(&cfg, 1);
+    let mut cache = KvCache::for_config_on(&gpu, &cfg, 1, 4, DType::F32).unwrap();
+    let kv = vec![0.25f32; 3 * 2 * 8];
+    cache.append(&Tensor::new(&kv, &[1, 3, 2, 8]), &Tensor::new(&kv, &[1, 3, 2, 8])).unwrap();
+    let q = vec![0.5f32; 16];
+    let mut out = vec![f32::NAN; 16];
+    fn io<'a>(q: &'a [f32], cache: &'a KvCache, out: &'a mut [f32]) -> DecodeIo<'a> {
+        DecodeIo { q: Tensor::new(q, &[1, 1, 2, 8]), cache, out: TensorMut::new(out, &[1, 1, 2, 8]), lse: None }
+    }
+    // The CPU backend (and the host split path) refuse a device cache.
+    let e = headmix::decode(&CpuBackend::new(), &cfg, &w, io(&q, &cache, &mut out)).unwrap_err();
+    assert!(matches!(e, Error::Cache { .. }), "{e}");
+    let e = decode_split(&cfg, &w, io(&q, &cache, &mut out), 2).unwrap_err();
+    assert!(matches!(e, Error::Cache { .. }), "{e}");
+    assert!(out.iter().all(|x| x.is_nan()), "an output was written");
+    // The wrong layer.
+    let other = Config::iha(2, 2, 16);
+    let e = headmix::decode(&gpu, &other, &Weights::random(&other, 1), io(&q, &cache, &mut out)).unwrap_err();
+    assert!(matches!(e, Error::Cache { .. } | Error::Shape { .. }), "{e}");
+    // Overflow: 2 more tokens into 1 free slot; nothing written.
+    let before = held_bytes(&cache);
+    let two = vec![9.0f32; 2 * 2 * 8];
+    let e = cache.append(&Tensor::new(&two, &[1, 2, 2, 8]), &Tensor::new(&two, &[1, 2, 2, 8])).unwrap_err();
+    assert!(matches!(e, Error::Cache { .. }), "{e}");
+    assert_eq!(cache.len(0).unwrap(), 3);
+    assert_eq!(held_bytes(&cache), before);
+    // Still usable afterwards.
+    headmix::decode(&gpu, &cfg, &w, io(&q, &cache, &mut out)).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()));
+}
+
+/// B = 8 sequences of 128k tokens with 32 stored heads of d = 128 (2^32 elements per tensor,
+/// above 2^31) pass the cache's checks without allocating: kernels index one sequence with 32
+/// bits and the sequence base with 64. One sequence beyond 2^31 elements is refused.
+#[test]
+fn b8_at_128k_builds() {
+    let shape = CacheShape { batch: 8, capacity: 128 * 1024, kv_heads: 32, head_dim: 128, dtype: DType::BF16 };
+    assert!(shape.elements() > i32::MAX as u128);
+    shape.check().unwrap();
+    let too_long = CacheShape { capacity: 1 << 20, ..shape };
+    assert!(matches!(too_long.check(), Err(Error::TooLarge { .. })));
+}
+
+/// The decode timer of the benchmark: one device time per repetition, and the counted cache
+/// bytes per call equal the stored-head cache size (each held token read once, for all heads).
+#[test]
+fn wgpu_time_decode_counts_the_cache_once() {
+    let Some(gpu) = wgpu_or_skip("wgpu_time_decode_counts_the_cache_once", None) else { return };
+    let cfg = Config::iha(2, 2, 16);
+    let w = Weights::random(&cfg, 5);
+    let (b, len) = (2, 40);
+    let mut cache = KvCache::for_config_on(&gpu, &cfg, b, len, DType::BF16).unwrap();
+    let kv = Owned::from_f32(DType::BF16, &Rng::new(3).normal_vec(b * len * 2 * 16, 1.0));
+    cache.append(&kv.tensor(&[b, len, 2, 16]), &kv.tensor(&[b, len, 2, 16])).unwrap();
+    let (timing, bytes) = gpu.time_decode(&cfg, &w, &cache, 1, 3).unwrap();
+    assert_eq!(timing.seconds.len(), 3);
+    assert!(timing.seconds.iter().all(|s| s.is_finite() && *s >= 0.0), "{timing:?}");
+    assert_eq!(bytes as usize, cache_bytes(&cfg, b, len, DType::BF16).headmix);
+    // A window reads only its band: 3 tokens back plus the new one.
+    let local = Config::iha_window(2, 2, 16, 3);
+    let mut ring = KvCache::for_config_on(&gpu, &local, b, len, DType::BF16).unwrap();
+    ring.append(&kv.tensor(&[b, len, 2, 16]), &kv.tensor(&[b, len, 2, 16])).unwrap();
+    let (_, bytes) = gpu.time_decode(&local, &Weights::random(&local, 5), &ring, 1, 1).unwrap();
+    let band = window_tokens(&local).unwrap() + 1;
+    assert_eq!(bytes as usize, cache_bytes(&local, b, band, DType::BF16).headmix);
+}
+
+/// The same scenarios on a CUDA device cache (runs where a GPU is present).
+#[test]
+fn prefill_decode_cuda_device_cache() {
+    let Some(gpu) = device_or_skip(BackendKind::Cuda, "prefill_decode_cuda_device_cache") else { return };
+    let cpu = CpuBackend::new();
+    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa, Kind::Mha] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut s = fixed(kind, Some(PosMode::Virtual));
+            s.dtype = dtype;
+            let errs = run_scenario_on(&s, &cpu, Via::Api(gpu.as_ref()), Control::None, Some(gpu.as_ref()));
+            assert_close(&s, &errs, &format!("cuda device cache {kind:?} {dtype:?}"));
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! Property suites of the f64 reference: every identity of `shared/spec/attention.md`, on random
+//! Property suites of the f64 reference: every identity of `docs/operator.md`, on random
 //! shapes and fresh random values (normal, never zeros), plus negative controls showing that each
 //! comparison detects a small perturbation.
 //!

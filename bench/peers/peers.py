@@ -207,7 +207,7 @@ def torch_pipelines(torch, c, dev, w):
 
 
 def reference(torch, c, q, k, v, w):
-    """The spec written out (shared/spec/attention.md, steps 1-8) with an explicit mask: the check
+    """The spec written out (docs/operator.md, steps 1-8) with an explicit mask: the check
     that the peers compute headmix's function."""
     b, n, _, d = q.shape
     m, hk = k.shape[1], k.shape[2]

@@ -90,6 +90,29 @@ pub trait Backend: Send + Sync {
         crate::decode::decode_default(self, problem, w, io)
     }
 
+    /// Compute the gradients of a validated backward problem (`docs/backward.md`). Called only
+    /// after [`crate::validate_backward`] and [`Backend::supports`] passed. The default: the
+    /// backend has no backward pass.
+    fn run_backward(&self, _problem: &Problem, _w: &Weights, _io: crate::BackwardIo<'_>) -> Result<()> {
+        Err(crate::Error::Unsupported { backend: self.kind().name(), why: "no backward pass on this backend yet".into() })
+    }
+
+    /// Validate, then compute the gradients: the backward's entry point for host slices.
+    fn backward(&self, cfg: &Config, w: &Weights, io: crate::BackwardIo<'_>) -> Result<()> {
+        let problem = crate::validate_backward(cfg, w, &io)?;
+        self.supports(&problem)?;
+        self.run_backward(&problem, w, io)
+    }
+
+    /// Allocate a device-resident KV cache storage for `shape` on this backend's device (see
+    /// [`crate::cache::KvCache::new_on`]); `None`: this backend keeps caches in host memory.
+    fn new_cache_storage(
+        &self,
+        _shape: &crate::cache::CacheShape,
+    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+        Ok(None)
+    }
+
     /// Validate, then run: the entry point for host slices.
     fn forward(&self, cfg: &Config, w: &Weights, io: Io<'_>) -> Result<()> {
         let problem = validate(cfg, w, &io.q, &io.k, &io.v, &io.out, io.lse.as_deref())?;

@@ -13,22 +13,65 @@
 //!   `O(W)` however long the generation. Older tokens are overwritten (they can never be visible
 //!   again).
 //!
-//! Storage is behind [`KvStorage`] so device-resident caches (CUDA, wgpu) can be added as variants.
+//! Storage is behind [`KvStorage`]: host buffers, or a device-resident [`DeviceKv`] that a
+//! device backend allocates ([`KvCache::new_on`], [`KvCache::ring_on`]): `[B, capacity, Hk, d]`
+//! keys and values in device memory, allocated once, appended on the device (host tokens are
+//! uploaded once, device tokens copied device to device), per-sequence lengths on the device as
+//! well as the host. A decode on the cache's own device reads it in place; its bytes cross to the
+//! host only through [`KvCache::sequence`] / [`KvCache::to_host`], which [`KvCache::host_traffic`]
+//! counts.
+//!
+//! Kernels index within one sequence with 32 bits (`capacity·Hk·d <= 2^31 − 1`) and address the
+//! sequence's base with 64 bits, so `B·capacity·Hk·d` may exceed 2^31 (B = 8 at 128k tokens).
+
+use std::any::Any;
 
 use crate::timing::Owned;
-use crate::{Config, DType, Data, Error, Result, Tensor};
+use crate::{Backend, BackendKind, Config, DType, Data, Error, Result, Tensor};
 
-/// Where a cache's bytes live. Host memory only for now; device backends add their own variants.
+/// Where a cache's bytes live.
 #[non_exhaustive]
 pub enum KvStorage {
     /// Host buffers `[B, capacity, Hk, d]` for keys and values, in the cache's dtype.
     Host { k: Owned, v: Owned },
+    /// Device buffers of a device backend (see [`DeviceKv`]).
+    Device(Box<dyn DeviceKv>),
+}
+
+/// Bytes of cache data that crossed between host and device, counted by a device storage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostTraffic {
+    /// Host to device: the appended tokens' keys and values uploaded from host tensors.
+    pub uploaded: u64,
+    /// Device to host: cache bytes read back ([`KvCache::sequence`], [`KvCache::to_host`]).
+    pub downloaded: u64,
+}
+
+/// A device-resident cache storage: `[B, capacity, Hk, d]` keys and values plus the
+/// per-sequence lengths, in one device's memory. Implemented by the device backends; the
+/// decode kernels of that backend read it in place.
+pub trait DeviceKv: Send + Sync {
+    /// The backend kind whose device holds the buffers.
+    fn backend(&self) -> BackendKind;
+    /// Write `rows` token rows (`Hk·d` elements each) of the host tensors `k`, `v` from element
+    /// `src_at` into sequence `b`, slots `slot..slot + rows` (contiguous, no wrap).
+    fn write_rows(&mut self, b: usize, slot: usize, k: &Data, v: &Data, src_at: usize, rows: usize) -> Result<()>;
+    /// Publish the per-sequence absolute lengths to the device (after the rows are written).
+    fn set_lens(&mut self, lens: &[usize]) -> Result<()>;
+    /// Read the whole key and value buffers back to the host (counted as traffic).
+    fn read_back(&self) -> Result<(Owned, Owned)>;
+    /// Cache bytes moved between host and device so far.
+    fn traffic(&self) -> HostTraffic;
+    /// For the owning backend to downcast to its own storage type.
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 impl std::fmt::Debug for KvStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KvStorage::Host { k, .. } => write!(f, "Host({} elements per tensor)", owned_len(k)),
+            KvStorage::Device(d) => write!(f, "Device({})", d.backend()),
         }
     }
 }
@@ -48,6 +91,14 @@ fn copy_into(dst: &mut Owned, dst_at: usize, src: &Data, src_at: usize, len: usi
         (Owned::F16(d), Data::F16(s)) => d[dst_at..dst_at + len].copy_from_slice(&s[src_at..src_at + len]),
         (Owned::BF16(d), Data::BF16(s)) => d[dst_at..dst_at + len].copy_from_slice(&s[src_at..src_at + len]),
         _ => unreachable!("dtypes are checked before copying"),
+    }
+}
+
+fn clone_owned(o: &Owned) -> Owned {
+    match o {
+        Owned::F32(x) => Owned::F32(x.clone()),
+        Owned::F16(x) => Owned::F16(x.clone()),
+        Owned::BF16(x) => Owned::BF16(x.clone()),
     }
 }
 
@@ -81,6 +132,52 @@ pub struct CacheShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub dtype: DType,
+}
+
+impl CacheShape {
+    /// Elements of one sequence's keys (`capacity·Hk·d`), what kernels index with 32 bits.
+    pub fn seq_elements(&self) -> u128 {
+        (self.capacity as u128) * (self.kv_heads as u128) * (self.head_dim as u128)
+    }
+
+    /// Elements of the keys of all sequences (`B·capacity·Hk·d`; the values as many).
+    pub fn elements(&self) -> u128 {
+        self.batch as u128 * self.seq_elements()
+    }
+
+    /// Bytes of keys and values together.
+    pub fn bytes(&self) -> u128 {
+        2 * self.elements() * self.dtype.size() as u128
+    }
+
+    /// The checks every cache shape passes before anything is allocated: no zero size, one
+    /// sequence within 32-bit kernel indices (`capacity·Hk·d <= 2^31 − 1`), the whole cache
+    /// addressable on this host. `B·capacity·Hk·d` itself may exceed 2^31: kernels address a
+    /// sequence's base with 64 bits.
+    pub fn check(&self) -> Result<()> {
+        for (what, v) in [
+            ("batch", self.batch),
+            ("capacity", self.capacity),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return Err(Error::Cache { why: format!("{what} must be at least 1") });
+            }
+        }
+        let max = crate::validate::MAX_INDEX as u128;
+        if self.seq_elements() > max {
+            return Err(Error::TooLarge {
+                what: "KV cache capacity·Hk·d of one sequence",
+                elements: self.seq_elements(),
+                max,
+            });
+        }
+        if self.bytes() > isize::MAX as u128 {
+            return Err(Error::TooLarge { what: "KV cache bytes", elements: self.bytes(), max: isize::MAX as u128 });
+        }
+        Ok(())
+    }
 }
 
 /// One layer's KV cache.
@@ -119,6 +216,46 @@ impl KvCache {
     /// `ceil(left / P) + max_new` tokens, so a decode may bring up to `max_new` new tokens and
     /// memory stays `O(W)` however long the generation. Errors when `cfg` has no window.
     pub fn ring(cfg: &Config, batch: usize, max_new: usize, dtype: DType) -> Result<KvCache> {
+        let (shape, layout) = KvCache::ring_shape(cfg, batch, max_new, dtype)?;
+        KvCache::build(shape, layout)
+    }
+
+    /// A linear cache shaped for a configuration.
+    pub fn for_config(cfg: &Config, batch: usize, capacity: usize, dtype: DType) -> Result<KvCache> {
+        KvCache::new(batch, capacity, cfg.kv_heads, cfg.head_dim, dtype)
+    }
+
+    /// A linear cache on `backend`'s device (host memory for the CPU backend): `[B, capacity,
+    /// Hk, d]` keys and values allocated once there; decode on that backend reads it in place.
+    pub fn new_on(
+        backend: &dyn Backend,
+        batch: usize,
+        capacity: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> Result<KvCache> {
+        KvCache::build_on(Some(backend), CacheShape { batch, capacity, kv_heads, head_dim, dtype }, CacheLayout::Linear)
+    }
+
+    /// A linear cache shaped for a configuration, on `backend`'s device.
+    pub fn for_config_on(
+        backend: &dyn Backend,
+        cfg: &Config,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+    ) -> Result<KvCache> {
+        KvCache::new_on(backend, batch, capacity, cfg.kv_heads, cfg.head_dim, dtype)
+    }
+
+    /// A ring cache (see [`KvCache::ring`]) on `backend`'s device.
+    pub fn ring_on(backend: &dyn Backend, cfg: &Config, batch: usize, max_new: usize, dtype: DType) -> Result<KvCache> {
+        let (shape, layout) = KvCache::ring_shape(cfg, batch, max_new, dtype)?;
+        KvCache::build_on(Some(backend), shape, layout)
+    }
+
+    fn ring_shape(cfg: &Config, batch: usize, max_new: usize, dtype: DType) -> Result<(CacheShape, CacheLayout)> {
         let w = window_tokens(cfg).filter(|_| ring_fits(cfg)).ok_or_else(|| Error::Cache {
             why: "a ring cache needs a sliding window that is causal or has right edge 0".into(),
         })?;
@@ -132,36 +269,140 @@ impl KvCache {
             head_dim: cfg.head_dim,
             dtype,
         };
-        KvCache::build(shape, CacheLayout::Ring { window_tokens: w })
-    }
-
-    /// A linear cache shaped for a configuration.
-    pub fn for_config(cfg: &Config, batch: usize, capacity: usize, dtype: DType) -> Result<KvCache> {
-        KvCache::new(batch, capacity, cfg.kv_heads, cfg.head_dim, dtype)
+        Ok((shape, CacheLayout::Ring { window_tokens: w }))
     }
 
     fn build(shape: CacheShape, layout: CacheLayout) -> Result<KvCache> {
-        let s = &shape;
-        for (what, v) in
-            [("batch", s.batch), ("capacity", s.capacity), ("kv_heads", s.kv_heads), ("head_dim", s.head_dim)]
-        {
-            if v == 0 {
-                return Err(Error::Cache { why: format!("{what} must be at least 1") });
+        KvCache::build_on(None, shape, layout)
+    }
+
+    /// Check the shape, then allocate on `backend` (host buffers when `None` or when the
+    /// backend keeps caches on the host).
+    fn build_on(backend: Option<&dyn Backend>, shape: CacheShape, layout: CacheLayout) -> Result<KvCache> {
+        shape.check()?;
+        let storage = match backend {
+            Some(b) => b.new_cache_storage(&shape)?,
+            None => None,
+        };
+        let storage = match storage {
+            Some(d) => KvStorage::Device(d),
+            None => {
+                let len = usize::try_from(shape.elements()).map_err(|_| Error::TooLarge {
+                    what: "KV cache elements on this host",
+                    elements: shape.elements(),
+                    max: usize::MAX as u128,
+                })?;
+                // Poisoned with NaN: a slot read before it is written shows up in every test.
+                KvStorage::Host {
+                    k: Owned::filled(shape.dtype, len, f32::NAN),
+                    v: Owned::filled(shape.dtype, len, f32::NAN),
+                }
+            }
+        };
+        Ok(KvCache { shape, layout, storage, lens: vec![0; shape.batch] })
+    }
+
+    /// The backend kind whose device holds the cache (`Cpu` for host memory).
+    pub fn location(&self) -> BackendKind {
+        match &self.storage {
+            KvStorage::Host { .. } => BackendKind::Cpu,
+            KvStorage::Device(d) => d.backend(),
+        }
+    }
+
+    /// Whether the cache lives in host memory.
+    pub fn is_host(&self) -> bool {
+        matches!(self.storage, KvStorage::Host { .. })
+    }
+
+    /// The device storage, for the backend that owns it.
+    pub fn device_storage(&self) -> Option<&dyn DeviceKv> {
+        match &self.storage {
+            KvStorage::Device(d) => Some(d.as_ref()),
+            KvStorage::Host { .. } => None,
+        }
+    }
+
+    /// The device storage, mutable (device-to-device appends of the owning backend).
+    pub fn device_storage_mut(&mut self) -> Option<&mut dyn DeviceKv> {
+        match &mut self.storage {
+            KvStorage::Device(d) => Some(d.as_mut()),
+            KvStorage::Host { .. } => None,
+        }
+    }
+
+    /// Cache bytes moved between host and device so far (zero for a host cache).
+    pub fn host_traffic(&self) -> HostTraffic {
+        match &self.storage {
+            KvStorage::Device(d) => d.traffic(),
+            KvStorage::Host { .. } => HostTraffic::default(),
+        }
+    }
+
+    /// A host copy of the cache, same layout and lengths (reads a device cache back, counted).
+    pub fn to_host(&self) -> Result<KvCache> {
+        let (k, v) = self.storage_on_host()?;
+        Ok(KvCache {
+            shape: self.shape,
+            layout: self.layout,
+            storage: KvStorage::Host { k, v },
+            lens: self.lens.clone(),
+        })
+    }
+
+    /// The key and value buffers `[B, capacity, Hk, d]` on the host (a copy).
+    fn storage_on_host(&self) -> Result<(Owned, Owned)> {
+        match &self.storage {
+            KvStorage::Host { k, v } => Ok((clone_owned(k), clone_owned(v))),
+            KvStorage::Device(d) => d.read_back(),
+        }
+    }
+
+    /// Slots `[first, first + n)` of sequence `b` that `n` tokens appended now would fill,
+    /// as runs `(token index in the append, slot, rows)` that do not wrap; a ring skips the
+    /// tokens the last `capacity` would overwrite anyway.
+    fn runs(&self, b: usize, n: usize) -> Vec<(usize, usize, usize)> {
+        let cap = self.shape.capacity;
+        let mut runs = Vec::new();
+        let mut t = n.saturating_sub(cap);
+        while t < n {
+            let slot = (self.lens[b] + t) % cap; // linear: never wraps (room checked)
+            let rows = (n - t).min(cap - slot);
+            runs.push((t, slot, rows));
+            t += rows;
+        }
+        runs
+    }
+
+    /// Device caches: append sequence `b`'s tokens by device-side copies, `copy(t, slot, rows)`
+    /// moving rows `t..t + rows` of the caller's device tensors to slots `slot..`; the caller
+    /// (the owning backend) has checked the source. Lengths are updated after the copies.
+    pub fn append_with(
+        &mut self,
+        n: usize,
+        seqs: &[usize],
+        mut copy: impl FnMut(&mut dyn DeviceKv, usize, usize, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        if n == 0 {
+            return Err(Error::Empty { what: "appended tokens" });
+        }
+        for &b in seqs {
+            self.check_batch(b)?;
+            self.check_room(b, n)?;
+        }
+        let runs: Vec<_> = seqs.iter().map(|&b| (b, self.runs(b, n))).collect();
+        let KvStorage::Device(d) = &mut self.storage else {
+            return Err(Error::Cache { why: "device-to-device append on a host cache".into() });
+        };
+        for (b, rs) in runs {
+            for (t, slot, rows) in rs {
+                copy(d.as_mut(), b, t, slot, rows)?;
             }
         }
-        let elems = (s.batch as u128) * (s.capacity as u128) * (s.kv_heads as u128) * (s.head_dim as u128);
-        if elems > crate::validate::MAX_INDEX as u128 {
-            return Err(Error::TooLarge {
-                what: "KV cache B·capacity·Hk·d",
-                elements: elems,
-                max: crate::validate::MAX_INDEX as u128,
-            });
+        for &b in seqs {
+            self.lens[b] += n;
         }
-        let len = elems as usize;
-        // Poisoned with NaN: a slot read before it is written shows up in every test.
-        let storage =
-            KvStorage::Host { k: Owned::filled(s.dtype, len, f32::NAN), v: Owned::filled(s.dtype, len, f32::NAN) };
-        Ok(KvCache { shape, layout, storage, lens: vec![0; s.batch] })
+        d.set_lens(&self.lens)
     }
 
     pub fn shape(&self) -> CacheShape {
@@ -216,13 +457,22 @@ impl KvCache {
     /// Forget every sequence (the buffers are kept).
     pub fn clear(&mut self) {
         self.lens.iter_mut().for_each(|l| *l = 0);
+        self.sync_lens().expect("publishing zero lengths to the device");
     }
 
     /// Forget sequence `b` only, so its slot can take a new sequence (continuous batching).
     pub fn clear_seq(&mut self, b: usize) -> Result<()> {
         self.check_batch(b)?;
         self.lens[b] = 0;
-        Ok(())
+        self.sync_lens()
+    }
+
+    /// Publish the host lengths to a device storage.
+    fn sync_lens(&mut self) -> Result<()> {
+        match &mut self.storage {
+            KvStorage::Device(d) => d.set_lens(&self.lens),
+            KvStorage::Host { .. } => Ok(()),
+        }
     }
 
     fn check_batch(&self, b: usize) -> Result<()> {
@@ -306,9 +556,9 @@ impl KvCache {
             self.check_room(b, n)?;
         }
         for b in 0..s.batch {
-            self.write(b, k, v, b * n, n);
+            self.write(b, k, v, b * n, n)?;
         }
-        Ok(())
+        self.sync_lens()
     }
 
     /// Append `n` tokens to sequence `b` only (ragged prefill): `k`, `v` are `[n, Hk, d]`.
@@ -321,23 +571,32 @@ impl KvCache {
             return Err(Error::Empty { what: "appended tokens" });
         }
         self.check_room(b, n)?;
-        self.write(b, k, v, 0, n);
-        Ok(())
+        self.write(b, k, v, 0, n)?;
+        self.sync_lens()
     }
 
     /// Write tokens `from..from+n` of `k`/`v` (token-major rows of `Hk·d`) after sequence `b`'s end.
     /// A ring skips the tokens that the last `capacity` would overwrite anyway.
-    fn write(&mut self, b: usize, k: &Tensor, v: &Tensor, from: usize, n: usize) {
+    fn write(&mut self, b: usize, k: &Tensor, v: &Tensor, from: usize, n: usize) -> Result<()> {
         let s = self.shape;
         let row = s.kv_heads * s.head_dim;
-        let KvStorage::Host { k: kc, v: vc } = &mut self.storage;
-        for t in n.saturating_sub(s.capacity)..n {
-            let slot = (self.lens[b] + t) % s.capacity; // linear: never wraps (room checked)
-            let dst = (b * s.capacity + slot) * row;
-            copy_into(kc, dst, &k.data, (from + t) * row, row);
-            copy_into(vc, dst, &v.data, (from + t) * row, row);
+        let runs = self.runs(b, n);
+        match &mut self.storage {
+            KvStorage::Host { k: kc, v: vc } => {
+                for (t, slot, rows) in runs {
+                    let dst = (b * s.capacity + slot) * row;
+                    copy_into(kc, dst, &k.data, (from + t) * row, rows * row);
+                    copy_into(vc, dst, &v.data, (from + t) * row, rows * row);
+                }
+            }
+            KvStorage::Device(d) => {
+                for (t, slot, rows) in runs {
+                    d.write_rows(b, slot, &k.data, &v.data, (from + t) * row, rows)?;
+                }
+            }
         }
         self.lens[b] += n;
+        Ok(())
     }
 
     /// The held tokens of sequence `b` in order (the ring unrolled): `(k, v)` of shape
@@ -347,7 +606,14 @@ impl KvCache {
         let s = self.shape;
         let row = s.kv_heads * s.head_dim;
         let first = self.lens[b] - stored;
-        let KvStorage::Host { k: kc, v: vc } = &self.storage;
+        let host;
+        let (kc, vc) = match &self.storage {
+            KvStorage::Host { k, v } => (k, v),
+            KvStorage::Device(d) => {
+                host = d.read_back()?;
+                (&host.0, &host.1)
+            }
+        };
         let mut k = Owned::filled(s.dtype, stored * row, 0.0);
         let mut v = Owned::filled(s.dtype, stored * row, 0.0);
         for t in 0..stored {
@@ -376,6 +642,28 @@ impl KvCacheStack {
                     KvCache::ring(c, batch, max_new, dtype)
                 } else {
                     KvCache::for_config(c, batch, capacity, dtype)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCacheStack { layers })
+    }
+
+    /// [`KvCacheStack::new`] with every layer on `backend`'s device.
+    pub fn new_on(
+        backend: &dyn Backend,
+        cfgs: &[Config],
+        batch: usize,
+        capacity: usize,
+        max_new: usize,
+        dtype: DType,
+    ) -> Result<KvCacheStack> {
+        let layers = cfgs
+            .iter()
+            .map(|c| {
+                if ring_fits(c) {
+                    KvCache::ring_on(backend, c, batch, max_new, dtype)
+                } else {
+                    KvCache::for_config_on(backend, c, batch, capacity, dtype)
                 }
             })
             .collect::<Result<Vec<_>>>()?;

@@ -14,8 +14,11 @@
 //!
 //! The CPU backend's [`Backend::decode`] runs [`split::decode_host`]: the split-KV
 //! (flash-decoding) algorithm device kernels follow, per-chunk `(o, lse)` and an exact
-//! log-sum-exp combine. The trait's default ([`decode_default`]) is [`decode_per_sequence`], which
-//! unrolls each sequence's cache into a contiguous view and calls the backend's [`Backend::run`].
+//! log-sum-exp combine. On a cache allocated on a device ([`KvCache::new_on`]), the wgpu and CUDA
+//! backends run their decode kernels on the cache in place (one workgroup/block per (sequence,
+//! split of the [`band`]) owning all heads, each cached tile read once); the host paths refuse a
+//! device cache. The trait's default ([`decode_default`]) is [`decode_per_sequence`], which
+//! unrolls each sequence's host cache into a contiguous view and calls the backend's [`Backend::run`].
 //!
 //! ```
 //! use headmix::cache::KvCache;
@@ -198,6 +201,23 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
     Ok(problem)
 }
 
+/// The band `[lo, hi)` of held tokens that any of the `n·P` new virtual queries of a sequence
+/// holding `stored >= n` tokens can see under the mask: what device decode kernels visit.
+pub fn band(cfg: &Config, stored: usize, n: usize) -> (usize, usize) {
+    let p = cfg.pseudo as u64;
+    let (off, nq, nk) = ((stored - n) as u64 * p, n as u64 * p, stored as u64 * p);
+    let mut lo = 0u64;
+    let mut hi = nk - 1;
+    if let Some(w) = cfg.window {
+        lo = off.saturating_sub(w.left as u64);
+        hi = hi.min(off + nq - 1 + w.right as u64);
+    }
+    if cfg.causal {
+        hi = hi.min(off + nq - 1);
+    }
+    ((lo / p) as usize, (hi / p) as usize + 1)
+}
+
 /// Validate, then decode on `backend` (see the module docs for the positions and masks).
 pub fn decode(backend: &dyn Backend, cfg: &Config, w: &Weights, io: DecodeIo<'_>) -> Result<()> {
     let problem = validate_decode(cfg, w, &io)?;
@@ -209,6 +229,7 @@ pub fn decode(backend: &dyn Backend, cfg: &Config, w: &Weights, io: DecodeIo<'_>
 /// (with [`split::DEFAULT_CHUNK_TOKENS`]); this entry point lets tests pick the split count.
 pub fn decode_split(cfg: &Config, w: &Weights, io: DecodeIo<'_>, splits: usize) -> Result<()> {
     let problem = validate_decode(cfg, w, &io)?;
+    check_host_cache(io.cache, crate::BackendKind::Cpu)?;
     split::decode_host(&problem, w, io, Some(splits))
 }
 
@@ -221,7 +242,22 @@ pub fn decode_default<B: Backend + ?Sized>(
     w: &Weights,
     io: DecodeIo<'_>,
 ) -> Result<()> {
+    check_host_cache(io.cache, backend.kind())?;
     decode_per_sequence(backend, problem, w, io)
+}
+
+/// Host decode paths refuse a device-resident cache: only its own backend's decode kernels read
+/// it, in place (reading it back here would hide a cache on the wrong backend).
+pub fn check_host_cache(cache: &KvCache, backend: crate::BackendKind) -> Result<()> {
+    if cache.is_host() {
+        return Ok(());
+    }
+    Err(Error::Cache {
+        why: format!(
+            "the cache lives on the {} device; decode it with that backend (this is the {backend} backend)",
+            cache.location()
+        ),
+    })
 }
 
 fn sub_data<'a>(d: &Data<'a>, at: usize, len: usize) -> Data<'a> {

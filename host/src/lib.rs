@@ -2,7 +2,7 @@
 //!
 //! Attention in which heads mix before the softmax: standard MHA and GQA, Multi-head Explicit
 //! Attention (MEA) and Interleaved Head Attention (IHA) are configurations of one operator, defined
-//! in `shared/spec/attention.md` and implemented by every backend:
+//! in `docs/operator.md` of the headmix repository and implemented by every backend:
 //!
 //! * **CUDA**: flash-style kernels compiled at run time by NVRTC (no CUDA toolkit to build);
 //! * **wgpu**: WGSL kernels on any Vulkan, Metal, DX12 or WebGPU device;
@@ -28,6 +28,7 @@
 //! ```
 
 mod backend;
+pub mod backward;
 pub mod backends;
 pub mod cache;
 pub mod compress;
@@ -41,6 +42,7 @@ pub mod validate;
 mod weights;
 
 pub use backend::{Backend, BackendKind, Io, Selection, Timing, best, open};
+pub use backward::{BackwardIo, WeightGrads, validate_backward};
 pub use cache::{CacheBytes, KvCache, KvCacheStack, cache_bytes};
 pub use config::{Config, Method, PosMode, Rope, Window};
 pub use decode::{DecodeIo, DecodeProblem, decode};

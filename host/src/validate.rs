@@ -93,7 +93,7 @@ fn check_finite(what: &'static str, xs: &[f32]) -> Result<()> {
     }
 }
 
-fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
     if got != expected { Err(Error::Length { what, expected, got }) } else { Ok(()) }
 }
 
@@ -185,7 +185,7 @@ pub fn validate_sizes(cfg: &Config, batch: usize, n: usize, m: usize) -> Result<
     Ok(())
 }
 
-fn check_shape(what: &'static str, got: &[usize], expected: &[usize]) -> Result<()> {
+pub(crate) fn check_shape(what: &'static str, got: &[usize], expected: &[usize]) -> Result<()> {
     if got != expected {
         return Err(Error::Shape { what, expected: expected.to_vec(), got: got.to_vec() });
     }
@@ -202,6 +202,21 @@ pub fn validate(
     out: &TensorMut,
     lse: Option<&[f32]>,
 ) -> Result<Problem> {
+    let problem = validate_inputs(cfg, w, q, k, v)?;
+    if out.dtype() != problem.dtype {
+        return Err(Error::DType { what: "out", expected: problem.dtype, got: out.dtype() });
+    }
+    check_shape("out", &out.shape, &problem.out_shape())?;
+    check_len("out", out.data.len(), out.shape.iter().product())?;
+    if let Some(l) = lse {
+        check_len("lse", l.len(), problem.lse_len())?;
+    }
+    Ok(problem)
+}
+
+/// Validate the configuration, the weights and `q, k, v` of a call (the forward's and the
+/// backward's common part); returns the problem they describe, in `q`'s dtype.
+pub fn validate_inputs(cfg: &Config, w: &Weights, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Problem> {
     validate_config(cfg)?;
     validate_weights(cfg, w)?;
     if q.shape.len() != 4 {
@@ -220,16 +235,10 @@ pub fn validate(
     check_len("k", k.data.len(), k.shape.iter().product())?;
     check_len("v", v.data.len(), v.shape.iter().product())?;
     let dtype = q.dtype();
-    for (what, dt) in [("k", k.dtype()), ("v", v.dtype()), ("out", out.dtype())] {
+    for (what, dt) in [("k", k.dtype()), ("v", v.dtype())] {
         if dt != dtype {
             return Err(Error::DType { what, expected: dtype, got: dt });
         }
     }
-    let problem = Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() };
-    check_shape("out", &out.shape, &problem.out_shape())?;
-    check_len("out", out.data.len(), out.shape.iter().product())?;
-    if let Some(l) = lse {
-        check_len("lse", l.len(), problem.lse_len())?;
-    }
-    Ok(problem)
+    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() })
 }

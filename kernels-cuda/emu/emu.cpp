@@ -6,7 +6,7 @@
 // element by element from the fragment layout of the PTX ISA (independently of the kernel's own
 // fragment loads). Each build is one variant (-DHM_KERNEL=1|2 -DHM_DTYPE -DHM_HD -DHM_MASK); it
 // launches the kernels on random problems exactly as host/src/backends/cuda/device.rs does and
-// compares with a direct f64 implementation of shared/spec/attention.md (same rounding points).
+// compares with a direct f64 implementation of docs/operator.md (same rounding points).
 // What it cannot check: real-GPU behaviour (memory model, occupancy, NVRTC-specific code paths).
 //
 // Run: kernels-cuda/emu/run.sh  (g++ >= 12, C++20).
@@ -122,6 +122,7 @@ inline unsigned short hm_f32_to_f16(float x) {
 #include "../common.cuh"
 #include "../traits.cuh"
 
+#ifndef HM_EMU_DECODE // decode_emu.cpp includes this file for the CUDA surface and launch only
 #if HM_KERNEL == 2
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's 32 lanes each bring 4 A registers
 // and 2 B registers; lane l computes its 4 accumulators. Layout (PTX ISA, "Matrix fragments for
@@ -158,12 +159,17 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
 #define EMU_BR HM_BR
 #endif
 #include "../epilogue.cu"
+#endif
 
 // ---- Launch ------------------------------------------------------------------------------------
 static void (*emu_kernel)(const HmArgs);
 static const HmArgs* emu_args;
+static void (*emu_body)() = nullptr; // a kernel with other parameters (decode_emu.cpp)
 static void fiber_main() {
-    emu_kernel(*emu_args);
+    if (emu_body)
+        emu_body();
+    else
+        emu_kernel(*emu_args);
     emu_cur->state = 2;
 }
 
@@ -311,6 +317,7 @@ static void reference(const Problem& p, const std::vector<float>& q, const std::
     for (auto& e : out) e = rnd(e);
 }
 
+#ifndef HM_EMU_DECODE
 // ---- One random case ---------------------------------------------------------------------------
 static std::vector<hm_elem> store(const std::vector<float>& x) {
     std::vector<hm_elem> y(x.size());
@@ -435,3 +442,4 @@ int main(int argc, char** argv) {
     if (std::getenv("EMU_NEGATIVE")) return failed == cases ? 0 : 1;
     return failed != 0;
 }
+#endif

@@ -1,6 +1,6 @@
 //! Pure-Rust reference of head-mixing attention.
 //!
-//! This crate is the contract of `shared/spec/attention.md` written as plainly as possible, so that
+//! This crate is the contract of `docs/operator.md` (in the headmix repository) written as plainly as possible, so that
 //! every headmix kernel can be checked against it. Two independent implementations check each other:
 //!
 //! * [`attention`] follows the definition step by step (mix, interleave, RoPE, mask, softmax,
@@ -12,7 +12,10 @@
 //! Both are generic over [`Real`] (`f32`, `f64`). [`Rounding`] makes the reference round its
 //! intermediates the way a low-precision kernel must (mixed q/k/v, probabilities, outputs), which
 //! gives the "reference run in the same low precision" that kernel tolerances are measured against.
+//!
+//! [`backward`] holds the gradients (`docs/backward.md`), again in two forms that check each other.
 
+pub mod backward;
 mod direct;
 mod params;
 mod real;

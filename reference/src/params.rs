@@ -40,7 +40,7 @@ impl Rounding {
     }
 }
 
-/// Sizes and options of one head-mixing attention call (see `shared/spec/attention.md`).
+/// Sizes and options of one head-mixing attention call (see `docs/operator.md` in the headmix repository).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Params {
     /// Batch size `B`.

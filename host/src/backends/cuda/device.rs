@@ -49,9 +49,9 @@ pub struct RawIo {
 /// A layer's mixing weights on the device: f32, packed `aq | ak | av | r | gamma`, validated
 /// against the configuration they were uploaded for. Upload once, reuse for every call.
 pub struct DeviceWeights {
-    buf: CudaSlice<f32>,
+    pub(super) buf: CudaSlice<f32>,
     /// Element offsets of aq, ak, av, r, gamma in `buf`.
-    offsets: [usize; 5],
+    pub(super) offsets: [usize; 5],
     collapse: bool,
     norm: bool,
     /// (Hq, Hk, H, P, d) the weights were validated for.

@@ -53,6 +53,7 @@
 
 pub mod args;
 pub mod compile;
+pub mod decode;
 mod device;
 mod loader;
 pub mod variants;
@@ -365,6 +366,28 @@ impl Backend for CudaBackend {
             ));
         }
         d
+    }
+
+    /// A cache in this device's memory ([`decode::CudaKv`]).
+    fn new_cache_storage(
+        &self,
+        shape: &crate::cache::CacheShape,
+    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+        Ok(Some(Box::new(decode::CudaKv::new(self, shape)?)))
+    }
+
+    /// Decode: a cache on this device is read in place by `decode_v1.cu`; a host cache goes
+    /// through the generic per-sequence path.
+    fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
+        match io.cache.device_storage() {
+            None => crate::decode::decode_default(self, problem, w, io),
+            Some(d) => match d.as_any().downcast_ref::<decode::CudaKv>() {
+                Some(kv) => self.decode_on_device(problem, w, io, kv),
+                None => Err(Error::Cache {
+                    why: format!("the cache lives on the {} device; this is the CUDA backend", d.backend()),
+                }),
+            },
+        }
     }
 
     fn supports(&self, pb: &Problem) -> Result<()> {

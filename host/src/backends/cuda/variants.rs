@@ -9,6 +9,7 @@ pub mod src {
     pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
     pub const ATTN_V2: &str = include_str!("../../../../kernels-cuda/attn_v2.cu");
     pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
+    pub const DECODE_V1: &str = include_str!("../../../../kernels-cuda/decode_v1.cu");
 }
 
 /// Numbered kernel versions (llm.c style); each stays available and tested.

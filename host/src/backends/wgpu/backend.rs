@@ -22,11 +22,14 @@ const LLVMPIPE_LOOP_BUDGET: u64 = 30_000;
 /// (kernel, tile, dtype, head dim) and cached.
 pub struct WgpuBackend {
     info: wgpu::AdapterInfo,
-    queue: wgpu::Queue,
-    kernels: Kernels,
+    pub(super) queue: wgpu::Queue,
+    pub(super) kernels: Kernels,
     variant: Variant,
     /// Forced split-KV ranges per query tile, or `None` for the heuristic.
-    kv_splits: Option<u32>,
+    pub(super) kv_splits: Option<u32>,
+    /// Bytes this backend moved host to device and device to host (uploads, read-backs).
+    uploaded: Arc<std::sync::atomic::AtomicU64>,
+    downloaded: Arc<std::sync::atomic::AtomicU64>,
     /// Errors no error scope caught (device loss, errors raised on other threads), reported by
     /// the next call instead of wgpu's default panic.
     faults: Arc<Mutex<Option<String>>>,
@@ -99,6 +102,8 @@ impl WgpuBackend {
             kv_splits: None,
             faults: Arc::new(Mutex::new(None)),
             dummy,
+            uploaded: Default::default(),
+            downloaded: Default::default(),
         }
     }
 
@@ -204,8 +209,15 @@ impl WgpuBackend {
         (llvmpipe(&self.info.name) || llvmpipe(&self.info.driver)).then_some(LLVMPIPE_LOOP_BUDGET)
     }
 
+    /// Bytes this backend has moved between host and device so far: uploads (inputs, weights,
+    /// uniforms) and read-backs (outputs). A decode on a device cache moves none of the cache.
+    pub fn host_traffic(&self) -> crate::cache::HostTraffic {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::cache::HostTraffic { uploaded: self.uploaded.load(Relaxed), downloaded: self.downloaded.load(Relaxed) }
+    }
+
     /// Report (once) an error that arrived outside an error scope.
-    fn check_faults(&self) -> Result<()> {
+    pub(super) fn check_faults(&self) -> Result<()> {
         match self.faults.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(why) => Err(device_err(why)),
             None => Ok(()),
@@ -214,7 +226,7 @@ impl WgpuBackend {
 
     /// Run `f` inside validation, out-of-memory and internal error scopes: wgpu errors become
     /// `Error::Device` instead of panics.
-    fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    pub(super) fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let device = self.device();
         let scopes = [
             device.push_error_scope(wgpu::ErrorFilter::Validation),
@@ -235,7 +247,7 @@ impl WgpuBackend {
         }
     }
 
-    fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    pub(super) fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
         self.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: size.max(4),
@@ -244,7 +256,8 @@ impl WgpuBackend {
         })
     }
 
-    fn upload(&self, label: &str, bytes: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    pub(super) fn upload(&self, label: &str, bytes: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.uploaded.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents: bytes,
@@ -302,19 +315,26 @@ impl WgpuBackend {
     }
 
     /// Wait for the queue, then read a MAP_READ buffer back.
-    fn read_back(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| device_err(format!("poll: {e}")))?;
-        rx.recv()
-            .map_err(|_| device_err("buffer map callback never ran"))?
-            .map_err(|e| device_err(format!("map_async: {e}")))?;
-        let bytes = staging.get_mapped_range(..).map_err(|e| device_err(format!("get_mapped_range: {e}")))?.to_vec();
-        staging.unmap();
+    pub(super) fn read_back(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+        let bytes = map_read(self.device(), staging)?;
+        self.downloaded.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(bytes)
     }
+}
+
+/// Wait for the device, then read a MAP_READ buffer back.
+pub(super) fn map_read(device: &wgpu::Device, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| device_err(format!("poll: {e}")))?;
+    rx.recv()
+        .map_err(|_| device_err("buffer map callback never ran"))?
+        .map_err(|e| device_err(format!("map_async: {e}")))?;
+    let bytes = staging.get_mapped_range(..).map_err(|e| device_err(format!("get_mapped_range: {e}")))?.to_vec();
+    staging.unmap();
+    Ok(bytes)
 }
 
 /// A wgpu error on one line (its text is "Validation Error", then the chain of causes, one per line).
@@ -371,6 +391,28 @@ impl Backend for WgpuBackend {
             ("flash tile d=64".into(), tiles(64)),
             ("flash tile d=128".into(), tiles(128)),
         ]
+    }
+
+    /// A cache in this device's memory ([`super::WgpuKv`]).
+    fn new_cache_storage(
+        &self,
+        shape: &crate::cache::CacheShape,
+    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+        Ok(Some(Box::new(super::decode::WgpuKv::new(self, shape)?)))
+    }
+
+    /// Decode: a cache on this device is read in place by the decode kernel
+    /// ([`super::decode`]); a host cache goes through the generic per-sequence path.
+    fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
+        match io.cache.device_storage() {
+            None => crate::decode::decode_default(self, problem, w, io),
+            Some(d) => match d.as_any().downcast_ref::<super::decode::WgpuKv>() {
+                Some(kv) => self.decode_on_device(problem, w, io, kv),
+                None => Err(Error::Cache {
+                    why: format!("the cache lives on the {} device; this is the wgpu backend", d.backend()),
+                }),
+            },
+        }
     }
 
     fn supports(&self, problem: &Problem) -> Result<()> {

@@ -15,6 +15,7 @@ const FLASH: &str = include_str!("../../../../kernels-wgsl/flash_forward.wgsl");
 const NAIVE: &str = include_str!("../../../../kernels-wgsl/naive_forward.wgsl");
 const EPILOGUE: &str = include_str!("../../../../kernels-wgsl/epilogue.wgsl");
 const COMBINE: &str = include_str!("../../../../kernels-wgsl/combine.wgsl");
+const DECODE: &str = include_str!("../../../../kernels-wgsl/decode.wgsl");
 
 /// Which kernel, with its compile-time tile sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -27,6 +28,10 @@ pub enum Kind {
     Epilogue { wg: u32 },
     /// Merge of the split-KV partials, one workgroup of `wg` threads per virtual query.
     Combine { wg: u32 },
+    /// Decode on a device cache: one workgroup of `wg` threads per (sequence, split), all `h`
+    /// heads, `tc` cached tokens per tile, for `hk` stored heads, `p` pseudo-heads and `np = N·P`
+    /// virtual queries per head (sizes of its workgroup arrays).
+    Decode { tc: u32, wg: u32, hk: u32, h: u32, p: u32, np: u32 },
 }
 
 /// One compiled variant: kernel, tensor dtype, head dim.
@@ -62,6 +67,13 @@ pub fn source(v: &KernelKey) -> String {
             consts += &format!("const WG: u32 = {wg}u;\n");
             COMBINE
         }
+        Kind::Decode { tc, wg, hk, h, p, np } => {
+            consts += &format!(
+                "const WG: u32 = {wg}u;\nconst TC: u32 = {tc}u;\nconst HK: u32 = {hk}u;\nconst H: u32 = {h}u;\n\
+                 const P: u32 = {p}u;\nconst NP: u32 = {np}u;\n"
+            );
+            DECODE
+        }
     };
     format!("{consts}\n{dtype}\n{COMMON}\n{body}")
 }
@@ -69,6 +81,14 @@ pub fn source(v: &KernelKey) -> String {
 /// Bytes of workgroup memory the flash kernel declares for a tile shape (see flash_forward.wgsl).
 pub fn flash_storage_bytes(d: u32, br: u32, bc: u32, wg: u32) -> u64 {
     4 * ((br + 2 * bc) * (d + 1) + br * bc + wg) as u64
+}
+
+/// Bytes of workgroup memory the decode kernel declares (see decode.wgsl): queries of every
+/// head, the stored tile, the current head's mixed tile, scores and row state.
+pub fn decode_storage_bytes(d: u32, tc: u32, hk: u32, h: u32, p: u32, np: u32) -> u64 {
+    let (d, tc, hk, h, p, np) = (d as u64, tc as u64, hk as u64, h as u64, p as u64, np as u64);
+    let rows = h * np;
+    4 * (rows * d + 2 * tc * hk * d + 2 * tc * p * d + np * tc * p + 2 * rows + np)
 }
 
 /// Tile shapes of the flash kernel, largest first: (query rows, keys, threads). Each has
@@ -127,6 +147,9 @@ pub struct Kernels {
     pub device: wgpu::Device,
     pub layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
+    /// The decode kernel's layout: the shared one plus binding 8, the cache's lengths (8
+    /// storage buffers; `None` on adapters that allow fewer).
+    pub decode_layout: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     cache: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -171,7 +194,26 @@ impl Kernels {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        Kernels { device: device.clone(), layout, pipeline_layout, cache: Mutex::new(HashMap::new()) }
+        entries.push(storage_entry(8, true));
+        let decode_layout = (device.limits().max_storage_buffers_per_shader_stage >= 8).then(|| {
+            let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("headmix decode bindings"),
+                entries: &entries,
+            });
+            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("headmix decode pipeline layout"),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            (layout, pipeline_layout)
+        });
+        Kernels {
+            device: device.clone(),
+            layout,
+            pipeline_layout,
+            decode_layout,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The pipeline of a variant, compiled on first use (compile errors become `Error::Device`).
@@ -180,6 +222,13 @@ impl Kernels {
         if let Some(p) = cache.get(v) {
             return Ok(p.clone());
         }
+        let layout = match (v.kind, &self.decode_layout) {
+            (Kind::Decode { .. }, Some((_, layout))) => layout,
+            (Kind::Decode { .. }, None) => {
+                return Err(device_err("the decode kernel needs 8 storage buffers per shader stage"));
+            }
+            _ => &self.pipeline_layout,
+        };
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("headmix kernel"),
@@ -187,7 +236,7 @@ impl Kernels {
         });
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some("headmix kernel"),
-            layout: Some(&self.pipeline_layout),
+            layout: Some(layout),
             module: &module,
             entry_point: Some("main"),
             compilation_options: Default::default(),

@@ -10,8 +10,8 @@ use crate::{Error, PosMode, Result, Weights};
 
 /// Threads per workgroup of the naive kernel and of the epilogue.
 const NAIVE_WG: u32 = 64;
-const EPILOGUE_WG: u32 = 64;
-const COMBINE_WG: u32 = 64;
+pub(crate) const EPILOGUE_WG: u32 = 64;
+pub(crate) const COMBINE_WG: u32 = 64;
 
 /// The call's sizes and options, word for word the `Params` struct of `common.wgsl`.
 #[repr(C)]
@@ -88,14 +88,14 @@ fn unsupported(why: String) -> Error {
     Error::Unsupported { backend: "wgpu", why }
 }
 
-fn to_u32(what: &'static str, x: usize) -> Result<u32> {
+pub(crate) fn to_u32(what: &'static str, x: usize) -> Result<u32> {
     u32::try_from(x).map_err(|_| Error::TooLarge { what, elements: x as u128, max: u32::MAX as u128 })
 }
 
 /// RoPE table: for level `l`, byte value `b` and frequency index `t`, the (cos, sin) of
 /// `b · 256^l · base^(−2t/d)` computed in f64. The kernel composes one entry per byte of the
 /// position, so any position below 2^32 is exact to a few f32 ulps.
-fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
+pub(crate) fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
     let half = d / 2;
     let mut table = Vec::with_capacity(levels as usize * 256 * half * 2);
     for l in 0..levels {
@@ -241,7 +241,7 @@ fn max_keys(problem: &Problem) -> usize {
 /// Mesa's llvmpipe (lavapipe) silently ends the loops of an invocation once they have run 65535
 /// iterations together, so on it the flash kernel splits the keys to stay under a budget and
 /// the other kernels refuse calls above it (see `loop_budget` in backend.rs).
-mod loops {
+pub(crate) mod loops {
     use super::Problem;
 
     pub fn flash(p: &Problem, (br, bc, wg): (u32, u32, u32), tiles: usize, rope: u32) -> u64 {
@@ -265,6 +265,29 @@ mod loops {
         let (hq, hk) = (c.q_heads as u64, c.kv_heads as u64);
         let per_key = 1 + half * (1 + hk + rope) + d * (1 + hk);
         half * (1 + hq + rope) + keys as u64 * per_key + d / 2
+    }
+
+    /// The decode kernel (decode.wgsl) over `tiles` cached tiles of `tc` tokens, for
+    /// `(Hq, Hk, H, P, N·P, d)` and `rope` RoPE table levels.
+    pub fn decode(
+        wg: u32,
+        tc: u32,
+        (hq, hk, h, p, np, d): (usize, usize, usize, usize, usize, usize),
+        rope: u64,
+        tiles: u64,
+    ) -> u64 {
+        let (wg, tc) = (wg as u64, tc as u64);
+        let (hq, hk, h, p, np, d) = (hq as u64, hk as u64, h as u64, p as u64, np as u64, d as u64);
+        let (half, rows, tp) = (d / 2, h * np, tc * p);
+        let opt = (rows * half).div_ceil(wg);
+        let fixed = (rows * half).div_ceil(wg) * (1 + hq + rope) + 2 * rows.div_ceil(wg) + 2 * opt;
+        let per_head = 1
+            + (tp * half).div_ceil(wg) * (1 + hk + rope) // 2b: mix and rotate
+            + (np * tp).div_ceil(wg) * (1 + d)           // 2c: scores
+            + np.div_ceil(wg) * (1 + 2 * tp)             // 2d: softmax
+            + opt + ((np * half).div_ceil(wg) + 1) * tp; // 2e: P V
+        let per_tile = 1 + (tc * hk * half).div_ceil(wg) + h * per_head;
+        fixed + tiles * per_tile
     }
 
     pub fn combine(p: &Problem, splits: usize, wg: u32) -> u64 {

@@ -25,6 +25,8 @@
 #[cfg(feature = "wgpu")]
 mod backend;
 #[cfg(feature = "wgpu")]
+mod decode;
+#[cfg(feature = "wgpu")]
 mod device;
 #[cfg(feature = "wgpu")]
 mod kernels;
@@ -36,6 +38,8 @@ mod launch;
 pub use ::wgpu;
 #[cfg(feature = "wgpu")]
 pub use backend::{DeviceIo, WgpuBackend};
+#[cfg(feature = "wgpu")]
+pub use decode::WgpuKv;
 #[cfg(feature = "wgpu")]
 pub use device::{ADAPTER_VAR, BACKEND_VAR};
 

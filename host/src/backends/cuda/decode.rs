@@ -1,0 +1,588 @@
+//! Decode on the CUDA device: the device-resident KV cache ([`CudaKv`]) and the decode call
+//! (`kernels-cuda/decode_v1.cu`: one block per (split, sequence) owning all heads, then its
+//! combine kernel, then the forward's collapse epilogue when `r` is given).
+//!
+//! The decode module is compiled by NVRTC from its own source (the shared headers and
+//! `decode_v1.cu`), one per dtype, outside the attention variant table: it plugs into that table
+//! as one more kernel (entries `hm_decode_v1` and `hm_decode_combine_v1`, `HM_MASK` 3, any
+//! `HM_HD`: `d` is a run-time argument up to 256).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use super::args::HmArgs;
+use super::variants::{Variant, src};
+use super::{CudaBackend, compile, dev_err, drv};
+use crate::cache::{CacheShape, DeviceKv, HostTraffic};
+use crate::decode::{DecodeIo, DecodeProblem, band};
+use crate::timing::Owned;
+use crate::{BackendKind, DType, Data, Error, PosMode, Result, Weights};
+
+/// Threads per decode block (`HM_NT`).
+pub const DECODE_THREADS: usize = 128;
+/// Rows (warps) per combine block (`HM_DEC_ROWS`).
+const COMBINE_ROWS: usize = 4;
+
+/// `HmDecodeArgs` of `decode_v1.cu`: 3 pointers, 8 `i32` (56 bytes, no padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeArgs {
+    pub lens: u64,
+    pub part: u64,
+    pub rope_tab: u64,
+    pub capacity: i32,
+    pub splits: i32,
+    pub tokens_per_split: i32,
+    pub tile_tokens: i32,
+    pub rope_levels: i32,
+    pub selection: i32,
+    pub vec16: i32,
+    pub pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<DecodeArgs>() == 56);
+
+/// The NVRTC source of the decode module of a dtype.
+pub fn decode_source(dtype: DType) -> String {
+    let code = match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    };
+    format!(
+        "// headmix decode_v1 {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{}\n",
+        dtype.name(),
+        src::COMMON,
+        src::TRAITS,
+        src::DECODE_V1
+    )
+}
+
+/// Compile the decode module of `dtype` for `arch` without a GPU, failing on any warning or a
+/// missing entry point; returns the PTX size.
+pub fn compile_decode(dtype: DType, arch: &str) -> Result<usize> {
+    let name = format!("decode_v1_{}", dtype.name());
+    let c = compile::compile_source(&name, &decode_source(dtype), arch)?;
+    compile::check_clean(&name, arch, &c, "hm_decode_v1")?;
+    compile::check_clean(&name, arch, &c, "hm_decode_combine_v1")?;
+    Ok(c.ptx.len())
+}
+
+/// A KV cache in CUDA memory: keys and values `[B, capacity, Hk, d]` in the cache dtype and the
+/// absolute length of each sequence as `u32 [B]`; copies run on the backend's stream.
+pub struct CudaKv {
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+    shape: CacheShape,
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    lens: CudaSlice<u32>,
+    uploaded: AtomicU64,
+    downloaded: AtomicU64,
+}
+
+impl CudaKv {
+    pub(super) fn new(backend: &CudaBackend, shape: &CacheShape) -> Result<CudaKv> {
+        shape.check()?;
+        let bytes = usize::try_from(shape.elements() * shape.dtype.size() as u128).map_err(|_| Error::TooLarge {
+            what: "KV cache bytes",
+            elements: shape.bytes(),
+            max: usize::MAX as u128,
+        })?;
+        let s = backend.stream();
+        let k = s.alloc_zeros::<u8>(bytes).map_err(drv("allocating the KV cache keys"))?;
+        let v = s.alloc_zeros::<u8>(bytes).map_err(drv("allocating the KV cache values"))?;
+        let lens = s.alloc_zeros::<u32>(shape.batch).map_err(drv("allocating the KV cache lengths"))?;
+        Ok(CudaKv {
+            ordinal: backend.ordinal,
+            stream: s.clone(),
+            shape: *shape,
+            k,
+            v,
+            lens,
+            uploaded: AtomicU64::new(0),
+            downloaded: AtomicU64::new(0),
+        })
+    }
+
+    /// The key buffer `[B, capacity, Hk, d]` (bytes).
+    pub fn keys(&self) -> &CudaSlice<u8> {
+        &self.k
+    }
+
+    /// The value buffer `[B, capacity, Hk, d]` (bytes).
+    pub fn values(&self) -> &CudaSlice<u8> {
+        &self.v
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.shape.kv_heads * self.shape.head_dim * self.shape.dtype.size()
+    }
+
+    fn at(&self, b: usize, slot: usize) -> usize {
+        (b * self.shape.capacity + slot) * self.row_bytes()
+    }
+}
+
+impl DeviceKv for CudaKv {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn write_rows(&mut self, b: usize, slot: usize, k: &Data, v: &Data, src_at: usize, rows: usize) -> Result<()> {
+        let es = self.shape.dtype.size();
+        let (from, to) = (src_at * es, (src_at + rows * self.shape.kv_heads * self.shape.head_dim) * es);
+        let at = self.at(b, slot);
+        let s = self.stream.clone();
+        s.memcpy_htod(&k.bytes()[from..to], &mut self.k.slice_mut(at..at + (to - from)))
+            .map_err(drv("appending keys"))?;
+        s.memcpy_htod(&v.bytes()[from..to], &mut self.v.slice_mut(at..at + (to - from)))
+            .map_err(drv("appending values"))?;
+        self.uploaded.fetch_add(2 * (to - from) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn set_lens(&mut self, lens: &[usize]) -> Result<()> {
+        let words: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        self.stream.clone().memcpy_htod(&words, &mut self.lens).map_err(drv("publishing the cache lengths"))
+    }
+
+    fn read_back(&self) -> Result<(Owned, Owned)> {
+        let k = self.stream.clone_dtoh(&self.k).map_err(drv("reading the cache keys back"))?;
+        let v = self.stream.clone_dtoh(&self.v).map_err(drv("reading the cache values back"))?;
+        self.stream.synchronize().map_err(drv("reading the cache back"))?;
+        self.downloaded.fetch_add((k.len() + v.len()) as u64, Ordering::Relaxed);
+        let owned = |b: &[u8]| -> Owned {
+            match self.shape.dtype {
+                DType::F32 => Owned::F32(bytemuck::pod_collect_to_vec(b)),
+                DType::F16 => Owned::F16(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect()),
+                DType::BF16 => {
+                    Owned::BF16(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect())
+                }
+            }
+        };
+        Ok((owned(&k), owned(&v)))
+    }
+
+    fn traffic(&self) -> HostTraffic {
+        HostTraffic {
+            uploaded: self.uploaded.load(Ordering::Relaxed),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The decode and combine kernels of one (device, dtype).
+struct DecodeFns {
+    decode: CudaFunction,
+    combine: CudaFunction,
+}
+
+fn decode_modules() -> &'static Mutex<HashMap<(usize, DType), Arc<DecodeFns>>> {
+    static M: OnceLock<Mutex<HashMap<(usize, DType), Arc<DecodeFns>>>> = OnceLock::new();
+    M.get_or_init(Default::default)
+}
+
+/// RoPE table `[levels, 256, d/2, 2]`: cos/sin of `byte · 256^level · base^(−2t/d)` in f64.
+fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
+    let half = d / 2;
+    let mut table = Vec::with_capacity(levels as usize * 256 * half * 2);
+    for l in 0..levels {
+        for b in 0..256u64 {
+            let pos = (b << (8 * l)) as f64;
+            for t in 0..half {
+                let (sin, cos) = (pos * base.powf(-2.0 * t as f64 / d as f64)).sin_cos();
+                table.push(cos as f32);
+                table.push(sin as f32);
+            }
+        }
+    }
+    table
+}
+
+fn is_selection(a: &[f32], heads: usize, hp: usize) -> bool {
+    (0..hp).all(|c| {
+        let col = (0..heads).map(|m| a[m * hp + c]);
+        col.clone().filter(|&x| x == 1.0).count() == 1 && col.clone().all(|x| x == 0.0 || x == 1.0)
+    })
+}
+
+/// The launch plan of one decode call (sizes only; for benchmarks and the B = 8 × 128k check).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeLaunch {
+    pub args: DecodeArgs,
+    /// Grid of the decode kernel: (splits, B).
+    pub grid: (u32, u32),
+    /// Dynamic shared memory of the decode kernel, bytes.
+    pub smem: usize,
+    /// Cache bytes the decode kernel reads (every held token of each visible band, keys and
+    /// values, once): counted, not measured.
+    pub cache_bytes_read: u64,
+}
+
+impl PartialEq for DecodeArgs {
+    fn eq(&self, o: &Self) -> bool {
+        (self.capacity, self.splits, self.tokens_per_split, self.tile_tokens, self.rope_levels, self.selection)
+            == (o.capacity, o.splits, o.tokens_per_split, o.tile_tokens, o.rope_levels, o.selection)
+    }
+}
+
+/// Plan a validated decode problem on a cache of `shape` holding `lens`, for a device with
+/// `max_smem` bytes of shared memory per block and `sms` multiprocessors.
+pub fn plan_decode(
+    problem: &DecodeProblem,
+    w: &Weights,
+    shape: &CacheShape,
+    lens: &[usize],
+    max_smem: usize,
+    sms: usize,
+) -> Result<DecodeLaunch> {
+    let c = &problem.cfg;
+    let (b, n, d, p, h, hk) = (problem.batch, problem.n, c.head_dim, c.pseudo, c.heads, c.kv_heads);
+    let unsupported = |why: String| Error::Unsupported { backend: "cuda", why };
+    if d > 256 {
+        return Err(unsupported(format!("head dim {d} above 256 (decode)")));
+    }
+    let (np, rows) = (n * p, h * n * p);
+    let cap = shape.capacity;
+    let max = crate::validate::MAX_INDEX as u128;
+    for (what, x) in [
+        ("capacity·P", cap as u128 * p as u128),
+        ("B·H·N·P rows", (b * rows) as u128),
+        ("capacity·Hk·d", shape.seq_elements()),
+    ] {
+        if x > max {
+            return Err(unsupported(format!("{what} = {x} above 2^31 - 1")));
+        }
+    }
+    if b > 65535 {
+        return Err(unsupported(format!("batch {b} above 65535 (grid y)")));
+    }
+    let smem_of = |tc: usize| 4 * (2 * rows * d + 2 * tc * hk * d + 2 * tc * p * d + np * tc * p + 2 * rows + np);
+    let tc = [16usize, 8, 4, 2, 1].into_iter().find(|&tc| smem_of(tc) <= max_smem).ok_or_else(|| {
+        unsupported(format!("decode needs {} bytes of shared memory, the device allows {max_smem}", smem_of(1)))
+    })?;
+    let bands: Vec<(usize, usize)> = problem.stored.iter().map(|&m| band(c, m, n)).collect();
+    let band_max = bands.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(1).max(1);
+    // Enough blocks for two waves over the SMs, each split at least two tiles.
+    let want = (2 * sms.max(1)).div_ceil(b).min(band_max.div_ceil(2 * tc)).max(1);
+    let tps = band_max.div_ceil(want);
+    let splits = band_max.div_ceil(tps);
+    let unit = match c.rope.map(|r| r.mode) {
+        Some(PosMode::Token) => 1,
+        _ => p,
+    };
+    let max_pos = lens
+        .iter()
+        .map(|&l| {
+            let s = l.min(cap);
+            c.pos_offset as u64 + ((l - s) * unit) as u64 + (s * p) as u64
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1)
+        - 1;
+    let rope_levels = if c.rope.is_some() { (64 - max_pos.leading_zeros()).div_ceil(8).max(1) as i32 } else { 0 };
+    let hp = h * p;
+    let selection = is_selection(&w.aq, c.q_heads, hp) as i32
+        | (is_selection(&w.ak, hk, hp) as i32) << 1
+        | (is_selection(&w.av, hk, hp) as i32) << 2;
+    let row_bytes = hk * d * problem.dtype.size();
+    let args = DecodeArgs {
+        capacity: cap as i32,
+        splits: splits as i32,
+        tokens_per_split: tps as i32,
+        tile_tokens: tc as i32,
+        rope_levels,
+        selection,
+        vec16: (row_bytes % 16 == 0) as i32,
+        ..DecodeArgs::default()
+    };
+    let cache_bytes_read = bands.iter().map(|(lo, hi)| 2 * ((hi - lo) * row_bytes) as u64).sum();
+    Ok(DecodeLaunch { args, grid: (splits as u32, b as u32), smem: smem_of(tc), cache_bytes_read })
+}
+
+impl CudaBackend {
+    fn decode_fns(&self, dtype: DType) -> Result<Arc<DecodeFns>> {
+        let key = (self.ordinal, dtype);
+        if let Some(f) = decode_modules().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(f.clone());
+        }
+        let name = format!("decode_v1_{}", dtype.name());
+        let c = compile::compile_source(&name, &decode_source(dtype), &self.arch)?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(c.ptx.as_str()))
+            .map_err(|e| dev_err(format!("loading {name}: {e}")))?;
+        let decode = module.load_function("hm_decode_v1").map_err(drv("cuModuleGetFunction"))?;
+        let combine = module.load_function("hm_decode_combine_v1").map_err(drv("cuModuleGetFunction"))?;
+        decode
+            .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.max_smem as i32)
+            .map_err(drv("cuFuncSetAttribute (dynamic shared memory)"))?;
+        let fns = Arc::new(DecodeFns { decode, combine });
+        decode_modules().lock().unwrap_or_else(|e| e.into_inner()).insert(key, fns.clone());
+        Ok(fns)
+    }
+
+    /// Decode on a cache in this device's memory: the new queries and small tables uploaded, the
+    /// kernels enqueued on the backend's stream, the output and lse read back. The cache is read
+    /// in place.
+    pub(super) fn decode_on_device(
+        &self,
+        problem: &DecodeProblem,
+        w: &Weights,
+        io: DecodeIo<'_>,
+        kv: &CudaKv,
+    ) -> Result<()> {
+        self.decode_calls(problem, w, io, kv, 0).map(|_| ())
+    }
+
+    /// Device time (CUDA events) of `reps` decode calls of `n` new tokens on a cache of this
+    /// device, after one warm-up call, with the plan's counted cache bytes read per call: what
+    /// the decode benchmark reports.
+    pub fn time_decode(
+        &self,
+        cfg: &crate::Config,
+        w: &Weights,
+        cache: &crate::cache::KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<(crate::Timing, u64)> {
+        let kv = cache.device_storage().and_then(|d| d.as_any().downcast_ref::<CudaKv>()).ok_or_else(|| {
+            Error::Cache { why: format!("the cache lives on the {} device, not CUDA", cache.location()) }
+        })?;
+        let shape = cache.shape();
+        let q = Owned::from_f32(
+            shape.dtype,
+            &crate::Rng::new(1).normal_vec(shape.batch * n * cfg.q_heads * cfg.head_dim, 1.0),
+        );
+        let out_shape: Vec<usize> = if w.r.is_some() {
+            vec![shape.batch, n, cfg.heads, cfg.head_dim]
+        } else {
+            vec![shape.batch, n, cfg.heads, cfg.pseudo, cfg.head_dim]
+        };
+        let mut out = Owned::filled(shape.dtype, out_shape.iter().product(), f32::NAN);
+        let io = DecodeIo {
+            q: q.tensor(&[shape.batch, n, cfg.q_heads, cfg.head_dim]),
+            cache,
+            out: out.tensor_mut(&out_shape),
+            lse: None,
+        };
+        let problem = crate::decode::validate_decode(cfg, w, &io)?;
+        let (seconds, bytes) = self.decode_calls(&problem, w, io, kv, reps.max(1))?;
+        Ok((crate::Timing { seconds, extra_bytes: 0, clock: "cuda events" }, bytes))
+    }
+
+    /// One decode call (`reps = 0`), or a warm-up and `reps` timed calls; returns the event
+    /// times and the counted cache bytes read per call.
+    fn decode_calls(
+        &self,
+        problem: &DecodeProblem,
+        w: &Weights,
+        io: DecodeIo<'_>,
+        kv: &CudaKv,
+        reps: usize,
+    ) -> Result<(Vec<f64>, u64)> {
+        if kv.ordinal != self.ordinal {
+            return Err(Error::Cache { why: format!("the cache lives on CUDA device {}", kv.ordinal) });
+        }
+        let sms = self
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .unwrap_or(1) as usize;
+        let shape = io.cache.shape();
+        let mut plan = plan_decode(problem, w, &shape, io.cache.lens(), self.max_smem, sms)?;
+        let mut seconds = Vec::with_capacity(reps);
+        let fns = self.decode_fns(problem.dtype)?;
+        let epi = if problem.collapse { Some(self.function(Variant::epilogue(problem.dtype))?) } else { None };
+        let s = self.stream();
+        self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
+        let c = &problem.cfg;
+        let dw = self.upload_weights(c, w, s)?;
+        let q = s.clone_htod(io.q.data.bytes()).map_err(drv("copying q"))?;
+        let mut out_t = io.out;
+        let out_bytes = out_t.data.bytes_mut();
+        // SAFETY: the combine (or the epilogue) writes every element of out and lse.
+        let mut out = unsafe { s.alloc::<u8>(out_bytes.len()) }.map_err(drv("allocating out"))?;
+        let mut lse = unsafe { s.alloc::<f32>(problem.lse_len()) }.map_err(drv("allocating lse"))?;
+        let rows = problem.batch * c.heads * problem.n * c.pseudo;
+        let part_len = plan.args.splits as usize * rows * (c.head_dim + 2);
+        // SAFETY: every block writes all of its split's partials before the combine reads them.
+        let mut part = unsafe { s.alloc::<f32>(part_len) }.map_err(drv("allocating the partials"))?;
+        let tab = match c.rope {
+            Some(r) => rope_table(plan.args.rope_levels as u32, c.head_dim, r.base as f64),
+            None => vec![0.0],
+        };
+        let tab = s.clone_htod(&tab).map_err(drv("copying the RoPE table"))?;
+        let mut acc = if problem.collapse {
+            Some(
+                s.alloc_zeros::<f32>(problem.batch * problem.n * c.heads * c.head_dim)
+                    .map_err(drv("allocating the accumulator"))?,
+            )
+        } else {
+            None
+        };
+        {
+            let fwd = crate::validate::Problem {
+                cfg: *c,
+                batch: problem.batch,
+                n: problem.n,
+                m: shape.capacity,
+                dtype: problem.dtype,
+                collapse: problem.collapse,
+                norm: problem.norm,
+            };
+            let mut args = HmArgs::from_problem(&fwd);
+            let cap_p = (shape.capacity * c.pseudo).min(i32::MAX as usize) as i32;
+            args.window_left = args.window_left.min(cap_p);
+            args.window_right = args.window_right.min(cap_p);
+            let (qp, _g1) = q.device_ptr(s);
+            let (kp, _g2) = kv.k.device_ptr(s);
+            let (vp, _g3) = kv.v.device_ptr(s);
+            let (op, _g4) = out.device_ptr_mut(s);
+            let (lp, _g5) = lse.device_ptr_mut(s);
+            let (pp, _g6) = part.device_ptr_mut(s);
+            let (tp, _g7) = tab.device_ptr(s);
+            let (np, _g8) = kv.lens.device_ptr(s);
+            let (wp, _g9) = dw.buf.device_ptr(s);
+            let (ap, _g10) = match acc.as_mut() {
+                Some(a) => {
+                    let (p, g) = a.device_ptr_mut(s);
+                    (p, Some(g))
+                }
+                None => (0, None),
+            };
+            let at = |slot: usize| wp + 4 * dw.offsets[slot] as u64;
+            args.q = qp;
+            args.k = kp;
+            args.v = vp;
+            args.out = op;
+            args.lse = lp;
+            args.has_lse = 1;
+            args.acc = ap;
+            args.aq = at(0);
+            args.ak = at(1);
+            args.av = at(2);
+            args.r = if problem.collapse { at(3) } else { 0 };
+            args.gamma = if problem.norm { at(4) } else { 0 };
+            plan.args.lens = np;
+            plan.args.part = pp;
+            plan.args.rope_tab = if c.rope.is_some() { tp } else { 0 };
+            let mut dargs = plan.args;
+            let mut params = [&mut args as *mut HmArgs as *mut c_void, &mut dargs as *mut DecodeArgs as *mut c_void];
+            let event =
+                || s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("event"));
+            for rep in 0..=reps {
+                let start = if reps > 0 { Some(event()?) } else { None };
+                // SAFETY: the functions are loaded in this context; the structs match the kernels'
+                // parameters and live until the calls return (the driver copies them at launch); every
+                // pointer is a live allocation of the validated size, guarded until enqueued.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(
+                        fns.decode.cu_function(),
+                        (plan.grid.0, plan.grid.1, 1),
+                        (DECODE_THREADS as u32, 1, 1),
+                        plan.smem as u32,
+                        s.cu_stream(),
+                        &mut params,
+                    )
+                    .map_err(drv("launching hm_decode_v1"))?;
+                    cudarc::driver::result::launch_kernel(
+                        fns.combine.cu_function(),
+                        (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
+                        (32 * COMBINE_ROWS as u32, 1, 1),
+                        0,
+                        s.cu_stream(),
+                        &mut params,
+                    )
+                    .map_err(drv("launching hm_decode_combine_v1"))?;
+                    if let Some(epi) = &epi {
+                        let erows = problem.batch * problem.n * c.heads;
+                        let mut eparams = [&mut args as *mut HmArgs as *mut c_void];
+                        cudarc::driver::result::launch_kernel(
+                            epi.func.cu_function(),
+                            (erows.div_ceil(super::variants::EPI_ROWS) as u32, 1, 1),
+                            ((32 * super::variants::EPI_ROWS) as u32, 1, 1),
+                            0,
+                            s.cu_stream(),
+                            &mut eparams,
+                        )
+                        .map_err(drv("launching the collapse epilogue"))?;
+                    }
+                }
+                if let Some(start) = start {
+                    let end = event()?;
+                    end.synchronize().map_err(drv("running the decode kernels"))?;
+                    if rep > 0 {
+                        seconds.push(start.elapsed_ms(&end).map_err(drv("event time"))? as f64 * 1e-3);
+                    }
+                }
+            }
+        }
+        s.memcpy_dtoh(&out, out_bytes).map_err(drv("copying out back"))?;
+        let mut lse_host = vec![0f32; problem.lse_len()];
+        s.memcpy_dtoh(&lse, &mut lse_host).map_err(drv("copying lse back"))?;
+        s.synchronize().map_err(drv("running the decode kernels"))?;
+        if let Some(l) = io.lse {
+            l.copy_from_slice(&lse_host);
+        }
+        Ok((seconds, plan.cache_bytes_read))
+    }
+
+    /// Append `n` tokens to every sequence of a cache on this device from device tensors `k`, `v`
+    /// `[B, n, Hk, d]` of the cache dtype's bytes (e.g. the prefill forward's inputs of
+    /// [`CudaBackend::forward_device`]): copied device to device on the backend's stream.
+    pub fn append_device<S: DevicePtr<u8>>(
+        &self,
+        cache: &mut crate::cache::KvCache,
+        k: &S,
+        v: &S,
+        n: usize,
+    ) -> Result<()> {
+        let shape = cache.shape();
+        let row = shape.kv_heads * shape.head_dim * shape.dtype.size();
+        for (what, len) in [("appended k (device)", k.len()), ("appended v (device)", v.len())] {
+            if len != shape.batch * n * row {
+                return Err(Error::Length { what, expected: shape.batch * n * row, got: len });
+            }
+        }
+        let ordinal =
+            cache.device_storage().and_then(|d| d.as_any().downcast_ref::<CudaKv>()).map(|kv| kv.ordinal).ok_or_else(
+                || Error::Cache { why: format!("the cache lives on the {} device, not CUDA", cache.location()) },
+            )?;
+        if ordinal != self.ordinal {
+            return Err(Error::Cache { why: format!("the cache lives on CUDA device {ordinal}") });
+        }
+        let s = self.stream().clone();
+        let seqs: Vec<usize> = (0..shape.batch).collect();
+        let (kp, _gk) = k.device_ptr(&s);
+        let (vp, _gv) = v.device_ptr(&s);
+        cache.append_with(n, &seqs, |d, b, t, slot, rows| {
+            let kv = d.as_any_mut().downcast_mut::<CudaKv>().expect("checked above");
+            let (src, bytes, at) = (((b * n + t) * row) as u64, rows * row, kv.at(b, slot));
+            for (from, dst) in [(kp + src, &mut kv.k), (vp + src, &mut kv.v)] {
+                let mut view = dst.slice_mut(at..at + bytes);
+                let (dp, _g) = view.device_ptr_mut(&s);
+                // SAFETY: both ranges are live device memory of this context, checked lengths,
+                // and do not overlap (the cache owns its buffers).
+                unsafe { cudarc::driver::result::memcpy_dtod_async(dp, from, bytes, s.cu_stream()) }
+                    .map_err(drv("appending device to device"))?;
+            }
+            Ok(())
+        })
+    }
+}

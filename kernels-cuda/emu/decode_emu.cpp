@@ -1,0 +1,236 @@
+// CPU emulator run of the decode kernels (decode_v1.cu + epilogue.cu) against the f64 spec:
+// random device-layout caches (linear, and rings that wrapped many times), ragged lengths,
+// unwritten slots poisoned with NaN, random splits and tile sizes, every option of the forward.
+// For each sequence the expected result is the reference forward over its held tokens (M = held,
+// positions offset by the first held token), as host/src/decode.rs defines decode.
+//
+// Build and run: kernels-cuda/emu/run_decode.sh [cases] [seed]  (g++ >= 12).
+
+#define HM_EMU_DECODE 1
+#ifndef HM_KERNEL
+#define HM_KERNEL 1
+#endif
+#include "emu.cpp"
+
+struct uint4 {
+    unsigned x, y, z, w;
+};
+struct float2 {
+    float x, y;
+};
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+
+#include "../decode_v1.cu"
+#include "../epilogue.cu"
+
+static std::vector<hm_elem> to_storage(const std::vector<float>& x) {
+    std::vector<hm_elem> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = hm_from_f32(x[i]);
+    return y;
+}
+
+static const HmArgs* dec_a;
+static const HmDecodeArgs* dec_x;
+static bool dec_combine;
+static void dec_body() {
+    if (dec_combine)
+        hm_decode_combine_v1(*dec_a, *dec_x);
+    else
+        hm_decode_v1(*dec_a, *dec_x);
+}
+
+static bool run_case(std::mt19937_64& rng, int idx) {
+    auto U = [&](int lo, int hi) { return (int)std::uniform_int_distribution<int>(lo, hi)(rng); };
+    std::normal_distribution<float> nd(0.f, 1.f);
+    Problem p{};
+    const int B = U(1, 3);
+    p.N = U(1, 3);
+    p.H = U(1, 4);
+    p.Hq = U(1, 3);
+    p.Hk = U(1, 3);
+    p.P = U(1, 3);
+    p.d = U(0, 2) == 0 ? HM_HD : 2 * U(1, HM_HD / 2);
+    p.causal = U(0, 3) != 0;
+    p.window = U(0, 1);
+    p.left = U(0, 12);
+    p.right = p.causal ? 0 : U(0, 5);
+    p.rope = U(0, 2) != 0;
+    p.rope_token = U(0, 1);
+    p.pos0 = U(0, 1) ? 0 : U(0, 100000);
+    p.base = U(0, 1) ? 10000.f : 500.f;
+    p.scale = U(0, 1) ? 1.f / std::sqrt((float)p.d) : 0.3f;
+    p.eps = 1e-5f;
+    p.collapse = U(0, 1);
+    p.norm = U(0, 1);
+    // A ring when the window is causal (or right-closed), else a linear cache.
+    const bool ring = p.window && (p.causal || p.right == 0) && U(0, 1);
+    int cap;
+    std::vector<int> lens(B);
+    if (ring) {
+        cap = (int)((p.left + p.P - 1) / p.P) + p.N + U(0, 3);
+        for (auto& l : lens) l = std::max(p.N, U(1, 6 * cap)); // wraps several times
+    } else {
+        for (auto& l : lens) l = U(p.N, 40);
+        cap = *std::max_element(lens.begin(), lens.end()) + U(0, 5);
+    }
+    const int unit = p.rope_token ? 1 : p.P;
+
+    auto normal = [&](size_t n, float s) {
+        std::vector<float> x(n);
+        for (auto& e : x) e = hm_round(nd(rng) * s);
+        return x;
+    };
+    auto weights = [&](size_t n, float s) {
+        std::vector<float> x(n);
+        for (auto& e : x) e = nd(rng) * s;
+        return x;
+    };
+    auto aq = weights((size_t)p.Hq * p.H * p.P, 1.f / std::sqrt((float)p.Hq));
+    auto ak = weights((size_t)p.Hk * p.H * p.P, 1.f / std::sqrt((float)p.Hk));
+    auto av = weights((size_t)p.Hk * p.H * p.P, 1.f / std::sqrt((float)p.Hk));
+    auto r = weights((size_t)p.H * p.H * p.P, 1.f / std::sqrt((float)(p.H * p.P)));
+    auto gamma = weights((size_t)p.H * p.d, 0.2f);
+    for (auto& g : gamma) g += 1.f;
+    const int row = p.Hk * p.d;
+    auto q = normal((size_t)B * p.N * p.Hq * p.d, 1.f);
+    // The cache, poisoned; each sequence's held tokens written at (first + t) % cap.
+    std::vector<float> kc((size_t)B * cap * row, NAN), vc((size_t)B * cap * row, NAN);
+    std::vector<double> want, want_lse;
+    for (int b = 0; b < B; ++b) {
+        const int held = std::min(lens[b], cap), first = lens[b] - held;
+        auto k = normal((size_t)held * row, 1.f), v = normal((size_t)held * row, 1.f);
+        for (int t = 0; t < held; ++t)
+            for (int e = 0; e < row; ++e) {
+                const size_t dst = ((size_t)b * cap + (first + t) % cap) * row + e;
+                kc[dst] = k[(size_t)t * row + e];
+                vc[dst] = v[(size_t)t * row + e];
+            }
+        Problem s = p;
+        s.B = 1;
+        s.M = held;
+        s.pos0 = p.pos0 + first * unit;
+        std::vector<float> qb(q.begin() + (size_t)b * p.N * p.Hq * p.d, q.begin() + (size_t)(b + 1) * p.N * p.Hq * p.d);
+        std::vector<double> o, l;
+        reference(s, qb, k, v, aq, ak, av, r, gamma, o, l);
+        want.insert(want.end(), o.begin(), o.end());
+        want_lse.insert(want_lse.end(), l.begin(), l.end());
+    }
+
+    // The host's plan: band, splits, tile, RoPE table (as host/src/backends/cuda/decode.rs).
+    int band_max = 1;
+    for (int b = 0; b < B; ++b) {
+        const long long held = std::min(lens[b], cap), off = (held - p.N) * p.P, nq = p.N * p.P;
+        long long lo = 0, hi = held * p.P - 1;
+        if (p.window) {
+            lo = std::max(0LL, off - p.left);
+            hi = std::min(hi, off + nq - 1 + p.right);
+        }
+        if (p.causal) hi = std::min(hi, off + nq - 1);
+        band_max = std::max(band_max, (int)(hi / p.P + 1 - lo / p.P));
+    }
+    const int splits_want = U(1, 4);
+    const int tps = (band_max + splits_want - 1) / splits_want, splits = (band_max + tps - 1) / tps;
+    long long max_pos = 1;
+    for (int b = 0; b < B; ++b) {
+        const int held = std::min(lens[b], cap);
+        max_pos = std::max(max_pos, (long long)p.pos0 + (long long)(lens[b] - held) * unit + (long long)held * p.P);
+    }
+    int levels = 0;
+    for (long long m = max_pos - 1; m > 0; m >>= 8) ++levels;
+    levels = std::max(levels, 1);
+    std::vector<float> tab((size_t)levels * 256 * (p.d / 2) * 2);
+    for (int l = 0; l < levels; ++l)
+        for (int byte = 0; byte < 256; ++byte)
+            for (int t = 0; t < p.d / 2; ++t) {
+                const double pos = (double)((long long)byte << (8 * l));
+                const double ang = pos * std::pow((double)p.base, -2.0 * t / p.d);
+                tab[(((size_t)l * 256 + byte) * (p.d / 2) + t) * 2] = (float)std::cos(ang);
+                tab[(((size_t)l * 256 + byte) * (p.d / 2) + t) * 2 + 1] = (float)std::sin(ang);
+            }
+
+    auto qs = to_storage(q), ks = to_storage(kc), vs = to_storage(vc);
+    std::vector<hm_elem> out(want.size(), hm_from_f32(NAN));
+    const int R = p.H * p.N * p.P;
+    std::vector<float> lse(want_lse.size(), NAN), acc((size_t)B * p.N * p.H * p.d, 0.f);
+    std::vector<float> part((size_t)splits * B * R * (p.d + 2), NAN);
+    std::vector<unsigned> ulens(lens.begin(), lens.end());
+    HmArgs a{};
+    a.q = qs.data(), a.k = ks.data(), a.v = vs.data(), a.out = out.data(), a.lse = lse.data();
+    a.acc = p.collapse ? acc.data() : nullptr;
+    a.aq = aq.data(), a.ak = ak.data(), a.av = av.data();
+    a.r = p.collapse ? r.data() : nullptr;
+    a.gamma = p.norm ? gamma.data() : nullptr;
+    a.B = B, a.N = p.N, a.M = cap, a.Hq = p.Hq, a.Hk = p.Hk, a.H = p.H, a.P = p.P, a.d = p.d;
+    a.causal = p.causal, a.has_window = p.window;
+    a.window_left = (int)std::min<long long>(p.left, (long long)cap * p.P);
+    a.window_right = (int)std::min<long long>(p.right, (long long)cap * p.P);
+    a.rope = p.rope, a.rope_token = p.rope_token, a.pos0 = p.pos0;
+    a.collapse = p.collapse, a.norm = p.norm, a.has_lse = 1;
+    a.scale_log2 = p.scale * 1.4426950408889634f;
+    a.rope_base = p.base;
+    a.eps = p.eps;
+    HmDecodeArgs x{};
+    x.lens = ulens.data();
+    x.part = part.data();
+    x.rope_tab = p.rope ? tab.data() : nullptr;
+    x.capacity = cap, x.splits = splits, x.tokens_per_split = tps;
+    const int tiles[4] = {1, 2, 4, 8};
+    x.tile_tokens = tiles[U(0, 3)];
+    x.rope_levels = p.rope ? levels : 0;
+    x.selection = 0;
+    x.vec16 = (row * (int)sizeof(hm_elem)) % 16 == 0 && U(0, 1);
+    const size_t smem = 4 * ((size_t)R * p.d * 2 + 2 * (size_t)x.tile_tokens * row +
+                             2 * (size_t)x.tile_tokens * p.P * p.d + (size_t)p.N * p.P * x.tile_tokens * p.P + 2 * R +
+                             p.N * p.P);
+    if (smem > sizeof(hm_smem)) return true; // too big for the emulator's shared memory: skip
+    dec_a = &a;
+    dec_x = &x;
+    emu_body = dec_body;
+    dec_combine = false;
+    launch(nullptr, {splits, B, 1}, a);
+    dec_combine = true;
+    launch(nullptr, {(B * R + HM_DEC_ROWS - 1) / HM_DEC_ROWS, 1, 1}, a);
+    emu_body = nullptr;
+    if (p.collapse) launch(hm_collapse_epilogue, {(B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, a);
+
+    // Negative control (EMU_NEGATIVE=1): compare with the reference shifted by one element.
+    const size_t shift = std::getenv("EMU_NEGATIVE") ? 1 : 0;
+    double num = 0, den = 0;
+    bool nan = false;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const double g = hm_to_f32(out[(i + shift) % want.size()]);
+        nan |= std::isnan(g);
+        num += (g - want[i]) * (g - want[i]);
+        den += want[i] * want[i];
+    }
+    const double err = std::sqrt(num / (den > 0 ? den : 1));
+    double lse_err = 0;
+    for (size_t i = 0; i < want_lse.size(); ++i) {
+        if (want_lse[i] == -INFINITY) {
+            if (lse[i] != -INFINITY) lse_err = INFINITY;
+        } else {
+            lse_err = std::max(lse_err, std::fabs(lse[i] - want_lse[i]) / (1 + std::fabs(want_lse[i])));
+        }
+    }
+    const double tol = HM_DTYPE == 0 ? 1e-5 : HM_DTYPE == 1 ? 2e-3 : 1e-2;
+    const double lse_tol = HM_DTYPE == 0 ? 1e-5 : 1e-3;
+    const bool ok = !nan && err <= tol && lse_err <= lse_tol;
+    if (!ok || std::getenv("EMU_VERBOSE"))
+        std::printf("%s decode case %d: B%d N%d cap%d ring%d H%d Hq%d Hk%d P%d d%d causal%d window%d(%lld,%lld) "
+                    "rope%d/%d splits %d tile %d vec16 %d collapse%d norm%d: rel err %.2e, lse err %.2e%s\n",
+                    ok ? "ok" : "FAIL", idx, B, p.N, cap, ring, p.H, p.Hq, p.Hk, p.P, p.d, p.causal, p.window, p.left,
+                    p.right, p.rope, p.rope_token, splits, x.tile_tokens, x.vec16, p.collapse, p.norm, err, lse_err,
+                    nan ? " (NaN left)" : "");
+    return ok;
+}
+
+int main(int argc, char** argv) {
+    const int cases = argc > 1 ? std::atoi(argv[1]) : 12;
+    std::mt19937_64 rng(argc > 2 ? std::atoll(argv[2]) : 1);
+    int failed = 0;
+    for (int i = 0; i < cases; ++i) failed += !run_case(rng, i);
+    std::printf("emu decode_v1 dtype %d hd %d: %d/%d cases pass\n", HM_DTYPE, HM_HD, cases - failed, cases);
+    if (std::getenv("EMU_NEGATIVE")) return failed == cases ? 0 : 1;
+    return failed != 0;
+}

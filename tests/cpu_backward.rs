@@ -1,0 +1,336 @@
+//! The CPU backend's backward (`Backend::backward`) against the f64 reference backward: property
+//! suite over every method, random shapes, masks, RoPE modes, `M > N`, `Hk < H` and dtypes, with
+//! NaN-poisoned outputs; typed errors with nothing written; negative controls.
+
+use headmix::backends::cpu::CpuBackend;
+use headmix::reference::backward::{Grads, direct, forward};
+use headmix::reference::rel_err;
+use headmix::timing::Owned;
+use headmix::{Backend, BackendKind, BackwardIo, Config, DType, Error, Rng, WeightGrads, Weights};
+use headmix_tests::cases::{Limits, specs};
+use headmix_tests::{Case, check_property, device_or_skip, normals, tolerance};
+
+/// Everything a backward call reads, in the case's dtype (f32 values exactly representable).
+struct Inputs {
+    case: Case,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+impl Inputs {
+    /// The forward on the CPU backend gives `out`, `lse`; `dout` is random.
+    fn new(case: Case, seed: u64) -> Inputs {
+        let (out, lse) = case.run(&CpuBackend::new()).expect("forward");
+        let mut rng = Rng::new(seed ^ 0xd0);
+        let dout = normals(&mut rng, out.len(), 1.0).into_iter().map(|x| x as f32).collect::<Vec<_>>();
+        let dout = Owned::from_f32(case.problem.dtype, &dout).to_f32();
+        Inputs { case, out, lse, dout }
+    }
+
+    /// The reference gradients at the same inputs, in f64 and in f32 (each with its own forward
+    /// for `out` and `lse`).
+    fn reference(&self) -> (Grads<f64>, Grads<f32>) {
+        (self.reference_in::<f64>(), self.reference_in::<f32>())
+    }
+
+    fn reference_in<T: headmix::reference::Real>(&self) -> Grads<T> {
+        let f = |x: &[f32]| x.iter().map(|&v| T::from_f64(v as f64)).collect::<Vec<T>>();
+        let (c, w) = (&self.case, &self.case.weights);
+        let (aq, ak, av, r, g) = (f(&w.aq), f(&w.ak), f(&w.av), w.r.as_deref().map(f), w.gamma.as_deref().map(f));
+        let layer = headmix::reference::backward::Layer {
+            aq: &aq,
+            ak: &ak,
+            av: &av,
+            r: r.as_deref(),
+            norm: g.as_deref().map(|gamma| headmix::reference::backward::NormWeights::Rms { gamma }),
+        };
+        let p = c.problem.params();
+        let (q, k, v) = (f(&c.q), f(&c.k), f(&c.v));
+        let fw = forward(&p, &q, &k, &v, &layer);
+        direct::backward(&p, &q, &k, &v, &layer, Some(&fw.out), &fw.lse, &f(&self.dout))
+    }
+
+    /// Run `backend.backward` with every output poisoned with NaN; the gradients as f32.
+    fn run(&self, backend: &dyn Backend) -> headmix::Result<Grads<f32>> {
+        let c = &self.case;
+        let (p, w) = (&c.problem, &c.weights);
+        let dt = p.dtype;
+        let (q, k, v) = (Owned::from_f32(dt, &c.q), Owned::from_f32(dt, &c.k), Owned::from_f32(dt, &c.v));
+        let (out, dout) = (Owned::from_f32(dt, &self.out), Owned::from_f32(dt, &self.dout));
+        let (mut dq, mut dk, mut dv) = (
+            Owned::filled(dt, c.q.len(), f32::NAN),
+            Owned::filled(dt, c.k.len(), f32::NAN),
+            Owned::filled(dt, c.v.len(), f32::NAN),
+        );
+        let nan = |x: &Vec<f32>| vec![f32::NAN; x.len()];
+        let (mut daq, mut dak, mut dav) = (nan(&w.aq), nan(&w.ak), nan(&w.av));
+        let mut dr = w.r.as_ref().map(nan);
+        let mut dgamma = w.gamma.as_ref().map(nan);
+        let out_shape = p.out_shape();
+        backend.backward(
+            &p.cfg,
+            w,
+            BackwardIo {
+                q: q.tensor(&c.q_shape()),
+                k: k.tensor(&c.kv_shape()),
+                v: v.tensor(&c.kv_shape()),
+                out: out.tensor(&out_shape),
+                lse: &self.lse,
+                dout: dout.tensor(&out_shape),
+                dq: dq.tensor_mut(&c.q_shape()),
+                dk: dk.tensor_mut(&c.kv_shape()),
+                dv: dv.tensor_mut(&c.kv_shape()),
+                dw: WeightGrads {
+                    daq: &mut daq,
+                    dak: &mut dak,
+                    dav: &mut dav,
+                    dr: dr.as_deref_mut(),
+                    dgamma: dgamma.as_deref_mut(),
+                    dbeta: None,
+                },
+            },
+        )?;
+        Ok(Grads { dq: dq.to_f32(), dk: dk.to_f32(), dv: dv.to_f32(), daq, dak, dav, dr, dgamma, dbeta: None })
+    }
+}
+
+/// Every gradient within the dtype's tolerance of the f64 reference, and none left NaN. Where
+/// the reference itself run in f32 misses by more than half the tolerance (a gradient that
+/// cancels to ~eps, e.g. `dav` of a single head under a head norm, which makes the loss
+/// invariant to the scale of `av`), FlashAttention's rule instead: at most twice the f32
+/// reference's error.
+fn check(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType, label: &str) {
+    let (g, w, r) = (got.named(), want.named(), f32_ref.named());
+    assert_eq!(g.len(), w.len(), "{label}: gradient sets differ");
+    for (((name, x), (_, y)), (_, z)) in g.iter().zip(&w).zip(&r) {
+        assert!(x.iter().all(|v| !v.is_nan()), "{label}: {name} has NaN (unwritten or wrong)");
+        let err = rel_err(x, y);
+        let tol = tolerance(dtype);
+        let ref_err = rel_err(z, y);
+        let bound = if ref_err > tol / 2.0 { tol.max(2.0 * ref_err) } else { tol };
+        assert!(
+            err <= bound,
+            "{label}: {name} relative error {err:.3e} above {bound:.1e} (f32 reference {ref_err:.1e})"
+        );
+    }
+}
+
+#[test]
+fn cpu_backward_matches_reference_on_random_problems() {
+    let cpu = CpuBackend::new();
+    let limits = Limits { max_n: 8, max_extra: 4, head_dims: vec![2, 4, 8, 16], ..Limits::default() };
+    check_property("cpu backward", 64, specs(limits), |spec| {
+        let inputs = Inputs::new(spec.case(), spec.seed);
+        let got = inputs.run(&cpu).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+        let (want, want32) = inputs.reference();
+        check(&got, &want, &want32, spec.dtype, &format!("{spec:?}"));
+    });
+}
+
+#[test]
+fn cpu_backward_matches_reference_at_head_dim_64() {
+    let cpu = CpuBackend::new();
+    for (i, cfg) in [
+        Config::iha(2, 2, 64).with_rope(Default::default()),
+        Config::iha_window(2, 2, 64, 3),
+        Config::mea_compressed(4, 2, 64).unwrap().with_causal(true),
+        Config::gqa(4, 2, 64).unwrap().with_causal(true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let case = Case::random(cfg, Weights::random(&cfg, i as u64), 2, 9, 12, DType::F32, 40 + i as u64);
+        let inputs = Inputs::new(case, i as u64);
+        let (want, want32) = inputs.reference();
+        check(&inputs.run(&cpu).unwrap(), &want, &want32, DType::F32, &format!("{cfg:?}"));
+    }
+}
+
+#[test]
+fn cpu_backward_is_deterministic() {
+    let cfg = Config::iha(3, 2, 8).with_rope(Default::default());
+    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 1), 2, 6, 6, DType::F32, 3), 3);
+    let cpu = CpuBackend::new();
+    assert_eq!(inputs.run(&cpu).unwrap(), inputs.run(&cpu).unwrap());
+}
+
+/// The check must fail on a wrong answer: one perturbed gradient element is caught.
+#[test]
+fn negative_control_check_detects_a_wrong_gradient() {
+    let cfg = Config::iha(2, 2, 8);
+    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 2), 1, 5, 5, DType::F32, 8), 8);
+    let (mut got, (want, want32)) = (inputs.run(&CpuBackend::new()).unwrap(), inputs.reference());
+    check(&got, &want, &want32, DType::F32, "correct");
+    for name in ["dq", "dk", "dv", "daq", "dak", "dav", "dr"] {
+        let mut bad = got.clone();
+        let x = match name {
+            "dq" => &mut bad.dq,
+            "dk" => &mut bad.dk,
+            "dv" => &mut bad.dv,
+            "daq" => &mut bad.daq,
+            "dak" => &mut bad.dak,
+            "dav" => &mut bad.dav,
+            _ => bad.dr.as_mut().unwrap(),
+        };
+        x[0] += 0.05;
+        let caught = std::panic::catch_unwind(|| check(&bad, &want, &want32, DType::F32, name)).is_err();
+        assert!(caught, "a wrong {name} went unnoticed");
+    }
+    got.dq[1] = f32::NAN;
+    assert!(std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, "nan")).is_err());
+}
+
+/// A backend without a backward says so with a typed error (wgpu, where a device is present).
+#[test]
+fn backends_without_backward_are_unsupported() {
+    let Some(wgpu) = device_or_skip(BackendKind::Wgpu, "backends_without_backward_are_unsupported") else {
+        return;
+    };
+    let cfg = Config::mha(2, 8);
+    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 2), 1, 3, 3, DType::F32, 8), 8);
+    match inputs.run(wgpu.as_ref()) {
+        Err(Error::Unsupported { backend: "wgpu", .. }) => {}
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
+
+/// Bad calls: a typed error naming the value, and not one output element written.
+#[test]
+fn bad_backward_calls_are_typed_errors_and_write_nothing() {
+    let cfg = Config::iha(2, 2, 4);
+    let w = Weights::random(&cfg, 1);
+    let (b, n, m) = (1, 3, 4);
+    let case = Case::random(cfg, w.clone(), b, n, m, DType::F32, 5);
+    let inputs = Inputs::new(case, 5);
+    let c = &inputs.case;
+    let out_shape = c.problem.out_shape();
+    let sentinel = 7.25f32;
+    // One mutation per case, applied to a fresh call; each must fail before writing.
+    type Mutation = fn(&mut Call);
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("lse", |c| c.lse.pop().map(|_| ()).unwrap_or(())),
+        ("dout", |c| c.dout_shape[1] += 1),
+        ("out", |c| c.out_shape[3] += 1),
+        ("dq", |c| c.dq_shape[2] += 1),
+        ("dk", |c| c.dk_shape[1] += 1),
+        ("dv", |c| c.dv16 = true),
+        ("daq", |c| c.daq.push(7.25)),
+        ("dav", |c| c.dav.pop().map(|_| ()).unwrap_or(())),
+        ("dr", |c| c.dr = None),
+        ("dgamma", |c| c.dgamma = Some(vec![7.25; 8])),
+        ("dbeta", |c| c.dbeta = Some(vec![7.25; 8])),
+    ];
+    for (what, mutate) in cases {
+        let mut call = Call::new(&inputs, sentinel);
+        mutate(&mut call);
+        let err = call.run(&inputs, &out_shape).expect_err(what);
+        let named = match &err {
+            Error::Shape { what: w, .. } | Error::Length { what: w, .. } | Error::DType { what: w, .. } => {
+                w.starts_with(what)
+            }
+            _ => false,
+        };
+        assert!(named, "{what}: error does not name it: {err:?}");
+        assert!(call.untouched(sentinel), "{what}: an output was written before validation failed");
+    }
+}
+
+/// The buffers of one backward call, to be mutated into a bad one.
+struct Call {
+    lse: Vec<f32>,
+    out_shape: Vec<usize>,
+    dout_shape: Vec<usize>,
+    dq_shape: Vec<usize>,
+    dk_shape: Vec<usize>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dv16: bool,
+    dv_half: Vec<half::f16>,
+    daq: Vec<f32>,
+    dak: Vec<f32>,
+    dav: Vec<f32>,
+    dr: Option<Vec<f32>>,
+    dgamma: Option<Vec<f32>>,
+    dbeta: Option<Vec<f32>>,
+}
+
+impl Call {
+    fn new(inputs: &Inputs, s: f32) -> Call {
+        let c = &inputs.case;
+        let w = &c.weights;
+        let out_shape = c.problem.out_shape();
+        Call {
+            lse: inputs.lse.clone(),
+            out_shape: out_shape.clone(),
+            dout_shape: out_shape,
+            dq_shape: c.q_shape().to_vec(),
+            dk_shape: c.kv_shape().to_vec(),
+            dq: vec![s; c.q.len()],
+            dk: vec![s; c.k.len()],
+            dv: vec![s; c.v.len()],
+            dv16: false,
+            dv_half: vec![half::f16::from_f32(s); c.v.len()],
+            daq: vec![s; w.aq.len()],
+            dak: vec![s; w.ak.len()],
+            dav: vec![s; w.av.len()],
+            dr: w.r.as_ref().map(|r| vec![s; r.len()]),
+            dgamma: None,
+            dbeta: None,
+        }
+    }
+
+    fn run(&mut self, inputs: &Inputs, _out_shape: &[usize]) -> headmix::Result<()> {
+        let c = &inputs.case;
+        let dout_len: usize = self.dout_shape.iter().product();
+        let out_len: usize = self.out_shape.iter().product();
+        let (out, dout) = (vec![0.5f32; out_len], vec![0.5f32; dout_len]);
+        let dq_len: usize = self.dq_shape.iter().product();
+        let dk_len: usize = self.dk_shape.iter().product();
+        self.dq.resize(dq_len, 7.25);
+        self.dk.resize(dk_len, 7.25);
+        let dv = if self.dv16 {
+            headmix::TensorMut::new(&mut self.dv_half, &c.kv_shape())
+        } else {
+            headmix::TensorMut::new(&mut self.dv, &c.kv_shape())
+        };
+        CpuBackend::new().backward(
+            &c.problem.cfg,
+            &c.weights,
+            BackwardIo {
+                q: headmix::Tensor::new(&c.q, &c.q_shape()),
+                k: headmix::Tensor::new(&c.k, &c.kv_shape()),
+                v: headmix::Tensor::new(&c.v, &c.kv_shape()),
+                out: headmix::Tensor::new(&out, &self.out_shape),
+                lse: &self.lse,
+                dout: headmix::Tensor::new(&dout, &self.dout_shape),
+                dq: headmix::TensorMut::new(&mut self.dq, &self.dq_shape),
+                dk: headmix::TensorMut::new(&mut self.dk, &self.dk_shape),
+                dv,
+                dw: WeightGrads {
+                    daq: &mut self.daq,
+                    dak: &mut self.dak,
+                    dav: &mut self.dav,
+                    dr: self.dr.as_deref_mut(),
+                    dgamma: self.dgamma.as_deref_mut(),
+                    dbeta: self.dbeta.as_deref_mut(),
+                },
+            },
+        )
+    }
+
+    fn untouched(&self, s: f32) -> bool {
+        let all = |x: &[f32]| x.iter().all(|&v| v == s);
+        all(&self.dq)
+            && all(&self.dk)
+            && all(&self.dv)
+            && self.dv_half.iter().all(|v| v.to_f32() == s)
+            && all(&self.daq)
+            && all(&self.dak)
+            && all(&self.dav)
+            && self.dr.as_deref().is_none_or(all)
+            && self.dgamma.as_deref().is_none_or(all)
+            && self.dbeta.as_deref().is_none_or(all)
+    }
+}

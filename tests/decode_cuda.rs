@@ -1,0 +1,118 @@
+//! The CUDA decode kernels without a GPU: `decode_v1.cu` compiles cleanly for sm_80 and sm_90 in
+//! every dtype, runs on the CPU emulator (`kernels-cuda/emu/decode_emu.cpp`) against the f64 spec
+//! (linear caches and rings that wrapped many times, ragged lengths, random splits and tiles,
+//! unwritten slots poisoned), with a negative control; the launch plan of B = 8 sequences of 128k
+//! tokens builds without allocating, and its counted cache bytes per call are the stored-head
+//! cache size (each cached token read once for all heads).
+
+use headmix::backends::cuda::decode::{compile_decode, plan_decode};
+use headmix::cache::CacheShape;
+use headmix::{Config, DType, DecodeProblem, Weights, cache_bytes};
+
+fn nvrtc_or_skip(test: &str) -> bool {
+    match headmix::backends::cuda::nvrtc_available() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("HEADMIX_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
+                panic!("{test}: HEADMIX_REQUIRE_NVRTC=1 but NVRTC is not available: {e}");
+            }
+            eprintln!("skipping {test}: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn decode_kernel_compiles_cleanly() {
+    if !nvrtc_or_skip("decode_kernel_compiles_cleanly") {
+        return;
+    }
+    for arch in ["sm_80", "sm_90"] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let bytes = compile_decode(dtype, arch).unwrap_or_else(|e| panic!("{arch} {dtype:?}: {e}"));
+            assert!(bytes > 0);
+        }
+    }
+}
+
+fn gxx_ok() -> bool {
+    let version = std::process::Command::new("g++")
+        .arg("-dumpversion")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().split('.').next()?.parse::<u32>().ok());
+    let ok = version.is_some_and(|v| v >= 12);
+    if !ok {
+        if std::env::var("HEADMIX_REQUIRE_EMU").is_ok_and(|v| v == "1") {
+            panic!("HEADMIX_REQUIRE_EMU=1 but no g++ >= 12");
+        }
+        eprintln!("skipping the decode emulator: no g++ >= 12");
+    }
+    ok
+}
+
+#[test]
+fn decode_kernel_matches_the_spec_on_the_cpu_emulator() {
+    if !gxx_ok() {
+        return;
+    }
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda/emu/decode_emu.cpp");
+    let dir = std::env::temp_dir().join(format!("headmix-decode-emu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (dtype, hd)) in [(0, 64), (1, 128), (2, 32), (2, 128)].into_iter().enumerate() {
+        let bin = dir.join(format!("decode_t{dtype}_d{hd}"));
+        let build = std::process::Command::new("g++")
+            .args(["-std=c++20", "-O1", &format!("-DHM_DTYPE={dtype}"), &format!("-DHM_HD={hd}")])
+            .args(["-DHM_MASK=3", "-DHM_NT=128"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&bin)
+            .output()
+            .expect("running g++");
+        assert!(build.status.success(), "g++: {}", String::from_utf8_lossy(&build.stderr));
+        let run = std::process::Command::new(&bin).args(["24", &(7 + i).to_string()]).output().unwrap();
+        let text = String::from_utf8_lossy(&run.stdout);
+        eprint!("{}", text.lines().last().map(|l| format!("{l}\n")).unwrap_or_default());
+        assert!(run.status.success(), "{bin:?}:\n{text}");
+        if i == 0 {
+            // Negative control: against a shifted reference every case must fail.
+            let neg = std::process::Command::new(&bin).args(["4", "3"]).env("EMU_NEGATIVE", "1").output().unwrap();
+            assert!(neg.status.success(), "the shifted-reference negative control passed a case");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A decode problem of `b` sequences each holding `len` tokens (one new token).
+fn problem(cfg: &Config, b: usize, len: usize, dtype: DType) -> DecodeProblem {
+    DecodeProblem {
+        cfg: *cfg,
+        batch: b,
+        n: 1,
+        dtype,
+        collapse: cfg.pseudo > 1,
+        norm: false,
+        stored: vec![len; b],
+        pos0: vec![0; b],
+    }
+}
+
+#[test]
+fn b8_at_128k_plans_and_reads_the_cache_once() {
+    let len = 128 * 1024;
+    for cfg in [Config::mha(32, 128), Config::iha(8, 4, 128), Config::mea_compressed(32, 8, 128).unwrap()] {
+        let shape = CacheShape { batch: 8, capacity: len, kv_heads: cfg.kv_heads, head_dim: 128, dtype: DType::BF16 };
+        shape.check().unwrap();
+        let w = Weights::random(&cfg, 1);
+        let lens = vec![len; 8];
+        let plan = plan_decode(&problem(&cfg, 8, len, DType::BF16), &w, &shape, &lens, 227 * 1024, 132)
+            .unwrap_or_else(|e| panic!("{cfg:?}: {e}"));
+        // Each held token's Hk stored heads read once per call, for all H·P pseudo-heads.
+        assert_eq!(plan.cache_bytes_read as usize, cache_bytes(&cfg, 8, len, DType::BF16).headmix, "{cfg:?}");
+        assert!(plan.args.vec16 == 1 && plan.grid.1 == 8 && plan.grid.0 >= 1, "{plan:?}");
+    }
+    // MHA at 32 heads: 2^32 elements per tensor, beyond 32-bit indexing of the whole cache.
+    let shape = CacheShape { batch: 8, capacity: len, kv_heads: 32, head_dim: 128, dtype: DType::BF16 };
+    assert!(shape.elements() > u32::MAX as u128 / 2);
+}

@@ -94,6 +94,14 @@ pub fn main(a: Args) -> crate::Result {
     if a.svg.is_some() && a.load.is_none() && sweep.is_decode() {
         return Err("--svg: plots forward sweeps only (TFLOP/s against sequence length)".into());
     }
+    // Check the outputs' folders and read the peers first: a bad path fails before minutes of measuring.
+    for (flag, path) in [("--json", &a.json), ("--svg", &a.svg)] {
+        let dir =
+            path.as_deref().map(std::path::Path::new).and_then(|p| p.parent()).filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            return Err(format!("{flag}: {} is not a folder", dir.display()));
+        }
+    }
     // Read the peers first: a bad file fails before minutes of measuring.
     let peers = a.peers.as_deref().map(Report::load).transpose().map_err(|e| format!("--peers: {e}"))?;
     let report = match &a.load {

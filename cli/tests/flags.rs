@@ -226,6 +226,8 @@ fn bench_runs_writes_reads_back_and_fails_cleanly() {
     refused(&["bench", "--load", &zero_json, "--svg", &path("zero.svg")], "--svg");
     refused(&["bench", "--load", &json, "--json", "/nonexistent/x.json"], "--json");
     refused(&["bench", "--load", "/nonexistent/r.json"], "--load");
+    // A measuring run refuses an output it cannot write before measuring anything.
+    refused(&["bench", "--backend", "cpu", "--json", "/nonexistent/x.json"], "--json");
     refused(&["bench", "--load", &json, "--peers", &svg], "--peers");
     refused(&["bench", "--backend", "cpu", "--filter", "no such case"], "--filter");
     // Decode: rows in the JSON, read back; nothing to plot.

@@ -54,8 +54,10 @@ fn main() {
             }
             // One line naming the flag and what it takes: clap's message without usage and tips.
             let text = e.render().to_string();
-            let message =
-                text.lines().take_while(|l| !l.starts_with("Usage:")).filter(|l| !l.trim_start().starts_with("tip:"));
+            let message = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .filter(|l| !l.trim_start().starts_with("tip:") && !l.starts_with("For more information"));
             eprintln!("{}", message.map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "));
             std::process::exit(2);
         }

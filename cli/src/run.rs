@@ -41,7 +41,7 @@ pub struct Args {
     #[arg(long, value_parser = flags::count(1, MAX))]
     pseudo: Option<usize>,
     /// Head dimension d: even, in 2..=256
-    #[arg(long, default_value_t = 64, value_parser = flags::count(1, MAX_HEAD_DIM))]
+    #[arg(long, default_value_t = 64, value_parser = flags::count(2, MAX_HEAD_DIM))]
     head_dim: usize,
     /// Element type: f32, f16, bf16
     #[arg(long, default_value = "f32", value_parser = flags::dtype)]

@@ -25,6 +25,7 @@ fn refused(args: &[&str], flag: &str) -> String {
     assert!(!err.contains("panicked") && !err.contains("backtrace"), "{args:?} panicked: {err}");
     assert_eq!(lines.len(), 1, "{args:?}: not one line: {err}");
     assert!(lines[0].contains(flag), "{args:?}: {:?} does not name {flag}", lines[0]);
+    assert!(!lines[0].contains("Usage") && !lines[0].contains("--help"), "{args:?}: {:?}", lines[0]);
     lines[0].to_string()
 }
 

@@ -22,7 +22,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
     float* ss = vs + HM_BC * HM_HDP;    // [BR][SSP] scores, then probabilities
     float* row_m = ss + HM_BR * HM_SSP; // [BR] running max (log2 domain)
     float* row_l = row_m + HM_BR;       // [BR] running sum of exp2(score - max)
-    float* row_x = row_l + HM_BR;       // [BR] scratch: rescale factor, then 1/l, then 1/rms
+    float* row_x = row_l + HM_BR;       // [BR] scratch: rescale factor, then 1/l, then the norm's 1/sd
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int b = blockIdx.z, h = blockIdx.y;
@@ -183,12 +183,25 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
     }
 
     if (a.norm) {
-        // Head norm per pseudo output vector (length d): 1/rms per row, one warp per row.
+        // Head norm per pseudo output vector (length d), one warp per row (norm.cuh): the mean
+        // goes to row_m (free since lse), 1/sd to row_x.
         for (int r = warp; r < HM_BR; r += HM_NT / 32) {
-            float ms = 0.f;
-            for (int t = lane; t < d; t += 32) ms += qs[r * HM_HDP + t] * qs[r * HM_HDP + t];
-            ms = hm_warp_sum(ms);
-            if (lane == 0) row_x[r] = 1.f / sqrtf(ms / (float)d + a.eps);
+            float sum = 0.f;
+            if (a.norm == HM_NORM_GROUP) {
+                for (int t = lane; t < d; t += 32) sum += qs[r * HM_HDP + t];
+                sum = hm_warp_sum(sum);
+            }
+            const float mu = hm_norm_mean(a, sum);
+            float sq = 0.f;
+            for (int t = lane; t < d; t += 32) {
+                const float c = qs[r * HM_HDP + t] - mu;
+                sq += c * c;
+            }
+            sq = hm_warp_sum(sq);
+            if (lane == 0) {
+                row_m[r] = mu;
+                row_x[r] = hm_norm_inv(a, sq);
+            }
         }
         __syncthreads();
     }
@@ -198,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
         if (i < nq && t < d) {
             const int n = i / P, p = i % P;
             float x = qs[r * HM_HDP + t];
-            if (a.norm) x = a.gamma[h * d + t] * x * row_x[r];
+            if (a.norm) x = hm_norm_apply(a, h, t, x, row_m[r], row_x[r]);
             hm_store(a.out, (((long long)(b * a.N + n) * H + h) * P + p) * d + t, x);
         }
     }

@@ -249,21 +249,42 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
         return;
     }
 
-    // Head norm per pseudo output row: the quad holds the whole row, reduce over it.
-    float sc_a = 1.f, sc_b = 1.f;
+    // Head norm per pseudo output row (norm.cuh): the quad holds the whole row, reduce over it in
+    // two passes (mean for the group norm, then the centred squares of the row's d columns).
+    float mu_a = 0.f, mu_b = 0.f, sc_a = 1.f, sc_b = 1.f;
     if (a.norm) {
+        float s_a = 0.f, s_b = 0.f;
+        if (a.norm == HM_NORM_GROUP) {
+#pragma unroll
+            for (int n = 0; n < V2_NO; ++n) {
+                s_a += o[n][0] + o[n][1]; // tail columns >= d hold zeros
+                s_b += o[n][2] + o[n][3];
+            }
+            s_a += __shfl_xor_sync(0xffffffffu, s_a, 1);
+            s_a += __shfl_xor_sync(0xffffffffu, s_a, 2);
+            s_b += __shfl_xor_sync(0xffffffffu, s_b, 1);
+            s_b += __shfl_xor_sync(0xffffffffu, s_b, 2);
+        }
+        mu_a = hm_norm_mean(a, s_a);
+        mu_b = hm_norm_mean(a, s_b);
         float ss_a = 0.f, ss_b = 0.f;
 #pragma unroll
         for (int n = 0; n < V2_NO; ++n) {
-            ss_a += o[n][0] * o[n][0] + o[n][1] * o[n][1]; // tail columns >= d hold zeros
-            ss_b += o[n][2] * o[n][2] + o[n][3] * o[n][3];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                if (n * 8 + 2 * t + c < d) { // tail columns are not part of the row
+                    const float ca = o[n][c] - mu_a, cb = o[n][2 + c] - mu_b;
+                    ss_a += ca * ca;
+                    ss_b += cb * cb;
+                }
+            }
         }
         ss_a += __shfl_xor_sync(0xffffffffu, ss_a, 1);
         ss_a += __shfl_xor_sync(0xffffffffu, ss_a, 2);
         ss_b += __shfl_xor_sync(0xffffffffu, ss_b, 1);
         ss_b += __shfl_xor_sync(0xffffffffu, ss_b, 2);
-        sc_a = 1.f / sqrtf(ss_a / (float)d + a.eps);
-        sc_b = 1.f / sqrtf(ss_b / (float)d + a.eps);
+        sc_a = hm_norm_inv(a, ss_a);
+        sc_b = hm_norm_inv(a, ss_b);
     }
     // De-interleave: virtual row i = n*P + p goes to out[b, n, h, p, :].
 #pragma unroll
@@ -272,13 +293,13 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v2(const HmArgs a) {
         if (i >= nq) continue;
         const int n_tok = i / P, p = i % P;
         const long long base = (((long long)(b * a.N + n_tok) * H + h) * P + p) * d;
-        const float sc = c < 2 ? sc_a : sc_b;
+        const float sc = c < 2 ? sc_a : sc_b, mu = c < 2 ? mu_a : mu_b;
 #pragma unroll
         for (int n = 0; n < V2_NO; ++n) {
             const int col = n * 8 + 2 * t + (c & 1);
             if (col < d) {
                 float x = o[n][c];
-                if (a.norm) x = a.gamma[h * d + col] * x * sc;
+                if (a.norm) x = hm_norm_apply(a, h, col, x, mu, sc);
                 hm_store(a.out, base + col, x);
             }
         }

@@ -24,9 +24,10 @@ struct HmArgs {
     const float* av;    // [Hk, H, P]
     const float* r;     // [H, H*P] or null
     const float* gamma; // [H, d] or null
+    const float* beta;  // [H, d] (group norm) or null
     int B, N, M, Hq, Hk, H, P, d;
     int causal, has_window, window_left, window_right;
-    int rope, rope_token, pos0, collapse, norm, has_lse;
+    int rope, rope_token, pos0, collapse, norm, has_lse; // norm: HM_NORM_NONE / _RMS / _GROUP (norm.cuh)
     float scale_log2; // softmax scale * log2(e): scores live in the log2 domain
     float rope_base;
     float eps;

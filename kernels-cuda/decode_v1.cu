@@ -300,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine
                 v += exp2f(at[d] - mx) * at[t];
             }
         o[k] = hm_round(v * inv);
-        ms += o[k] * o[k];
+        ms += o[k]; // t >= d contributes 0
     }
     if (lane == 0 && a.has_lse) a.lse[((long long)b * H + h) * NP + i] = l > 0.f ? (mx + log2f(l)) * HM_LN2 : HM_NEG_INF;
     if (a.collapse) {
@@ -313,12 +313,21 @@ extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine
         }
         return;
     }
-    float scale = 1.f;
-    if (a.norm) scale = rsqrtf(__fdividef(hm_warp_sum(ms), (float)d) + a.eps);
+    // Head norm (norm.cuh), two passes over the row held in registers: mean (group only), then
+    // the centred sum of squares.
+    float mu = 0.f, rinv = 1.f;
+    if (a.norm) {
+        mu = hm_norm_mean(a, hm_warp_sum(ms));
+        float sq = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if (lane + 32 * k < d) sq += (o[k] - mu) * (o[k] - mu);
+        rinv = hm_norm_inv(a, hm_warp_sum(sq));
+    }
     const long long dst = ((((long long)b * a.N + n) * H + h) * P + p) * d;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         const int t = lane + 32 * k;
-        if (t < d) hm_store(a.out, dst + t, a.norm ? a.gamma[h * d + t] * o[k] * scale : o[k]);
+        if (t < d) hm_store(a.out, dst + t, a.norm ? hm_norm_apply(a, h, t, o[k], mu, rinv) : o[k]);
     }
 }

@@ -1,4 +1,4 @@
-// Collapse epilogue: out[b, n, h, :] = norm?(acc[b, n, h, :]) rounded to the storage type.
+// Collapse epilogue: out[b, n, h, :] = norm?(acc[b, n, h, :]) rounded to the storage type (norm: norm.cuh).
 // acc holds sum_{h', p} r[h, h'*P + p] * op[n, h', p] accumulated by the attention kernel in f32.
 // One warp per output row (d <= 256, so at most 8 values per lane).
 
@@ -12,21 +12,29 @@ extern "C" __global__ void __launch_bounds__(32 * HM_EPI_ROWS) hm_collapse_epilo
     const int d = a.d, h = (int)(row % a.H);
     const float* src = a.acc + row * d;
     float x[8];
-    float ms = 0.f;
+    float sum = 0.f;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         const int t = lane + 32 * k;
         x[k] = t < d ? src[t] : 0.f;
-        ms += x[k] * x[k];
+        sum += x[k];
     }
-    float inv = 1.f;
+    float mu = 0.f, inv = 1.f;
     if (a.norm) {
-        ms = hm_warp_sum(ms);
-        inv = 1.f / sqrtf(ms / (float)d + a.eps);
+        // Two passes (norm.cuh): the row mean (group norm only), then the centred sum of squares.
+        if (a.norm == HM_NORM_GROUP) sum = hm_warp_sum(sum);
+        mu = hm_norm_mean(a, sum);
+        float sq = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const float c = lane + 32 * k < d ? x[k] - mu : 0.f;
+            sq += c * c;
+        }
+        inv = hm_norm_inv(a, hm_warp_sum(sq));
     }
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         const int t = lane + 32 * k;
-        if (t < d) hm_store(a.out, row * d + t, a.norm ? a.gamma[h * d + t] * x[k] * inv : x[k]);
+        if (t < d) hm_store(a.out, row * d + t, a.norm ? hm_norm_apply(a, h, t, x[k], mu, inv) : x[k]);
     }
 }

@@ -11,12 +11,12 @@ struct Params {
     pos0: u32, scale_log2: f32, aq_off: u32, ak_off: u32, // scale_log2 = softmax scale * log2(e)
     av_off: u32, r_off: u32, gamma_off: u32, rope_off: u32, // offsets into `weights`
     q_tiles: u32, splits: u32, eps: f32, collapse: u32, // splits: key ranges per query tile
-    norm: u32, direct: u32, n_vec: u32, neg_inf_bits: u32,
-    part_off: u32, pad1: u32, pad2: u32, pad3: u32,   // part_off: split partials in `op`
+    norm: u32, direct: u32, n_vec: u32, neg_inf_bits: u32, // norm: 0 none, 1 rms, 2 group
+    part_off: u32, beta_off: u32, pad2: u32, pad3: u32, // part_off: split partials in `op`
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-// aq | ak | av | r | gamma | RoPE table, all f32.
+// aq | ak | av | r | gamma | beta | RoPE table, all f32.
 @group(0) @binding(1) var<storage, read> weights: array<f32>;
 @group(0) @binding(2) var<storage, read> q: array<Elem>;
 @group(0) @binding(3) var<storage, read> k: array<Elem>;

@@ -16,7 +16,7 @@
 // of a forward over the held tokens, bottom-right aligned (see host/src/decode.rs).
 //
 // Uniform fields with a decode meaning: m = capacity, q_tiles = cached tokens per split,
-// pad1 = selection bits (1 aq, 2 ak, 4 av: that matrix is a one-hot selection, so a weight 0
+// pad2 = selection bits (1 aq, 2 ak, 4 av: that matrix is a one-hot selection, so a weight 0
 // skips the head instead of multiplying it by 0).
 // Constants prepended by the host: D, WG, TC (cached tokens per tile), HK, H, P, NP (= N*P).
 
@@ -39,7 +39,7 @@ var<workgroup> alpha: array<f32, NP>;     // this tile's rescale of the current 
 
 // Whether a mixing weight is used: a zero of a selection matrix skips its head (NaN policy 1).
 fn uses(a: f32, bit: u32) -> bool {
-    return a != 0.0 || (params.pad1 & bit) == 0u;
+    return a != 0.0 || (params.pad2 & bit) == 0u;
 }
 
 @compute @workgroup_size(WG)

@@ -3,7 +3,7 @@
 
 use headmix::timing::Owned;
 use headmix::validate::MAX_INDEX;
-use headmix::{Backend, BackendKind, Config, DType, Error, Io, Weights};
+use headmix::{Backend, BackendKind, Config, DType, Error, HeadNorm, Io, Weights};
 use headmix_tests::cases::{Limits, specs};
 use headmix_tests::check_property;
 
@@ -159,8 +159,11 @@ fn buffers_of_the_wrong_size() {
     c.w.r.as_mut().unwrap().push(0.5);
     expect_err(&c, |e| matches!(e, Error::Length { what: "r", .. }), "r length");
     let mut c = Call::valid();
-    c.w.gamma = Some(vec![1.0; 31]);
+    c.w.norm = Some(HeadNorm::Rms { gamma: vec![1.0; 31] });
     expect_err(&c, |e| matches!(e, Error::Length { what: "gamma", .. }), "gamma length");
+    let mut c = Call::valid();
+    c.w.norm = Some(HeadNorm::Group { gamma: vec![1.0; 32], beta: vec![0.5; 33] });
+    expect_err(&c, |e| matches!(e, Error::Length { what: "beta", expected: 32, got: 33 }), "beta length");
 }
 
 #[test]
@@ -247,8 +250,13 @@ fn non_finite_weights() {
     let mut c = Call::valid();
     let mut g = vec![1.0; 32];
     g[31] = f32::NAN;
-    c.w.gamma = Some(g);
+    c.w.norm = Some(HeadNorm::Group { gamma: g, beta: vec![0.5; 32] });
     expect_err(&c, |e| matches!(e, Error::NonFinite { what: "gamma", index: 31, .. }), "NaN in gamma");
+    let mut c = Call::valid();
+    let mut b = vec![0.5; 32];
+    b[7] = f32::INFINITY;
+    c.w.norm = Some(HeadNorm::Group { gamma: vec![1.0; 32], beta: b });
+    expect_err(&c, |e| matches!(e, Error::NonFinite { what: "beta", index: 7, .. }), "inf in beta");
 }
 
 #[test]
@@ -296,4 +304,74 @@ fn random_problems_with_one_defect_are_refused() {
         }
         assert!(c.run(&cpu).is_err(), "defect {defect} accepted: {spec:?}");
     });
+}
+
+/// Output shapes: `[B, N, H, d]` whenever `P = 1` (with or without a collapse; `[B, N, H, 1, d]`
+/// is accepted too, with the same values), `[B, N, H, P, d]` for `P > 1` without a collapse, where
+/// the 4-D shape is refused with a typed error before anything is written. Every backend present.
+#[test]
+fn output_shape_is_4d_whenever_p_is_1() {
+    let identity = |h: usize| (0..h * h).map(|i| if i / h == i % h { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
+    let p1 = [Config::mha(2, 8), Config::gqa(4, 2, 8).unwrap(), Config::mea(2, 8), Config::iha(2, 1, 8)];
+    for cfg in p1 {
+        for collapse in [false, true] {
+            let mut w = Weights::random(&cfg, 1);
+            w.r = collapse.then(|| identity(cfg.heads));
+            let mut c = Call::of(cfg, w, 2, 3, 5, DType::F32);
+            c.out_shape = vec![2, 3, cfg.heads, cfg.head_dim];
+            for b in backends() {
+                c.run(b.as_ref()).unwrap_or_else(|e| panic!("{}: 4-D out for {cfg:?} refused: {e}", b.kind()));
+            }
+            if !collapse {
+                c.out_shape = vec![2, 3, cfg.heads, 1, cfg.head_dim];
+                for b in backends() {
+                    c.run(b.as_ref()).unwrap_or_else(|e| panic!("{}: 5-D out for {cfg:?} refused: {e}", b.kind()));
+                }
+            }
+        }
+    }
+    // P = 2 without a collapse: 5-D accepted, 4-D refused (its element count differs anyway, so
+    // give the 4-D shape a buffer of the 5-D length: the shape alone must be refused).
+    let cfg = Config::iha(2, 2, 8);
+    let mut w = Weights::random(&cfg, 2);
+    w.r = None;
+    let mut c = Call::of(cfg, w, 2, 3, 5, DType::F32);
+    assert_eq!(c.out_shape, vec![2, 3, 2, 2, 8]);
+    for b in backends() {
+        c.run(b.as_ref()).unwrap_or_else(|e| panic!("{}: 5-D out refused: {e}", b.kind()));
+    }
+    c.out_shape = vec![2, 3, 2, 8];
+    expect_err(&c, |e| matches!(e, Error::Shape { what: "out", expected, .. } if expected.len() == 5), "4-D out, P = 2");
+    c.out_shape = vec![2, 3, 4, 8]; // H·P folded into one axis: still refused
+    expect_err(&c, |e| matches!(e, Error::Shape { what: "out", .. }), "[B, N, H·P, d] out, P = 2");
+}
+
+/// Every named constructor defaults to causal (one documented convention), and IHA-local's window
+/// arithmetic never overflows: a huge `P` or `N` gives `W = 1`; a window wider than the kernels'
+/// index range saturates and is refused by validation with a typed error.
+#[test]
+fn named_configs_default_to_causal_and_window_arithmetic_is_checked() {
+    let named = [
+        Config::mha(2, 8),
+        Config::gqa(4, 2, 8).unwrap(),
+        Config::mea(2, 8),
+        Config::mea_compressed(4, 2, 8).unwrap(),
+        Config::iha(2, 2, 8),
+        Config::iha_local(2, 2, 8, 64).unwrap(),
+        Config::iha_window(2, 2, 8, 3),
+    ];
+    for cfg in named {
+        assert!(cfg.causal, "{:?} is not causal by default", cfg.method);
+    }
+    assert_eq!(Config::iha_local_tokens(usize::MAX, usize::MAX).unwrap(), 1);
+    assert_eq!(Config::iha_local_tokens(1 << 33, 1 << 40).unwrap(), 1);
+    assert_eq!(Config::iha_local_tokens(4, 1000).unwrap(), 31);
+    assert!(matches!(Config::iha_local_tokens(0, 10), Err(Error::ZeroPseudoHeads)));
+    let huge = Config::iha_local(2, usize::MAX, 8, usize::MAX).unwrap();
+    assert_eq!(huge.window.unwrap().left, usize::MAX - 1);
+    let wide = Config::iha_window(4, 2, 8, usize::MAX);
+    assert_eq!(wide.window.unwrap().left, usize::MAX - 1);
+    let mut c = Call::valid();
+    c.cfg = wide;
+    expect_err(&c, |e| matches!(e, Error::Window { .. }), "window beyond the index range");
 }

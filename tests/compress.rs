@@ -11,7 +11,7 @@ use headmix::cache::KvCache;
 use headmix::compress::safetensors::{self, Dtype, SafeTensors, tensor::TensorView};
 use headmix::compress::{CompressError, compress_file, compress_safetensors, fold_mixing, run_cli};
 use headmix::decode::DecodeIo;
-use headmix::reference::{self, MixWeights, rel_err};
+use headmix::reference::{self, HeadNorm, MixWeights, rel_err};
 use headmix::{Config, DType, Io, Problem, Rng, Tensor, TensorMut, Weights, replication};
 use headmix_tests::normals;
 
@@ -325,7 +325,9 @@ fn decoding_with_the_compressed_cache_matches_the_rebuilt_model() {
     let (_, av) = read(&st, "model.layers.0.self_attn.av");
     let (ck, cv) = (per_head(&ck, hk, d, dm), per_head(&cv, hk, d, dm));
     let x = normals(&mut rng, len * dm, 1.0); // hidden states of one sequence
+    // The layer's own head norm (MEA's GroupNorm, untouched by the compression).
     let gamma: Vec<f32> = (0..h * d).map(|_| (1.0 + 0.1 * rng.normal()) as f32).collect();
+    let beta: Vec<f32> = rng.normal_vec(h * d, 0.3);
     // The trained MEA layer's own key/value mixing over its H heads, [H, H, 1].
     let (ak_learned, av_learned) = (rng.normal_vec(h * h, 0.5), rng.normal_vec(h * h, 0.5));
 
@@ -337,7 +339,8 @@ fn decoding_with_the_compressed_cache_matches_the_rebuilt_model() {
     let ak_c = fold_mixing(&to32(&ak), &ak_learned, hk, h, 1).unwrap();
     let av_c = fold_mixing(&to32(&av), &av_learned, hk, h, 1).unwrap();
     assert!(matches!(fold_mixing(&to32(&ak), &ak_learned[1..], hk, h, 1), Err(CompressError::Tensor { .. })));
-    let w = Weights { aq: replication(h, h, 1), ak: ak_c, av: av_c, r: None, gamma: Some(gamma.clone()) };
+    let norm = HeadNorm::Group { gamma: gamma.clone(), beta: beta.clone() };
+    let w = Weights { aq: replication(h, h, 1), ak: ak_c, av: av_c, r: None, norm: Some(norm) };
     let (q, kc, vc) =
         (to32(&project(&x, &wq, h, d, dm)), to32(&project(&x, &ck, hk, d, dm)), to32(&project(&x, &cv, hk, d, dm)));
     let cpu = CpuBackend::new();
@@ -382,9 +385,10 @@ fn decoding_with_the_compressed_cache_matches_the_rebuilt_model() {
         let problem = Problem { cfg: full, batch: 1, n: len, m: len, dtype: DType::F32, collapse: false, norm: true };
         let id: Vec<f64> = replication(h, h, 1).iter().map(|&v| v as f64).collect();
         let g: Vec<f64> = gamma.iter().map(|&v| v as f64).collect();
+        let bt: Vec<f64> = beta.iter().map(|&v| v as f64).collect();
         let (akl, avl): (Vec<f64>, Vec<f64>) =
             (ak_learned.iter().map(|&v| v as f64).collect(), av_learned.iter().map(|&v| v as f64).collect());
-        let mix = MixWeights { aq: &id, ak: &akl, av: &avl, r: None, gamma: Some(&g) };
+        let mix = MixWeights { aq: &id, ak: &akl, av: &avl, r: None, norm: Some(HeadNorm::Group { gamma: &g, beta: &bt }) };
         let qf: Vec<f64> = q.iter().map(|&v| v as f64).collect();
         reference::attention(&problem.params(), &qf, &project(&x, wk, h, d, dm), &project(&x, wv, h, d, dm), &mix).out
     };

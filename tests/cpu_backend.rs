@@ -36,7 +36,7 @@ fn cpu_matches_reference_iha_causal_window_rope() {
     let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
     let w = &case.weights;
     let (aq, ak, av, r) = (f(&w.aq), f(&w.ak), f(&w.av), w.r.as_deref().map(f));
-    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: None };
+    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), norm: None };
     let un = unfused::attention(&p, &f(&case.q), &f(&case.k), &f(&case.v), &mix);
     assert!(rel_err(&un.out, &direct.out) < 1e-12, "{}", rel_err(&un.out, &direct.out));
     assert_eq!(un.lse.len(), direct.lse.len());
@@ -64,4 +64,16 @@ fn negative_control_check_detects_a_wrong_element() {
     assert!(rel_err(&out, &exact.out) <= 1e-5);
     out[7] += 0.05;
     assert!(rel_err(&out, &exact.out) > 1e-5, "a perturbed element went unnoticed");
+}
+
+/// IHA-local: each virtual query sees exactly W·P keys (itself included); fails at the old width.
+#[test]
+fn iha_local_window_sees_exactly_wp_keys() {
+    headmix_tests::check_iha_local_window(&CpuBackend::new(), "cpu");
+}
+
+/// MEA's GroupNorm through the CPU backend, with its negative controls (beta or centring dropped).
+#[test]
+fn mea_group_norm_with_negative_controls() {
+    headmix_tests::check_group_norm(&CpuBackend::new(), "cpu");
 }

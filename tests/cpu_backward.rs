@@ -37,13 +37,19 @@ impl Inputs {
     fn reference_in<T: headmix::reference::Real>(&self) -> Grads<T> {
         let f = |x: &[f32]| x.iter().map(|&v| T::from_f64(v as f64)).collect::<Vec<T>>();
         let (c, w) = (&self.case, &self.case.weights);
-        let (aq, ak, av, r, g) = (f(&w.aq), f(&w.ak), f(&w.av), w.r.as_deref().map(f), w.gamma.as_deref().map(f));
+        let (aq, ak, av, r) = (f(&w.aq), f(&w.ak), f(&w.av), w.r.as_deref().map(f));
+        let g = w.norm.as_ref().map(|n| f(n.gamma()));
+        let b = w.norm.as_ref().and_then(|n| n.beta()).map(|x| f(x));
+        use headmix::reference::backward::NormWeights;
         let layer = headmix::reference::backward::Layer {
             aq: &aq,
             ak: &ak,
             av: &av,
             r: r.as_deref(),
-            norm: g.as_deref().map(|gamma| headmix::reference::backward::NormWeights::Rms { gamma }),
+            norm: g.as_deref().map(|gamma| match b.as_deref() {
+                Some(beta) => NormWeights::Group { gamma, beta },
+                None => NormWeights::Rms { gamma },
+            }),
         };
         let p = c.problem.params();
         let (q, k, v) = (f(&c.q), f(&c.k), f(&c.v));
@@ -66,7 +72,8 @@ impl Inputs {
         let nan = |x: &Vec<f32>| vec![f32::NAN; x.len()];
         let (mut daq, mut dak, mut dav) = (nan(&w.aq), nan(&w.ak), nan(&w.av));
         let mut dr = w.r.as_ref().map(nan);
-        let mut dgamma = w.gamma.as_ref().map(nan);
+        let mut dgamma = w.norm.as_ref().map(|n| nan(&n.gamma().to_vec()));
+        let mut dbeta = w.norm.as_ref().and_then(|n| n.beta()).map(|b| nan(&b.to_vec()));
         let out_shape = p.out_shape();
         backend.backward(
             &p.cfg,
@@ -87,11 +94,11 @@ impl Inputs {
                     dav: &mut dav,
                     dr: dr.as_deref_mut(),
                     dgamma: dgamma.as_deref_mut(),
-                    dbeta: None,
+                    dbeta: dbeta.as_deref_mut(),
                 },
             },
         )?;
-        Ok(Grads { dq: dq.to_f32(), dk: dk.to_f32(), dv: dv.to_f32(), daq, dak, dav, dr, dgamma, dbeta: None })
+        Ok(Grads { dq: dq.to_f32(), dk: dk.to_f32(), dv: dv.to_f32(), daq, dak, dav, dr, dgamma, dbeta })
     }
 }
 

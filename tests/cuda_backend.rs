@@ -10,7 +10,7 @@ use headmix::backends::cuda::{CudaBackend, Kernel, RawIo};
 use headmix::reference::PosMode;
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, Problem, Rng, Rope, Tensor, TensorMut, Weights};
-use headmix::{Window, validate};
+use headmix::{HeadNorm, Window, validate};
 use headmix_tests::{Case, check_lse, check_property, device_or_skip};
 use proptest::prelude::*;
 
@@ -34,7 +34,8 @@ fn kernels(test: &str) -> Vec<(&'static str, Box<dyn Backend>)> {
     vec![("v1", Box::new(be.with_kernel(Kernel::AttnV1))), ("v2", Box::new(v2))]
 }
 
-/// Dense random weights (`N(0, 1/fan_in)`), optional collapse and head norm.
+/// Dense random weights (`N(0, 1/fan_in)`), optional collapse and head norm (a `Group` norm with
+/// random `beta` when `norm`, and an `Rms` norm for odd seeds so both kinds run).
 fn dense_weights(cfg: &Config, collapse: bool, norm: bool, seed: u64) -> Weights {
     let mut rng = Rng::new(seed);
     let (h, p, d) = (cfg.heads, cfg.pseudo, cfg.head_dim);
@@ -43,8 +44,10 @@ fn dense_weights(cfg: &Config, collapse: bool, norm: bool, seed: u64) -> Weights
     let ak = fan(cfg.kv_heads);
     let av = fan(cfg.kv_heads);
     let r = collapse.then(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt()));
-    let gamma = norm.then(|| rng.normal_vec(h * d, 0.2).into_iter().map(|g| 1.0 + g).collect());
-    Weights { aq, ak, av, r, gamma }
+    let gamma: Vec<f32> = rng.normal_vec(h * d, 0.2).into_iter().map(|g| 1.0 + g).collect();
+    let beta = rng.normal_vec(h * d, 0.5);
+    let norm = norm.then(|| if seed % 2 == 0 { HeadNorm::Group { gamma, beta } } else { HeadNorm::Rms { gamma } });
+    Weights { aq, ak, av, r, norm }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@
 use headmix::backends::cpu::CpuBackend;
 use headmix::cache::{CacheLayout, KvCache, KvCacheStack, cache_bytes, window_tokens};
 use headmix::decode::{DecodeIo, decode_per_sequence, decode_split, split, validate_decode};
-use headmix::reference::{self, MixWeights, Output, Params, PosMode, Rope as RefRope, rel_err};
+use headmix::reference::{self, HeadNorm, MixWeights, Output, Params, PosMode, Rope as RefRope, rel_err};
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, Config, DType, Error, Io, Problem, Rng, Rope, Tensor, TensorMut, Weights};
-use headmix_tests::{check_property, device_or_skip, normals, tolerance};
+use headmix_tests::{Weights64, check_property, device_or_skip, normals, tolerance};
 use proptest::prelude::*;
 
 const CASES: u32 = 64;
@@ -154,13 +154,10 @@ fn reference_forward(cfg: &Config, w: &Weights, seq: &Seq, len: usize) -> Output
         m: len,
         dtype: DType::F32,
         collapse: w.r.is_some(),
-        norm: w.gamma.is_some(),
+        norm: w.norm.is_some(),
     };
     let params = problem.params();
-    let (aq, ak, av) = (f64s(&w.aq), f64s(&w.ak), f64s(&w.av));
-    let (r, g) = (w.r.as_deref().map(f64s), w.gamma.as_deref().map(f64s));
-    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: g.as_deref() };
-    reference::attention(&params, &f64s(&seq.q), &f64s(&seq.k), &f64s(&seq.v), &mix)
+    reference::attention(&params, &f64s(&seq.q), &f64s(&seq.k), &f64s(&seq.v), &Weights64::of(w).mix())
 }
 
 /// How a decode call is made.
@@ -669,7 +666,7 @@ struct Inputs {
     ak: Vec<f64>,
     av: Vec<f64>,
     r: Option<Vec<f64>>,
-    g: Option<Vec<f64>>,
+    norm: Option<HeadNorm<Vec<f64>>>,
 }
 
 impl Inputs {
@@ -685,12 +682,13 @@ impl Inputs {
             ak: x(p.hk * p.h * p.p),
             av: x(p.hk * p.h * p.p),
             r: c.collapse.then(|| x(p.h * p.h * p.p)),
-            g: c.norm.then(|| x(p.h * p.d)),
+            norm: c.norm.then(|| HeadNorm::Group { gamma: x(p.h * p.d), beta: x(p.h * p.d) }),
         }
     }
 
     fn mix(&self) -> MixWeights<'_, f64> {
-        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), gamma: self.g.as_deref() }
+        let norm = self.norm.as_ref().map(|n| n.as_slices());
+        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), norm }
     }
 }
 
@@ -843,7 +841,7 @@ fn decode_errors_are_typed_and_write_nothing() {
 
 #[test]
 fn ring_decode_of_more_than_its_room_is_refused() {
-    let cfg = Config::iha_window(2, 2, 4, 2); // left = 4 virtual = 2 tokens
+    let cfg = Config::iha_window(2, 2, 4, 2); // left = 3 virtual: reaches 2 tokens back
     let w = Weights::random(&cfg, 1);
     let mut cache = KvCache::ring(&cfg, 1, 2, DType::F32).unwrap(); // capacity 2 + 2
     let kv = Rng::new(1).normal_vec(3 * 2 * 4, 1.0);
@@ -887,6 +885,20 @@ fn append_errors_are_typed_and_leave_the_cache_intact() {
     assert_eq!(cache.lens(), &[4, 4]);
     let (res, _) = try_decode(&cfg, &w, &cache, &[2, 1, 2, 4], &[2, 1, 2, 4], 8);
     assert!(res.is_ok(), "{res:?}");
+}
+
+/// The ring cache keeps what IHA-local's window `(W·P − 1, 0)` can reach: `W` past tokens for
+/// `P > 1`, `W − 1` for `P = 1` (a window of `W` tokens, the query's own included).
+#[test]
+fn ring_window_tokens_follow_iha_local() {
+    for (p, n) in [(1, 40), (2, 40), (3, 90), (4, 70), (2, 3)] {
+        let cfg = Config::iha_local(2, p, 8, n).unwrap();
+        let w = Config::iha_local_tokens(p, n).unwrap();
+        let want = if p == 1 { w - 1 } else { w };
+        assert_eq!(window_tokens(&cfg), Some(want), "P = {p}, N = {n}, W = {w}");
+        let ring = KvCache::ring(&cfg, 1, 2, DType::F32).unwrap();
+        assert_eq!(ring.layout(), CacheLayout::Ring { window_tokens: want });
+    }
 }
 
 #[test]

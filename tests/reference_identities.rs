@@ -10,7 +10,7 @@
 use std::fmt::Debug;
 
 use headmix::reference::rope::rotate;
-use headmix::reference::{self, MixWeights, Output, Params, PosMode, Rope, rel_err, svd, unfused};
+use headmix::reference::{self, HeadNorm, MixWeights, NormKind, Output, Params, PosMode, Rope, rel_err, svd, unfused};
 use headmix::{Config, DType, Problem, Rng};
 use headmix_tests::{check_property, normals, spec_visible};
 use proptest::prelude::*;
@@ -38,7 +38,7 @@ struct Shape {
     pos0: usize,
     scale: Option<f64>,
     collapse: bool,
-    norm: bool,
+    norm: Option<NormKind>,
     seed: u64,
 }
 
@@ -105,7 +105,7 @@ fn shapes() -> impl Strategy<Value = Shape> {
         prop_oneof![Just(0usize), 0..64usize, Just(100_000usize)],
         proptest::option::of(0.05..2.0f64),
         any::<bool>(),
-        any::<bool>(),
+        proptest::option::of(prop_oneof![Just(NormKind::Group), Just(NormKind::Rms)]),
         any::<u64>(),
     );
     (sizes, options).prop_map(
@@ -140,7 +140,7 @@ struct Data {
     ak: Vec<f64>,
     av: Vec<f64>,
     r: Option<Vec<f64>>,
-    gamma: Option<Vec<f64>>,
+    norm: Option<HeadNorm<Vec<f64>>>,
 }
 
 impl Data {
@@ -155,16 +155,26 @@ impl Data {
         let ak = normals(&mut rng, s.hk * h * p, 1.0 / (s.hk as f64).sqrt());
         let av = normals(&mut rng, s.hk * h * p, 1.0 / (s.hk as f64).sqrt());
         let r = s.collapse.then(|| normals(&mut rng, h * h * p, 1.0 / ((h * p) as f64).sqrt()));
-        let gamma = s.norm.then(|| normals(&mut rng, h * d, 0.2).into_iter().map(|g| 1.0 + g).collect());
-        Data { q, k, v, aq, ak, av, r, gamma }
+        let norm = s.norm.map(|kind| random_norm(&mut rng, kind, h, d));
+        Data { q, k, v, aq, ak, av, r, norm }
     }
 
     fn mix(&self) -> MixWeights<'_, f64> {
-        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), gamma: self.gamma.as_deref() }
+        let norm = self.norm.as_ref().map(|n| n.as_slices());
+        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), norm }
     }
 
     fn direct(&self, p: &Params) -> Output<f64> {
         reference::attention(p, &self.q, &self.k, &self.v, &self.mix())
+    }
+}
+
+/// A head norm of `kind` with `gamma = 1 + N(0, 0.2²)` and (for `Group`) `beta = N(0, 0.5²)`, `[H, d]`.
+fn random_norm(rng: &mut Rng, kind: NormKind, h: usize, d: usize) -> HeadNorm<Vec<f64>> {
+    let gamma = normals(rng, h * d, 0.2).into_iter().map(|g| 1.0 + g).collect();
+    match kind {
+        NormKind::Rms => HeadNorm::Rms { gamma },
+        NormKind::Group => HeadNorm::Group { gamma, beta: normals(rng, h * d, 0.5) },
     }
 }
 
@@ -272,16 +282,50 @@ fn rope_complex(x: &mut [f64], pos: f64, base: f64) {
     }
 }
 
-/// RMS head norm of every `d`-vector; vector `idx` belongs to head `(idx / width) % h`.
-fn head_norm(x: &mut [f64], gamma: &[f64], h: usize, d: usize, width: usize, eps: f64) {
+/// Head norm of every `d`-vector, written from the spec's formulas; vector `idx` belongs to head
+/// `(idx / width) % h`. Group: `gamma (x − mean) / sqrt(var + eps) + beta` (biased variance);
+/// Rms: `gamma x / sqrt(mean(x²) + eps)`.
+fn head_norm(x: &mut [f64], norm: &HeadNorm<Vec<f64>>, h: usize, d: usize, width: usize, eps: f64) {
     for (idx, v) in x.chunks_mut(d).enumerate() {
         let hh = (idx / width) % h;
-        let ms = v.iter().map(|e| e * e).sum::<f64>() / d as f64;
-        let inv = 1.0 / (ms + eps).sqrt();
+        let mean = match norm {
+            HeadNorm::Group { .. } => v.iter().sum::<f64>() / d as f64,
+            HeadNorm::Rms { .. } => 0.0,
+        };
+        let second = v.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / d as f64;
+        let sd = (second + eps).sqrt();
         for t in 0..d {
-            v[t] *= gamma[hh * d + t] * inv;
+            let c = hh * d + t;
+            v[t] = match norm {
+                HeadNorm::Group { gamma, beta } => (v[t] - mean) / sd * gamma[c] + beta[c],
+                HeadNorm::Rms { gamma } => v[t] / sd * gamma[c],
+            };
         }
     }
+}
+
+/// PyTorch's `torch.nn.GroupNorm(num_groups, num_channels, eps)` with affine weight and bias, as
+/// its documentation defines it: input `[N, C]`, the `C` channels cut into `num_groups` groups of
+/// `C / num_groups` consecutive channels; per (sample, group) the mean and the biased variance;
+/// `y[n, c] = (x[n, c] − E[x]) / sqrt(Var[x] + eps) · weight[c] + bias[c]`.
+fn pytorch_group_norm(x: &[f64], num_groups: usize, num_channels: usize, weight: &[f64], bias: &[f64], eps: f64) -> Vec<f64> {
+    assert_eq!(x.len() % num_channels, 0);
+    assert_eq!(num_channels % num_groups, 0);
+    let per_group = num_channels / num_groups;
+    let mut y = vec![0.0; x.len()];
+    for sample in 0..x.len() / num_channels {
+        for g in 0..num_groups {
+            let chans = sample * num_channels + g * per_group..sample * num_channels + (g + 1) * per_group;
+            let xs = &x[chans.clone()];
+            let e = xs.iter().sum::<f64>() / per_group as f64;
+            let var = xs.iter().map(|v| (v - e) * (v - e)).sum::<f64>() / per_group as f64;
+            for (k, idx) in chans.enumerate() {
+                let c = g * per_group + k;
+                y[idx] = (x[idx] - e) / (var + eps).sqrt() * weight[c] + bias[c];
+            }
+        }
+    }
+    y
 }
 
 /// `qt, kt, vt` materialised as `[B, S·P, H, d]`, with the spec's RoPE positions applied.
@@ -335,8 +379,8 @@ fn iha_pipeline(s: &Shape, x: &Data) -> Output<f64> {
             (out, 1)
         }
     };
-    if let Some(g) = &x.gamma {
-        head_norm(&mut out, g, h, d, width, s.params().eps);
+    if let Some(norm) = &x.norm {
+        head_norm(&mut out, norm, h, d, width, s.params().eps);
     }
     Output { out, lse }
 }
@@ -371,7 +415,7 @@ fn negative_control_direct_vs_unfused_flipped_weight() {
         pos0: 3,
         scale: None,
         collapse: true,
-        norm: true,
+        norm: Some(NormKind::Group),
         seed: 17,
     };
     let x = Data::random(&s);
@@ -387,7 +431,7 @@ fn negative_control_direct_vs_unfused_flipped_weight() {
 
 /// Shapes of plain MHA: `Hq = Hk = H`, `P = 1`, no RoPE, no norm.
 fn mha_shapes() -> impl Strategy<Value = Shape> {
-    shapes().prop_map(|s| Shape { hq: s.h, hk: s.h, p: 1, rope: None, norm: false, ..s })
+    shapes().prop_map(|s| Shape { hq: s.h, hk: s.h, p: 1, rope: None, norm: None, ..s })
 }
 
 fn mha_data(s: &Shape, collapse: bool) -> Data {
@@ -396,7 +440,7 @@ fn mha_data(s: &Shape, collapse: bool) -> Data {
     x.ak = identity_mix(s.h, 1);
     x.av = identity_mix(s.h, 1);
     x.r = collapse.then(|| identity_matrix(s.h));
-    x.gamma = None;
+    x.norm = None;
     x
 }
 
@@ -448,7 +492,7 @@ fn base_shape() -> Shape {
         pos0: 0,
         scale: None,
         collapse: false,
-        norm: false,
+        norm: None,
         seed: 5,
     }
 }
@@ -548,7 +592,7 @@ fn gqa_mixing_equals_head_repetition() {
         let want = gqa_by_repetition(&s, &x, group);
         assert_same("gqa mixing vs repetition", &x.direct(&s.params()), &want, TOL, &s);
         // And, without RoPE and norm, the textbook attention on the repeated heads.
-        if s.rope.is_none() && !s.norm {
+        if s.rope.is_none() && s.norm.is_none() {
             let (kr, vr) =
                 (repeat_heads(&x.k, s.b * s.m, s.hk, group, s.d), repeat_heads(&x.v, s.b * s.m, s.hk, group, s.d));
             let (o, _) = textbook(&x.q, &kr, &vr, (s.b, s.n, s.m, s.h, s.d), s.params().scale, |i, j| s.visible(i, j));
@@ -658,20 +702,21 @@ fn negative_control_virtual_rope_does_not_commute() {
 
 #[test]
 fn mea_identity_equals_mha_then_head_norm() {
-    let strategy = (mha_shapes(), prop_oneof![Just(1e-5f64), 1e-8..1e-1f64]);
-    check_property("mea_identity_equals_mha_then_norm", CASES, strategy, |(s, eps)| {
+    let kinds = prop_oneof![Just(NormKind::Group), Just(NormKind::Rms)];
+    let strategy = (mha_shapes(), prop_oneof![Just(1e-5f64), 1e-8..1e-1f64], kinds);
+    check_property("mea_identity_equals_mha_then_norm", CASES, strategy, |(s, eps, kind)| {
         let mut cfg = Config::mea(s.h, s.d).with_causal(s.causal).with_norm_eps(eps as f32);
         if let Some((l, r)) = s.window {
             cfg = cfg.with_window(l.min(i32::MAX as usize), r.min(i32::MAX as usize));
         }
         let problem = Problem { cfg, batch: s.b, n: s.n, m: s.m, dtype: DType::F32, collapse: false, norm: true };
         let p = problem.params();
-        let s = Shape { window: p.window, scale: None, norm: true, pos0: 0, ..s };
+        let s = Shape { window: p.window, scale: None, norm: Some(kind), pos0: 0, ..s };
         assert_same_params(&p, &s.params());
         let mut x = mha_data(&s, s.collapse);
-        x.gamma = Data::random(&s).gamma;
+        x.norm = Data::random(&s).norm;
         let (mut o, lse) = textbook_mha(&s, &x, p.scale);
-        head_norm(&mut o, x.gamma.as_ref().unwrap(), s.h, s.d, 1, p.eps);
+        head_norm(&mut o, x.norm.as_ref().unwrap(), s.h, s.d, 1, p.eps);
         let got = x.direct(&p);
         assert_close("mea vs mha + norm", &got.out, &o, TOL, &s);
         assert_lse("mea vs mha + norm", &got.lse, &lse, TOL, &s);
@@ -680,14 +725,115 @@ fn mea_identity_equals_mha_then_head_norm() {
 
 #[test]
 fn negative_control_mea_perturbed_gamma() {
-    let s = Shape { norm: true, ..base_shape() };
+    let s = Shape { norm: Some(NormKind::Group), ..base_shape() };
     let mut x = mha_data(&s, false);
-    x.gamma = Data::random(&s).gamma;
+    x.norm = Data::random(&s).norm;
     let (mut o, _) = textbook_mha(&s, &x, s.params().scale);
-    let mut g = x.gamma.clone().unwrap();
-    g[3] *= 1.01;
-    head_norm(&mut o, &g, s.h, s.d, 1, 1e-5);
+    let mut norm = x.norm.clone().unwrap();
+    if let HeadNorm::Group { gamma, .. } = &mut norm {
+        gamma[3] *= 1.01;
+    }
+    head_norm(&mut o, &norm, s.h, s.d, 1, 1e-5);
     assert_detects("one gamma 1% off", rel_err(&x.direct(&s.params()).out, &o), 1e-4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8b. MEA's head norm is a GroupNorm (one group per head): against PyTorch's GroupNorm(H, H·d)
+//     written from its definition, and Group = Rms + beta on zero-mean rows.
+
+/// MEA with identity mixing and a `Group` norm: `[B, N, H, d]` output equals textbook MHA whose
+/// output, viewed as `[B·N, H·d]` (the concatenated heads), goes through PyTorch's
+/// `GroupNorm(H, H·d)` with `weight = gamma`, `bias = beta` flattened to `[H·d]`.
+#[test]
+fn mea_group_norm_equals_pytorch_group_norm() {
+    let strategy = (mha_shapes(), prop_oneof![Just(1e-5f64), 1e-8..1e-1f64]);
+    check_property("mea_group_norm_equals_pytorch", CASES, strategy, |(s, eps)| {
+        let s = Shape { norm: Some(NormKind::Group), scale: None, collapse: false, ..s };
+        let mut p = s.params();
+        p.eps = eps;
+        let mut x = mha_data(&s, false);
+        x.norm = Data::random(&s).norm;
+        let (o, _) = textbook_mha(&s, &x, p.scale);
+        let Some(HeadNorm::Group { gamma, beta }) = &x.norm else { unreachable!() };
+        let want = pytorch_group_norm(&o, s.h, s.h * s.d, gamma, beta, eps);
+        assert_close("mea group norm vs torch GroupNorm(H, H*d)", &x.direct(&p).out, &want, TOL, &s);
+        assert_close("unfused vs torch GroupNorm(H, H*d)", &unfused::attention(&p, &x.q, &x.k, &x.v, &x.mix()).out, &want, TOL, &s);
+    });
+}
+
+/// The reference's norm alone against the direct formula and PyTorch's definition, on random
+/// rows far from zero mean (offsets up to 50 sd), every eps, `H` up to 6 heads and `d` up to 64.
+#[test]
+fn group_norm_matches_formula_and_pytorch() {
+    let strategy = (1..=6usize, 1..=32usize, 1..=5usize, 0.0..50.0f64, 1e-8..1e-1f64, any::<u64>());
+    check_property("group_norm_matches_formula_and_pytorch", 4 * CASES, strategy, |(h, half_d, rows, offset, eps, seed)| {
+        let d = 2 * half_d;
+        let mut rng = Rng::new(seed);
+        let x: Vec<f64> = normals(&mut rng, rows * h * d, 1.0).into_iter().map(|v| v + offset).collect();
+        let norm = random_norm(&mut rng, NormKind::Group, h, d);
+        let mut got = x.clone();
+        reference::apply_head_norm(&norm.as_slices(), &mut got, h, d, 1, eps);
+        let mut formula = x.clone();
+        head_norm(&mut formula, &norm, h, d, 1, eps);
+        let ctx = (h, d, rows, offset, eps);
+        assert_close("group norm vs formula", &got, &formula, TOL, &ctx);
+        let HeadNorm::Group { gamma, beta } = &norm else { unreachable!() };
+        assert_close("group norm vs torch", &got, &pytorch_group_norm(&x, h, h * d, gamma, beta, eps), TOL, &ctx);
+    });
+}
+
+/// Values whose every row has zero mean over `d` give attention outputs with zero-mean rows
+/// (convex combinations of mixed values), where centring does nothing: `Group` equals `Rms`
+/// followed by `+ beta`, through the whole operator (any mixing, collapse, mask, RoPE).
+#[test]
+fn group_equals_rms_plus_beta_on_zero_mean_rows() {
+    check_property("group_equals_rms_plus_beta", CASES, shapes(), |s| {
+        let s = Shape { norm: Some(NormKind::Group), ..s };
+        let mut x = Data::random(&s);
+        for row in x.v.chunks_mut(s.d) {
+            let mean = row.iter().sum::<f64>() / s.d as f64;
+            row.iter_mut().for_each(|e| *e -= mean);
+        }
+        let p = s.params();
+        let group = x.direct(&p);
+        let Some(HeadNorm::Group { gamma, beta }) = x.norm.clone() else { unreachable!() };
+        let mut y = x.clone();
+        y.norm = Some(HeadNorm::Rms { gamma });
+        let mut rms_plus_beta = y.direct(&p).out;
+        let width = if s.collapse { 1 } else { s.p };
+        for (idx, row) in rms_plus_beta.chunks_mut(s.d).enumerate() {
+            let hh = (idx / width) % s.h;
+            row.iter_mut().zip(&beta[hh * s.d..][..s.d]).for_each(|(e, b)| *e += b);
+        }
+        // Rows that see no key are zeros: both norms give beta there too.
+        assert_close("group vs rms + beta on zero-mean rows", &group.out, &rms_plus_beta, TOL, &s);
+    });
+}
+
+/// Negative controls of the group-norm checks: dropping `beta`, or dropping the centring (the
+/// old per-head RMS norm plus `beta`), is detected by the PyTorch comparison.
+#[test]
+fn negative_control_group_norm_without_beta_or_centring() {
+    let s = Shape { norm: Some(NormKind::Group), collapse: false, ..base_shape() };
+    let p = s.params();
+    let mut x = mha_data(&s, false);
+    x.norm = Data::random(&s).norm;
+    let (o, _) = textbook_mha(&s, &x, p.scale);
+    let Some(HeadNorm::Group { gamma, beta }) = x.norm.clone() else { unreachable!() };
+    let torch = pytorch_group_norm(&o, s.h, s.h * s.d, &gamma, &beta, p.eps);
+    assert_close("the control's baseline", &x.direct(&p).out, &torch, TOL, &s);
+
+    let mut no_beta = x.clone();
+    no_beta.norm = Some(HeadNorm::Group { gamma: gamma.clone(), beta: vec![0.0; beta.len()] });
+    assert_detects("group norm without beta", rel_err(&no_beta.direct(&p).out, &torch), 1e-2);
+
+    let mut uncentred = x.clone();
+    uncentred.norm = Some(HeadNorm::Rms { gamma });
+    let mut rms_beta = uncentred.direct(&p).out;
+    for (idx, row) in rms_beta.chunks_mut(s.d).enumerate() {
+        row.iter_mut().zip(&beta[(idx % s.h) * s.d..][..s.d]).for_each(|(e, b)| *e += b);
+    }
+    assert_detects("group norm without centring (rms + beta)", rel_err(&rms_beta, &torch), 1e-2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,18 +886,21 @@ fn negative_control_mask_without_alignment_shift() {
 fn masked_keys_have_no_influence() {
     let strategy = (shapes(), any::<prop::sample::Index>());
     check_property("masked_keys_have_no_influence", CASES, strategy, |(s, pick)| {
-        // No collapse so that each output vector is one virtual query row.
-        let s = Shape { collapse: false, causal: s.causal || s.window.is_none(), ..s };
+        // No collapse so that each output vector is one virtual query row. A group norm over
+        // d = 2 maps every row to about ±gamma + beta whatever it saw: no norm there.
+        let norm = s.norm.filter(|_| s.d > 2);
+        let s = Shape { collapse: false, causal: s.causal || s.window.is_none(), norm, ..s };
         let x = Data::random(&s);
         let p = s.params();
         let before = x.direct(&p);
-        // Perturb every head of one stored key/value token.
+        // Perturb every head of one stored key/value token, by different amounts per element (a
+        // shift constant over d would be removed by a group norm's centring).
         let tok = pick.index(s.m);
         let mut y = x.clone();
         for bb in 0..s.b {
             for e in 0..s.hk * s.d {
-                y.k[(bb * s.m + tok) * s.hk * s.d + e] += 3.0;
-                y.v[(bb * s.m + tok) * s.hk * s.d + e] -= 5.0;
+                y.k[(bb * s.m + tok) * s.hk * s.d + e] += 3.0 + (e % 3) as f64;
+                y.v[(bb * s.m + tok) * s.hk * s.d + e] -= 5.0 * (1 + e % 2) as f64;
             }
         }
         let after = y.direct(&p);
@@ -981,7 +1130,7 @@ fn svd_rejects_bad_ranks() {
 fn compressed_shapes() -> impl Strategy<Value = (Shape, usize, u64)> {
     (shapes(), 2..=5usize, any::<prop::sample::Index>(), 1..=6usize, any::<u64>()).prop_map(|(s, h, pick, dm, seed)| {
         let hk = 1 + pick.index(h);
-        (Shape { h, hq: h, hk, p: 1, collapse: false, norm: true, ..s }, dm, seed)
+        (Shape { h, hq: h, hk, p: 1, collapse: false, norm: Some(NormKind::Group), ..s }, dm, seed)
     })
 }
 
@@ -1057,7 +1206,7 @@ fn svd_compressed_mea_equals_full_heads_for_low_rank_keys() {
 
 #[test]
 fn negative_control_svd_truncation_below_rank() {
-    let s = Shape { h: 4, hq: 4, hk: 1, p: 1, norm: true, n: 5, m: 6, ..base_shape() };
+    let s = Shape { h: 4, hq: 4, hk: 1, p: 1, norm: Some(NormKind::Group), n: 5, m: 6, ..base_shape() };
     let (got, want) = compressed_vs_full(&s, 3, 9, 3);
     assert_detects("rank-1 cache of rank-3 keys", rel_err(&got.out, &want.out), 1e-3);
 }

@@ -12,7 +12,8 @@ use headmix::backends::wgpu::{DeviceIo, Variant, WgpuBackend, wgpu};
 use headmix::reference::Rounding;
 use headmix::timing::Owned;
 use headmix::{
-    Backend, BackendKind, Config, DType, Error, Io, PosMode, Problem, Rng, Rope, Tensor, TensorMut, Weights,
+    Backend, BackendKind, Config, DType, Error, HeadNorm, Io, NormKind, PosMode, Problem, Rng, Rope, Tensor, TensorMut,
+    Weights,
 };
 use headmix_tests::{Case, check_property, device_or_skip};
 use proptest::prelude::*;
@@ -55,7 +56,7 @@ struct Shape {
     rope: Option<PosMode>,
     pos0: usize,
     collapse: bool,
-    norm: bool,
+    norm: Option<NormKind>,
     seed: u64,
 }
 
@@ -100,7 +101,11 @@ impl Shape {
         let mut rng = Rng::new(self.seed ^ 0xc011);
         let (h, p, d) = (cfg.heads, cfg.pseudo, cfg.head_dim);
         w.r = self.collapse.then(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt()));
-        w.gamma = self.norm.then(|| (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect());
+        let gamma: Vec<f32> = (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect();
+        w.norm = self.norm.map(|kind| match kind {
+            NormKind::Rms => HeadNorm::Rms { gamma },
+            NormKind::Group => HeadNorm::Group { gamma, beta: rng.normal_vec(h * d, 0.5) },
+        });
         w
     }
 
@@ -120,7 +125,7 @@ fn shapes(max_n: usize, dims: &'static [usize]) -> impl Strategy<Value = Shape> 
             prop_oneof![Just(None), Just(Some(PosMode::Virtual)), Just(Some(PosMode::Token))],
             prop_oneof![Just(0usize), 1..=50usize, 60_000..=70_000usize],
         ),
-        (any::<bool>(), any::<bool>(), any::<u64>()),
+        (any::<bool>(), proptest::option::of(prop_oneof![Just(NormKind::Group), Just(NormKind::Rms)]), any::<u64>()),
     )
         .prop_map(
             |((method, b, n, extra_m, h, src), (p, d, causal), (window, rope, pos0), (collapse, norm, seed))| Shape {
@@ -203,7 +208,8 @@ fn multi_tile_cases(be: &WgpuBackend, what: &str) {
     let case = Case::random(cfg, w, 1, 61, 83, DType::F32, 2);
     case.check(be, &format!("multi-tile iha-local, M > N, rope, {what}"));
     // Non-causal two-sided window with norm and no collapse, d = 128 (smaller tiles).
-    let cfg = Config::mea(2, 128).with_window(20, 13).with_rope(Rope { base: 500.0, mode: PosMode::Token });
+    let cfg =
+        Config::mea(2, 128).with_causal(false).with_window(20, 13).with_rope(Rope { base: 500.0, mode: PosMode::Token });
     let case = Case::random(cfg, Weights::random(&cfg, 3), 2, 50, 70, DType::F32, 4);
     case.check(be, &format!("multi-tile mea, two-sided window, d = 128, {what}"));
     // Global causal IHA, batch 2, 400 virtual queries per head: many query and key tiles.
@@ -475,4 +481,21 @@ fn timing_reports_device_time() {
         assert_eq!(t.clock, if wb.has_timestamps() { "wgpu timestamps" } else { "wall clock (submit + wait)" });
         assert!(t.extra_bytes > 0);
     }
+}
+
+/// IHA-local: each virtual query sees exactly W·P keys (itself included), flash and naive
+/// kernels; the count fails at the old width W·P + 1.
+#[test]
+fn iha_local_window_sees_exactly_wp_keys() {
+    let Some(be) = flash("iha_local_window_sees_exactly_wp_keys") else { return };
+    headmix_tests::check_iha_local_window(be.as_ref(), "wgpu flash");
+    let nv = naive("iha_local_window_sees_exactly_wp_keys").expect("adapter present");
+    headmix_tests::check_iha_local_window(&nv, "wgpu naive");
+}
+
+/// MEA's GroupNorm in the WGSL epilogue (with and without collapse), with its negative controls.
+#[test]
+fn mea_group_norm_with_negative_controls() {
+    let Some(be) = flash("mea_group_norm_with_negative_controls") else { return };
+    headmix_tests::check_group_norm(be.as_ref(), "wgpu flash");
 }

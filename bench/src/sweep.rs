@@ -233,7 +233,7 @@ impl Case {
         validate_config(&cfg).map_err(e)?;
         validate_weights(&cfg, &w).map_err(e)?;
         validate_sizes(&cfg, self.batch, self.n, m).map_err(e)?;
-        let (collapse, norm) = (w.r.is_some(), w.gamma.is_some());
+        let (collapse, norm) = (w.r.is_some(), w.norm.is_some());
         Ok((Problem { cfg, batch: self.batch, n: self.n, m, dtype: self.dtype, collapse, norm }, w))
     }
 

@@ -4,7 +4,7 @@
 //!    [`headmix::reference::unfused::materialise`];
 //! 2. **attention**: plain attention with `P = 1` over the `N·P` virtual tokens, on the same
 //!    backend (`Config::mha` with identity weights, the same causal mask, window and scale);
-//! 3. **collapse**: de-interleave, collapse by `r` and/or head norm by `gamma` with
+//! 3. **collapse**: de-interleave, collapse by `r` and/or the head norm (group or RMS) with
 //!    [`headmix::reference::unfused::collapse`].
 //!
 //! The mix and collapse stages run on the host (f32, rayon, wall clock): the [`Backend`] trait has
@@ -31,7 +31,7 @@ pub struct Stages {
 
 impl Stages {
     /// A tensor is materialised unless its mixing is the identity with `P = 1`; the collapse
-    /// stage exists when there is `r`, `gamma` or `P > 1`.
+    /// stage exists when there is `r`, a head norm or `P > 1`.
     pub fn of(problem: &Problem, w: &Weights) -> Stages {
         let c = &problem.cfg;
         let identity = |src: usize, a: &[f32]| c.pseudo == 1 && src == c.heads && a == replication(src, c.heads, 1);
@@ -137,9 +137,9 @@ pub fn measure(
     if host_stages && s.collapse {
         let o = random_sets(b * n * p * h * d);
         let r = w.r.as_deref().filter(|_| problem.collapse);
-        let g = w.gamma.as_deref().filter(|_| problem.norm);
+        let g = w.norm.as_ref().map(|n| n.as_slices()).filter(|_| problem.norm);
         let seconds = time_wall(reps, |i| {
-            std::hint::black_box(collapse(&o[i % sets], r, g, c.norm_eps as f64, b, n, h, p, d));
+            std::hint::black_box(collapse(&o[i % sets], r, g.as_ref(), c.norm_eps as f64, b, n, h, p, d));
             Ok(())
         });
         stages.push(host("collapse", seconds.map_err(e)?));

@@ -2,7 +2,7 @@
 //! the flag's name in front), so a bad value is one line naming the flag and the allowed range.
 
 use headmix::validate::MAX_INDEX;
-use headmix::{BackendKind, DType, Method, PosMode};
+use headmix::{BackendKind, DType, Method, NormKind, PosMode};
 
 /// `2^31 - 1`, the largest count a kernel indexes.
 pub const MAX: usize = MAX_INDEX;
@@ -75,6 +75,22 @@ pub fn base(s: &str) -> Result<f32, String> {
         .ok()
         .filter(|b| b.is_finite() && *b > 1.0)
         .ok_or_else(|| format!("takes a finite number in (1, {:e}]", f32::MAX))
+}
+
+/// `true` or `false`.
+pub fn boolean(s: &str) -> Result<bool, String> {
+    s.parse().map_err(|_| "takes true or false".into())
+}
+
+/// A head norm choice: `group`, `rms`, or `none` (`Norm(None)`).
+#[derive(Clone, Copy, Debug)]
+pub struct Norm(pub Option<NormKind>);
+
+pub fn norm(s: &str) -> Result<Norm, String> {
+    match s {
+        "none" => Ok(Norm(None)),
+        _ => NormKind::parse(s).map(|k| Norm(Some(k))).ok_or_else(|| "takes group, rms or none".into()),
+    }
 }
 
 fn names<const N: usize>(xs: [&str; N]) -> String {

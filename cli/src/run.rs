@@ -11,7 +11,7 @@ use headmix::validate::{MAX_HEAD_DIM, validate_config, validate_sizes};
 use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, PosMode, Problem, Rope, Weights};
 use headmix_bench::report::fmt_sig;
 
-use crate::flags::{self, MAX};
+use crate::flags::{self, MAX, Norm};
 
 #[derive(clap::Args)]
 #[command(allow_negative_numbers = true)]
@@ -49,12 +49,12 @@ pub struct Args {
     /// Sliding window L,R in virtual tokens (overrides iha-local's)
     #[arg(long, value_parser = flags::window)]
     window: Option<(usize, usize)>,
-    /// Causal mask (the default of iha and iha-local)
-    #[arg(long, conflicts_with = "non_causal")]
-    causal: bool,
-    /// No causal mask
-    #[arg(long)]
-    non_causal: bool,
+    /// Causal mask: true or false [default: true, every named configuration is causal]
+    #[arg(long, value_parser = flags::boolean)]
+    causal: Option<bool>,
+    /// Head norm after attention: group (MEA's GroupNorm(H, H·d)), rms or none [default: group for mea and mea-compressed, none otherwise]
+    #[arg(long, value_parser = flags::norm)]
+    norm: Option<Norm>,
     /// Rotary embedding after mixing
     #[arg(long)]
     rope: bool,
@@ -100,8 +100,8 @@ impl Args {
         let (g, p) = (self.kv_heads.unwrap_or((h / 2).max(1)), self.pseudo.unwrap_or(2));
         let at = |e: Error| format!("{}: {e}", flag_of(&e));
         let mut cfg = m.config(h, g, p, d, self.seq).map_err(at)?;
-        if self.causal || self.non_causal {
-            cfg.causal = self.causal;
+        if let Some(causal) = self.causal {
+            cfg.causal = causal;
         }
         if self.rope {
             cfg.rope = Some(Rope { base: self.rope_base, mode: self.rope_mode });
@@ -166,12 +166,15 @@ pub fn main(a: Args) -> crate::Result {
         }
         Some(kind) => headmix::open(kind).map_err(|e| format!("--backend: {e}"))?,
     };
-    let w = Weights::random(&cfg, a.seed);
+    let mut w = Weights::random(&cfg, a.seed);
+    if let Some(Norm(kind)) = a.norm {
+        w = w.with_norm_kind(kind, &cfg);
+    }
     let c = &cfg;
-    let problem = Problem { cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() };
+    let problem = Problem { cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() };
     backend.supports(&problem).map_err(|e| e.to_string())?;
     println!(
-        "configuration  {} H={} Hq={} Hk={} P={} d={} causal={} window={:?} rope={}",
+        "configuration  {} H={} Hq={} Hk={} P={} d={} causal={} window={:?} rope={} norm={}",
         c.method.name(),
         c.heads,
         c.q_heads,
@@ -180,7 +183,8 @@ pub fn main(a: Args) -> crate::Result {
         c.head_dim,
         c.causal,
         c.window.map(|w| (w.left, w.right)),
-        c.rope.map_or("no".into(), |r| format!("{:?} base {}", r.mode, r.base).to_lowercase())
+        c.rope.map_or("no".into(), |r| format!("{:?} base {}", r.mode, r.base).to_lowercase()),
+        w.norm.as_ref().map_or("none", |n| n.kind().name())
     );
     println!("sizes          B={batch} N={n} M={m} dtype={}", dtype.name());
     println!("backend        {} ({})", backend.kind(), backend.device_name());
@@ -209,8 +213,9 @@ pub fn main(a: Args) -> crate::Result {
     params.rounding = Rounding::Exact;
     let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
     let (aq, ak, av) = (f(&w.aq), f(&w.ak), f(&w.av));
-    let (r, g) = (w.r.as_deref().map(f), w.gamma.as_deref().map(f));
-    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: g.as_deref() };
+    let r = w.r.as_deref().map(f);
+    let norm = w.norm.as_ref().map(|n| n.map(|v| f(v)));
+    let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), norm: norm.as_ref().map(|n| n.as_slices()) };
     let reference = headmix::reference::attention(&params, &f(&qo.to_f32()), &f(&ko.to_f32()), &f(&vo.to_f32()), &mix);
     done(t);
     let err = rel_err(&out.to_f32(), &reference.out);

@@ -59,7 +59,8 @@ fn flags_that_do_not_apply_or_do_not_exist_are_errors() {
     refused(&["run", "--config", "mea", "--kv-heads", "2"], "--kv-heads");
     refused(&["run", "--config", "iha", "--kv-heads", "2"], "--kv-heads");
     refused(&["run", "--rope-base", "500"], "--rope");
-    refused(&["run", "--causal", "--non-causal"], "--causal");
+    refused(&["run", "--causal", "maybe"], "--causal");
+    refused(&["run", "--norm", "layer"], "--norm");
     refused(&["run", "--config", "gqa", "--heads", "8", "--kv-heads", "3"], "--kv-heads");
     refused(&["run", "--head-dim", "3"], "--head-dim");
     refused(&["run", "--seq", "8", "--kv-seq", "4"], "--kv-seq");
@@ -118,7 +119,7 @@ fn help_shows_every_flag_with_its_default() {
         "--dtype",
         "--window",
         "--causal",
-        "--non-causal",
+        "--norm",
         "--rope",
         "--rope-mode",
         "--rope-base",

@@ -46,17 +46,19 @@ pub struct BackwardIo<'a> {
     pub dw: WeightGrads<'a>,
 }
 
-/// The Group norm's `beta` of the weights. [`Weights`] carries the Rms `gamma` only until the
-/// Group norm lands; this and [`layer`] are the places that change then.
-fn beta(_w: &Weights) -> Option<&[f32]> {
-    None
+/// The Group norm's `beta` of the weights, if they carry a Group norm.
+fn beta(w: &Weights) -> Option<&[f32]> {
+    match &w.norm {
+        Some(crate::HeadNorm::Group { beta, .. }) => Some(beta),
+        _ => None,
+    }
 }
 
 /// The reference's backward layer of the weights.
 pub fn layer(w: &Weights) -> Layer<'_, f32> {
-    let norm = w.gamma.as_deref().map(|gamma| match beta(w) {
-        Some(beta) => NormWeights::Group { gamma, beta },
-        None => NormWeights::Rms { gamma },
+    let norm = w.norm.as_ref().map(|n| match n {
+        crate::HeadNorm::Group { gamma, beta } => NormWeights::Group { gamma, beta },
+        crate::HeadNorm::Rms { gamma } => NormWeights::Rms { gamma },
     });
     Layer { aq: &w.aq, ak: &w.ak, av: &w.av, r: w.r.as_deref(), norm }
 }
@@ -105,7 +107,7 @@ pub fn validate_backward(cfg: &Config, w: &Weights, io: &BackwardIo) -> Result<P
     check_optional(
         "dgamma",
         len(&io.dw.dgamma),
-        w.gamma.as_ref().map(|_| h * d),
+        w.norm.as_ref().map(|_| h * d),
         "dgamma (the weights have no head norm: pass None)",
     )?;
     check_optional(

@@ -196,6 +196,9 @@ pub struct KvCache {
 /// The window is in virtual tokens: the first pseudo-query of token `t` (virtual index `t·P`)
 /// reaches back to virtual key `t·P − left`, i.e. token `t − ceil(left / P)`. A decode of `n` new
 /// tokens therefore needs the `ceil(left / P)` tokens before them plus the `n` themselves.
+/// For IHA-local's window `(W·P − 1, 0)` that is `W` past tokens when `P > 1` (the first
+/// pseudo-query of a token still sees the last `P − 1` pseudo-keys of token `t − W`) and `W − 1`
+/// when `P = 1` (a window of `W` tokens, the query's own included).
 pub fn window_tokens(cfg: &Config) -> Option<usize> {
     cfg.window.map(|w| w.left.div_ceil(cfg.pseudo.max(1)))
 }

@@ -9,7 +9,9 @@
 //! layer's weight `[H·d, D]` (e.g. `model.layers.3.self_attn.k_proj.weight`, give `H`) or per-head
 //! `[H, D, d]`; written back: `<prefix>.{k,v}_components` (same layout, `Hk` heads) and
 //! `<prefix>.{ak,av}` `[Hk, H, 1]`. Use the result with [`crate::Config::mea_compressed`]; a layer
-//! with its own learned mixing gets it folded in by [`fold_mixing`].
+//! with its own learned mixing gets it folded in by [`fold_mixing`]. The output holds no norm
+//! weights: the layer keeps the model's own head norm (MEA's GroupNorm, weight and bias of `H·d`
+//! channels = [`crate::HeadNorm::Group`] `{ gamma, beta }` reshaped to `[H, d]`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,6 +46,9 @@ Output tensors (f32), per layer:
                                      c-th component, D x d); Config::mea_compressed(H, Hk, d)
   <prefix>.v_components, <prefix>.av   the same for values
 Rank: 1 <= Hk <= min(H, D*d); Hk = H is exact.
+Head norm: not written (the compression does not change it). Run the compressed layer with the
+model's own MEA GroupNorm (weight and bias [H*d], i.e. PyTorch GroupNorm(H, H*d), reshaped to
+[H, d]) as headmix's HeadNorm::Group { gamma, beta }.
 ";
 
 /// What can go wrong in a compression.

@@ -68,15 +68,23 @@ impl Method {
     }
 }
 
-/// Sliding window `(left, right)` in virtual tokens: query `i` (at key index `i'`) sees key `j`
-/// iff `i' - left <= j <= i' + right`.
+/// Sliding window `(left, right)` in virtual tokens, FlashAttention's convention: query `i` (at
+/// key index `i' = i + (M − N)·P`, bottom-right aligned) sees key `j` iff
+/// `i' − left <= j <= i' + right`, i.e. `left` keys before its own, its own, and `right` after:
+/// at most `left + 1 + right` keys (`left + 1` when causal). IHA-local's window of `W` tokens is
+/// `(W·P − 1, 0)`: exactly `W·P` virtual keys, the query's own included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
     pub left: usize,
     pub right: usize,
 }
 
-/// Rotary embedding after mixing (rotate-half pairing).
+/// Rotary embedding after mixing (rotate-half pairing, frequencies `base^(−2t/d)`), at positions
+/// aligned bottom-right like the mask: with `M` keys and `N <= M` queries the queries are the
+/// last `N` tokens, so (`Virtual` mode) key `j` sits at `pos0 + j` and query `i` at
+/// `pos0 + i + (M − N)·P`; in `Token` mode key token `s` at `pos0 + s` and query token `n` at
+/// `pos0 + n + (M − N)`. A prefill followed by decode steps therefore rotates exactly as one
+/// forward over the whole sequence.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rope {
     pub base: f32,
@@ -90,7 +98,24 @@ impl Default for Rope {
 }
 
 /// One head-mixing attention layer. Build it with a named constructor, then adjust with the
-/// `with_*` methods; [`crate::forward`] validates it against the tensors.
+/// `with_*` methods; [`crate::validate()`] checks it against the tensors on every call.
+///
+/// # Defaults (the same for every named constructor)
+///
+/// * **causal = true**: the methods are decoder-LM layers (the IHA and MEA papers are causal
+///   language models). Causality is always an explicit field: `with_causal(false)` gives
+///   bidirectional attention (FlashAttention's `causal=False`). The mask is bottom-right aligned
+///   (with `M > N` keys the queries are the last `N` tokens).
+/// * no window except IHA-local's `(W·P − 1, 0)` (see [`Window`]), no RoPE, `pos_offset = 0`,
+///   softmax scale `1/sqrt(d)`, `norm_eps = 1e-5`.
+/// * The head norm and the collapse live in [`crate::Weights`]: MEA's default weights carry
+///   the paper's `Group` norm (PyTorch `GroupNorm(H, H·d)`); IHA's carry a collapse `r`.
+///
+/// # Output shape
+///
+/// `[B, N, H, d]` when the weights carry a collapse `r` or when `P = 1` (MHA, GQA, MEA: the
+/// common case); `[B, N, H, P, d]` for `P > 1` without a collapse (`[B, N, H, 1, d]` is accepted
+/// too for `P = 1`: the same memory).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
     pub method: Method,
@@ -111,7 +136,7 @@ pub struct Config {
     pub pos_offset: usize,
     /// Softmax scale; `None` is `1/sqrt(d)`.
     pub scale: Option<f32>,
-    /// Head-norm epsilon (used when the weights carry `gamma`).
+    /// Head-norm epsilon (used when the weights carry a head norm).
     pub norm_eps: f32,
 }
 
@@ -124,7 +149,7 @@ impl Config {
             kv_heads,
             pseudo,
             head_dim,
-            causal: false,
+            causal: true,
             window: None,
             rope: None,
             pos_offset: 0,
@@ -133,12 +158,12 @@ impl Config {
         }
     }
 
-    /// Standard multi-head attention: `H` heads, identity mixing, `P = 1`.
+    /// Standard multi-head attention: `H` heads, identity mixing, `P = 1`; causal.
     pub fn mha(heads: usize, head_dim: usize) -> Config {
         Config::base(Method::Mha, heads, heads, heads, 1, head_dim)
     }
 
-    /// Grouped-query attention: `H` query heads share `G` key/value heads (`H % G == 0`).
+    /// Grouped-query attention: `H` query heads share `G` key/value heads (`H % G == 0`); causal.
     pub fn gqa(heads: usize, kv_heads: usize, head_dim: usize) -> Result<Config> {
         if kv_heads == 0 || heads % kv_heads != 0 {
             return Err(Error::GqaHeads { heads, kv_heads });
@@ -146,12 +171,14 @@ impl Config {
         Ok(Config::base(Method::Gqa, heads, heads, kv_heads, 1, head_dim))
     }
 
-    /// MEA: keys and values mixed across the `H` heads, per-head RMS norm after attention.
+    /// MEA: keys and values mixed across the `H` heads, then the head-level `Group` norm (in the
+    /// weights: [`crate::Weights::identity`]/[`crate::Weights::random`]; `Rms` selectable); causal.
     pub fn mea(heads: usize, head_dim: usize) -> Config {
         Config::base(Method::Mea, heads, heads, heads, 1, head_dim)
     }
 
-    /// MEA with a compressed KV cache: `Hk < H` component heads rebuilt into `H` heads on chip.
+    /// MEA with a compressed KV cache: `Hk < H` component heads rebuilt into `H` heads on chip;
+    /// `Group` norm as [`Config::mea`]; causal.
     pub fn mea_compressed(heads: usize, kv_heads: usize, head_dim: usize) -> Result<Config> {
         if kv_heads == 0 || kv_heads > heads {
             return Err(Error::Heads {
@@ -165,33 +192,46 @@ impl Config {
 
     /// IHA, global: `P` pseudo-heads per head, causal over the `N·P` virtual tokens.
     pub fn iha(heads: usize, pseudo: usize, head_dim: usize) -> Config {
-        Config { causal: true, ..Config::base(Method::Iha, heads, heads, heads, pseudo, head_dim) }
+        Config::base(Method::Iha, heads, heads, heads, pseudo, head_dim)
     }
 
-    /// IHA, local: causal with a sliding window of `W·P` virtual tokens, where `W` is the paper's
-    /// `N / (2 P²)` tokens for a sequence of `seq_len` tokens (at least 1).
-    pub fn iha_local(heads: usize, pseudo: usize, head_dim: usize, seq_len: usize) -> Result<Config> {
+    /// The paper's IHA-local window in tokens for a sequence of `seq_len` tokens:
+    /// `W = max(1, floor(N / (2 P²)))` (checked: a `2 P²` beyond `usize` gives `W = 1`).
+    pub fn iha_local_tokens(pseudo: usize, seq_len: usize) -> Result<usize> {
         if pseudo == 0 {
             return Err(Error::ZeroPseudoHeads);
         }
-        let w = (seq_len / (2 * pseudo * pseudo)).max(1);
+        let denom = pseudo.checked_mul(pseudo).and_then(|p2| p2.checked_mul(2));
+        Ok(denom.map_or(0, |den| seq_len / den).max(1))
+    }
+
+    /// IHA, local: causal, each virtual query sees exactly `W·P` virtual keys (itself included),
+    /// window `(left, right) = (W·P − 1, 0)`, with the paper's `W = max(1, floor(N / (2 P²)))`
+    /// tokens for a sequence of `seq_len` tokens ([`Config::iha_local_tokens`]).
+    pub fn iha_local(heads: usize, pseudo: usize, head_dim: usize, seq_len: usize) -> Result<Config> {
+        let w = Config::iha_local_tokens(pseudo, seq_len)?;
         Ok(Config::iha_window(heads, pseudo, head_dim, w))
     }
 
-    /// IHA, local, with an explicit window of `w_tokens` tokens (`w_tokens·P` virtual tokens back).
+    /// IHA, local, with an explicit window of `w_tokens` tokens (at least 1): causal, window
+    /// `(W·P − 1, 0)`, so each virtual query sees `W·P` virtual keys, itself included (a `W·P`
+    /// beyond `usize` saturates and is then refused by validation as too wide).
     pub fn iha_window(heads: usize, pseudo: usize, head_dim: usize, w_tokens: usize) -> Config {
+        let left = w_tokens.max(1).saturating_mul(pseudo).saturating_sub(1);
         Config {
             method: Method::IhaLocal,
-            window: Some(Window { left: w_tokens.saturating_mul(pseudo), right: 0 }),
+            window: Some(Window { left, right: 0 }),
             ..Config::iha(heads, pseudo, head_dim)
         }
     }
 
+    /// Causal (`true`, the default of every named constructor) or bidirectional (`false`).
     pub fn with_causal(mut self, causal: bool) -> Config {
         self.causal = causal;
         self
     }
 
+    /// Sliding window `(left, right)` in virtual tokens (see [`Window`] for the keys it shows).
     pub fn with_window(mut self, left: usize, right: usize) -> Config {
         self.window = Some(Window { left, right });
         self

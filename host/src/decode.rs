@@ -64,7 +64,7 @@ pub struct DecodeProblem {
     pub dtype: DType,
     /// Whether the weights carry `r` (output `[B,N,H,d]`), else `[B,N,H,P,d]`.
     pub collapse: bool,
-    /// Whether the weights carry `gamma`.
+    /// Whether the weights carry a head norm.
     pub norm: bool,
     /// Tokens held per sequence (`M` of each sequence's attention).
     pub stored: Vec<usize>,
@@ -73,9 +73,11 @@ pub struct DecodeProblem {
 }
 
 impl DecodeProblem {
+    /// `[B, N, H, d]` with a collapse or when `P = 1`, else `[B, N, H, P, d]` (as
+    /// [`Problem::out_shape`]; `[B, N, H, 1, d]` is accepted too for `P = 1`).
     pub fn out_shape(&self) -> Vec<usize> {
         let c = &self.cfg;
-        if self.collapse {
+        if self.collapse || c.pseudo == 1 {
             vec![self.batch, self.n, c.heads, c.head_dim]
         } else {
             vec![self.batch, self.n, c.heads, c.pseudo, c.head_dim]
@@ -182,12 +184,12 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
         n,
         dtype: cs.dtype,
         collapse: w.r.is_some(),
-        norm: w.gamma.is_some(),
+        norm: w.norm.is_some(),
         stored,
         pos0,
     };
     let out_shape = problem.out_shape();
-    if io.out.shape != out_shape {
+    if !(Problem { batch: problem.batch, ..problem.sequence(0) }).accepts_out_shape(&io.out.shape) {
         return Err(Error::Shape { what: "out", expected: out_shape, got: io.out.shape.clone() });
     }
     if io.out.data.len() != out_shape.iter().product::<usize>() {

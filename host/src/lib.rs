@@ -26,6 +26,19 @@
 //! })?;
 //! # Ok::<(), headmix::Error>(())
 //! ```
+//!
+//! # Conventions
+//!
+//! * Every named [`Config`] constructor is **causal** (`with_causal(false)` for bidirectional).
+//! * Masks and RoPE positions are **bottom-right aligned**: with `M > N` keys the queries are the
+//!   last `N` tokens (virtual query `i` at key index and position `i + (M − N)·P`, plus `pos0`
+//!   for RoPE).
+//! * A [`Window`] `(left, right)` shows `left` keys before the query's own, its own, and `right`
+//!   after (FlashAttention's convention); IHA-local's is `(W·P − 1, 0)`: `W·P` keys.
+//! * Output `[B, N, H, d]` with a collapse or when `P = 1`; `[B, N, H, P, d]` for `P > 1`
+//!   without one (`[B, N, H, 1, d]` accepted for `P = 1`).
+//! * Head norm ([`Weights::norm`]): [`HeadNorm::Group`] `{ gamma, beta }` is MEA's GroupNorm
+//!   (PyTorch `GroupNorm(H, H·d)`), MEA's default; [`HeadNorm::Rms`] `{ gamma }` the RMS norm.
 
 mod backend;
 pub mod backward;
@@ -51,4 +64,5 @@ pub use headmix_reference as reference;
 pub use rng::Rng;
 pub use tensor::{DType, Data, DataMut, Tensor, TensorMut};
 pub use validate::{Problem, validate};
-pub use weights::{Weights, replication};
+pub use headmix_reference::NormKind;
+pub use weights::{HeadNorm, Weights, identity_norm, replication};

@@ -22,19 +22,28 @@ pub struct Problem {
     pub dtype: DType,
     /// Whether the weights carry `r` (output `[B,N,H,d]`), else `[B,N,H,P,d]`.
     pub collapse: bool,
-    /// Whether the weights carry `gamma`.
+    /// Whether the weights carry a head norm (its kind is in the weights).
     pub norm: bool,
 }
 
 impl Problem {
-    /// Output shape.
+    /// Output shape: `[B, N, H, d]` with a collapse or when `P = 1`, else `[B, N, H, P, d]`.
+    /// (For `P = 1` without a collapse the 5-D `[B, N, H, 1, d]` is accepted too: same layout.)
     pub fn out_shape(&self) -> Vec<usize> {
         let c = &self.cfg;
-        if self.collapse {
+        if self.collapse || c.pseudo == 1 {
             vec![self.batch, self.n, c.heads, c.head_dim]
         } else {
             vec![self.batch, self.n, c.heads, c.pseudo, c.head_dim]
         }
+    }
+
+    /// Whether `shape` is an accepted output shape: [`Problem::out_shape`], or `[B, N, H, 1, d]`
+    /// for `P = 1` without a collapse.
+    pub fn accepts_out_shape(&self, shape: &[usize]) -> bool {
+        let c = &self.cfg;
+        shape == self.out_shape().as_slice()
+            || (!self.collapse && c.pseudo == 1 && shape == [self.batch, self.n, c.heads, 1, c.head_dim])
     }
 
     /// Length of the log-sum-exp output `[B, H, N·P]`.
@@ -154,9 +163,15 @@ pub fn validate_weights(c: &Config, w: &Weights) -> Result<()> {
         check_len("r", r.len(), h * h * p)?;
         check_finite("r", r)?;
     }
-    if let Some(g) = &w.gamma {
-        check_len("gamma", g.len(), h * c.head_dim)?;
-        check_finite("gamma", g)?;
+    if let Some(norm) = &w.norm {
+        check_len("gamma", norm.gamma().len(), h * c.head_dim)?;
+        if let Some(beta) = norm.beta() {
+            check_len("beta", beta.len(), h * c.head_dim)?;
+        }
+        check_finite("gamma", norm.gamma())?;
+        if let Some(beta) = norm.beta() {
+            check_finite("beta", beta)?;
+        }
     }
     Ok(())
 }
@@ -206,7 +221,9 @@ pub fn validate(
     if out.dtype() != problem.dtype {
         return Err(Error::DType { what: "out", expected: problem.dtype, got: out.dtype() });
     }
-    check_shape("out", &out.shape, &problem.out_shape())?;
+    if !problem.accepts_out_shape(&out.shape) {
+        check_shape("out", &out.shape, &problem.out_shape())?;
+    }
     check_len("out", out.data.len(), out.shape.iter().product())?;
     if let Some(l) = lse {
         check_len("lse", l.len(), problem.lse_len())?;
@@ -240,5 +257,5 @@ pub fn validate_inputs(cfg: &Config, w: &Weights, q: &Tensor, k: &Tensor, v: &Te
             return Err(Error::DType { what, expected: dtype, got: dt });
         }
     }
-    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() })
+    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() })
 }

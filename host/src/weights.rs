@@ -1,16 +1,35 @@
 //! Mixing weights and epilogue parameters of one layer (all f32).
 
+use headmix_reference::{MixWeights, NormKind};
+
 use crate::{Config, Method, Rng};
 
-/// `aq [Hq, H, P]`, `ak`/`av [Hk, H, P]`, optional collapse `r [H, H·P]` and head norm `gamma [H, d]`.
-/// `r = None` returns the pseudo outputs `[B, N, H, P, d]`; `gamma = None` skips the norm.
+/// The head norm of a layer, owning its `[H, d]` vectors:
+/// `HeadNorm::Group { gamma, beta }` (MEA's GroupNorm, PyTorch `GroupNorm(H, H*d)`: centred per
+/// head, weight and bias) or `HeadNorm::Rms { gamma }` (per-head RMS norm, no centring, no bias).
+/// See [`headmix_reference::HeadNorm`] for the formulas.
+pub type HeadNorm = headmix_reference::HeadNorm<Vec<f32>>;
+
+/// `aq [Hq, H, P]`, `ak`/`av [Hk, H, P]`, optional collapse `r [H, H·P]` and optional head norm
+/// (`gamma`, and `beta` for `Group`, each `[H, d]`).
+/// `r = None` returns the pseudo outputs (`[B, N, H, P, d]`, or `[B, N, H, d]` when `P = 1`);
+/// `norm = None` skips the norm.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Weights {
     pub aq: Vec<f32>,
     pub ak: Vec<f32>,
     pub av: Vec<f32>,
     pub r: Option<Vec<f32>>,
-    pub gamma: Option<Vec<f32>>,
+    pub norm: Option<HeadNorm>,
+}
+
+/// The identity norm of a kind: `gamma = 1` (and `beta = 0`), `[H, d]`.
+pub fn identity_norm(kind: NormKind, heads: usize, head_dim: usize) -> HeadNorm {
+    let gamma = vec![1.0; heads * head_dim];
+    match kind {
+        NormKind::Group => HeadNorm::Group { gamma, beta: vec![0.0; heads * head_dim] },
+        NormKind::Rms => HeadNorm::Rms { gamma },
+    }
 }
 
 /// `a[m, h, p] = 1` iff source head `m` feeds head `h` (`m == h / (H / S)`), for every `p`.
@@ -31,7 +50,8 @@ pub fn replication(src: usize, heads: usize, pseudo: usize) -> Vec<f32> {
 
 impl Weights {
     /// The "no mixing" weights of a configuration: identity (or GQA replication) mixing, no
-    /// collapse, and `gamma = 1` for the MEA methods (which always norm).
+    /// collapse, and for the MEA methods (which always norm) the paper's `Group` norm with
+    /// `gamma = 1`, `beta = 0`.
     pub fn identity(cfg: &Config) -> Weights {
         let (h, p) = (cfg.heads, cfg.pseudo);
         let norm = matches!(cfg.method, Method::Mea | Method::MeaCompressed);
@@ -40,13 +60,14 @@ impl Weights {
             ak: replication(cfg.kv_heads, h, p),
             av: replication(cfg.kv_heads, h, p),
             r: None,
-            gamma: norm.then(|| vec![1.0; h * cfg.head_dim]),
+            norm: norm.then(|| identity_norm(NormKind::Group, h, cfg.head_dim)),
         }
     }
 
     /// Random weights as a trained layer of the configuration's method would have them:
-    /// MHA/GQA identity; MEA identity queries, dense keys/values, random `gamma`; IHA dense
-    /// mixing and a dense collapse. Entries are `N(0, 1/fan_in)` so activations keep their scale.
+    /// MHA/GQA identity; MEA identity queries, dense keys/values, a `Group` norm with random
+    /// `gamma = 1 + 0.1·N(0, 1)` and `beta = 0.1·N(0, 1)`; IHA dense mixing and a dense collapse.
+    /// Entries are `N(0, 1/fan_in)` so activations keep their scale.
     pub fn random(cfg: &Config, seed: u64) -> Weights {
         let mut rng = Rng::new(seed);
         let (h, p, d) = (cfg.heads, cfg.pseudo, cfg.head_dim);
@@ -57,7 +78,9 @@ impl Weights {
             Method::Mea | Method::MeaCompressed => {
                 w.ak = dense(&mut rng, cfg.kv_heads);
                 w.av = dense(&mut rng, cfg.kv_heads);
-                w.gamma = Some((0..h * d).map(|_| (1.0 + 0.1 * rng.normal()) as f32).collect());
+                let gamma = (0..h * d).map(|_| (1.0 + 0.1 * rng.normal()) as f32).collect();
+                let beta = rng.normal_vec(h * d, 0.1);
+                w.norm = Some(HeadNorm::Group { gamma, beta });
             }
             Method::Iha | Method::IhaLocal | Method::Custom => {
                 w.aq = dense(&mut rng, cfg.q_heads);
@@ -67,6 +90,29 @@ impl Weights {
             }
         }
         w
+    }
+
+    /// The weights as the reference takes them (borrowed, f32).
+    pub fn mix(&self) -> MixWeights<'_, f32> {
+        let norm = self.norm.as_ref().map(|n| n.as_slices());
+        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), norm }
+    }
+
+    /// The same weights with the head norm switched to `kind` (`None`: no norm). A `Group` norm
+    /// becoming `Rms` drops `beta`; an `Rms` norm becoming `Group` gets `beta = 0`; a layer with
+    /// no norm gets the identity norm of the kind (`gamma = 1`, `beta = 0`).
+    pub fn with_norm_kind(mut self, kind: Option<NormKind>, cfg: &Config) -> Weights {
+        let (h, d) = (cfg.heads, cfg.head_dim);
+        self.norm = match (kind, self.norm.take()) {
+            (None, _) => None,
+            (Some(k), None) => Some(identity_norm(k, h, d)),
+            (Some(NormKind::Rms), Some(n)) => Some(HeadNorm::Rms { gamma: n.gamma().clone() }),
+            (Some(NormKind::Group), Some(n)) => {
+                let beta = n.beta().cloned().unwrap_or_else(|| vec![0.0; n.gamma().len()]);
+                Some(HeadNorm::Group { gamma: n.gamma().clone(), beta })
+            }
+        };
+        self
     }
 
     /// Whether the query/key/value mixing is the plain replication of [`replication`]: kernels

@@ -121,6 +121,7 @@ inline unsigned short hm_f32_to_f16(float x) {
 
 #include "../common.cuh"
 #include "../traits.cuh"
+#include "../norm.cuh"
 
 #ifndef HM_EMU_DECODE // decode_emu.cpp includes this file for the CUDA surface and launch only
 #if HM_KERNEL == 2
@@ -223,7 +224,8 @@ static void launch(void (*kernel)(const HmArgs), Dim3 grid, const HmArgs& a) {
 // ---- The spec in f64 ---------------------------------------------------------------------------
 struct Problem {
     int B, N, M, Hq, Hk, H, P, d;
-    bool causal, window, rope, rope_token, collapse, norm;
+    bool causal, window, rope, rope_token, collapse;
+    int norm; // HM_NORM_NONE / HM_NORM_RMS / HM_NORM_GROUP
     long long left, right;
     int pos0;
     float base, scale, eps;
@@ -234,7 +236,7 @@ static double rnd(double x) { return (double)hm_round((float)x); } // the kernel
 static void reference(const Problem& p, const std::vector<float>& q, const std::vector<float>& k,
                       const std::vector<float>& v, const std::vector<float>& aq, const std::vector<float>& ak,
                       const std::vector<float>& av, const std::vector<float>& r, const std::vector<float>& gamma,
-                      std::vector<double>& out, std::vector<double>& lse) {
+                      const std::vector<float>& beta, std::vector<double>& out, std::vector<double>& lse) {
     const int nq = p.N * p.P, nk = p.M * p.P, d = p.d;
     std::vector<double> op((size_t)p.B * p.N * p.H * p.P * d, 0.0);
     lse.assign((size_t)p.B * p.H * nq, -INFINITY);
@@ -306,13 +308,22 @@ static void reference(const Problem& p, const std::vector<float>& q, const std::
     } else {
         out = op;
     }
-    if (p.norm)
+    // Head norm per output vector: group = gamma * (x - mean) / sqrt(var + eps) + beta (PyTorch
+    // GroupNorm(H, H*d), one group per head), rms = gamma * x / sqrt(mean(x^2) + eps).
+    if (p.norm != HM_NORM_NONE)
         for (size_t row = 0; row < out.size() / d; ++row) {
             const int h = (int)((row / width) % p.H);
-            double ms = 0;
-            for (int t = 0; t < d; ++t) ms += out[row * d + t] * out[row * d + t];
-            const double inv = 1.0 / std::sqrt(ms / d + p.eps);
-            for (int t = 0; t < d; ++t) out[row * d + t] = gamma[h * d + t] * out[row * d + t] * inv;
+            const bool group = p.norm == HM_NORM_GROUP;
+            double mu = 0;
+            if (group) {
+                for (int t = 0; t < d; ++t) mu += out[row * d + t];
+                mu /= d;
+            }
+            double var = 0;
+            for (int t = 0; t < d; ++t) var += (out[row * d + t] - mu) * (out[row * d + t] - mu);
+            const double inv = 1.0 / std::sqrt(var / d + p.eps);
+            for (int t = 0; t < d; ++t)
+                out[row * d + t] = gamma[h * d + t] * (out[row * d + t] - mu) * inv + (group ? beta[h * d + t] : 0.0);
         }
     for (auto& e : out) e = rnd(e);
 }
@@ -349,7 +360,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     p.scale = U(0, 1) ? 1.f / std::sqrt((float)p.d) : 0.3f;
     p.eps = 1e-5f;
     p.collapse = U(0, 1);
-    p.norm = U(0, 1);
+    p.norm = U(0, 2); // none, rms, group
 
     auto normal = [&](size_t n, float s) {
         std::vector<float> x(n);
@@ -370,9 +381,10 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     auto r = weights((size_t)p.H * p.H * p.P, 1.f / std::sqrt((float)(p.H * p.P)));
     auto gamma = weights((size_t)p.H * p.d, 0.2f);
     for (auto& g : gamma) g += 1.f;
+    auto beta = weights((size_t)p.H * p.d, 0.5f);
 
     std::vector<double> want, want_lse;
-    reference(p, q, k, v, aq, ak, av, r, gamma, want, want_lse);
+    reference(p, q, k, v, aq, ak, av, r, gamma, beta, want, want_lse);
 
     const int nq = p.N * p.P;
     auto qs = store(q), ks = store(k), vs = store(v);
@@ -390,6 +402,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     a.av = av.data();
     a.r = p.collapse ? r.data() : nullptr;
     a.gamma = p.norm ? gamma.data() : nullptr;
+    a.beta = p.norm == HM_NORM_GROUP ? beta.data() : nullptr;
     a.B = p.B, a.N = p.N, a.M = p.M, a.Hq = p.Hq, a.Hk = p.Hk, a.H = p.H, a.P = p.P, a.d = p.d;
     a.causal = p.causal, a.has_window = p.window;
     a.window_left = (int)p.left, a.window_right = (int)p.right;

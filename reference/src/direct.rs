@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use crate::rope::rotate;
-use crate::{MixWeights, Output, Params, Real};
+use crate::{MixWeights, Output, Params, Real, apply_head_norm};
 
 /// Mixed, interleaved, rotated pseudo-heads of one head: `[S·P, d]` with row `s·P + p`.
 fn mix_head<T: Real>(p: &Params, x: &[T], src_heads: usize, len: usize, a: &[T], b: usize, h: usize) -> Vec<T> {
@@ -141,20 +141,9 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
         }
     };
 
-    // Head norm, per output vector of length d; gamma is per attention head.
-    if let Some(gamma) = w.gamma {
-        let eps = T::from_f64(p.eps);
-        for (idx, x) in out.chunks_mut(d).enumerate() {
-            let h = (idx / width) % hh;
-            let mut ms = T::ZERO;
-            for &e in x.iter() {
-                ms += e * e;
-            }
-            let inv = T::ONE / (ms / T::from_f64(d as f64) + eps).sqrt();
-            for t in 0..d {
-                x[t] = gamma[h * d + t] * x[t] * inv;
-            }
-        }
+    // Head norm, per output vector of length d; gamma (and beta) are per attention head.
+    if let Some(norm) = &w.norm {
+        apply_head_norm(norm, &mut out, hh, d, width, p.eps);
     }
     round_all(p, &mut out);
     Output { out, lse }

@@ -24,7 +24,7 @@ pub mod svd;
 pub mod unfused;
 
 pub use direct::attention;
-pub use params::{MixWeights, Output, Params, PosMode, Rope, Rounding};
+pub use params::{HeadNorm, MixWeights, NormKind, Output, Params, PosMode, Rope, Rounding, apply_head_norm};
 pub use real::Real;
 
 /// Relative Frobenius error `‖a − b‖ / ‖b‖` (the tolerance measure of the project), in f64.

@@ -2,7 +2,10 @@
 
 use half::{bf16, f16};
 
-/// Which positions RoPE uses.
+use crate::Real;
+
+/// Which positions RoPE uses; both are bottom-right aligned (with `M > N` keys, the queries are
+/// the last `N` tokens).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PosMode {
     /// Virtual positions: query `i` at `pos0 + i + (M−N)·P`, key `j` at `pos0 + j`.
@@ -60,14 +63,16 @@ pub struct Params {
     /// Head dimension `d`.
     pub d: usize,
     pub causal: bool,
-    /// Sliding window `(left, right)` in virtual tokens.
+    /// Sliding window `(left, right)` in virtual tokens (FlashAttention's convention): query `i`
+    /// at key index `i'` sees key `j` iff `i' − left <= j <= i' + right`: `left` keys before its
+    /// own, its own, `right` after.
     pub window: Option<(usize, usize)>,
     pub rope: Option<Rope>,
     /// Position offset `pos0` of RoPE.
     pub pos0: usize,
     /// Softmax scale `s`.
     pub scale: f64,
-    /// Head-norm epsilon (used only when `gamma` is given).
+    /// Head-norm epsilon (used only with a head norm).
     pub eps: f64,
     pub rounding: Rounding,
 }
@@ -151,8 +156,120 @@ pub struct MixWeights<'a, T> {
     pub av: &'a [T],
     /// `[H, H·P]`, or `None` for no collapse.
     pub r: Option<&'a [T]>,
-    /// `[H, d]`, or `None` for no head norm.
-    pub gamma: Option<&'a [T]>,
+    /// Head norm after the collapse (`gamma`, `beta` are `[H, d]`), or `None` for none.
+    pub norm: Option<HeadNorm<&'a [T]>>,
+}
+
+/// Which head norm runs after the collapse (step 8 of the operator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NormKind {
+    /// MEA's GroupNorm: one group per head (PyTorch `GroupNorm(H, H*d)`), centred, weight and bias.
+    Group,
+    /// Per-head RMS norm: no centring, no bias.
+    Rms,
+}
+
+impl NormKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            NormKind::Group => "group",
+            NormKind::Rms => "rms",
+        }
+    }
+
+    /// `"group"` or `"rms"`.
+    pub fn parse(s: &str) -> Option<NormKind> {
+        match s {
+            "group" => Some(NormKind::Group),
+            "rms" => Some(NormKind::Rms),
+            _ => None,
+        }
+    }
+}
+
+/// The head norm applied to each output vector `x = out[n, h]` (length `d`), with `eps` from the
+/// call's parameters; `gamma` and `beta` are `[H, d]` (row `h` for head `h`).
+///
+/// * `Group`: `mu = mean(x)`, `var = mean((x - mu)^2)`, `gamma[h] * (x - mu) / sqrt(var + eps) + beta[h]`
+///   (MEA's head-level GroupNorm: PyTorch `GroupNorm(H, H*d)` over the concatenated heads);
+/// * `Rms`: `gamma[h] * x / sqrt(mean(x^2) + eps)`.
+///
+/// Generic over how the vectors are held: `HeadNorm<Vec<f32>>` owns them, `HeadNorm<&[T]>` borrows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadNorm<V> {
+    Group { gamma: V, beta: V },
+    Rms { gamma: V },
+}
+
+impl<V> HeadNorm<V> {
+    pub fn kind(&self) -> NormKind {
+        match self {
+            HeadNorm::Group { .. } => NormKind::Group,
+            HeadNorm::Rms { .. } => NormKind::Rms,
+        }
+    }
+
+    pub fn gamma(&self) -> &V {
+        match self {
+            HeadNorm::Group { gamma, .. } | HeadNorm::Rms { gamma } => gamma,
+        }
+    }
+
+    /// `beta` of a `Group` norm; `None` for `Rms`.
+    pub fn beta(&self) -> Option<&V> {
+        match self {
+            HeadNorm::Group { beta, .. } => Some(beta),
+            HeadNorm::Rms { .. } => None,
+        }
+    }
+
+    /// The same norm with `f` applied to each vector (e.g. to convert f32 weights to f64).
+    pub fn map<'a, U>(&'a self, mut f: impl FnMut(&'a V) -> U) -> HeadNorm<U> {
+        match self {
+            HeadNorm::Group { gamma, beta } => HeadNorm::Group { gamma: f(gamma), beta: f(beta) },
+            HeadNorm::Rms { gamma } => HeadNorm::Rms { gamma: f(gamma) },
+        }
+    }
+
+    /// Borrowed slices of an owned norm.
+    pub fn as_slices<T>(&self) -> HeadNorm<&[T]>
+    where
+        V: AsRef<[T]>,
+    {
+        self.map(|v| v.as_ref())
+    }
+}
+
+/// Applies `norm` in place to `out`, a sequence of vectors of length `d`, where vector `idx`
+/// belongs to head `(idx / width) % h` (`width = P` for pseudo outputs `[B, N, H, P, d]`, 1 for
+/// collapsed `[B, N, H, d]`). Two-pass statistics in `T`.
+pub fn apply_head_norm<T: Real>(norm: &HeadNorm<&[T]>, out: &mut [T], h: usize, d: usize, width: usize, eps: f64) {
+    let (eps, dd) = (T::from_f64(eps), T::from_f64(d as f64));
+    for (idx, x) in out.chunks_mut(d).enumerate() {
+        let head = (idx / width) % h;
+        let g = &norm.gamma()[head * d..(head + 1) * d];
+        let mut mu = T::ZERO;
+        if norm.kind() == NormKind::Group {
+            for &e in x.iter() {
+                mu += e;
+            }
+            mu = mu / dd;
+        }
+        let mut ss = T::ZERO;
+        for &e in x.iter() {
+            ss += (e - mu) * (e - mu);
+        }
+        let inv = T::ONE / (ss / dd + eps).sqrt();
+        for t in 0..d {
+            x[t] = g[t] * ((x[t] - mu) * inv);
+        }
+        if let Some(beta) = norm.beta() {
+            let b = &beta[head * d..(head + 1) * d];
+            for t in 0..d {
+                x[t] += b[t];
+            }
+        }
+    }
 }
 
 /// What the operator returns.

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use crate::rope::rotate;
-use crate::{MixWeights, Output, Params, Real, Rounding};
+use crate::{HeadNorm, MixWeights, Output, Params, Real, Rounding};
 
 /// Mask and scale of textbook attention over `[B, L, H, d]` tensors (bottom-right aligned).
 #[derive(Clone, Copy, Debug)]
@@ -135,19 +135,19 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
     let mask = Mask { causal: p.causal, window: p.window };
     let (o, lse) = mha(&qt, &kt, &vt, b, lq, lk, h, d, p.scale, mask);
 
-    let mut out = collapse(&o, w.r, w.gamma, p.eps, b, p.n, h, pp, d);
+    let mut out = collapse(&o, w.r, w.norm.as_ref(), p.eps, b, p.n, h, pp, d);
     round_all(p.rounding, &mut out);
     Output { out, lse }
 }
 
 /// After the attention: `o: [B, N, P, H, d]` (the `N·P` virtual tokens) reshaped back to pseudo
 /// outputs `[B, N, H, P, d]`, collapsed by `r: [H, H·P]` into `[B, N, H, d]` when given, then
-/// the head norm by `gamma: [H, d]` when given (parallel over tokens; the benchmarks' unfused
-/// pipeline runs this as its collapse stage).
+/// the head norm (`Group` or `Rms`, `gamma, beta: [H, d]`) when given (parallel over tokens; the
+/// benchmarks' unfused pipeline runs this as its collapse stage).
 pub fn collapse<T: Real>(
     o: &[T],
     r: Option<&[T]>,
-    gamma: Option<&[T]>,
+    norm: Option<&HeadNorm<&[T]>>,
     eps: f64,
     b: usize,
     n: usize,
@@ -181,13 +181,20 @@ pub fn collapse<T: Real>(
                 }
             }
         }
-        if let Some(gamma) = gamma {
-            let heads_per_vec = if r.is_some() { 1 } else { pp };
+        // Head norm: each d-vector of the token's output is one group (PyTorch GroupNorm(H, H·d)
+        // for the collapsed [H·d]), statistics in f64.
+        if let Some(norm) = norm {
+            let width = if r.is_some() { 1 } else { pp };
+            let centre = matches!(norm, HeadNorm::Group { .. });
             for (idx, x) in ot.chunks_mut(d).enumerate() {
-                let hh = idx / heads_per_vec;
-                let rms = (x.iter().map(|e| e.to_f64() * e.to_f64()).sum::<f64>() / d as f64 + eps).sqrt();
+                let hh = idx / width;
+                let xs: Vec<f64> = x.iter().map(|e| e.to_f64()).collect();
+                let mu = if centre { xs.iter().sum::<f64>() / d as f64 } else { 0.0 };
+                let var = xs.iter().map(|e| (e - mu) * (e - mu)).sum::<f64>() / d as f64;
+                let sd = (var + eps).sqrt();
                 for t in 0..d {
-                    x[t] = T::from_f64(gamma[hh * d + t].to_f64() * x[t].to_f64() / rms);
+                    let shift = norm.beta().map_or(0.0, |b| b[hh * d + t].to_f64());
+                    x[t] = T::from_f64(norm.gamma()[hh * d + t].to_f64() * (xs[t] - mu) / sd + shift);
                 }
             }
         }

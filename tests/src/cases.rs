@@ -2,7 +2,7 @@
 //! drawn by proptest so failures shrink to a small case. One strategy serves every backend;
 //! each backend suite chooses the head dims and sizes its device runs in reasonable time.
 
-use headmix::{Config, DType, Method, PosMode, Rope, Weights};
+use headmix::{Config, DType, HeadNorm, Method, NormKind, PosMode, Rope, Weights};
 use proptest::prelude::*;
 
 use crate::Case;
@@ -53,7 +53,8 @@ pub struct Spec {
     pub pos_offset: usize,
     pub scale: Option<f32>,
     pub collapse: bool,
-    pub norm: bool,
+    /// The head norm (MEA always has one; `Group` or `Rms` drawn for every method).
+    pub norm: Option<NormKind>,
     pub dtype: DType,
     pub seed: u64,
 }
@@ -62,7 +63,7 @@ impl Spec {
     /// The configuration this spec describes.
     pub fn config(&self) -> Config {
         let (h, d) = (self.heads, self.head_dim);
-        // IHA local's window is drawn below; its constructor's is replaced.
+        // IHA local's window is drawn (and replaced) below.
         let mut c = self.kind.config(h, self.kv_heads, self.pseudo, d, 1).expect("valid by construction");
         c = c.with_causal(self.causal);
         c.window = self.window.map(|(left, right)| headmix::Window { left, right });
@@ -76,7 +77,8 @@ impl Spec {
         c
     }
 
-    /// Random weights of the method, with `r` and `gamma` present as the spec says.
+    /// Random weights of the method, with `r` and the head norm present as the spec says (random
+    /// `gamma` around 1 and, for `Group`, random `beta`: never the identity).
     pub fn weights(&self) -> Weights {
         let cfg = self.config();
         let mut w = Weights::random(&cfg, self.seed ^ 0x9e37_79b9);
@@ -85,8 +87,10 @@ impl Spec {
         w.r = self
             .collapse
             .then(|| w.r.clone().unwrap_or_else(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt())));
-        w.gamma = self.norm.then(|| {
-            w.gamma.clone().unwrap_or_else(|| (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect())
+        let gamma: Vec<f32> = (0..h * d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect();
+        w.norm = self.norm.map(|kind| match kind {
+            NormKind::Rms => HeadNorm::Rms { gamma },
+            NormKind::Group => HeadNorm::Group { gamma, beta: rng.normal_vec(h * d, 0.5) },
         });
         w
     }
@@ -129,7 +133,7 @@ pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
                 prop_oneof![Just(None), Just(Some(PosMode::Virtual)), Just(Some(PosMode::Token))],
                 0..40usize,
                 prop_oneof![3 => Just(None), 1 => (0.05f32..0.6).prop_map(Some)],
-                (any::<bool>(), any::<bool>(), any::<u64>()),
+                (any::<bool>(), 0..4u8, any::<u64>()),
             )
         })
         .prop_map(
@@ -149,11 +153,17 @@ pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
                 let (collapse_draw, norm_draw, seed) = x;
                 let (causal, window) = match kind {
                     Method::Iha => (true, None),
-                    Method::IhaLocal => (true, Some((window.map_or(pseudo, |(l, _)| l + 1), 0))),
+                    Method::IhaLocal => (true, Some((window.map_or(pseudo - 1, |(l, _)| l + 1), 0))),
                     _ => (causal, window),
                 };
                 let collapse = collapse_draw;
-                let norm = matches!(kind, Method::Mea | Method::MeaCompressed) || norm_draw;
+                // MEA: the paper's Group norm 2/3 of the time, else Rms; others: none half the time.
+                let mea = matches!(kind, Method::Mea | Method::MeaCompressed);
+                let norm = match (mea, norm_draw) {
+                    (true, 0 | 1 | 2) | (false, 2) => Some(NormKind::Group),
+                    (_, 3) | (true, _) => Some(NormKind::Rms),
+                    (false, _) => None,
+                };
                 Spec {
                     kind,
                     batch,

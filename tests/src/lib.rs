@@ -3,7 +3,7 @@
 
 pub mod cases;
 
-use headmix::reference::{self, MixWeights, Output, Params, Rounding, max_abs_err, rel_err};
+use headmix::reference::{self, HeadNorm, MixWeights, Output, Params, Rounding, max_abs_err, rel_err};
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, Config, DType, Io, Problem, Rng, Weights};
 
@@ -47,6 +47,33 @@ pub fn rounding(dtype: DType) -> Rounding {
     }
 }
 
+/// A layer's weights widened to f64 (what the f64 reference takes).
+pub struct Weights64 {
+    pub aq: Vec<f64>,
+    pub ak: Vec<f64>,
+    pub av: Vec<f64>,
+    pub r: Option<Vec<f64>>,
+    pub norm: Option<HeadNorm<Vec<f64>>>,
+}
+
+impl Weights64 {
+    pub fn of(w: &Weights) -> Weights64 {
+        let f = |x: &Vec<f32>| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        Weights64 {
+            aq: f(&w.aq),
+            ak: f(&w.ak),
+            av: f(&w.av),
+            r: w.r.as_ref().map(f),
+            norm: w.norm.as_ref().map(|n| n.map(f)),
+        }
+    }
+
+    pub fn mix(&self) -> MixWeights<'_, f64> {
+        let norm = self.norm.as_ref().map(|n| n.as_slices());
+        MixWeights { aq: &self.aq, ak: &self.ak, av: &self.av, r: self.r.as_deref(), norm }
+    }
+}
+
 /// Inputs of one case, in f32 values exactly representable in the case's dtype.
 pub struct Case {
     pub problem: Problem,
@@ -68,7 +95,7 @@ impl Case {
         let q = rng.normal_vec(batch * n * c.q_heads * c.head_dim, 1.0);
         let k = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
         let v = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
-        let problem = Problem { cfg, batch, n, m, dtype, collapse: weights.r.is_some(), norm: weights.gamma.is_some() };
+        let problem = Problem { cfg, batch, n, m, dtype, collapse: weights.r.is_some(), norm: weights.norm.is_some() };
         Case { problem, weights, q: representable(dtype, q), k: representable(dtype, k), v: representable(dtype, v) }
     }
 
@@ -87,12 +114,8 @@ impl Case {
         let mut params: Params = self.problem.params();
         params.rounding = rounding;
         let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-        let w = &self.weights;
-        let (aq, ak, av) = (f(&w.aq), f(&w.ak), f(&w.av));
-        let r = w.r.as_deref().map(f);
-        let g = w.gamma.as_deref().map(f);
-        let mix = MixWeights { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), gamma: g.as_deref() };
-        reference::attention(&params, &f(&self.q), &f(&self.k), &f(&self.v), &mix)
+        let w = Weights64::of(&self.weights);
+        reference::attention(&params, &f(&self.q), &f(&self.k), &f(&self.v), &w.mix())
     }
 
     /// Run a backend through the validated host API with NaN-poisoned outputs; returns
@@ -204,4 +227,64 @@ pub fn spec_visible(
     let causal_ok = !causal || j <= ia;
     let window_ok = window.is_none_or(|(l, r)| ia - l as i128 <= j && j <= ia + r as i128);
     causal_ok && window_ok
+}
+
+/// How many keys each virtual query row of head 0, batch 0 sees, counted by `backend`: with a
+/// tiny softmax scale every visible score is ~0, so `lse = ln(count)` to ~1e-6. (Random inputs,
+/// not zeros; the count comes from the kernel's own mask.)
+pub fn visible_key_counts(backend: &dyn Backend, cfg: Config, n: usize, m: usize, seed: u64) -> Vec<usize> {
+    let cfg = cfg.with_scale(1e-7);
+    let case = Case::random(cfg, Weights::random(&cfg, seed), 1, n, m, DType::F32, seed);
+    let (_, lse) = case.run(backend).unwrap_or_else(|e| panic!("visible_key_counts: {e}"));
+    lse[..n * cfg.pseudo].iter().map(|&l| if l == f32::NEG_INFINITY { 0 } else { (l as f64).exp().round() as usize }).collect()
+}
+
+/// IHA-local's window against its definition on `backend`: each virtual query sees exactly
+/// `W·P` keys once far enough in (fewer only at the start of the sequence: `i' + 1`), with a KV
+/// prefix of `extra` tokens too; and the negative control: the old width `left = W·P` is caught
+/// (it shows `W·P + 1` keys).
+pub fn check_iha_local_window(backend: &dyn Backend, label: &str) {
+    for (p, n, extra) in [(1, 40, 0), (2, 40, 0), (3, 90, 0), (4, 70, 3), (2, 21, 5)] {
+        let cfg = Config::iha_local(2, p, 8, n).unwrap();
+        let w = Config::iha_local_tokens(p, n).unwrap();
+        assert_eq!(cfg.window.map(|x| (x.left, x.right)), Some((w * p - 1, 0)), "{label}: P = {p}, N = {n}");
+        let m = n + extra;
+        let want: Vec<usize> = (0..n * p).map(|i| (i + extra * p + 1).min(w * p)).collect();
+        let counts = visible_key_counts(backend, cfg, n, m, 7);
+        assert_eq!(counts, want, "{label}: keys seen per virtual query, P = {p}, N = {n}, M = {m}, W = {w}");
+        assert!(counts.iter().filter(|&&c| c == w * p).count() >= n * p / 2, "{label}: too few full windows");
+        let old = visible_key_counts(backend, cfg.with_window(w * p, 0), n, m, 7);
+        assert!(old != want && old.contains(&(w * p + 1)), "{label}: negative control (old width) not detected");
+    }
+}
+
+/// MEA's `Group` norm on `backend` (with and without a collapse, a KV prefix, f32): matches the
+/// reference; and the negative controls: the same output compared with the reference of the
+/// norm without `beta`, or without the centring (`Rms` then `+ beta`), is clearly off.
+pub fn check_group_norm(backend: &dyn Backend, label: &str) {
+    use headmix::reference::rel_err;
+    for (h, d, collapse, seed) in [(3, 32, false, 1u64), (2, 64, true, 2), (4, 8, false, 3)] {
+        let cfg = Config::mea(h, d);
+        let mut w = Weights::random(&cfg, seed);
+        w.r = collapse.then(|| (0..h * h).map(|i| if i / h == i % h { 1.0 } else { 0.5 / h as f32 }).collect());
+        let Some(HeadNorm::Group { gamma, beta }) = w.norm.clone() else { panic!("MEA's default norm is Group") };
+        let case = Case::random(cfg, w, 2, 9, 12, DType::F32, seed);
+        let what = format!("{label}: mea group norm, H = {h}, d = {d}, collapse = {collapse}");
+        case.check(backend, &what);
+        let (out, _) = case.run(backend).unwrap();
+        let with_norm = |norm: HeadNorm<Vec<f32>>| {
+            let mut wrong = Case { weights: case.weights.clone(), q: case.q.clone(), k: case.k.clone(), v: case.v.clone(), problem: case.problem };
+            wrong.weights.norm = Some(norm);
+            wrong
+        };
+        let no_beta = with_norm(HeadNorm::Group { gamma: gamma.clone(), beta: vec![0.0; beta.len()] });
+        let err = rel_err(&out, &no_beta.reference(Rounding::Exact).out);
+        assert!(err > 1e-2, "{what}: negative control (beta dropped) not detected: {err:.3e}");
+        let mut rms_beta = with_norm(HeadNorm::Rms { gamma: gamma.clone() }).reference(Rounding::Exact).out;
+        for (idx, row) in rms_beta.chunks_mut(d).enumerate() {
+            row.iter_mut().zip(&beta[(idx % h) * d..][..d]).for_each(|(e, &b)| *e += b as f64);
+        }
+        let err = rel_err(&out, &rms_beta);
+        assert!(err > 1e-2, "{what}: negative control (centring dropped) not detected: {err:.3e}");
+    }
 }

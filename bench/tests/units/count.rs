@@ -17,7 +17,7 @@ fn brute_pairs(p: &Problem) -> u64 {
 #[test]
 fn flops_of_full_and_causal_attention_in_closed_form() {
     // No mask: every query sees every key: 4·B·H·d·N·M.
-    let p = problem(Config::mha(4, 64), 2, 16, 24, DType::F32, false);
+    let p = problem(Config::mha(4, 64).with_causal(false), 2, 16, 24, DType::F32, false);
     assert_eq!(p.flops(), 4.0 * 2.0 * 4.0 * 64.0 * 16.0 * 24.0);
     // Causal, M = N = L virtual tokens per head: L(L+1)/2 pairs.
     let p = problem(Config::iha(4, 2, 64), 1, 32, 32, DType::BF16, true);
@@ -48,9 +48,10 @@ fn flops_equal_brute_force_visible_pairs_on_small_shapes() {
         }
     }
     assert!(checked > 100, "the shapes must see keys: {checked}");
-    // IHA local, N = 64, P = 2: W = N / (2 P²) = 8 tokens = 16 virtual tokens back.
+    // IHA local, N = 64, P = 2: W = N / (2 P²) = 8 tokens: each virtual query sees W·P = 16
+    // virtual keys, its own included.
     let p = problem(Config::iha_local(2, 2, 32, 64).unwrap(), 1, 64, 64, DType::F16, true);
-    let want: u64 = (0..128u64).map(|i| i.min(16) + 1).sum();
+    let want: u64 = (0..128u64).map(|i| i.min(15) + 1).sum();
     assert_eq!((p.visible_pairs(), brute_pairs(&p)), (want, want));
 }
 

@@ -42,9 +42,10 @@ fn forward_sweeps_cover_the_issue_grid() {
     }
     assert!(full.iter().all(|c| c.batch * c.n == 16384 && c.heads * c.head_dim == 2048 && c.m == c.n));
     assert!(Sweep::Full.cases(Scale::Host).iter().all(|c| c.n <= 256));
-    // IHA local uses the paper's window: W = N / (2 P²) tokens, W·P virtual tokens back.
+    // IHA local uses the paper's window: W = N / (2 P²) tokens, each virtual query sees W·P
+    // virtual keys, its own included: window (W·P − 1, 0).
     let c = full.iter().find(|c| c.method == Method::IhaLocal && c.pseudo == 4 && c.n == 4096).unwrap();
-    assert_eq!(c.config().unwrap().window.unwrap().left, 4096 / 32 * 4);
+    assert_eq!(c.config().unwrap().window.unwrap().left, 4096 / 32 * 4 - 1);
     assert_eq!(c.label(), "iha-local P=4 B=4 N=4096 d=64 bf16");
 }
 
@@ -91,7 +92,7 @@ fn gpu_cases_beyond_the_cache_index_limit_are_the_documented_ones() {
 fn ring_cases_hold_the_window_and_the_new_token() {
     // IHA local, L = 32768, P = 2: W = 32768 / 8 = 4096 tokens, ring of 4097.
     let c = issue_size_cases().into_iter().find(|c| c.method == Method::IhaLocal && c.pseudo == 2).unwrap();
-    assert_eq!(c.config().unwrap().window.unwrap().left, 4096 * 2);
+    assert_eq!(c.config().unwrap().window.unwrap().left, 4096 * 2 - 1);
     assert_eq!(c.held().unwrap(), 4097);
     let small = Case { batch: 2, m: 256, heads: 4, kv_heads: 4, head_dim: 8, dtype: DType::F32, ..c };
     let cache = small.empty_cache().unwrap();

@@ -5,7 +5,7 @@ use headmix::{BackendKind, Config, DType, Io, Method, Problem, Rng, Tensor, Tens
 use headmix_bench::unfused::*;
 
 fn problem(cfg: Config, w: &Weights, batch: usize, n: usize) -> Problem {
-    Problem { cfg, batch, n, m: n, dtype: DType::F32, collapse: w.r.is_some(), norm: w.gamma.is_some() }
+    Problem { cfg, batch, n, m: n, dtype: DType::F32, collapse: w.r.is_some(), norm: w.norm.is_some() }
 }
 
 /// The pipeline the bench times (reference mix, attention stage through the CPU backend,
@@ -44,7 +44,8 @@ fn unfused_pipeline_equals_fused_call() {
             lse: None,
         };
         cpu.forward(&ap.cfg, &aw, io).unwrap();
-        let got = collapse(&o, w.r.as_deref(), w.gamma.as_deref(), cfg.norm_eps as f64, b, n, h, p, d);
+        let norm = w.norm.as_ref().map(|n| n.as_slices());
+        let got = collapse(&o, w.r.as_deref(), norm.as_ref(), cfg.norm_eps as f64, b, n, h, p, d);
         let mut want = vec![f32::NAN; pr.out_shape().iter().product()];
         let (qs, ks) = ([b, n, cfg.q_heads, d], [b, n, cfg.kv_heads, d]);
         let io = Io {

@@ -1,6 +1,6 @@
 //! The CPU backend: runs the pure-Rust reference (rayon) in f32.
 
-use headmix_reference::{MixWeights, attention};
+use headmix_reference::attention;
 
 use crate::validate::Problem;
 use crate::{Backend, BackendKind, Io, Result, Weights};
@@ -34,7 +34,7 @@ impl Backend for CpuBackend {
     fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
         let params = problem.params();
         let (q, k, v) = (io.q.data.to_f32(), io.k.data.to_f32(), io.v.data.to_f32());
-        let mix = MixWeights { aq: &w.aq, ak: &w.ak, av: &w.av, r: w.r.as_deref(), gamma: w.gamma.as_deref() };
+        let mix = w.mix();
         let res = attention(&params, &q, &k, &v, &mix);
         let mut out = io.out;
         out.data.write_f32(&res.out);

@@ -19,7 +19,7 @@
 use std::ops::Range;
 
 use headmix_reference::rope::rotate;
-use headmix_reference::{MixWeights, Output, Params, Real};
+use headmix_reference::{MixWeights, Output, Params, Real, apply_head_norm};
 use rayon::prelude::*;
 
 use crate::decode::{DecodeIo, DecodeProblem};
@@ -189,16 +189,8 @@ pub fn finish<T: Real>(p: &Params, part: &Partial<T>, w: &MixWeights<T>) -> Outp
             (out, 1)
         }
     };
-    if let Some(gamma) = w.gamma {
-        let eps = T::from_f64(p.eps);
-        for (idx, x) in out.chunks_mut(d).enumerate() {
-            let h = (idx / width) % hh;
-            let ms = x.iter().fold(T::ZERO, |a, &e| a + e * e) / T::from_f64(d as f64);
-            let inv = T::ONE / (ms + eps).sqrt();
-            for t in 0..d {
-                x[t] = gamma[h * d + t] * x[t] * inv;
-            }
-        }
+    if let Some(norm) = &w.norm {
+        apply_head_norm(norm, &mut out, hh, d, width, p.eps);
     }
     Output { out, lse: part.lse.clone() }
 }
@@ -218,7 +210,7 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
 /// Outputs are written once every sequence is done.
 pub fn decode_host(problem: &DecodeProblem, w: &Weights, io: DecodeIo<'_>, splits: Option<usize>) -> Result<()> {
     let c = &problem.cfg;
-    let mix = MixWeights { aq: &w.aq, ak: &w.ak, av: &w.av, r: w.r.as_deref(), gamma: w.gamma.as_deref() };
+    let mix = w.mix();
     let q_row = problem.n * c.q_heads * c.head_dim;
     let q = io.q.data.to_f32();
     let mut out = Vec::with_capacity(io.out.data.len());

@@ -18,9 +18,7 @@ use crate::{MixWeights, Output, Params, Real};
 
 /// The head norm's weights as the backward sees them (`[H, d]` each).
 ///
-/// The forward's [`MixWeights`] carries only the Rms `gamma` today; the Group norm (`gamma`, `beta`)
-/// is being added beside it. [`Layer::from_mix`] is the one place that maps the forward's weights
-/// to these (names may change when the two meet).
+/// [`Layer::from_mix`] is the one place that maps the forward's [`crate::HeadNorm`] to these.
 #[derive(Clone, Copy, Debug)]
 pub enum NormWeights<'a, T> {
     /// `gamma[h] ∘ x / sqrt(mean(x²) + eps)`.
@@ -59,12 +57,16 @@ pub struct Layer<'a, T> {
 impl<'a, T: Real> Layer<'a, T> {
     /// The layer of the forward's weights.
     pub fn from_mix(w: &MixWeights<'a, T>) -> Layer<'a, T> {
-        Layer { aq: w.aq, ak: w.ak, av: w.av, r: w.r, norm: w.gamma.map(|gamma| NormWeights::Rms { gamma }) }
+        Layer { aq: w.aq, ak: w.ak, av: w.av, r: w.r, norm: w.norm.map(|n| match n {
+                crate::HeadNorm::Rms { gamma } => NormWeights::Rms { gamma },
+                crate::HeadNorm::Group { gamma, beta } => NormWeights::Group { gamma, beta },
+            }),
+        }
     }
 
     /// The forward's weights without the head norm (steps 1–7).
     pub fn mix_without_norm(&self) -> MixWeights<'a, T> {
-        MixWeights { aq: self.aq, ak: self.ak, av: self.av, r: self.r, gamma: None }
+        MixWeights { aq: self.aq, ak: self.ak, av: self.av, r: self.r, norm: None }
     }
 
     /// Vectors of `d` per attention head in the output: 1 with a collapse, `P` without.

@@ -1,9 +1,9 @@
 //! The kernels' argument block, mirrored from `HmArgs` in `kernels-cuda/common.cuh`.
 
 use crate::validate::Problem;
-use headmix_reference::PosMode;
+use headmix_reference::{NormKind, PosMode};
 
-/// Passed by value to every kernel. Layout: 11 pointers, 18 `i32`, 4 `f32` (176 bytes, no padding).
+/// Passed by value to every kernel. Layout: 12 pointers, 18 `i32`, 4 `f32` (184 bytes, no padding).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HmArgs {
@@ -18,6 +18,7 @@ pub struct HmArgs {
     pub av: u64,
     pub r: u64,
     pub gamma: u64,
+    pub beta: u64,
     pub b: i32,
     pub n: i32,
     pub m: i32,
@@ -34,6 +35,7 @@ pub struct HmArgs {
     pub rope_token: i32,
     pub pos0: i32,
     pub collapse: i32,
+    /// [`NORM_NONE`], [`NORM_RMS`] or [`NORM_GROUP`] (`HM_NORM_*` in `kernels-cuda/norm.cuh`).
     pub norm: i32,
     pub has_lse: i32,
     pub scale_log2: f32,
@@ -42,10 +44,25 @@ pub struct HmArgs {
     pub pad: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<HmArgs>() == 176);
+const _: () = assert!(std::mem::size_of::<HmArgs>() == 184);
+
+/// `HmArgs::norm` codes, as `HM_NORM_*` in `kernels-cuda/norm.cuh`.
+pub const NORM_NONE: i32 = 0;
+pub const NORM_RMS: i32 = 1;
+pub const NORM_GROUP: i32 = 2;
+
+/// The `HmArgs::norm` code of a head norm kind.
+pub fn norm_code(kind: Option<NormKind>) -> i32 {
+    match kind {
+        None => NORM_NONE,
+        Some(NormKind::Rms) => NORM_RMS,
+        Some(NormKind::Group) => NORM_GROUP,
+    }
+}
 
 impl HmArgs {
-    /// Sizes and options of a validated problem (pointers left zero). Validation bounds every
+    /// Sizes and options of a validated problem (pointers left zero; `norm` is set to
+    /// [`NORM_RMS`] when the problem norms: the caller sets the kind the weights carry). Validation bounds every
     /// size and the window edges by `i32::MAX`, so the casts are exact.
     pub fn from_problem(pb: &Problem) -> HmArgs {
         let c = &pb.cfg;
@@ -68,7 +85,7 @@ impl HmArgs {
             rope_token: matches!(c.rope.map(|r| r.mode), Some(PosMode::Token)) as i32,
             pos0: c.pos_offset as i32,
             collapse: pb.collapse as i32,
-            norm: pb.norm as i32,
+            norm: if pb.norm { NORM_RMS } else { NORM_NONE },
             has_lse: 0,
             scale_log2: c.softmax_scale() * std::f32::consts::LOG2_E,
             rope_base: c.rope.map(|r| r.base).unwrap_or(10000.0),

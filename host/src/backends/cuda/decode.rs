@@ -56,10 +56,11 @@ pub fn decode_source(dtype: DType) -> String {
         DType::BF16 => 2,
     };
     format!(
-        "// headmix decode_v1 {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{}\n",
+        "// headmix decode_v1 {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{}\n{}\n",
         dtype.name(),
         src::COMMON,
         src::TRAITS,
+        src::NORM,
         src::DECODE_V1
     )
 }
@@ -479,6 +480,8 @@ impl CudaBackend {
             args.av = at(2);
             args.r = if problem.collapse { at(3) } else { 0 };
             args.gamma = if problem.norm { at(4) } else { 0 };
+            args.beta = if dw.norm_kind() == Some(headmix_reference::NormKind::Group) { at(5) } else { 0 };
+            args.norm = super::args::norm_code(dw.norm_kind());
             plan.args.lens = np;
             plan.args.part = pp;
             plan.args.rope_tab = if c.rope.is_some() { tp } else { 0 };

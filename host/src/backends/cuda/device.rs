@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::args::HmArgs;
+use super::args::{HmArgs, norm_code};
 use super::variants::Kernel;
 use super::{CudaBackend, dev_err, drv};
 use crate::validate::{Problem, validate_config, validate_weights};
-use crate::{Config, DType, Error, Result, Weights};
+use crate::{Config, DType, Error, NormKind, Result, Weights};
 
 /// Element types of device tensors.
 pub trait DeviceElem: DeviceRepr {
@@ -46,14 +46,14 @@ pub struct RawIo {
     pub lse: u64,
 }
 
-/// A layer's mixing weights on the device: f32, packed `aq | ak | av | r | gamma`, validated
-/// against the configuration they were uploaded for. Upload once, reuse for every call.
+/// A layer's mixing weights on the device: f32, packed `aq | ak | av | r | gamma | beta`,
+/// validated against the configuration they were uploaded for. Upload once, reuse for every call.
 pub struct DeviceWeights {
     pub(super) buf: CudaSlice<f32>,
-    /// Element offsets of aq, ak, av, r, gamma in `buf`.
-    pub(super) offsets: [usize; 5],
+    /// Element offsets of aq, ak, av, r, gamma, beta in `buf`.
+    pub(super) offsets: [usize; 6],
     collapse: bool,
-    norm: bool,
+    norm: Option<NormKind>,
     /// (Hq, Hk, H, P, d) the weights were validated for.
     dims: [usize; 5],
 }
@@ -64,8 +64,13 @@ impl DeviceWeights {
         self.collapse
     }
 
-    /// Whether the weights carry a head norm `gamma`.
+    /// Whether the weights carry a head norm.
     pub fn norm(&self) -> bool {
+        self.norm.is_some()
+    }
+
+    /// The kind of head norm the weights carry.
+    pub fn norm_kind(&self) -> Option<NormKind> {
         self.norm
     }
 
@@ -93,10 +98,9 @@ impl CudaBackend {
         validate_weights(cfg, w)?;
         self.check_stream(stream)?;
         let mut packed = Vec::with_capacity(w.aq.len() + w.ak.len() + w.av.len() + 1);
-        let mut offsets = [0usize; 5];
-        for (slot, part) in
-            [Some(&w.aq), Some(&w.ak), Some(&w.av), w.r.as_ref(), w.gamma.as_ref()].into_iter().enumerate()
-        {
+        let mut offsets = [0usize; 6];
+        let (gamma, beta) = (w.norm.as_ref().map(|n| n.gamma()), w.norm.as_ref().and_then(|n| n.beta()));
+        for (slot, part) in [Some(&w.aq), Some(&w.ak), Some(&w.av), w.r.as_ref(), gamma, beta].into_iter().enumerate() {
             offsets[slot] = packed.len();
             if let Some(part) = part {
                 packed.extend_from_slice(part);
@@ -104,7 +108,8 @@ impl CudaBackend {
         }
         packed.push(0.0); // never empty
         let buf = stream.clone_htod(&packed).map_err(drv("uploading the weights"))?;
-        Ok(DeviceWeights { buf, offsets, collapse: w.r.is_some(), norm: w.gamma.is_some(), dims: dims_of(cfg) })
+        let norm = w.norm.as_ref().map(|n| n.kind());
+        Ok(DeviceWeights { buf, offsets, collapse: w.r.is_some(), norm, dims: dims_of(cfg) })
     }
 
     fn check_stream(&self, stream: &Arc<CudaStream>) -> Result<()> {
@@ -128,7 +133,7 @@ impl CudaBackend {
         validate_config(cfg)?;
         w.check(cfg)?;
         crate::validate::validate_sizes(cfg, batch, n, m)?;
-        let pb = Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.collapse, norm: w.norm };
+        let pb = Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.collapse, norm: w.norm.is_some() };
         crate::Backend::supports(self, &pb)?;
         Ok(pb)
     }
@@ -273,7 +278,9 @@ impl CudaBackend {
         args.ak = at(1);
         args.av = at(2);
         args.r = if w.collapse { at(3) } else { 0 };
-        args.gamma = if w.norm { at(4) } else { 0 };
+        args.gamma = if w.norm.is_some() { at(4) } else { 0 };
+        args.beta = if w.norm == Some(NormKind::Group) { at(5) } else { 0 };
+        args.norm = norm_code(w.norm);
 
         let t = attn_v.tiles();
         let grid = ((pb.n * c.pseudo).div_ceil(t.br) as u32, c.heads as u32, pb.batch as u32);

@@ -8,6 +8,8 @@
 //! - `common.cuh`: the argument block `HmArgs`, storage types and f16/bf16 conversions written
 //!   with inline PTX (no `cuda_fp16.h`), warp reductions, the mask and RoPE positions;
 //! - `traits.cuh`: v1 tile sizes per head-dim capacity (the "kernel traits");
+//! - `norm.cuh`: the head norm (`Rms`, or MEA's `Group` with `beta`) as three device functions
+//!   (`hm_norm_mean`, `hm_norm_inv`, `hm_norm_apply`) every kernel that finishes rows calls;
 //! - one kernel file.
 //!
 //! A variant is (kernel version, dtype, head-dim capacity `HM_HD` in 32/64/96/128/256, mask kind

@@ -6,6 +6,7 @@ use crate::DType;
 pub mod src {
     pub const COMMON: &str = include_str!("../../../../kernels-cuda/common.cuh");
     pub const TRAITS: &str = include_str!("../../../../kernels-cuda/traits.cuh");
+    pub const NORM: &str = include_str!("../../../../kernels-cuda/norm.cuh");
     pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
     pub const ATTN_V2: &str = include_str!("../../../../kernels-cuda/attn_v2.cu");
     pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
@@ -201,7 +202,7 @@ impl Variant {
     pub fn source(&self) -> String {
         let hd = if self.hd == 0 { 32 } else { self.hd };
         format!(
-            "// headmix variant {}\n#define HM_DTYPE {}\n#define HM_HD {}\n#define HM_MASK {}\n#define HM_NT {}\n{}\n{}\n{}\n",
+            "// headmix variant {}\n#define HM_DTYPE {}\n#define HM_HD {}\n#define HM_MASK {}\n#define HM_NT {}\n{}\n{}\n{}\n{}\n",
             self.name(),
             self.dtype.code(),
             hd,
@@ -209,6 +210,7 @@ impl Variant {
             THREADS,
             src::COMMON,
             src::TRAITS,
+            src::NORM,
             self.kernel.body()
         )
     }

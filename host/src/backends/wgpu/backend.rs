@@ -145,7 +145,7 @@ impl WgpuBackend {
     /// Zero copy: validate, then record and submit one forward call on `queue` reading and writing
     /// the caller's buffers (layouts in [`DeviceIo`]). Returns once submitted; the results are
     /// ready when the queue's work completes (map a buffer or `device.poll`). Small temporary
-    /// buffers (uniforms, packed weights, the f32 pseudo outputs when `r` or `gamma` is given) are
+    /// buffers (uniforms, packed weights, the f32 pseudo outputs when `r` or a head norm is given) are
     /// allocated per call and freed by wgpu after the work completes.
     pub fn forward_buffers(
         &self,
@@ -350,7 +350,7 @@ fn problem_of(cfg: &Config, w: &Weights, batch: usize, n: usize, m: usize, dtype
     validate_config(cfg)?;
     validate_weights(cfg, w)?;
     crate::validate::validate_sizes(cfg, batch, n, m)?;
-    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.gamma.is_some() })
+    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() })
 }
 
 impl Backend for WgpuBackend {

@@ -292,7 +292,8 @@ pub(crate) fn plan(
     let ak_off = push(&w.ak)?;
     let av_off = push(&w.av)?;
     let r_off = push(w.r.as_deref().unwrap_or(&[]))?;
-    let gamma_off = push(w.gamma.as_deref().unwrap_or(&[]))?;
+    let gamma_off = push(w.norm.as_ref().map_or(&[][..], |n| n.gamma()))?;
+    let beta_off = push(w.norm.as_ref().and_then(|n| n.beta()).map_or(&[][..], |b| b))?;
     let rope_off = match c.rope {
         Some(r) => push(&rope_table(rope_levels, d, r.base as f64))?,
         None => push(&[])?,
@@ -388,12 +389,17 @@ pub(crate) fn plan(
         splits: to_u32("splits", n_splits)?,
         eps: c.norm_eps,
         collapse: problem.collapse as u32,
-        norm: problem.norm as u32,
+        norm: match w.norm.as_ref().map(|n| n.kind()) {
+            None => 0,
+            Some(headmix_reference::NormKind::Rms) => 1,
+            Some(headmix_reference::NormKind::Group) => 2,
+        },
         direct: direct as u32,
         n_vec: to_u32("output vectors", n_vec)?,
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
         part_off: to_u32("scratch offset", op_len)?,
-        pad: [selection, 0, 0],
+        beta_off,
+        pad: [selection, 0],
     };
 
     // The forward's combine and epilogue, on the problem of the whole batch.

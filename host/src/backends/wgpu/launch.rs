@@ -1,12 +1,12 @@
 //! The launch plan of one call: the uniform block the kernels read, the packed f32 weights buffer
-//! (mixing, collapse, gamma, RoPE table), the kernels to run and their grids.
+//! (mixing, collapse, gamma, beta, RoPE table), the kernels to run and their grids.
 
 use bytemuck::{Pod, Zeroable};
 
 use super::Variant;
 use super::kernels::{KernelKey, Kind, flash_threads, flash_tiles};
 use crate::validate::Problem;
-use crate::{Error, PosMode, Result, Weights};
+use crate::{Error, NormKind, PosMode, Result, Weights};
 
 /// Threads per workgroup of the naive kernel and of the epilogue.
 const NAIVE_WG: u32 = 64;
@@ -63,7 +63,9 @@ pub(crate) struct Uniforms {
     pub neg_inf_bits: u32,
     /// Offset (in f32) of the split-KV partials in the scratch buffer.
     pub part_off: u32,
-    pub pad: [u32; 3],
+    /// Offset of the group norm's `beta` in `weights`.
+    pub beta_off: u32,
+    pub pad: [u32; 2],
 }
 
 /// One dispatch: the kernel and how many workgroups it needs.
@@ -126,7 +128,7 @@ pub(crate) fn plan(
     let nq = problem.n * p;
     let nk = problem.m * p;
 
-    // Packed weights: aq | ak | av | r | gamma | RoPE table (all f32, one binding).
+    // Packed weights: aq | ak | av | r | gamma | beta | RoPE table (all f32, one binding).
     let mut weights = Vec::new();
     let mut push = |xs: &[f32]| -> Result<u32> {
         let off = to_u32("weights buffer", weights.len())?;
@@ -137,7 +139,8 @@ pub(crate) fn plan(
     let ak_off = push(&w.ak)?;
     let av_off = push(&w.av)?;
     let r_off = push(w.r.as_deref().unwrap_or(&[]))?;
-    let gamma_off = push(w.gamma.as_deref().unwrap_or(&[]))?;
+    let gamma_off = push(w.norm.as_ref().map_or(&[][..], |n| n.gamma()))?;
+    let beta_off = push(w.norm.as_ref().and_then(|n| n.beta()).map_or(&[][..], |b| b))?;
     let rope_levels = rope_levels(problem)?;
     let rope_off = match c.rope {
         Some(r) => push(&rope_table(rope_levels, d, r.base as f64))?,
@@ -181,12 +184,17 @@ pub(crate) fn plan(
         splits: 1,
         eps: c.norm_eps,
         collapse: problem.collapse as u32,
-        norm: problem.norm as u32,
+        norm: match w.norm.as_ref().map(|n| n.kind()) {
+            None => 0,
+            Some(NormKind::Rms) => 1,
+            Some(NormKind::Group) => 2,
+        },
         direct: direct as u32,
         n_vec: 0,
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
         part_off: 0,
-        pad: [0; 3],
+        beta_off,
+        pad: [0; 2],
     };
 
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
@@ -430,7 +438,7 @@ pub(crate) fn check_limits(
     let levels = rope_levels(problem)? as u128;
     let weights = ((c.q_heads + 2 * c.kv_heads) * h * p) as u128
         + if problem.collapse { (h * h * p) as u128 } else { 0 }
-        + if problem.norm { (h * d) as u128 } else { 0 }
+        + if problem.norm { 2 * (h * d) as u128 } else { 0 }
         + levels * 256 * d as u128;
     let out_len: u128 = problem.out_shape().iter().map(|&x| x as u128).product();
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;

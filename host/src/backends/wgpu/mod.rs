@@ -6,7 +6,7 @@
 //! * Kernels ([`Variant`]): `Flash` (default) is the tiled flash forward that mixes the stored
 //!   heads in workgroup memory inside the online-softmax loop; `Naive` is one thread per virtual
 //!   query, the benchmark baseline (`WgpuBackend::new()?.with_variant(Variant::Naive)`).
-//! * Collapse (`r`) and head norm (`gamma`) run in a second small pass over the f32 pseudo
+//! * Collapse (`r`) and head norm (`gamma`, `beta`) run in a second small pass over the f32 pseudo
 //!   outputs; without either, the attention kernel writes the output itself.
 //! * f16 and bf16 tensors are stored packed two per `u32` and widened in the shader, so they run
 //!   on every adapter (`SHADER_F16` is not needed); arithmetic is f32 throughout.

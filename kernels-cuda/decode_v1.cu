@@ -4,7 +4,8 @@
 // One block per (split of the cache, sequence) owns ALL heads: each tile of TC cached tokens is
 // read from memory once (16-byte vector loads when rows allow), widened into shared memory, and
 // mixed there into the pseudo-keys/values of every head in turn (keys rotated after mixing, from
-// a host table: no f64 in the loop). Scores, an online softmax in the log2 domain and P V follow.
+// a host table: no f64 in the loop). Scores, an online softmax in the log2 domain and P V follow,
+// each row over its visible span of the tile (the causal / window mask is an interval).
 // Flash-decoding: the visible band of held tokens is cut into `splits` ranges; each block writes
 // its unnormalised partial (o, max, sum) and hm_decode_combine_v1 merges them exactly, then
 // writes the de-interleaved outputs (head norm included) or scatters them through r into the
@@ -44,12 +45,20 @@ __device__ __forceinline__ void hm_rope_tab(const HmDecodeArgs& x, float& x0, fl
     x1 = a1 * c + a0 * s;
 }
 
-// The mask on virtual indices, from the run-time flags (one module serves every mask; window
-// edges are clamped by the host to capacity*P, so the sums stay in range).
-__device__ __forceinline__ bool hm_dec_visible(const HmArgs& a, int ia, int j) {
-    if (a.causal && j > ia) return false;
-    if (a.has_window && (j < ia - a.window_left || j > ia + a.window_right)) return false;
-    return true;
+// The keys the query at key index ia sees among the `count` virtual keys from j0, as local
+// [*lo, *hi): the causal / window mask is an interval, from the run-time flags (one module
+// serves every mask), so the loops run over it with no per-key test.
+struct HmSpan {
+    int lo, hi;
+};
+__device__ __forceinline__ HmSpan hm_dec_span(const HmArgs& a, int ia, int j0, int count) {
+    long long l = j0, h = (long long)j0 + count;
+    if (a.causal) h = min(h, (long long)ia + 1);
+    if (a.has_window) {
+        l = max(l, (long long)ia - a.window_left);
+        h = min(h, (long long)ia + a.window_right + 1);
+    }
+    return HmSpan{(int)(l - j0), (int)(max(h, l) - j0)};
 }
 
 // Whether a mixing weight is used: a zero of a one-hot selection matrix skips its head.
@@ -72,7 +81,7 @@ __device__ __forceinline__ void hm_widen16(const uint4 u, float* dst) {
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(HM_NT) hm_decode_v1(const HmArgs a, const HmDecodeArgs x) {
+extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v1(const HmArgs a, const HmDecodeArgs x) {
     extern __shared__ float hm_smem[];
     float* smem = hm_smem;
     const int tid = threadIdx.x;
@@ -224,18 +233,18 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_decode_v1(const HmArgs a,
 
             // 2d. Online softmax per row over the visible keys (masked by select, never read).
             for (int i = tid; i < NP; i += HM_NT) {
-                const int r = h * NP + i, ia = i + off;
+                const int r = h * NP + i;
+                const HmSpan span = hm_dec_span(a, i + off, t0 * P, tiles_valid * P);
+                const int lo = span.lo, hi = span.hi;
                 float mx = mrun[r];
-                for (int jj = 0; jj < TP; ++jj)
-                    if (jj / P < tiles_valid && hm_dec_visible(a, ia, t0 * P + jj)) mx = fmaxf(mx, sp[i * TP + jj]);
+                for (int jj = lo; jj < hi; ++jj) mx = fmaxf(mx, sp[i * TP + jj]);
                 const float al = exp2f(mrun[r] - mx);
                 float sum = 0.f;
-                for (int jj = 0; jj < TP; ++jj)
-                    if (jj / P < tiles_valid && hm_dec_visible(a, ia, t0 * P + jj)) {
-                        const float pr = exp2f(sp[i * TP + jj] - mx);
-                        sp[i * TP + jj] = pr;
-                        sum += pr;
-                    }
+                for (int jj = lo; jj < hi; ++jj) {
+                    const float pr = exp2f(sp[i * TP + jj] - mx);
+                    sp[i * TP + jj] = pr;
+                    sum += pr;
+                }
                 lrun[r] = lrun[r] * al + sum;
                 mrun[r] = mx;
                 alpha[i] = al;
@@ -244,10 +253,11 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_decode_v1(const HmArgs a,
 
             // 2e. o = o * alpha + P V for head h's rows.
             for (int e = tid; e < NP * d; e += HM_NT) {
-                const int i = e / d, t = e % d, ia = i + off;
+                const int i = e / d, t = e % d;
+                const HmSpan span = hm_dec_span(a, i + off, t0 * P, tiles_valid * P);
+                const int lo = span.lo, hi = span.hi;
                 float o = os[(h * NP + i) * d + t] * alpha[i];
-                for (int jj = 0; jj < TP; ++jj)
-                    if (jj / P < tiles_valid && hm_dec_visible(a, ia, t0 * P + jj)) o += hm_round(sp[i * TP + jj]) * vt[jj * d + t];
+                for (int jj = lo; jj < hi; ++jj) o += hm_round(sp[i * TP + jj]) * vt[jj * d + t];
                 os[(h * NP + i) * d + t] = o;
             }
         }

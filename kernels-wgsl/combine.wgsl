@@ -23,9 +23,12 @@ fn main(
         mx = max(mx, op[partial_at(s, b, h, i) + D]);
     }
     var l = 0.0;
+    var bad = false; // a split whose rows read a non-finite value stored a NaN sum
     for (var s = 0u; s < params.splits; s++) {
         let at = partial_at(s, b, h, i);
-        l += op[at + D + 1u] * exp2(op[at + D] - mx);
+        let part = op[at + D + 1u];
+        bad = bad || nonfinite(part);
+        l += select(part, 0.0, nonfinite(part)) * exp2(op[at + D] - mx);
     }
     let inv = select(0.0, 1.0 / l, l > 0.0);
 
@@ -39,9 +42,10 @@ fn main(
             let at = partial_at(s, b, h, i);
             x += exp2(op[at + D] - mx) * vec2<f32>(op[at + 2u * w], op[at + 2u * w + 1u]);
         }
-        emit_pair(dst + 2u * w, x * inv);
+        emit_pair(dst + 2u * w, select(x * inv, vec2<f32>(nan()), bad));
     }
     if (lid == 0u) {
-        lse[(b * params.heads + h) * params.nq + i] = select(neg_inf(), (mx + log2(l)) * LN2, l > 0.0);
+        let lse_row = select(neg_inf(), (mx + log2(l)) * LN2, l > 0.0);
+        lse[(b * params.heads + h) * params.nq + i] = select(lse_row, nan(), bad);
     }
 }

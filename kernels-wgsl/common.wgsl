@@ -12,7 +12,9 @@ struct Params {
     av_off: u32, r_off: u32, gamma_off: u32, rope_off: u32, // offsets into `weights`
     q_tiles: u32, splits: u32, eps: f32, collapse: u32, // splits: key ranges per query tile
     norm: u32, direct: u32, n_vec: u32, neg_inf_bits: u32, // norm: 0 none, 1 rms, 2 group
-    part_off: u32, beta_off: u32, pad2: u32, pad3: u32, // part_off: split partials in `op`
+    part_off: u32, beta_off: u32, sel_q: u32, sel_k: u32, // part_off: split partials in `op`;
+    sel_v: u32, dec_sel: u32, pad2: u32, pad3: u32,        // sel_*: selection tables (see mixed_pair);
+                                                           // dec_sel: decode's selection bits
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -88,6 +90,34 @@ fn rotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
         cs = vec2<f32>(cs.x * e.x - cs.y * e.y, cs.x * e.y + cs.y * e.x);
     }
     return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
+}
+
+// NaN policy (see the crate docs): a selection mixing matrix (MHA, GQA, identity) is a gather,
+// so a pseudo-head reads only its selected stored head; a non-finite value the row reads (its
+// query, a visible key or value) makes the row NaN through an explicit flag, never through
+// arithmetic on NaN (which WGSL lets implementations assume away); masked keys never enter.
+
+// sel_* of a dense matrix: the kernels loop over every stored head.
+const DENSE: u32 = 0xffffffffu;
+
+// Whether an f32 is NaN or infinite, by its bits (a float compare may be optimised away).
+fn nonfinite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u;
+}
+
+fn nonfinite2(x: vec2<f32>) -> bool {
+    return nonfinite(x.x) || nonfinite(x.y);
+}
+
+// A quiet NaN made at run time (WGSL has no NaN literal and a constant NaN is a compile error).
+fn nan() -> f32 {
+    return bitcast<f32>(params.neg_inf_bits | 0x00400000u);
+}
+
+// The stored head column (h, p) of a selection matrix reads: its table in `weights` at `sel`
+// holds [H, P] head indices as u32 bits.
+fn selected(sel: u32, h: u32, p: u32) -> u32 {
+    return bitcast<u32>(weights[sel + h * params.p + p]);
 }
 
 // Write elements (e, e + 1) of pseudo-output storage: straight to `out` in its dtype when no

@@ -16,7 +16,7 @@
 // of a forward over the held tokens, bottom-right aligned (see host/src/decode.rs).
 //
 // Uniform fields with a decode meaning: m = capacity, q_tiles = cached tokens per split,
-// pad2 = selection bits (1 aq, 2 ak, 4 av: that matrix is a one-hot selection, so a weight 0
+// dec_sel = selection bits (1 aq, 2 ak, 4 av: that matrix is a one-hot selection, so a weight 0
 // skips the head instead of multiplying it by 0).
 // Constants prepended by the host: D, WG, TC (cached tokens per tile), HK, H, P, NP (= N*P).
 
@@ -37,9 +37,25 @@ var<workgroup> mrun: array<f32, R>;       // running row max (log2 domain)
 var<workgroup> lrun: array<f32, R>;       // running row sum
 var<workgroup> alpha: array<f32, NP>;     // this tile's rescale of the current head's rows
 
+// The keys the query at key index ia sees among the `count` virtual keys from j0, as local
+// [lo, hi): the causal / window mask is an interval (edges clamped by the host to capacity*P,
+// so the sums stay below 2^32), and the loops run over it with no per-key test.
+fn span(ia: u32, j0: u32, count: u32) -> vec2<u32> {
+    var lo = j0;
+    var hi = j0 + count;
+    if (params.causal != 0u) {
+        hi = min(hi, ia + 1u);
+    }
+    if (params.windowed != 0u) {
+        lo = max(lo, select(0u, ia - params.win_left, ia >= params.win_left));
+        hi = min(hi, ia + params.win_right + 1u);
+    }
+    return vec2<u32>(lo - j0, max(hi, lo) - j0);
+}
+
 // Whether a mixing weight is used: a zero of a selection matrix skips its head (NaN policy 1).
 fn uses(a: f32, bit: u32) -> bool {
-    return a != 0.0 || (params.pad2 & bit) == 0u;
+    return a != 0.0 || (params.dec_sel & bit) == 0u;
 }
 
 @compute @workgroup_size(WG)
@@ -182,24 +198,20 @@ fn main(
             }
             workgroupBarrier();
 
-            // 2d. Online softmax per row over the visible keys (masked by select, never read).
+            // 2d. Online softmax per row over its visible span (masked keys are never read).
             for (var i = lid; i < NP; i += WG) {
                 let r = h * NP + i;
-                let ia = i + off;
+                let sv = span(i + off, t0 * P, min(TC, t_end - t0) * P);
                 var mx = mrun[r];
-                for (var jj = 0u; jj < TP; jj++) {
-                    if (t0 + jj / P < t_end && visible(ia, t0 * P + jj)) {
-                        mx = max(mx, sp[i * TP + jj]);
-                    }
+                for (var jj = sv.x; jj < sv.y; jj++) {
+                    mx = max(mx, sp[i * TP + jj]);
                 }
                 let al = exp2(mrun[r] - mx);
                 var sum = 0.0;
-                for (var jj = 0u; jj < TP; jj++) {
-                    if (t0 + jj / P < t_end && visible(ia, t0 * P + jj)) {
-                        let pr = exp2(sp[i * TP + jj] - mx);
-                        sp[i * TP + jj] = pr;
-                        sum += pr;
-                    }
+                for (var jj = sv.x; jj < sv.y; jj++) {
+                    let pr = exp2(sp[i * TP + jj] - mx);
+                    sp[i * TP + jj] = pr;
+                    sum += pr;
                 }
                 lrun[r] = lrun[r] * al + sum;
                 mrun[r] = mx;
@@ -214,12 +226,10 @@ fn main(
                 if (r / NP == h && r < R) {
                     let i = r % NP;
                     let w = e % HALF;
-                    let ia = i + off;
+                    let sv = span(i + off, t0 * P, min(TC, t_end - t0) * P);
                     var x = o[u] * alpha[i];
-                    for (var jj = 0u; jj < TP; jj++) {
-                        if (t0 + jj / P < t_end && visible(ia, t0 * P + jj)) {
-                            x += sp[i * TP + jj] * vec2<f32>(vt[jj * D + 2u * w], vt[jj * D + 2u * w + 1u]);
-                        }
+                    for (var jj = sv.x; jj < sv.y; jj++) {
+                        x += sp[i * TP + jj] * vec2<f32>(vt[jj * D + 2u * w], vt[jj * D + 2u * w + 1u]);
                     }
                     o[u] = x;
                 }

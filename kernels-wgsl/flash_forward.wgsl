@@ -27,6 +27,11 @@ var<workgroup> ks: array<f32, BC * DS>;      // mixed, rotated keys of the curre
 var<workgroup> vs: array<f32, BC * DS>;      // mixed values of the current tile
 var<workgroup> sp: array<f32, BR * BC>;      // probabilities of the current tile
 var<workgroup> part: array<f32, WG>;         // per-thread maxima, then per-thread sums
+// NaN policy: rows that read a non-finite value (query, visible key or value), and key columns
+// of the current tile holding one (marked with the tile's number + 1, so never reset). The
+// values themselves are zeroed in workgroup memory: all arithmetic stays finite.
+var<workgroup> row_bad: array<atomic<u32>, BR>;
+var<workgroup> col_bad: array<atomic<u32>, BC>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -48,6 +53,15 @@ fn main(
     let sub = lid % TPR;
     let i = i0 + row; // this thread's virtual query
 
+    for (var e = lid; e < BR + BC; e += WG) {
+        if (e < BR) {
+            atomicStore(&row_bad[e], 0u);
+        } else {
+            atomicStore(&col_bad[e - BR], 0u);
+        }
+    }
+    workgroupBarrier();
+
     // 1. Queries: mix the stored heads of the tile's tokens, rotate at the query positions, and
     //    fold in scale*log2(e) so that scores come out in the log2 domain.
     for (var e = lid; e < BR * HALF; e += WG) {
@@ -59,14 +73,23 @@ fn main(
             let n = iq / params.p;
             let pq = iq % params.p;
             let base = (b * params.n + n) * params.hq * D + t;
-            for (var m = 0u; m < params.hq; m++) {
-                let a = weights[params.aq_off + (m * params.heads + h) * params.p + pq];
-                x += a * vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
+            if (params.sel_q != DENSE) {
+                let m = selected(params.sel_q, h, pq); // the one stored head this column reads
+                x = vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
+            } else {
+                for (var m = 0u; m < params.hq; m++) {
+                    let a = weights[params.aq_off + (m * params.heads + h) * params.p + pq];
+                    x += a * vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
+                }
             }
             if (params.rope != 0u) {
                 x = rotate(x, q_pos(iq), t);
             }
             x *= params.scale_log2;
+            if (nonfinite2(x)) {
+                atomicOr(&row_bad[r], 1u);
+                x = vec2<f32>(0.0);
+            }
         }
         qs[r * DS + t] = x.x;
         qs[r * DS + t + HALF] = x.y;
@@ -98,14 +121,33 @@ fn main(
                     let s_tok = j / params.p;
                     let pk = j % params.p;
                     let base = (b * params.m + s_tok) * params.hk * D + t;
-                    for (var m = 0u; m < params.hk; m++) {
-                        let w = (m * params.heads + h) * params.p + pk;
-                        let src = base + m * D;
-                        kx += weights[params.ak_off + w] * vec2<f32>(k_at(src), k_at(src + HALF));
-                        vx += weights[params.av_off + w] * vec2<f32>(v_at(src), v_at(src + HALF));
+                    if (params.sel_k != DENSE) {
+                        let src = base + selected(params.sel_k, h, pk) * D;
+                        kx = vec2<f32>(k_at(src), k_at(src + HALF));
+                    }
+                    if (params.sel_v != DENSE) {
+                        let src = base + selected(params.sel_v, h, pk) * D;
+                        vx = vec2<f32>(v_at(src), v_at(src + HALF));
+                    }
+                    if (params.sel_k == DENSE || params.sel_v == DENSE) {
+                        for (var m = 0u; m < params.hk; m++) {
+                            let w = (m * params.heads + h) * params.p + pk;
+                            let src = base + m * D;
+                            if (params.sel_k == DENSE) {
+                                kx += weights[params.ak_off + w] * vec2<f32>(k_at(src), k_at(src + HALF));
+                            }
+                            if (params.sel_v == DENSE) {
+                                vx += weights[params.av_off + w] * vec2<f32>(v_at(src), v_at(src + HALF));
+                            }
+                        }
                     }
                     if (params.rope != 0u) {
                         kx = rotate(kx, k_pos(j), t);
+                    }
+                    if (nonfinite2(kx) || nonfinite2(vx)) {
+                        atomicStore(&col_bad[c], kt + 1u); // this tile's column c
+                        kx = vec2<f32>(0.0);
+                        vx = vec2<f32>(0.0);
                     }
                 }
                 ks[c * DS + t] = kx.x;
@@ -128,6 +170,9 @@ fn main(
             for (var u = 0u; u < CPT; u++) {
                 let j = j0 + sub + TPR * u;
                 if (i >= params.nq || j >= params.nk || !visible(i + params.off, j)) {
+                    s[u] = NEG_BIG; // masked by select: the key never reaches the row
+                } else if (atomicLoad(&col_bad[sub + TPR * u]) == kt + 1u || nonfinite(s[u])) {
+                    atomicOr(&row_bad[row], 1u); // a visible non-finite key/value (or score)
                     s[u] = NEG_BIG;
                 }
                 m_mine = max(m_mine, s[u]);
@@ -174,6 +219,7 @@ fn main(
     for (var q = 0u; q < TPR; q++) {
         l += part[row * TPR + q];
     }
+    let bad = atomicLoad(&row_bad[row]) != 0u; // NaN policy: the row read a non-finite value
 
     // 4a. Split-KV: store the partial for combine.wgsl.
     if (params.splits > 1u) {
@@ -188,7 +234,7 @@ fn main(
             }
             if (sub == 0u) {
                 op[dst + D] = m_run;
-                op[dst + D + 1u] = l;
+                op[dst + D + 1u] = select(l, nan(), bad); // combine.wgsl turns the row NaN
             }
         }
         return;
@@ -203,11 +249,12 @@ fn main(
         for (var u = 0u; u < NPAIR; u++) {
             let w = sub + TPR * u;
             if (w < HALF) {
-                emit_pair(dst + 2u * w, o[u] * inv);
+                emit_pair(dst + 2u * w, select(o[u] * inv, vec2<f32>(nan()), bad));
             }
         }
         if (sub == 0u) {
-            lse[(b * params.heads + h) * params.nq + i] = select(neg_inf(), (m_run + log2(l)) * LN2, l > 0.0);
+            let lse_row = select(neg_inf(), (m_run + log2(l)) * LN2, l > 0.0);
+            lse[(b * params.heads + h) * params.nq + i] = select(lse_row, nan(), bad);
         }
     }
 }

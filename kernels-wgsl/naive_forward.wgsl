@@ -19,23 +19,35 @@ fn main(
     let n = i / params.p;
     let pq = i % params.p;
 
-    // Mixed, rotated, pre-scaled query.
+    // Mixed (gathered, for a selection matrix), rotated, pre-scaled query. NaN policy: a
+    // non-finite value the row reads sets `bad` and is zeroed, so the arithmetic stays finite.
+    var bad = false;
     var qt: array<f32, D>;
     for (var t = 0u; t < HALF; t++) {
         var x = vec2<f32>(0.0);
-        for (var m = 0u; m < params.hq; m++) {
-            let a = weights[params.aq_off + (m * params.heads + h) * params.p + pq];
-            let src = ((b * params.n + n) * params.hq + m) * D + t;
-            x += a * vec2<f32>(q_at(src), q_at(src + HALF));
+        let base = (b * params.n + n) * params.hq * D + t;
+        if (params.sel_q != DENSE) {
+            let src = base + selected(params.sel_q, h, pq) * D;
+            x = vec2<f32>(q_at(src), q_at(src + HALF));
+        } else {
+            for (var m = 0u; m < params.hq; m++) {
+                let a = weights[params.aq_off + (m * params.heads + h) * params.p + pq];
+                x += a * vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
+            }
         }
         if (params.rope != 0u) {
             x = rotate(x, q_pos(i), t);
         }
-        qt[t] = x.x * params.scale_log2;
-        qt[t + HALF] = x.y * params.scale_log2;
+        x *= params.scale_log2;
+        if (nonfinite2(x)) {
+            bad = true;
+            x = vec2<f32>(0.0);
+        }
+        qt[t] = x.x;
+        qt[t + HALF] = x.y;
     }
 
-    // Online softmax over the visible keys, in the log2 domain.
+    // Online softmax over the visible keys only (masked keys are never visited), log2 domain.
     var o: array<f32, D>;
     var m_run = NEG_BIG;
     var l_run = 0.0;
@@ -44,31 +56,47 @@ fn main(
     for (var j = range.x; j <= range.y && range.x <= range.y; j++) {
         let s_tok = j / params.p;
         let pk = j % params.p;
+        let base = (b * params.m + s_tok) * params.hk * D;
         // Mixed, rotated key, dotted with the query pair by pair.
         var s = 0.0;
+        var key_bad = false;
         for (var t = 0u; t < HALF; t++) {
             var x = vec2<f32>(0.0);
-            for (var m = 0u; m < params.hk; m++) {
-                let a = weights[params.ak_off + (m * params.heads + h) * params.p + pk];
-                let src = ((b * params.m + s_tok) * params.hk + m) * D + t;
-                x += a * vec2<f32>(k_at(src), k_at(src + HALF));
+            if (params.sel_k != DENSE) {
+                let src = base + selected(params.sel_k, h, pk) * D + t;
+                x = vec2<f32>(k_at(src), k_at(src + HALF));
+            } else {
+                for (var m = 0u; m < params.hk; m++) {
+                    let a = weights[params.ak_off + (m * params.heads + h) * params.p + pk];
+                    let src = base + m * D + t;
+                    x += a * vec2<f32>(k_at(src), k_at(src + HALF));
+                }
             }
             if (params.rope != 0u) {
                 x = rotate(x, k_pos(j), t);
             }
+            key_bad = key_bad || nonfinite2(x);
             s += qt[t] * x.x + qt[t + HALF] * x.y;
         }
+        key_bad = key_bad || nonfinite(s);
+        bad = bad || key_bad;
+        s = select(s, NEG_BIG, key_bad);
         let m_new = max(m_run, s);
         let alpha = exp2(m_run - m_new);
-        let pr = exp2(s - m_new);
+        let pr = select(exp2(s - m_new), 0.0, key_bad);
         l_run = l_run * alpha + pr;
         for (var t = 0u; t < D; t++) {
             var x = 0.0;
-            for (var m = 0u; m < params.hk; m++) {
-                let a = weights[params.av_off + (m * params.heads + h) * params.p + pk];
-                x += a * v_at(((b * params.m + s_tok) * params.hk + m) * D + t);
+            if (params.sel_v != DENSE) {
+                x = v_at(base + selected(params.sel_v, h, pk) * D + t);
+            } else {
+                for (var m = 0u; m < params.hk; m++) {
+                    let a = weights[params.av_off + (m * params.heads + h) * params.p + pk];
+                    x += a * v_at(base + m * D + t);
+                }
             }
-            o[t] = o[t] * alpha + pr * x;
+            bad = bad || nonfinite(x);
+            o[t] = o[t] * alpha + pr * select(x, 0.0, nonfinite(x));
         }
         m_run = m_new;
     }
@@ -77,8 +105,8 @@ fn main(
     let inv = select(0.0, 1.0 / l_run, l_run > 0.0);
     let dst = (((b * params.n + n) * params.heads + h) * params.p + pq) * D;
     for (var t = 0u; t < D; t += 2u) {
-        emit_pair(dst + t, vec2<f32>(o[t], o[t + 1u]) * inv);
+        emit_pair(dst + t, select(vec2<f32>(o[t], o[t + 1u]) * inv, vec2<f32>(nan()), bad));
     }
-    lse[(b * params.heads + h) * params.nq + i] =
-        select(neg_inf(), (m_run + log2(l_run)) * LN2, l_run > 0.0);
+    let lse_row = select(neg_inf(), (m_run + log2(l_run)) * LN2, l_run > 0.0);
+    lse[(b * params.heads + h) * params.nq + i] = select(lse_row, nan(), bad);
 }

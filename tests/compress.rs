@@ -382,7 +382,7 @@ fn decoding_with_the_compressed_cache_matches_the_rebuilt_model() {
     // The reference: full MEA with the rebuilt H-head projections, the learned mixing, same norm.
     let reference_with = |wk: &[f64], wv: &[f64]| {
         let full = Config::mea(h, d).with_causal(true).with_rope(Default::default());
-        let problem = Problem { cfg: full, batch: 1, n: len, m: len, dtype: DType::F32, collapse: false, norm: true };
+        let problem = Problem::new(&full, 1, len, len, DType::F32, false, true).unwrap();
         let id: Vec<f64> = replication(h, h, 1).iter().map(|&v| v as f64).collect();
         let g: Vec<f64> = gamma.iter().map(|&v| v as f64).collect();
         let bt: Vec<f64> = beta.iter().map(|&v| v as f64).collect();

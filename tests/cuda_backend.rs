@@ -146,6 +146,7 @@ impl Shape {
             pos_offset: self.pos0,
             scale: self.scale,
             norm_eps: 1e-5,
+            check_finite: false,
         }
     }
 

@@ -147,15 +147,7 @@ fn f64s(x: &[f32]) -> Vec<f64> {
 
 /// The f64 reference forward over a whole sequence of `len` tokens (batch 1, `N = M = len`).
 fn reference_forward(cfg: &Config, w: &Weights, seq: &Seq, len: usize) -> Output<f64> {
-    let problem = Problem {
-        cfg: *cfg,
-        batch: 1,
-        n: len,
-        m: len,
-        dtype: DType::F32,
-        collapse: w.r.is_some(),
-        norm: w.norm.is_some(),
-    };
+    let problem = Problem::for_weights(cfg, w, 1, len, len, DType::F32).unwrap();
     let params = problem.params();
     reference::attention(&params, &f64s(&seq.q), &f64s(&seq.k), &f64s(&seq.v), &Weights64::of(w).mix())
 }
@@ -1214,15 +1206,20 @@ fn wgpu_time_decode_counts_the_cache_once() {
     let mut cache = KvCache::for_config_on(&gpu, &cfg, b, len, DType::BF16).unwrap();
     let kv = Owned::from_f32(DType::BF16, &Rng::new(3).normal_vec(b * len * 2 * 16, 1.0));
     cache.append(&kv.tensor(&[b, len, 2, 16]), &kv.tensor(&[b, len, 2, 16])).unwrap();
-    let (timing, bytes) = gpu.time_decode(&cfg, &w, &cache, 1, 3).unwrap();
-    assert_eq!(timing.seconds.len(), 3);
-    assert!(timing.seconds.iter().all(|s| s.is_finite() && *s >= 0.0), "{timing:?}");
-    assert_eq!(bytes as usize, cache_bytes(&cfg, b, len, DType::BF16).headmix);
+    let t = gpu.time_decode(&cfg, &w, &cache, 1, 3).unwrap();
+    assert_eq!(t.timing.seconds.len(), 3);
+    assert!(t.timing.seconds.iter().all(|s| s.is_finite() && *s >= 0.0), "{t:?}");
+    assert_eq!(t.cache_bytes_read as usize, cache_bytes(&cfg, b, len, DType::BF16).headmix);
+    // The CPU's host-clock timer counts the same bytes on a host cache.
+    let host = cache.to_host().unwrap();
+    let t = CpuBackend::new().time_decode(&cfg, &w, &host, 1, 2).unwrap();
+    assert_eq!((t.timing.seconds.len(), t.timing.clock), (2, "wall clock"));
+    assert_eq!(t.cache_bytes_read as usize, cache_bytes(&cfg, b, len, DType::BF16).headmix);
     // A window reads only its band: 3 tokens back plus the new one.
     let local = Config::iha_window(2, 2, 16, 3);
     let mut ring = KvCache::for_config_on(&gpu, &local, b, len, DType::BF16).unwrap();
     ring.append(&kv.tensor(&[b, len, 2, 16]), &kv.tensor(&[b, len, 2, 16])).unwrap();
-    let (_, bytes) = gpu.time_decode(&local, &Weights::random(&local, 5), &ring, 1, 1).unwrap();
+    let bytes = gpu.time_decode(&local, &Weights::random(&local, 5), &ring, 1, 1).unwrap().cache_bytes_read;
     let band = window_tokens(&local).unwrap() + 1;
     assert_eq!(bytes as usize, cache_bytes(&local, b, band, DType::BF16).headmix);
 }
@@ -1239,5 +1236,52 @@ fn prefill_decode_cuda_device_cache() {
             let errs = run_scenario_on(&s, &cpu, Via::Api(gpu.as_ref()), Control::None, Some(gpu.as_ref()));
             assert_close(&s, &errs, &format!("cuda device cache {kind:?} {dtype:?}"));
         }
+    }
+}
+
+/// Flash-decoding on the device: the split combine equals a single split (f32, to rounding), on
+/// IHA global and a ring of IHA local, ragged; and the outputs really depend on the split count
+/// only through rounding (a different cache gives a different answer: negative control).
+#[test]
+fn wgpu_split_combine_equals_single_split() {
+    let Some(gpu) = wgpu_or_skip("wgpu_split_combine_equals_single_split", None) else { return };
+    for cfg in [Config::iha(2, 3, 16), Config::iha_window(2, 2, 16, 5)] {
+        let w = Weights::random(&cfg, 9);
+        let (b, hk, d) = (3, cfg.kv_heads, cfg.head_dim);
+        let lens = [70usize, 33, 91];
+        let run = |splits: usize, seed: u64| -> Vec<f32> {
+            let dev = gpu_splits(&gpu, splits);
+            let mut cache = if cfg.window.is_some() {
+                KvCache::ring_on(&dev, &cfg, b, 1, DType::F32).unwrap()
+            } else {
+                KvCache::for_config_on(&dev, &cfg, b, 96, DType::F32).unwrap()
+            };
+            for (s, &l) in lens.iter().enumerate() {
+                let mut rng = Rng::new(seed + s as u64);
+                let (k, v) = (rng.normal_vec(l * hk * d, 1.0), rng.normal_vec(l * hk * d, 1.0));
+                cache.append_seq(s, &Tensor::new(&k, &[l, hk, d]), &Tensor::new(&v, &[l, hk, d])).unwrap();
+            }
+            let q = Rng::new(100).normal_vec(b * cfg.q_heads * d, 1.0);
+            let mut out = vec![f32::NAN; b * cfg.heads * d];
+            let mut lse = vec![f32::NAN; b * cfg.heads * cfg.pseudo];
+            let io = DecodeIo {
+                q: Tensor::new(&q, &[b, 1, cfg.q_heads, d]),
+                cache: &cache,
+                out: TensorMut::new(&mut out, &[b, 1, cfg.heads, d]),
+                lse: Some(&mut lse),
+            };
+            headmix::decode(&dev, &cfg, &w, io).unwrap();
+            out.extend(lse);
+            out
+        };
+        let single = run(1, 1);
+        for splits in [2, 5, 17] {
+            let split = run(splits, 1);
+            let err = rel_err(&split, &single.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            assert!(err <= 1e-5, "{cfg:?}: {splits} splits against one: {err:.2e}");
+        }
+        let other = run(5, 2);
+        let err = rel_err(&other, &single.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        assert!(err > 1e-2, "negative control: another cache agreed ({err:.2e})");
     }
 }

@@ -86,16 +86,7 @@ fn decode_kernel_matches_the_spec_on_the_cpu_emulator() {
 
 /// A decode problem of `b` sequences each holding `len` tokens (one new token).
 fn problem(cfg: &Config, b: usize, len: usize, dtype: DType) -> DecodeProblem {
-    DecodeProblem {
-        cfg: *cfg,
-        batch: b,
-        n: 1,
-        dtype,
-        collapse: cfg.pseudo > 1,
-        norm: false,
-        stored: vec![len; b],
-        pos0: vec![0; b],
-    }
+    DecodeProblem::new(cfg, 1, dtype, cfg.pseudo > 1, false, vec![len; b], vec![0; b]).expect("a valid decode problem")
 }
 
 #[test]

@@ -505,7 +505,7 @@ fn iha_with_one_pseudo_head_and_identity_mixing_equals_mha() {
         if let Some((l, r)) = s.window {
             cfg = cfg.with_window(l.min(i32::MAX as usize), r.min(i32::MAX as usize));
         }
-        let problem = Problem { cfg, batch: s.b, n: s.n, m: s.m, dtype: DType::F32, collapse: true, norm: false };
+        let problem = Problem::new(&cfg, s.b, s.n, s.m, DType::F32, true, false).unwrap();
         let p = problem.params();
         let s = Shape { causal: true, window: p.window, scale: None, pos0: 0, ..s };
         assert_same_params(&p, &s.params());
@@ -709,7 +709,7 @@ fn mea_identity_equals_mha_then_head_norm() {
         if let Some((l, r)) = s.window {
             cfg = cfg.with_window(l.min(i32::MAX as usize), r.min(i32::MAX as usize));
         }
-        let problem = Problem { cfg, batch: s.b, n: s.n, m: s.m, dtype: DType::F32, collapse: false, norm: true };
+        let problem = Problem::new(&cfg, s.b, s.n, s.m, DType::F32, false, true).unwrap();
         let p = problem.params();
         let s = Shape { window: p.window, scale: None, norm: Some(kind), pos0: 0, ..s };
         assert_same_params(&p, &s.params());
@@ -865,7 +865,7 @@ fn visible_matches_spec_formula() {
         if let Some((l, r)) = w {
             cfg = cfg.with_window(l, r);
         }
-        let problem = Problem { cfg, batch: 1, n, m, dtype: DType::F32, collapse: false, norm: false };
+        let problem = Problem::new(&cfg, 1, n, m, DType::F32, false, false).unwrap();
         if w == window {
             assert_eq!(problem.visible_pairs(), count, "visible_pairs for {params:?}");
         }

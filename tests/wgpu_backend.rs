@@ -316,7 +316,7 @@ fn low_precision_outputs_round_to_nearest() {
             }
             let case = Case::random(cfg, w, 1, 12, 14, dtype, 16);
             let wide = Case {
-                problem: Problem { dtype: DType::F32, ..case.problem },
+                problem: Problem::for_weights(&cfg, &case.weights, 1, 12, 14, DType::F32).unwrap(),
                 weights: case.weights.clone(),
                 q: case.q.clone(),
                 k: case.k.clone(),
@@ -373,10 +373,10 @@ fn typed_errors_for_bad_and_oversized_input() {
     // A narrow window keeps the work per workgroup small (llvmpipe's loop budget plays no part).
     let cfg = Config::mha(4, 64).with_window(64, 0);
     let n = (max / (4 * 4 * 64)) as usize + 1; // one token more than fits
-    let big = Problem { cfg, batch: 1, n, m: n, dtype: DType::F32, collapse: false, norm: false };
+    let big = Problem::new(&cfg, 1, n, n, DType::F32, false, false).unwrap();
     let e = wb.supports(&big).expect_err("over the binding limit");
     assert!(matches!(&e, Error::Unsupported { backend: "wgpu", why } if why.contains("q needs")), "{e}");
-    let ok = Problem { n: n - 1, m: n - 1, ..big };
+    let ok = Problem::new(&cfg, 1, n - 1, n - 1, DType::F32, false, false).unwrap();
     wb.supports(&ok).expect("just fits");
 
     // The zero-copy entry point refuses buffers that are too small or not STORAGE.
@@ -393,15 +393,15 @@ fn typed_errors_for_bad_and_oversized_input() {
     let e = wb.forward_buffers(&cfg, &w, 1, 5, 4, DType::F32, io).expect_err("N > M");
     assert!(matches!(e, Error::QueryLongerThanKeys { .. }), "{e}");
 
-    // wgpu's own validation errors come back as `Error::Device`, not panics (here the output
-    // buffer also bound as the read-only query); the backend stays usable.
+    // An output also bound as the read-only query is refused up front as `Error::Alias`
+    // (issue 11), not left to wgpu's validation; the backend stays usable.
     let s = wgpu::BufferUsages::STORAGE;
     let (q, out) = (buf(4 * 4 * 2 * 32, s), buf(4 * 4 * 2 * 32, s));
     let io = DeviceIo { q: &out, k: &q, v: &q, out: &out, lse: None };
     let cfg = Config::mha(2, 32);
     let w = Weights::random(&cfg, 3);
     let e = wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect_err("aliased in/out");
-    assert!(matches!(e, Error::Device { backend: "wgpu", .. }), "{e}");
+    assert_eq!(e, Error::Alias { what: "out buffer", other: "q buffer" });
     let io = DeviceIo { q: &q, k: &q, v: &q, out: &out, lse: None };
     wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect("still usable after errors");
 }
@@ -474,7 +474,7 @@ fn timing_reports_device_time() {
         let wb = WgpuBackend::new().expect("adapter present").with_variant(variant).with_kv_splits(splits);
         let cfg = Config::iha(2, 2, 32);
         let w = Weights::random(&cfg, 1);
-        let problem = Problem { cfg, batch: 1, n: 16, m: 16, dtype: DType::F16, collapse: true, norm: false };
+        let problem = Problem::new(&cfg, 1, 16, 16, DType::F16, true, false).unwrap();
         let t = wb.time(&problem, &w, 3).expect("timed");
         assert_eq!(t.seconds.len(), 3);
         assert!(t.seconds.iter().all(|&s| s > 0.0 && s < 10.0), "{:?}", t.seconds);

@@ -9,7 +9,7 @@
 //! in decode, a ring cache of `W + 1` tokens (all a new query can see).
 
 use headmix::cache::{KvCache, window_tokens};
-use headmix::validate::{MAX_INDEX, validate_config, validate_sizes, validate_weights};
+use headmix::validate::MAX_INDEX;
 use headmix::{BackendKind, CacheBytes, Config, DType, Method, Problem, Weights, cache_bytes};
 
 /// New query tokens per sequence of a decode case.
@@ -229,12 +229,8 @@ impl Case {
     pub fn problem(&self) -> Result<(Problem, Weights), String> {
         let (cfg, w) = (self.config()?, self.weights()?);
         let m = if self.mode == Mode::Forward { self.m } else { self.held()? };
-        let e = |e: headmix::Error| e.to_string();
-        validate_config(&cfg).map_err(e)?;
-        validate_weights(&cfg, &w).map_err(e)?;
-        validate_sizes(&cfg, self.batch, self.n, m).map_err(e)?;
-        let (collapse, norm) = (w.r.is_some(), w.norm.is_some());
-        Ok((Problem { cfg, batch: self.batch, n: self.n, m, dtype: self.dtype, collapse, norm }, w))
+        let p = Problem::for_weights(&cfg, &w, self.batch, self.n, m, self.dtype).map_err(|e| e.to_string())?;
+        Ok((p, w))
     }
 
     /// Whether the cache is a ring (decode of IHA local: only the window and the new token).

@@ -73,8 +73,7 @@ pub fn attention_problem(problem: &Problem) -> Result<(Problem, Weights), String
         cfg = cfg.with_window(win.left, win.right);
     }
     let (n, m) = (problem.n * c.pseudo, problem.m * c.pseudo);
-    headmix::validate::validate_sizes(&cfg, problem.batch, n, m).map_err(|e| e.to_string())?;
-    let p = Problem { cfg, n, m, collapse: false, norm: false, ..*problem };
+    let p = Problem::new(&cfg, problem.batch, n, m, problem.dtype, false, false).map_err(|e| e.to_string())?;
     Ok((p, Weights::identity(&cfg)))
 }
 

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use headmix::reference::{MixWeights, Rounding, rel_err};
-use headmix::timing::{Owned, random_inputs};
+use headmix::timing::{Owned, try_random_inputs};
 use headmix::validate::{MAX_HEAD_DIM, validate_config, validate_sizes};
 use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, PosMode, Problem, Rope, Weights};
 use headmix_bench::report::fmt_sig;
@@ -166,12 +166,12 @@ pub fn main(a: Args) -> crate::Result {
         }
         Some(kind) => headmix::open(kind).map_err(|e| format!("--backend: {e}"))?,
     };
-    let mut w = Weights::random(&cfg, a.seed);
+    let mut w = Weights::try_random(&cfg, a.seed).map_err(|e| format!("{}: {e}", flag_of(&e)))?;
     if let Some(Norm(kind)) = a.norm {
         w = w.with_norm_kind(kind, &cfg);
     }
     let c = &cfg;
-    let problem = Problem { cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() };
+    let problem = Problem::for_weights(&cfg, &w, batch, n, m, dtype).map_err(|e| format!("{}: {e}", flag_of(&e)))?;
     backend.supports(&problem).map_err(|e| e.to_string())?;
     println!(
         "configuration  {} H={} Hq={} Hk={} P={} d={} causal={} window={:?} rope={} norm={}",
@@ -189,11 +189,13 @@ pub fn main(a: Args) -> crate::Result {
     println!("sizes          B={batch} N={n} M={m} dtype={}", dtype.name());
     println!("backend        {} ({})", backend.kind(), backend.device_name());
 
-    let (q, k, v) = random_inputs(&problem, a.seed);
+    // The memory check above is an estimate: an allocation that still fails is a typed error.
+    let oom = |e: Error| format!("{}: {e}", flag_of(&e));
+    let (q, k, v) = try_random_inputs(&problem, a.seed).map_err(oom)?;
     let (qo, ko, vo) = (Owned::from_f32(dtype, &q), Owned::from_f32(dtype, &k), Owned::from_f32(dtype, &v));
     drop((q, k, v));
     let out_shape = problem.out_shape();
-    let mut out = Owned::filled(dtype, out_shape.iter().product(), f32::NAN);
+    let mut out = Owned::try_filled("output", dtype, out_shape.iter().product(), f32::NAN).map_err(oom)?;
     let mut lse = vec![f32::NAN; problem.lse_len()];
     let (qs, ks) = ([batch, n, c.q_heads, c.head_dim], [batch, m, c.kv_heads, c.head_dim]);
     let t = step("running forward");

@@ -90,6 +90,22 @@ pub trait Backend: Send + Sync {
         crate::decode::decode_default(self, problem, w, io)
     }
 
+    /// Time `reps` decode calls of `n` new random tokens per sequence on `cache` (after one
+    /// warm-up call), with the cache bytes one call reads (counted: every held token of each
+    /// sequence's visible band, keys and values, once). The default is the host clock around
+    /// [`crate::decode()`] (the CPU backend, host caches); the wgpu and CUDA backends time their
+    /// decode kernels on a cache of their device with the device clock.
+    fn time_decode(
+        &self,
+        cfg: &Config,
+        w: &Weights,
+        cache: &crate::cache::KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<crate::decode::DecodeTiming> {
+        crate::decode::time_decode_host(self, cfg, w, cache, n, reps)
+    }
+
     /// Compute the gradients of a validated backward problem (`docs/backward.md`). Called only
     /// after [`crate::validate_backward`] and [`Backend::supports`] passed. The default: the
     /// backend has no backward pass.

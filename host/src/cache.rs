@@ -282,6 +282,8 @@ impl KvCache {
     /// Check the shape, then allocate on `backend` (host buffers when `None` or when the
     /// backend keeps caches on the host).
     fn build_on(backend: Option<&dyn Backend>, shape: CacheShape, layout: CacheLayout) -> Result<KvCache> {
+        // A head dimension no kernel runs is refused now, not at the first decode.
+        crate::validate::validate_head_dim(shape.head_dim)?;
         shape.check()?;
         let storage = match backend {
             Some(b) => b.new_cache_storage(&shape)?,
@@ -296,9 +298,10 @@ impl KvCache {
                     max: usize::MAX as u128,
                 })?;
                 // Poisoned with NaN: a slot read before it is written shows up in every test.
+                // Allocation failure (more than the host has) is an error, not an abort.
                 KvStorage::Host {
-                    k: Owned::filled(shape.dtype, len, f32::NAN),
-                    v: Owned::filled(shape.dtype, len, f32::NAN),
+                    k: Owned::try_filled("KV cache keys", shape.dtype, len, f32::NAN)?,
+                    v: Owned::try_filled("KV cache values", shape.dtype, len, f32::NAN)?,
                 }
             }
         };
@@ -457,10 +460,10 @@ impl KvCache {
         2 * s.batch * s.capacity * s.kv_heads * s.head_dim * s.dtype.size()
     }
 
-    /// Forget every sequence (the buffers are kept).
-    pub fn clear(&mut self) {
+    /// Forget every sequence (the buffers are kept; a device cache's lengths are reset there too).
+    pub fn clear(&mut self) -> Result<()> {
         self.lens.iter_mut().for_each(|l| *l = 0);
-        self.sync_lens().expect("publishing zero lengths to the device");
+        self.sync_lens()
     }
 
     /// Forget sequence `b` only, so its slot can take a new sequence (continuous batching).
@@ -599,6 +602,45 @@ impl KvCache {
             }
         }
         self.lens[b] += n;
+        Ok(())
+    }
+
+    /// The first NaN or infinity among the held tokens, as [`Error::NonFinite`] naming
+    /// `"cache k"` or `"cache v"` and the flat index in the storage `[B, capacity, Hk, d]`
+    /// (the opt-in check of [`Config::check_finite`] for decode).
+    pub fn check_finite(&self) -> Result<()> {
+        let s = self.shape;
+        let row = s.kv_heads * s.head_dim;
+        let KvStorage::Host { k, v } = &self.storage else {
+            return Err(Error::Unsupported {
+                backend: self.location().name(),
+                why: "check_finite reads host memory; this cache is device-resident (check tokens before append)".into(),
+            });
+        };
+        for (what, buf) in [("cache k", k), ("cache v", v)] {
+            for b in 0..s.batch {
+                let held = self.lens[b].min(s.capacity);
+                // A ring holds its tokens in some `held` slots; a linear cache in the first ones.
+                let slots = (self.lens[b] - held..self.lens[b]).map(|t| t % s.capacity);
+                for slot in slots {
+                    let at = (b * s.capacity + slot) * row;
+                    let bad = match buf {
+                        Owned::F32(x) => {
+                            x[at..at + row].iter().position(|e| !e.is_finite()).map(|i| (i, x[at + i] as f64))
+                        }
+                        Owned::F16(x) => {
+                            x[at..at + row].iter().position(|e| !e.is_finite()).map(|i| (i, x[at + i].to_f64()))
+                        }
+                        Owned::BF16(x) => {
+                            x[at..at + row].iter().position(|e| !e.is_finite()).map(|i| (i, x[at + i].to_f64()))
+                        }
+                    };
+                    if let Some((i, value)) = bad {
+                        return Err(Error::NonFinite { what, index: at + i, value });
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

@@ -118,7 +118,9 @@ impl Projection {
         heads: Option<usize>,
     ) -> Result<Projection, CompressError> {
         let bad = |why: String| CompressError::Tensor { name: name.to_string(), why };
-        if data.len() != shape.iter().product::<usize>() || data.is_empty() {
+        // The product in checked arithmetic: a shape whose product overflows matches no data.
+        let elements = shape.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x));
+        if elements != Some(data.len()) || data.is_empty() {
             return Err(bad(format!("shape {shape:?} does not match {} values", data.len())));
         }
         match *shape {
@@ -286,6 +288,17 @@ fn layer_names(st: &SafeTensors) -> Result<Vec<(String, String, String)>, Compre
     }
     if layers.is_empty() {
         return Err(CompressError::Format("no <prefix>.k_proj tensors found (see --help)".into()));
+    }
+    // `l.0.k_proj` and `l.0.k_proj.weight` name one layer twice: its outputs would collide.
+    let mut prefixes: Vec<&(String, String, String)> = layers.iter().collect();
+    prefixes.sort_by(|a, b| a.0.cmp(&b.0));
+    for pair in prefixes.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            return Err(CompressError::Tensor {
+                name: pair[1].1.clone(),
+                why: format!("layer {} also has {}: one projection per layer, remove one", pair[1].0, pair[0].1),
+            });
+        }
     }
     let number = |p: &str| p.split('.').filter_map(|s| s.parse::<usize>().ok()).next_back().unwrap_or(usize::MAX);
     layers.sort_by(|a, b| (number(&a.0), &a.0).cmp(&(number(&b.0), &b.0)));

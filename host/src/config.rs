@@ -138,6 +138,10 @@ pub struct Config {
     pub scale: Option<f32>,
     /// Head-norm epsilon (used when the weights carry a head norm).
     pub norm_eps: f32,
+    /// Validate `q`, `k`, `v` (and a decode's cached keys/values) on the host: the first NaN or
+    /// infinity is an [`Error::NonFinite`] naming the tensor and flat index. Off by default
+    /// (it reads every input once); see the crate docs' NaN policy.
+    pub check_finite: bool,
 }
 
 impl Config {
@@ -155,6 +159,7 @@ impl Config {
             pos_offset: 0,
             scale: None,
             norm_eps: 1e-5,
+            check_finite: false,
         }
     }
 
@@ -254,6 +259,12 @@ impl Config {
 
     pub fn with_norm_eps(mut self, eps: f32) -> Config {
         self.norm_eps = eps;
+        self
+    }
+
+    /// Opt in (or out) of host-side validation of `q`, `k`, `v` for NaN and infinities.
+    pub fn with_check_finite(mut self, check: bool) -> Config {
+        self.check_finite = check;
         self
     }
 

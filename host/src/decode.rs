@@ -50,10 +50,12 @@ pub mod split;
 
 use crate::cache::{CacheLayout, KvCache};
 use crate::timing::Owned;
-use crate::validate::{MAX_INDEX, Problem, validate, validate_config, validate_weights};
+use crate::validate::{Checked, MAX_INDEX, Problem, validate, validate_config, validate_weights};
 use crate::{Backend, Config, DType, Data, DataMut, Error, Io, PosMode, Result, Tensor, TensorMut, Weights};
 
-/// A validated decode call.
+/// A validated decode call. Only validation builds one ([`validate_decode`],
+/// [`DecodeProblem::new`]); fields are public to read, and every backend entry validates the
+/// problem again against the call's cache and tensors ([`DecodeProblem::check_io`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeProblem {
     pub cfg: Config,
@@ -70,9 +72,56 @@ pub struct DecodeProblem {
     pub stored: Vec<usize>,
     /// RoPE offset `pos0` of each sequence's first held token.
     pub pos0: Vec<usize>,
+    checked: Checked,
 }
 
 impl DecodeProblem {
+    /// A decode problem given by sizes (no cache; for models and reports): sequence `b` holds
+    /// `stored[b]` tokens, the first at RoPE offset `pos0[b]`. Validated as a decode call is:
+    /// configuration, `N >= 1`, `N <= stored[b]`, and each sequence's forward problem.
+    pub fn new(
+        cfg: &Config,
+        n: usize,
+        dtype: DType,
+        collapse: bool,
+        norm: bool,
+        stored: Vec<usize>,
+        pos0: Vec<usize>,
+    ) -> Result<DecodeProblem> {
+        validate_config(cfg)?;
+        let batch = stored.len();
+        if batch == 0 {
+            return Err(Error::Empty { what: "batch" });
+        }
+        if pos0.len() != batch {
+            return Err(Error::Length { what: "pos0 (one per sequence)", expected: batch, got: pos0.len() });
+        }
+        if n == 0 {
+            return Err(Error::Empty { what: "query sequence" });
+        }
+        for (&m, &p0) in stored.iter().zip(&pos0) {
+            Problem::new(&cfg.with_pos_offset(p0), 1, n, m, dtype, collapse, norm)?;
+        }
+        Ok(DecodeProblem { cfg: *cfg, batch, n, dtype, collapse, norm, stored, pos0, checked: Checked(()) })
+    }
+
+    /// Validate the call again (the problem's fields may have changed since) and check that it
+    /// is the problem of these weights, cache and tensors: what every decode entry runs first.
+    pub fn check_io(&self, w: &Weights, io: &DecodeIo) -> Result<()> {
+        // (The opt-in finite check already ran when the problem was built.)
+        let mut again = validate_decode(&self.cfg.with_check_finite(false), w, io)?;
+        again.cfg.check_finite = self.cfg.check_finite;
+        if again != *self {
+            return Err(Error::ProblemMismatch {
+                why: format!(
+                    "decode problem has B = {}, N = {}, stored {:?}, pos0 {:?}; the call has B = {}, N = {}, stored {:?}, pos0 {:?}",
+                    self.batch, self.n, self.stored, self.pos0, again.batch, again.n, again.stored, again.pos0
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// `[B, N, H, d]` with a collapse or when `P = 1`, else `[B, N, H, P, d]` (as
     /// [`Problem::out_shape`]; `[B, N, H, 1, d]` is accepted too for `P = 1`).
     pub fn out_shape(&self) -> Vec<usize> {
@@ -91,6 +140,7 @@ impl DecodeProblem {
 
     /// The forward problem of sequence `b`: `N` queries against its `stored[b]` keys at `pos0[b]`.
     pub fn sequence(&self, b: usize) -> Problem {
+        // Each sequence's problem was validated when this one was built.
         Problem {
             cfg: self.cfg.with_pos_offset(self.pos0[b]),
             batch: 1,
@@ -99,6 +149,7 @@ impl DecodeProblem {
             dtype: self.dtype,
             collapse: self.collapse,
             norm: self.norm,
+            checked: Checked(()),
         }
     }
 }
@@ -170,13 +221,18 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
         if virt > MAX_INDEX as u128 {
             return Err(Error::TooLarge { what: "M·H·P·d of one sequence", elements: virt, max: MAX_INDEX as u128 });
         }
+        // The sequence's RoPE offset: the same limit as a forward's `pos_offset`, so a decode
+        // accepts exactly the positions a forward over the held tokens accepts.
         let p0 = (cache.first_pos(b)? as u128) * virt_unit as u128 + cfg.pos_offset as u128;
-        let last = p0 + (m as u128) * cfg.pseudo as u128;
-        if last > MAX_INDEX as u128 {
-            return Err(Error::Config { what: "decode position", value: last as f64, why: "above 2^31 - 1" });
+        if p0 > MAX_INDEX as u128 {
+            return Err(Error::Config { what: "pos_offset", value: p0 as f64, why: "above 2^31 - 1" });
         }
         stored.push(m);
         pos0.push(p0 as usize);
+    }
+    if cfg.check_finite {
+        crate::validate::check_finite_data("q", &q.data)?;
+        cache.check_finite()?;
     }
     let problem = DecodeProblem {
         cfg: *cfg,
@@ -187,6 +243,7 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
         norm: w.norm.is_some(),
         stored,
         pos0,
+        checked: Checked(()),
     };
     let out_shape = problem.out_shape();
     if !(Problem { batch: problem.batch, ..problem.sequence(0) }).accepts_out_shape(&io.out.shape) {
@@ -218,6 +275,62 @@ pub fn band(cfg: &Config, stored: usize, n: usize) -> (usize, usize) {
         hi = hi.min(off + nq - 1);
     }
     ((lo / p) as usize, (hi / p) as usize + 1)
+}
+
+/// Device (or host) time of repeated decode calls and the cache bytes each call reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeTiming {
+    pub timing: crate::Timing,
+    /// Cache bytes one call reads (counted from the bands, not measured).
+    pub cache_bytes_read: u64,
+}
+
+/// Cache bytes one decode of `problem` reads on a cache of `shape`: each held token of every
+/// sequence's visible [`band`], keys and values, once (for global attention, the stored-head
+/// cache size).
+pub fn cache_bytes_read(problem: &DecodeProblem) -> u64 {
+    let c = &problem.cfg;
+    let row = (c.kv_heads * c.head_dim * problem.dtype.size()) as u64;
+    problem.stored.iter().map(|&m| band(c, m, problem.n)).map(|(lo, hi)| 2 * (hi - lo) as u64 * row).sum()
+}
+
+/// Random new queries and an output of `n` tokens per sequence for timing decode on `cache`.
+pub(crate) fn timing_io(cfg: &Config, w: &Weights, cache: &KvCache, n: usize) -> (Owned, Vec<usize>, Owned, Vec<usize>) {
+    let s = cache.shape();
+    let q = Owned::from_f32(s.dtype, &crate::Rng::new(1).normal_vec(s.batch * n * cfg.q_heads * cfg.head_dim, 1.0));
+    let out_shape: Vec<usize> = if w.r.is_some() {
+        vec![s.batch, n, cfg.heads, cfg.head_dim]
+    } else {
+        vec![s.batch, n, cfg.heads, cfg.pseudo, cfg.head_dim]
+    };
+    let out = Owned::filled(s.dtype, out_shape.iter().product(), f32::NAN);
+    (q, vec![s.batch, n, cfg.q_heads, cfg.head_dim], out, out_shape)
+}
+
+/// [`Backend::time_decode`]'s default: the host clock around `reps` calls of [`decode()`] after
+/// one warm-up call.
+pub fn time_decode_host<B: Backend + ?Sized>(
+    backend: &B,
+    cfg: &Config,
+    w: &Weights,
+    cache: &KvCache,
+    n: usize,
+    reps: usize,
+) -> Result<DecodeTiming> {
+    let (q, qs, mut out, os) = timing_io(cfg, w, cache, n);
+    let mut seconds = Vec::with_capacity(reps);
+    let mut bytes = 0;
+    for rep in 0..=reps {
+        let io = DecodeIo { q: q.tensor(&qs), cache, out: out.tensor_mut(&os), lse: None };
+        let problem = validate_decode(cfg, w, &io)?;
+        bytes = cache_bytes_read(&problem);
+        let t = std::time::Instant::now();
+        backend.decode(&problem, w, io)?;
+        if rep > 0 {
+            seconds.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(DecodeTiming { timing: crate::Timing { seconds, extra_bytes: 0, clock: "wall clock" }, cache_bytes_read: bytes })
 }
 
 /// Validate, then decode on `backend` (see the module docs for the positions and masks).
@@ -288,6 +401,7 @@ pub fn decode_per_sequence<B: Backend + ?Sized>(
     w: &Weights,
     io: DecodeIo<'_>,
 ) -> Result<()> {
+    problem.check_io(w, &io)?;
     let c = &problem.cfg;
     let q_row = problem.n * c.q_heads * c.head_dim;
     let out_row: usize = problem.out_shape()[1..].iter().product();

@@ -8,7 +8,7 @@ use crate::DType;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong, each variant naming the offending value.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Error {
     /// A tensor's shape is not the one the configuration implies.
     Shape { what: &'static str, expected: Vec<usize>, got: Vec<usize> },
@@ -44,7 +44,26 @@ pub enum Error {
     Device { backend: &'static str, why: String },
     /// A KV cache was used wrongly (overflow, wrong layer shape).
     Cache { why: String },
+    /// A host allocation of `bytes` bytes failed (more than the memory available).
+    OutOfMemory { what: &'static str, bytes: u128 },
+    /// Two bindings of one call overlap in memory and at least one is written.
+    Alias { what: &'static str, other: &'static str },
+    /// A device buffer that belongs to another device than the backend's.
+    ForeignBuffer { what: &'static str },
+    /// A [`crate::Problem`] / [`crate::DecodeProblem`] that does not describe the tensors or
+    /// weights it is run with.
+    ProblemMismatch { why: String },
 }
+
+/// Equality by the `Debug` text: every field compared, and a NaN `value` (`NonFinite`,
+/// `Config`) equal to itself, so an error equals its clone.
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        format!("{self:?}") == format!("{other:?}")
+    }
+}
+
+impl Eq for Error {}
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -72,6 +91,12 @@ impl fmt::Display for Error {
             Error::Unsupported { backend, why } => write!(f, "{backend} backend: unsupported: {why}"),
             Error::Device { backend, why } => write!(f, "{backend} backend: {why}"),
             Error::Cache { why } => write!(f, "KV cache: {why}"),
+            Error::OutOfMemory { what, bytes } => {
+                write!(f, "{what}: allocating {bytes} bytes failed (more than the memory available)")
+            }
+            Error::Alias { what, other } => write!(f, "{what} overlaps {other} in memory (outputs may not alias)"),
+            Error::ForeignBuffer { what } => write!(f, "{what} belongs to another device than the backend's"),
+            Error::ProblemMismatch { why } => write!(f, "problem does not match the call: {why}"),
         }
     }
 }

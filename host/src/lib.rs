@@ -40,6 +40,35 @@
 //! * Head norm ([`Weights::norm`]): [`HeadNorm::Group`] `{ gamma, beta }` is MEA's GroupNorm
 //!   (PyTorch `GroupNorm(H, H·d)`), MEA's default; [`HeadNorm::Rms`] `{ gamma }` the RMS norm.
 
+//!
+//! # Non-finite inputs (NaN policy)
+//!
+//! Every backend (CPU, wgpu, CUDA) and decode treat NaN and infinities the same way,
+//! FlashAttention's way:
+//!
+//! 1. **Selection mixing is a gather.** When a mixing matrix (`aq`, `ak` or `av`) is a selection
+//!    (every `(h, p)` column has exactly one nonzero entry and it is exactly 1: MHA, GQA, identity),
+//!    each pseudo-head reads only its selected stored head; a NaN in a stored head reaches only the
+//!    heads that read it (never `0 · NaN`). Any other matrix is dense and reads every stored head of
+//!    a token, so a non-finite value there reaches every pseudo-head mixed from that token (the
+//!    collapse `r` likewise mixes every pseudo-head of a token).
+//! 2. **Masked keys never reach a row.** A key outside a row's mask (causal future, outside the
+//!    window, beyond `M`) is skipped by selection, never multiplied by 0: neither its score nor its
+//!    value row can make the row non-finite.
+//! 3. **Non-finite values reach exactly the rows that read them.** A row that reads a NaN (its
+//!    query, any visible key or value) has a non-finite output (and, for a non-finite score, a NaN
+//!    `lse`); every other row is finite and equal to the reference. An infinity propagates the same
+//!    way, except where the arithmetic absorbs it exactly (a score of `−inf` is a weight of 0).
+//! 4. **Opt-in validation.** [`Config::with_check_finite`]`(true)` checks `q`, `k`, `v` (and a
+//!    decode's held cache entries) on the host before anything runs and returns
+//!    [`Error::NonFinite`] naming the tensor (`"q"`, `"k"`, `"v"`, `"cache k"`, `"cache v"`) and the
+//!    flat index of the first non-finite value. Off by default (it reads every input once); the
+//!    device-buffer entry points, which have no host copy, refuse it with [`Error::Unsupported`].
+//!
+//! Weights and configuration numbers are always validated: a non-finite weight is an
+//! [`Error::NonFinite`], a scale whose `scale · log2(e)` overflows f32 or a subnormal `norm_eps`
+//! an [`Error::Config`]. The operator's definition is in `docs/operator.md`.
+
 mod backend;
 pub mod backward;
 pub mod backends;
@@ -65,4 +94,4 @@ pub use rng::Rng;
 pub use tensor::{DType, Data, DataMut, Tensor, TensorMut};
 pub use validate::{Problem, validate};
 pub use headmix_reference::NormKind;
-pub use weights::{HeadNorm, Weights, identity_norm, replication};
+pub use weights::{HeadNorm, Weights, identity_norm, replication, try_replication};

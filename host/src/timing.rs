@@ -16,6 +16,23 @@ pub fn random_inputs(problem: &Problem, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f
     (q, k, v)
 }
 
+/// [`random_inputs`], with an allocation the host cannot make an [`crate::Error::OutOfMemory`]
+/// instead of an abort (sizes are validated, but a validated problem may still exceed memory).
+pub fn try_random_inputs(problem: &Problem, seed: u64) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let c = &problem.cfg;
+    let mut rng = Rng::new(seed);
+    let mut draw = |what: &'static str, len: usize| -> Result<Vec<f32>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| crate::Error::OutOfMemory { what, bytes: 4 * len as u128 })?;
+        v.extend((0..len).map(|_| rng.normal() as f32));
+        Ok(v)
+    };
+    let q = draw("random q", problem.batch * problem.n * c.q_heads * c.head_dim)?;
+    let k = draw("random k", problem.batch * problem.m * c.kv_heads * c.head_dim)?;
+    let v = draw("random v", problem.batch * problem.m * c.kv_heads * c.head_dim)?;
+    Ok((q, k, v))
+}
+
 /// Owned host buffers of one dtype.
 pub enum Owned {
     F32(Vec<f32>),
@@ -33,7 +50,30 @@ impl Owned {
     }
 
     pub fn filled(dtype: DType, len: usize, value: f32) -> Owned {
-        Owned::from_f32(dtype, &vec![value; len])
+        match dtype {
+            DType::F32 => Owned::F32(vec![value; len]),
+            DType::F16 => Owned::F16(vec![f16::from_f32(value); len]),
+            DType::BF16 => Owned::BF16(vec![bf16::from_f32(value); len]),
+        }
+    }
+
+    /// [`Owned::filled`], but an allocation the host cannot make is [`crate::Error::OutOfMemory`]
+    /// naming `what`, not an abort.
+    pub fn try_filled(what: &'static str, dtype: DType, len: usize, value: f32) -> Result<Owned> {
+        fn fill<T: Copy>(what: &'static str, len: usize, value: T) -> Result<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(len).map_err(|_| crate::Error::OutOfMemory {
+                what,
+                bytes: len as u128 * std::mem::size_of::<T>() as u128,
+            })?;
+            v.resize(len, value);
+            Ok(v)
+        }
+        Ok(match dtype {
+            DType::F32 => Owned::F32(fill(what, len, value)?),
+            DType::F16 => Owned::F16(fill(what, len, f16::from_f32(value))?),
+            DType::BF16 => Owned::BF16(fill(what, len, bf16::from_f32(value))?),
+        })
     }
 
     pub fn tensor(&self, shape: &[usize]) -> Tensor<'_> {
@@ -76,15 +116,17 @@ pub fn time_host_rotated<B: Backend + ?Sized>(
     reps: usize,
     seeds: std::ops::Range<u64>,
 ) -> Result<Timing> {
+    problem.check(w)?;
+    backend.supports(problem)?;
     let c = &problem.cfg;
     let inputs: Vec<[Owned; 3]> = seeds
         .map(|s| {
-            let (q, k, v) = random_inputs(problem, s);
-            [q, k, v].map(|x| Owned::from_f32(problem.dtype, &x))
+            let (q, k, v) = try_random_inputs(problem, s)?;
+            Ok([q, k, v].map(|x| Owned::from_f32(problem.dtype, &x)))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let out_shape = problem.out_shape();
-    let mut out = Owned::filled(problem.dtype, out_shape.iter().product(), f32::NAN);
+    let mut out = Owned::try_filled("timed output", problem.dtype, out_shape.iter().product(), f32::NAN)?;
     let mut lse = vec![f32::NAN; problem.lse_len()];
     let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
     let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];

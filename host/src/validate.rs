@@ -2,14 +2,39 @@
 
 use headmix_reference::{Params, Rounding};
 
-use crate::{Config, DType, Error, Result, Tensor, TensorMut, Weights};
+use crate::{Config, DType, Data, Error, Result, Tensor, TensorMut, Weights};
 
 /// Largest head dimension any backend supports.
 pub const MAX_HEAD_DIM: usize = 256;
 /// Largest index kernels use (they index with 32-bit signed integers).
 pub const MAX_INDEX: usize = i32::MAX as usize;
 
+/// Proof of validation: a private field of [`Problem`] and [`crate::DecodeProblem`], so that only
+/// this crate's validating constructors can build one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Checked(pub(crate) ());
+
 /// A validated call: the configuration and the sizes read off the tensors.
+///
+/// Only validation builds one ([`validate`], [`Problem::new`], [`Problem::for_weights`]); the
+/// fields are public to read. A problem changed after validation (its fields are plain data) is
+/// validated again by every backend entry ([`crate::Backend::run`], [`crate::Backend::time`]) against
+/// the weights and tensors it runs with, so no entry reaches a kernel with unchecked sizes.
+///
+/// ```compile_fail
+/// // A problem cannot be written out field by field (it would skip validation).
+/// let p = headmix::Problem {
+///     cfg: headmix::Config::mha(2, 8), batch: 0, n: 1, m: 1,
+///     dtype: headmix::DType::F32, collapse: false, norm: false,
+/// };
+/// ```
+/// ```
+/// let cfg = headmix::Config::mha(2, 8);
+/// let p = headmix::Problem::new(&cfg, 1, 4, 4, headmix::DType::F32, false, false)?;
+/// assert_eq!(p.batch, 1);
+/// assert!(headmix::Problem::new(&cfg, 0, 4, 4, headmix::DType::F32, false, false).is_err());
+/// # Ok::<(), headmix::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Problem {
     pub cfg: Config,
@@ -24,9 +49,66 @@ pub struct Problem {
     pub collapse: bool,
     /// Whether the weights carry a head norm (its kind is in the weights).
     pub norm: bool,
+    pub(crate) checked: Checked,
 }
 
 impl Problem {
+    /// A problem given by sizes (no tensors): the configuration and the sizes validated as
+    /// [`validate`] does. `collapse`/`norm`: whether the weights it will run with carry `r`/`gamma`.
+    pub fn new(
+        cfg: &Config,
+        batch: usize,
+        n: usize,
+        m: usize,
+        dtype: DType,
+        collapse: bool,
+        norm: bool,
+    ) -> Result<Problem> {
+        validate_config(cfg)?;
+        validate_sizes(cfg, batch, n, m)?;
+        Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse, norm, checked: Checked(()) })
+    }
+
+    /// [`Problem::new`] for the weights `w` (validated too; `collapse`/`norm` read off them).
+    pub fn for_weights(cfg: &Config, w: &Weights, batch: usize, n: usize, m: usize, dtype: DType) -> Result<Problem> {
+        validate_config(cfg)?;
+        validate_weights(cfg, w)?;
+        Problem::new(cfg, batch, n, m, dtype, w.r.is_some(), w.norm.is_some())
+    }
+
+    /// Validate the problem again (its fields may have changed since) and check the weights
+    /// against it: what every backend entry runs first.
+    pub fn check(&self, w: &Weights) -> Result<()> {
+        let again = Problem::for_weights(&self.cfg, w, self.batch, self.n, self.m, self.dtype)?;
+        if again.collapse != self.collapse || again.norm != self.norm {
+            return Err(Error::ProblemMismatch {
+                why: format!(
+                    "problem has collapse = {}, norm = {}; the weights carry r: {}, a head norm: {}",
+                    self.collapse, self.norm, again.collapse, again.norm
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Problem::check`], and the tensors of `io` against the problem (shapes, lengths, dtypes).
+    pub fn check_io(&self, w: &Weights, io: &crate::Io) -> Result<()> {
+        self.check(w)?;
+        // (The opt-in finite check already ran when the problem was built.)
+        let unchecked = self.cfg.with_check_finite(false);
+        let mut again = validate(&unchecked, w, &io.q, &io.k, &io.v, &io.out, io.lse.as_deref())?;
+        again.cfg.check_finite = self.cfg.check_finite;
+        if again != *self {
+            return Err(Error::ProblemMismatch {
+                why: format!(
+                    "problem has B = {}, N = {}, M = {}, dtype {:?}; the tensors have B = {}, N = {}, M = {}, dtype {:?}",
+                    self.batch, self.n, self.m, self.dtype, again.batch, again.n, again.m, again.dtype
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Output shape: `[B, N, H, d]` with a collapse or when `P = 1`, else `[B, N, H, P, d]`.
     /// (For `P = 1` without a collapse the 5-D `[B, N, H, 1, d]` is accepted too: same layout.)
     pub fn out_shape(&self) -> Vec<usize> {
@@ -102,8 +184,35 @@ fn check_finite(what: &'static str, xs: &[f32]) -> Result<()> {
     }
 }
 
+/// The first NaN or infinity of a tensor, as [`Error::NonFinite`] with its flat index.
+pub fn check_finite_data(what: &'static str, data: &Data) -> Result<()> {
+    let bad = match data {
+        Data::F32(s) => s.iter().position(|x| !x.is_finite()).map(|i| (i, s[i] as f64)),
+        Data::F16(s) => s.iter().position(|x| !x.is_finite()).map(|i| (i, s[i].to_f64())),
+        Data::BF16(s) => s.iter().position(|x| !x.is_finite()).map(|i| (i, s[i].to_f64())),
+    };
+    match bad {
+        Some((index, value)) => Err(Error::NonFinite { what, index, value }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
     if got != expected { Err(Error::Length { what, expected, got }) } else { Ok(()) }
+}
+
+/// A head dimension every backend supports: positive, even, at most [`MAX_HEAD_DIM`].
+pub fn validate_head_dim(d: usize) -> Result<()> {
+    if d == 0 {
+        return Err(Error::HeadDim { d, why: "must be positive" });
+    }
+    if d % 2 != 0 {
+        return Err(Error::HeadDim { d, why: "must be even (RoPE pairs t with t + d/2)" });
+    }
+    if d > MAX_HEAD_DIM {
+        return Err(Error::HeadDim { d, why: "larger than the largest supported, 256" });
+    }
+    Ok(())
 }
 
 /// Checks of the configuration alone.
@@ -116,16 +225,8 @@ pub fn validate_config(c: &Config) -> Result<()> {
     if c.pseudo == 0 {
         return Err(Error::ZeroPseudoHeads);
     }
-    let d = c.head_dim;
-    if d == 0 {
-        return Err(Error::HeadDim { d, why: "must be positive" });
-    }
-    if d % 2 != 0 {
-        return Err(Error::HeadDim { d, why: "must be even (RoPE pairs t with t + d/2)" });
-    }
-    if d > MAX_HEAD_DIM {
-        return Err(Error::HeadDim { d, why: "larger than the largest supported, 256" });
-    }
+    validate_head_dim(c.head_dim)?;
+    weight_lens(c)?;
     if let Some(w) = c.window
         && (w.left > MAX_INDEX || w.right > MAX_INDEX)
     {
@@ -136,8 +237,22 @@ pub fn validate_config(c: &Config) -> Result<()> {
     {
         return Err(Error::Config { what: "scale", value: s as f64, why: "must be finite and positive" });
     }
-    if !c.norm_eps.is_finite() || c.norm_eps <= 0.0 {
-        return Err(Error::Config { what: "norm_eps", value: c.norm_eps as f64, why: "must be finite and positive" });
+    // Kernels fold scale·log2(e) into the queries (exp2 softmax): it must stay a finite f32.
+    let scale_log2 = c.softmax_scale() * std::f32::consts::LOG2_E;
+    if !scale_log2.is_finite() {
+        return Err(Error::Config {
+            what: "scale",
+            value: c.softmax_scale() as f64,
+            why: "scale * log2(e) overflows f32 (must be at most f32::MAX / log2(e))",
+        });
+    }
+    // Normal (not subnormal): devices that flush subnormals would otherwise see eps = 0.
+    if !c.norm_eps.is_finite() || c.norm_eps < f32::MIN_POSITIVE {
+        return Err(Error::Config {
+            what: "norm_eps",
+            value: c.norm_eps as f64,
+            why: "must be finite, positive and a normal f32 (at least 2^-126)",
+        });
     }
     if let Some(r) = c.rope
         && (!r.base.is_finite() || r.base <= 1.0)
@@ -150,23 +265,41 @@ pub fn validate_config(c: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Element counts of the weights `[aq, ak (= av), r, gamma]` of a configuration, each within
+/// the kernels' 32-bit indices (computed without overflow).
+fn weight_lens(c: &Config) -> Result<[usize; 4]> {
+    let (h, p) = (c.heads as u128, c.pseudo as u128);
+    let lens = [
+        ("aq Hq·H·P", c.q_heads as u128 * h * p),
+        ("ak/av Hk·H·P", c.kv_heads as u128 * h * p),
+        ("r H·H·P", h * h * p),
+        ("gamma H·d", h * c.head_dim as u128),
+    ];
+    for (what, elements) in lens {
+        if elements > MAX_INDEX as u128 {
+            return Err(Error::TooLarge { what, elements, max: MAX_INDEX as u128 });
+        }
+    }
+    Ok(lens.map(|(_, l)| l as usize))
+}
+
 /// Checks of the weights against a configuration.
 pub fn validate_weights(c: &Config, w: &Weights) -> Result<()> {
-    let (h, p) = (c.heads, c.pseudo);
-    check_len("aq", w.aq.len(), c.q_heads * h * p)?;
-    check_len("ak", w.ak.len(), c.kv_heads * h * p)?;
-    check_len("av", w.av.len(), c.kv_heads * h * p)?;
+    let [aq_len, kv_len, r_len, gamma_len] = weight_lens(c)?;
+    check_len("aq", w.aq.len(), aq_len)?;
+    check_len("ak", w.ak.len(), kv_len)?;
+    check_len("av", w.av.len(), kv_len)?;
     check_finite("aq", &w.aq)?;
     check_finite("ak", &w.ak)?;
     check_finite("av", &w.av)?;
     if let Some(r) = &w.r {
-        check_len("r", r.len(), h * h * p)?;
+        check_len("r", r.len(), r_len)?;
         check_finite("r", r)?;
     }
     if let Some(norm) = &w.norm {
-        check_len("gamma", norm.gamma().len(), h * c.head_dim)?;
+        check_len("gamma", norm.gamma().len(), gamma_len)?;
         if let Some(beta) = norm.beta() {
-            check_len("beta", beta.len(), h * c.head_dim)?;
+            check_len("beta", beta.len(), gamma_len)?;
         }
         check_finite("gamma", norm.gamma())?;
         if let Some(beta) = norm.beta() {
@@ -251,11 +384,41 @@ pub fn validate_inputs(cfg: &Config, w: &Weights, q: &Tensor, k: &Tensor, v: &Te
     check_len("q", q.data.len(), q.shape.iter().product())?;
     check_len("k", k.data.len(), k.shape.iter().product())?;
     check_len("v", v.data.len(), v.shape.iter().product())?;
+    if cfg.check_finite {
+        check_finite_data("q", &q.data)?;
+        check_finite_data("k", &k.data)?;
+        check_finite_data("v", &v.data)?;
+    }
     let dtype = q.dtype();
     for (what, dt) in [("k", k.dtype()), ("v", v.dtype())] {
         if dt != dtype {
             return Err(Error::DType { what, expected: dtype, got: dt });
         }
     }
-    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() })
+    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some(), checked: Checked(()) })
+}
+
+/// One binding of a device call for [`check_no_alias`]: its name, address range and whether
+/// the call writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub what: &'static str,
+    pub addr: u64,
+    pub bytes: u64,
+    pub written: bool,
+}
+
+/// [`Error::Alias`] when a written binding overlaps any other binding (address ranges
+/// `[addr, addr + bytes)`, empty ranges overlap nothing): device entries that take pointers
+/// check their outputs with it before anything is enqueued.
+pub fn check_no_alias(bindings: &[Binding]) -> Result<()> {
+    let end = |b: &Binding| b.addr.saturating_add(b.bytes);
+    for (i, a) in bindings.iter().enumerate() {
+        for (j, b) in bindings.iter().enumerate() {
+            if i != j && a.written && a.bytes > 0 && b.bytes > 0 && a.addr < end(b) && b.addr < end(a) {
+                return Err(Error::Alias { what: a.what, other: b.what });
+            }
+        }
+    }
+    Ok(())
 }

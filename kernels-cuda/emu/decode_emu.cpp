@@ -62,7 +62,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     p.scale = U(0, 1) ? 1.f / std::sqrt((float)p.d) : 0.3f;
     p.eps = 1e-5f;
     p.collapse = U(0, 1);
-    p.norm = U(0, 1);
+    p.norm = U(0, 2); // none, rms, group
     // A ring when the window is causal (or right-closed), else a linear cache.
     const bool ring = p.window && (p.causal || p.right == 0) && U(0, 1);
     int cap;
@@ -92,6 +92,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     auto r = weights((size_t)p.H * p.H * p.P, 1.f / std::sqrt((float)(p.H * p.P)));
     auto gamma = weights((size_t)p.H * p.d, 0.2f);
     for (auto& g : gamma) g += 1.f;
+    auto beta = weights((size_t)p.H * p.d, 0.5f);
     const int row = p.Hk * p.d;
     auto q = normal((size_t)B * p.N * p.Hq * p.d, 1.f);
     // The cache, poisoned; each sequence's held tokens written at (first + t) % cap.
@@ -112,7 +113,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
         s.pos0 = p.pos0 + first * unit;
         std::vector<float> qb(q.begin() + (size_t)b * p.N * p.Hq * p.d, q.begin() + (size_t)(b + 1) * p.N * p.Hq * p.d);
         std::vector<double> o, l;
-        reference(s, qb, k, v, aq, ak, av, r, gamma, o, l);
+        reference(s, qb, k, v, aq, ak, av, r, gamma, beta, o, l);
         want.insert(want.end(), o.begin(), o.end());
         want_lse.insert(want_lse.end(), l.begin(), l.end());
     }
@@ -161,6 +162,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     a.aq = aq.data(), a.ak = ak.data(), a.av = av.data();
     a.r = p.collapse ? r.data() : nullptr;
     a.gamma = p.norm ? gamma.data() : nullptr;
+    a.beta = p.norm == HM_NORM_GROUP ? beta.data() : nullptr;
     a.B = B, a.N = p.N, a.M = cap, a.Hq = p.Hq, a.Hk = p.Hk, a.H = p.H, a.P = p.P, a.d = p.d;
     a.causal = p.causal, a.has_window = p.window;
     a.window_left = (int)std::min<long long>(p.left, (long long)cap * p.P);

@@ -26,7 +26,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __noinline__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__
 #define HM_EMU 1
 using std::max;

@@ -2,26 +2,39 @@
 
 use rayon::prelude::*;
 
+use crate::mixing::{mix_into, row_max, selection};
 use crate::rope::rotate;
 use crate::{MixWeights, Output, Params, Real, apply_head_norm};
 
-/// Mixed, interleaved, rotated pseudo-heads of one head: `[S·P, d]` with row `s·P + p`.
-fn mix_head<T: Real>(p: &Params, x: &[T], src_heads: usize, len: usize, a: &[T], b: usize, h: usize) -> Vec<T> {
+/// Mixed, interleaved pseudo-heads of one head: `[S·P, d]` with row `s·P + p` (a gather when
+/// `sel` says the matrix is a selection, see [`crate::mixing`]).
+fn mix_head<T: Real>(
+    p: &Params,
+    x: &[T],
+    src_heads: usize,
+    len: usize,
+    a: &[T],
+    sel: Option<&[usize]>,
+    b: usize,
+    h: usize,
+) -> Vec<T> {
     let (d, pp) = (p.d, p.p);
     let mut xt = vec![T::ZERO; len * pp * d];
     for s in 0..len {
+        let heads = &x[(b * len + s) * src_heads * d..][..src_heads * d];
         for q in 0..pp {
             let row = &mut xt[(s * pp + q) * d..(s * pp + q + 1) * d];
-            for m in 0..src_heads {
-                let w = a[(m * p.h + h) * pp + q];
-                let src = &x[((b * len + s) * src_heads + m) * d..][..d];
-                for t in 0..d {
-                    row[t] += w * src[t];
-                }
-            }
+            mix_into(row, heads, a, sel, p.h, pp, h, q);
         }
     }
     xt
+}
+
+/// The selections of `aq`, `ak`, `av` (see [`crate::mixing::selection`]).
+pub(crate) type Selections = [Option<Vec<usize>>; 3];
+
+pub(crate) fn selections<T: Real>(p: &Params, w: &MixWeights<T>) -> Selections {
+    [selection(w.aq, p.hq, p.h, p.p), selection(w.ak, p.hk, p.h, p.p), selection(w.av, p.hk, p.h, p.p)]
 }
 
 fn round_all<T: Real>(p: &Params, xs: &mut [T]) {
@@ -31,11 +44,20 @@ fn round_all<T: Real>(p: &Params, xs: &mut [T]) {
 }
 
 /// Attention of one `(batch, head)`: returns `o [N·P, d]` and `lse [N·P]`.
-fn head<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<T>, b: usize, h: usize) -> (Vec<T>, Vec<T>) {
+fn head<T: Real>(
+    p: &Params,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    w: &MixWeights<T>,
+    sel: &Selections,
+    b: usize,
+    h: usize,
+) -> (Vec<T>, Vec<T>) {
     let d = p.d;
-    let mut qt = mix_head(p, q, p.hq, p.n, w.aq, b, h);
-    let mut kt = mix_head(p, k, p.hk, p.m, w.ak, b, h);
-    let mut vt = mix_head(p, v, p.hk, p.m, w.av, b, h);
+    let mut qt = mix_head(p, q, p.hq, p.n, w.aq, sel[0].as_deref(), b, h);
+    let mut kt = mix_head(p, k, p.hk, p.m, w.ak, sel[1].as_deref(), b, h);
+    let mut vt = mix_head(p, v, p.hk, p.m, w.av, sel[2].as_deref(), b, h);
     if let Some(rope) = p.rope {
         for i in 0..p.nq() {
             rotate(&mut qt[i * d..(i + 1) * d], p.q_pos(i) as f64, rope.base);
@@ -53,9 +75,9 @@ fn head<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<T>, b: us
     let mut lse = vec![T::NEG_INFINITY; p.nq()];
     let mut s = vec![T::ZERO; p.nk()];
     for i in 0..p.nq() {
-        // Scores of the visible keys, then a two-pass softmax.
+        // Scores of the visible keys only (a masked key is skipped, never multiplied by 0),
+        // then a two-pass softmax. A NaN score makes the row's max NaN, so the row is NaN.
         let qi = &qt[i * d..(i + 1) * d];
-        let mut max = T::NEG_INFINITY;
         for j in 0..p.nk() {
             if p.visible(i, j) {
                 let kj = &kt[j * d..(j + 1) * d];
@@ -64,14 +86,11 @@ fn head<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<T>, b: us
                     dot += qi[t] * kj[t];
                 }
                 s[j] = dot * scale;
-                if s[j] > max {
-                    max = s[j];
-                }
             }
         }
-        if max == T::NEG_INFINITY {
+        let Some(max) = row_max((0..p.nk()).filter(|&j| p.visible(i, j)).map(|j| s[j])) else {
             continue; // no visible key: zeros and lse = -inf
-        }
+        };
         let mut sum = T::ZERO;
         let oi = &mut o[i * d..(i + 1) * d];
         for j in 0..p.nk() {
@@ -103,8 +122,9 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
     assert_eq!(k.len(), p.b * p.m * p.hk * p.d, "k length");
     assert_eq!(v.len(), p.b * p.m * p.hk * p.d, "v length");
     let (hh, pp, d) = (p.h, p.p, p.d);
+    let sel = selections(p, w);
     let heads: Vec<(Vec<T>, Vec<T>)> =
-        (0..p.b * hh).into_par_iter().map(|bh| head(p, q, k, v, w, bh / hh, bh % hh)).collect();
+        (0..p.b * hh).into_par_iter().map(|bh| head(p, q, k, v, w, &sel, bh / hh, bh % hh)).collect();
 
     // De-interleave: op[b, n, h, q] = o_h[n·P + q].
     let mut op = vec![T::ZERO; p.b * p.n * hh * pp * d];

@@ -17,6 +17,7 @@
 
 pub mod backward;
 mod direct;
+pub mod mixing;
 mod params;
 mod real;
 pub mod rope;

@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use crate::mixing::{mix_into, row_max, selection};
 use crate::rope::rotate;
 use crate::{HeadNorm, MixWeights, Output, Params, Real, Rounding};
 
@@ -54,11 +55,11 @@ pub fn mha<T: Real>(
                     })
                 })
                 .collect();
-            let max = scores.iter().flatten().cloned().fold(f64::NEG_INFINITY, f64::max);
+            // NaN-aware: a NaN score makes the row NaN (f64::max would drop it).
             let mut o = vec![T::ZERO; d];
-            if max == f64::NEG_INFINITY {
+            let Some(max) = row_max(scores.iter().flatten().cloned()) else {
                 return (o, T::NEG_INFINITY);
-            }
+            };
             let z: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
             let mut acc = vec![0.0f64; d];
             for (j, s) in scores.iter().enumerate() {
@@ -86,21 +87,18 @@ pub fn mha<T: Real>(
     (o, lse)
 }
 
-/// `x: [B, S, Hs, d]` mixed by `a: [Hs, H, P]` into `[B, S, P, H, d]`, which *is* `[B, S·P, H, d]`
-/// (parallel over tokens; the benchmarks' unfused pipeline runs this as its mix stage).
+/// `x: [B, S, Hs, d]` mixed by `a: [Hs, H, P]` into `[B, S, P, H, d]`, which *is* `[B, S·P, H, d]`.
+/// A selection matrix gathers (see [`crate::mixing`]). Parallel over tokens; the benchmarks'
+/// unfused pipeline runs this as its mix stage.
 pub fn materialise<T: Real>(x: &[T], a: &[T], b: usize, s: usize, hs: usize, h: usize, p: usize, d: usize) -> Vec<T> {
+    let sel = selection(a, hs, h, p);
     let mut y = vec![T::ZERO; b * s * p * h * d];
     y.par_chunks_mut(p * h * d).enumerate().for_each(|(bs, yt)| {
+        let heads = &x[bs * hs * d..(bs + 1) * hs * d];
         for q in 0..p {
             for hh in 0..h {
                 let dst = &mut yt[(q * h + hh) * d..][..d];
-                for m in 0..hs {
-                    let w = a[(m * h + hh) * p + q];
-                    let src = &x[(bs * hs + m) * d..][..d];
-                    for t in 0..d {
-                        dst[t] += w * src[t];
-                    }
-                }
+                mix_into(dst, heads, a, sel.as_deref(), h, p, hh, q);
             }
         }
     });

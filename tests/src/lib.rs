@@ -95,7 +95,7 @@ impl Case {
         let q = rng.normal_vec(batch * n * c.q_heads * c.head_dim, 1.0);
         let k = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
         let v = rng.normal_vec(batch * m * c.kv_heads * c.head_dim, 1.0);
-        let problem = Problem { cfg, batch, n, m, dtype, collapse: weights.r.is_some(), norm: weights.norm.is_some() };
+        let problem = Problem::for_weights(&cfg, &weights, batch, n, m, dtype).expect("a valid case");
         Case { problem, weights, q: representable(dtype, q), k: representable(dtype, k), v: representable(dtype, v) }
     }
 

@@ -4,7 +4,7 @@ use headmix::{Config, DType, Problem};
 use headmix_bench::count::*;
 
 fn problem(cfg: Config, batch: usize, n: usize, m: usize, dtype: DType, collapse: bool) -> Problem {
-    Problem { cfg, batch, n, m, dtype, collapse, norm: false }
+    Problem::new(&cfg, batch, n, m, dtype, collapse, false).unwrap()
 }
 
 /// Visible pairs by brute force over the reference's own mask.
@@ -71,9 +71,9 @@ fn bytes_count_q_k_v_read_and_out_written() {
 /// the cache read is the stored heads only.
 #[test]
 fn decode_bytes_count_the_stored_heads_and_q_out() {
-    // IHA, H = 16, P = 4, d = 128, bf16, B = 8 sequences of 32768 tokens, one new token each: the
+    // IHA, H = 16, P = 2, d = 128, bf16, B = 8 sequences of 32768 tokens, one new token each: the
     // cache read is B·M·Hk·d·2·2 bytes = 2 GiB (not P× that), q and the collapsed out 8·16·128·2.
-    let p = problem(Config::iha(16, 4, 128), 8, 1, 32768, DType::BF16, true);
+    let p = problem(Config::iha(16, 2, 128), 8, 1, 32768, DType::BF16, true);
     assert_eq!(bytes(&p), (2u64 << 30) as f64 + 2.0 * 8.0 * 16.0 * 128.0 * 2.0);
     // Compressed MEA reads Hk = 4 heads; f32; no collapse means a [B, N, H, P, d] output.
     let p = problem(Config::mea_compressed(8, 4, 64).unwrap(), 2, 2, 10, DType::F32, false);

@@ -5,7 +5,7 @@ use headmix::{BackendKind, Config, DType, Io, Method, Problem, Rng, Tensor, Tens
 use headmix_bench::unfused::*;
 
 fn problem(cfg: Config, w: &Weights, batch: usize, n: usize) -> Problem {
-    Problem { cfg, batch, n, m: n, dtype: DType::F32, collapse: w.r.is_some(), norm: w.norm.is_some() }
+    Problem::for_weights(&cfg, w, batch, n, n, DType::F32).unwrap()
 }
 
 /// The pipeline the bench times (reference mix, attention stage through the CPU backend,
@@ -77,7 +77,7 @@ fn stages_extra_bytes_and_timing() {
     // IHA bf16, B=2, N=M=3, H=4, P=2, d=8: qt, kt, vt and the pre-collapse output, 2 bytes each.
     let cfg = Config::iha(4, 2, 8);
     let w = Weights::random(&cfg, 1);
-    let pr = Problem { dtype: DType::BF16, ..problem(cfg, &w, 2, 3) };
+    let pr = Problem::for_weights(&cfg, &w, 2, 3, 3, DType::BF16).unwrap();
     assert_eq!(extra_bytes(&pr, &w), 4 * (2 * 3 * 4 * 2 * 8) * 2);
     // MEA: kt, vt and the pre-norm output.
     let cfg = Config::mea(4, 8);

@@ -32,6 +32,7 @@ impl Backend for CpuBackend {
     }
 
     fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
+        problem.check_io(w, &io)?;
         let params = problem.params();
         let (q, k, v) = (io.q.data.to_f32(), io.k.data.to_f32(), io.v.data.to_f32());
         let mix = w.mix();

@@ -18,6 +18,7 @@
 
 use std::ops::Range;
 
+use headmix_reference::mixing::{mix_into, row_max, selection};
 use headmix_reference::rope::rotate;
 use headmix_reference::{MixWeights, Output, Params, Real, apply_head_norm};
 use rayon::prelude::*;
@@ -45,6 +46,7 @@ fn mix_rows<T: Real>(
     heads: usize,
     len: usize,
     a: &[T],
+    sel: Option<&[usize]>,
     b: usize,
     h: usize,
     tokens: Range<usize>,
@@ -53,15 +55,10 @@ fn mix_rows<T: Real>(
     let (d, pp) = (p.d, p.p);
     let mut out = vec![T::ZERO; tokens.len() * pp * d];
     for (r, s) in tokens.clone().enumerate() {
+        let src = &x[(b * len + s) * heads * d..][..heads * d];
         for q in 0..pp {
             let row = &mut out[(r * pp + q) * d..(r * pp + q + 1) * d];
-            for m in 0..heads {
-                let wgt = a[(m * p.h + h) * pp + q];
-                let src = &x[((b * len + s) * heads + m) * d..][..d];
-                for t in 0..d {
-                    row[t] += wgt * src[t];
-                }
-            }
+            mix_into(row, src, a, sel, p.h, pp, h, q); // a gather for selection matrices
             if let (Some(rope), Some(pos)) = (p.rope, pos) {
                 rotate(row, pos(s * pp + q) as f64, rope.base);
             }
@@ -77,6 +74,7 @@ pub fn chunk<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<T>, 
     let (d, nq) = (p.d, p.nq());
     let scale = T::from_f64(p.scale);
     let j0 = keys.start * p.p;
+    let [sq, sk, sv] = [(w.aq, p.hq), (w.ak, p.hk), (w.av, p.hk)].map(|(a, src)| selection(a, src, p.h, p.p));
     let heads: Vec<(Vec<T>, Vec<T>)> = (0..p.b * p.h)
         .into_par_iter()
         .map(|bh| {
@@ -84,9 +82,9 @@ pub fn chunk<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<T>, 
             let mut o = vec![T::ZERO; nq * d];
             let mut lse = vec![T::NEG_INFINITY; nq];
             // Queries and keys rotated at their global positions after mixing; values never.
-            let qt = mix_rows(p, q, p.hq, p.n, w.aq, b, h, 0..p.n, Some(&|i| p.q_pos(i)));
-            let kt = mix_rows(p, k, p.hk, p.m, w.ak, b, h, keys.clone(), Some(&|j| p.k_pos(j)));
-            let vt = mix_rows(p, v, p.hk, p.m, w.av, b, h, keys.clone(), None);
+            let qt = mix_rows(p, q, p.hq, p.n, w.aq, sq.as_deref(), b, h, 0..p.n, Some(&|i| p.q_pos(i)));
+            let kt = mix_rows(p, k, p.hk, p.m, w.ak, sk.as_deref(), b, h, keys.clone(), Some(&|j| p.k_pos(j)));
+            let vt = mix_rows(p, v, p.hk, p.m, w.av, sv.as_deref(), b, h, keys.clone(), None);
             let nk = kt.len() / d;
             let mut scores = vec![None; nk];
             for i in 0..nq {
@@ -101,10 +99,10 @@ pub fn chunk<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<T>, 
                         dot * scale
                     });
                 }
-                let max = scores.iter().flatten().fold(T::NEG_INFINITY, |m, &s| if s > m { s } else { m });
-                if max == T::NEG_INFINITY {
+                // NaN-aware: a NaN score makes the partial NaN (and the combined row).
+                let Some(max) = row_max(scores.iter().flatten().copied()) else {
                     continue; // this chunk holds no key the row sees: zeros, lse = -inf
-                }
+                };
                 let oi = &mut o[i * d..(i + 1) * d];
                 let mut sum = T::ZERO;
                 for (jj, s) in scores.iter().enumerate() {
@@ -140,6 +138,13 @@ pub fn combine<T: Real>(parts: &[Partial<T>]) -> Partial<T> {
     let mut o = vec![T::ZERO; first.o.len()];
     let mut lse = vec![T::NEG_INFINITY; rows];
     for r in 0..rows {
+        // A chunk whose row read a NaN has lse NaN: the combined row is NaN (o and lse).
+        if parts.iter().any(|c| c.lse[r] != c.lse[r]) {
+            let nan = T::from_f64(f64::NAN);
+            o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x = nan);
+            lse[r] = nan;
+            continue;
+        }
         let max = parts.iter().fold(T::NEG_INFINITY, |m, c| if c.lse[r] > m { c.lse[r] } else { m });
         if max == T::NEG_INFINITY {
             continue; // no chunk sees a key: zeros and -inf
@@ -209,6 +214,7 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
 /// partials combined by log-sum-exp. f32 arithmetic (f16/bf16 widened, outputs rounded).
 /// Outputs are written once every sequence is done.
 pub fn decode_host(problem: &DecodeProblem, w: &Weights, io: DecodeIo<'_>, splits: Option<usize>) -> Result<()> {
+    problem.check_io(w, &io)?;
     let c = &problem.cfg;
     let mix = w.mix();
     let q_row = problem.n * c.q_heads * c.head_dim;

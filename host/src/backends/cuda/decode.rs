@@ -355,37 +355,25 @@ impl CudaBackend {
     /// Device time (CUDA events) of `reps` decode calls of `n` new tokens on a cache of this
     /// device, after one warm-up call, with the plan's counted cache bytes read per call: what
     /// the decode benchmark reports.
-    pub fn time_decode(
+    pub fn time_decode_device(
         &self,
         cfg: &crate::Config,
         w: &Weights,
         cache: &crate::cache::KvCache,
         n: usize,
         reps: usize,
-    ) -> Result<(crate::Timing, u64)> {
+    ) -> Result<crate::decode::DecodeTiming> {
         let kv = cache.device_storage().and_then(|d| d.as_any().downcast_ref::<CudaKv>()).ok_or_else(|| {
             Error::Cache { why: format!("the cache lives on the {} device, not CUDA", cache.location()) }
         })?;
-        let shape = cache.shape();
-        let q = Owned::from_f32(
-            shape.dtype,
-            &crate::Rng::new(1).normal_vec(shape.batch * n * cfg.q_heads * cfg.head_dim, 1.0),
-        );
-        let out_shape: Vec<usize> = if w.r.is_some() {
-            vec![shape.batch, n, cfg.heads, cfg.head_dim]
-        } else {
-            vec![shape.batch, n, cfg.heads, cfg.pseudo, cfg.head_dim]
-        };
-        let mut out = Owned::filled(shape.dtype, out_shape.iter().product(), f32::NAN);
-        let io = DecodeIo {
-            q: q.tensor(&[shape.batch, n, cfg.q_heads, cfg.head_dim]),
-            cache,
-            out: out.tensor_mut(&out_shape),
-            lse: None,
-        };
+        let (q, qs, mut out, os) = crate::decode::timing_io(cfg, w, cache, n);
+        let io = DecodeIo { q: q.tensor(&qs), cache, out: out.tensor_mut(&os), lse: None };
         let problem = crate::decode::validate_decode(cfg, w, &io)?;
         let (seconds, bytes) = self.decode_calls(&problem, w, io, kv, reps.max(1))?;
-        Ok((crate::Timing { seconds, extra_bytes: 0, clock: "cuda events" }, bytes))
+        Ok(crate::decode::DecodeTiming {
+            timing: crate::Timing { seconds, extra_bytes: 0, clock: "cuda events" },
+            cache_bytes_read: bytes,
+        })
     }
 
     /// One decode call (`reps = 0`), or a warm-up and `reps` timed calls; returns the event
@@ -446,6 +434,7 @@ impl CudaBackend {
                 dtype: problem.dtype,
                 collapse: problem.collapse,
                 norm: problem.norm,
+                checked: crate::validate::Checked(()), // sizes of a validated decode problem
             };
             let mut args = HmArgs::from_problem(&fwd);
             let cap_p = (shape.capacity * c.pseudo).min(i32::MAX as usize) as i32;

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr}
 use super::args::{HmArgs, norm_code};
 use super::variants::Kernel;
 use super::{CudaBackend, dev_err, drv};
-use crate::validate::{Problem, validate_config, validate_weights};
+use crate::validate::{Binding, Problem, validate_config, validate_weights};
 use crate::{Config, DType, Error, NormKind, Result, Weights};
 
 /// Element types of device tensors.
@@ -44,6 +44,26 @@ pub struct RawIo {
     pub v: u64,
     pub out: u64,
     pub lse: u64,
+}
+
+/// Outputs (`out`, `lse`) may not overlap any other tensor of the call: [`Error::Alias`].
+fn check_bindings(pb: &Problem, io: &RawIo) -> Result<()> {
+    let c = &pb.cfg;
+    let es = pb.dtype.size() as u64;
+    let out_len: usize = pb.out_shape().iter().product();
+    let binding = |what, addr, elements: usize, size: u64, written| Binding {
+        what,
+        addr,
+        bytes: if addr == 0 { 0 } else { elements as u64 * size },
+        written,
+    };
+    crate::validate::check_no_alias(&[
+        binding("q", io.q, pb.batch * pb.n * c.q_heads * c.head_dim, es, false),
+        binding("k", io.k, pb.batch * pb.m * c.kv_heads * c.head_dim, es, false),
+        binding("v", io.v, pb.batch * pb.m * c.kv_heads * c.head_dim, es, false),
+        binding("out", io.out, out_len, es, true),
+        binding("lse", io.lse, pb.lse_len(), 4, true),
+    ])
 }
 
 /// A layer's mixing weights on the device: f32, packed `aq | ak | av | r | gamma | beta`,
@@ -132,8 +152,14 @@ impl CudaBackend {
     ) -> Result<Problem> {
         validate_config(cfg)?;
         w.check(cfg)?;
-        crate::validate::validate_sizes(cfg, batch, n, m)?;
-        let pb = Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.collapse, norm: w.norm.is_some() };
+        if cfg.check_finite {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                why: "check_finite validates host tensors; the device entries take device memory (check it before upload)"
+                    .into(),
+            });
+        }
+        let pb = Problem::new(cfg, batch, n, m, dtype, w.collapse, w.norm.is_some())?;
         crate::Backend::supports(self, &pb)?;
         Ok(pb)
     }
@@ -195,6 +221,7 @@ impl CudaBackend {
             }
             None => (0, None),
         };
+        check_bindings(&pb, &RawIo { q: qp, k: kp, v: vp, out: op, lse: lp })?;
         // SAFETY: the pointers come from live device buffers of the checked lengths, guarded
         // until the launches are enqueued on `stream`.
         unsafe { self.launch(&pb, w, RawIo { q: qp, k: kp, v: vp, out: op, lse: lp }, stream) }
@@ -219,6 +246,7 @@ impl CudaBackend {
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<()> {
         let pb = self.problem(cfg, w, batch, n, m, dtype)?;
+        check_bindings(&pb, &io)?;
         // SAFETY: the caller guarantees the stream belongs to this context and outlives the work.
         let s = unsafe { self.ctx.wrap_borrowed_stream(stream) };
         unsafe { self.launch(&pb, w, io, &s) }

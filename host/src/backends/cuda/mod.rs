@@ -370,6 +370,22 @@ impl Backend for CudaBackend {
         d
     }
 
+    /// On a cache of this device: the decode kernels timed by CUDA events
+    /// ([`CudaBackend::time_decode_device`]); on a host cache, the host clock.
+    fn time_decode(
+        &self,
+        cfg: &crate::Config,
+        w: &Weights,
+        cache: &crate::cache::KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<crate::decode::DecodeTiming> {
+        if cache.is_host() {
+            return crate::decode::time_decode_host(self, cfg, w, cache, n, reps);
+        }
+        self.time_decode_device(cfg, w, cache, n, reps)
+    }
+
     /// A cache in this device's memory ([`decode::CudaKv`]).
     fn new_cache_storage(
         &self,
@@ -414,6 +430,8 @@ impl Backend for CudaBackend {
     }
 
     fn run(&self, pb: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
+        pb.check_io(w, &io)?;
+        self.supports(pb)?;
         let s = &self.stream;
         let dw = self.upload_weights(&pb.cfg, w, s)?;
         let q = s.clone_htod(io.q.data.bytes()).map_err(drv("copying q"))?;
@@ -453,8 +471,10 @@ impl Backend for CudaBackend {
     /// CUDA events around [`CudaBackend::forward_device`] on device-resident random inputs, with
     /// the weights uploaded once (as a model would hold them).
     fn time(&self, pb: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
+        pb.check(w)?;
+        self.supports(pb)?;
         let s = &self.stream;
-        let (q, k, v) = crate::timing::random_inputs(pb, 1);
+        let (q, k, v) = crate::timing::try_random_inputs(pb, 1)?;
         let out_len: usize = pb.out_shape().iter().product();
         let dw = self.upload_weights(&pb.cfg, w, s)?;
         let mut seconds = Vec::with_capacity(reps);

@@ -10,7 +10,7 @@ use super::Variant;
 use super::device::{self, device_err};
 use super::kernels::{Kernels, flash_tiles};
 use super::launch::{self, Plan};
-use crate::timing::{Owned, random_inputs};
+use crate::timing::{Owned, try_random_inputs};
 use crate::validate::{Problem, validate_config, validate_weights};
 use crate::{Backend, BackendKind, Config, DType, Error, Io, Result, Timing, Weights};
 
@@ -46,9 +46,9 @@ pub struct WgpuBackend {
 /// * `out`: `[B, N, H, d]` in the dtype when the weights carry `r`, else `[B, N, H, P, d]`;
 /// * `lse`: `[B, H, N·P]` f32, optional.
 ///
-/// All must live on this backend's [`WgpuBackend::device`] (wgpu does not always detect a buffer
-/// of another device), and `out`/`lse` must not alias an input (that is reported as
-/// `Error::Device`).
+/// All must live on this backend's [`WgpuBackend::device`] (a buffer of another device of the
+/// same wgpu instance is [`Error::ForeignBuffer`]; one of another instance cannot be detected),
+/// and `out`/`lse` may not alias any other binding ([`Error::Alias`]; inputs may share a buffer).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceIo<'a> {
     pub q: &'a wgpu::Buffer,
@@ -177,6 +177,28 @@ impl WgpuBackend {
                 return Err(Error::Device { backend: "wgpu", why: format!("{what} lacks BufferUsages::STORAGE") });
             }
         }
+        // Outputs may not alias any other binding (whole buffers at offset 0: aliasing is
+        // identity); inputs may share a buffer (they are only read).
+        let bindings = [
+            ("q buffer", Some(io.q)),
+            ("k buffer", Some(io.k)),
+            ("v buffer", Some(io.v)),
+            ("out buffer", Some(io.out)),
+        ];
+        for (what, out) in [("out buffer", Some(io.out)), ("lse buffer", io.lse)] {
+            let Some(out) = out else { continue };
+            for &(other, buf) in bindings.iter().filter(|(o, _)| *o != what) {
+                if buf == Some(out) {
+                    return Err(Error::Alias { what, other });
+                }
+            }
+        }
+        // Every buffer must live on this backend's device: a buffer of another device of the same
+        // wgpu instance is `Error::ForeignBuffer`. (A buffer of another *instance* cannot be told
+        // apart: wgpu 30 resolves buffer ids in the calling device's instance.)
+        for (what, buf) in needs.iter().map(|n| (n.0, n.1)).chain(io.lse.map(|l| ("lse buffer", l))) {
+            self.check_own_device(what, buf)?;
+        }
         self.check_faults()?;
         let plan =
             launch::plan(&problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
@@ -214,6 +236,24 @@ impl WgpuBackend {
     pub fn host_traffic(&self) -> crate::cache::HostTraffic {
         use std::sync::atomic::Ordering::Relaxed;
         crate::cache::HostTraffic { uploaded: self.uploaded.load(Relaxed), downloaded: self.downloaded.load(Relaxed) }
+    }
+
+    /// [`Error::ForeignBuffer`] unless `buf` belongs to this backend's device: a one-entry bind
+    /// group on this device, in a validation error scope, accepts only buffers of this device
+    /// (wgpu-core's device check; it cannot see buffers of another wgpu instance).
+    fn check_own_device(&self, what: &'static str, buf: &wgpu::Buffer) -> Result<()> {
+        let device = self.device();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let _probe = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("headmix device check"),
+            layout: &self.kernels.probe_layout,
+            entries: &[wgpu::BindGroupEntry { binding: 0, resource: buf.as_entire_binding() }],
+        });
+        match pollster::block_on(scope.pop()) {
+            None => Ok(()),
+            Some(e) if describe_error(&e).contains("doesn't match") => Err(Error::ForeignBuffer { what }),
+            Some(e) => Err(device_err(format!("{what}: {}", describe_error(&e)))),
+        }
     }
 
     /// Report (once) an error that arrived outside an error scope.
@@ -349,8 +389,14 @@ fn describe_error(e: &wgpu::Error) -> String {
 fn problem_of(cfg: &Config, w: &Weights, batch: usize, n: usize, m: usize, dtype: DType) -> Result<Problem> {
     validate_config(cfg)?;
     validate_weights(cfg, w)?;
-    crate::validate::validate_sizes(cfg, batch, n, m)?;
-    Ok(Problem { cfg: *cfg, batch, n, m, dtype, collapse: w.r.is_some(), norm: w.norm.is_some() })
+    if cfg.check_finite {
+        return Err(Error::Unsupported {
+            backend: "wgpu",
+            why: "check_finite validates host tensors; forward_buffers takes device buffers (check them before upload)"
+                .into(),
+        });
+    }
+    Problem::for_weights(cfg, w, batch, n, m, dtype)
 }
 
 impl Backend for WgpuBackend {
@@ -393,6 +439,22 @@ impl Backend for WgpuBackend {
         ]
     }
 
+    /// On a cache of this device: the decode passes timed by GPU timestamps
+    /// ([`WgpuBackend::time_decode_device`]); on a host cache, the host clock.
+    fn time_decode(
+        &self,
+        cfg: &Config,
+        w: &Weights,
+        cache: &crate::cache::KvCache,
+        n: usize,
+        reps: usize,
+    ) -> Result<crate::decode::DecodeTiming> {
+        if cache.is_host() {
+            return crate::decode::time_decode_host(self, cfg, w, cache, n, reps);
+        }
+        self.time_decode_device(cfg, w, cache, n, reps)
+    }
+
     /// A cache in this device's memory ([`super::WgpuKv`]).
     fn new_cache_storage(
         &self,
@@ -420,6 +482,8 @@ impl Backend for WgpuBackend {
     }
 
     fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {
+        problem.check_io(w, &io)?;
+        self.supports(problem)?;
         self.check_faults()?;
         let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
         let out_bytes = (io.out.data.len() * io.out.dtype().size()) as u64;
@@ -453,11 +517,12 @@ impl Backend for WgpuBackend {
     /// Device time of `reps` calls on resident random inputs: GPU timestamps around the passes
     /// when the adapter has `TIMESTAMP_QUERY`, else the host clock around submit + wait.
     fn time(&self, problem: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
+        problem.check(w)?;
         self.supports(problem)?;
         self.check_faults()?;
         let c = &problem.cfg;
         let plan = launch::plan(problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
-        let (q, k, v) = random_inputs(problem, 1);
+        let (q, k, v) = try_random_inputs(problem, 1)?;
         let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
         let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];
         let owned = |x: &[f32]| Owned::from_f32(problem.dtype, x);

@@ -399,12 +399,25 @@ pub(crate) fn plan(
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
         part_off: to_u32("scratch offset", op_len)?,
         beta_off,
-        pad: [selection, 0],
+        sel_q: super::launch::DENSE,
+        sel_k: super::launch::DENSE,
+        sel_v: super::launch::DENSE,
+        dec_sel: selection,
+        pad: [0; 2],
     };
 
     // The forward's combine and epilogue, on the problem of the whole batch.
     let fwd =
-        Problem { cfg: *c, batch: b, n, m: n, dtype: problem.dtype, collapse: problem.collapse, norm: problem.norm };
+        Problem {
+            cfg: *c,
+            batch: b,
+            n,
+            m: n,
+            dtype: problem.dtype,
+            collapse: problem.collapse,
+            norm: problem.norm,
+            checked: crate::validate::Checked(()), // sizes of a validated decode problem
+        };
     let decode = Dispatch {
         key: key(Kind::Decode { tc, wg, hk: dims.0, h: dims.1, p: dims.2, np: dims.3 }),
         workgroups: to_u32("workgroups", b * n_splits)?,
@@ -614,32 +627,22 @@ impl WgpuBackend {
     /// random new queries uploaded once: GPU timestamps around the passes where the adapter has
     /// `TIMESTAMP_QUERY`, else the host clock around submit + wait. With the plan's counted
     /// cache bytes read per call, for the decode benchmark.
-    pub fn time_decode(
+    pub fn time_decode_device(
         &self,
         cfg: &crate::Config,
         w: &Weights,
         cache: &KvCache,
         n: usize,
         reps: usize,
-    ) -> Result<(crate::Timing, u64)> {
+    ) -> Result<crate::decode::DecodeTiming> {
         let kv = cache.device_storage().and_then(|d| d.as_any().downcast_ref::<WgpuKv>()).ok_or_else(|| {
             Error::Cache { why: format!("the cache lives on the {} device, not wgpu", cache.location()) }
         })?;
         self.check_cache(kv)?;
+        let (q, qs, mut out, os) = crate::decode::timing_io(cfg, w, cache, n);
+        let out_len = out.to_f32().len();
         let shape = cache.shape();
-        let q = Owned::from_f32(
-            shape.dtype,
-            &crate::Rng::new(1).normal_vec(shape.batch * n * cfg.q_heads * cfg.head_dim, 1.0),
-        );
-        let qs = [shape.batch, n, cfg.q_heads, cfg.head_dim];
-        let out_len = shape.batch * n * cfg.heads * cfg.head_dim * if w.r.is_some() { 1 } else { cfg.pseudo };
-        let mut out = Owned::filled(shape.dtype, out_len, f32::NAN);
-        let out_shape: Vec<usize> = if w.r.is_some() {
-            vec![shape.batch, n, cfg.heads, cfg.head_dim]
-        } else {
-            vec![shape.batch, n, cfg.heads, cfg.pseudo, cfg.head_dim]
-        };
-        let io = DecodeIo { q: q.tensor(&qs), cache, out: out.tensor_mut(&out_shape), lse: None };
+        let io = DecodeIo { q: q.tensor(&qs), cache, out: out.tensor_mut(&os), lse: None };
         let problem = crate::decode::validate_decode(cfg, w, &io)?;
         let plan = self.decode_plan(&problem, w, cache)?;
         let stamps = self.has_timestamps();
@@ -692,7 +695,7 @@ impl WgpuBackend {
             let clock = if stamps { "wgpu timestamps" } else { "wall clock (submit + wait)" };
             Ok(crate::Timing { seconds, extra_bytes: plan.op_bytes, clock })
         })?;
-        Ok((timing, plan.cache_bytes_read))
+        Ok(crate::decode::DecodeTiming { timing, cache_bytes_read: plan.cache_bytes_read })
     }
 
     /// Append `n` tokens to every sequence of a cache on this device from device buffers `k`, `v`

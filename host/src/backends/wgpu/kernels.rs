@@ -80,7 +80,7 @@ pub fn source(v: &KernelKey) -> String {
 
 /// Bytes of workgroup memory the flash kernel declares for a tile shape (see flash_forward.wgsl).
 pub fn flash_storage_bytes(d: u32, br: u32, bc: u32, wg: u32) -> u64 {
-    4 * ((br + 2 * bc) * (d + 1) + br * bc + wg) as u64
+    4 * ((br + 2 * bc) * (d + 1) + br * bc + wg + br + bc) as u64 // ... + row_bad + col_bad
 }
 
 /// Bytes of workgroup memory the decode kernel declares (see decode.wgsl): queries of every
@@ -146,6 +146,8 @@ pub fn flash_tiles(limits: &wgpu::Limits, d: u32, nq: usize) -> Option<(u32, u32
 pub struct Kernels {
     pub device: wgpu::Device,
     pub layout: wgpu::BindGroupLayout,
+    /// One read-only storage buffer: bind groups of it check a caller's buffer's device.
+    pub probe_layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
     /// The decode kernel's layout: the shared one plus binding 8, the cache's lengths (8
     /// storage buffers; `None` on adapters that allow fewer).
@@ -207,9 +209,14 @@ impl Kernels {
             });
             (layout, pipeline_layout)
         });
+        let probe_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("headmix device check"),
+            entries: &[storage_entry(0, true)],
+        });
         Kernels {
             device: device.clone(),
             layout,
+            probe_layout,
             pipeline_layout,
             decode_layout,
             cache: Mutex::new(HashMap::new()),

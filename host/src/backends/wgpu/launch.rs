@@ -65,8 +65,18 @@ pub(crate) struct Uniforms {
     pub part_off: u32,
     /// Offset of the group norm's `beta` in `weights`.
     pub beta_off: u32,
+    /// Offsets in `weights` of the selection tables of aq, ak, av (`[H, P]` stored-head indices
+    /// as u32 bits), or [`DENSE`] for a dense matrix (NaN policy: a selection is a gather).
+    pub sel_q: u32,
+    pub sel_k: u32,
+    pub sel_v: u32,
+    /// Decode only: selection bits (1 aq, 2 ak, 4 av) of the mixing matrices.
+    pub dec_sel: u32,
     pub pad: [u32; 2],
 }
+
+/// `sel_*` of a dense mixing matrix (the `DENSE` of common.wgsl).
+pub(crate) const DENSE: u32 = u32::MAX;
 
 /// One dispatch: the kernel and how many workgroups it needs.
 #[derive(Clone, Copy, Debug)]
@@ -141,6 +151,16 @@ pub(crate) fn plan(
     let r_off = push(w.r.as_deref().unwrap_or(&[]))?;
     let gamma_off = push(w.norm.as_ref().map_or(&[][..], |n| n.gamma()))?;
     let beta_off = push(w.norm.as_ref().and_then(|n| n.beta()).map_or(&[][..], |b| b))?;
+    // Selection matrices (MHA, GQA, identity) become gathers: tables of stored-head indices.
+    let mut push_sel = |a: &[f32], src: usize| -> Result<u32> {
+        match headmix_reference::mixing::selection(a, src, c.heads, p) {
+            Some(sel) => push(&sel.iter().map(|&m| f32::from_bits(m as u32)).collect::<Vec<_>>()),
+            None => Ok(DENSE),
+        }
+    };
+    let sel_q = push_sel(&w.aq, c.q_heads)?;
+    let sel_k = push_sel(&w.ak, c.kv_heads)?;
+    let sel_v = push_sel(&w.av, c.kv_heads)?;
     let rope_levels = rope_levels(problem)?;
     let rope_off = match c.rope {
         Some(r) => push(&rope_table(rope_levels, d, r.base as f64))?,
@@ -194,6 +214,10 @@ pub(crate) fn plan(
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
         part_off: 0,
         beta_off,
+        sel_q,
+        sel_k,
+        sel_v,
+        dec_sel: 0,
         pad: [0; 2],
     };
 
@@ -264,7 +288,8 @@ pub(crate) mod loops {
             + d * (1 + cpt) + cpt                         // 2b: scores, mask
             + tpr + cpt + npair                           // 2c: softmax
             + bc * (1 + npair); // 2d: P V
-        queries + tiles as u64 * per_tile + tpr + 2 * npair
+        let init = (br + bc).div_ceil(wg); // NaN-policy flags
+        init + queries + tiles as u64 * per_tile + tpr + 2 * npair
     }
 
     pub fn naive(p: &Problem, keys: usize, rope: u32) -> u64 {
@@ -439,7 +464,8 @@ pub(crate) fn check_limits(
     let weights = ((c.q_heads + 2 * c.kv_heads) * h * p) as u128
         + if problem.collapse { (h * h * p) as u128 } else { 0 }
         + if problem.norm { 2 * (h * d) as u128 } else { 0 }
-        + levels * 256 * d as u128;
+        + levels * 256 * d as u128
+        + 3 * (h * p) as u128; // selection tables
     let out_len: u128 = problem.out_shape().iter().map(|&x| x as u128).product();
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
     let bindings = [

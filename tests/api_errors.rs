@@ -341,7 +341,11 @@ fn output_shape_is_4d_whenever_p_is_1() {
         c.run(b.as_ref()).unwrap_or_else(|e| panic!("{}: 5-D out refused: {e}", b.kind()));
     }
     c.out_shape = vec![2, 3, 2, 8];
-    expect_err(&c, |e| matches!(e, Error::Shape { what: "out", expected, .. } if expected.len() == 5), "4-D out, P = 2");
+    expect_err(
+        &c,
+        |e| matches!(e, Error::Shape { what: "out", expected, .. } if expected.len() == 5),
+        "4-D out, P = 2",
+    );
     c.out_shape = vec![2, 3, 4, 8]; // H·P folded into one axis: still refused
     expect_err(&c, |e| matches!(e, Error::Shape { what: "out", .. }), "[B, N, H·P, d] out, P = 2");
 }

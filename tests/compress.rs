@@ -388,7 +388,8 @@ fn decoding_with_the_compressed_cache_matches_the_rebuilt_model() {
         let bt: Vec<f64> = beta.iter().map(|&v| v as f64).collect();
         let (akl, avl): (Vec<f64>, Vec<f64>) =
             (ak_learned.iter().map(|&v| v as f64).collect(), av_learned.iter().map(|&v| v as f64).collect());
-        let mix = MixWeights { aq: &id, ak: &akl, av: &avl, r: None, norm: Some(HeadNorm::Group { gamma: &g, beta: &bt }) };
+        let mix =
+            MixWeights { aq: &id, ak: &akl, av: &avl, r: None, norm: Some(HeadNorm::Group { gamma: &g, beta: &bt }) };
         let qf: Vec<f64> = q.iter().map(|&v| v as f64).collect();
         reference::attention(&problem.params(), &qf, &project(&x, wk, h, d, dm), &project(&x, wv, h, d, dm), &mix).out
     };

@@ -91,7 +91,8 @@ fn named_methods_match_the_reference_in_every_dtype() {
 
 #[test]
 fn methods_with_identity_and_replication_weights() {
-    // Weights::identity: no collapse (output [B,N,H,P,d]); gamma = 1 for MEA.
+    // Weights::identity: no collapse (output [B,N,H,d] for P = 1, else [B,N,H,P,d]); MEA's Group
+    // norm with gamma = 1, beta = 0.
     for (kernel, cuda) in kernels("methods_with_identity_and_replication_weights") {
         for cfg in [
             Config::mha(3, 64).with_causal(true),
@@ -427,4 +428,14 @@ fn timing_uses_cuda_events_and_kernel_info_is_reported() {
         assert!(d.iter().any(|(k, _)| k == key), "describe lacks {key}: {d:?}");
     }
     assert!(headmix::best().backend.kind() == BackendKind::Cuda, "best() must pick CUDA when present");
+}
+
+/// IHA-local sees exactly W·P keys per virtual query (fails at the old width), and MEA's
+/// GroupNorm with its negative controls (beta or centring dropped), on every kernel version.
+#[test]
+fn iha_local_window_and_mea_group_norm() {
+    for (kernel, cuda) in kernels("iha_local_window_and_mea_group_norm") {
+        headmix_tests::check_iha_local_window(cuda.as_ref(), &format!("cuda {kernel}"));
+        headmix_tests::check_group_norm(cuda.as_ref(), &format!("cuda {kernel}"));
+    }
 }

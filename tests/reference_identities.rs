@@ -308,7 +308,14 @@ fn head_norm(x: &mut [f64], norm: &HeadNorm<Vec<f64>>, h: usize, d: usize, width
 /// its documentation defines it: input `[N, C]`, the `C` channels cut into `num_groups` groups of
 /// `C / num_groups` consecutive channels; per (sample, group) the mean and the biased variance;
 /// `y[n, c] = (x[n, c] − E[x]) / sqrt(Var[x] + eps) · weight[c] + bias[c]`.
-fn pytorch_group_norm(x: &[f64], num_groups: usize, num_channels: usize, weight: &[f64], bias: &[f64], eps: f64) -> Vec<f64> {
+fn pytorch_group_norm(
+    x: &[f64],
+    num_groups: usize,
+    num_channels: usize,
+    weight: &[f64],
+    bias: &[f64],
+    eps: f64,
+) -> Vec<f64> {
     assert_eq!(x.len() % num_channels, 0);
     assert_eq!(num_channels % num_groups, 0);
     let per_group = num_channels / num_groups;
@@ -757,7 +764,13 @@ fn mea_group_norm_equals_pytorch_group_norm() {
         let Some(HeadNorm::Group { gamma, beta }) = &x.norm else { unreachable!() };
         let want = pytorch_group_norm(&o, s.h, s.h * s.d, gamma, beta, eps);
         assert_close("mea group norm vs torch GroupNorm(H, H*d)", &x.direct(&p).out, &want, TOL, &s);
-        assert_close("unfused vs torch GroupNorm(H, H*d)", &unfused::attention(&p, &x.q, &x.k, &x.v, &x.mix()).out, &want, TOL, &s);
+        assert_close(
+            "unfused vs torch GroupNorm(H, H*d)",
+            &unfused::attention(&p, &x.q, &x.k, &x.v, &x.mix()).out,
+            &want,
+            TOL,
+            &s,
+        );
     });
 }
 
@@ -766,20 +779,25 @@ fn mea_group_norm_equals_pytorch_group_norm() {
 #[test]
 fn group_norm_matches_formula_and_pytorch() {
     let strategy = (1..=6usize, 1..=32usize, 1..=5usize, 0.0..50.0f64, 1e-8..1e-1f64, any::<u64>());
-    check_property("group_norm_matches_formula_and_pytorch", 4 * CASES, strategy, |(h, half_d, rows, offset, eps, seed)| {
-        let d = 2 * half_d;
-        let mut rng = Rng::new(seed);
-        let x: Vec<f64> = normals(&mut rng, rows * h * d, 1.0).into_iter().map(|v| v + offset).collect();
-        let norm = random_norm(&mut rng, NormKind::Group, h, d);
-        let mut got = x.clone();
-        reference::apply_head_norm(&norm.as_slices(), &mut got, h, d, 1, eps);
-        let mut formula = x.clone();
-        head_norm(&mut formula, &norm, h, d, 1, eps);
-        let ctx = (h, d, rows, offset, eps);
-        assert_close("group norm vs formula", &got, &formula, TOL, &ctx);
-        let HeadNorm::Group { gamma, beta } = &norm else { unreachable!() };
-        assert_close("group norm vs torch", &got, &pytorch_group_norm(&x, h, h * d, gamma, beta, eps), TOL, &ctx);
-    });
+    check_property(
+        "group_norm_matches_formula_and_pytorch",
+        4 * CASES,
+        strategy,
+        |(h, half_d, rows, offset, eps, seed)| {
+            let d = 2 * half_d;
+            let mut rng = Rng::new(seed);
+            let x: Vec<f64> = normals(&mut rng, rows * h * d, 1.0).into_iter().map(|v| v + offset).collect();
+            let norm = random_norm(&mut rng, NormKind::Group, h, d);
+            let mut got = x.clone();
+            reference::apply_head_norm(&norm.as_slices(), &mut got, h, d, 1, eps);
+            let mut formula = x.clone();
+            head_norm(&mut formula, &norm, h, d, 1, eps);
+            let ctx = (h, d, rows, offset, eps);
+            assert_close("group norm vs formula", &got, &formula, TOL, &ctx);
+            let HeadNorm::Group { gamma, beta } = &norm else { unreachable!() };
+            assert_close("group norm vs torch", &got, &pytorch_group_norm(&x, h, h * d, gamma, beta, eps), TOL, &ctx);
+        },
+    );
 }
 
 /// Values whose every row has zero mean over `d` give attention outputs with zero-mean rows

@@ -208,8 +208,10 @@ fn multi_tile_cases(be: &WgpuBackend, what: &str) {
     let case = Case::random(cfg, w, 1, 61, 83, DType::F32, 2);
     case.check(be, &format!("multi-tile iha-local, M > N, rope, {what}"));
     // Non-causal two-sided window with norm and no collapse, d = 128 (smaller tiles).
-    let cfg =
-        Config::mea(2, 128).with_causal(false).with_window(20, 13).with_rope(Rope { base: 500.0, mode: PosMode::Token });
+    let cfg = Config::mea(2, 128)
+        .with_causal(false)
+        .with_window(20, 13)
+        .with_rope(Rope { base: 500.0, mode: PosMode::Token });
     let case = Case::random(cfg, Weights::random(&cfg, 3), 2, 50, 70, DType::F32, 4);
     case.check(be, &format!("multi-tile mea, two-sided window, d = 128, {what}"));
     // Global causal IHA, batch 2, 400 virtual queries per head: many query and key tiles.

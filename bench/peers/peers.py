@@ -5,11 +5,11 @@ Peers, per configuration (all causal prefill, M = N, inputs token-major [B, N, h
   mha             F.scaled_dot_product_attention under sdpa_kernel(CUDNN_ATTENTION) and (FLASH_ATTENTION)
   gqa             the same with enable_gqa=True (no repeat_kv copy)
   mea, mea-compressed
-                  einsum K/V mixing of the Hk stored heads into H heads, SDPA, F.rms_norm * gamma
+                  einsum K/V mixing of the Hk stored heads into H heads, SDPA, F.group_norm(H groups)
   iha             einsum mixing of q, k, v into P pseudo-heads, reshape to N*P virtual tokens, SDPA
                   (cuDNN, flash), reshape back, einsum collapse by r
   iha-local       the same pipeline with FlexAttention (torch.compile) and a sliding-window block mask
-                  of W*P virtual tokens, W = N / (2 P^2) (the paper's schedule)
+                  of W*P virtual tokens (left W*P - 1, the query's own included), W = N / (2 P^2)
 
 The cases are headmix's own plan (`headmix bench --list --sweep S --backend cuda --json plan.json`;
 without --plan the script asks headmix for it), with headmix's FLOP and byte counts: both sides
@@ -27,7 +27,7 @@ output. Writes the JSON schema of `headmix bench --json` (headmix-bench/1, bench
     python3 bench/peers/peers.py --dry-run                              # the plan, no torch needed
     python3 bench/peers/peers.py --plan plan.json --json peers.json     # a plan written elsewhere
 
-Written for PyTorch 2.11 (sdpa_kernel, enable_gqa, FlexAttention, F.rms_norm).
+Written for PyTorch 2.11 (sdpa_kernel, enable_gqa, FlexAttention, F.group_norm).
 """
 
 import argparse
@@ -96,7 +96,7 @@ def utc_now():
 
 def weights(torch, c, dev, dtype):
     """Random weights of a trained layer, as headmix's Weights::random shapes them: aq [Hq, H, P],
-    ak, av [Hk, H, P], r [H, H*P] (IHA), gamma [H, d] (MEA); N(0, 1/fan_in) entries."""
+    ak, av [Hk, H, P], r [H, H*P] (IHA), gamma, beta [H, d] (MEA's GroupNorm); N(0, 1/fan_in) entries."""
     h, hk, p, d = c["heads"], c["kv_heads"], c["pseudo"], c["head_dim"]
     gen = torch.Generator(device="cpu").manual_seed(42)
 
@@ -109,7 +109,7 @@ def weights(torch, c, dev, dtype):
     if method in ("mea", "mea-compressed"):
         ak = randn(hk, h, 1, scale=1 / math.sqrt(hk))
         av = randn(hk, h, 1, scale=1 / math.sqrt(hk))
-        return {"ak": ak, "av": av, "gamma": 1 + randn(h, d, scale=0.1)}
+        return {"ak": ak, "av": av, "gamma": 1 + randn(h, d, scale=0.1), "beta": randn(h, d, scale=0.1)}
     return {
         "aq": randn(h, h, p, scale=1 / math.sqrt(h)),
         "ak": randn(hk, h, p, scale=1 / math.sqrt(hk)),
@@ -150,7 +150,7 @@ def torch_pipelines(torch, c, dev, w):
             suffix = " (enable_gqa)" if gqa else ""
             out.append((f"torch sdpa {name}{suffix}", fn))
     elif method in ("mea", "mea-compressed"):
-        ak, av, gamma = w["ak"][:, :, 0], w["av"][:, :, 0], w["gamma"]
+        ak, av, gamma, beta = w["ak"][:, :, 0], w["av"][:, :, 0], w["gamma"], w["beta"]
         for name, backend in sdpa_backends:
             attend = sdpa(backend)
 
@@ -158,9 +158,12 @@ def torch_pipelines(torch, c, dev, w):
                 kt = torch.einsum("bmcd,ch->bmhd", k, ak)  # mix the Hk stored heads into H heads
                 vt = torch.einsum("bmcd,ch->bmhd", v, av)
                 o = attend(q.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2)).transpose(1, 2)
-                return F.rms_norm(o, (d,), eps=1e-5) * gamma  # head-level RMS norm
+                # MEA's head-level GroupNorm: GroupNorm(H, H*d) over the concatenated heads.
+                bn = o.shape[0] * o.shape[1]
+                y = F.group_norm(o.reshape(bn, h * d), h, gamma.reshape(-1), beta.reshape(-1), eps=1e-5)
+                return y.reshape(o.shape)
 
-            out.append((f"torch einsum + sdpa {name} + rms_norm (unfused)", fn))
+            out.append((f"torch einsum + sdpa {name} + group_norm (unfused)", fn))
     else:
         aq, ak, av = w["aq"], w["ak"], w["av"]
         r = w["r"].reshape(h, h, p)  # r[g, h'*P + p] as [g, h', p]
@@ -237,8 +240,10 @@ def reference(torch, c, q, k, v, w):
     else:
         out = o.reshape(b, n, h, d)  # P = 1
     # 8. Head norm.
-    if "gamma" in w:
-        out = w["gamma"] * out / torch.sqrt(out.pow(2).mean(-1, keepdim=True) + 1e-5)
+    if "gamma" in w:  # MEA's GroupNorm, one group per head: centred, biased variance, bias
+        mu = out.mean(-1, keepdim=True)
+        var = (out - mu).pow(2).mean(-1, keepdim=True)
+        out = w["gamma"] * (out - mu) / torch.sqrt(var + 1e-5) + w["beta"]
     return out
 
 

@@ -236,7 +236,10 @@ pub fn visible_key_counts(backend: &dyn Backend, cfg: Config, n: usize, m: usize
     let cfg = cfg.with_scale(1e-7);
     let case = Case::random(cfg, Weights::random(&cfg, seed), 1, n, m, DType::F32, seed);
     let (_, lse) = case.run(backend).unwrap_or_else(|e| panic!("visible_key_counts: {e}"));
-    lse[..n * cfg.pseudo].iter().map(|&l| if l == f32::NEG_INFINITY { 0 } else { (l as f64).exp().round() as usize }).collect()
+    lse[..n * cfg.pseudo]
+        .iter()
+        .map(|&l| if l == f32::NEG_INFINITY { 0 } else { (l as f64).exp().round() as usize })
+        .collect()
 }
 
 /// IHA-local's window against its definition on `backend`: each virtual query sees exactly
@@ -273,7 +276,13 @@ pub fn check_group_norm(backend: &dyn Backend, label: &str) {
         case.check(backend, &what);
         let (out, _) = case.run(backend).unwrap();
         let with_norm = |norm: HeadNorm<Vec<f32>>| {
-            let mut wrong = Case { weights: case.weights.clone(), q: case.q.clone(), k: case.k.clone(), v: case.v.clone(), problem: case.problem };
+            let mut wrong = Case {
+                weights: case.weights.clone(),
+                q: case.q.clone(),
+                k: case.k.clone(),
+                v: case.v.clone(),
+                problem: case.problem,
+            };
             wrong.weights.norm = Some(norm);
             wrong
         };

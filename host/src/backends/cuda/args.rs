@@ -61,10 +61,11 @@ pub fn norm_code(kind: Option<NormKind>) -> i32 {
 }
 
 impl HmArgs {
-    /// Sizes and options of a validated problem (pointers left zero; `norm` is set to
-    /// [`NORM_RMS`] when the problem norms: the caller sets the kind the weights carry). Validation bounds every
+    /// Sizes and options of a validated problem with the head norm the weights carry (pointers
+    /// left zero: the caller sets them, `gamma` and, for `Group`, `beta`). Validation bounds every
     /// size and the window edges by `i32::MAX`, so the casts are exact.
-    pub fn from_problem(pb: &Problem) -> HmArgs {
+    pub fn from_problem(pb: &Problem, norm: Option<NormKind>) -> HmArgs {
+        debug_assert_eq!(pb.norm, norm.is_some(), "the problem and the weights disagree on the norm");
         let c = &pb.cfg;
         let (wl, wr) =
             c.window.map(|w| (w.left.min(i32::MAX as usize), w.right.min(i32::MAX as usize))).unwrap_or((0, 0));
@@ -85,7 +86,7 @@ impl HmArgs {
             rope_token: matches!(c.rope.map(|r| r.mode), Some(PosMode::Token)) as i32,
             pos0: c.pos_offset as i32,
             collapse: pb.collapse as i32,
-            norm: if pb.norm { NORM_RMS } else { NORM_NONE },
+            norm: norm_code(norm),
             has_lse: 0,
             scale_log2: c.softmax_scale() * std::f32::consts::LOG2_E,
             rope_base: c.rope.map(|r| r.base).unwrap_or(10000.0),

@@ -436,7 +436,7 @@ impl CudaBackend {
                 norm: problem.norm,
                 checked: crate::validate::Checked(()), // sizes of a validated decode problem
             };
-            let mut args = HmArgs::from_problem(&fwd);
+            let mut args = HmArgs::from_problem(&fwd, dw.norm_kind());
             let cap_p = (shape.capacity * c.pseudo).min(i32::MAX as usize) as i32;
             args.window_left = args.window_left.min(cap_p);
             args.window_right = args.window_right.min(cap_p);

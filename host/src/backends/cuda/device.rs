@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use super::args::{HmArgs, norm_code};
+use super::args::HmArgs;
 use super::variants::Kernel;
 use super::{CudaBackend, dev_err, drv};
 use crate::validate::{Binding, Problem, validate_config, validate_weights};
@@ -294,7 +294,7 @@ impl CudaBackend {
             None => (0, None),
         };
         let at = |slot: usize| wp + 4 * w.offsets[slot] as u64;
-        let mut args = HmArgs::from_problem(pb);
+        let mut args = HmArgs::from_problem(pb, w.norm);
         args.q = io.q;
         args.k = io.k;
         args.v = io.v;
@@ -308,7 +308,6 @@ impl CudaBackend {
         args.r = if w.collapse { at(3) } else { 0 };
         args.gamma = if w.norm.is_some() { at(4) } else { 0 };
         args.beta = if w.norm == Some(NormKind::Group) { at(5) } else { 0 };
-        args.norm = norm_code(w.norm);
 
         let t = attn_v.tiles();
         let grid = ((pb.n * c.pseudo).div_ceil(t.br) as u32, c.heads as u32, pb.batch as u32);

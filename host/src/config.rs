@@ -18,6 +18,43 @@ pub enum Method {
 }
 
 impl Method {
+    /// The named methods, in the order tests, the CLI, the benchmarks and their reports list them
+    /// (every method but [`Method::Custom`]).
+    pub const ALL: [Method; 6] =
+        [Method::Mha, Method::Gqa, Method::Mea, Method::MeaCompressed, Method::Iha, Method::IhaLocal];
+
+    /// The named method called `name` (as [`Method::name`] spells it).
+    pub fn parse(name: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// Whether the method stores fewer key/value heads than heads (`Hk` is a free parameter).
+    pub fn takes_kv_heads(self) -> bool {
+        matches!(self, Method::Gqa | Method::MeaCompressed)
+    }
+
+    /// Whether the method has pseudo-heads (`P` is a free parameter).
+    pub fn takes_pseudo(self) -> bool {
+        matches!(self, Method::Iha | Method::IhaLocal)
+    }
+
+    /// The configuration of a named method by its named constructor: `kv_heads` is read by
+    /// GQA and compressed MEA only, `pseudo` by IHA only, `seq_len` by IHA local only (its
+    /// window, the paper's `seq_len / (2 P²)` tokens). Not causal unless the method is.
+    /// [`Method::Custom`] gets the MHA shape, to be edited field by field.
+    pub fn config(self, heads: usize, kv_heads: usize, pseudo: usize, head_dim: usize, seq_len: usize) -> Result<Config> {
+        Ok(match self {
+            Method::Mha => Config::mha(heads, head_dim),
+            Method::Gqa => Config::gqa(heads, kv_heads, head_dim)?,
+            Method::Mea => Config::mea(heads, head_dim),
+            Method::MeaCompressed => Config::mea_compressed(heads, kv_heads, head_dim)?,
+            Method::Iha => Config::iha(heads, pseudo, head_dim),
+            Method::IhaLocal => Config::iha_local(heads, pseudo, head_dim, seq_len)?,
+            // No constructor: the MHA shape, to be edited field by field.
+            Method::Custom => Config::base(Method::Custom, heads, heads, heads, 1, head_dim),
+        })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Mha => "mha",

@@ -130,8 +130,7 @@ pub fn time_host_rotated<B: Backend + ?Sized>(
     let mut lse = vec![f32::NAN; problem.lse_len()];
     let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
     let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];
-    let mut seconds = Vec::with_capacity(reps);
-    for call in 0..=reps {
+    let seconds = time_wall(reps, |call| {
         let [q, k, v] = &inputs[call % inputs.len()];
         let io = Io {
             q: q.tensor(&qs),
@@ -140,11 +139,20 @@ pub fn time_host_rotated<B: Backend + ?Sized>(
             out: out.tensor_mut(&out_shape),
             lse: Some(&mut lse),
         };
-        let t = Instant::now();
-        backend.run(problem, w, io)?;
-        if call > 0 {
-            seconds.push(t.elapsed().as_secs_f64());
-        }
-    }
+        backend.run(problem, w, io)
+    })?;
     Ok(Timing { seconds, extra_bytes: 0, clock: "wall clock" })
+}
+
+/// Wall-clock seconds of `reps` calls `f(1)..=f(reps)` after one untimed warm-up call `f(0)`: the
+/// one host wall-clock loop (the CPU backend's `time`, the benchmarks' host stages and decode).
+pub fn time_wall(reps: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
+    f(0)?;
+    (1..=reps)
+        .map(|call| {
+            let t = Instant::now();
+            f(call)?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect()
 }

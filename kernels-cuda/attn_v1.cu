@@ -13,6 +13,9 @@
 //      (head norm applied here) or scatter them through r into the f32 collapse accumulator (the
 //      epilogue kernel norms and rounds it).
 // Shared memory (f32): q tile, k and v tiles, scores, three per-row statistics.
+static_assert(HM_SMEM == 4 * (HM_BR * HM_HDP + 2 * HM_BC * HM_HDP + HM_BR * HM_SSP + 3 * HM_BR),
+              "attn_v1: the kernel table's shared memory (HM_SMEM) is not this carve-up");
+static_assert((HM_BR * HM_HD) % HM_NT == 0, "attn_v1: HM_OPT = BR*HD/NT output elements per thread must be exact");
 
 extern "C" __global__ void __launch_bounds__(HM_NT) hm_attn_v1(const HmArgs a) {
     extern __shared__ float hm_smem[];

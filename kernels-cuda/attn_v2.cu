@@ -13,8 +13,8 @@
 //   B 16x8  (k x n, "col"): b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8..2t+9, n = g)
 //   C 16x8  (f32): c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
 
-#define V2_BR 64                    // virtual queries per block: 4 warps x 16 rows
-#define V2_BC 64                    // virtual keys per KV tile
+#define V2_BR HM_BR                 // virtual queries per block: 4 warps x 16 rows (kernel table)
+#define V2_BC HM_BC                 // virtual keys per KV tile (kernel table)
 #define V2_HDP (HM_HD + 8)          // row pitch of the 16-bit tiles (16 B pad: conflict-free fragments)
 #define V2_NS (V2_BC / 8)           // score n-tiles per warp
 #define V2_NO (HM_HD / 8)           // output n-tiles per warp
@@ -28,6 +28,9 @@
 #if HM_HD > 128 || HM_HD % 16 != 0
 #error "attn_v2 needs a head-dim capacity that is a multiple of 16, at most 128"
 #endif
+static_assert(V2_BR == 16 * (HM_NT / 32) && V2_BC % 16 == 0, "attn_v2: 16 query rows per warp, keys in steps of 16");
+static_assert(HM_SMEM == 2 * (V2_BR + 2 * V2_BC) * V2_HDP,
+              "attn_v2: the kernel table's shared memory (HM_SMEM) is not this carve-up");
 
 // D = A * B + D on the tensor cores, f32 accumulators.
 __device__ __forceinline__ void v2_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {

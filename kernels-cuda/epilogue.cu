@@ -2,7 +2,7 @@
 // acc holds sum_{h', p} r[h, h'*P + p] * op[n, h', p] accumulated by the attention kernel in f32.
 // One warp per output row (d <= 256, so at most 8 values per lane).
 
-#define HM_EPI_ROWS 4
+// HM_EPI_ROWS (rows per block) comes from the prelude (kernel_table.rs).
 
 extern "C" __global__ void __launch_bounds__(32 * HM_EPI_ROWS) hm_collapse_epilogue(const HmArgs a) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -1,22 +1,12 @@
-// Tile sizes per variant (FlashAttention-style "kernel traits"). Chosen so that the v1 kernel's
-// shared memory stays under 99 KiB (the opt-in limit of sm_86/sm_89; sm_80/sm_90 allow more).
-//
+// Derived tile quantities of the v1 kernel ("kernel traits"). The tile sizes themselves are not
+// restated here: the host's kernel table (host/src/backends/cuda/kernel_table.rs) puts them in
+// the prelude of every variant:
 //   HM_BR  virtual queries per block (one query tile)
 //   HM_BC  virtual keys per KV tile
 //   HM_NT  threads per block
-#ifndef HM_NT
-#define HM_NT 128
-#endif
-
-#if HM_HD <= 64
-#define HM_BR 32
-#define HM_BC 64
-#elif HM_HD <= 128
-#define HM_BR 32
-#define HM_BC 32
-#else
-#define HM_BR 16
-#define HM_BC 16
+//   HM_SMEM  dynamic shared memory per block, bytes (each kernel static_asserts its carve-up)
+#if !defined(HM_BR) || !defined(HM_BC) || !defined(HM_NT) || !defined(HM_SMEM)
+#error "HM_BR, HM_BC, HM_NT and HM_SMEM come from the host's prelude (kernel_table.rs)"
 #endif
 
 // Row pitch of the f32 shared tiles: +1 so that threads walking rows hit distinct banks.

@@ -79,10 +79,18 @@ fn k_pos(j: u32) -> u32 {
     return params.pos0 + j;
 }
 
-// Rotate the pair (x[t], x[t + d/2]) to position `pos`. cos/sin come from a host table built in
-// f64, one level per byte of `pos`, composed as rotations: accurate for any position.
+// Rotate the pair (x[t], x[t + d/2]) to position `pos`. cos/sin come from a host table built once
+// per call in f64 and stored as f32 (cos, sin) pairs, in one of two layouts:
+// - rope_levels == 0 (the forward): row `pos - pos0` of a table with one row per position of the
+//   call, for t < d/2: one read, no transcendental;
+// - rope_levels > 0 (decode over long caches, where a row per position would be large): one level
+//   per byte of `pos`, composed as rotations: accurate for any position.
 fn rotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
     var cs = vec2<f32>(1.0, 0.0);
+    if (params.rope_levels == 0u) {
+        let idx = params.rope_off + ((pos - params.pos0) * HALF + t) * 2u;
+        cs = vec2<f32>(weights[idx], weights[idx + 1u]);
+    }
     for (var l = 0u; l < params.rope_levels; l++) {
         let byte = (pos >> (8u * l)) & 255u;
         let idx = params.rope_off + ((l * 256u + byte) * HALF + t) * 2u;

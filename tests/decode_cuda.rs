@@ -65,6 +65,7 @@ fn decode_kernel_matches_the_spec_on_the_cpu_emulator() {
         let build = std::process::Command::new("g++")
             .args(["-std=c++20", "-O1", &format!("-DHM_DTYPE={dtype}"), &format!("-DHM_HD={hd}")])
             .args(["-DHM_MASK=3", "-DHM_NT=128"])
+            .arg(format!("-DHM_EPI_ROWS={}", headmix::backends::cuda::variants::EPI_ROWS))
             .arg(&src)
             .arg("-o")
             .arg(&bin)

@@ -40,12 +40,14 @@ fn every_variant_compiles_cleanly_for_sm80_and_sm90() {
         return;
     }
     let all = variants::all_variants();
-    // v1: 3 dtypes × 5 head-dim capacities (mask at run time); v2: f16/bf16 × 4 capacities × 3
-    // mask kinds; one epilogue per dtype.
-    let expected = 3 * variants::HEAD_DIMS.len() + 2 * variants::V2_HEAD_DIMS.len() * 3 + 3;
-    assert_eq!(all.len(), expected, "the variant list changed: update this test");
-    for kernel in [Kernel::AttnV1, Kernel::AttnV2, Kernel::CollapseEpilogue] {
-        assert!(all.iter().any(|v| v.kernel == kernel), "{kernel:?} is never compiled");
+    // Every entry of the kernel table × its dtypes × head dims × mask kinds × options.
+    let expected: usize = variants::KERNELS
+        .iter()
+        .map(|s| s.dtypes.len() * s.head_dims.len().max(1) * s.masks.len() * s.options.len())
+        .sum();
+    assert_eq!(all.len(), expected);
+    for spec in variants::KERNELS {
+        assert!(all.iter().any(|v| v.kernel == spec.kernel), "{} is never compiled", spec.name);
     }
     let t = Instant::now();
     for arch in ARCHS {
@@ -99,6 +101,33 @@ fn a_broken_kernel_is_a_typed_compile_error() {
     }
 }
 
+/// The tile sizes and shared memory live only in the kernel table's prelude: each attention kernel
+/// `static_assert`s its shared-memory carve-up against `HM_SMEM`, and `traits.cuh` refuses a
+/// source without the prelude's tile sizes. Negative controls: a table figure off by 16 bytes,
+/// or a missing `HM_BR`, does not compile.
+#[test]
+fn a_wrong_kernel_table_entry_does_not_compile() {
+    if !nvrtc_or_skip("a_wrong_kernel_table_entry_does_not_compile") {
+        return;
+    }
+    for v in [
+        Variant::attention(Kernel::AttnV1, headmix::DType::F32, 64, MaskKind::None).unwrap(),
+        Variant::attention(Kernel::AttnV2, headmix::DType::BF16, 128, MaskKind::Causal).unwrap(),
+    ] {
+        let smem = v.tiles().smem;
+        compile::check_clean(&v.name(), "sm_80", &compile::compile_uncached(&v, "sm_80").unwrap(), v.kernel.entry())
+            .unwrap();
+        let (right, wrong) = (format!("#define HM_SMEM {smem}\n"), format!("#define HM_SMEM {}\n", smem - 16));
+        let src = compile::source(&v);
+        assert_eq!(src.matches(&right).count(), 1, "{}: the prelude defines HM_SMEM once", v.name());
+        let err = compile::compile_source("wrong_smem", &src.replacen(&right, &wrong, 1), "sm_80").unwrap_err();
+        assert!(err.to_string().contains("HM_SMEM"), "{}: {err}", v.name());
+        let br = format!("#define HM_BR {}\n", v.tiles().br);
+        let err = compile::compile_source("no_br", &src.replacen(&br, "", 1), "sm_80").unwrap_err();
+        assert!(err.to_string().contains("prelude"), "{}: {err}", v.name());
+    }
+}
+
 #[test]
 fn v2_refuses_what_it_cannot_run() {
     if !nvrtc_or_skip("v2_refuses_what_it_cannot_run") {
@@ -107,7 +136,7 @@ fn v2_refuses_what_it_cannot_run() {
     // f32 and head dims above 128 are compile-time errors of v2 (the host never asks for them:
     // it falls back to v1), so a wrong variant list cannot silently build a broken kernel.
     for (dtype, hd) in [(headmix::DType::F32, 64), (headmix::DType::BF16, 256)] {
-        let v = Variant { kernel: Kernel::AttnV2, dtype: dtype.into(), hd, mask: MaskKind::Causal };
+        let v = Variant { kernel: Kernel::AttnV2, dtype: dtype.into(), hd, mask: MaskKind::Causal, option: 0 };
         let err = compile::compile_uncached(&v, "sm_80").unwrap_err();
         assert!(err.to_string().contains("attn_v2"), "{err}");
         assert!(Variant::attention(Kernel::AttnV2, dtype, hd, MaskKind::Causal).is_none());
@@ -154,21 +183,6 @@ fn ptx_disk_cache_is_keyed_and_read_back() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// (kernel version, dtype code, head-dim capacity, mask code): every kernel, dtype, mask kind and
-/// capacity at least once. `kernels-cuda/emu/run.sh` runs all of them.
-const EMU_VARIANTS: [(u32, u32, u32, u32); 10] = [
-    (1, 0, 32, 3),
-    (1, 0, 64, 3),
-    (1, 1, 96, 3),
-    (1, 2, 128, 3),
-    (1, 2, 256, 3),
-    (2, 1, 32, 2),
-    (2, 2, 64, 1),
-    (2, 1, 96, 0),
-    (2, 2, 128, 2),
-    (2, 1, 64, 1),
-];
-
 /// g++ 12 or newer (C++20 and `_Float16` on x86), or a one-line skip (a failure under
 /// `HEADMIX_REQUIRE_EMU=1`).
 fn gxx_or_skip(test: &str) -> bool {
@@ -197,7 +211,15 @@ fn kernels_match_the_spec_on_the_cpu_emulator() {
     if !gxx_or_skip("kernels_match_the_spec_on_the_cpu_emulator") {
         return;
     }
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda/emu/emu.cpp");
+    let kernels = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda");
+    let src = kernels.join("emu/emu.cpp");
+    // Every kernel, dtype, head-dim capacity, mask kind and option at least once (from the
+    // kernel table); `kernels-cuda/emu/run.sh` runs the whole grid. HEADMIX_EMU_ALL=1: the grid.
+    let grid = if std::env::var("HEADMIX_EMU_ALL").is_ok_and(|v| v == "1") {
+        variants::emu_grid()
+    } else {
+        variants::emu_cover()
+    };
     let dir = std::env::temp_dir().join(format!("headmix-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let t = Instant::now();
@@ -208,17 +230,14 @@ fn kernels_match_the_spec_on_the_cpu_emulator() {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(kernel, dtype, hd, mask)) = EMU_VARIANTS.get(i) else { break };
-                    let bin = dir.join(format!("emu_v{kernel}_t{dtype}_d{hd}_m{mask}"));
+                    let Some(v) = grid.get(i) else { break };
+                    let bin = dir.join(format!("emu_{}", v.name()));
+                    // The variant's prelude #defines as g++ flags (`headmix kernels --emu-grid`).
                     let build = std::process::Command::new("g++")
                         .args(["-std=c++20", "-O1"])
-                        .args([
-                            format!("-DHM_KERNEL={kernel}"),
-                            format!("-DHM_DTYPE={dtype}"),
-                            format!("-DHM_HD={hd}"),
-                            format!("-DHM_MASK={mask}"),
-                            "-DHM_NT=128".into(),
-                        ])
+                        .args(v.emu_flags())
+                        .arg("-iquote")
+                        .arg(&kernels)
                         .arg(&src)
                         .arg("-o")
                         .arg(&bin)
@@ -250,5 +269,5 @@ fn kernels_match_the_spec_on_the_cpu_emulator() {
     let _ = std::fs::remove_dir_all(&dir);
     let failures = failures.into_inner().unwrap();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    eprintln!("emu: {} variants in {:.1} s", EMU_VARIANTS.len(), t.elapsed().as_secs_f64());
+    eprintln!("emu: {} variants in {:.1} s", grid.len(), t.elapsed().as_secs_f64());
 }

@@ -224,6 +224,47 @@ fn multi_tile_cases(be: &WgpuBackend, what: &str) {
     case.check(be, &format!("multi-tile iha f16, {what}"));
 }
 
+/// RoPE from the host's per-call table (one (cos, sin) row per position, built in f64): both
+/// position modes, M > N (queries at bottom-right-aligned positions), offsets up to near 2^31 (the validated limit),
+/// several key tiles, on the flash kernel (with and without split-KV) and the naive one, against
+/// the f64 reference within the f32 tolerance. Negative controls: the reference with the other
+/// position mode, or another base, is outside that tolerance.
+#[test]
+fn rope_table_matches_reference_in_both_position_modes() {
+    let Some(be) = flash("rope_table_matches_reference_in_both_position_modes") else { return };
+    let split = WgpuBackend::new().expect("adapter present").with_kv_splits(Some(3));
+    let nv = naive("rope_table_matches_reference_in_both_position_modes").expect("adapter present");
+    let mut checked = 0;
+    for mode in [PosMode::Virtual, PosMode::Token] {
+        for (pos0, n, m, d) in [(0, 37, 90, 64), (65_536 + 17, 20, 45, 32), (2_147_000_000, 9, 30, 128)] {
+            let cfg = Config::iha(2, 3, d).with_rope(Rope { base: 10000.0, mode }).with_pos_offset(pos0);
+            let case = Case::random(cfg, Weights::random(&cfg, 31), 1, n, m, DType::F32, 32 + pos0 as u64);
+            let what = format!("{mode:?} pos0 {pos0} N {n} M {m} d {d}");
+            case.check(be.as_ref(), &format!("flash rope {what}"));
+            case.check(&split, &format!("flash split-KV rope {what}"));
+            if d == 32 {
+                // Within llvmpipe's loop budget for the naive kernel (one thread walks every key).
+                case.check(&nv, &format!("naive rope {what}"));
+            }
+            // Negative controls (RoPE scores depend on position differences only, so a global
+            // shift is invisible): the other position mode's relative positions, and a table of
+            // other frequencies, both move the output past the tolerance.
+            let (out, _) = case.run(be.as_ref()).expect("runs");
+            let other_mode = if mode == PosMode::Virtual { PosMode::Token } else { PosMode::Virtual };
+            for (rope, why) in
+                [(Rope { base: 10000.0, mode: other_mode }, "other mode"), (Rope { base: 9000.0, mode }, "other base")]
+            {
+                let mut wrong = Case::random(cfg, Weights::random(&cfg, 31), 1, n, m, DType::F32, 32 + pos0 as u64);
+                wrong.problem.cfg = cfg.with_rope(rope);
+                let err = headmix::reference::rel_err(&out, &wrong.reference(Rounding::Exact).out);
+                assert!(err > 1e-4, "{what}: the reference with the {why} must differ ({err:.2e})");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6);
+}
+
 /// Long loops: Mesa's llvmpipe silently ends an invocation's loops after 65535 iterations in all.
 /// The flash kernel must still be right on a long cache (it splits the keys under the adapter's
 /// loop budget), and the naive kernel must either be right or refuse with `Unsupported`, never

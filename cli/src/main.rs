@@ -1,4 +1,4 @@
-//! The `headmix` command line: one file per subcommand (`info`, `run`, `bench`, `compress`), each
+//! The `headmix` command line: one file per subcommand (`info`, `run`, `bench`, `compress`, `kernels`), each
 //! a `clap` derive struct with its own `main`. A new subcommand is a new file and one line in
 //! [`Command`].
 
@@ -8,6 +8,8 @@ mod bench;
 mod compress;
 mod flags;
 mod info;
+mod kernels;
+mod ptxas;
 mod run;
 mod run_backward;
 
@@ -29,6 +31,8 @@ enum Command {
     Bench(bench::Args),
     /// MEA KV-cache compression of the k/v projections in a safetensors file.
     Compress(compress::Args),
+    /// CUDA kernel variants: registers, occupancy, counted cost (a model), the exact NVRTC source.
+    Kernels(Box<kernels::Args>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -68,6 +72,7 @@ fn main() {
         Command::Run(args) => run::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Compress(args) => compress::main(args),
+        Command::Kernels(args) => kernels::main(*args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "headmix", &mut std::io::stdout());
             Ok(())

@@ -24,13 +24,13 @@ pub struct Args {
     backend: ::std::option::Option<BackendKind>,
     /// Batch size B, in 1..=2^31-1
     #[arg(long, default_value_t = 1, value_parser = flags::count(1, MAX))]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Query tokens N, in 1..=2^31-1
     #[arg(long, default_value_t = 256, value_parser = flags::count(1, MAX))]
-    seq: usize,
+    pub(crate) seq: usize,
     /// Key/value tokens M >= N (a KV-cache prefix) [default: N]
     #[arg(long, value_parser = flags::count(1, MAX))]
-    kv_seq: Option<usize>,
+    pub(crate) kv_seq: Option<usize>,
     /// Attention heads H, in 1..=2^31-1
     #[arg(long, default_value_t = 8, value_parser = flags::count(1, MAX))]
     heads: usize,
@@ -44,8 +44,8 @@ pub struct Args {
     #[arg(long, default_value_t = 64, value_parser = flags::count(2, MAX_HEAD_DIM))]
     head_dim: usize,
     /// Element type: f32, f16, bf16
-    #[arg(long, default_value = "f32", value_parser = flags::dtype)]
-    dtype: DType,
+    #[arg(long, value_parser = flags::dtype)]
+    pub(crate) dtype: Option<DType>,
     /// Sliding window L,R in virtual tokens (overrides iha-local's)
     #[arg(long, value_parser = flags::window)]
     window: Option<(usize, usize)>,
@@ -91,7 +91,7 @@ fn flag_of(e: &Error) -> &'static str {
 
 impl Args {
     /// The configuration named on the command line; flags that do not apply to it are errors.
-    fn config(&self) -> Result<Config, String> {
+    pub(crate) fn config(&self) -> Result<Config, String> {
         let m = self.config;
         if self.pseudo.is_some() && !m.takes_pseudo() {
             return Err(format!("--pseudo: applies to iha and iha-local only, not --config {}", m.name()));
@@ -146,7 +146,7 @@ pub fn done(t: Instant) {
 }
 
 pub fn main(a: Args) -> crate::Result {
-    let (n, batch, dtype) = (a.seq, a.batch, a.dtype);
+    let (n, batch, dtype) = (a.seq, a.batch, a.dtype.unwrap_or(DType::F32));
     let m = a.kv_seq.unwrap_or(n);
     let cfg = a.config()?;
     validate_sizes(&cfg, batch, n, m).map_err(|e| format!("{}: {e}", flag_of(&e)))?;

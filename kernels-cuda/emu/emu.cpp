@@ -4,12 +4,14 @@
 // as C++ with one fiber per CUDA thread: __syncthreads is a block barrier, warp shuffles and
 // mma.sync are warp-level exchanges through memory, and the tensor-core instruction is modelled
 // element by element from the fragment layout of the PTX ISA (independently of the kernel's own
-// fragment loads). Each build is one variant (-DHM_KERNEL=1|2 -DHM_DTYPE -DHM_HD -DHM_MASK); it
+// fragment loads). Each build is one variant: its g++ flags are the host's prelude #defines
+// (HM_KERNEL, HM_DTYPE, HM_HD, HM_MASK, HM_NT, HM_BR, ...) plus HM_KERNEL_FILE and HM_ENTRY, all
+// printed by `headmix kernels --emu-grid` from the kernel table (run.sh reads them); it
 // launches the kernels on random problems exactly as host/src/backends/cuda/device.rs does and
 // compares with a direct f64 implementation of docs/operator.md (same rounding points).
 // What it cannot check: real-GPU behaviour (memory model, occupancy, NVRTC-specific code paths).
 //
-// Run: kernels-cuda/emu/run.sh  (g++ >= 12, C++20).
+// Run: kernels-cuda/emu/run.sh  (g++ >= 12, C++20; builds the headmix CLI for the grid).
 
 #include <cmath>
 #include <cstdio>
@@ -39,7 +41,7 @@ struct Dim3 {
 // CUDA threads are fibers (ucontext) of one OS thread, switched only at barriers, in a random order
 // per round: a block runs fast and reproducibly, a barrier that not every thread reaches is
 // reported as a hang, and a missing barrier shows up as a wrong result.
-static constexpr int EMU_THREADS = 128;
+static constexpr int EMU_THREADS = 1024; // the most threads a block may have
 struct Fiber {
     ucontext_t ctx;
     Dim3 tid;
@@ -56,8 +58,8 @@ struct Barrier {
     int participants, arrived;
     std::vector<int> waiting;
 };
-static Barrier block_bar{EMU_THREADS, 0, {}};
-static Barrier warp_bar[EMU_THREADS / 32] = {{32, 0, {}}, {32, 0, {}}, {32, 0, {}}, {32, 0, {}}};
+static Barrier block_bar{0, 0, {}};
+static Barrier warp_bar[EMU_THREADS / 32];
 
 static void emu_wait(Barrier& b) {
     if (++b.arrived == b.participants) { // the last to arrive releases the others and runs on
@@ -120,11 +122,12 @@ inline unsigned short hm_f32_to_f16(float x) {
 }
 
 #include "../common.cuh"
+#ifndef HM_EMU_DECODE // decode_emu.cpp includes this file for the CUDA surface and launch only
 #include "../traits.cuh"
+#endif
 #include "../norm.cuh"
 
-#ifndef HM_EMU_DECODE // decode_emu.cpp includes this file for the CUDA surface and launch only
-#if HM_KERNEL == 2
+#ifndef HM_EMU_DECODE
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's 32 lanes each bring 4 A registers
 // and 2 B registers; lane l computes its 4 accumulators. Layout (PTX ISA, "Matrix fragments for
 // mma.m16n8k16", g = lane / 4, t = lane % 4, element e of a register pair: low half first):
@@ -151,14 +154,11 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     }
     emu_wait(warp_bar[w]);
 }
-#include "../attn_v2.cu"
-#define EMU_ATTN hm_attn_v2
-#define EMU_BR V2_BR
-#else
-#include "../attn_v1.cu"
-#define EMU_ATTN hm_attn_v1
-#define EMU_BR HM_BR
-#endif
+// The kernel under test (HM_KERNEL_FILE, HM_ENTRY: from the kernel table), then the epilogue.
+#define EMU_STR_(x) #x
+#define EMU_STR(x) EMU_STR_(x)
+#include EMU_STR(HM_KERNEL_FILE)
+#define EMU_ATTN HM_ENTRY
 #include "../epilogue.cu"
 #endif
 
@@ -176,10 +176,16 @@ static void fiber_main() {
 
 static std::mt19937 sched_rng(12345);
 
-// Run every block of the grid, one after another, each with EMU_THREADS fibers.
-static void launch(void (*kernel)(const HmArgs), Dim3 grid, const HmArgs& a) {
-    std::vector<int> order(EMU_THREADS);
-    for (int t = 0; t < EMU_THREADS; ++t) order[t] = t;
+// Run every block of the grid, one after another, each with `threads` fibers.
+static void launch(void (*kernel)(const HmArgs), Dim3 grid, const HmArgs& a, int threads = HM_NT) {
+    if (threads < 32 || threads > EMU_THREADS || threads % 32) {
+        std::fprintf(stderr, "emu: %d threads per block\n", threads);
+        std::exit(2);
+    }
+    block_bar = {threads, 0, {}};
+    for (auto& w : warp_bar) w = {32, 0, {}};
+    std::vector<int> order(threads);
+    for (int t = 0; t < threads; ++t) order[t] = t;
     emu_kernel = kernel;
     emu_args = &a;
     for (int z = 0; z < grid.z; ++z)
@@ -187,7 +193,7 @@ static void launch(void (*kernel)(const HmArgs), Dim3 grid, const HmArgs& a) {
             for (int x = 0; x < grid.x; ++x) {
                 std::memset(hm_smem, 0xff, sizeof(hm_smem)); // shared memory starts as garbage (NaN)
                 blockIdx = {x, y, z};
-                for (int t = 0; t < EMU_THREADS; ++t) {
+                for (int t = 0; t < threads; ++t) {
                     Fiber& f = fibers[t];
                     f.tid = {t, 0, 0};
                     f.state = 0;
@@ -411,8 +417,8 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     a.scale_log2 = p.scale * 1.4426950408889634f;
     a.rope_base = p.base;
     a.eps = p.eps;
-    launch(EMU_ATTN, {(nq + EMU_BR - 1) / EMU_BR, p.H, p.B}, a);
-    if (p.collapse) launch(hm_collapse_epilogue, {(p.B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, a);
+    launch(EMU_ATTN, {(nq + HM_BR - 1) / HM_BR, p.H, p.B}, a, HM_NT);
+    if (p.collapse) launch(hm_collapse_epilogue, {(p.B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, a, 32 * HM_EPI_ROWS);
 
     // Negative control (EMU_NEGATIVE=1): compare against the reference shifted by one element, which
     // every case must then fail (shows the comparison can fail).

@@ -1,33 +1,28 @@
 #!/usr/bin/env bash
 # Run every CUDA kernel variant on the CPU emulator (emu.cpp) against the f64 spec:
 #   kernels-cuda/emu/run.sh [cases per variant, default 12] [seed, default 1]
-# Needs g++ >= 12 (C++20, _Float16). Builds go to ${TMPDIR:-/tmp}/headmix-emu.
+# The variant grid and each variant's g++ flags (the host's prelude #defines) come from the kernel
+# table: `headmix kernels --emu-grid`. Set HEADMIX to a built headmix binary, else the CLI is built
+# with cargo. Needs g++ >= 12 (C++20, _Float16). Builds go to ${TMPDIR:-/tmp}/headmix-emu.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cases="${1:-12}"
 seed="${2:-1}"
 out="${TMPDIR:-/tmp}/headmix-emu"
 mkdir -p "$out"
-jobs=()
-for kernel in 1 2; do
-  for dtype in 0 1 2; do
-    for hd in 32 64 96 128 256; do
-      # v1 reads the mask at run time (HM_MASK 3); v2 is compiled per mask kind (0, 1, 2).
-      masks="0 1 2"; [ "$kernel" = 1 ] && masks="3"
-      for mask in $masks; do
-        if [ "$kernel" = 2 ] && { [ "$dtype" = 0 ] || [ "$hd" = 256 ]; }; then continue; fi
-        jobs+=("$kernel $dtype $hd $mask")
-      done
-    done
-  done
-done
+if [ -n "${HEADMIX:-}" ]; then
+  grid="$("$HEADMIX" kernels --emu-grid)"
+else
+  grid="$(cd "$here/../.." && cargo run --release -q -p headmix-cli -- kernels --emu-grid)"
+fi
 run_one() {
+  # $1: variant name, then its g++ flags (no spaces inside a flag).
   set -- $1
-  local bin="$out/emu_v$1_t$2_d$3_m$4"
-  g++ -std=c++20 -O1 -DHM_KERNEL="$1" -DHM_DTYPE="$2" -DHM_HD="$3" -DHM_MASK="$4" -DHM_NT=128 \
-    "$here/emu.cpp" -o "$bin"
-  "$bin" "$cases" "$seed"
+  local name="$1"
+  shift
+  g++ -std=c++20 -O1 "$@" -iquote "$here/.." "$here/emu.cpp" -o "$out/emu_$name"
+  "$out/emu_$name" "$cases" "$seed"
 }
 export -f run_one
 export here out cases seed
-printf '%s\n' "${jobs[@]}" | xargs -P "$(nproc)" -I{} bash -c 'run_one "{}"'
+printf '%s\n' "$grid" | xargs -P "$(nproc)" -I{} bash -c 'run_one "{}"'

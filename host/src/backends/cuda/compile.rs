@@ -43,9 +43,14 @@ fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// The exact source NVRTC compiles for a variant (what `headmix kernels --source` writes).
+pub fn source(variant: &Variant) -> String {
+    variant.source()
+}
+
 /// Compile one variant with NVRTC (uncached).
 pub fn compile_uncached(variant: &Variant, arch: &str) -> Result<Compiled> {
-    compile_source(&variant.name(), &variant.source(), arch)
+    compile_source(&variant.name(), &source(variant), arch)
 }
 
 /// Compile a CUDA source with the options of every variant; a compile error is an
@@ -104,7 +109,7 @@ fn fnv1a(parts: &[&str]) -> u64 {
 /// the NVRTC options and the architecture, so an edited kernel never reads a stale file.
 pub fn cache_file(dir: &Path, variant: &Variant, arch: &str) -> PathBuf {
     let opts = options(arch).join(" ");
-    let key = fnv1a(&[&variant.source(), &opts, arch]);
+    let key = fnv1a(&[&source(variant), &opts, arch]);
     dir.join(format!("headmix-{}-{arch}-{key:016x}.ptx", variant.name()))
 }
 

@@ -56,10 +56,9 @@ pub fn decode_source(dtype: DType) -> String {
         DType::BF16 => 2,
     };
     format!(
-        "// headmix decode_v1 {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{}\n{}\n",
+        "// headmix decode_v1 {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{}\n",
         dtype.name(),
         src::COMMON,
-        src::TRAITS,
         src::NORM,
         src::DECODE_V1
     )

@@ -2,23 +2,12 @@
 //!
 //! # The variant scheme
 //!
-//! The kernel sources live in `kernels-cuda/` and are embedded with `include_str!`. NVRTC gets one
-//! string per variant, with no include path: a prelude of `#define`s, then
-//!
-//! - `common.cuh`: the argument block `HmArgs`, storage types and f16/bf16 conversions written
-//!   with inline PTX (no `cuda_fp16.h`), warp reductions, the mask and RoPE positions;
-//! - `traits.cuh`: v1 tile sizes per head-dim capacity (the "kernel traits");
-//! - `norm.cuh`: the head norm (`Rms`, or MEA's `Group` with `beta`) as three device functions
-//!   (`hm_norm_mean`, `hm_norm_inv`, `hm_norm_apply`) every kernel that finishes rows calls;
-//! - one kernel file.
-//!
-//! A variant is (kernel version, dtype, head-dim capacity `HM_HD` in 32/64/96/128/256, mask kind
-//! `HM_MASK`: v2 is compiled per kind, dense/causal/window, v1 reads the mask flags at run time);
-//! the runtime `d` uses the smallest capacity `>= d`, with the tail zero-padded. `P`, the head
-//! counts, the window edges, RoPE and the epilogue switches are runtime
-//! arguments, so a few dozen modules serve every configuration. Modules are cached per (device,
-//! variant) for the life of the process, and PTX per (variant, arch) in memory and, under
-//! `HEADMIX_CACHE_DIR`, on disk.
+//! The kernel sources live in `kernels-cuda/` and are embedded with `include_str!`. Every kernel
+//! version is one entry of the kernel table ([`kernel_table::KERNELS`]); the variants, the
+//! `#define` prelude NVRTC compiles (tile sizes included), the launch shape, the emulator's grid
+//! and the count model all derive from it. `kernels-cuda/README.md` describes the scheme and how to
+//! add a version. Modules are cached per (device, variant) for the life of the process, and PTX per
+//! (variant, arch) in memory and, under `HEADMIX_CACHE_DIR`, on disk.
 //!
 //! Kernel versions, numbered llm.c style and kept side by side:
 //!
@@ -55,8 +44,10 @@
 
 pub mod args;
 pub mod compile;
+pub mod cost;
 pub mod decode;
 mod device;
+pub mod kernel_table;
 mod loader;
 pub mod variants;
 
@@ -186,18 +177,21 @@ impl CudaBackend {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("shared memory limit"))? as usize;
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
-        let kernel = match std::env::var("HEADMIX_CUDA_KERNEL").as_deref() {
-            Ok("v2") => Kernel::AttnV2,
-            Ok("v1") | Err(_) => Kernel::AttnV1,
-            Ok(other) => return Err(dev_err(format!("HEADMIX_CUDA_KERNEL={other}: expected v1 or v2"))),
+        let kernel = match std::env::var("HEADMIX_CUDA_KERNEL") {
+            Err(_) => Kernel::AttnV1,
+            Ok(name) => Kernel::parse(&name).filter(|k| k.spec().number > 0).ok_or_else(|| {
+                let names: Vec<_> = Kernel::attention().map(|k| k.name()).collect();
+                dev_err(format!("HEADMIX_CUDA_KERNEL={name}: expected one of {}", names.join(", ")))
+            })?,
         };
         Ok(CudaBackend { ctx, stream, ordinal, arch: format!("sm_{}{}", cc.0, cc.1), cc, name, max_smem, kernel })
     }
 
-    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2`). v2 runs
-    /// f16/bf16 with d <= 128 on sm_80+; other problems fall back to v1.
+    /// Ask for an attention kernel version (default v1, or `HEADMIX_CUDA_KERNEL=v1|v2|...`, the
+    /// names of the kernel table). Problems the kernel cannot run (dtype, head dim, compute
+    /// capability: its table entry) fall back to v1.
     pub fn with_kernel(mut self, kernel: Kernel) -> CudaBackend {
-        if kernel != Kernel::CollapseEpilogue {
+        if kernel.spec().number > 0 {
             self.kernel = kernel;
         }
         self
@@ -283,8 +277,8 @@ impl CudaBackend {
     /// for when it can run the problem on this device (else v1), then the collapse epilogue.
     pub fn variants_for(&self, pb: &Problem) -> Result<Vec<Variant>> {
         let (d, mask) = (pb.cfg.head_dim, MaskKind::of(&pb.cfg));
-        let preferred = match self.kernel {
-            Kernel::AttnV2 if self.cc >= (8, 0) => Variant::attention(Kernel::AttnV2, pb.dtype, d, mask),
+        let preferred = match self.kernel.spec() {
+            spec if self.cc >= spec.min_cc => Variant::attention(self.kernel, pb.dtype, d, mask),
             _ => None,
         };
         let attn = preferred.or_else(|| Variant::attention(Kernel::AttnV1, pb.dtype, d, mask));
@@ -299,6 +293,11 @@ impl CudaBackend {
     /// them if needed): what benchmarks report next to their timings.
     pub fn kernel_info(&self, pb: &Problem) -> Result<Vec<KernelInfo>> {
         self.variants_for(pb)?.into_iter().map(|v| Ok(self.function(v)?.info.clone())).collect()
+    }
+
+    /// Registers, shared memory and local memory of one variant (compiled and loaded if needed).
+    pub fn variant_info(&self, v: Variant) -> Result<KernelInfo> {
+        Ok(self.function(v)?.info.clone())
     }
 
     /// Compile and load every variant now (instead of on first use); returns their resource use.
@@ -347,13 +346,8 @@ impl Backend for CudaBackend {
             d.push(("NVRTC".into(), format!("{major}.{minor} ({})", loader::nvrtc().unwrap_or("?"))));
         }
         d.push(("shared memory per block (opt-in)".into(), format!("{} KiB", self.max_smem / 1024)));
-        d.push((
-            "attention kernel".into(),
-            format!(
-                "{} (v1: FMA, f32 on chip; v2: mma.sync tensor cores, f16/bf16, d <= 128, sm_80+)",
-                self.kernel.name()
-            ),
-        ));
+        let spec = self.kernel.spec();
+        d.push(("attention kernel".into(), format!("{} ({})", spec.name, spec.summary)));
         let loaded = modules().lock().unwrap_or_else(|e| e.into_inner());
         let mut names: Vec<_> = loaded.iter().filter(|((o, _), _)| *o == self.ordinal).collect();
         names.sort_by_key(|((_, v), _)| *v);

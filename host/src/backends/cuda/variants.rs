@@ -1,90 +1,24 @@
-//! The kernel variants: which source, which `#define`s, and the tile sizes the host must mirror.
+//! The kernel variants: one compiled instantiation of a [`KernelSpec`] of the kernel table, and
+//! the NVRTC source of each (a `#define` prelude generated from the table, the shared headers,
+//! the kernel file).
 
+pub use super::kernel_table::{EPI_ROWS, KERNELS, Kernel, KernelSpec, MaskKind};
 use crate::DType;
 
-/// Kernel sources, embedded at build time (NVRTC gets one concatenated string, no includes).
+/// Shared sources, embedded at build time (NVRTC gets one concatenated string, no includes).
 pub mod src {
     pub const COMMON: &str = include_str!("../../../../kernels-cuda/common.cuh");
     pub const TRAITS: &str = include_str!("../../../../kernels-cuda/traits.cuh");
     pub const NORM: &str = include_str!("../../../../kernels-cuda/norm.cuh");
-    pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
-    pub const ATTN_V2: &str = include_str!("../../../../kernels-cuda/attn_v2.cu");
-    pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
+    /// The decode kernels (not in the kernel table yet: `decode.rs` assembles their source).
     pub const DECODE_V1: &str = include_str!("../../../../kernels-cuda/decode_v1.cu");
 }
 
-/// Numbered kernel versions (llm.c style); each stays available and tested.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kernel {
-    /// v1: fused FMA kernel, f32 accumulation, mixing and online softmax in shared memory.
-    AttnV1,
-    /// v2: tensor cores (mma.sync m16n8k16), f16/bf16, head dims up to 128, sm_80+.
-    AttnV2,
-    /// The collapse epilogue (head norm and rounding of the f32 accumulator).
-    CollapseEpilogue,
-}
-
-impl Kernel {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::AttnV1 => "v1",
-            Kernel::AttnV2 => "v2",
-            Kernel::CollapseEpilogue => "epilogue",
-        }
-    }
-
-    /// The `extern "C"` entry point in the module.
-    pub fn entry(self) -> &'static str {
-        match self {
-            Kernel::AttnV1 => "hm_attn_v1",
-            Kernel::AttnV2 => "hm_attn_v2",
-            Kernel::CollapseEpilogue => "hm_collapse_epilogue",
-        }
-    }
-
-    /// Whether the kernel is compiled per mask kind (else one `MaskKind::Runtime` module).
-    pub fn specialises_mask(self) -> bool {
-        self == Kernel::AttnV2
-    }
-
-    /// The head-dim capacities compiled for a dtype (empty: the kernel does not run it).
-    pub fn head_dims(self, dtype: DType) -> &'static [usize] {
-        match (self, dtype) {
-            (Kernel::AttnV1, _) => &HEAD_DIMS,
-            (Kernel::AttnV2, DType::F16 | DType::BF16) => &V2_HEAD_DIMS,
-            (Kernel::AttnV2, DType::F32) | (Kernel::CollapseEpilogue, _) => &[],
-        }
-    }
-
-    fn body(self) -> &'static str {
-        match self {
-            Kernel::AttnV1 => src::ATTN_V1,
-            Kernel::AttnV2 => src::ATTN_V2,
-            Kernel::CollapseEpilogue => src::EPILOGUE,
-        }
-    }
-}
-
-/// Compile-time head-dim capacities; a runtime `d` uses the smallest capacity `>= d`.
-pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
-/// The capacities of the tensor-core v2 (multiples of 16, its accumulators fit registers).
-pub const V2_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
-
-/// The mask kind compiled into a variant (`HM_MASK`): dense variants carry no mask code, causal
-/// ones only `j <= i'`; the window variant handles a window with or without causality; `Runtime`
-/// reads both flags at run time (one module for every mask, used by the baseline v1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum MaskKind {
-    None,
-    Causal,
-    Window,
-    Runtime,
-}
+/// The shared headers, in the order NVRTC gets them after the prelude (no `#include`: one
+/// concatenated string). A new shared header is one more line here.
+pub const HEADERS: &[(&str, &str)] = &[("common.cuh", src::COMMON), ("traits.cuh", src::TRAITS), ("norm.cuh", src::NORM)];
 
 impl MaskKind {
-    /// The kinds a specialising kernel is compiled for.
-    pub const ALL: [MaskKind; 3] = [MaskKind::None, MaskKind::Causal, MaskKind::Window];
-
     /// The mask kind a configuration needs.
     pub fn of(cfg: &crate::Config) -> MaskKind {
         match (cfg.window, cfg.causal) {
@@ -94,7 +28,8 @@ impl MaskKind {
         }
     }
 
-    fn code(self) -> u32 {
+    /// `HM_MASK` in the prelude.
+    pub fn code(self) -> u32 {
         match self {
             MaskKind::None => 0,
             MaskKind::Causal => 1,
@@ -103,7 +38,7 @@ impl MaskKind {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             MaskKind::None => "dense",
             MaskKind::Causal => "causal",
@@ -122,6 +57,8 @@ pub struct Variant {
     pub hd: usize,
     /// Mask kind (`None` for kernels without a mask).
     pub mask: MaskKind,
+    /// Index into the kernel's [`KernelSpec::options`] (0 for kernels with one).
+    pub option: u8,
 }
 
 /// `DType` with an order (for sorted listings).
@@ -143,14 +80,15 @@ impl From<DType> for DTypeKey {
 }
 
 impl DTypeKey {
-    fn code(self) -> u32 {
+    /// `HM_DTYPE` in the prelude.
+    pub fn code(self) -> u32 {
         match self {
             DTypeKey::F32 => 0,
             DTypeKey::F16 => 1,
             DTypeKey::BF16 => 2,
         }
     }
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             DTypeKey::F32 => "f32",
             DTypeKey::F16 => "f16",
@@ -159,98 +97,170 @@ impl DTypeKey {
     }
 }
 
-/// Tile sizes of a variant: mirrors `traits.cuh` (checked against it by the NVRTC test through
-/// the compiled shared-memory sizes on a device, and by `traits_match_header` below).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tiles {
-    /// Virtual queries per block.
-    pub br: usize,
-    /// Virtual keys per KV tile.
-    pub bc: usize,
-    /// Threads per block.
-    pub threads: usize,
-    /// Dynamic shared memory in bytes.
-    pub smem: usize,
+impl From<DTypeKey> for DType {
+    fn from(d: DTypeKey) -> Self {
+        match d {
+            DTypeKey::F32 => DType::F32,
+            DTypeKey::F16 => DType::F16,
+            DTypeKey::BF16 => DType::BF16,
+        }
+    }
 }
 
-pub const THREADS: usize = 128;
-/// Output rows per block of the epilogue (`HM_EPI_ROWS`).
-pub const EPI_ROWS: usize = 4;
+/// Launch shape of a variant, from the kernel table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiles {
+    /// Virtual queries per block (`HM_BR`; output rows per block for the epilogue).
+    pub br: usize,
+    /// Virtual keys per KV tile (`HM_BC`).
+    pub bc: usize,
+    /// Threads per block (`HM_NT`).
+    pub threads: usize,
+    /// Dynamic shared memory in bytes (`HM_SMEM`).
+    pub smem: usize,
+}
 
 impl Variant {
     /// The epilogue of a dtype.
     pub fn epilogue(dtype: DType) -> Variant {
-        Variant { kernel: Kernel::CollapseEpilogue, dtype: dtype.into(), hd: 0, mask: MaskKind::None }
+        Variant { kernel: Kernel::CollapseEpilogue, dtype: dtype.into(), hd: 0, mask: MaskKind::None, option: 0 }
     }
 
     /// The attention variant for a runtime head dim `d`: the smallest capacity `>= d` the kernel
-    /// has (None when the kernel cannot run `d` or `dtype`).
+    /// has (None when the kernel cannot run `d` or `dtype`), its first option.
     /// A kernel that does not specialise on the mask gets its `Runtime` module.
     pub fn attention(kernel: Kernel, dtype: DType, d: usize, mask: MaskKind) -> Option<Variant> {
         let mask = if kernel.specialises_mask() { mask } else { MaskKind::Runtime };
-        kernel.head_dims(dtype).iter().find(|&&c| c >= d).map(|&hd| Variant { kernel, dtype: dtype.into(), hd, mask })
+        kernel.head_dims(dtype).iter().find(|&&c| c >= d).map(|&hd| Variant {
+            kernel,
+            dtype: dtype.into(),
+            hd,
+            mask,
+            option: 0,
+        })
+    }
+
+    /// This variant's kernel-table entry.
+    pub fn spec(&self) -> &'static KernelSpec {
+        self.kernel.spec()
+    }
+
+    /// The variant of a name (as [`Variant::name`] writes it), if it is in [`all_variants`].
+    pub fn parse(name: &str) -> Option<Variant> {
+        all_variants().into_iter().find(|v| v.name() == name)
     }
 
     pub fn name(&self) -> String {
-        match self.kernel {
-            Kernel::CollapseEpilogue => format!("{}_{}", self.kernel.name(), self.dtype.name()),
-            _ => format!("{}_{}_d{}_{}", self.kernel.name(), self.dtype.name(), self.hd, self.mask.name()),
+        let spec = self.spec();
+        let option = spec.options[self.option as usize].name;
+        let sep = if option.is_empty() { "" } else { "_" };
+        if spec.head_dims.is_empty() {
+            format!("{}_{}{sep}{option}", spec.name, self.dtype.name())
+        } else {
+            format!("{}_{}_d{}_{}{sep}{option}", spec.name, self.dtype.name(), self.hd, self.mask.name())
         }
     }
 
-    /// The full NVRTC source: a `#define` prelude, the shared headers, the kernel.
-    pub fn source(&self) -> String {
-        let hd = if self.hd == 0 { 32 } else { self.hd };
-        format!(
-            "// headmix variant {}\n#define HM_DTYPE {}\n#define HM_HD {}\n#define HM_MASK {}\n#define HM_NT {}\n{}\n{}\n{}\n{}\n",
-            self.name(),
-            self.dtype.code(),
-            hd,
-            self.mask.code(),
-            THREADS,
-            src::COMMON,
-            src::TRAITS,
-            src::NORM,
-            self.kernel.body()
-        )
-    }
-
-    /// Tiles and launch shape (mirrors `traits.cuh` and the kernels' shared-memory carve-up).
+    /// Tiles and launch shape, from the kernel table.
     pub fn tiles(&self) -> Tiles {
-        match self.kernel {
-            Kernel::CollapseEpilogue => Tiles { br: EPI_ROWS, bc: 0, threads: 32 * EPI_ROWS, smem: 0 },
-            Kernel::AttnV1 => {
-                let (br, bc) = match self.hd {
-                    0..=64 => (32, 64),
-                    65..=128 => (32, 32),
-                    _ => (16, 16),
-                };
-                let hdp = self.hd + 1;
-                // qs [BR][HDP], ks and vs [BC][HDP], ss [BR][BC+1], three row statistics [BR].
-                let floats = br * hdp + 2 * bc * hdp + br * (bc + 1) + 3 * br;
-                Tiles { br, bc, threads: THREADS, smem: floats * 4 }
-            }
-            // 4 warps of 16 query rows; qs [64][HD+8], ks and vs [64][HD+8], all 16-bit.
-            Kernel::AttnV2 => Tiles { br: 64, bc: 64, threads: THREADS, smem: 3 * 64 * (self.hd + 8) * 2 },
+        let spec = self.spec();
+        let (br, bc) = (spec.tiles)(self.hd);
+        Tiles { br, bc, threads: spec.threads, smem: (spec.smem)(self.hd, br, bc) }
+    }
+
+    /// The `#define`s that select this variant, in prelude order: every one of them comes from the
+    /// kernel table (the headers and kernels restate none).
+    pub fn defines(&self) -> Vec<(&'static str, i64)> {
+        let (spec, t) = (self.spec(), self.tiles());
+        let mut d = vec![("HM_KERNEL", spec.number as i64), ("HM_DTYPE", self.dtype.code() as i64)];
+        if self.hd > 0 {
+            d.push(("HM_HD", self.hd as i64));
         }
+        d.extend([
+            ("HM_MASK", self.mask.code() as i64),
+            ("HM_NT", t.threads as i64),
+            ("HM_BR", t.br as i64),
+            ("HM_BC", t.bc as i64),
+            ("HM_SMEM", t.smem as i64),
+            ("HM_EPI_ROWS", EPI_ROWS as i64),
+        ]);
+        d.extend(spec.options[self.option as usize].defines.iter().copied());
+        d
+    }
+
+    /// The prelude NVRTC gets first: a comment naming the variant, then [`Variant::defines`].
+    pub fn prelude(&self) -> String {
+        let mut p = format!("// headmix variant {} (prelude generated from kernel_table.rs)\n", self.name());
+        for (name, value) in self.defines() {
+            p += &format!("#define {name} {value}\n");
+        }
+        p
+    }
+
+    /// The full NVRTC source: the prelude, the shared headers, the kernel.
+    pub fn source(&self) -> String {
+        let mut s = self.prelude();
+        for (_, text) in HEADERS {
+            s += text;
+            s += "\n";
+        }
+        s += self.spec().source;
+        s += "\n";
+        s
+    }
+
+    /// The g++ flags that build this variant on the CPU emulator (`kernels-cuda/emu/emu.cpp`):
+    /// the prelude's defines, the kernel file and its entry point.
+    pub fn emu_flags(&self) -> Vec<String> {
+        let spec = self.spec();
+        let mut f: Vec<String> = self.defines().iter().map(|(n, v)| format!("-D{n}={v}")).collect();
+        f.push(format!("-DHM_KERNEL_FILE={}", spec.file)); // emu.cpp stringizes it
+        f.push(format!("-DHM_ENTRY={}", spec.entry));
+        f
     }
 }
 
-/// Every variant the backend can launch.
+/// Every variant the backend can launch: each kernel-table entry × its dtypes × head-dim
+/// capacities × mask kinds × options.
 pub fn all_variants() -> Vec<Variant> {
     let mut v = Vec::new();
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
-        for hd in HEAD_DIMS {
-            v.push(Variant { kernel: Kernel::AttnV1, dtype: dtype.into(), hd, mask: MaskKind::Runtime });
-        }
-        for &hd in Kernel::AttnV2.head_dims(dtype) {
-            for mask in MaskKind::ALL {
-                v.push(Variant { kernel: Kernel::AttnV2, dtype: dtype.into(), hd, mask });
+    for spec in KERNELS {
+        let hds: &[usize] = if spec.head_dims.is_empty() { &[0] } else { spec.head_dims };
+        for &dtype in spec.dtypes {
+            for &hd in hds {
+                for &mask in spec.masks {
+                    for option in 0..spec.options.len() {
+                        v.push(Variant { kernel: spec.kernel, dtype: dtype.into(), hd, mask, option: option as u8 });
+                    }
+                }
             }
         }
-        v.push(Variant::epilogue(dtype));
     }
     v
+}
+
+/// The attention variants the CPU emulator runs (`headmix kernels --emu-grid`): all of them.
+pub fn emu_grid() -> Vec<Variant> {
+    all_variants().into_iter().filter(|v| v.spec().number > 0).collect()
+}
+
+/// A subset of [`emu_grid`] in which every kernel runs every dtype, head-dim capacity, mask kind
+/// and option at least once (what the `nvrtc_compile` test runs; `run.sh` runs the whole grid).
+pub fn emu_cover() -> Vec<Variant> {
+    let mut out = Vec::new();
+    for spec in KERNELS.iter().filter(|s| s.number > 0) {
+        let n = [spec.dtypes.len(), spec.head_dims.len(), spec.masks.len(), spec.options.len()].into_iter().max();
+        for i in 0..n.unwrap_or(0) {
+            out.push(Variant {
+                kernel: spec.kernel,
+                dtype: spec.dtypes[i % spec.dtypes.len()].into(),
+                hd: spec.head_dims[i % spec.head_dims.len()],
+                mask: spec.masks[i % spec.masks.len()],
+                option: (i % spec.options.len()) as u8,
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -258,20 +268,72 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traits_match_header() {
-        // The header's thresholds and sizes, restated: a change to one must change the other.
-        assert!(src::TRAITS.contains("#if HM_HD <= 64\n#define HM_BR 32\n#define HM_BC 64"));
-        assert!(src::TRAITS.contains("#elif HM_HD <= 128\n#define HM_BR 32\n#define HM_BC 32"));
-        assert!(src::TRAITS.contains("#else\n#define HM_BR 16\n#define HM_BC 16"));
-        assert!(src::ATTN_V2.contains("#define V2_BR 64 ") && src::ATTN_V2.contains("#define V2_BC 64 "));
-        assert!(src::ATTN_V2.contains("#define V2_HDP (HM_HD + 8) "));
+    fn variant_names_are_unique_and_parse_back() {
+        let all = all_variants();
+        for v in &all {
+            assert_eq!(Variant::parse(&v.name()), Some(*v), "{}", v.name());
+            assert_eq!(all.iter().filter(|w| w.name() == v.name()).count(), 1, "{}", v.name());
+        }
+        assert_eq!(Variant::parse("v2_bf16_d128_causal").map(|v| v.kernel), Some(Kernel::AttnV2));
+        assert_eq!(Variant::parse("v2_f32_d128_causal"), None, "v2 has no f32");
+    }
+
+    #[test]
+    fn launch_shapes_fit_the_hardware() {
         for v in all_variants() {
             let t = v.tiles();
-            assert!(t.smem <= 99 * 1024, "{}: {} bytes of shared memory", v.name(), t.smem);
-            if v.kernel == Kernel::AttnV1 {
-                // HM_OPT = BR·HD / NT output elements per thread must be exact.
-                assert_eq!((t.br * v.hd) % t.threads, 0, "{}", v.name());
+            // 227 KiB: the most one block may opt in to on sm_90 (the backend checks the device's own).
+            assert!(t.smem <= 227 * 1024, "{}: {} bytes of shared memory", v.name(), t.smem);
+            assert!(t.threads % 32 == 0 && t.threads <= 1024, "{}: {} threads", v.name(), t.threads);
+            assert!(t.br > 0, "{}", v.name());
+            if v.spec().number > 0 {
+                assert!(t.bc > 0 && v.hd > 0, "{}", v.name());
             }
         }
+    }
+
+    #[test]
+    fn the_prelude_defines_each_name_once_and_selects_the_variant() {
+        let v = Variant::attention(Kernel::AttnV2, DType::BF16, 100, MaskKind::Causal).unwrap();
+        assert_eq!(v.hd, 128, "the smallest capacity >= d");
+        let d = v.defines();
+        for (i, (name, _)) in d.iter().enumerate() {
+            assert!(d[i + 1..].iter().all(|(n, _)| n != name), "{name} defined twice");
+        }
+        let get = |n: &str| d.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
+        assert_eq!(get("HM_KERNEL"), Some(2));
+        assert_eq!(get("HM_DTYPE"), Some(2));
+        assert_eq!(get("HM_HD"), Some(128));
+        assert_eq!(get("HM_MASK"), Some(1));
+        assert_eq!(get("HM_BR"), Some(v.tiles().br as i64));
+        assert_eq!(get("HM_SMEM"), Some(v.tiles().smem as i64));
+        // A kernel that reads the mask at run time gets its one module.
+        let v1 = Variant::attention(Kernel::AttnV1, DType::F32, 32, MaskKind::Window).unwrap();
+        assert_eq!(v1.mask, MaskKind::Runtime);
+        assert!(Variant::attention(Kernel::AttnV2, DType::F32, 32, MaskKind::None).is_none());
+        assert!(Variant::attention(Kernel::AttnV1, DType::F32, 300, MaskKind::None).is_none());
+    }
+
+    #[test]
+    fn the_emulator_cover_runs_every_axis_of_every_kernel() {
+        let cover = emu_cover();
+        for spec in KERNELS.iter().filter(|s| s.number > 0) {
+            let mine: Vec<_> = cover.iter().filter(|v| v.kernel == spec.kernel).collect();
+            for &d in spec.dtypes {
+                assert!(mine.iter().any(|v| DType::from(v.dtype) == d), "{} {d:?}", spec.name);
+            }
+            for &hd in spec.head_dims {
+                assert!(mine.iter().any(|v| v.hd == hd), "{} d{hd}", spec.name);
+            }
+            for &m in spec.masks {
+                assert!(mine.iter().any(|v| v.mask == m), "{} {m:?}", spec.name);
+            }
+            for o in 0..spec.options.len() {
+                assert!(mine.iter().any(|v| v.option as usize == o), "{} option {o}", spec.name);
+            }
+        }
+        let grid = emu_grid();
+        assert!(cover.iter().all(|v| grid.contains(v)), "the cover is part of the grid");
+        assert!(grid.iter().all(|v| v.kernel != Kernel::CollapseEpilogue), "the epilogue runs inside each build");
     }
 }

@@ -37,7 +37,8 @@ pub(crate) struct Uniforms {
     pub win_right: u32,
     /// 0 none, 1 virtual positions, 2 token positions.
     pub rope: u32,
-    /// Bytes of the largest position: levels of the RoPE table.
+    /// RoPE table layout: 0, one row per position `[pos0, ...)` (the forward); else the levels
+    /// (bytes of the largest position) of the byte-level table (decode).
     pub rope_levels: u32,
     pub pos0: u32,
     /// Softmax scale times log2(e): scores come out in the log2 domain.
@@ -104,9 +105,29 @@ pub(crate) fn to_u32(what: &'static str, x: usize) -> Result<u32> {
     u32::try_from(x).map_err(|_| Error::TooLarge { what, elements: x as u128, max: u32::MAX as u128 })
 }
 
-/// RoPE table: for level `l`, byte value `b` and frequency index `t`, the (cos, sin) of
-/// `b · 256^l · base^(−2t/d)` computed in f64. The kernel composes one entry per byte of the
-/// position, so any position below 2^32 is exact to a few f32 ulps.
+/// RoPE table of a forward call, built once on the host in f64: row `r` (position `pos0 + r`),
+/// frequency index `t < d/2`, the pair (cos, sin) of `(pos0 + r) · base^(−2t/d)` rounded to f32,
+/// the angle formed as the reference forms it. The kernels read one pair per rotated element (no
+/// transcendental, no f64 on the device); `Uniforms::rope_levels` is 0 for this layout.
+pub(crate) fn rope_position_table(rows: u32, pos0: usize, d: usize, base: f64) -> Vec<f32> {
+    let half = d / 2;
+    let freq: Vec<f64> = (0..half).map(|t| base.powf(-2.0 * t as f64 / d as f64)).collect();
+    let mut table = Vec::with_capacity(rows as usize * half * 2);
+    for r in 0..rows as usize {
+        let pos = (pos0 + r) as f64;
+        for f in &freq {
+            let (sin, cos) = (pos * f).sin_cos();
+            table.push(cos as f32);
+            table.push(sin as f32);
+        }
+    }
+    table
+}
+
+/// RoPE table by levels (decode over long caches, where a row per position would be large): for
+/// level `l`, byte value `b` and frequency index `t`, the (cos, sin) of `b · 256^l · base^(−2t/d)`
+/// computed in f64. The kernel composes one entry per byte of the position, so any position below
+/// 2^32 is exact to a few f32 ulps.
 pub(crate) fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
     let half = d / 2;
     let mut table = Vec::with_capacity(levels as usize * 256 * half * 2);
@@ -161,9 +182,9 @@ pub(crate) fn plan(
     let sel_q = push_sel(&w.aq, c.q_heads)?;
     let sel_k = push_sel(&w.ak, c.kv_heads)?;
     let sel_v = push_sel(&w.av, c.kv_heads)?;
-    let rope_levels = rope_levels(problem)?;
+    let rope_rows = rope_rows(problem)?;
     let rope_off = match c.rope {
-        Some(r) => push(&rope_table(rope_levels, d, r.base as f64))?,
+        Some(r) => push(&rope_position_table(rope_rows, c.pos_offset, d, r.base as f64))?,
         None => push(&[])?,
     };
     if weights.is_empty() {
@@ -191,7 +212,7 @@ pub(crate) fn plan(
             Some(PosMode::Virtual) => 1,
             Some(PosMode::Token) => 2,
         },
-        rope_levels,
+        rope_levels: 0, // the per-position table
         pos0: to_u32("pos_offset", c.pos_offset)?,
         scale_log2: c.softmax_scale() * std::f32::consts::LOG2_E,
         aq_off,
@@ -269,22 +290,22 @@ fn max_keys(problem: &Problem) -> usize {
 }
 
 /// Loop iterations, in all, that one invocation of a kernel runs at most: every loop of the
-/// kernel counted as written (`rope` is the RoPE table levels, looped over in `rotate`).
+/// kernel counted as written (`rotate` has no loop: one table read).
 /// Mesa's llvmpipe (lavapipe) silently ends the loops of an invocation once they have run 65535
 /// iterations together, so on it the flash kernel splits the keys to stay under a budget and
 /// the other kernels refuse calls above it (see `loop_budget` in backend.rs).
 pub(crate) mod loops {
     use super::Problem;
 
-    pub fn flash(p: &Problem, (br, bc, wg): (u32, u32, u32), tiles: usize, rope: u32) -> u64 {
+    pub fn flash(p: &Problem, (br, bc, wg): (u32, u32, u32), tiles: usize) -> u64 {
         let c = &p.cfg;
         let (d, half) = (c.head_dim as u64, c.head_dim as u64 / 2);
-        let (br, bc, wg, rope) = (br as u64, bc as u64, wg as u64, rope as u64);
+        let (br, bc, wg) = (br as u64, bc as u64, wg as u64);
         let (tpr, hq, hk) = (wg / br, c.q_heads as u64, c.kv_heads as u64);
         let (cpt, npair) = (bc / tpr, half.div_ceil(tpr));
-        let queries = (br * half).div_ceil(wg) * (1 + hq + rope);
+        let queries = (br * half).div_ceil(wg) * (1 + hq);
         let per_tile = 1                                  // key-tile loop
-            + (bc * half).div_ceil(wg) * (1 + hk + rope)  // 2a: mix keys and values
+            + (bc * half).div_ceil(wg) * (1 + hk)         // 2a: mix keys and values
             + d * (1 + cpt) + cpt                         // 2b: scores, mask
             + tpr + cpt + npair                           // 2c: softmax
             + bc * (1 + npair); // 2d: P V
@@ -292,12 +313,12 @@ pub(crate) mod loops {
         init + queries + tiles as u64 * per_tile + tpr + 2 * npair
     }
 
-    pub fn naive(p: &Problem, keys: usize, rope: u32) -> u64 {
+    pub fn naive(p: &Problem, keys: usize) -> u64 {
         let c = &p.cfg;
-        let (d, half, rope) = (c.head_dim as u64, c.head_dim as u64 / 2, rope as u64);
+        let (d, half) = (c.head_dim as u64, c.head_dim as u64 / 2);
         let (hq, hk) = (c.q_heads as u64, c.kv_heads as u64);
-        let per_key = 1 + half * (1 + hk + rope) + d * (1 + hk);
-        half * (1 + hq + rope) + keys as u64 * per_key + d / 2
+        let per_key = 1 + half * (1 + hk) + d * (1 + hk);
+        half * (1 + hq) + keys as u64 * per_key + d / 2
     }
 
     /// The decode kernel (decode.wgsl) over `tiles` cached tiles of `tc` tokens, for
@@ -379,8 +400,7 @@ fn dispatches(
                 None => TARGET_WORKGROUPS.div_ceil(base).min(MAX_SPLITS).min(key_tiles / MIN_TILES_PER_SPLIT).max(1),
             };
             if let Some(budget) = loop_budget {
-                let rope = rope_levels(problem)?;
-                let per_workgroup = |tiles: usize| loops::flash(problem, (br, bc, wg), tiles, rope);
+                let per_workgroup = |tiles: usize| loops::flash(problem, (br, bc, wg), tiles);
                 let iterations = |splits: usize| per_workgroup(key_tiles.div_ceil(splits));
                 if splits.is_none() {
                     // Fewest splits whose share of key tiles stays under the budget.
@@ -400,7 +420,7 @@ fn dispatches(
         }
         Variant::Naive => {
             if let Some(budget) = loop_budget {
-                let iterations = loops::naive(problem, max_keys(problem), rope_levels(problem)?);
+                let iterations = loops::naive(problem, max_keys(problem));
                 if iterations > budget {
                     return Err(over_budget("naive", iterations, budget));
                 }
@@ -435,17 +455,20 @@ fn dispatches(
     Ok(Dispatches { attention, combine, epilogue, q_tiles, splits: to_u32("splits", n_splits)?, op_len, part_len })
 }
 
-/// Levels of the RoPE table: bytes of the largest position (virtual or token) of the call.
-fn rope_levels(problem: &Problem) -> Result<u32> {
-    if problem.cfg.rope.is_none() {
-        return Ok(0);
-    }
-    let max_pos = problem.cfg.pos_offset as u64 + (problem.m * problem.cfg.pseudo) as u64 - 1;
-    let levels = (64 - max_pos.leading_zeros()).div_ceil(8).max(1);
-    if levels > 4 {
+/// Rows of the RoPE table: the positions of the call, `[pos0, pos0 + rows)` (virtual positions
+/// reach `pos0 + M·P − 1`, token positions `pos0 + M − 1`); 0 without RoPE. Positions are u32 in
+/// the kernels.
+fn rope_rows(problem: &Problem) -> Result<u32> {
+    let Some(rope) = problem.cfg.rope else { return Ok(0) };
+    let rows = match rope.mode {
+        PosMode::Virtual => problem.m * problem.cfg.pseudo,
+        PosMode::Token => problem.m,
+    };
+    let max_pos = problem.cfg.pos_offset as u64 + rows as u64 - 1;
+    if max_pos > u32::MAX as u64 {
         return Err(unsupported(format!("RoPE position {max_pos} above 2^32 - 1")));
     }
-    Ok(levels)
+    to_u32("RoPE table rows", rows)
 }
 
 /// Whether a valid problem fits the device: every binding under the adapter's storage-binding
@@ -460,11 +483,11 @@ pub(crate) fn check_limits(
     let c = &problem.cfg;
     let (b, n, m, h, p, d) = (problem.batch, problem.n, problem.m, c.heads, c.pseudo, c.head_dim);
     let es = problem.dtype.size() as u128;
-    let levels = rope_levels(problem)? as u128;
+    let rope_rows = rope_rows(problem)? as u128;
     let weights = ((c.q_heads + 2 * c.kv_heads) * h * p) as u128
         + if problem.collapse { (h * h * p) as u128 } else { 0 }
         + if problem.norm { 2 * (h * d) as u128 } else { 0 }
-        + levels * 256 * d as u128
+        + rope_rows * d as u128
         + 3 * (h * p) as u128; // selection tables
     let out_len: u128 = problem.out_shape().iter().map(|&x| x as u128).product();
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
@@ -507,4 +530,39 @@ pub(crate) fn grid(total: u32, limits: &wgpu::Limits) -> Result<(u32, u32)> {
         return Err(unsupported(format!("{total} workgroups exceed the {max} x {max} grid")));
     }
     Ok((x, y))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, DType, Rope};
+
+    fn problem(cfg: Config, n: usize, m: usize) -> Problem {
+        Problem::new(&cfg.with_pos_offset(0), 1, n, m, DType::F32, false, false).map(|mut p| { p.cfg = cfg; p }).unwrap()
+    }
+
+    #[test]
+    fn rope_table_rows_are_the_positions_of_the_call() {
+        // Row r holds position pos0 + r: cos/sin of (pos0 + r)·base^(−2t/d) formed in f64.
+        let (pos0, d, base) = (4_000_000_000usize, 8, 10000.0f64);
+        let t = rope_position_table(3, pos0, d, base);
+        assert_eq!(t.len(), 3 * (d / 2) * 2);
+        for r in 0..3 {
+            for k in 0..d / 2 {
+                let ang = (pos0 + r) as f64 * base.powf(-2.0 * k as f64 / d as f64);
+                let i = (r * d / 2 + k) * 2;
+                assert_eq!((t[i], t[i + 1]), (ang.cos() as f32, ang.sin() as f32), "row {r} t {k}");
+            }
+        }
+        // Virtual positions reach pos0 + M·P − 1, token positions pos0 + M − 1.
+        let cfg = Config::iha(2, 3, 16).with_rope(Rope { base: 10000.0, mode: PosMode::Virtual });
+        assert_eq!(rope_rows(&problem(cfg, 5, 7)).unwrap(), 21);
+        let cfg = cfg.with_rope(Rope { base: 10000.0, mode: PosMode::Token });
+        assert_eq!(rope_rows(&problem(cfg, 5, 7)).unwrap(), 7);
+        assert_eq!(rope_rows(&problem(Config::iha(2, 3, 16), 5, 7)).unwrap(), 0, "no RoPE, no table");
+        // A position past u32 is refused by name.
+        let cfg = cfg.with_pos_offset(u32::MAX as usize - 3);
+        let e = rope_rows(&problem(cfg, 5, 7)).unwrap_err().to_string();
+        assert!(e.contains("RoPE position"), "{e}");
+    }
 }

@@ -1,0 +1,353 @@
+//! Counted cost of each kernel version on a problem, and the roofline ceiling it implies: a
+//! **model** (per key tile of a block: attention FLOP, mixing FLOP and the stored tile read from
+//! L2, applied to each kernel's block structure; `kernels-cuda/README.md`), never a measurement. `headmix kernels` prints it beside the measured time when there is one.
+//!
+//! One count model per kernel version, in [`cost`]: a new version adds its arm there.
+//!
+//! What is counted, per call:
+//! - FLOP by unit: tensor-core `mma` work and scalar f32 FMA work as the kernel executes it (whole
+//!   visited tiles, masked elements included, padded head-dim columns for tensor cores), next to
+//!   the useful attention FLOP `4·B·H·d·`visible pairs;
+//! - bytes through L2: every global load and store the blocks issue for stored q/k/v tiles (each
+//!   token's stored heads once per tile that reads it), outputs, log-sum-exp, f32 atomics (4 B
+//!   each); the small mixing weights (L1-resident) are left out;
+//! - bytes from HBM: the compulsory traffic, every input read once and every output written
+//!   once (the 50 MB L2 holds the reuse between blocks), the collapse accumulator written back once;
+//! - f32 atomics (the collapse scatter).
+
+use super::kernel_table::Kernel;
+use super::variants::Variant;
+use crate::validate::Problem;
+
+/// The figures of a device the model needs. Only [`H200`] is filled in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Machine {
+    pub name: &'static str,
+    /// Dense f16/bf16 tensor-core TFLOP/s.
+    pub tc_tflops: f64,
+    /// f32 FMA TFLOP/s on the CUDA cores.
+    pub fma_tflops: f64,
+    /// Device-memory copy bandwidth, TB/s.
+    pub hbm_tb_s: f64,
+    /// L2 bandwidth, TB/s.
+    pub l2_tb_s: f64,
+    pub sms: u32,
+    /// 32-bit registers per SM.
+    pub regs_per_sm: u32,
+    /// Shared memory per SM, bytes (what blocks can share out).
+    pub smem_per_sm: u32,
+    /// Shared memory the system reserves per block, bytes.
+    pub smem_reserved_per_block: u32,
+    /// The most dynamic + static shared memory one block may use, bytes.
+    pub smem_per_block: u32,
+    pub max_blocks_per_sm: u32,
+    pub max_warps_per_sm: u32,
+}
+
+/// NVIDIA H200 (sm_90, 132 SMs): 790 TFLOP/s dense bf16 and 4.3 TB/s copy (measured on the
+/// machine headmix is benchmarked on), ~67 TFLOP/s f32 FMA and ~10 TB/s L2 (published figures of
+/// the H100, the same chip); 64K registers and 228 KiB shared memory per SM.
+pub const H200: Machine = Machine {
+    name: "H200",
+    tc_tflops: 790.0,
+    fma_tflops: 67.0,
+    hbm_tb_s: 4.3,
+    l2_tb_s: 10.0,
+    sms: 132,
+    regs_per_sm: 65536,
+    smem_per_sm: 228 * 1024,
+    smem_reserved_per_block: 1024,
+    smem_per_block: 227 * 1024,
+    max_blocks_per_sm: 32,
+    max_warps_per_sm: 64,
+};
+
+/// What one launch of one kernel does and moves (all per call, whole grid).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    /// Blocks launched.
+    pub blocks: u64,
+    /// (block, key tile) pairs visited.
+    pub key_tiles: u64,
+    /// Useful attention FLOP, `4·B·H·d·` visible pairs (0 for the epilogue).
+    pub useful_flop: f64,
+    /// FLOP executed on the tensor cores.
+    pub tc_flop: f64,
+    /// FLOP executed as scalar f32 FMA (2 per FMA).
+    pub fma_flop: f64,
+    /// Bytes of global loads and stores through L2.
+    pub l2_bytes: f64,
+    /// Compulsory bytes from and to device memory.
+    pub hbm_bytes: f64,
+    /// f32 atomic reductions.
+    pub atomics: f64,
+}
+
+impl std::ops::Add for Cost {
+    type Output = Cost;
+    fn add(self, o: Cost) -> Cost {
+        Cost {
+            blocks: self.blocks + o.blocks,
+            key_tiles: self.key_tiles + o.key_tiles,
+            useful_flop: self.useful_flop + o.useful_flop,
+            tc_flop: self.tc_flop + o.tc_flop,
+            fma_flop: self.fma_flop + o.fma_flop,
+            l2_bytes: self.l2_bytes + o.l2_bytes,
+            hbm_bytes: self.hbm_bytes + o.hbm_bytes,
+            atomics: self.atomics + o.atomics,
+        }
+    }
+}
+
+/// The roofline of a [`Cost`] on a [`Machine`]: each resource's time at its peak; the ceiling is
+/// the slowest (every unit overlapped perfectly: a lower bound on the time).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Roofline {
+    pub tc_s: f64,
+    pub fma_s: f64,
+    pub hbm_s: f64,
+    pub l2_s: f64,
+    /// The largest of the four.
+    pub seconds: f64,
+    /// Which resource bounds it: `tensor cores`, `FMA`, `HBM` or `L2`.
+    pub bound: &'static str,
+    /// Useful FLOP over `seconds`, in TFLOP/s.
+    pub tflops: f64,
+}
+
+impl Cost {
+    pub fn roofline(&self, m: &Machine) -> Roofline {
+        let tc_s = self.tc_flop / (m.tc_tflops * 1e12);
+        let fma_s = self.fma_flop / (m.fma_tflops * 1e12);
+        let hbm_s = self.hbm_bytes / (m.hbm_tb_s * 1e12);
+        let l2_s = self.l2_bytes / (m.l2_tb_s * 1e12);
+        let (seconds, bound) = [(tc_s, "tensor cores"), (fma_s, "FMA"), (hbm_s, "HBM"), (l2_s, "L2")]
+            .into_iter()
+            .fold((0.0, "-"), |best, x| if x.0 > best.0 { x } else { best });
+        let tflops = if seconds > 0.0 { self.useful_flop / seconds / 1e12 } else { 0.0 };
+        Roofline { tc_s, fma_s, hbm_s, l2_s, seconds, bound, tflops }
+    }
+
+    /// Executed FLOP (both units) per byte through L2.
+    pub fn l2_intensity(&self) -> f64 {
+        (self.tc_flop + self.fma_flop) / self.l2_bytes.max(1.0)
+    }
+}
+
+/// The count model of a variant launched on a validated problem.
+pub fn cost(v: &Variant, pb: &Problem) -> Cost {
+    match v.kernel {
+        // v1: per-head fused blocks, everything as FMA.
+        Kernel::AttnV1 => per_head_fused(v, pb, false),
+        // v2: per-head fused blocks, attention on the tensor cores, the mixing still scalar FMA.
+        Kernel::AttnV2 => per_head_fused(v, pb, true),
+        Kernel::CollapseEpilogue => epilogue(pb),
+    }
+}
+
+/// The first and last key a block of virtual queries `[i0, i1]` visits (`hm_key_range` of
+/// `common.cuh`): empty when `lo > hi`.
+pub fn key_range(pb: &Problem, i0: i64, i1: i64) -> (i64, i64) {
+    let p = pb.cfg.pseudo as i64;
+    let (nk, off) = (pb.m as i64 * p, (pb.m - pb.n) as i64 * p);
+    let (mut lo, mut hi) = (0, nk - 1);
+    if pb.cfg.causal {
+        hi = hi.min(i1 + off);
+    }
+    if let Some(w) = pb.cfg.window {
+        lo = lo.max(i0 + off - w.left.min(nk as usize) as i64);
+        hi = hi.min(i1 + off + w.right.min(nk as usize) as i64);
+    }
+    (lo, hi)
+}
+
+/// Distinct tokens behind virtual indices `[j0, j1]` (index = token·P + p).
+fn tokens(j0: i64, j1: i64, p: i64) -> u64 {
+    (j1 / p - j0 / p + 1) as u64
+}
+
+/// A per-head fused kernel (v1, v2): one block per (tile of `BR` virtual queries, head, batch)
+/// mixes its query tile once, then for every key tile of `BC` virtual keys its mask reaches reads
+/// all `Hk` stored heads of the tile's tokens from L2 and mixes them (scalar FMA) into its head's
+/// pseudo-keys and values; the two attention products run on the tensor cores or as FMA. With a
+/// collapse each pseudo output row is scattered into all `H` heads with f32 atomics.
+fn per_head_fused(v: &Variant, pb: &Problem, tensor_cores: bool) -> Cost {
+    let c = &pb.cfg;
+    let t = v.tiles();
+    let (br, bc, p) = (t.br as i64, t.bc as i64, c.pseudo as i64);
+    let (nq, nk) = (pb.n as i64 * p, pb.m as i64 * p);
+    let (d, e) = (c.head_dim as f64, pb.dtype.size() as f64);
+    // Tensor cores multiply the padded capacity; the FMA loops stop at the runtime d.
+    let dx = if tensor_cores { v.hd as f64 } else { d };
+    let (hq, hk, h) = (c.q_heads as f64, c.kv_heads as f64, c.heads as f64);
+
+    // One (head, batch) column of blocks; every column is the same.
+    let (mut q_tiles, mut key_tiles, mut q_tokens, mut kv_tokens) = (0u64, 0u64, 0u64, 0u64);
+    for i0 in (0..nq).step_by(br as usize) {
+        let i1 = (i0 + br).min(nq) - 1;
+        q_tiles += 1;
+        q_tokens += tokens(i0, i1, p);
+        let (lo, hi) = key_range(pb, i0, i1);
+        if lo > hi {
+            continue;
+        }
+        let mut j0 = lo / bc * bc;
+        while j0 <= hi {
+            key_tiles += 1;
+            kv_tokens += tokens(j0, (j0 + bc).min(nk) - 1, p);
+            j0 += bc;
+        }
+    }
+    let cols = (pb.batch * c.heads) as f64;
+    let (q_tiles, key_tiles) = (q_tiles as f64 * cols, key_tiles as f64 * cols);
+    let (q_tokens, kv_tokens) = (q_tokens as f64 * cols, kv_tokens as f64 * cols);
+
+    let attention = 4.0 * (br * bc) as f64 * dx * key_tiles;
+    let mixing = 2.0 * br as f64 * d * hq * q_tiles + 2.0 * 2.0 * bc as f64 * d * hk * key_tiles;
+    let (tc_flop, fma_flop) = if tensor_cores { (attention, mixing) } else { (0.0, attention + mixing) };
+
+    let (b, n, m) = (pb.batch as f64, pb.n as f64, pb.m as f64);
+    let lse = 4.0 * pb.lse_len() as f64;
+    let (atomics, out_l2, out_hbm) = if pb.collapse {
+        // Every pseudo output row into every head's f32 accumulator; written back once.
+        let atomics = b * n * p as f64 * h * h * d;
+        (atomics, 4.0 * atomics, 4.0 * b * n * h * d)
+    } else {
+        (0.0, b * n * h * p as f64 * d * e, b * n * h * p as f64 * d * e)
+    };
+    let l2_bytes = q_tokens * hq * d * e + 2.0 * kv_tokens * hk * d * e + out_l2 + lse;
+    let hbm_bytes = (b * n * hq * d + 2.0 * b * m * hk * d) * e + out_hbm + lse;
+    Cost {
+        blocks: q_tiles as u64,
+        key_tiles: key_tiles as u64,
+        useful_flop: pb.flops(),
+        tc_flop,
+        fma_flop,
+        l2_bytes,
+        hbm_bytes,
+        atomics,
+    }
+}
+
+/// The collapse epilogue: the host zero-fills the f32 accumulator `[B, N, H, d]`, the epilogue
+/// reads it back and writes the output (head norm: a few FMA per element).
+fn epilogue(pb: &Problem) -> Cost {
+    let c = &pb.cfg;
+    let rows = (pb.batch * pb.n * c.heads) as f64;
+    let acc = 4.0 * rows * c.head_dim as f64;
+    let out = rows * c.head_dim as f64 * pb.dtype.size() as f64;
+    Cost {
+        blocks: (rows as u64).div_ceil(super::kernel_table::EPI_ROWS as u64),
+        fma_flop: if pb.norm { 6.0 * rows * c.head_dim as f64 } else { 0.0 },
+        l2_bytes: 2.0 * acc + out,
+        hbm_bytes: 2.0 * acc + out,
+        ..Cost::default()
+    }
+}
+
+/// Resident blocks per SM and what limits them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    pub blocks: u32,
+    pub warps: u32,
+    /// `registers`, `shared memory`, `warps` or `blocks`.
+    pub limit: &'static str,
+}
+
+/// Blocks of `threads` threads using `regs` registers per thread and `smem` bytes of shared
+/// memory (static + dynamic) that fit one SM: registers are allocated per warp in units of 256,
+/// each block also reserves [`Machine::smem_reserved_per_block`] bytes.
+pub fn occupancy(m: &Machine, threads: usize, regs: u32, smem: usize) -> Occupancy {
+    let warps = (threads as u32).div_ceil(32).max(1);
+    let by_regs = if regs == 0 {
+        u32::MAX
+    } else {
+        let per_warp = (regs * 32).div_ceil(256) * 256;
+        (m.regs_per_sm / per_warp) / warps
+    };
+    let by_smem =
+        if smem > m.smem_per_block as usize { 0 } else { m.smem_per_sm / (smem as u32 + m.smem_reserved_per_block) };
+    let by_warps = m.max_warps_per_sm / warps;
+    let (blocks, limit) =
+        [(by_regs, "registers"), (by_smem, "shared memory"), (by_warps, "warps"), (m.max_blocks_per_sm, "blocks")]
+            .into_iter()
+            .fold((u32::MAX, "-"), |best, x| if x.0 < best.0 { x } else { best });
+    Occupancy { blocks, warps: blocks * warps, limit }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernel_table::MaskKind;
+    use super::*;
+    use crate::{Config, DType};
+
+    fn problem(cfg: Config, batch: usize, n: usize, m: usize, dtype: DType, collapse: bool) -> Problem {
+        Problem::new(&cfg, batch, n, m, dtype, collapse, false).unwrap()
+    }
+
+    #[test]
+    fn occupancy_follows_the_sm90_limits() {
+        // 255 registers, 128 threads: 4 warps × 8192 registers = 32K per block, two blocks.
+        let o = occupancy(&H200, 128, 255, 0);
+        assert_eq!((o.blocks, o.limit), (2, "registers"));
+        // 32 registers: 16 blocks by registers, 16 by warps (64 / 4): warps or registers decide.
+        assert_eq!(occupancy(&H200, 128, 32, 0).blocks, 16);
+        // 100 KiB of shared memory: two blocks of 101 KiB in 228 KiB.
+        let o = occupancy(&H200, 128, 32, 100 * 1024);
+        assert_eq!((o.blocks, o.limit), (2, "shared memory"));
+        // Tiny blocks: the 32-block limit.
+        let o = occupancy(&H200, 32, 16, 0);
+        assert_eq!((o.blocks, o.limit), (32, "blocks"));
+        // Above the per-block maximum: nothing fits.
+        assert_eq!(occupancy(&H200, 128, 32, 228 * 1024).blocks, 0);
+    }
+
+    #[test]
+    fn per_head_counts_match_the_closed_form_of_a_dense_problem() {
+        // MHA, no mask, M = N = 256, d = 64, bf16, v2 (64 x 64 tiles): every block visits every
+        // key tile; L2 reads each stored head's k and v once per (query tile, head).
+        let pb = problem(Config::mha(4, 64).with_causal(false), 2, 256, 256, DType::BF16, false);
+        let v = Variant::attention(Kernel::AttnV2, DType::BF16, 64, MaskKind::None).unwrap();
+        let c = cost(&v, &pb);
+        let (q_tiles, k_tiles) = (256 / 64, 256 / 64);
+        assert_eq!(c.blocks, (q_tiles * 4 * 2) as u64);
+        assert_eq!(c.key_tiles, (q_tiles * k_tiles * 4 * 2) as u64);
+        assert_eq!(c.tc_flop, pb.flops(), "dense, no padding: executed = useful");
+        // Per (block, key tile): 64 tokens × Hk = 4 stored heads × d × 2 bytes, k and v.
+        let kv = (2 * 64 * 4 * 64 * 2) as f64 * c.key_tiles as f64;
+        let q = (64 * 4 * 64 * 2) as f64 * c.blocks as f64;
+        let out = (2 * 256 * 4 * 64 * 2) as f64;
+        let lse = (4 * pb.lse_len()) as f64;
+        assert_eq!(c.l2_bytes, kv + q + out + lse);
+        assert_eq!(c.hbm_bytes, (3 * 2 * 256 * 4 * 64 * 2) as f64 + out + lse);
+        // The mixing loops over all S = 4 stored heads even though MHA is one-hot.
+        assert_eq!(
+            c.fma_flop,
+            (2 * 64 * 64 * 4) as f64 * c.blocks as f64 + (4 * 64 * 64 * 4) as f64 * c.key_tiles as f64
+        );
+    }
+
+    #[test]
+    fn causal_blocks_skip_the_tiles_above_the_diagonal() {
+        let pb = problem(Config::iha(2, 2, 64), 1, 128, 128, DType::BF16, true);
+        let v = Variant::attention(Kernel::AttnV2, DType::BF16, 64, MaskKind::Causal).unwrap();
+        let c = cost(&v, &pb);
+        // 256 virtual rows / 64 = 4 query tiles; tile i visits i + 1 key tiles: 10 per head.
+        assert_eq!(c.key_tiles, 10 * 2);
+        assert!(c.tc_flop > pb.flops(), "the diagonal tiles are executed whole");
+        assert_eq!(c.atomics, (128 * 2 * 2 * 2 * 64) as f64, "N·P·H·H·d f32 atomics");
+        // Brute force over the reference's visible pairs: every visible pair lies in a visited tile.
+        let r = key_range(&pb, 64, 127);
+        assert_eq!(r, (0, 127));
+    }
+
+    #[test]
+    fn the_roofline_names_the_slowest_resource() {
+        let c = Cost { useful_flop: 790e12, tc_flop: 790e12, hbm_bytes: 8.6e12, ..Cost::default() };
+        let r = c.roofline(&H200);
+        assert!((r.seconds - 2.0).abs() < 1e-12 && r.bound == "HBM");
+        assert!((r.tflops - 395.0).abs() < 1e-9);
+        let c = Cost { useful_flop: 1.0, fma_flop: 67e12, l2_bytes: 1e12, ..Cost::default() };
+        assert_eq!(c.roofline(&H200).bound, "FMA");
+    }
+}

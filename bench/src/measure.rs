@@ -83,20 +83,24 @@ impl<B: Backend> Baseline for Variant<B> {
 /// one-thread-per-virtual-query kernel (the bar the tiled kernel must clear by 10×); on CUDA the
 /// tensor-core kernel `attn_v2` beside the default `attn_v1` (until v2 is the default).
 pub fn baselines(kind: BackendKind) -> Vec<Box<dyn Baseline>> {
-    use headmix::backends::{cuda, wgpu};
     let mut out: Vec<Box<dyn Baseline>> = Vec::new();
     match kind {
+        #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
+            use headmix::backends::wgpu;
             if let Ok(b) = wgpu::WgpuBackend::new() {
                 out.push(Box::new(Variant { name: "wgpu naive", backend: b.with_variant(wgpu::Variant::Naive) }));
             }
         }
+        #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
+            use headmix::backends::cuda;
             if let Ok(b) = cuda::CudaBackend::new(0) {
                 out.push(Box::new(Variant { name: "cuda attn_v2", backend: b.with_kernel(cuda::Kernel::AttnV2) }));
             }
         }
-        BackendKind::Cpu => {}
+        // The CPU, and a backend this build leaves out, have no extra baseline.
+        _ => {}
     }
     out
 }

@@ -27,6 +27,8 @@
 //! # Ok::<(), headmix::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod backend;
 pub mod backends;
 pub mod cache;
@@ -44,7 +46,7 @@ pub use backend::{Backend, BackendKind, Io, Selection, Timing, best, open};
 pub use cache::{CacheBytes, KvCache, KvCacheStack, cache_bytes};
 pub use config::{Config, Method, PosMode, Rope, Window};
 pub use decode::{DecodeIo, DecodeProblem, decode};
-pub use error::{Error, Result};
+pub use error::{Cause, Error, Result};
 pub use headmix_reference as reference;
 pub use rng::Rng;
 pub use tensor::{DType, Data, DataMut, Tensor, TensorMut};

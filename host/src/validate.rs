@@ -12,6 +12,7 @@ pub const MAX_INDEX: usize = i32::MAX as usize;
 /// A validated call: the configuration and the sizes read off the tensors.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Problem {
+    /// The configuration.
     pub cfg: Config,
     /// Batch `B`.
     pub batch: usize,
@@ -19,6 +20,7 @@ pub struct Problem {
     pub n: usize,
     /// Key/value tokens `M`.
     pub m: usize,
+    /// Element type of q, k, v and the output.
     pub dtype: DType,
     /// Whether the weights carry `r` (output `[B,N,H,d]`), else `[B,N,H,P,d]`.
     pub collapse: bool,

@@ -6,10 +6,15 @@ use crate::{Config, Method, Rng};
 /// `r = None` returns the pseudo outputs `[B, N, H, P, d]`; `gamma = None` skips the norm.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Weights {
+    /// Query mixing `[Hq, H, P]`.
     pub aq: Vec<f32>,
+    /// Key mixing `[Hk, H, P]`.
     pub ak: Vec<f32>,
+    /// Value mixing `[Hk, H, P]`.
     pub av: Vec<f32>,
+    /// Collapse `[H, H·P]`; `None`: output the pseudo-heads.
     pub r: Option<Vec<f32>>,
+    /// Head-norm scale `[H, d]`; `None`: no norm.
     pub gamma: Option<Vec<f32>>,
 }
 

@@ -2,13 +2,10 @@
 
 use crate::DType;
 
-/// Kernel sources, embedded at build time (NVRTC gets one concatenated string, no includes).
+/// Kernel sources, embedded at build time by the `headmix-kernels-cuda` crate (NVRTC gets one
+/// concatenated string, no includes).
 pub mod src {
-    pub const COMMON: &str = include_str!("../../../../kernels-cuda/common.cuh");
-    pub const TRAITS: &str = include_str!("../../../../kernels-cuda/traits.cuh");
-    pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
-    pub const ATTN_V2: &str = include_str!("../../../../kernels-cuda/attn_v2.cu");
-    pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
+    pub use headmix_kernels_cuda::*;
 }
 
 /// Numbered kernel versions (llm.c style); each stays available and tested.
@@ -23,6 +20,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Short name (`v1`, `v2`, `epilogue`).
     pub fn name(self) -> &'static str {
         match self {
             Kernel::AttnV1 => "v1",
@@ -73,9 +71,13 @@ pub const V2_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 /// reads both flags at run time (one module for every mask, used by the baseline v1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MaskKind {
+    /// No mask (kernels without one).
     None,
+    /// Causal, compiled in.
     Causal,
+    /// Sliding window (and causal), compiled in.
     Window,
+    /// Mask flags read at run time.
     Runtime,
 }
 
@@ -114,7 +116,9 @@ impl MaskKind {
 /// One compiled instantiation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Variant {
+    /// Which kernel.
     pub kernel: Kernel,
+    /// Element type of q, k, v and the output.
     pub dtype: DTypeKey,
     /// Head-dim capacity (0 for kernels that do not depend on it).
     pub hd: usize,
@@ -125,8 +129,11 @@ pub struct Variant {
 /// `DType` with an order (for sorted listings).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DTypeKey {
+    /// f32.
     F32,
+    /// f16.
     F16,
+    /// bf16.
     BF16,
 }
 
@@ -171,6 +178,7 @@ pub struct Tiles {
     pub smem: usize,
 }
 
+/// Threads per block of every kernel.
 pub const THREADS: usize = 128;
 /// Output rows per block of the epilogue (`HM_EPI_ROWS`).
 pub const EPI_ROWS: usize = 4;
@@ -189,6 +197,7 @@ impl Variant {
         kernel.head_dims(dtype).iter().find(|&&c| c >= d).map(|&hd| Variant { kernel, dtype: dtype.into(), hd, mask })
     }
 
+    /// Name of the variant, e.g. `v1_bf16_d128_causal`.
     pub fn name(&self) -> String {
         match self.kernel {
             Kernel::CollapseEpilogue => format!("{}_{}", self.kernel.name(), self.dtype.name()),

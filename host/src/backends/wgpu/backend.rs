@@ -48,10 +48,15 @@ pub struct WgpuBackend {
 /// `Error::Device`).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceIo<'a> {
+    /// Queries `[B, N, Hq, d]`.
     pub q: &'a wgpu::Buffer,
+    /// Keys `[B, M, Hk, d]`.
     pub k: &'a wgpu::Buffer,
+    /// Values `[B, M, Hk, d]`.
     pub v: &'a wgpu::Buffer,
+    /// Output.
     pub out: &'a wgpu::Buffer,
+    /// Log-sum-exp `[B, H, N·P]` (f32), when asked for.
     pub lse: Option<&'a wgpu::Buffer>,
 }
 
@@ -116,18 +121,22 @@ impl WgpuBackend {
         self
     }
 
+    /// The kernel variant in use.
     pub fn variant(&self) -> Variant {
         self.variant
     }
 
+    /// The wgpu device (to create buffers for [`WgpuBackend::forward_device`]).
     pub fn device(&self) -> &wgpu::Device {
         &self.kernels.device
     }
 
+    /// The device's queue.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
     }
 
+    /// The adapter's name, backend and type.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }
@@ -169,7 +178,7 @@ impl WgpuBackend {
                 return Err(Error::Length { what, expected: bytes as usize, got: buf.size() as usize });
             }
             if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
-                return Err(Error::Device { backend: "wgpu", why: format!("{what} lacks BufferUsages::STORAGE") });
+                return Err(Error::device("wgpu", format!("{what} lacks BufferUsages::STORAGE")));
             }
         }
         self.check_faults()?;
@@ -307,11 +316,11 @@ impl WgpuBackend {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| device_err(format!("poll: {e}")))?;
+        self.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| device::device_caused("poll", e))?;
         rx.recv()
             .map_err(|_| device_err("buffer map callback never ran"))?
-            .map_err(|e| device_err(format!("map_async: {e}")))?;
-        let bytes = staging.get_mapped_range(..).map_err(|e| device_err(format!("get_mapped_range: {e}")))?.to_vec();
+            .map_err(|e| device::device_caused("map_async", e))?;
+        let bytes = staging.get_mapped_range(..).map_err(|e| device::device_caused("get_mapped_range", e))?.to_vec();
         staging.unmap();
         Ok(bytes)
     }
@@ -450,7 +459,7 @@ impl Backend for WgpuBackend {
                 self.queue.submit([enc.finish()]);
                 self.device()
                     .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| device_err(format!("poll: {e}")))?;
+                    .map_err(|e| device::device_caused("poll", e))?;
                 if rep > 0 {
                     seconds.push(t.elapsed().as_secs_f64());
                 }

@@ -126,7 +126,7 @@ impl WgpuBackend {
         self.variant
     }
 
-    /// The wgpu device (to create buffers for [`WgpuBackend::forward_device`]).
+    /// The wgpu device (to create buffers for [`WgpuBackend::forward_buffers`]).
     pub fn device(&self) -> &wgpu::Device {
         &self.kernels.device
     }

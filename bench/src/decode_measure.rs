@@ -1,5 +1,5 @@
 //! Time one decode case on one backend into a report row: fill the caches (outside the timed
-//! region), time [`headmix::decode`] of one new token per sequence, count the cache read and the
+//! region), time [`headmix::decode()`] of one new token per sequence, count the cache read and the
 //! cache size against the unfused design.
 
 use headmix::cache::{KvCache, KvStorage};

@@ -96,7 +96,7 @@ pub fn problem(case: &DecodeCase, cache: &KvCache, q: &Owned) -> Result<DecodePr
 }
 
 /// Time one decode case: fill enough caches to rotate through ([`timer::cache_sets`]), random
-/// new queries per cache, then `reps` timed calls of [`headmix::decode`] after a warm-up.
+/// new queries per cache, then `reps` timed calls of [`headmix::decode()`] after a warm-up.
 pub fn run_case(dev: &Device, case: &DecodeCase, reps: usize) -> Result<Vec<Row>, String> {
     let backend = dev.backend.as_ref();
     let cfg = case.config()?;

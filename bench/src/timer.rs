@@ -49,7 +49,7 @@ pub fn cache_sets(cache_bytes: usize) -> usize {
     ROTATE_BYTES.div_ceil(cache_bytes.max(1)).clamp(1, MAX_SETS)
 }
 
-/// Wall-clock time of `reps` calls of [`headmix::decode`] after one untimed warm-up call, call `i`
+/// Wall-clock time of `reps` calls of [`headmix::decode()`] after one untimed warm-up call, call `i`
 /// on cache `i % caches.len()` with queries `queries[i % queries.len()]` (`[B, N, Hq, d]`, `n`
 /// new tokens per sequence). The caches are filled beforehand and never modified: decode only
 /// reads them, so every call does the same work.

@@ -108,7 +108,7 @@ pub trait Backend: Send + Sync {
     /// use headmix::{Backend, BackendKind, Config, Io, Tensor, TensorMut, Weights};
     ///
     /// let cfg = Config::gqa(4, 2, 8)?; // 4 query heads share 2 key/value heads, d = 8
-    /// let w = Weights::identity(&cfg);
+    /// let w = Weights::identity(&cfg); // no collapse `r`: the output is [B, N, H, P, d]
     /// let q: Vec<f32> = (0..5 * 4 * 8).map(|i| (i as f32 * 0.1).cos()).collect(); // [1, 5, 4, 8]
     /// let kv: Vec<f32> = (0..5 * 2 * 8).map(|i| (i as f32 * 0.3).sin()).collect(); // [1, 5, 2, 8]
     /// let mut out = vec![0f32; 5 * 4 * 8];
@@ -118,7 +118,7 @@ pub trait Backend: Send + Sync {
     ///     q: Tensor::new(&q, &[1, 5, 4, 8]),
     ///     k: Tensor::new(&kv, &[1, 5, 2, 8]),
     ///     v: Tensor::new(&kv, &[1, 5, 2, 8]),
-    ///     out: TensorMut::new(&mut out, &[1, 5, 4, 8]),
+    ///     out: TensorMut::new(&mut out, &[1, 5, 4, 1, 8]),
     ///     lse: Some(&mut lse),
     /// })?;
     /// // A wrong shape is a typed error naming the tensor, and `out` is left untouched.
@@ -127,7 +127,7 @@ pub trait Backend: Send + Sync {
     ///     q: Tensor::new(&q, &[1, 5, 4, 8]),
     ///     k: Tensor::new(&kv, &[1, 5, 2, 8]),
     ///     v: Tensor::new(&kv, &[1, 5, 2, 8]),
-    ///     out: TensorMut::new(&mut bad, &[1, 5, 8, 4]),
+    ///     out: TensorMut::new(&mut bad, &[1, 5, 4, 8]),
     ///     lse: None,
     /// });
     /// assert!(matches!(e, Err(headmix::Error::Shape { what: "out", .. })));

@@ -217,7 +217,7 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
 /// use headmix::{Config, DType, Tensor, TensorMut, Weights};
 ///
 /// let cfg = Config::mea(2, 8); // H = 2 heads, d = 8, dense key/value mixing, head norm
-/// let w = Weights::random(&cfg, 1);
+/// let w = Weights::random(&cfg, 1); // no collapse `r`: the output is [B, N, H, P, d]
 /// let mut cache = KvCache::for_config(&cfg, 1, 16, DType::F32)?; // batch 1, up to 16 tokens
 /// let kv: Vec<f32> = (0..3 * 2 * 8).map(|i| (i as f32 * 0.37).sin()).collect();
 /// cache.append(&Tensor::new(&kv, &[1, 3, 2, 8]), &Tensor::new(&kv, &[1, 3, 2, 8]))?; // 3 tokens
@@ -227,7 +227,7 @@ pub fn validate_decode(cfg: &Config, w: &Weights, io: &DecodeIo) -> Result<Decod
 /// let io = DecodeIo {
 ///     q: Tensor::new(&q, &[1, 1, 2, 8]),
 ///     cache: &cache,
-///     out: TensorMut::new(&mut out, &[1, 1, 2, 8]),
+///     out: TensorMut::new(&mut out, &[1, 1, 2, 1, 8]),
 ///     lse: None,
 /// };
 /// decode(cpu.as_ref(), &cfg, &w, io)?;

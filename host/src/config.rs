@@ -7,11 +7,17 @@ use crate::{Error, Result};
 /// Which named method a configuration was built as (used for default weights and reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Method {
+    /// Standard multi-head attention.
     Mha,
+    /// Grouped-query attention.
     Gqa,
+    /// Multi-head Explicit Attention.
     Mea,
+    /// MEA with a compressed KV cache (`Hk < H`).
     MeaCompressed,
+    /// Interleaved Head Attention, global.
     Iha,
+    /// Interleaved Head Attention with a sliding window.
     IhaLocal,
     /// Built field by field.
     Custom,
@@ -55,6 +61,7 @@ impl Method {
         })
     }
 
+    /// Lower-case name (`mha`, `iha-local`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Method::Mha => "mha",
@@ -75,7 +82,9 @@ impl Method {
 /// `(W·P − 1, 0)`: exactly `W·P` virtual keys, the query's own included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
+    /// Keys visible before the query's own position, virtual tokens.
     pub left: usize,
+    /// Keys visible after the query's own position, virtual tokens.
     pub right: usize,
 }
 
@@ -87,7 +96,9 @@ pub struct Window {
 /// forward over the whole sequence.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rope {
+    /// Frequency base (default 10000).
     pub base: f32,
+    /// Virtual or token positions.
     pub mode: PosMode,
 }
 
@@ -118,6 +129,7 @@ impl Default for Rope {
 /// too for `P = 1`: the same memory).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
+    /// The named method it was built as.
     pub method: Method,
     /// Attention heads `H`.
     pub heads: usize,
@@ -129,8 +141,11 @@ pub struct Config {
     pub pseudo: usize,
     /// Head dimension `d`.
     pub head_dim: usize,
+    /// Causal mask on virtual tokens.
     pub causal: bool,
+    /// Sliding window, if any.
     pub window: Option<Window>,
+    /// Rotary embedding after mixing, if any.
     pub rope: Option<Rope>,
     /// RoPE position offset `pos0`.
     pub pos_offset: usize,
@@ -242,21 +257,25 @@ impl Config {
         self
     }
 
+    /// Apply RoPE after mixing.
     pub fn with_rope(mut self, rope: Rope) -> Config {
         self.rope = Some(rope);
         self
     }
 
+    /// Set the RoPE position offset `pos0`.
     pub fn with_pos_offset(mut self, pos: usize) -> Config {
         self.pos_offset = pos;
         self
     }
 
+    /// Set the softmax scale (default `1/sqrt(d)`).
     pub fn with_scale(mut self, scale: f32) -> Config {
         self.scale = Some(scale);
         self
     }
 
+    /// Set the head-norm epsilon (default `1e-5`).
     pub fn with_norm_eps(mut self, eps: f32) -> Config {
         self.norm_eps = eps;
         self

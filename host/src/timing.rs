@@ -35,12 +35,16 @@ pub fn try_random_inputs(problem: &Problem, seed: u64) -> Result<(Vec<f32>, Vec<
 
 /// Owned host buffers of one dtype.
 pub enum Owned {
+    /// f32 values.
     F32(Vec<f32>),
+    /// f16 values.
     F16(Vec<f16>),
+    /// bf16 values.
     BF16(Vec<bf16>),
 }
 
 impl Owned {
+    /// `x` rounded to `dtype`.
     pub fn from_f32(dtype: DType, x: &[f32]) -> Owned {
         match dtype {
             DType::F32 => Owned::F32(x.to_vec()),
@@ -49,6 +53,7 @@ impl Owned {
         }
     }
 
+    /// `len` copies of `value` rounded to `dtype`.
     pub fn filled(dtype: DType, len: usize, value: f32) -> Owned {
         match dtype {
             DType::F32 => Owned::F32(vec![value; len]),
@@ -76,6 +81,7 @@ impl Owned {
         })
     }
 
+    /// A view with a shape.
     pub fn tensor(&self, shape: &[usize]) -> Tensor<'_> {
         match self {
             Owned::F32(v) => Tensor::new(v.as_slice(), shape),
@@ -84,6 +90,7 @@ impl Owned {
         }
     }
 
+    /// A mutable view with a shape.
     pub fn tensor_mut(&mut self, shape: &[usize]) -> TensorMut<'_> {
         match self {
             Owned::F32(v) => TensorMut::new(v.as_mut_slice(), shape),
@@ -92,6 +99,7 @@ impl Owned {
         }
     }
 
+    /// The values widened to f32.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             Owned::F32(v) => v.clone(),

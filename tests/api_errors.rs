@@ -379,3 +379,18 @@ fn named_configs_default_to_causal_and_window_arithmetic_is_checked() {
     c.cfg = wide;
     expect_err(&c, |e| matches!(e, Error::Window { .. }), "window beyond the index range");
 }
+
+/// Device errors keep their cause behind `std::error::Error::source` (typed, downcastable), and
+/// the message still names it; errors without a cause have none.
+#[test]
+fn device_errors_keep_their_cause() {
+    let e = Error::device_caused("cuda", "launching attn_v1", std::io::Error::other("driver said no"));
+    assert_eq!(e.to_string(), "cuda backend: launching attn_v1: driver said no");
+    let cause = std::error::Error::source(&e).expect("the cause is the source");
+    assert!(cause.is::<std::io::Error>(), "{cause:?}");
+    assert_eq!(e.clone(), e);
+    // Negative controls: no cause, no source.
+    assert!(std::error::Error::source(&Error::device("cuda", "launching attn_v1")).is_none());
+    assert!(std::error::Error::source(&Error::ZeroPseudoHeads).is_none());
+    assert_ne!(Error::device("cuda", "launching attn_v1: driver said no"), e);
+}

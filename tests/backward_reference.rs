@@ -8,8 +8,8 @@
 use headmix::reference::backward::direct::{Fault, backward_with_fault};
 use headmix::reference::backward::{Grads, Layer, NormWeights, forward, unfused};
 use headmix::reference::{HeadNorm, MixWeights, NormKind, Params, PosMode, attention, rel_err};
-use headmix::{DType, Rng};
-use headmix_tests::cases::{Kind, Limits, Spec, specs};
+use headmix::{DType, Method, Rng};
+use headmix_tests::cases::{Limits, Spec, specs};
 use headmix_tests::{check_property, normals};
 use proptest::prelude::*;
 
@@ -200,18 +200,18 @@ fn finite_differences_match_direct_on_random_problems() {
 /// differences at every coordinate.
 #[test]
 fn finite_differences_every_named_configuration() {
-    for (ki, kind) in Kind::ALL.into_iter().enumerate() {
+    for (ki, kind) in Method::ALL.into_iter().enumerate() {
         for (ri, rope) in [Some(PosMode::Virtual), Some(PosMode::Token), None].into_iter().enumerate() {
             for group in [false, true] {
                 let (heads, kv_heads, pseudo) = match kind {
-                    Kind::Gqa => (4, 2, 1),
-                    Kind::MeaCompressed => (3, 2, 1),
-                    Kind::Iha | Kind::IhaLocal => (2, 2, 3),
+                    Method::Gqa => (4, 2, 1),
+                    Method::MeaCompressed => (3, 2, 1),
+                    Method::Iha | Method::IhaLocal => (2, 2, 3),
                     _ => (3, 3, 1),
                 };
                 let window = match kind {
-                    Kind::IhaLocal => Some((2 * pseudo - 1, 0)),
-                    Kind::Mha | Kind::Mea => Some((2, 1)),
+                    Method::IhaLocal => Some((2 * pseudo - 1, 0)),
+                    Method::Mha | Method::Mea => Some((2, 1)),
                     _ => None,
                 };
                 let spec = Spec {
@@ -223,13 +223,13 @@ fn finite_differences_every_named_configuration() {
                     head_dim: 4,
                     n: 3,
                     m: 5,
-                    causal: !matches!(kind, Kind::Mea),
+                    causal: !matches!(kind, Method::Mea),
                     window,
                     rope,
                     pos_offset: 3,
                     scale: None,
-                    collapse: matches!(kind, Kind::Iha | Kind::IhaLocal),
-                    norm: (matches!(kind, Kind::Mea | Kind::MeaCompressed) || group).then_some(NormKind::Rms),
+                    collapse: matches!(kind, Method::Iha | Method::IhaLocal),
+                    norm: (matches!(kind, Method::Mea | Method::MeaCompressed) || group).then_some(NormKind::Rms),
                     dtype: DType::F32,
                     seed: (ki * 10 + ri) as u64,
                 };
@@ -249,7 +249,7 @@ fn finite_differences_every_named_configuration() {
 #[test]
 fn backward_forward_is_the_operator() {
     let spec = Spec {
-        kind: Kind::Mea,
+        kind: Method::Mea,
         batch: 2,
         heads: 3,
         kv_heads: 3,
@@ -281,7 +281,7 @@ fn backward_forward_is_the_operator() {
 #[test]
 fn group_norm_dbeta_is_the_sum_of_dout() {
     let spec = Spec {
-        kind: Kind::Mea,
+        kind: Method::Mea,
         batch: 2,
         heads: 2,
         kv_heads: 2,
@@ -317,7 +317,7 @@ fn group_norm_dbeta_is_the_sum_of_dout() {
 #[test]
 fn negative_controls_fail_the_finite_difference_check() {
     let spec = Spec {
-        kind: Kind::Iha,
+        kind: Method::Iha,
         batch: 1,
         heads: 2,
         kv_heads: 2,
@@ -356,7 +356,7 @@ fn negative_controls_fail_the_finite_difference_check() {
 #[test]
 fn rope_reaches_the_gradients() {
     let mut spec = Spec {
-        kind: Kind::Iha,
+        kind: Method::Iha,
         batch: 1,
         heads: 2,
         kv_heads: 2,

@@ -3,7 +3,8 @@
 //! NaN-poisoned outputs; typed errors with nothing written; negative controls.
 
 use headmix::backends::cpu::CpuBackend;
-use headmix::reference::backward::{Grads, direct, forward};
+use headmix::backward::{GradBuffers, reference_grads_in};
+use headmix::reference::backward::Grads;
 use headmix::reference::rel_err;
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, BackwardIo, Config, DType, Error, Rng, WeightGrads, Weights};
@@ -35,26 +36,8 @@ impl Inputs {
     }
 
     fn reference_in<T: headmix::reference::Real>(&self) -> Grads<T> {
-        let f = |x: &[f32]| x.iter().map(|&v| T::from_f64(v as f64)).collect::<Vec<T>>();
-        let (c, w) = (&self.case, &self.case.weights);
-        let (aq, ak, av, r) = (f(&w.aq), f(&w.ak), f(&w.av), w.r.as_deref().map(f));
-        let g = w.norm.as_ref().map(|n| f(n.gamma()));
-        let b = w.norm.as_ref().and_then(|n| n.beta()).map(|x| f(x));
-        use headmix::reference::backward::NormWeights;
-        let layer = headmix::reference::backward::Layer {
-            aq: &aq,
-            ak: &ak,
-            av: &av,
-            r: r.as_deref(),
-            norm: g.as_deref().map(|gamma| match b.as_deref() {
-                Some(beta) => NormWeights::Group { gamma, beta },
-                None => NormWeights::Rms { gamma },
-            }),
-        };
-        let p = c.problem.params();
-        let (q, k, v) = (f(&c.q), f(&c.k), f(&c.v));
-        let fw = forward(&p, &q, &k, &v, &layer);
-        direct::backward(&p, &q, &k, &v, &layer, Some(&fw.out), &fw.lse, &f(&self.dout))
+        let c = &self.case;
+        reference_grads_in(&c.problem, &c.weights, &c.q, &c.k, &c.v, &self.dout)
     }
 
     /// Run `backend.backward` with every output poisoned with NaN; the gradients as f32.
@@ -64,16 +47,8 @@ impl Inputs {
         let dt = p.dtype;
         let (q, k, v) = (Owned::from_f32(dt, &c.q), Owned::from_f32(dt, &c.k), Owned::from_f32(dt, &c.v));
         let (out, dout) = (Owned::from_f32(dt, &self.out), Owned::from_f32(dt, &self.dout));
-        let (mut dq, mut dk, mut dv) = (
-            Owned::filled(dt, c.q.len(), f32::NAN),
-            Owned::filled(dt, c.k.len(), f32::NAN),
-            Owned::filled(dt, c.v.len(), f32::NAN),
-        );
-        let nan = |x: &Vec<f32>| vec![f32::NAN; x.len()];
-        let (mut daq, mut dak, mut dav) = (nan(&w.aq), nan(&w.ak), nan(&w.av));
-        let mut dr = w.r.as_ref().map(nan);
-        let mut dgamma = w.norm.as_ref().map(|n| nan(&n.gamma().to_vec()));
-        let mut dbeta = w.norm.as_ref().and_then(|n| n.beta()).map(|b| nan(&b.to_vec()));
+        let mut g = GradBuffers::new(p, w, f32::NAN);
+        let (dq, dk, dv, dw) = g.outputs(&c.q_shape(), &c.kv_shape());
         let out_shape = p.out_shape();
         backend.backward(
             &p.cfg,
@@ -85,20 +60,13 @@ impl Inputs {
                 out: out.tensor(&out_shape),
                 lse: &self.lse,
                 dout: dout.tensor(&out_shape),
-                dq: dq.tensor_mut(&c.q_shape()),
-                dk: dk.tensor_mut(&c.kv_shape()),
-                dv: dv.tensor_mut(&c.kv_shape()),
-                dw: WeightGrads {
-                    daq: &mut daq,
-                    dak: &mut dak,
-                    dav: &mut dav,
-                    dr: dr.as_deref_mut(),
-                    dgamma: dgamma.as_deref_mut(),
-                    dbeta: dbeta.as_deref_mut(),
-                },
+                dq,
+                dk,
+                dv,
+                dw,
             },
         )?;
-        Ok(Grads { dq: dq.to_f32(), dk: dk.to_f32(), dv: dv.to_f32(), daq, dak, dav, dr, dgamma, dbeta })
+        Ok(g.to_grads())
     }
 }
 

@@ -94,8 +94,12 @@ fn a_broken_kernel_is_a_typed_compile_error() {
     let broken = v.source().replacen("hm_key_range(a, i0", "hm_key_rnage(a, i0", 1);
     assert_ne!(broken, v.source(), "the negative control must change the source");
     match compile::compile_source("broken", &broken, "sm_80") {
-        Err(Error::Device { backend: "cuda", why }) => {
+        Err(e @ Error::Device { backend: "cuda", .. }) => {
+            let Error::Device { why, .. } = &e else { unreachable!() };
             assert!(why.contains("hm_key_rnage") && why.contains("error"), "log should name the error: {why}");
+            // The cause stays typed: NVRTC's own error behind `source()`.
+            let cause = std::error::Error::source(&e).expect("the NVRTC error is the source");
+            assert!(cause.is::<cuda::cudarc::nvrtc::result::NvrtcError>(), "source is {cause:?}");
         }
         other => panic!("a broken kernel must be an Error::Device, got {other:?}"),
     }

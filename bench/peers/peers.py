@@ -11,6 +11,10 @@ Peers, per configuration (all causal prefill, M = N, inputs token-major [B, N, h
   iha-local       the same pipeline with FlexAttention (torch.compile) and a sliding-window block mask
                   of W*P virtual tokens (left W*P - 1, the query's own included), W = N / (2 P^2)
 
+The cases are headmix's own plan (`headmix bench --list --sweep S --backend cuda --json plan.json`;
+without --plan the script asks headmix for it), with headmix's FLOP and byte counts: both sides
+time and count the same work, and a new configuration in the bench reaches the peers unchanged.
+
 Timing: CUDA events around each call, after warm-up, cycling through several input sets so that
 caches do not flatter small problems; FLOPs are headmix's count, 4*B*H*d * visible (query, key)
 pairs of virtual tokens; peak extra memory is torch.cuda.max_memory_allocated beyond inputs and
@@ -21,6 +25,7 @@ output. Writes the JSON schema of `headmix bench --json` (headmix-bench/1, bench
     python3 bench/peers/peers.py --device cpu --json /tmp/p.json        # tiny CPU smoke test
     python3 bench/peers/peers.py --check                                # every pipeline == the spec (f64, CPU)
     python3 bench/peers/peers.py --dry-run                              # the plan, no torch needed
+    python3 bench/peers/peers.py --plan plan.json --json peers.json     # a plan written elsewhere
 
 Written for PyTorch 2.11 (sdpa_kernel, enable_gqa, FlexAttention, F.group_norm).
 """
@@ -39,109 +44,31 @@ SCHEMA = "headmix-bench/1"
 SOURCE = "bench/peers/peers.py"
 # Measured H100 SXM ceilings, used only as denominators (bench/src/count.rs has the same).
 H100 = {"device": "H100 SXM", "dense_bf16_tflops": 790.0, "copy_tb_s": 3.0}
-DTYPE_SIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
 
 # ---------------------------------------------------------------------------------------------
-# The cases: a mirror of bench/src/sweep.rs (Sweep::cases) and of headmix's FLOP and byte counts.
+# The plan: the cases of a sweep as `headmix bench --list --json` writes them (sizes, mask,
+# FLOPs and bytes), so the peers time and count exactly the work headmix does.
 # ---------------------------------------------------------------------------------------------
 
-
-def cases(sweep, gpu):
-    """The cases of a sweep, exactly as headmix's sweep.rs lists them for a GPU or the CPU."""
-    if gpu:
-        grid = {
-            "quick": ([1024, 4096, 16384], [128], ["bf16"], [2, 4]),
-            "full": ([1024, 2048, 4096, 8192, 16384], [64, 128], ["bf16", "f16"], [1, 2, 4, 8]),
-        }[sweep]
-    else:
-        grid = {
-            "quick": ([64, 128, 256], [64], ["f32"], [2, 4]),
-            "full": ([64, 128, 256], [64, 128], ["f32", "bf16"], [1, 2, 4, 8]),
-        }[sweep]
-    seqs, dims, dtypes, pseudos = grid
-    out = []
-    for dtype in dtypes:
-        for d in dims:
-            heads = 2048 // d if gpu else 4
-            for n in seqs:
-                batch = max(16384 // n, 1) if gpu else 1
-
-                def case(method, kv_heads, pseudo):
-                    return make_case(method, heads, kv_heads, pseudo, d, batch, n, dtype)
-
-                out.append(case("mha", heads, 1))
-                out.append(case("gqa", heads // 4, 1))
-                out.append(case("mea", heads, 1))
-                out.append(case("mea-compressed", heads // 2, 1))
-                for p in pseudos:
-                    out.append(case("iha", heads, p))
-                    out.append(case("iha-local", heads, p))
-    return out
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def make_case(method, heads, kv_heads, pseudo, d, batch, n, dtype):
-    window = None
-    if method == "iha-local":
-        w_tokens = max(n // (2 * pseudo * pseudo), 1)
-        window = [w_tokens * pseudo - 1, 0]  # each virtual query sees W*P keys, itself included
-    return {
-        "config": method,
-        "heads": heads,
-        "q_heads": heads,
-        "kv_heads": kv_heads,
-        "pseudo": pseudo,
-        "head_dim": d,
-        "batch": batch,
-        "n": n,
-        "m": n,
-        "dtype": dtype,
-        "causal": True,
-        "window": window,
-        # Only IHA carries a collapse r: its output is [B, N, H, d]; the others [B, N, H, 1, d].
-        "collapse": method in ("iha", "iha-local"),
-    }
+def load_plan(args, gpu):
+    """The forward cases of the plan: read from --plan, or asked of `headmix bench --list`
+    (the binary in $HEADMIX_BIN, else built and run by cargo)."""
+    path = args.plan
+    if not path:
+        import tempfile
 
-
-def label(c):
-    s = c["config"]
-    if c["config"].startswith("iha"):
-        s += f" P={c['pseudo']}"
-    if c["config"] in ("gqa", "mea-compressed"):
-        s += f" Hk={c['kv_heads']}"
-    return f"{s} B={c['batch']} N={c['n']} d={c['head_dim']} {c['dtype']}"
-
-
-def visible_pairs(c):
-    """Visible (virtual query, virtual key) pairs per (batch, head): headmix's Problem::visible_pairs."""
-    p = c["pseudo"]
-    nq, nk = c["n"] * p, c["m"] * p
-    off = (c["m"] - c["n"]) * p
-    total = 0
-    for i in range(nq):
-        ia = i + off
-        lo, hi = 0, nk - 1
-        if c["causal"]:
-            hi = min(hi, ia)
-        if c["window"] is not None:
-            left, right = c["window"]
-            lo = max(lo, ia - left)
-            hi = min(hi, ia + right)
-        if hi >= lo:
-            total += hi - lo + 1
-    return total
-
-
-def flops(c):
-    return 4.0 * c["batch"] * c["heads"] * c["head_dim"] * visible_pairs(c)
-
-
-def nbytes(c):
-    """q, k, v read once and the output written once, in the dtype (headmix's count::bytes)."""
-    b, n, m, d = c["batch"], c["n"], c["m"], c["head_dim"]
-    out_heads = c["heads"] if c["collapse"] else c["heads"] * c["pseudo"]
-    elements = b * n * c["q_heads"] * d + 2 * b * m * c["kv_heads"] * d + b * n * out_heads * d
-    return float(elements * DTYPE_SIZE[c["dtype"]])
+        path = os.path.join(tempfile.mkdtemp(prefix="headmix-peers-"), "plan.json")
+        headmix = os.environ.get("HEADMIX_BIN", "").split() or ["cargo", "run", "--release", "-q", "--bin", "headmix", "--"]
+        backend = "cuda" if gpu else "cpu"
+        cmd = headmix + ["bench", "--list", "--sweep", args.sweep, "--backend", backend, "--json", path]
+        subprocess.run(cmd, cwd=REPO, check=True)
+    with open(path) as f:
+        plan = json.load(f)
+    return [c for c in plan if c["mode"] == "forward" and (not args.filter or args.filter in c["label"])]
 
 
 def known_peak(device):
@@ -320,23 +247,25 @@ def reference(torch, c, q, k, v, w):
     return out
 
 
-def check(torch):
-    """Every peer pipeline against `reference` on small f64 CPU problems; returns the failures."""
+def check(torch, plan):
+    """Every peer pipeline against `reference` in f64 on the CPU, for the first case of each
+    configuration and P in the plan (the CPU quick sweep: N = 64); returns the failures."""
     dev = torch.device("cpu")
-    failures = []
-    for method in ["mha", "gqa", "mea", "mea-compressed", "iha", "iha-local"]:
-        pseudo = 3 if method.startswith("iha") else 1
-        kv_heads = 2 if method in ("gqa", "mea-compressed") else 4
-        c = make_case(method, 4, kv_heads, pseudo, 8, 2, 24, "f32")
+    failures, seen = [], set()
+    for c in plan:
+        if (c["config"], c["pseudo"]) in seen:
+            continue
+        seen.add((c["config"], c["pseudo"]))
         w = weights(torch, c, dev, torch.float64)
         gen = torch.Generator().manual_seed(7)
-        q, k, v = (torch.randn(2, 24, hh, 8, generator=gen, dtype=torch.float64) for hh in (4, kv_heads, kv_heads))
+        b, n, d = c["batch"], c["n"], c["head_dim"]
+        q, k, v = (torch.randn(b, n, hh, d, generator=gen, dtype=torch.float64) for hh in (c["q_heads"], c["kv_heads"], c["kv_heads"]))
         want = reference(torch, c, q, k, v, w)
         for name, fn in torch_pipelines(torch, c, dev, w):
             err = (fn(q, k, v) - want).abs().max().item()
-            print(f"check {label(c)} · {name}: max |error| {err:.2e}", file=sys.stderr)
+            print(f"check {c['label']} · {name}: max |error| {err:.2e}", file=sys.stderr)
             if not err < 1e-10:
-                failures.append(f"{label(c)} · {name}: {err}")
+                failures.append(f"{c['label']} · {name}: {err}")
     return failures
 
 
@@ -396,7 +325,7 @@ def extra_memory(torch, dev, fn, args):
 
 def row(c, implementation, device, driver, clock, seconds, extra):
     med = statistics.median(seconds)
-    fl, by = flops(c), nbytes(c)
+    fl, by = c["flops"], c["bytes"]
     tflops, gb_s = fl / med / 1e12, by / med / 1e9
     peak = known_peak(device)
     keys = ["config", "dtype", "batch", "n", "m", "heads", "q_heads", "kv_heads", "pseudo", "head_dim", "causal"]
@@ -449,14 +378,14 @@ def run(args):
         "results": [],
         "errors": [],
     }
-    plan = [c for c in cases(args.sweep, dev.type == "cuda") if not args.filter or args.filter in label(c)]
+    plan = load_plan(args, dev.type == "cuda")
     reps = args.reps or (20 if dev.type == "cuda" else 5)
     start = time.time()
     for i, c in enumerate(plan):
         dtype = torch_dtype[c["dtype"]]
         b, n, m, d = c["batch"], c["n"], c["m"], c["head_dim"]
         # Enough input sets to cover 128 MiB (more than an H100's L2), 2 to 8 of them.
-        set_bytes = nbytes(c)
+        set_bytes = c["bytes"]
         n_sets = min(max(math.ceil((128 << 20) / set_bytes), 2), 8)
         gen = torch.Generator(device="cpu").manual_seed(1000 + i)
 
@@ -471,9 +400,9 @@ def run(args):
             pipelines = torch_pipelines(torch, c, dev, weights(torch, c, dev, dtype))
         except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
             pipelines = []
-            report["errors"].append({"backend": "torch", "case": label(c), "why": f"{type(e).__name__}: {e}"})
+            report["errors"].append({"backend": "torch", "case": c["label"], "why": f"{type(e).__name__}: {e}"})
         for name, fn in pipelines:
-            tag = f"[{i + 1}/{len(plan)}] {label(c)} · {name}"
+            tag = f"[{i + 1}/{len(plan)}] {c['label']} · {name}"
             try:
                 with torch.inference_mode():
                     seconds, clock = time_calls(torch, dev, fn, input_sets, reps, args.warmup)
@@ -483,7 +412,7 @@ def run(args):
                 print(f"{tag}: {r['median_s'] * 1e3:.3f} ms, {r['tflops']:.3g} TFLOP/s", file=sys.stderr)
             except Exception as e:  # noqa: BLE001 - e.g. a kernel that does not support the shape
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                report["errors"].append({"backend": "torch", "case": f"{label(c)} · {name}", "why": why})
+                report["errors"].append({"backend": "torch", "case": f"{c['label']} · {name}", "why": why})
                 print(f"{tag}: failed: {why}", file=sys.stderr)
         del input_sets
         if dev.type == "cuda":
@@ -494,29 +423,27 @@ def run(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", choices=["quick", "full"], default="quick")
+    ap.add_argument("--sweep", choices=["quick", "full"], default="quick", help="the sweep whose plan to run (without --plan)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny sizes: a smoke test)")
     ap.add_argument("--reps", type=int, default=0, help="timed calls per case (default 20 on a GPU, 5 on the CPU)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls first (compiles FlexAttention)")
     ap.add_argument("--filter", default="", help="only cases whose label contains this text")
     ap.add_argument("--json", default="", help="write the report here (default: stdout)")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan (cases, FLOPs, bytes) as JSON; no torch")
+    ap.add_argument("--plan", default="", help="the plan of `headmix bench --list --json PATH` (default: ask headmix)")
+    ap.add_argument("--dry-run", action="store_true", help="print the forward cases of the plan as JSON; no torch")
     ap.add_argument("--check", action="store_true", help="check every pipeline against the spec (f64, CPU) and exit")
     args = ap.parse_args(argv)
     if args.check:
         import torch
 
-        failures = check(torch)
+        args.sweep, args.filter = "quick", "N=64 "
+        failures = check(torch, load_plan(args, gpu=False))
         if failures:
             sys.exit("peers differ from the spec:\n  " + "\n  ".join(failures))
         print("every peer pipeline equals the spec's reference", file=sys.stderr)
         return
     if args.dry_run:
-        gpu = not args.device.startswith("cpu")
-        plan = [c for c in cases(args.sweep, gpu) if not args.filter or args.filter in label(c)]
-        for c in plan:
-            c["label"], c["flops"], c["bytes"] = label(c), flops(c), nbytes(c)
-        text = json.dumps(plan, indent=1)
+        text = json.dumps(load_plan(args, not args.device.startswith("cpu")), indent=1)
     else:
         text = json.dumps(run(args), indent=2)
     if args.json:

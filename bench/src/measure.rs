@@ -1,14 +1,15 @@
-//! Time one case on one backend (fused, unfused, and any extra baselines) into report rows.
+//! Time one case on one device into report rows: the fused call (forward or decode), the unfused
+//! pipeline where the configuration mixes, and the device's extra baselines.
 
-use headmix::{Backend, BackendKind, Problem, Timing, Weights};
+use headmix::cache::KvCache;
+use headmix::timing::Owned;
+use headmix::{Backend, BackendKind, DType, Problem, Rng, Timing, cache_bytes};
+use rayon::prelude::*;
 
-use crate::report::{BackendInfo, Row, StageResult, UnfusedResult};
-use crate::stats::median;
-use crate::sweep::{Case, Scale};
-use crate::{count, timer, unfused};
-
-/// What the fused rows' `implementation` says.
-pub const FUSED: &str = "headmix fused";
+use crate::count;
+use crate::report::{BackendInfo, DecodeInfo, FORWARD_N1, FUSED, Row, median};
+use crate::sweep::{Case, Mode, NEW_TOKENS, Scale};
+use crate::{timer, unfused};
 
 /// An opened backend with the facts every row carries.
 pub struct Device {
@@ -16,22 +17,35 @@ pub struct Device {
     pub info: BackendInfo,
     /// Which sizes it gets (software devices get the CPU's).
     pub scale: Scale,
-    /// Other implementations timed beside the fused kernel on this device (see [`baselines`]).
-    pub baselines: Vec<Box<dyn Baseline>>,
+    /// Other implementations timed beside the fused kernel on this device, by name: on wgpu the
+    /// one-thread-per-virtual-query kernel (the bar the tiled kernel must clear by 10×), on CUDA
+    /// the tensor-core kernel `attn_v2` beside the default. Each is an extra row.
+    pub baselines: Vec<(&'static str, Box<dyn Backend>)>,
 }
 
 impl Device {
     pub fn new(backend: Box<dyn Backend>) -> Device {
+        use headmix::backends::{cuda, wgpu};
         let describe = backend.describe();
-        let driver = describe
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("driver"))
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| "-".into());
+        let driver =
+            describe.iter().find(|(k, _)| k.eq_ignore_ascii_case("driver")).map_or("-".into(), |(_, v)| v.clone());
         let scale = Scale::of(backend.kind(), &backend.device_name(), &describe);
         let info =
             BackendInfo { backend: backend.kind().name().into(), device: backend.device_name(), driver, describe };
-        let baselines = baselines(backend.kind());
+        let mut baselines: Vec<(&'static str, Box<dyn Backend>)> = Vec::new();
+        match backend.kind() {
+            BackendKind::Wgpu => {
+                if let Ok(b) = wgpu::WgpuBackend::new() {
+                    baselines.push(("wgpu naive", Box::new(b.with_variant(wgpu::Variant::Naive))));
+                }
+            }
+            BackendKind::Cuda => {
+                if let Ok(b) = cuda::CudaBackend::new(0) {
+                    baselines.push(("cuda attn_v2", Box::new(b.with_kernel(cuda::Kernel::AttnV2))));
+                }
+            }
+            BackendKind::Cpu => {}
+        }
         Device { backend, info, scale, baselines }
     }
 
@@ -42,8 +56,7 @@ impl Device {
 
 /// Open each kind asked for: the devices that opened, and one line per kind that did not.
 pub fn open_all(kinds: &[BackendKind]) -> (Vec<Device>, Vec<(BackendKind, String)>) {
-    let mut devices = Vec::new();
-    let mut skipped = Vec::new();
+    let (mut devices, mut skipped) = (Vec::new(), Vec::new());
     for &kind in kinds {
         match headmix::open(kind) {
             Ok(b) => devices.push(Device::new(b)),
@@ -53,157 +66,98 @@ pub fn open_all(kinds: &[BackendKind]) -> (Vec<Device>, Vec<(BackendKind, String
     (devices, skipped)
 }
 
-/// Another implementation timed next to the fused kernel on the same device, reported as an extra
-/// row whose `implementation` is its name (no unfused pipeline, no speed-up column).
-pub trait Baseline {
-    /// E.g. `wgpu naive`.
-    fn name(&self) -> String;
-    /// Time `reps` calls after warm-up, as [`Backend::time`] does.
-    fn time(&self, problem: &Problem, w: &Weights, reps: usize) -> headmix::Result<Timing>;
-}
-
-/// A backend configured differently from its default, timed by its own clock.
-struct Variant<B: Backend> {
-    name: &'static str,
-    backend: B,
-}
-
-impl<B: Backend> Baseline for Variant<B> {
-    fn name(&self) -> String {
-        self.name.into()
-    }
-
-    fn time(&self, problem: &Problem, w: &Weights, reps: usize) -> headmix::Result<Timing> {
-        self.backend.supports(problem)?;
-        self.backend.time(problem, w, reps)
-    }
-}
-
-/// The extra baselines of a device kind, opened once: on wgpu the straightforward
-/// one-thread-per-virtual-query kernel (the bar the tiled kernel must clear by 10×); on CUDA the
-/// tensor-core kernel `attn_v2` beside the default `attn_v1` (until v2 is the default).
-pub fn baselines(kind: BackendKind) -> Vec<Box<dyn Baseline>> {
-    use headmix::backends::{cuda, wgpu};
-    let mut out: Vec<Box<dyn Baseline>> = Vec::new();
-    match kind {
-        BackendKind::Wgpu => {
-            if let Ok(b) = wgpu::WgpuBackend::new() {
-                out.push(Box::new(Variant { name: "wgpu naive", backend: b.with_variant(wgpu::Variant::Naive) }));
-            }
-        }
-        BackendKind::Cuda => {
-            if let Ok(b) = cuda::CudaBackend::new(0) {
-                out.push(Box::new(Variant { name: "cuda attn_v2", backend: b.with_kernel(cuda::Kernel::AttnV2) }));
-            }
-        }
-        BackendKind::Cpu => {}
-    }
-    out
-}
-
-/// The validated problem of a case (what `forward` would build from the tensors), after the
-/// backend said it supports it.
-pub fn problem(case: &Case, backend: &dyn Backend) -> Result<(Problem, Weights), String> {
-    let cfg = case.config()?;
-    let w = case.weights()?;
-    headmix::validate::validate_config(&cfg).map_err(|e| e.to_string())?;
-    headmix::validate::validate_weights(&cfg, &w).map_err(|e| e.to_string())?;
-    if case.batch == 0 || case.n == 0 || case.n > case.m {
-        return Err(format!("bad sizes B={} N={} M={}", case.batch, case.n, case.m));
-    }
-    let p = Problem::for_weights(&cfg, &w, case.batch, case.n, case.m, case.dtype).map_err(|e| e.to_string())?;
-    backend.supports(&p).map_err(|e| e.to_string())?;
-    Ok((p, w))
-}
-
-/// Time one case: the fused call, the unfused pipeline where the configuration mixes (its mix and
-/// collapse stages only on the CPU backend, see [`unfused`]), then the device's baselines.
-pub fn run_case(dev: &Device, case: &Case, reps: usize) -> Result<Vec<Row>, String> {
+/// Time one case on a device, `reps` calls after a warm-up.
+pub fn run(dev: &Device, case: &Case, reps: usize) -> Result<Vec<Row>, String> {
     let backend = dev.backend.as_ref();
-    let (p, w) = problem(case, backend)?;
-    let t = timer::time(backend, &p, &w, reps).map_err(|e| e.to_string())?;
-    let mut fused = row(dev, case, &p, FUSED, &t);
+    let e = |e: headmix::Error| e.to_string();
+    if case.mode != Mode::Forward {
+        // Only the cases whose decode can build its cache (and a device run stays bounded).
+        case.cache_fits()?;
+    }
+    // Decode cases are counted as their forward problem: N = 1 against the held tokens.
+    let (p, w) = case.problem()?;
+    match case.mode {
+        Mode::Forward => {}
+        Mode::Decode => {
+            // Enough filled caches to rotate through, random new queries per cache, wall clock.
+            let first = filled_cache(case, 1)?;
+            let sets = timer::sets(first.bytes(), 1);
+            let mut caches = vec![first];
+            for s in 1..sets {
+                caches.push(filled_cache(case, 1 + 1000 * s as u64)?);
+            }
+            let q_len = case.batch * NEW_TOKENS * p.cfg.q_heads * p.cfg.head_dim;
+            let queries: Vec<Owned> = (0..sets).map(|s| random_owned(case.dtype, q_len, 7 + s as u64)).collect();
+            let t = timer::decode(backend, &p.cfg, &w, &caches, &queries, NEW_TOKENS, reps).map_err(e)?;
+            // While caches live in host memory a device decode also moves the cache to the device.
+            return Ok(vec![decode_row(dev, case, FUSED, &p, &t, dev.kind() != BackendKind::Cpu)]);
+        }
+        Mode::DecodeForward => {
+            backend.supports(&p).map_err(e)?;
+            let t = timer::forward(backend, &p, &w, reps).map_err(e)?;
+            return Ok(vec![decode_row(dev, case, FORWARD_N1, &p, &t, false)]);
+        }
+    }
+    // The fused call, its unfused pipeline (mix and collapse timed on the CPU backend only, see
+    // [`unfused`]), then the device's baselines.
+    backend.supports(&p).map_err(e)?;
+    let mut fused = row(dev, case, FUSED, &p, &timer::forward(backend, &p, &w, reps).map_err(e)?, true);
     if unfused::Stages::of(&p, &w).any() {
-        let host_stages = dev.kind() == BackendKind::Cpu;
-        let stages = unfused::time(backend, &p, &w, reps, host_stages)?;
-        let stage_extra: u64 = stages.iter().map(|s| s.extra_bytes).sum();
-        let stages: Vec<StageResult> = stages
-            .into_iter()
-            .map(|s| StageResult {
-                name: s.name.into(),
-                place: s.place,
-                clock: s.clock,
-                median_s: median(&s.seconds),
-                seconds: s.seconds,
-            })
-            .collect();
-        let total: f64 = stages.iter().map(|s| s.median_s).sum();
-        fused.speedup_vs_unfused = Some(total / fused.median_s);
-        fused.unfused = Some(UnfusedResult {
-            complete: host_stages,
-            median_s: total,
-            extra_bytes: unfused::extra_bytes(&p, &w) + stage_extra,
-            stages,
-        });
+        let u = unfused::measure(backend, &p, &w, reps, dev.kind() == BackendKind::Cpu)?;
+        fused.speedup_vs_unfused = Some(u.median_s / fused.median_s);
+        fused.unfused = Some(u);
     }
     let mut rows = vec![fused];
-    for b in &dev.baselines {
-        match b.time(&p, &w, reps) {
-            Ok(t) => rows.push(row(dev, case, &p, &b.name(), &t)),
+    for (name, b) in &dev.baselines {
+        match b.supports(&p).and_then(|()| b.time(&p, &w, reps)) {
+            Ok(t) => rows.push(row(dev, case, name, &p, &t, true)),
             // A baseline that cannot take this case (e.g. the naive kernel on a large one) is left out.
             Err(headmix::Error::Unsupported { .. }) => {}
-            Err(e) => return Err(format!("{}: {e}", b.name())),
+            Err(e) => return Err(format!("{name}: {e}")),
         }
     }
     Ok(rows)
 }
 
-/// A row for a case from its timing.
-pub fn row(dev: &Device, case: &Case, p: &Problem, implementation: &str, t: &Timing) -> Row {
-    let peak = count::known_peak(&dev.info.device);
-    let work = Work { dtype: p.dtype, batch: p.batch, n: p.n, m: p.m, flops: count::flops(p), bytes: count::bytes(p) };
-    let mut r = timed_row(dev, case.method.name(), implementation, &p.cfg, work, t.clock, t, peak);
-    // The CPU backend's host allocations are not tracked: no device memory to report.
-    r.extra_bytes = (dev.kind() != BackendKind::Cpu).then_some(t.extra_bytes);
+/// A decode row: the cache read (the stored heads of the held tokens) and the cache sizes
+/// against the unfused design. A device decode reading a host-resident cache gets no `%bw`.
+fn decode_row(dev: &Device, case: &Case, implementation: &str, p: &Problem, t: &Timing, host_cache: bool) -> Row {
+    let mut r = row(dev, case, implementation, p, t, !host_cache);
+    if host_cache {
+        r.clock = "wall clock (host-resident cache)".into();
+    }
+    if case.mode == Mode::Decode {
+        r.extra_bytes = None; // not tracked by the wall-clock decode timer
+    }
+    let c = &p.cfg;
+    let sizes = cache_bytes(&c, p.batch, p.m, p.dtype);
+    r.decode = Some(DecodeInfo {
+        tokens: case.m,
+        layout: case.layout_name().into(),
+        cache_read_bytes: (2 * p.batch * p.m * c.kv_heads * c.head_dim * p.dtype.size()) as f64,
+        cache_bytes: sizes.headmix as u64,
+        unfused_cache_bytes: sizes.unfused as u64,
+        cache_ratio: sizes.ratio(),
+    });
     r
 }
 
-/// The sizes and work of a timed call, as a row reports them.
-pub struct Work {
-    pub dtype: headmix::DType,
-    pub batch: usize,
-    pub n: usize,
-    pub m: usize,
-    pub flops: f64,
-    pub bytes: f64,
-}
-
-/// A row of a timed call (forward or decode): throughput from the median, percentages against
-/// `peak` where one is known; no extra memory, unfused pipeline or decode facts (callers add them).
-#[allow(clippy::too_many_arguments)]
-pub fn timed_row(
-    dev: &Device,
-    config: &str,
-    implementation: &str,
-    c: &headmix::Config,
-    work: Work,
-    clock: &str,
-    t: &Timing,
-    peak: Option<count::Peak>,
-) -> Row {
-    let median_s = median(&t.seconds);
-    let tflops = count::tflops(work.flops, median_s);
-    let gb_s = count::gb_s(work.bytes, median_s);
+/// A row of a timed call: FLOPs and bytes of the problem, throughput from the median, and
+/// percentages against the device's measured ceilings where known (and `peak` allows).
+fn row(dev: &Device, case: &Case, implementation: &str, p: &Problem, t: &Timing, peak: bool) -> Row {
+    let (c, median_s, flops, bytes) = (&p.cfg, median(&t.seconds), p.flops(), count::bytes(p));
+    let (tflops, gb_s) = (flops / median_s / 1e12, bytes / median_s / 1e9);
+    let peak = count::known_peak(&dev.info.device).filter(|_| peak);
     Row {
-        config: config.into(),
+        config: case.method.name().into(),
         implementation: implementation.into(),
         backend: dev.info.backend.clone(),
         device: dev.info.device.clone(),
         driver: dev.info.driver.clone(),
-        dtype: work.dtype.name().into(),
-        batch: work.batch,
-        n: work.n,
-        m: work.m,
+        dtype: p.dtype.name().into(),
+        batch: p.batch,
+        n: p.n,
+        m: p.m,
         heads: c.heads,
         q_heads: c.q_heads,
         kv_heads: c.kv_heads,
@@ -211,56 +165,58 @@ pub fn timed_row(
         head_dim: c.head_dim,
         causal: c.causal,
         window: c.window.map(|w| [w.left, w.right]),
-        flops: work.flops,
-        bytes: work.bytes,
-        clock: clock.into(),
+        flops,
+        bytes,
+        clock: t.clock.into(),
         seconds: t.seconds.clone(),
         median_s,
         tflops,
         gb_s,
-        pct_peak_flops: count::pct_peak_flops(tflops, peak),
-        pct_peak_bw: count::pct_peak_bw(gb_s, peak),
-        extra_bytes: None,
+        pct_peak_flops: peak.map(|pk| 100.0 * tflops / pk.tflops),
+        pct_peak_bw: peak.map(|pk| 100.0 * gb_s / (pk.tb_s * 1000.0)),
+        // The CPU backend's host allocations are not tracked: no device memory to report.
+        extra_bytes: (dev.kind() != BackendKind::Cpu).then_some(t.extra_bytes),
         unfused: None,
         speedup_vs_unfused: None,
         decode: None,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use headmix::{DType, Method};
-
-    #[test]
-    fn a_cpu_case_gives_a_fused_row_with_its_unfused_pipeline() {
-        let (devs, skipped) = open_all(&[BackendKind::Cpu]);
-        assert!(skipped.is_empty());
-        let case = Case {
-            method: Method::Iha,
-            heads: 2,
-            kv_heads: 2,
-            pseudo: 2,
-            head_dim: 8,
-            batch: 1,
-            n: 16,
-            m: 16,
-            dtype: DType::F32,
-        };
-        let rows = run_case(&devs[0], &case, 2).unwrap();
-        assert_eq!(rows.len(), 1);
-        let r = &rows[0];
-        assert_eq!((r.implementation.as_str(), r.backend.as_str(), r.config.as_str()), (FUSED, "cpu", "iha"));
-        assert_eq!(r.seconds.len(), 2);
-        // Causal over N·P = 32 virtual tokens: 32·33/2 pairs.
-        assert_eq!(r.flops, 4.0 * 2.0 * 8.0 * (32.0 * 33.0 / 2.0));
-        assert!(r.tflops > 0.0 && r.pct_peak_flops.is_none() && r.extra_bytes.is_none());
-        let u = r.unfused.as_ref().unwrap();
-        assert!(u.complete && u.stages.len() == 3);
-        assert!(r.speedup_vs_unfused.unwrap() > 0.0);
-        // MHA has no unfused pipeline to compare with.
-        let mha = Case { method: Method::Mha, pseudo: 1, ..case };
-        let rows = run_case(&devs[0], &mha, 1).unwrap();
-        assert!(rows[0].unfused.is_none() && rows[0].speedup_vs_unfused.is_none());
+/// `len` random values in a dtype, uniform in `[-√3, √3)` (unit variance, never a zero buffer),
+/// generated in parallel blocks of a seeded generator so large caches fill in seconds.
+pub fn random_owned(dtype: DType, len: usize, seed: u64) -> Owned {
+    let mut v = vec![0f32; len];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, block)| {
+        let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        block.iter_mut().for_each(|x| *x = ((rng.uniform() - 0.5) * 2.0 * 3f64.sqrt()) as f32);
+    });
+    match dtype {
+        DType::F32 => Owned::F32(v),
+        _ => Owned::from_f32(dtype, &v),
     }
+}
+
+/// The case's empty cache filled with random stored heads: every held token of every sequence,
+/// the new one included (decode reads a cache that already holds its new tokens). A ring is
+/// filled with exactly its `W + 1` tokens: without RoPE one decode does the same work at any
+/// position. Appended in blocks of about 16 M elements to bound the host memory beyond the cache.
+pub fn filled_cache(case: &Case, seed: u64) -> Result<KvCache, String> {
+    // HOOK: when device-resident caches land, create the device's cache here.
+    let mut cache = case.empty_cache()?;
+    let s = cache.shape();
+    let row = s.kv_heads * s.head_dim;
+    let (held, step) = (case.held()?, ((1 << 24) / (s.batch * row)).max(1));
+    let mut at = 0;
+    for block in 0u64.. {
+        if at >= held {
+            break;
+        }
+        let t = step.min(held - at);
+        let shape = [s.batch, t, s.kv_heads, s.head_dim];
+        let k = random_owned(s.dtype, s.batch * t * row, seed.wrapping_add(2 * block));
+        let v = random_owned(s.dtype, s.batch * t * row, seed.wrapping_add(2 * block + 1));
+        cache.append(&k.tensor(&shape), &v.tensor(&shape)).map_err(|e| e.to_string())?;
+        at += t;
+    }
+    Ok(cache)
 }

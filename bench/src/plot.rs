@@ -1,5 +1,6 @@
 //! The SVG chart: TFLOP/s against sequence length, one panel per configuration, one line per
-//! backend (and `P`, `d`, dtype, implementation).
+//! backend (and `P`, `d`, dtype, implementation). Rows that a log axis and a TFLOP/s axis cannot
+//! show (`N = 0`, a non-finite or negative throughput) are left out; nothing left is an error.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +11,7 @@ use crate::report::Row;
 /// The legend name of a row's line.
 fn series_name(r: &Row) -> String {
     let mut s = r.backend.clone();
-    if r.implementation != "headmix fused" {
+    if r.implementation != crate::report::FUSED {
         s += &format!(" [{}]", r.implementation);
     }
     if r.config.starts_with("iha") {
@@ -23,9 +24,7 @@ fn series_name(r: &Row) -> String {
 fn lines(rows: &[&Row]) -> BTreeMap<String, Vec<(f64, f64)>> {
     let mut out: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for r in rows {
-        if r.tflops.is_finite() {
-            out.entry(series_name(r)).or_default().push((r.n as f64, r.tflops));
-        }
+        out.entry(series_name(r)).or_default().push((r.n as f64, r.tflops));
     }
     for pts in out.values_mut() {
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -36,14 +35,15 @@ fn lines(rows: &[&Row]) -> BTreeMap<String, Vec<(f64, f64)>> {
 /// Draw `rows` into an SVG file at `path`.
 pub fn svg(rows: &[Row], title: &str, path: &str) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("{path}: {e}");
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.n > 0 && r.tflops.is_finite() && r.tflops >= 0.0).collect();
     let mut configs: Vec<&str> = Vec::new();
-    for r in rows {
+    for r in &rows {
         if !configs.contains(&r.config.as_str()) {
             configs.push(&r.config);
         }
     }
     if configs.is_empty() {
-        return Err(format!("{path}: nothing to plot"));
+        return Err(format!("{path}: nothing to plot (no forward row with N >= 1 and a finite TFLOP/s)"));
     }
     let cols = configs.len().min(2);
     let panel_rows = configs.len().div_ceil(cols);
@@ -52,13 +52,13 @@ pub fn svg(rows: &[Row], title: &str, path: &str) -> Result<(), String> {
     let root = root.titled(title, ("sans-serif", 20)).map_err(|e| err(&e))?;
     let panels = root.split_evenly((panel_rows, cols));
     for (panel, config) in panels.iter().zip(&configs) {
-        let sel: Vec<&Row> = rows.iter().filter(|r| r.config == *config).collect();
+        let sel: Vec<&Row> = rows.iter().copied().filter(|r| r.config == *config).collect();
         let lines = lines(&sel);
         let (mut x0, mut x1) = sel.iter().fold((f64::MAX, 0f64), |(a, b), r| (a.min(r.n as f64), b.max(r.n as f64)));
         if x0 >= x1 {
             (x0, x1) = (x0 / 2.0, x1 * 2.0);
         }
-        let y1 = sel.iter().map(|r| r.tflops).filter(|t| t.is_finite()).fold(0f64, f64::max);
+        let y1 = sel.iter().map(|r| r.tflops).fold(0f64, f64::max);
         let y1 = if y1 > 0.0 { y1 * 1.15 } else { 1.0 };
         let mut chart = ChartBuilder::on(panel)
             .caption(*config, ("sans-serif", 16))
@@ -94,35 +94,4 @@ pub fn svg(rows: &[Row], title: &str, path: &str) -> Result<(), String> {
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::report::tests::sample_row;
-
-    #[test]
-    fn renders_an_svg_with_a_panel_per_configuration() {
-        let mut rows = Vec::new();
-        for (config, n, t) in [("iha", 64, 1.0), ("iha", 128, 2.0), ("mha", 64, 0.5), ("mha", 128, 0.75)] {
-            let mut r = sample_row();
-            r.config = config.into();
-            r.n = n;
-            r.tflops = t;
-            rows.push(r);
-        }
-        let path = std::env::temp_dir().join(format!("headmix-bench-plot-{}.svg", std::process::id()));
-        let path = path.to_str().unwrap();
-        svg(&rows, "test chart", path).unwrap();
-        let text = std::fs::read_to_string(path).unwrap();
-        std::fs::remove_file(path).unwrap();
-        assert!(text.starts_with("<svg"), "{}", &text[..80.min(text.len())]);
-        // plotters writes each text on its own line between the tags.
-        for caption in ["test chart", "iha", "mha", "TFLOP/s"] {
-            assert!(text.contains(&format!(">\n{caption}\n</text>")), "{caption}");
-        }
-        assert!(text.contains("cpu P=2 d=32 bf16"));
-        assert!(text.contains("<polyline"), "lines drawn");
-        assert!(svg(&[], "empty", path).is_err());
-    }
 }

@@ -1,28 +1,42 @@
 //! The named sweeps: which configurations, sizes and dtypes a benchmark run covers.
 //!
-//! Sizes follow the FlashAttention benchmarks on GPUs: `H·d = 2048` and `B·N = 16k` tokens, so
-//! every sequence length does the same number of tokens. The CPU backend is the f64/f32
-//! reference, so it gets tiny sizes (`N = 64..256`, `H = 4`): enough to exercise the whole path.
-//! Every configuration is causal (LLM prefill), `M = N`.
+//! Forward sweeps (`quick`, `full`) follow the FlashAttention benchmarks on GPUs: `H·d = 2048`
+//! and `B·N = 16k` tokens, so every sequence length does the same number of tokens. Decode
+//! sweeps (`decode-quick`, `decode`) follow issue 6: one new token per sequence against a cache
+//! of `L` tokens, `H = 16`, `d = 128`, bf16, `B = 1, 8, 64`. The CPU backend (the reference) and
+//! software wgpu adapters get tiny sizes ([`Scale::Host`]): enough to exercise the whole path.
+//! Every configuration is causal; IHA local uses the paper's window `W = L / (2 P²)` tokens and,
+//! in decode, a ring cache of `W + 1` tokens (all a new query can see).
 
-use headmix::{BackendKind, Config, DType, Method, Weights};
+use headmix::cache::{KvCache, window_tokens};
+use headmix::validate::MAX_INDEX;
+use headmix::{BackendKind, CacheBytes, Config, DType, Method, Problem, Weights, cache_bytes};
+
+/// New query tokens per sequence of a decode case.
+pub const NEW_TOKENS: usize = 1;
 
 /// A named sweep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sweep {
-    /// A few cases per configuration; under a minute on the CPU backend of a 2-core machine.
+    /// A few forward cases per configuration; under a minute on the CPU backend of a 2-core machine.
     Quick,
     /// Every configuration, sequence length, `P`, `d` and dtype.
     Full,
+    /// A few decode lengths; well under a minute on the CPU backend.
+    DecodeQuick,
+    /// Every batch and cache length of issue 6 (4k..128k tokens on GPUs).
+    Decode,
 }
 
 impl Sweep {
-    pub const ALL: [Sweep; 2] = [Sweep::Quick, Sweep::Full];
+    pub const ALL: [Sweep; 4] = [Sweep::Quick, Sweep::Full, Sweep::DecodeQuick, Sweep::Decode];
 
     pub fn name(self) -> &'static str {
         match self {
             Sweep::Quick => "quick",
             Sweep::Full => "full",
+            Sweep::DecodeQuick => "decode-quick",
+            Sweep::Decode => "decode",
         }
     }
 
@@ -30,57 +44,96 @@ impl Sweep {
         Sweep::ALL.into_iter().find(|w| w.name() == s)
     }
 
+    pub fn is_decode(self) -> bool {
+        matches!(self, Sweep::DecodeQuick | Sweep::Decode)
+    }
+
     /// Timed repetitions per case (after one warm-up call) at a scale.
     pub fn reps(self, scale: Scale) -> usize {
         match (self, scale) {
-            (Sweep::Quick, Scale::Host) => 10,
-            (Sweep::Full, Scale::Host) => 5,
-            (Sweep::Quick, _) => 10,
-            _ => 20,
+            (Sweep::Full | Sweep::Decode, Scale::Host) => 5,
+            (Sweep::Full | Sweep::Decode, Scale::Gpu) => 20,
+            _ => 10,
         }
     }
 
-    /// The cases of this sweep at a scale.
+    /// The cases of this sweep at a scale. On GPUs each decode case is followed by its
+    /// device-clock forward `N = 1` twin ([`Mode::DecodeForward`]).
     pub fn cases(self, scale: Scale) -> Vec<Case> {
         let gpu = scale == Scale::Gpu;
+        let mut cases = Vec::new();
+        if self.is_decode() {
+            let (heads, head_dim, dtype) = if gpu { (16, 128, DType::BF16) } else { (4, 64, DType::F32) };
+            let lens: &[usize] = match (self, gpu) {
+                (Sweep::DecodeQuick, true) => &[4096, 32768],
+                (_, true) => &[4096, 8192, 16384, 32768, 65536, 131072],
+                (Sweep::DecodeQuick, false) => &[256, 1024],
+                (_, false) => &[256, 1024, 4096],
+            };
+            for &tokens in lens {
+                for batch in [1, 8, 64] {
+                    let base = Case::decode(Method::Mha, heads, heads, 1, head_dim, batch, tokens, dtype);
+                    for case in methods(base, heads / 4, heads / 4, &[2, 4]) {
+                        cases.push(case);
+                        if gpu {
+                            cases.push(Case { mode: Mode::DecodeForward, ..case });
+                        }
+                    }
+                }
+            }
+            return cases;
+        }
         let (seqs, dims, dtypes, pseudos): (&[usize], &[usize], &[DType], &[usize]) = match (self, gpu) {
             (Sweep::Quick, true) => (&[1024, 4096, 16384], &[128], &[DType::BF16], &[2, 4]),
-            (Sweep::Full, true) => {
-                (&[1024, 2048, 4096, 8192, 16384], &[64, 128], &[DType::BF16, DType::F16], &[1, 2, 4, 8])
-            }
+            (_, true) => (&[1024, 2048, 4096, 8192, 16384], &[64, 128], &[DType::BF16, DType::F16], &[1, 2, 4, 8]),
             (Sweep::Quick, false) => (&[64, 128, 256], &[64], &[DType::F32], &[2, 4]),
-            (Sweep::Full, false) => (&[64, 128, 256], &[64, 128], &[DType::F32, DType::BF16], &[1, 2, 4, 8]),
+            (_, false) => (&[64, 128, 256], &[64, 128], &[DType::F32, DType::BF16], &[1, 2, 4, 8]),
         };
-        let mut cases = Vec::new();
         for &dtype in dtypes {
             for &d in dims {
                 let heads = if gpu { 2048 / d } else { 4 };
                 for &n in seqs {
                     let batch = if gpu { (16384 / n).max(1) } else { 1 };
-                    let case = |method, kv_heads, pseudo| Case {
-                        method,
-                        heads,
-                        kv_heads,
-                        pseudo,
-                        head_dim: d,
-                        batch,
+                    let base = Case {
+                        mode: Mode::Forward,
                         n,
-                        m: n,
-                        dtype,
+                        ..Case::decode(Method::Mha, heads, heads, 1, d, batch, n, dtype)
                     };
-                    cases.push(case(Method::Mha, heads, 1));
-                    cases.push(case(Method::Gqa, heads / 4, 1));
-                    cases.push(case(Method::Mea, heads, 1));
-                    cases.push(case(Method::MeaCompressed, heads / 2, 1));
-                    for &p in pseudos {
-                        cases.push(case(Method::Iha, heads, p));
-                        cases.push(case(Method::IhaLocal, heads, p));
-                    }
+                    cases.extend(methods(base, heads / 4, heads / 2, pseudos));
                 }
             }
         }
         cases
     }
+}
+
+/// Every method of [`Method::ALL`] at the sizes of `base`: GQA with `Hk = gqa_kv`, compressed MEA
+/// with `Hk = mea_kv`, IHA and IHA local once per `P` of `pseudos`.
+fn methods(base: Case, gqa_kv: usize, mea_kv: usize, pseudos: &[usize]) -> Vec<Case> {
+    let mut out = Vec::new();
+    for method in Method::ALL {
+        let kv_heads = match method {
+            Method::Gqa => gqa_kv,
+            Method::MeaCompressed => mea_kv,
+            _ => base.heads,
+        };
+        for &pseudo in if method.takes_pseudo() { pseudos } else { &[1] } {
+            out.push(Case { method, kv_heads, pseudo, ..base });
+        }
+    }
+    out
+}
+
+/// The configurations of issue 6's cache-size comparison: `H = 16`, `d = 128`, bf16, `B = 8`,
+/// 32k tokens per sequence: MHA, GQA `Hk = 4`, MEA, MEA compressed `Hk = 8, 4`, IHA and IHA local
+/// `P = 2, 4, 8` (`headmix bench --sizes-only`; exact counts, nothing is timed).
+pub fn issue_size_cases() -> Vec<Case> {
+    let case = |method, kv_heads, pseudo| Case::decode(method, 16, kv_heads, pseudo, 128, 8, 32768, DType::BF16);
+    let mut cases = vec![case(Method::Mha, 16, 1), case(Method::Gqa, 4, 1), case(Method::Mea, 16, 1)];
+    cases.extend([case(Method::MeaCompressed, 8, 1), case(Method::MeaCompressed, 4, 1)]);
+    cases.extend([2, 4, 8].map(|p| case(Method::Iha, 16, p)));
+    cases.extend([2, 4, 8].map(|p| case(Method::IhaLocal, 16, p)));
+    cases
 }
 
 /// The sizes a device gets: GPU sizes, or the small ones of the CPU backend, which software
@@ -105,11 +158,28 @@ impl Scale {
             Scale::Gpu
         }
     }
+
+    /// The scale assumed without opening a device (`--list`): GPU sizes but on the CPU backend.
+    pub fn assumed(kind: BackendKind) -> Scale {
+        if kind == BackendKind::Cpu { Scale::Host } else { Scale::Gpu }
+    }
+}
+
+/// What a case times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A forward pass of `N` query tokens against `M = N` keys.
+    Forward,
+    /// [`headmix::decode`] of one new token per sequence against a filled cache of `L = m` tokens.
+    Decode,
+    /// A decode case's attention as a forward pass with `N = 1` on device-resident k/v.
+    DecodeForward,
 }
 
 /// One benchmark case: a named configuration at one size and dtype.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Case {
+    pub mode: Mode,
     pub method: Method,
     /// Attention heads `H`.
     pub heads: usize,
@@ -119,38 +189,33 @@ pub struct Case {
     pub pseudo: usize,
     pub head_dim: usize,
     pub batch: usize,
+    /// Query tokens per sequence (decode: [`NEW_TOKENS`]).
     pub n: usize,
+    /// Key tokens per sequence (decode: `L`, the sequence length, the new token included).
     pub m: usize,
     pub dtype: DType,
 }
 
-/// The causal configuration of a named method, as every sweep builds it (IHA local with the
-/// paper's window `seq_len / (2 P²)` tokens).
-pub fn method_config(
-    method: Method,
-    heads: usize,
-    kv_heads: usize,
-    pseudo: usize,
-    head_dim: usize,
-    seq_len: usize,
-) -> Result<Config, String> {
-    let (h, d) = (heads, head_dim);
-    let cfg = match method {
-        Method::Mha => Config::mha(h, d),
-        Method::Gqa => Config::gqa(h, kv_heads, d).map_err(|e| e.to_string())?,
-        Method::Mea => Config::mea(h, d),
-        Method::MeaCompressed => Config::mea_compressed(h, kv_heads, d).map_err(|e| e.to_string())?,
-        Method::Iha => Config::iha(h, pseudo, d),
-        Method::IhaLocal => Config::iha_local(h, pseudo, d, seq_len).map_err(|e| e.to_string())?,
-        Method::Custom => return Err("custom configurations are not benchmarked".into()),
-    };
-    Ok(cfg.with_causal(true))
-}
-
 impl Case {
-    /// The configuration (causal; IHA local with the paper's window `N / (2 P²)` tokens).
+    /// A decode case of `tokens` tokens per sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode(
+        method: Method,
+        heads: usize,
+        kv_heads: usize,
+        pseudo: usize,
+        head_dim: usize,
+        batch: usize,
+        tokens: usize,
+        dtype: DType,
+    ) -> Case {
+        Case { mode: Mode::Decode, method, heads, kv_heads, pseudo, head_dim, batch, n: NEW_TOKENS, m: tokens, dtype }
+    }
+
+    /// The configuration: causal, IHA local with the paper's window `M / (2 P²)` tokens.
     pub fn config(&self) -> Result<Config, String> {
-        method_config(self.method, self.heads, self.kv_heads, self.pseudo, self.head_dim, self.n)
+        let cfg = self.method.config(self.heads, self.kv_heads, self.pseudo, self.head_dim, self.m);
+        Ok(cfg.map_err(|e| e.to_string())?.with_causal(true))
     }
 
     /// The weights a trained layer of the method would have (fixed seed).
@@ -158,63 +223,78 @@ impl Case {
         Ok(Weights::random(&self.config()?, 42))
     }
 
-    /// A short label for progress lines and tables, e.g. `iha P=2 N=256 d=64 bf16`.
+    /// The validated forward problem the case times: `N` against `M`, or for decode cases one
+    /// query token against the held tokens (bottom-right aligned, so it sees exactly what a
+    /// decode sees).
+    pub fn problem(&self) -> Result<(Problem, Weights), String> {
+        let (cfg, w) = (self.config()?, self.weights()?);
+        let m = if self.mode == Mode::Forward { self.m } else { self.held()? };
+        let p = Problem::for_weights(&cfg, &w, self.batch, self.n, m, self.dtype).map_err(|e| e.to_string())?;
+        Ok((p, w))
+    }
+
+    /// Whether the cache is a ring (decode of IHA local: only the window and the new token).
+    pub fn ring(&self) -> bool {
+        self.method == Method::IhaLocal && self.mode != Mode::Forward
+    }
+
+    /// Tokens the cache holds per sequence, all of which one decode reads: `L` for a linear cache,
+    /// `min(L, W + 1)` for a ring.
+    pub fn held(&self) -> Result<usize, String> {
+        Ok(match window_tokens(&self.config()?).filter(|_| self.ring()) {
+            Some(w) => (w + 1).min(self.m),
+            None => self.m,
+        })
+    }
+
+    /// The empty cache: linear of `L` tokens, or a ring of `W + 1` (room for the new token). An
+    /// error naming the limit, before anything is allocated, when `KvCache`'s 32-bit indices
+    /// cannot address it.
+    pub fn empty_cache(&self) -> Result<KvCache, String> {
+        self.cache_fits()?;
+        let cfg = self.config()?;
+        let cache = if self.ring() {
+            KvCache::ring(&cfg, self.batch, NEW_TOKENS, self.dtype)
+        } else {
+            KvCache::for_config(&cfg, self.batch, self.m, self.dtype)
+        };
+        cache.map_err(|e| e.to_string())
+    }
+
+    /// Whether `KvCache`'s 32-bit indices address the cache (`B·held·Hk·d < 2³¹` per tensor).
+    pub fn cache_fits(&self) -> Result<(), String> {
+        let elements = self.batch as u128 * self.held()? as u128 * (self.kv_heads * self.head_dim) as u128;
+        if elements > MAX_INDEX as u128 {
+            return Err(format!("KV cache: B·held·Hk·d = {elements} elements per tensor exceed 2^31 - 1"));
+        }
+        Ok(())
+    }
+
+    /// `linear` or `ring`.
+    pub fn layout_name(&self) -> &'static str {
+        if self.ring() { "ring" } else { "linear" }
+    }
+
+    /// Cache memory of the held tokens: headmix (the `Hk` stored heads) against the unfused design
+    /// (the mixed heads its attention reads), from [`headmix::cache_bytes`].
+    pub fn cache_bytes(&self) -> Result<CacheBytes, String> {
+        Ok(cache_bytes(&self.config()?, self.batch, self.held()?, self.dtype))
+    }
+
+    /// A short label, e.g. `iha P=2 B=1 N=256 d=64 f32`, `gqa Hk=4 B=8 L=32768 d=128 bf16`.
     pub fn label(&self) -> String {
         let mut s = self.method.name().to_string();
-        if self.pseudo > 1 || matches!(self.method, Method::Iha | Method::IhaLocal) {
+        if self.pseudo > 1 || self.method.takes_pseudo() {
             s += &format!(" P={}", self.pseudo);
         }
-        if matches!(self.method, Method::Gqa | Method::MeaCompressed) {
+        if self.method.takes_kv_heads() {
             s += &format!(" Hk={}", self.kv_heads);
         }
-        format!("{s} B={} N={} d={} {}", self.batch, self.n, self.head_dim, self.dtype.name())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_case_of_every_sweep_builds_a_valid_configuration() {
-        for sweep in Sweep::ALL {
-            for scale in [Scale::Gpu, Scale::Host] {
-                for case in sweep.cases(scale) {
-                    let cfg = case.config().unwrap();
-                    headmix::validate::validate_config(&cfg).unwrap();
-                    headmix::validate::validate_weights(&cfg, &case.weights().unwrap()).unwrap();
-                    assert!(cfg.causal);
-                }
-            }
+        let (b, d, dt) = (self.batch, self.head_dim, self.dtype.name());
+        match self.mode {
+            Mode::Forward => format!("{s} B={b} N={} d={d} {dt}", self.n),
+            Mode::Decode => format!("{s} B={b} L={} d={d} {dt}", self.m),
+            Mode::DecodeForward => format!("{s} B={b} L={} d={d} {dt} [forward N=1]", self.m),
         }
-        assert_eq!(Sweep::parse("full"), Some(Sweep::Full));
-        assert_eq!(Sweep::parse("nope"), None);
-    }
-
-    #[test]
-    fn software_devices_get_host_sizes() {
-        assert_eq!(Scale::of(BackendKind::Cpu, "host CPU (2 threads)", &[]), Scale::Host);
-        assert_eq!(Scale::of(BackendKind::Cuda, "NVIDIA H100 80GB HBM3", &[]), Scale::Gpu);
-        assert_eq!(Scale::of(BackendKind::Wgpu, "NVIDIA GeForce RTX 4090", &[]), Scale::Gpu);
-        assert_eq!(Scale::of(BackendKind::Wgpu, "llvmpipe (LLVM 19.1.7, 256 bits)", &[]), Scale::Host);
-        let describe = [("device type".to_string(), "Cpu".to_string())];
-        assert_eq!(Scale::of(BackendKind::Wgpu, "some adapter", &describe), Scale::Host);
-    }
-
-    #[test]
-    fn sweeps_cover_the_issue_grid() {
-        let full = Sweep::Full.cases(Scale::Gpu);
-        let ns: std::collections::BTreeSet<_> = full.iter().map(|c| c.n).collect();
-        assert_eq!(ns.into_iter().collect::<Vec<_>>(), [1024, 2048, 4096, 8192, 16384]);
-        for p in [1, 2, 4, 8] {
-            assert!(full.iter().any(|c| c.method == Method::IhaLocal && c.pseudo == p));
-        }
-        assert!(full.iter().all(|c| c.batch * c.n == 16384 && c.heads * c.head_dim == 2048));
-        let cpu = Sweep::Full.cases(Scale::Host);
-        assert!(cpu.iter().all(|c| c.n <= 256));
-        // IHA local uses the paper's window: W = N / (2 P²) tokens, W·P virtual keys seen (the
-        // query's own included: left = W·P − 1).
-        let c = full.iter().find(|c| c.method == Method::IhaLocal && c.pseudo == 4 && c.n == 4096).unwrap();
-        assert_eq!(c.config().unwrap().window.unwrap().left, 4096 / 32 * 4 - 1);
     }
 }

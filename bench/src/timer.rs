@@ -1,18 +1,16 @@
-//! How one call is timed: by the backend's own clock, with input sets rotated where the bench owns
-//! the inputs.
+//! How a call is timed: one path per clock.
 //!
-//! Device backends time themselves ([`Backend::time`]: inputs already on the device, device clocks
-//! such as CUDA events or wgpu timestamps). The GPU sweeps run `B·N = 16k` tokens at `H·d = 2048`,
-//! 64 MiB per input tensor in bf16, more than an H100's 50 MB L2, so their caches cannot flatter them.
-//! The CPU backend computes on host memory, so the bench times its `run` on the wall clock itself,
-//! rotating through several input sets (about [`ROTATE_BYTES`] in all, twice this machine's L3) so
-//! that the tiny CPU problems do not find their inputs in cache.
-
-use std::time::Instant;
+//! * **Device clocks**: device backends time themselves ([`Backend::time`]: inputs already on the
+//!   device, CUDA events or wgpu timestamps). The GPU sweeps run 64 MiB per bf16 input, more than
+//!   an H100's 50 MB L2, so caches cannot flatter them.
+//! * **Wall clock**: everything on the host goes through [`headmix::timing::time_wall`]: the CPU
+//!   backend's forward (rotating through several random input sets, about [`ROTATE_BYTES`] in
+//!   all, so that tiny problems do not find their inputs in cache), decode (rotating filled
+//!   caches) and the unfused pipeline's host stages.
 
 use headmix::cache::KvCache;
 use headmix::decode::DecodeIo;
-use headmix::timing::Owned;
+use headmix::timing::{Owned, time_host_rotated, time_wall};
 use headmix::{Backend, BackendKind, Config, Problem, Result, Timing, Weights};
 
 /// Bytes of input the rotated sets cover together.
@@ -20,40 +18,33 @@ pub const ROTATE_BYTES: usize = 64 << 20;
 /// At most this many input sets.
 pub const MAX_SETS: usize = 16;
 
-/// How many input sets a problem is rotated through: enough to cover [`ROTATE_BYTES`], 2 to [`MAX_SETS`].
+/// How many sets of `bytes` each to rotate through: enough to cover [`ROTATE_BYTES`], at least
+/// `min`, at most [`MAX_SETS`].
+pub fn sets(bytes: usize, min: usize) -> usize {
+    ROTATE_BYTES.div_ceil(bytes.max(1)).clamp(min, MAX_SETS)
+}
+
+/// The input sets of a forward problem: q, k and v together, at least 2.
 pub fn input_sets(problem: &Problem) -> usize {
     let c = &problem.cfg;
     let elements = problem.batch * (problem.n * c.q_heads + 2 * problem.m * c.kv_heads) * c.head_dim;
-    ROTATE_BYTES.div_ceil(elements * problem.dtype.size()).clamp(2, MAX_SETS)
+    sets(elements * problem.dtype.size(), 2)
 }
 
-/// Time `reps` calls after warm-up: the CPU backend by [`time_rotated`], any other by its own
-/// [`Backend::time`].
-pub fn time(backend: &dyn Backend, problem: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
+/// Time `reps` forward calls after warm-up: the CPU backend on the wall clock with rotated
+/// inputs, any other backend by its own clock.
+pub fn forward(backend: &dyn Backend, problem: &Problem, w: &Weights, reps: usize) -> Result<Timing> {
     if backend.kind() == BackendKind::Cpu {
-        time_rotated(backend, problem, w, reps, input_sets(problem))
+        time_host_rotated(backend, problem, w, reps, 1000..1000 + input_sets(problem) as u64)
     } else {
         backend.time(problem, w, reps)
     }
 }
 
-/// Wall-clock time of `reps` host calls of `backend.run`, call `i` on input set `i % sets` (random,
-/// never zeros), after one untimed warm-up call.
-pub fn time_rotated(backend: &dyn Backend, problem: &Problem, w: &Weights, reps: usize, sets: usize) -> Result<Timing> {
-    headmix::timing::time_host_rotated(backend, problem, w, reps, 1000..1000 + sets.max(1) as u64)
-}
-
-/// How many filled caches a decode case rotates through: enough to cover [`ROTATE_BYTES`]
-/// together, 1 to [`MAX_SETS`] (large caches are read once per call anyway).
-pub fn cache_sets(cache_bytes: usize) -> usize {
-    ROTATE_BYTES.div_ceil(cache_bytes.max(1)).clamp(1, MAX_SETS)
-}
-
-/// Wall-clock time of `reps` calls of [`headmix::decode`] after one untimed warm-up call, call `i`
-/// on cache `i % caches.len()` with queries `queries[i % queries.len()]` (`[B, N, Hq, d]`, `n`
-/// new tokens per sequence). The caches are filled beforehand and never modified: decode only
-/// reads them, so every call does the same work.
-pub fn time_decode(
+/// Wall-clock time of `reps` calls of [`headmix::decode`] after warm-up, call `i` on cache
+/// `i % caches.len()` with queries `queries[i % queries.len()]` (`[B, n, Hq, d]`). The caches are
+/// filled beforehand and never modified (decode only reads them): every call does the same work.
+pub fn decode(
     backend: &dyn Backend,
     cfg: &Config,
     w: &Weights,
@@ -62,55 +53,19 @@ pub fn time_decode(
     n: usize,
     reps: usize,
 ) -> Result<Timing> {
-    let first = caches.first().ok_or(headmix::Error::Empty { what: "decode caches" })?;
-    let batch = first.shape().batch;
+    let batch = caches.first().ok_or(headmix::Error::Empty { what: "decode caches" })?.shape().batch;
     let qs = [batch, n, cfg.q_heads, cfg.head_dim];
     let out_shape = match w.r {
         Some(_) => vec![batch, n, cfg.heads, cfg.head_dim],
         None => vec![batch, n, cfg.heads, cfg.pseudo, cfg.head_dim],
     };
-    let mut out = Owned::filled(first.dtype(), out_shape.iter().product(), f32::NAN);
+    let mut out = Owned::filled(caches[0].dtype(), out_shape.iter().product(), f32::NAN);
     let mut lse = vec![f32::NAN; batch * cfg.heads * n * cfg.pseudo];
-    let mut seconds = Vec::with_capacity(reps);
-    for call in 0..=reps {
-        let io = DecodeIo {
-            q: queries[call % queries.len()].tensor(&qs),
-            cache: &caches[call % caches.len()],
-            out: out.tensor_mut(&out_shape),
-            lse: Some(&mut lse),
-        };
-        let t = Instant::now();
-        headmix::decode(backend, cfg, w, io)?;
-        if call > 0 {
-            seconds.push(t.elapsed().as_secs_f64());
-        }
-    }
+    let seconds = time_wall(reps, |call| {
+        let q = queries[call % queries.len()].tensor(&qs);
+        let io =
+            DecodeIo { q, cache: &caches[call % caches.len()], out: out.tensor_mut(&out_shape), lse: Some(&mut lse) };
+        headmix::decode(backend, cfg, w, io)
+    })?;
     Ok(Timing { seconds, extra_bytes: 0, clock: "wall clock" })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use headmix::{Config, DType};
-
-    #[test]
-    fn small_problems_rotate_many_sets_large_ones_few() {
-        let cfg = Config::iha(4, 2, 64);
-        let small = Problem::new(&cfg, 1, 64, 64, DType::F32, true, false).unwrap();
-        assert_eq!(input_sets(&small), MAX_SETS);
-        let large = Problem::new(&cfg, 1, 1 << 16, 1 << 16, DType::F32, true, false).unwrap();
-        assert_eq!(input_sets(&large), 2);
-    }
-
-    #[test]
-    fn rotated_timing_gives_one_positive_sample_per_rep() {
-        let cpu = headmix::open(BackendKind::Cpu).unwrap();
-        let cfg = Config::iha(2, 2, 8);
-        let w = Weights::random(&cfg, 3);
-        let p = Problem::new(&cfg, 1, 8, 8, DType::BF16, true, false).unwrap();
-        let t = time(cpu.as_ref(), &p, &w, 5).unwrap();
-        assert_eq!(t.seconds.len(), 5);
-        assert!(t.seconds.iter().all(|&s| s > 0.0 && s.is_finite()));
-        assert_eq!(t.clock, "wall clock");
-    }
 }

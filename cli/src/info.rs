@@ -2,7 +2,7 @@
 
 use headmix::BackendKind;
 
-pub fn main() -> Result<(), String> {
+pub fn main() -> crate::Result {
     println!("headmix {}", env!("CARGO_PKG_VERSION"));
     for kind in BackendKind::ALL {
         match headmix::open(kind) {

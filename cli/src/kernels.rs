@@ -11,69 +11,55 @@ use headmix::backends::cuda::variants::{self, Kernel, MaskKind, Variant};
 use headmix::backends::cuda::{self as cuda_backend, CudaBackend, compile};
 use headmix::{Config, DType, Problem, Weights};
 
-use crate::args::Args;
 use crate::ptxas;
 
-pub const HELP: &str = "\
-headmix kernels [options]   the CUDA kernel variants: resources, occupancy and counted cost (a model)
-  --list              the variant table (kernel_table.rs): threads, tiles, shared memory
-  --emu-grid          one line per attention variant: its name and g++ flags (kernels-cuda/emu/run.sh)
-  --variant NAMES     comma-separated variant names (default: what the problem launches, per version)
-  --all               the resources of every variant (compiles each one)
-  --source FILE       write the exact NVRTC source of the one --variant to FILE
-  --arch ARCH         architecture ptxas assembles for (default sm_90; occupancy is sm_90's)
-  --bench FILE        a `headmix bench` JSON report: its measured cuda time beside the model
-  --measured K=MS,..  measured milliseconds per kernel version, e.g. v1=41.2,v2=12.5
-problem (as `headmix run`; default iha H=8 P=2 d=64 N=M=256 causal, bf16):
-  --config --batch --seq --kv-seq --heads --kv-heads --pseudo --head-dim --dtype --window L,R
-  --causal / --non-causal, --rope
-Registers, stack and spills come from the device (cuFuncGetAttribute) when a GPU is present, else
-from ptxas (PATH, HEADMIX_PTXAS, or the wheel sass-report installs), else they are not shown.";
+/// `headmix kernels`: the CUDA kernel variants, their resources and occupancy, and the counted cost
+/// (a model) of a problem given with `headmix run`'s flags (dtype bf16 by default). Registers, stack
+/// and spills come from the device (cuFuncGetAttribute) when a GPU is present, else from ptxas
+/// (PATH, HEADMIX_PTXAS, or the wheel sass-report installs), else they are not shown.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The variant table (kernel_table.rs): threads, tiles, shared memory
+    #[arg(long)]
+    list: bool,
+    /// One line per attention variant: its name and g++ flags (kernels-cuda/emu/run.sh)
+    #[arg(long)]
+    emu_grid: bool,
+    /// Comma-separated variant names [default: what the problem launches, per version]
+    #[arg(long)]
+    variant: Option<String>,
+    /// The resources of every variant (compiles each one)
+    #[arg(long)]
+    all: bool,
+    /// Write the exact NVRTC source of the one --variant to FILE
+    #[arg(long, value_name = "FILE")]
+    source: Option<String>,
+    /// Architecture ptxas assembles for (occupancy is sm_90's)
+    #[arg(long, default_value = "sm_90")]
+    arch: String,
+    /// A `headmix bench` JSON report: its measured cuda time beside the model
+    #[arg(long, value_name = "FILE")]
+    bench: Option<String>,
+    /// Measured milliseconds per kernel version, e.g. v1=41.2,v2=12.5
+    #[arg(long, value_name = "K=MS,..")]
+    measured: Option<String>,
+    /// The problem, as `headmix run` takes it
+    #[command(flatten)]
+    problem: crate::run::Args,
+}
 
-const KNOWN: &[&str] = &[
-    "list",
-    "emu-grid",
-    "variant",
-    "all",
-    "source",
-    "arch",
-    "bench",
-    "measured",
-    "config",
-    "batch",
-    "seq",
-    "kv-seq",
-    "heads",
-    "kv-heads",
-    "pseudo",
-    "head-dim",
-    "dtype",
-    "window",
-    "causal",
-    "non-causal",
-    "rope",
-];
-
-pub fn main(args: &[String]) -> Result<(), String> {
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{HELP}");
-        return Ok(());
-    }
-    let a = Args::parse(args, &["list", "emu-grid", "all", "causal", "non-causal", "rope"])?;
-    if let Some(u) = a.unknown(KNOWN).first() {
-        return Err(format!("unknown option --{u}\n{HELP}"));
-    }
-    if a.flag("emu-grid") {
+pub fn main(a: Args) -> Result<(), String> {
+    if a.emu_grid {
         for v in variants::emu_grid() {
             println!("{} {}", v.name(), v.emu_flags().join(" "));
         }
         return Ok(());
     }
-    if a.flag("list") {
+    if a.list {
         print!("{}", list_table());
         return Ok(());
     }
-    let named = match a.str("variant") {
+    let named = match a.variant.as_deref() {
         Some(names) => Some(
             names
                 .split(',')
@@ -82,7 +68,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
         ),
         None => None,
     };
-    if let Some(file) = a.str("source") {
+    if let Some(file) = a.source.as_deref() {
         let v = match named.as_deref() {
             Some([v]) => *v,
             _ => return Err("--source needs exactly one --variant NAME".into()),
@@ -95,7 +81,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
 
     let pb = problem_from(&a)?;
     let launched = launched_by(&pb);
-    let shown: Vec<Variant> = if a.flag("all") {
+    let shown: Vec<Variant> = if a.all {
         variants::all_variants()
     } else if let Some(n) = named {
         n
@@ -106,7 +92,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
 
         vs
     };
-    let arch = a.str("arch").unwrap_or("sm_90");
+    let arch = a.arch.as_str();
     let measured = measured_times(&a, &pb)?;
 
     println!("{}", describe_problem(&pb));
@@ -119,11 +105,11 @@ pub fn main(args: &[String]) -> Result<(), String> {
 
 /// The problem named by the flags (`headmix run`'s, dtype bf16 by default).
 fn problem_from(a: &Args) -> Result<Problem, String> {
-    let n: usize = a.get("seq", 256)?;
-    let m: usize = a.get("kv-seq", n)?;
-    let batch: usize = a.get("batch", 1)?;
-    let dtype = DType::parse(a.str("dtype").unwrap_or("bf16")).ok_or("--dtype: f32, f16 or bf16")?;
-    let cfg: Config = crate::run::config_from(a, n)?;
+    let r = &a.problem;
+    let (n, batch) = (r.seq, r.batch);
+    let m = r.kv_seq.unwrap_or(n);
+    let dtype = r.dtype.unwrap_or(DType::BF16);
+    let cfg: Config = r.config()?;
     if n > m {
         return Err(format!("--seq {n} above --kv-seq {m}"));
     }
@@ -337,7 +323,7 @@ fn cost_table(pb: &Problem, launched: &[(Kernel, Vec<Variant>)], measured: &BTre
 /// Measured seconds per kernel version, from `--measured v1=MS,...` and `--bench FILE`.
 fn measured_times(a: &Args, pb: &Problem) -> Result<BTreeMap<String, f64>, String> {
     let mut out = BTreeMap::new();
-    if let Some(list) = a.str("measured") {
+    if let Some(list) = a.measured.as_deref() {
         for item in list.split(',') {
             let (k, ms) = item.split_once('=').ok_or("--measured takes K=MS,... (e.g. v1=41.2)")?;
             let kernel = Kernel::parse(k.trim()).ok_or_else(|| format!("--measured: no kernel version {k:?}"))?;
@@ -345,7 +331,7 @@ fn measured_times(a: &Args, pb: &Problem) -> Result<BTreeMap<String, f64>, Strin
             out.insert(kernel.name().to_string(), ms * 1e-3);
         }
     }
-    if let Some(file) = a.str("bench") {
+    if let Some(file) = a.bench.as_deref() {
         let report = headmix_bench::report::Report::load(file)?;
         // The default implementation ran the kernel the backend's `attention kernel` entry names.
         let default_kernel = report
@@ -396,7 +382,12 @@ mod tests {
 
     fn args(s: &str) -> Args {
         let v: Vec<String> = s.split_whitespace().map(str::to_string).collect();
-        Args::parse(&v, &["causal", "non-causal", "rope", "all", "list", "emu-grid"]).unwrap()
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: Args,
+        }
+        <T as clap::Parser>::try_parse_from(std::iter::once("kernels".to_string()).chain(v)).unwrap().a
     }
 
     /// `--source` writes exactly the string the host's compile path hands NVRTC, and NVRTC makes
@@ -407,9 +398,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         for name in ["v2_bf16_d128_causal", "v1_f32_d64_anymask", "epilogue_f16"] {
             let file = dir.join(format!("{name}.cu"));
-            let argv: Vec<String> =
-                ["--variant", name, "--source", file.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
-            main(&argv).unwrap();
+            main(args(&format!("--variant {name} --source {}", file.to_str().unwrap()))).unwrap();
             let v = Variant::parse(name).unwrap();
             let written = std::fs::read_to_string(&file).unwrap();
             assert_eq!(written, compile::source(&v), "{name}");
@@ -430,15 +419,14 @@ mod tests {
 
     #[test]
     fn source_needs_one_variant_and_names_are_checked() {
-        let argv = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-        assert!(main(&argv("--source /tmp/x.cu")).unwrap_err().contains("exactly one"));
-        assert!(main(&argv("--variant v9_bf16 --source /tmp/x.cu")).unwrap_err().contains("no variant"));
-        assert!(main(&argv("--variant v1_f32_d64_anymask,v2_bf16_d64_dense --source /tmp/x.cu")).is_err());
+        assert!(main(args("--source /tmp/x.cu")).unwrap_err().contains("exactly one"));
+        assert!(main(args("--variant v9_bf16 --source /tmp/x.cu")).unwrap_err().contains("no variant"));
+        assert!(main(args("--variant v1_f32_d64_anymask,v2_bf16_d64_dense --source /tmp/x.cu")).is_err());
     }
 
     #[test]
     fn the_problem_launches_every_version_that_can_run_it() {
-        let pb = problem_from(&args("--config iha --heads 4 --pseudo 2 --head-dim 128 --seq 64 --causal")).unwrap();
+        let pb = problem_from(&args("--config iha --heads 4 --pseudo 2 --head-dim 128 --seq 64 --causal true")).unwrap();
         assert_eq!(pb.dtype, DType::BF16);
         let l = launched_by(&pb);
         let names: Vec<Vec<String>> = l.iter().map(|(_, vs)| vs.iter().map(|v| v.name()).collect()).collect();

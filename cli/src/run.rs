@@ -1,146 +1,181 @@
 //! `headmix run`: one forward pass of a named configuration on a backend, checked against the
-//! f64 reference and timed.
+//! f64 reference and timed. The configuration and the sizes are validated by the library's
+//! validator, and the host memory the run needs is checked, before anything is allocated.
 
 use std::io::Write;
 use std::time::Instant;
 
 use headmix::reference::{MixWeights, Rounding, rel_err};
-use headmix::timing::{Owned, random_inputs};
-use headmix::{Backend, BackendKind, Config, DType, Io, NormKind, Problem, Rope, Weights};
+use headmix::timing::{Owned, try_random_inputs};
+use headmix::validate::{MAX_HEAD_DIM, validate_config, validate_sizes};
+use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, PosMode, Problem, Rope, Weights};
+use headmix_bench::report::fmt_sig;
 
-use crate::args::Args;
+use crate::flags::{self, MAX, Norm};
 
-pub const HELP: &str = "\
-headmix run [options]     one forward pass, checked against the f64 reference, timed
-  --config NAME     mha | gqa | mea | mea-compressed | iha | iha-local   (default iha)
-  --backend NAME    auto | cuda | wgpu | cpu                            (default auto)
-  --batch B         batch size                                          (default 1)
-  --seq N           query tokens                                        (default 256)
-  --kv-seq M        key/value tokens, M >= N (a KV-cache prefix)        (default N)
-  --heads H         attention heads                                     (default 8)
-  --kv-heads G      stored key/value heads for gqa / mea-compressed     (default H/2)
-  --pseudo P        pseudo-heads per head for iha                       (default 2)
-  --head-dim d      head dimension                                      (default 64)
-  --dtype T         f32 | f16 | bf16                                    (default f32)
-  --causal B        true | false: causal mask (default true for every configuration)
-  --norm K          head norm: group | rms | none   (default group for mea / mea-compressed,
-                    MEA's GroupNorm(H, H*d); none for the others)
-  --window L,R      sliding window in virtual tokens: each query sees L keys before its own and R
-                    after (overrides iha-local's (W*P-1, 0))
-  --rope, --seed S, --reps R (timed repetitions, default 5)";
-
-const KNOWN: &[&str] = &[
-    "config",
-    "backend",
-    "batch",
-    "seq",
-    "kv-seq",
-    "heads",
-    "kv-heads",
-    "pseudo",
-    "head-dim",
-    "dtype",
-    "window",
-    "causal",
-    "norm",
-    "rope",
-    "seed",
-    "reps",
-];
-
-/// Build the configuration named on the command line.
-pub fn config_from(a: &Args, n: usize) -> Result<Config, String> {
-    let h: usize = a.get("heads", 8)?;
-    let d: usize = a.get("head-dim", 64)?;
-    let p: usize = a.get("pseudo", 2)?;
-    let g: usize = a.get("kv-heads", (h / 2).max(1))?;
-    let e = |e: headmix::Error| e.to_string();
-    let mut cfg = match a.str("config").unwrap_or("iha") {
-        "mha" => Config::mha(h, d),
-        "gqa" => Config::gqa(h, g, d).map_err(e)?,
-        "mea" => Config::mea(h, d),
-        "mea-compressed" => Config::mea_compressed(h, g, d).map_err(e)?,
-        "iha" => Config::iha(h, p, d),
-        "iha-local" => Config::iha_local(h, p, d, n).map_err(e)?,
-        other => return Err(format!("--config: unknown configuration {other:?}")),
-    };
-    if let Some(c) = a.str("causal") {
-        cfg.causal = c.parse().map_err(|_| format!("--causal takes true or false, not {c:?}"))?;
-    }
-    if a.flag("rope") {
-        cfg.rope = Some(Rope::default());
-    }
-    if let Some(w) = a.str("window") {
-        let (l, r) = w.split_once(',').ok_or("--window takes L,R")?;
-        let l = l.trim().parse().map_err(|_| format!("--window: bad left edge {l:?}"))?;
-        let r = r.trim().parse().map_err(|_| format!("--window: bad right edge {r:?}"))?;
-        cfg = cfg.with_window(l, r);
-    }
-    Ok(cfg)
+#[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
+pub struct Args {
+    /// The configuration: mha, gqa, mea, mea-compressed, iha, iha-local
+    #[arg(long, default_value = "iha", value_parser = flags::method)]
+    config: Method,
+    /// The backend: auto (the best present), cuda, wgpu, cpu
+    #[arg(long, default_value = "auto", value_parser = flags::backend)]
+    backend: ::std::option::Option<BackendKind>,
+    /// Batch size B, in 1..=2^31-1
+    #[arg(long, default_value_t = 1, value_parser = flags::count(1, MAX))]
+    pub(crate) batch: usize,
+    /// Query tokens N, in 1..=2^31-1
+    #[arg(long, default_value_t = 256, value_parser = flags::count(1, MAX))]
+    pub(crate) seq: usize,
+    /// Key/value tokens M >= N (a KV-cache prefix) [default: N]
+    #[arg(long, value_parser = flags::count(1, MAX))]
+    pub(crate) kv_seq: Option<usize>,
+    /// Attention heads H, in 1..=2^31-1
+    #[arg(long, default_value_t = 8, value_parser = flags::count(1, MAX))]
+    heads: usize,
+    /// Stored key/value heads Hk, gqa and mea-compressed only [default: H/2]
+    #[arg(long, value_parser = flags::count(1, MAX))]
+    kv_heads: Option<usize>,
+    /// Pseudo-heads per head P, iha and iha-local only [default: 2]
+    #[arg(long, value_parser = flags::count(1, MAX))]
+    pseudo: Option<usize>,
+    /// Head dimension d: even, in 2..=256
+    #[arg(long, default_value_t = 64, value_parser = flags::count(2, MAX_HEAD_DIM))]
+    head_dim: usize,
+    /// Element type: f32, f16, bf16
+    #[arg(long, value_parser = flags::dtype)]
+    pub(crate) dtype: Option<DType>,
+    /// Sliding window L,R in virtual tokens (overrides iha-local's)
+    #[arg(long, value_parser = flags::window)]
+    window: Option<(usize, usize)>,
+    /// Causal mask: true or false [default: true, every named configuration is causal]
+    #[arg(long, value_parser = flags::boolean)]
+    causal: Option<bool>,
+    /// Head norm after attention: group (MEA's GroupNorm(H, H·d)), rms or none [default: group for mea and mea-compressed, none otherwise]
+    #[arg(long, value_parser = flags::norm)]
+    norm: Option<Norm>,
+    /// Rotary embedding after mixing
+    #[arg(long)]
+    rope: bool,
+    /// RoPE positions: virtual (one per virtual token) or token (pseudo-heads share their token's)
+    #[arg(long, requires = "rope", default_value = "virtual", value_parser = flags::pos_mode)]
+    rope_mode: PosMode,
+    /// RoPE base, a finite number above 1
+    #[arg(long, requires = "rope", default_value_t = 10000.0, value_parser = flags::base)]
+    rope_base: f32,
+    /// Seed of the random inputs and weights
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Timed repetitions after the checked call, in 0..=1000000
+    #[arg(long, default_value_t = 5, value_parser = flags::count(0, 1_000_000))]
+    reps: usize,
+    /// Also run the backward pass (random dout): every gradient's error against the f64 reference, and its time
+    #[arg(long)]
+    backward: bool,
 }
 
-/// The backend asked for, or the best one present (saying why better ones were skipped).
-pub fn backend_from(a: &Args) -> Result<Box<dyn Backend>, String> {
-    match a.str("backend").unwrap_or("auto") {
-        "auto" => {
-            let sel = headmix::best();
-            for (kind, why) in &sel.skipped {
-                eprintln!("note: {kind} not used: {why}");
-            }
-            Ok(sel.backend)
-        }
-        name => {
-            let kind = BackendKind::parse(name).ok_or_else(|| format!("--backend: unknown backend {name:?}"))?;
-            headmix::open(kind).map_err(|e| e.to_string())
-        }
+/// The flag a configuration or size error is about.
+fn flag_of(e: &Error) -> &'static str {
+    match e {
+        Error::GqaHeads { .. } | Error::Heads { what: "kv_heads", .. } => "--kv-heads",
+        Error::Heads { .. } | Error::ZeroHeads { .. } => "--heads",
+        Error::ZeroPseudoHeads => "--pseudo",
+        Error::HeadDim { .. } => "--head-dim",
+        Error::Window { .. } => "--window",
+        Error::QueryLongerThanKeys { .. } => "--kv-seq",
+        Error::Config { what: "rope base", .. } => "--rope-base",
+        _ => "--batch, --seq, --kv-seq, --heads, --pseudo, --head-dim",
     }
 }
 
-fn step(msg: &str) -> Instant {
+impl Args {
+    /// The configuration named on the command line; flags that do not apply to it are errors.
+    pub(crate) fn config(&self) -> Result<Config, String> {
+        let m = self.config;
+        if self.pseudo.is_some() && !m.takes_pseudo() {
+            return Err(format!("--pseudo: applies to iha and iha-local only, not --config {}", m.name()));
+        }
+        if self.kv_heads.is_some() && !m.takes_kv_heads() {
+            return Err(format!("--kv-heads: applies to gqa and mea-compressed only, not --config {}", m.name()));
+        }
+        let (h, d) = (self.heads, self.head_dim);
+        let (g, p) = (self.kv_heads.unwrap_or((h / 2).max(1)), self.pseudo.unwrap_or(2));
+        let at = |e: Error| format!("{}: {e}", flag_of(&e));
+        let mut cfg = m.config(h, g, p, d, self.seq).map_err(at)?;
+        if let Some(causal) = self.causal {
+            cfg.causal = causal;
+        }
+        if self.rope {
+            cfg.rope = Some(Rope { base: self.rope_base, mode: self.rope_mode });
+        }
+        if let Some((l, r)) = self.window {
+            cfg = cfg.with_window(l, r);
+        }
+        validate_config(&cfg).map_err(at)?;
+        Ok(cfg)
+    }
+}
+
+/// Bytes of host memory the run needs at most (inputs in f32, in the dtype and in f64 for the
+/// reference; outputs; weights in f32 and f64), counted without overflow.
+fn host_bytes(c: &Config, batch: usize, n: usize, m: usize, dtype: DType) -> u128 {
+    let [b, n, m, h, hq, hk, p, d] =
+        [batch, n, m, c.heads, c.q_heads, c.kv_heads, c.pseudo, c.head_dim].map(|x| x as u128);
+    let inputs = b * n * hq * d + 2 * b * m * hk * d;
+    let outputs = b * n * h * p * d + b * h * n * p;
+    let weights = (hq + 2 * hk + h) * h * p + h * d;
+    inputs * (4 + dtype.size() as u128 + 12) + outputs * (dtype.size() as u128 + 16) + weights * 12
+}
+
+/// Memory the system can give now (`MemAvailable`), where known.
+fn available_bytes() -> Option<u128> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u128>().ok()? * 1024)
+}
+
+pub fn step(msg: &str) -> Instant {
     eprint!("{msg} ... ");
     let _ = std::io::stderr().flush();
     Instant::now()
 }
 
-fn done(t: Instant) {
+pub fn done(t: Instant) {
     eprintln!("done ({:.2} s)", t.elapsed().as_secs_f64());
 }
 
-pub fn main(args: &[String]) -> Result<(), String> {
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{HELP}");
-        return Ok(());
+pub fn main(a: Args) -> crate::Result {
+    let (n, batch, dtype) = (a.seq, a.batch, a.dtype.unwrap_or(DType::F32));
+    let m = a.kv_seq.unwrap_or(n);
+    let cfg = a.config()?;
+    validate_sizes(&cfg, batch, n, m).map_err(|e| format!("{}: {e}", flag_of(&e)))?;
+    let need = host_bytes(&cfg, batch, n, m, dtype);
+    if let Some(avail) = available_bytes().filter(|&avail| need > avail) {
+        let gib = |x: u128| x as f64 / (1u64 << 30) as f64;
+        return Err(format!(
+            "--batch, --seq, --kv-seq, --heads, --pseudo, --head-dim: this run needs about {:.1} GiB of host memory, {:.1} GiB are available",
+            gib(need),
+            gib(avail)
+        ));
     }
-    let a = Args::parse(args, &["rope"])?;
-    if let Some(u) = a.unknown(KNOWN).first() {
-        return Err(format!("unknown option --{u}\n{HELP}"));
-    }
-    let n: usize = a.get("seq", 256)?;
-    let m: usize = a.get("kv-seq", n)?;
-    let batch: usize = a.get("batch", 1)?;
-    let reps: usize = a.get("reps", 5)?;
-    let seed: u64 = a.get("seed", 1)?;
-    let dtype = DType::parse(a.str("dtype").unwrap_or("f32")).ok_or("--dtype: f32, f16 or bf16")?;
-    let cfg = config_from(&a, n)?;
-    let mut w = Weights::random(&cfg, seed);
-    if let Some(kind) = a.str("norm") {
-        let kind = match kind {
-            "none" => None,
-            k => Some(NormKind::parse(k).ok_or_else(|| format!("--norm takes group, rms or none, not {k:?}"))?),
-        };
+    let backend: Box<dyn Backend> = match a.backend {
+        None => {
+            let sel = headmix::best();
+            for (kind, why) in &sel.skipped {
+                eprintln!("note: {kind} not used: {why}");
+            }
+            sel.backend
+        }
+        Some(kind) => headmix::open(kind).map_err(|e| format!("--backend: {e}"))?,
+    };
+    let mut w = Weights::try_random(&cfg, a.seed).map_err(|e| format!("{}: {e}", flag_of(&e)))?;
+    if let Some(Norm(kind)) = a.norm {
         w = w.with_norm_kind(kind, &cfg);
     }
-    let backend = backend_from(&a)?;
-
     let c = &cfg;
-    let mut problem = Problem::for_weights(&cfg, &w, batch, n, m, dtype).map_err(|e| e.to_string())?;
-    let (q, k, v) = random_inputs(&problem, seed);
-    let (qo, ko, vo) = (Owned::from_f32(dtype, &q), Owned::from_f32(dtype, &k), Owned::from_f32(dtype, &v));
-    let out_shape = problem.out_shape();
-    let mut out = Owned::filled(dtype, out_shape.iter().product(), f32::NAN);
-    let mut lse = vec![f32::NAN; problem.lse_len()];
-    let (qs, ks) = ([batch, n, c.q_heads, c.head_dim], [batch, m, c.kv_heads, c.head_dim]);
-
+    let problem = Problem::for_weights(&cfg, &w, batch, n, m, dtype).map_err(|e| format!("{}: {e}", flag_of(&e)))?;
+    backend.supports(&problem).map_err(|e| e.to_string())?;
     println!(
         "configuration  {} H={} Hq={} Hk={} P={} d={} causal={} window={:?} rope={} norm={}",
         c.method.name(),
@@ -151,12 +186,21 @@ pub fn main(args: &[String]) -> Result<(), String> {
         c.head_dim,
         c.causal,
         c.window.map(|w| (w.left, w.right)),
-        c.rope.is_some(),
+        c.rope.map_or("no".into(), |r| format!("{:?} base {}", r.mode, r.base).to_lowercase()),
         w.norm.as_ref().map_or("none", |n| n.kind().name())
     );
     println!("sizes          B={batch} N={n} M={m} dtype={}", dtype.name());
     println!("backend        {} ({})", backend.kind(), backend.device_name());
 
+    // The memory check above is an estimate: an allocation that still fails is a typed error.
+    let oom = |e: Error| format!("{}: {e}", flag_of(&e));
+    let (q, k, v) = try_random_inputs(&problem, a.seed).map_err(oom)?;
+    let (qo, ko, vo) = (Owned::from_f32(dtype, &q), Owned::from_f32(dtype, &k), Owned::from_f32(dtype, &v));
+    drop((q, k, v));
+    let out_shape = problem.out_shape();
+    let mut out = Owned::try_filled("output", dtype, out_shape.iter().product(), f32::NAN).map_err(oom)?;
+    let mut lse = vec![f32::NAN; problem.lse_len()];
+    let (qs, ks) = ([batch, n, c.q_heads, c.head_dim], [batch, m, c.kv_heads, c.head_dim]);
     let t = step("running forward");
     let io = Io {
         q: qo.tensor(&qs),
@@ -170,16 +214,6 @@ pub fn main(args: &[String]) -> Result<(), String> {
     done(t);
 
     let t = step("f64 reference");
-    problem = headmix::validate(
-        c,
-        &w,
-        &qo.tensor(&qs),
-        &ko.tensor(&ks),
-        &vo.tensor(&ks),
-        &out.tensor_mut(&out_shape),
-        Some(&lse),
-    )
-    .map_err(|e| e.to_string())?;
     let mut params = problem.params();
     params.rounding = Rounding::Exact;
     let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
@@ -190,36 +224,36 @@ pub fn main(args: &[String]) -> Result<(), String> {
     let reference = headmix::reference::attention(&params, &f(&qo.to_f32()), &f(&ko.to_f32()), &f(&vo.to_f32()), &mix);
     done(t);
     let err = rel_err(&out.to_f32(), &reference.out);
-    let lse_err = rel_err(
-        &lse.iter().zip(&reference.lse).filter(|(_, r)| r.is_finite()).map(|(l, _)| *l).collect::<Vec<_>>(),
-        &reference.lse.iter().filter(|r| r.is_finite()).cloned().collect::<Vec<_>>(),
-    );
+    let finite: Vec<(f32, f64)> =
+        lse.iter().zip(&reference.lse).filter(|(_, r)| r.is_finite()).map(|(l, r)| (*l, *r)).collect();
+    let lse_err =
+        rel_err(&finite.iter().map(|x| x.0).collect::<Vec<_>>(), &finite.iter().map(|x| x.1).collect::<Vec<_>>());
     println!("rel. error     out {err:.3e}   lse {lse_err:.3e}   (‖out − ref‖ / ‖ref‖ against the f64 reference)");
 
-    let timing = if reps > 0 {
-        let t = step(&format!("timing {reps} repetitions"));
-        let timing = backend.time(&problem, &w, reps).map_err(|e| e.to_string())?;
-        done(t);
-        Some(timing)
-    } else {
-        None
+    let timing = match a.reps {
+        0 => None,
+        reps => {
+            let t = step(&format!("timing {reps} repetitions"));
+            let timing = backend.time(&problem, &w, reps).map_err(|e| e.to_string())?;
+            done(t);
+            Some(timing)
+        }
     };
-    let flops = problem.flops();
-    match timing {
-        Some(tm) if !tm.seconds.is_empty() => {
-            let mut s = tm.seconds.clone();
-            s.sort_by(f64::total_cmp);
-            let med = s[s.len() / 2];
+    match timing.filter(|t| !t.seconds.is_empty()) {
+        Some(tm) => {
+            let med = headmix_bench::report::median(&tm.seconds);
+            let tflops = fmt_sig(problem.flops() / med / 1e12);
+            let (k, first_ms) = (tm.seconds.len(), first * 1e3);
             println!(
-                "time           {:.3} ms median of {} ({}), first call {:.3} ms; {:.3} TFLOP/s",
+                "time           {:.3} ms median of {k} ({}), first call {first_ms:.3} ms; {tflops} TFLOP/s",
                 med * 1e3,
-                s.len(),
-                tm.clock,
-                first * 1e3,
-                flops / med / 1e12
+                tm.clock
             );
         }
-        _ => println!("time           {:.3} ms (one call, wall clock)", first * 1e3),
+        None => println!("time           {:.3} ms (one call, wall clock)", first * 1e3),
+    }
+    if a.backward {
+        crate::run_backward::main(backend.as_ref(), &problem, &w, (&qo, &ko, &vo), &out, &lse, a.seed)?;
     }
     Ok(())
 }

@@ -8,14 +8,19 @@ use crate::{Config, Result, Tensor, TensorMut, Weights};
 /// The kinds of backend, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BackendKind {
+    /// NVIDIA GPUs through CUDA (kernels compiled by NVRTC).
     Cuda,
+    /// Any Vulkan, Metal, DX12 or WebGPU adapter through wgpu (WGSL kernels).
     Wgpu,
+    /// The host CPU (the reference, f32, rayon).
     Cpu,
 }
 
 impl BackendKind {
+    /// Every kind, best first (the order [`best`] tries them in).
     pub const ALL: [BackendKind; 3] = [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
 
+    /// Lower-case name (`cuda`, `wgpu`, `cpu`).
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Cuda => "cuda",
@@ -24,6 +29,7 @@ impl BackendKind {
         }
     }
 
+    /// The kind of a lower-case name, if any.
     pub fn parse(s: &str) -> Option<BackendKind> {
         BackendKind::ALL.into_iter().find(|k| k.name() == s)
     }
@@ -38,9 +44,13 @@ impl fmt::Display for BackendKind {
 /// The inputs and outputs of one forward call on host memory.
 #[derive(Debug)]
 pub struct Io<'a> {
+    /// Stored queries `[B, N, Hq, d]`.
     pub q: Tensor<'a>,
+    /// Stored keys `[B, M, Hk, d]`.
     pub k: Tensor<'a>,
+    /// Stored values `[B, M, Hk, d]`.
     pub v: Tensor<'a>,
+    /// Output `[B, N, H, d]` with a collapse `r`, else `[B, N, H, P, d]`; same dtype as `q`.
     pub out: TensorMut<'a>,
     /// `[B, H, N·P]` log-sum-exp, when asked for.
     pub lse: Option<&'a mut [f32]>,
@@ -59,6 +69,7 @@ pub struct Timing {
 
 /// A place head-mixing attention can run. Implementations receive validated problems only.
 pub trait Backend: Send + Sync {
+    /// Which kind of backend this is.
     fn kind(&self) -> BackendKind;
 
     /// The device's name, as the driver reports it.
@@ -129,7 +140,39 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
-    /// Validate, then run: the entry point for host slices.
+    /// Validate, then run: the entry point for host slices. Nothing is written to `io.out` or
+    /// `io.lse` unless validation passed.
+    ///
+    /// ```
+    /// use headmix::{Backend, BackendKind, Config, Io, Tensor, TensorMut, Weights};
+    ///
+    /// let cfg = Config::gqa(4, 2, 8)?; // 4 query heads share 2 key/value heads, d = 8
+    /// let w = Weights::identity(&cfg); // no collapse `r`, P = 1: the output is [B, N, H, d] ([B, N, H, 1, d] accepted)
+    /// let q: Vec<f32> = (0..5 * 4 * 8).map(|i| (i as f32 * 0.1).cos()).collect(); // [1, 5, 4, 8]
+    /// let kv: Vec<f32> = (0..5 * 2 * 8).map(|i| (i as f32 * 0.3).sin()).collect(); // [1, 5, 2, 8]
+    /// let mut out = vec![0f32; 5 * 4 * 8];
+    /// let mut lse = vec![0f32; 4 * 5]; // [B, H, N·P]
+    /// let cpu = headmix::open(BackendKind::Cpu)?;
+    /// cpu.forward(&cfg, &w, Io {
+    ///     q: Tensor::new(&q, &[1, 5, 4, 8]),
+    ///     k: Tensor::new(&kv, &[1, 5, 2, 8]),
+    ///     v: Tensor::new(&kv, &[1, 5, 2, 8]),
+    ///     out: TensorMut::new(&mut out, &[1, 5, 4, 1, 8]),
+    ///     lse: Some(&mut lse),
+    /// })?;
+    /// // A wrong shape is a typed error naming the tensor, and `out` is left untouched.
+    /// let mut bad = vec![7f32; 5 * 4 * 8];
+    /// let e = cpu.forward(&cfg, &w, Io {
+    ///     q: Tensor::new(&q, &[1, 5, 4, 8]),
+    ///     k: Tensor::new(&kv, &[1, 5, 2, 8]),
+    ///     v: Tensor::new(&kv, &[1, 5, 2, 8]),
+    ///     out: TensorMut::new(&mut bad, &[1, 5, 2, 16]),
+    ///     lse: None,
+    /// });
+    /// assert!(matches!(e, Err(headmix::Error::Shape { what: "out", .. })));
+    /// assert!(bad.iter().all(|&x| x == 7.0));
+    /// # Ok::<(), headmix::Error>(())
+    /// ```
     fn forward(&self, cfg: &Config, w: &Weights, io: Io<'_>) -> Result<()> {
         let problem = validate(cfg, w, &io.q, &io.k, &io.v, &io.out, io.lse.as_deref())?;
         self.supports(&problem)?;
@@ -139,6 +182,7 @@ pub trait Backend: Send + Sync {
 
 /// The outcome of [`best`]: the backend picked and why the better ones were not.
 pub struct Selection {
+    /// The backend picked.
     pub backend: Box<dyn Backend>,
     /// One line per better backend that was not available, with the reason.
     pub skipped: Vec<(BackendKind, String)>,
@@ -147,7 +191,10 @@ pub struct Selection {
 /// Open one backend by kind.
 pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>> {
     match kind {
+        #[cfg(feature = "cuda")]
         BackendKind::Cuda => crate::backends::cuda::open(),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => Err(crate::Error::device("cuda", "headmix was built without the `cuda` feature")),
         BackendKind::Wgpu => crate::backends::wgpu::open(),
         BackendKind::Cpu => Ok(Box::new(crate::backends::cpu::CpuBackend::new())),
     }
@@ -163,6 +210,14 @@ fn is_software_adapter(b: &dyn Backend) -> bool {
 
 /// The best backend present: CUDA, then a hardware wgpu adapter, then the CPU; says why the
 /// others were skipped.
+///
+/// ```
+/// let sel = headmix::best();
+/// println!("running on {} ({})", sel.backend.kind(), sel.backend.device_name());
+/// for (kind, why) in &sel.skipped {
+///     println!("  {kind} skipped: {why}");
+/// }
+/// ```
 pub fn best() -> Selection {
     let mut skipped = Vec::new();
     for kind in BackendKind::ALL {

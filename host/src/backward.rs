@@ -2,8 +2,10 @@
 //! its validation, and the adapter from [`Weights`] to the reference's backward layer.
 //! The mathematics is in `docs/backward.md`.
 
-use headmix_reference::backward::{Layer, NormWeights};
+use headmix_reference::Real;
+use headmix_reference::backward::{Grads, Layer, NormWeights};
 
+use crate::timing::Owned;
 use crate::validate::{Problem, check_len, check_shape, validate_inputs};
 use crate::{Config, Error, Result, Tensor, TensorMut, Weights};
 
@@ -117,4 +119,102 @@ pub fn validate_backward(cfg: &Config, w: &Weights, io: &BackwardIo) -> Result<P
         "dbeta (the weights have no Group norm: pass None)",
     )?;
     Ok(problem)
+}
+
+/// Owned gradient buffers of one problem: `dq, dk, dv` in the problem's dtype, the weight
+/// gradients in f32; a convenience for callers that do not hold their own.
+pub struct GradBuffers {
+    pub dq: Owned,
+    pub dk: Owned,
+    pub dv: Owned,
+    pub daq: Vec<f32>,
+    pub dak: Vec<f32>,
+    pub dav: Vec<f32>,
+    pub dr: Option<Vec<f32>>,
+    pub dgamma: Option<Vec<f32>>,
+    pub dbeta: Option<Vec<f32>>,
+}
+
+impl GradBuffers {
+    /// Buffers of the right sizes for `problem` and `w`, every element `fill` (NaN poisons them).
+    pub fn new(problem: &Problem, w: &Weights, fill: f32) -> GradBuffers {
+        let c = &problem.cfg;
+        let (q_len, kv_len) =
+            (problem.batch * problem.n * c.q_heads * c.head_dim, problem.batch * problem.m * c.kv_heads * c.head_dim);
+        let like = |x: &Vec<f32>| vec![fill; x.len()];
+        GradBuffers {
+            dq: Owned::filled(problem.dtype, q_len, fill),
+            dk: Owned::filled(problem.dtype, kv_len, fill),
+            dv: Owned::filled(problem.dtype, kv_len, fill),
+            daq: like(&w.aq),
+            dak: like(&w.ak),
+            dav: like(&w.av),
+            dr: w.r.as_ref().map(like),
+            dgamma: w.norm.as_ref().map(|n| like(n.gamma())),
+            dbeta: beta(w).map(|b| vec![fill; b.len()]),
+        }
+    }
+
+    /// `dq, dk, dv` (shapes `q_shape`, `kv_shape`) and the weight gradients, as [`BackwardIo`]
+    /// takes them.
+    pub fn outputs(
+        &mut self,
+        q_shape: &[usize],
+        kv_shape: &[usize],
+    ) -> (TensorMut<'_>, TensorMut<'_>, TensorMut<'_>, WeightGrads<'_>) {
+        let GradBuffers { dq, dk, dv, daq, dak, dav, dr, dgamma, dbeta } = self;
+        let dw = WeightGrads {
+            daq,
+            dak,
+            dav,
+            dr: dr.as_deref_mut(),
+            dgamma: dgamma.as_deref_mut(),
+            dbeta: dbeta.as_deref_mut(),
+        };
+        (dq.tensor_mut(q_shape), dk.tensor_mut(kv_shape), dv.tensor_mut(kv_shape), dw)
+    }
+
+    /// Every gradient as f32, in the reference's [`Grads`] (to compare with it).
+    pub fn to_grads(&self) -> Grads<f32> {
+        Grads {
+            dq: self.dq.to_f32(),
+            dk: self.dk.to_f32(),
+            dv: self.dv.to_f32(),
+            daq: self.daq.clone(),
+            dak: self.dak.clone(),
+            dav: self.dav.clone(),
+            dr: self.dr.clone(),
+            dgamma: self.dgamma.clone(),
+            dbeta: self.dbeta.clone(),
+        }
+    }
+}
+
+/// The f64 reference gradients of a problem (its own f64 forward for `out` and `lse`), from f32
+/// values of the inputs, weights and `dout`.
+pub fn reference_grads(problem: &Problem, w: &Weights, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> Grads<f64> {
+    reference_grads_in::<f64>(problem, w, q, k, v, dout)
+}
+
+/// [`reference_grads`] computed in `T` (f32 gives "the reference run in the same precision").
+pub fn reference_grads_in<T: Real>(
+    problem: &Problem,
+    w: &Weights,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+) -> Grads<T> {
+    let f = |x: &[f32]| x.iter().map(|&v| T::from_f64(v as f64)).collect::<Vec<T>>();
+    let (aq, ak, av) = (f(&w.aq), f(&w.ak), f(&w.av));
+    let (r, gamma, b) = (w.r.as_deref().map(f), w.norm.as_ref().map(|n| f(n.gamma())), beta(w).map(f));
+    let norm = gamma.as_deref().map(|gamma| match b.as_deref() {
+        Some(beta) => NormWeights::Group { gamma, beta },
+        None => NormWeights::Rms { gamma },
+    });
+    let layer = Layer { aq: &aq, ak: &ak, av: &av, r: r.as_deref(), norm };
+    let p = problem.params();
+    let (q, k, v) = (f(q), f(k), f(v));
+    let fw = headmix_reference::backward::forward(&p, &q, &k, &v, &layer);
+    headmix_reference::backward::direct::backward(&p, &q, &k, &v, &layer, Some(&fw.out), &fw.lse, &f(dout))
 }

@@ -33,7 +33,12 @@ use crate::{Backend, BackendKind, Config, DType, Data, Error, Result, Tensor};
 #[non_exhaustive]
 pub enum KvStorage {
     /// Host buffers `[B, capacity, Hk, d]` for keys and values, in the cache's dtype.
-    Host { k: Owned, v: Owned },
+    Host {
+        /// Keys.
+        k: Owned,
+        /// Values.
+        v: Owned,
+    },
     /// Device buffers of a device backend (see [`DeviceKv`]).
     Device(Box<dyn DeviceKv>),
 }
@@ -121,16 +126,24 @@ pub enum CacheLayout {
     /// may still see (`ceil(left / P)` of the attention window), so one decode may bring at most
     /// `capacity − window_tokens` new tokens. Appends of any length are fine: only the last
     /// `capacity` tokens are kept (a long prompt, prefilled by a forward, then appended whole).
-    Ring { window_tokens: usize },
+    Ring {
+        /// Past tokens a new query may still see.
+        window_tokens: usize,
+    },
 }
 
 /// The per-layer shape every call must match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheShape {
+    /// Sequences `B`.
     pub batch: usize,
+    /// Tokens each sequence can hold.
     pub capacity: usize,
+    /// Stored key/value heads `Hk`.
     pub kv_heads: usize,
+    /// Head dimension `d`.
     pub head_dim: usize,
+    /// Element type.
     pub dtype: DType,
 }
 
@@ -411,18 +424,22 @@ impl KvCache {
         d.set_lens(&self.lens)
     }
 
+    /// The shape every call must match.
     pub fn shape(&self) -> CacheShape {
         self.shape
     }
 
+    /// Linear or ring.
     pub fn layout(&self) -> CacheLayout {
         self.layout
     }
 
+    /// Where the cache's bytes are.
     pub fn storage(&self) -> &KvStorage {
         &self.storage
     }
 
+    /// Element type of the cached keys and values.
     pub fn dtype(&self) -> DType {
         self.shape.dtype
     }
@@ -715,6 +732,7 @@ impl KvCacheStack {
         Ok(KvCacheStack { layers })
     }
 
+    /// A stack of existing layer caches (one batch size for all).
     pub fn from_layers(layers: Vec<KvCache>) -> Result<KvCacheStack> {
         if let Some(first) = layers.first() {
             let (b, dt) = (first.shape.batch, first.shape.dtype);
@@ -729,10 +747,12 @@ impl KvCacheStack {
         Ok(KvCacheStack { layers })
     }
 
+    /// Number of layers.
     pub fn len(&self) -> usize {
         self.layers.len()
     }
 
+    /// Whether the stack has no layer.
     pub fn is_empty(&self) -> bool {
         self.layers.is_empty()
     }

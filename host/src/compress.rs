@@ -57,13 +57,28 @@ pub enum CompressError {
     /// Bad command-line arguments.
     Usage(String),
     /// A file could not be read or written.
-    Io { path: String, why: String },
+    Io {
+        /// The file.
+        path: String,
+        /// The system's error.
+        why: String,
+    },
     /// The file is not a valid safetensors file.
     Format(String),
     /// A projection tensor has an unusable dtype, shape or head count.
-    Tensor { name: String, why: String },
+    Tensor {
+        /// The tensor in the file.
+        name: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The rank is out of range or the SVD failed.
-    Rank { name: String, why: String },
+    Rank {
+        /// The projection.
+        name: String,
+        /// What failed.
+        why: String,
+    },
 }
 
 impl fmt::Display for CompressError {
@@ -83,9 +98,13 @@ impl std::error::Error for CompressError {}
 /// One projection as per-head matrices: `w[h, i, t]`, `[H, D, d]` row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Projection {
+    /// Heads `H`.
     pub heads: usize,
+    /// Model dimension `D`.
     pub model_dim: usize,
+    /// Head dimension `d`.
     pub head_dim: usize,
+    /// `[H, D, d]` row-major.
     pub w: Vec<f64>,
     /// Whether the file held it as a linear layer's weight `[H*d, D]` (else `[H, D, d]`).
     pub linear: bool,
@@ -226,11 +245,17 @@ pub fn fold_mixing(
 pub struct LayerReport {
     /// The name prefix (`layers.3`).
     pub prefix: String,
+    /// Heads `H` before compression.
     pub heads: usize,
+    /// Component heads kept `Hk`.
     pub rank: usize,
+    /// Relative Frobenius error of the truncated key projections.
     pub k_rel_error: f64,
+    /// Relative Frobenius error of the truncated value projections.
     pub v_rel_error: f64,
+    /// Singular values dropped from the keys.
     pub k_dropped: Vec<f64>,
+    /// Singular values dropped from the values.
     pub v_dropped: Vec<f64>,
 }
 

@@ -7,17 +7,61 @@ use crate::{Error, Result};
 /// Which named method a configuration was built as (used for default weights and reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Method {
+    /// Standard multi-head attention.
     Mha,
+    /// Grouped-query attention.
     Gqa,
+    /// Multi-head Explicit Attention.
     Mea,
+    /// MEA with a compressed KV cache (`Hk < H`).
     MeaCompressed,
+    /// Interleaved Head Attention, global.
     Iha,
+    /// Interleaved Head Attention with a sliding window.
     IhaLocal,
     /// Built field by field.
     Custom,
 }
 
 impl Method {
+    /// The named methods, in the order tests, the CLI, the benchmarks and their reports list them
+    /// (every method but [`Method::Custom`]).
+    pub const ALL: [Method; 6] =
+        [Method::Mha, Method::Gqa, Method::Mea, Method::MeaCompressed, Method::Iha, Method::IhaLocal];
+
+    /// The named method called `name` (as [`Method::name`] spells it).
+    pub fn parse(name: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// Whether the method stores fewer key/value heads than heads (`Hk` is a free parameter).
+    pub fn takes_kv_heads(self) -> bool {
+        matches!(self, Method::Gqa | Method::MeaCompressed)
+    }
+
+    /// Whether the method has pseudo-heads (`P` is a free parameter).
+    pub fn takes_pseudo(self) -> bool {
+        matches!(self, Method::Iha | Method::IhaLocal)
+    }
+
+    /// The configuration of a named method by its named constructor: `kv_heads` is read by
+    /// GQA and compressed MEA only, `pseudo` by IHA only, `seq_len` by IHA local only (its
+    /// window, the paper's `seq_len / (2 P²)` tokens). Not causal unless the method is.
+    /// [`Method::Custom`] gets the MHA shape, to be edited field by field.
+    pub fn config(self, heads: usize, kv_heads: usize, pseudo: usize, head_dim: usize, seq_len: usize) -> Result<Config> {
+        Ok(match self {
+            Method::Mha => Config::mha(heads, head_dim),
+            Method::Gqa => Config::gqa(heads, kv_heads, head_dim)?,
+            Method::Mea => Config::mea(heads, head_dim),
+            Method::MeaCompressed => Config::mea_compressed(heads, kv_heads, head_dim)?,
+            Method::Iha => Config::iha(heads, pseudo, head_dim),
+            Method::IhaLocal => Config::iha_local(heads, pseudo, head_dim, seq_len)?,
+            // No constructor: the MHA shape, to be edited field by field.
+            Method::Custom => Config::base(Method::Custom, heads, heads, heads, 1, head_dim),
+        })
+    }
+
+    /// Lower-case name (`mha`, `iha-local`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Method::Mha => "mha",
@@ -38,7 +82,9 @@ impl Method {
 /// `(W·P − 1, 0)`: exactly `W·P` virtual keys, the query's own included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
+    /// Keys visible before the query's own position, virtual tokens.
     pub left: usize,
+    /// Keys visible after the query's own position, virtual tokens.
     pub right: usize,
 }
 
@@ -50,7 +96,9 @@ pub struct Window {
 /// forward over the whole sequence.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rope {
+    /// Frequency base (default 10000).
     pub base: f32,
+    /// Virtual or token positions.
     pub mode: PosMode,
 }
 
@@ -81,6 +129,7 @@ impl Default for Rope {
 /// too for `P = 1`: the same memory).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
+    /// The named method it was built as.
     pub method: Method,
     /// Attention heads `H`.
     pub heads: usize,
@@ -92,8 +141,11 @@ pub struct Config {
     pub pseudo: usize,
     /// Head dimension `d`.
     pub head_dim: usize,
+    /// Causal mask on virtual tokens.
     pub causal: bool,
+    /// Sliding window, if any.
     pub window: Option<Window>,
+    /// Rotary embedding after mixing, if any.
     pub rope: Option<Rope>,
     /// RoPE position offset `pos0`.
     pub pos_offset: usize,
@@ -205,21 +257,25 @@ impl Config {
         self
     }
 
+    /// Apply RoPE after mixing.
     pub fn with_rope(mut self, rope: Rope) -> Config {
         self.rope = Some(rope);
         self
     }
 
+    /// Set the RoPE position offset `pos0`.
     pub fn with_pos_offset(mut self, pos: usize) -> Config {
         self.pos_offset = pos;
         self
     }
 
+    /// Set the softmax scale (default `1/sqrt(d)`).
     pub fn with_scale(mut self, scale: f32) -> Config {
         self.scale = Some(scale);
         self
     }
 
+    /// Set the head-norm epsilon (default `1e-5`).
     pub fn with_norm_eps(mut self, eps: f32) -> Config {
         self.norm_eps = eps;
         self

@@ -58,11 +58,13 @@ use crate::{Backend, Config, DType, Data, DataMut, Error, Io, PosMode, Result, T
 /// problem again against the call's cache and tensors ([`DecodeProblem::check_io`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeProblem {
+    /// The configuration.
     pub cfg: Config,
     /// Batch `B` (the cache's).
     pub batch: usize,
     /// New tokens per sequence `N`.
     pub n: usize,
+    /// Element type of q, the cache and the output.
     pub dtype: DType,
     /// Whether the weights carry `r` (output `[B,N,H,d]`), else `[B,N,H,P,d]`.
     pub collapse: bool,
@@ -158,9 +160,13 @@ impl DecodeProblem {
 /// the output and optional `lse [B, H, N·P]`.
 #[derive(Debug)]
 pub struct DecodeIo<'a> {
+    /// The new tokens' queries `[B, N, Hq, d]`.
     pub q: Tensor<'a>,
+    /// The layer's cache, holding the new tokens already.
     pub cache: &'a KvCache,
+    /// Output `[B, N, H, d]` (collapse) or `[B, N, H, P, d]`.
     pub out: TensorMut<'a>,
+    /// Log-sum-exp `[B, H, N·P]`, when asked for.
     pub lse: Option<&'a mut [f32]>,
 }
 
@@ -334,6 +340,34 @@ pub fn time_decode_host<B: Backend + ?Sized>(
 }
 
 /// Validate, then decode on `backend` (see the module docs for the positions and masks).
+///
+/// `io.q` holds the `N` new tokens `[B, N, Hq, d]`, already appended to `io.cache`; the output is
+/// `[B, N, H, d]` with a collapse (else `[B, N, H, P, d]`), equal to those rows of a forward over
+/// each whole cached sequence.
+///
+/// ```
+/// use headmix::cache::KvCache;
+/// use headmix::decode::{DecodeIo, decode};
+/// use headmix::{Config, DType, Tensor, TensorMut, Weights};
+///
+/// let cfg = Config::mea(2, 8); // H = 2 heads, d = 8, dense key/value mixing, head norm
+/// let w = Weights::random(&cfg, 1); // no collapse `r`: the output is [B, N, H, P, d]
+/// let mut cache = KvCache::for_config(&cfg, 1, 16, DType::F32)?; // batch 1, up to 16 tokens
+/// let kv: Vec<f32> = (0..3 * 2 * 8).map(|i| (i as f32 * 0.37).sin()).collect();
+/// cache.append(&Tensor::new(&kv, &[1, 3, 2, 8]), &Tensor::new(&kv, &[1, 3, 2, 8]))?; // 3 tokens
+/// let q = vec![0.5f32; 2 * 8]; // the newest token's query
+/// let mut out = vec![0f32; 2 * 8];
+/// let cpu = headmix::open(headmix::BackendKind::Cpu)?;
+/// let io = DecodeIo {
+///     q: Tensor::new(&q, &[1, 1, 2, 8]),
+///     cache: &cache,
+///     out: TensorMut::new(&mut out, &[1, 1, 2, 1, 8]),
+///     lse: None,
+/// };
+/// decode(cpu.as_ref(), &cfg, &w, io)?;
+/// assert!(out.iter().all(|x| x.is_finite()));
+/// # Ok::<(), headmix::Error>(())
+/// ```
 pub fn decode(backend: &dyn Backend, cfg: &Config, w: &Weights, io: DecodeIo<'_>) -> Result<()> {
     let problem = validate_decode(cfg, w, &io)?;
     backend.decode(&problem, w, io)

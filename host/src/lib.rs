@@ -69,6 +69,8 @@
 //! [`Error::NonFinite`], a scale whose `scale · log2(e)` overflows f32 or a subnormal `norm_eps`
 //! an [`Error::Config`]. The operator's definition is in `docs/operator.md`.
 
+#![warn(missing_docs)]
+
 mod backend;
 pub mod backward;
 pub mod backends;
@@ -88,7 +90,7 @@ pub use backward::{BackwardIo, WeightGrads, validate_backward};
 pub use cache::{CacheBytes, KvCache, KvCacheStack, cache_bytes};
 pub use config::{Config, Method, PosMode, Rope, Window};
 pub use decode::{DecodeIo, DecodeProblem, decode};
-pub use error::{Error, Result};
+pub use error::{Cause, Error, Result};
 pub use headmix_reference as reference;
 pub use headmix_reference::NormKind;
 pub use rng::Rng;

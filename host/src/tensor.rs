@@ -5,8 +5,11 @@ use half::{bf16, f16};
 /// Element type of the tensors (mixing weights, `r` and `gamma` are always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
 }
 
@@ -42,16 +45,22 @@ impl DType {
 /// Borrowed input data.
 #[derive(Clone, Copy, Debug)]
 pub enum Data<'a> {
+    /// f32 elements.
     F32(&'a [f32]),
+    /// f16 elements.
     F16(&'a [f16]),
+    /// bf16 elements.
     BF16(&'a [bf16]),
 }
 
 /// Borrowed output data.
 #[derive(Debug)]
 pub enum DataMut<'a> {
+    /// f32 elements.
     F32(&'a mut [f32]),
+    /// f16 elements.
     F16(&'a mut [f16]),
+    /// bf16 elements.
     BF16(&'a mut [bf16]),
 }
 
@@ -84,6 +93,7 @@ conversions!(f16, F16);
 conversions!(bf16, BF16);
 
 impl Data<'_> {
+    /// Element type.
     pub fn dtype(&self) -> DType {
         match self {
             Data::F32(_) => DType::F32,
@@ -92,6 +102,7 @@ impl Data<'_> {
         }
     }
 
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             Data::F32(s) => s.len(),
@@ -100,6 +111,7 @@ impl Data<'_> {
         }
     }
 
+    /// Whether there is no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -124,6 +136,7 @@ impl Data<'_> {
 }
 
 impl DataMut<'_> {
+    /// Element type.
     pub fn dtype(&self) -> DType {
         match self {
             DataMut::F32(_) => DType::F32,
@@ -132,6 +145,7 @@ impl DataMut<'_> {
         }
     }
 
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             DataMut::F32(s) => s.len(),
@@ -140,6 +154,7 @@ impl DataMut<'_> {
         }
     }
 
+    /// Whether there is no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -167,14 +182,18 @@ impl DataMut<'_> {
 /// A borrowed input tensor with its shape (row-major, last axis contiguous).
 #[derive(Clone, Debug)]
 pub struct Tensor<'a> {
+    /// The elements, row-major.
     pub data: Data<'a>,
+    /// The shape (`[B, N, heads, d]` for attention inputs).
     pub shape: Vec<usize>,
 }
 
 impl<'a> Tensor<'a> {
+    /// A view of `data` with a shape (checked against the data when validated).
     pub fn new(data: impl Into<Data<'a>>, shape: &[usize]) -> Self {
         Tensor { data: data.into(), shape: shape.to_vec() }
     }
+    /// Element type.
     pub fn dtype(&self) -> DType {
         self.data.dtype()
     }
@@ -183,14 +202,18 @@ impl<'a> Tensor<'a> {
 /// A borrowed output tensor with its shape.
 #[derive(Debug)]
 pub struct TensorMut<'a> {
+    /// The elements, row-major.
     pub data: DataMut<'a>,
+    /// The shape.
     pub shape: Vec<usize>,
 }
 
 impl<'a> TensorMut<'a> {
+    /// A mutable view of `data` with a shape (checked when validated).
     pub fn new(data: impl Into<DataMut<'a>>, shape: &[usize]) -> Self {
         TensorMut { data: data.into(), shape: shape.to_vec() }
     }
+    /// Element type.
     pub fn dtype(&self) -> DType {
         self.data.dtype()
     }

@@ -35,12 +35,16 @@ pub fn try_random_inputs(problem: &Problem, seed: u64) -> Result<(Vec<f32>, Vec<
 
 /// Owned host buffers of one dtype.
 pub enum Owned {
+    /// f32 values.
     F32(Vec<f32>),
+    /// f16 values.
     F16(Vec<f16>),
+    /// bf16 values.
     BF16(Vec<bf16>),
 }
 
 impl Owned {
+    /// `x` rounded to `dtype`.
     pub fn from_f32(dtype: DType, x: &[f32]) -> Owned {
         match dtype {
             DType::F32 => Owned::F32(x.to_vec()),
@@ -49,6 +53,7 @@ impl Owned {
         }
     }
 
+    /// `len` copies of `value` rounded to `dtype`.
     pub fn filled(dtype: DType, len: usize, value: f32) -> Owned {
         match dtype {
             DType::F32 => Owned::F32(vec![value; len]),
@@ -76,6 +81,7 @@ impl Owned {
         })
     }
 
+    /// A view with a shape.
     pub fn tensor(&self, shape: &[usize]) -> Tensor<'_> {
         match self {
             Owned::F32(v) => Tensor::new(v.as_slice(), shape),
@@ -84,6 +90,7 @@ impl Owned {
         }
     }
 
+    /// A mutable view with a shape.
     pub fn tensor_mut(&mut self, shape: &[usize]) -> TensorMut<'_> {
         match self {
             Owned::F32(v) => TensorMut::new(v.as_mut_slice(), shape),
@@ -92,6 +99,7 @@ impl Owned {
         }
     }
 
+    /// The values widened to f32.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             Owned::F32(v) => v.clone(),
@@ -130,8 +138,7 @@ pub fn time_host_rotated<B: Backend + ?Sized>(
     let mut lse = vec![f32::NAN; problem.lse_len()];
     let qs = [problem.batch, problem.n, c.q_heads, c.head_dim];
     let ks = [problem.batch, problem.m, c.kv_heads, c.head_dim];
-    let mut seconds = Vec::with_capacity(reps);
-    for call in 0..=reps {
+    let seconds = time_wall(reps, |call| {
         let [q, k, v] = &inputs[call % inputs.len()];
         let io = Io {
             q: q.tensor(&qs),
@@ -140,11 +147,20 @@ pub fn time_host_rotated<B: Backend + ?Sized>(
             out: out.tensor_mut(&out_shape),
             lse: Some(&mut lse),
         };
-        let t = Instant::now();
-        backend.run(problem, w, io)?;
-        if call > 0 {
-            seconds.push(t.elapsed().as_secs_f64());
-        }
-    }
+        backend.run(problem, w, io)
+    })?;
     Ok(Timing { seconds, extra_bytes: 0, clock: "wall clock" })
+}
+
+/// Wall-clock seconds of `reps` calls `f(1)..=f(reps)` after one untimed warm-up call `f(0)`: the
+/// one host wall-clock loop (the CPU backend's `time`, the benchmarks' host stages and decode).
+pub fn time_wall(reps: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
+    f(0)?;
+    (1..=reps)
+        .map(|call| {
+            let t = Instant::now();
+            f(call)?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect()
 }

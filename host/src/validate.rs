@@ -37,6 +37,7 @@ pub(crate) struct Checked(pub(crate) ());
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Problem {
+    /// The configuration.
     pub cfg: Config,
     /// Batch `B`.
     pub batch: usize,
@@ -44,6 +45,7 @@ pub struct Problem {
     pub n: usize,
     /// Key/value tokens `M`.
     pub m: usize,
+    /// Element type of q, k, v and the output.
     pub dtype: DType,
     /// Whether the weights carry `r` (output `[B,N,H,d]`), else `[B,N,H,P,d]`.
     pub collapse: bool,

@@ -17,10 +17,15 @@ pub type HeadNorm = headmix_reference::HeadNorm<Vec<f32>>;
 /// `norm = None` skips the norm.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Weights {
+    /// Query mixing `[Hq, H, P]`.
     pub aq: Vec<f32>,
+    /// Key mixing `[Hk, H, P]`.
     pub ak: Vec<f32>,
+    /// Value mixing `[Hk, H, P]`.
     pub av: Vec<f32>,
+    /// Collapse `[H, H·P]`; `None`: output the pseudo-heads.
     pub r: Option<Vec<f32>>,
+    /// Head norm after the collapse (`Group` or `Rms`, `[H, d]` vectors); `None`: no norm.
     pub norm: Option<HeadNorm>,
 }
 

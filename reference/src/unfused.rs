@@ -88,19 +88,20 @@ pub fn mha<T: Real>(
 }
 
 /// `x: [B, S, Hs, d]` mixed by `a: [Hs, H, P]` into `[B, S, P, H, d]`, which *is* `[B, S·P, H, d]`.
-/// A selection matrix gathers (see [`crate::mixing`]).
+/// A selection matrix gathers (see [`crate::mixing`]). Parallel over tokens; the benchmarks'
+/// unfused pipeline runs this as its mix stage.
 pub fn materialise<T: Real>(x: &[T], a: &[T], b: usize, s: usize, hs: usize, h: usize, p: usize, d: usize) -> Vec<T> {
     let sel = selection(a, hs, h, p);
     let mut y = vec![T::ZERO; b * s * p * h * d];
-    for bs in 0..b * s {
+    y.par_chunks_mut(p * h * d).enumerate().for_each(|(bs, yt)| {
         let heads = &x[bs * hs * d..(bs + 1) * hs * d];
         for q in 0..p {
             for hh in 0..h {
-                let dst = &mut y[((bs * p + q) * h + hh) * d..][..d];
+                let dst = &mut yt[(q * h + hh) * d..][..d];
                 mix_into(dst, heads, a, sel.as_deref(), h, p, hh, q);
             }
         }
-    }
+    });
     y
 }
 
@@ -132,53 +133,69 @@ pub fn attention<T: Real>(p: &Params, q: &[T], k: &[T], v: &[T], w: &MixWeights<
     let mask = Mask { causal: p.causal, window: p.window };
     let (o, lse) = mha(&qt, &kt, &vt, b, lq, lk, h, d, p.scale, mask);
 
-    // Reshape back: o is [B, N, P, H, d]; pseudo outputs are [B, N, H, P, d].
-    let mut op = vec![T::ZERO; o.len()];
-    for bn in 0..b * p.n {
+    let mut out = collapse(&o, w.r, w.norm.as_ref(), p.eps, b, p.n, h, pp, d);
+    round_all(p.rounding, &mut out);
+    Output { out, lse }
+}
+
+/// After the attention: `o: [B, N, P, H, d]` (the `N·P` virtual tokens) reshaped back to pseudo
+/// outputs `[B, N, H, P, d]`, collapsed by `r: [H, H·P]` into `[B, N, H, d]` when given, then
+/// the head norm (`Group` or `Rms`, `gamma, beta: [H, d]`) when given (parallel over tokens; the
+/// benchmarks' unfused pipeline runs this as its collapse stage).
+pub fn collapse<T: Real>(
+    o: &[T],
+    r: Option<&[T]>,
+    norm: Option<&HeadNorm<&[T]>>,
+    eps: f64,
+    b: usize,
+    n: usize,
+    h: usize,
+    pp: usize,
+    d: usize,
+) -> Vec<T> {
+    let per_token = if r.is_some() { h * d } else { h * pp * d };
+    let mut out = vec![T::ZERO; b * n * per_token];
+    out.par_chunks_mut(per_token).enumerate().for_each(|(bn, ot)| {
+        // Reshape back: pseudo output (h, q) is virtual token q of head h.
+        let mut op = vec![T::ZERO; h * pp * d];
         for q in 0..pp {
             for hh in 0..h {
                 let src = &o[((bn * pp + q) * h + hh) * d..][..d];
-                op[((bn * h + hh) * pp + q) * d..][..d].copy_from_slice(src);
+                op[(hh * pp + q) * d..][..d].copy_from_slice(src);
             }
         }
-    }
-    // Collapse as a matrix product per token: [H, H·P] × [H·P, d].
-    let mut out = match w.r {
-        None => op,
-        Some(r) => {
-            let mut out = vec![T::ZERO; b * p.n * h * d];
-            for bn in 0..b * p.n {
-                let x = &op[bn * h * pp * d..(bn + 1) * h * pp * d];
+        // Collapse as a matrix product per token: [H, H·P] × [H·P, d].
+        match r {
+            None => ot.copy_from_slice(&op),
+            Some(r) => {
                 for row in 0..h {
                     for t in 0..d {
                         let mut acc = 0.0f64;
                         for c in 0..h * pp {
-                            acc += r[row * h * pp + c].to_f64() * x[c * d + t].to_f64();
+                            acc += r[row * h * pp + c].to_f64() * op[c * d + t].to_f64();
                         }
-                        out[(bn * h + row) * d + t] = T::from_f64(acc);
+                        ot[row * d + t] = T::from_f64(acc);
                     }
                 }
             }
-            out
         }
-    };
-    // Head norm: view the output as [B·N·(H·width), d] rows of the concatenated channels, one
-    // group per row (PyTorch GroupNorm(H, H·d) for the collapsed [B, N, H·d]), statistics in f64.
-    if let Some(norm) = &w.norm {
-        let width = if w.r.is_some() { 1 } else { pp };
-        let centre = matches!(norm, HeadNorm::Group { .. });
-        for (idx, x) in out.chunks_mut(d).enumerate() {
-            let hh = (idx / width) % h;
-            let xs: Vec<f64> = x.iter().map(|e| e.to_f64()).collect();
-            let mu = if centre { xs.iter().sum::<f64>() / d as f64 } else { 0.0 };
-            let var = xs.iter().map(|e| (e - mu) * (e - mu)).sum::<f64>() / d as f64;
-            let sd = (var + p.eps).sqrt();
-            for t in 0..d {
-                let shift = norm.beta().map_or(0.0, |b| b[hh * d + t].to_f64());
-                x[t] = T::from_f64(norm.gamma()[hh * d + t].to_f64() * (xs[t] - mu) / sd + shift);
+        // Head norm: each d-vector of the token's output is one group (PyTorch GroupNorm(H, H·d)
+        // for the collapsed [H·d]), statistics in f64.
+        if let Some(norm) = norm {
+            let width = if r.is_some() { 1 } else { pp };
+            let centre = matches!(norm, HeadNorm::Group { .. });
+            for (idx, x) in ot.chunks_mut(d).enumerate() {
+                let hh = idx / width;
+                let xs: Vec<f64> = x.iter().map(|e| e.to_f64()).collect();
+                let mu = if centre { xs.iter().sum::<f64>() / d as f64 } else { 0.0 };
+                let var = xs.iter().map(|e| (e - mu) * (e - mu)).sum::<f64>() / d as f64;
+                let sd = (var + eps).sqrt();
+                for t in 0..d {
+                    let shift = norm.beta().map_or(0.0, |b| b[hh * d + t].to_f64());
+                    x[t] = T::from_f64(norm.gamma()[hh * d + t].to_f64() * (xs[t] - mu) / sd + shift);
+                }
             }
         }
-    }
-    round_all(p.rounding, &mut out);
-    Output { out, lse }
+    });
+    out
 }

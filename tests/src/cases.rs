@@ -2,25 +2,10 @@
 //! drawn by proptest so failures shrink to a small case. One strategy serves every backend;
 //! each backend suite chooses the head dims and sizes its device runs in reasonable time.
 
-use headmix::{Config, DType, HeadNorm, NormKind, PosMode, Rope, Weights};
+use headmix::{Config, DType, HeadNorm, Method, NormKind, PosMode, Rope, Weights};
 use proptest::prelude::*;
 
 use crate::Case;
-
-/// Which named method a random problem is built as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Mha,
-    Gqa,
-    Mea,
-    MeaCompressed,
-    Iha,
-    IhaLocal,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::Mha, Kind::Gqa, Kind::Mea, Kind::MeaCompressed, Kind::Iha, Kind::IhaLocal];
-}
 
 /// Limits of a random problem.
 #[derive(Clone, Debug)]
@@ -52,7 +37,8 @@ impl Default for Limits {
 /// One random problem, before its values are drawn.
 #[derive(Clone, Debug)]
 pub struct Spec {
-    pub kind: Kind,
+    /// The named method (one of [`Method::ALL`]).
+    pub kind: Method,
     pub batch: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -77,14 +63,8 @@ impl Spec {
     /// The configuration this spec describes.
     pub fn config(&self) -> Config {
         let (h, d) = (self.heads, self.head_dim);
-        let mut c = match self.kind {
-            Kind::Mha => Config::mha(h, d),
-            Kind::Gqa => Config::gqa(h, self.kv_heads, d).expect("divisor by construction"),
-            Kind::Mea => Config::mea(h, d),
-            Kind::MeaCompressed => Config::mea_compressed(h, self.kv_heads, d).expect("Hk <= H by construction"),
-            Kind::Iha => Config::iha(h, self.pseudo, d),
-            Kind::IhaLocal => Config::iha_window(h, self.pseudo, d, 1), // window replaced below
-        };
+        // IHA local's window is drawn (and replaced) below.
+        let mut c = self.kind.config(h, self.kv_heads, self.pseudo, d, 1).expect("valid by construction");
         c = c.with_causal(self.causal);
         c.window = self.window.map(|(left, right)| headmix::Window { left, right });
         if let Some(mode) = self.rope {
@@ -125,7 +105,7 @@ impl Spec {
 pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
     let l = limits.clone();
     (
-        prop::sample::select(Kind::ALL.to_vec()),
+        prop::sample::select(Method::ALL.to_vec()),
         1..=l.max_heads,
         1..=l.max_pseudo,
         prop::sample::select(l.head_dims.clone()),
@@ -134,12 +114,12 @@ pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
         .prop_flat_map(move |(kind, heads, pseudo, head_dim, dtype)| {
             let l = limits.clone();
             let pseudo = match kind {
-                Kind::Iha | Kind::IhaLocal => pseudo.min(heads.max(1)).max(1),
+                Method::Iha | Method::IhaLocal => pseudo.min(heads.max(1)).max(1),
                 _ => 1,
             };
             let kv_choices: Vec<usize> = match kind {
-                Kind::Gqa => (1..=heads).filter(|g| heads % g == 0).collect(),
-                Kind::MeaCompressed => (1..=heads).collect(),
+                Method::Gqa => (1..=heads).filter(|g| heads % g == 0).collect(),
+                Method::MeaCompressed => (1..=heads).collect(),
                 _ => vec![heads],
             };
             (
@@ -172,13 +152,13 @@ pub fn specs(limits: Limits) -> impl Strategy<Value = Spec> {
             )| {
                 let (collapse_draw, norm_draw, seed) = x;
                 let (causal, window) = match kind {
-                    Kind::Iha => (true, None),
-                    Kind::IhaLocal => (true, Some((window.map_or(pseudo - 1, |(l, _)| l + 1), 0))),
+                    Method::Iha => (true, None),
+                    Method::IhaLocal => (true, Some((window.map_or(pseudo - 1, |(l, _)| l + 1), 0))),
                     _ => (causal, window),
                 };
                 let collapse = collapse_draw;
                 // MEA: the paper's Group norm 2/3 of the time, else Rms; others: none half the time.
-                let mea = matches!(kind, Kind::Mea | Kind::MeaCompressed);
+                let mea = matches!(kind, Method::Mea | Method::MeaCompressed);
                 let norm = match (mea, norm_draw) {
                     (true, 0 | 1 | 2) | (false, 2) => Some(NormKind::Group),
                     (_, 3) | (true, _) => Some(NormKind::Rms),

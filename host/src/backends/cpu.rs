@@ -10,6 +10,7 @@ use crate::{Backend, BackendKind, Io, Result, Weights};
 pub struct CpuBackend;
 
 impl CpuBackend {
+    /// The CPU backend (stateless).
     pub fn new() -> CpuBackend {
         CpuBackend
     }

@@ -67,6 +67,18 @@ impl<T: Real> Head<T> {
     }
 }
 
+/// What the query-major pass keeps of virtual query `i`.
+struct Row<T> {
+    /// `do_i`.
+    d_out: Vec<T>,
+    /// `D_i = <do_i, o_i>`.
+    d: T,
+    /// `dqr_i`, before RoPE's transpose.
+    dqr: Vec<T>,
+    /// `<dy[n, ho], o_i>` for every output head `ho` (with a collapse).
+    dr: Vec<T>,
+}
+
 /// What one batch element contributes.
 struct Part<T> {
     dq: Vec<T>,
@@ -232,7 +244,7 @@ fn batch<T: Real>(
             }
         };
         // 5'. Query-major: do_i, o_i, D_i, dqr_i, and the dr terms <dy[n, ho], o_i>.
-        let rows: Vec<(Vec<T>, T, Vec<T>, Vec<T>)> = (0..nq)
+        let rows: Vec<Row<T>> = (0..nq)
             .into_par_iter()
             .map(|i| {
                 let l = lse_of(h, i);
@@ -255,13 +267,13 @@ fn batch<T: Real>(
                     Some(_) => (0..hh).map(|ho| dot(&dy[((i / pp) * hh + ho) * d..][..d], &oi)).collect(),
                     None => Vec::new(),
                 };
-                (doi, di, dqr, drow)
+                Row { d_out: doi, d: di, dqr, dr: drow }
             })
             .collect();
         if let Some(dr) = g.dr.as_mut() {
             for (i, row) in rows.iter().enumerate() {
                 for ho in 0..hh {
-                    dr[ho * hh * pp + h * pp + i % pp] += row.3[ho];
+                    dr[ho * hh * pp + h * pp + i % pp] += row.dr[ho];
                 }
             }
         }
@@ -275,7 +287,7 @@ fn batch<T: Real>(
                     if l == T::NEG_INFINITY {
                         continue;
                     }
-                    let (doi, di) = (&rows[i].0, rows[i].1);
+                    let (doi, di) = (&rows[i].d_out, rows[i].d);
                     let pij = head.prob(p, i, j, l);
                     let ds = pij * (dot(doi, &head.vt[j * d..][..d]) - di);
                     axpy(ds * scale, &head.qr[i * d..][..d], &mut dkr);
@@ -285,7 +297,7 @@ fn batch<T: Real>(
             })
             .collect();
         // 3'. RoPE transpose: rotate back by -theta.
-        let mut dqt: Vec<T> = rows.into_iter().flat_map(|r| r.2).collect();
+        let mut dqt: Vec<T> = rows.into_iter().flat_map(|r| r.dqr).collect();
         let mut dkt: Vec<T> = keys.iter().flat_map(|k| k.0.iter().copied()).collect();
         let dvt: Vec<T> = keys.into_iter().flat_map(|k| k.1).collect();
         if let Some(rope) = p.rope {

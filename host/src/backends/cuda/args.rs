@@ -7,40 +7,73 @@ use headmix_reference::{NormKind, PosMode};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HmArgs {
+    /// Device pointer of `q` `[B, N, Hq, d]`.
     pub q: u64,
+    /// Device pointer of `k` `[B, M, Hk, d]`.
     pub k: u64,
+    /// Device pointer of `v` `[B, M, Hk, d]`.
     pub v: u64,
+    /// Device pointer of the output.
     pub out: u64,
+    /// Device pointer of the lse `[B, H, N·P]` (0: not asked for).
     pub lse: u64,
+    /// Device pointer of the f32 collapse accumulator `[B, N, H, d]` (0: no collapse).
     pub acc: u64,
+    /// Device pointer of `aq` `[Hq, H, P]` (f32).
     pub aq: u64,
+    /// Device pointer of `ak` `[Hk, H, P]` (f32).
     pub ak: u64,
+    /// Device pointer of `av` `[Hk, H, P]` (f32).
     pub av: u64,
+    /// Device pointer of the collapse `r` `[H, H·P]` (0: none).
     pub r: u64,
+    /// Device pointer of the head-norm `gamma` `[H, d]` (0: none).
     pub gamma: u64,
+    /// Device pointer of the group norm's `beta` `[H, d]` (0: none or Rms).
     pub beta: u64,
+    /// Batch `B`.
     pub b: i32,
+    /// Query tokens `N`.
     pub n: i32,
+    /// Key/value tokens `M`.
     pub m: i32,
+    /// Stored query heads `Hq`.
     pub hq: i32,
+    /// Stored key/value heads `Hk`.
     pub hk: i32,
+    /// Attention heads `H`.
     pub h: i32,
+    /// Pseudo-heads per head `P`.
     pub p: i32,
+    /// Head dimension `d`.
     pub d: i32,
+    /// Causal mask (0/1).
     pub causal: i32,
+    /// Sliding window present (0/1).
     pub has_window: i32,
+    /// Window edge before the query, virtual tokens.
     pub window_left: i32,
+    /// Window edge after the query, virtual tokens.
     pub window_right: i32,
+    /// RoPE on (0/1).
     pub rope: i32,
+    /// RoPE at token positions (1) or virtual positions (0).
     pub rope_token: i32,
+    /// RoPE position offset `pos0`.
     pub pos0: i32,
+    /// Collapse through `r` (0/1).
     pub collapse: i32,
     /// [`NORM_NONE`], [`NORM_RMS`] or [`NORM_GROUP`] (`HM_NORM_*` in `kernels-cuda/norm.cuh`).
     pub norm: i32,
+    /// Write the lse (0/1).
     pub has_lse: i32,
+    /// Softmax scale times `log2(e)` (the kernels work in the log2 domain).
     pub scale_log2: f32,
+    /// RoPE base.
     pub rope_base: f32,
+    /// Head-norm epsilon.
     pub eps: f32,
+    /// Padding to the C struct's size.
     pub pad: f32,
 }
 

@@ -14,7 +14,7 @@ use super::variants::Variant;
 use crate::{Error, Result};
 
 fn dev_err(why: impl Into<String>) -> Error {
-    Error::Device { backend: "cuda", why: why.into() }
+    Error::device("cuda", why)
 }
 
 /// NVRTC options of every variant (no include paths: the sources are self-contained).
@@ -34,7 +34,9 @@ pub fn nvrtc_version() -> Option<(i32, i32)> {
 /// PTX of one variant, and NVRTC's log (warnings; empty when clean).
 #[derive(Clone, Debug)]
 pub struct Compiled {
+    /// The PTX text.
     pub ptx: String,
+    /// NVRTC's log (empty when clean).
     pub log: String,
 }
 
@@ -62,15 +64,19 @@ pub fn compile_source(name: &str, source: &str, arch: &str) -> Result<Compiled> 
     let opts = options(arch);
     loader::guarded("NVRTC", || -> Result<Compiled> {
         let prog =
-            nvrtc::create_program(&src, Some(&file)).map_err(|e| dev_err(format!("nvrtcCreateProgram: {e:?}")))?;
+            nvrtc::create_program(&src, Some(&file)).map_err(|e| Error::device_caused("cuda", "nvrtcCreateProgram", e))?;
         // SAFETY: prog was just created and is destroyed once, below.
         let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
         let log = unsafe { nvrtc::get_program_log(prog) }.map(|l| c_chars_to_string(&l)).unwrap_or_default();
         let ptx = match compiled {
             Ok(()) => unsafe { nvrtc::get_ptx(prog) }
                 .map(|p| c_chars_to_string(&p))
-                .map_err(|e| dev_err(format!("nvrtcGetPTX: {e:?}"))),
-            Err(e) => Err(dev_err(format!("NVRTC failed to compile {name} for {arch}: {e:?}\n{log}"))),
+                .map_err(|e| Error::device_caused("cuda", "nvrtcGetPTX", e)),
+            Err(e) => Err(Error::Device {
+                backend: "cuda",
+                why: format!("NVRTC failed to compile {name} for {arch}: {e:?}\n{log}"),
+                source: Some(crate::Cause::new(e)),
+            }),
         };
         let _ = unsafe { nvrtc::destroy_program(prog) };
         Ok(Compiled { ptx: ptx?, log: log.trim().to_string() })

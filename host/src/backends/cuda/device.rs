@@ -16,7 +16,9 @@ use crate::{Config, DType, Error, NormKind, Result, Weights};
 
 /// Element types of device tensors.
 pub trait DeviceElem: DeviceRepr {
+    /// The headmix dtype of this element type.
     const DTYPE: DType;
+    /// Round an f32 to this type.
     fn from_f32(x: f32) -> Self;
 }
 impl DeviceElem for f32 {
@@ -41,10 +43,15 @@ impl DeviceElem for half::bf16 {
 /// Raw device pointers of one call (`lse = 0`: not asked for).
 #[derive(Clone, Copy, Debug)]
 pub struct RawIo {
+    /// Device pointer of `q`.
     pub q: u64,
+    /// Device pointer of `k`.
     pub k: u64,
+    /// Device pointer of `v`.
     pub v: u64,
+    /// Device pointer of the output.
     pub out: u64,
+    /// Device pointer of the lse (0: none).
     pub lse: u64,
 }
 

@@ -94,10 +94,7 @@ pub struct KernelSpec {
 pub const EPI_ROWS: usize = 4;
 
 mod src {
-    pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
-    pub const ATTN_V2: &str = include_str!("../../../../kernels-cuda/attn_v2.cu");
-    pub const ATTN_V3: &str = include_str!("../../../../kernels-cuda/attn_v3.cu");
-    pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
+    pub use headmix_kernels_cuda::{ATTN_V1, ATTN_V2, ATTN_V3, EPILOGUE};
 }
 
 /// Every kernel version. Order: attention kernels by version, then the epilogue.

@@ -2,7 +2,7 @@
 //!
 //! # The variant scheme
 //!
-//! The kernel sources live in `kernels-cuda/` and are embedded with `include_str!`. Every kernel
+//! The kernel sources live in `kernels-cuda/`, embedded by the `headmix-kernels-cuda` crate. Every kernel
 //! version is one entry of the kernel table ([`kernel_table::KERNELS`]); the variants, the
 //! `#define` prelude NVRTC compiles (tile sizes included), the launch shape, the emulator's grid
 //! and the count model all derive from it. `kernels-cuda/README.md` describes the scheme and how to
@@ -73,11 +73,12 @@ pub use device::{DeviceElem, DeviceWeights, RawIo};
 pub use variants::{Kernel, MaskKind, Variant};
 
 fn dev_err(why: impl Into<String>) -> Error {
-    Error::Device { backend: "cuda", why: why.into() }
+    Error::device("cuda", why)
 }
 
+/// A driver error as `Error::Device`, the `DriverError` kept as its source.
 fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| dev_err(format!("{what}: {e}"))
+    move |e| Error::device_caused("cuda", what, e)
 }
 
 /// Open the CUDA backend on device 0.
@@ -127,6 +128,7 @@ struct Loaded {
 pub struct KernelInfo {
     /// Variant name, e.g. `v1_bf16_d128_causal`.
     pub name: String,
+    /// Registers per thread.
     pub registers: i32,
     /// Static shared memory per block, bytes.
     pub static_smem: i32,
@@ -213,6 +215,7 @@ impl CudaBackend {
         self.kernel
     }
 
+    /// The backend's CUDA context (the device's primary context).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }

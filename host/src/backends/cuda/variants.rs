@@ -5,23 +5,15 @@
 pub use super::kernel_table::{EPI_ROWS, KERNELS, Kernel, KernelSpec, MaskKind};
 use crate::DType;
 
-/// Shared sources, embedded at build time (NVRTC gets one concatenated string, no includes).
+/// Kernel sources, embedded at build time by the `headmix-kernels-cuda` crate (NVRTC gets one
+/// concatenated string, no includes).
 pub mod src {
-    pub const COMMON: &str = include_str!("../../../../kernels-cuda/common.cuh");
-    pub const TRAITS: &str = include_str!("../../../../kernels-cuda/traits.cuh");
-    pub const NORM: &str = include_str!("../../../../kernels-cuda/norm.cuh");
-    /// The mask (visibility, key range, value-tile sanitizing): every kernel's one copy.
-    pub const MASK: &str = include_str!("../../../../kernels-cuda/mask.cuh");
-    /// The online softmax (row statistics, rescale, final normalise and lse).
-    pub const SOFTMAX: &str = include_str!("../../../../kernels-cuda/softmax.cuh");
-    /// sm_80 tile vocabulary: cp.async, ldmatrix, mma.sync (empty below sm_80).
-    pub const TILES: &str = include_str!("../../../../kernels-cuda/tiles.cuh");
-    /// The decode kernels (not in the kernel table yet: `decode.rs` assembles their source).
-    pub const DECODE_V1: &str = include_str!("../../../../kernels-cuda/decode_v1.cu");
+    pub use headmix_kernels_cuda::*;
 }
 
 /// The shared headers, in the order NVRTC gets them after the prelude (no `#include`: one
-/// concatenated string). A new shared header is one more line here.
+/// concatenated string). A new shared header is one more line here (and one in
+/// `kernels-cuda/src/lib.rs`).
 pub const HEADERS: &[(&str, &str)] = &[
     ("common.cuh", src::COMMON),
     ("traits.cuh", src::TRAITS),
@@ -64,7 +56,9 @@ impl MaskKind {
 /// One compiled instantiation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Variant {
+    /// Which kernel.
     pub kernel: Kernel,
+    /// Element type of q, k, v and the output.
     pub dtype: DTypeKey,
     /// Head-dim capacity (0 for kernels that do not depend on it).
     pub hd: usize,
@@ -77,8 +71,11 @@ pub struct Variant {
 /// `DType` with an order (for sorted listings).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DTypeKey {
+    /// f32.
     F32,
+    /// f16.
     F16,
+    /// bf16.
     BF16,
 }
 
@@ -163,6 +160,7 @@ impl Variant {
         all_variants().into_iter().find(|v| v.name() == name)
     }
 
+    /// Name of the variant, e.g. `v1_bf16_d128_causal`.
     pub fn name(&self) -> String {
         let spec = self.spec();
         let option = spec.options[self.option as usize].name;

@@ -51,10 +51,15 @@ pub struct WgpuBackend {
 /// and `out`/`lse` may not alias any other binding ([`Error::Alias`]; inputs may share a buffer).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceIo<'a> {
+    /// Queries `[B, N, Hq, d]`.
     pub q: &'a wgpu::Buffer,
+    /// Keys `[B, M, Hk, d]`.
     pub k: &'a wgpu::Buffer,
+    /// Values `[B, M, Hk, d]`.
     pub v: &'a wgpu::Buffer,
+    /// Output.
     pub out: &'a wgpu::Buffer,
+    /// Log-sum-exp `[B, H, N·P]` (f32), when asked for.
     pub lse: Option<&'a wgpu::Buffer>,
 }
 
@@ -121,18 +126,22 @@ impl WgpuBackend {
         self
     }
 
+    /// The kernel variant in use.
     pub fn variant(&self) -> Variant {
         self.variant
     }
 
+    /// The wgpu device (to create buffers for [`WgpuBackend::forward_buffers`]).
     pub fn device(&self) -> &wgpu::Device {
         &self.kernels.device
     }
 
+    /// The device's queue.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
     }
 
+    /// The adapter's name, backend and type.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }
@@ -174,7 +183,7 @@ impl WgpuBackend {
                 return Err(Error::Length { what, expected: bytes as usize, got: buf.size() as usize });
             }
             if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
-                return Err(Error::Device { backend: "wgpu", why: format!("{what} lacks BufferUsages::STORAGE") });
+                return Err(Error::device("wgpu", format!("{what} lacks BufferUsages::STORAGE")));
             }
         }
         // Outputs may not alias any other binding (whole buffers at offset 0: aliasing is
@@ -557,7 +566,7 @@ impl Backend for WgpuBackend {
                 self.queue.submit([enc.finish()]);
                 self.device()
                     .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| device_err(format!("poll: {e}")))?;
+                    .map_err(|e| device::device_caused("poll", e))?;
                 if rep > 0 {
                     seconds.push(t.elapsed().as_secs_f64());
                 }

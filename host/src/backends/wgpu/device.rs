@@ -9,7 +9,12 @@ pub const ADAPTER_VAR: &str = "HEADMIX_WGPU_ADAPTER";
 pub const BACKEND_VAR: &str = "HEADMIX_WGPU_BACKEND";
 
 pub(crate) fn device_err(why: impl Into<String>) -> Error {
-    Error::Device { backend: "wgpu", why: why.into() }
+    Error::device("wgpu", why)
+}
+
+/// A wgpu error as `Error::Device`, kept as its source.
+pub(crate) fn device_caused(what: &str, cause: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::device_caused("wgpu", what, cause)
 }
 
 fn backends_from_env() -> Result<wgpu::Backends> {
@@ -74,5 +79,5 @@ pub(crate) fn request_device(adapter: &wgpu::Adapter) -> Result<(wgpu::Device, w
         memory_hints: wgpu::MemoryHints::Performance,
         trace: wgpu::Trace::Off,
     };
-    pollster::block_on(adapter.request_device(&desc)).map_err(|e| device_err(format!("request_device: {e}")))
+    pollster::block_on(adapter.request_device(&desc)).map_err(|e| device_caused("request_device", e))
 }

@@ -4,18 +4,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::device::device_err;
 use crate::{DType, Result};
 
-const COMMON: &str = include_str!("../../../../kernels-wgsl/common.wgsl");
-const DTYPE_F32: &str = include_str!("../../../../kernels-wgsl/dtype_f32.wgsl");
-const DTYPE_F16: &str = include_str!("../../../../kernels-wgsl/dtype_f16.wgsl");
-const DTYPE_BF16: &str = include_str!("../../../../kernels-wgsl/dtype_bf16.wgsl");
-const FLASH: &str = include_str!("../../../../kernels-wgsl/flash_forward.wgsl");
-const NAIVE: &str = include_str!("../../../../kernels-wgsl/naive_forward.wgsl");
-const EPILOGUE: &str = include_str!("../../../../kernels-wgsl/epilogue.wgsl");
-const COMBINE: &str = include_str!("../../../../kernels-wgsl/combine.wgsl");
-const DECODE: &str = include_str!("../../../../kernels-wgsl/decode.wgsl");
+// The sources, embedded by the `headmix-kernels-wgsl` crate.
+use headmix_kernels_wgsl::{
+    COMBINE, COMMON, DECODE, DTYPE_BF16, DTYPE_F16, DTYPE_F32, EPILOGUE, FLASH_FORWARD as FLASH, NAIVE_FORWARD as NAIVE,
+};
 
 /// Which kernel, with its compile-time tile sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -232,7 +226,7 @@ impl Kernels {
         let layout = match (v.kind, &self.decode_layout) {
             (Kind::Decode { .. }, Some((_, layout))) => layout,
             (Kind::Decode { .. }, None) => {
-                return Err(device_err("the decode kernel needs 8 storage buffers per shader stage"));
+                return Err(super::device::device_err("the decode kernel needs 8 storage buffers per shader stage"));
             }
             _ => &self.pipeline_layout,
         };
@@ -250,7 +244,7 @@ impl Kernels {
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(device_err(format!("compiling {v:?}: {e}")));
+            return Err(super::device::device_caused(&format!("compiling {v:?}"), e));
         }
         let p = Arc::new(pipeline);
         cache.insert(*v, p.clone());

@@ -56,6 +56,7 @@ pub enum Variant {
 }
 
 impl Variant {
+    /// Short name of the variant.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Flash => "flash",
@@ -72,6 +73,6 @@ pub fn open() -> Result<Box<dyn Backend>> {
     }
     #[cfg(not(feature = "wgpu"))]
     {
-        Err(crate::Error::Device { backend: "wgpu", why: "headmix was built without the `wgpu` feature".into() })
+        Err(crate::Error::device("wgpu", "headmix was built without the `wgpu` feature"))
     }
 }

@@ -1,0 +1,71 @@
+//! The CUDA C++ sources of [headmix](https://crates.io/crates/headmix)'s kernels, embedded as
+//! strings.
+//!
+//! headmix compiles them at run time with NVRTC (no CUDA toolkit at build time): each kernel
+//! variant is one program made of a `#define` prelude, then the shared headers ([`COMMON`],
+//! [`TRAITS`], [`NORM`], [`MASK`], [`SOFTMAX`], [`TILES`]) and one kernel file, with no `#include`. The files stay where they are in the repository (`kernels-cuda/*.cu`,
+//! `*.cuh`); this crate only makes them part of a package, so that the published `headmix` crate
+//! carries its kernels. See `kernels-cuda/README.md` for what each file holds.
+
+#![no_std]
+
+/// Declares one `pub const NAME: &str` per source file, and [`ALL`] listing them by file name.
+/// Adding a kernel file is one line here.
+macro_rules! sources {
+    ($($(#[$doc:meta])* $name:ident = $file:literal;)*) => {
+        $(
+            $(#[$doc])*
+            pub const $name: &str = include_str!(concat!("../", $file));
+        )*
+
+        /// Every source file of the crate as `(file name, text)`, in declaration order.
+        pub const ALL: &[(&str, &str)] = &[$(($file, $name)),*];
+    };
+}
+
+sources! {
+    /// `common.cuh`: the argument block `HmArgs` (mirrored by the host), storage types and
+    /// f16/bf16 conversions in inline PTX, warp reductions and RoPE.
+    COMMON = "common.cuh";
+    /// `traits.cuh`: values derived from the prelude's tile sizes (the kernel table in the host).
+    TRAITS = "traits.cuh";
+    /// `attn_v1.cu`: v1, the readable FMA baseline; every dtype, head dims up to 256.
+    ATTN_V1 = "attn_v1.cu";
+    /// `attn_v2.cu`: v2, tensor cores (`mma.sync.m16n8k16`), f16/bf16, head dims up to 128, sm_80+.
+    ATTN_V2 = "attn_v2.cu";
+    /// `epilogue.cu`: the collapse epilogue (head norm and rounding of the f32 accumulator).
+    EPILOGUE = "epilogue.cu";
+    /// `norm.cuh`: the head norm (`Rms`, MEA's `Group` with `beta`) as device functions.
+    NORM = "norm.cuh";
+    /// `decode_v1.cu`: decode on a device-resident KV cache, one block per (sequence, split)
+    /// owning all heads, and its split combine.
+    DECODE_V1 = "decode_v1.cu";
+    /// `mask.cuh`: the mask, one copy for every kernel: visibility, key ranges, value-tile
+    /// sanitizing (NaN policy).
+    MASK = "mask.cuh";
+    /// `softmax.cuh`: the online softmax (row statistics, rescale, final normalise and lse).
+    SOFTMAX = "softmax.cuh";
+    /// `tiles.cuh`: the sm_80 tile vocabulary (cp.async, ldmatrix, mma.sync in inline PTX).
+    TILES = "tiles.cuh";
+    /// `attn_v3.cu`: v3, FlashAttention-2 class (cp.async, ldmatrix, mma.sync), the tensor-core
+    /// pre-mix and the no-atomics collapse; f16/bf16, head dims up to 128, sm_80+.
+    ATTN_V3 = "attn_v3.cu";
+}
+
+/// The source of a file by its name (e.g. `"attn_v1.cu"`), if this crate has it.
+pub fn get(file: &str) -> Option<&'static str> {
+    ALL.iter().find(|(name, _)| *name == file).map(|(_, text)| *text)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_source_is_present_and_named_once() {
+        for (i, (name, text)) in super::ALL.iter().enumerate() {
+            assert!(!text.is_empty(), "{name} is empty");
+            assert!(super::ALL[..i].iter().all(|(other, _)| other != name), "{name} listed twice");
+            assert_eq!(super::get(name), Some(*text));
+        }
+        assert_eq!(super::get("no_such_file.cu"), None);
+    }
+}

@@ -1,0 +1,63 @@
+//! The WGSL sources of [headmix](https://crates.io/crates/headmix)'s wgpu kernels, embedded as
+//! strings.
+//!
+//! headmix builds each kernel variant as `constants + dtype_*.wgsl + common.wgsl + <kernel>.wgsl`
+//! and compiles it once per device. The files stay where they are in the repository
+//! (`kernels-wgsl/*.wgsl`); this crate only makes them part of a package, so that the published
+//! `headmix` crate carries its kernels. See `kernels-wgsl/README.md` for what each file holds.
+
+#![no_std]
+
+/// Declares one `pub const NAME: &str` per source file, and [`ALL`] listing them by file name.
+/// Adding a kernel file is one line here.
+macro_rules! sources {
+    ($($(#[$doc:meta])* $name:ident = $file:literal;)*) => {
+        $(
+            $(#[$doc])*
+            pub const $name: &str = include_str!(concat!("../", $file));
+        )*
+
+        /// Every source file of the crate as `(file name, text)`, in declaration order.
+        pub const ALL: &[(&str, &str)] = &[$(($file, $name)),*];
+    };
+}
+
+sources! {
+    /// `common.wgsl`: the uniform block, the bindings, the mask, RoPE and output stores.
+    COMMON = "common.wgsl";
+    /// `dtype_f32.wgsl`: loads and stores of f32 tensors.
+    DTYPE_F32 = "dtype_f32.wgsl";
+    /// `dtype_f16.wgsl`: loads and stores of f16 tensors.
+    DTYPE_F16 = "dtype_f16.wgsl";
+    /// `dtype_bf16.wgsl`: loads and stores of bf16 tensors.
+    DTYPE_BF16 = "dtype_bf16.wgsl";
+    /// `flash_forward.wgsl`: the tiled flash forward kernel.
+    FLASH_FORWARD = "flash_forward.wgsl";
+    /// `naive_forward.wgsl`: one thread per virtual query (the baseline).
+    NAIVE_FORWARD = "naive_forward.wgsl";
+    /// `epilogue.wgsl`: the collapse epilogue (head norm and rounding).
+    EPILOGUE = "epilogue.wgsl";
+    /// `combine.wgsl`: merges split-KV partial results.
+    COMBINE = "combine.wgsl";
+    /// `decode.wgsl`: decode on a device-resident KV cache, one workgroup per (sequence, split)
+    /// owning all heads.
+    DECODE = "decode.wgsl";
+}
+
+/// The source of a file by its name (e.g. `"common.wgsl"`), if this crate has it.
+pub fn get(file: &str) -> Option<&'static str> {
+    ALL.iter().find(|(name, _)| *name == file).map(|(_, text)| *text)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_source_is_present_and_named_once() {
+        for (i, (name, text)) in super::ALL.iter().enumerate() {
+            assert!(!text.is_empty(), "{name} is empty");
+            assert!(super::ALL[..i].iter().all(|(other, _)| other != name), "{name} listed twice");
+            assert_eq!(super::get(name), Some(*text));
+        }
+        assert_eq!(super::get("no_such_file.wgsl"), None);
+    }
+}

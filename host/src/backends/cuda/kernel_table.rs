@@ -94,10 +94,10 @@ pub struct KernelSpec {
 /// Output rows (one warp each) per block of the collapse epilogue (`HM_EPI_ROWS` in every prelude).
 pub const EPI_ROWS: usize = 4;
 
+// The kernel files come from the `headmix-kernels-cuda` crate (a path outside this crate would
+// not be in its package).
 mod src {
-    pub const ATTN_V1: &str = include_str!("../../../../kernels-cuda/attn_v1.cu");
-    pub const ATTN_V2: &str = include_str!("../../../../kernels-cuda/attn_v2.cu");
-    pub const EPILOGUE: &str = include_str!("../../../../kernels-cuda/epilogue.cu");
+    pub use headmix_kernels_cuda::{ATTN_V1, ATTN_V2, EPILOGUE};
 }
 
 /// Every kernel version. Order: attention kernels by version, then the epilogue.

@@ -81,7 +81,9 @@ const _: () = assert!(std::mem::size_of::<HmArgs>() == 184);
 
 /// `HmArgs::norm` codes, as `HM_NORM_*` in `kernels-cuda/norm.cuh`.
 pub const NORM_NONE: i32 = 0;
+/// `HM_NORM_RMS`: per-head RMS norm.
 pub const NORM_RMS: i32 = 1;
+/// `HM_NORM_GROUP`: MEA's GroupNorm, one group per head (with `beta`).
 pub const NORM_GROUP: i32 = 2;
 
 /// The `HmArgs::norm` code of a head norm kind.

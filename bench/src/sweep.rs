@@ -170,7 +170,7 @@ impl Scale {
 pub enum Mode {
     /// A forward pass of `N` query tokens against `M = N` keys.
     Forward,
-    /// [`headmix::decode`] of one new token per sequence against a filled cache of `L = m` tokens.
+    /// [`headmix::decode()`] of one new token per sequence against a filled cache of `L = m` tokens.
     Decode,
     /// A decode case's attention as a forward pass with `N = 1` on device-resident k/v.
     DecodeForward,

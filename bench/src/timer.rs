@@ -41,7 +41,7 @@ pub fn forward(backend: &dyn Backend, problem: &Problem, w: &Weights, reps: usiz
     }
 }
 
-/// Wall-clock time of `reps` calls of [`headmix::decode`] after warm-up, call `i` on cache
+/// Wall-clock time of `reps` calls of [`headmix::decode()`] after warm-up, call `i` on cache
 /// `i % caches.len()` with queries `queries[i % queries.len()]` (`[B, n, Hq, d]`). The caches are
 /// filled beforehand and never modified (decode only reads them): every call does the same work.
 pub fn decode(

@@ -8,7 +8,7 @@ use crate::flags::{self, MAX};
 #[derive(clap::Args)]
 #[command(allow_negative_numbers = true, after_help = headmix::compress::HELP)]
 pub struct Args {
-    /// The safetensors file holding <prefix>.k_proj / <prefix>.v_proj tensors
+    /// The safetensors file holding `<prefix>.k_proj` / `<prefix>.v_proj` tensors
     #[arg(long, value_name = "PATH")]
     input: PathBuf,
     /// Where to write the compressed projections

@@ -33,8 +33,11 @@ pub struct WeightGrads<'a> {
 /// accumulated into); nothing is written unless validation passes.
 #[derive(Debug)]
 pub struct BackwardIo<'a> {
+    /// The forward's stored queries `[B, N, Hq, d]`.
     pub q: Tensor<'a>,
+    /// The forward's stored keys `[B, M, Hk, d]`.
     pub k: Tensor<'a>,
+    /// The forward's stored values `[B, M, Hk, d]`.
     pub v: Tensor<'a>,
     /// The forward's output, `[B, N, H, d]` (or `[B, N, H, P, d]` without a collapse).
     pub out: Tensor<'a>,
@@ -42,9 +45,13 @@ pub struct BackwardIo<'a> {
     pub lse: &'a [f32],
     /// `dL/dout`, the shape of `out`.
     pub dout: Tensor<'a>,
+    /// `dL/dq`, the shape and dtype of `q`.
     pub dq: TensorMut<'a>,
+    /// `dL/dk`, the shape of `k` (dtype of `q`).
     pub dk: TensorMut<'a>,
+    /// `dL/dv`, the shape of `v` (dtype of `q`).
     pub dv: TensorMut<'a>,
+    /// The gradients of the weights.
     pub dw: WeightGrads<'a>,
 }
 
@@ -124,14 +131,23 @@ pub fn validate_backward(cfg: &Config, w: &Weights, io: &BackwardIo) -> Result<P
 /// Owned gradient buffers of one problem: `dq, dk, dv` in the problem's dtype, the weight
 /// gradients in f32; a convenience for callers that do not hold their own.
 pub struct GradBuffers {
+    /// `dq`, `[B, N, Hq, d]` elements in the problem's dtype.
     pub dq: Owned,
+    /// `dk`, `[B, M, Hk, d]` elements in the problem's dtype.
     pub dk: Owned,
+    /// `dv`, `[B, M, Hk, d]` elements in the problem's dtype.
     pub dv: Owned,
+    /// `daq`, the size of the weights' `aq`.
     pub daq: Vec<f32>,
+    /// `dak`, the size of the weights' `ak`.
     pub dak: Vec<f32>,
+    /// `dav`, the size of the weights' `av`.
     pub dav: Vec<f32>,
+    /// `dr`, when the weights carry `r`.
     pub dr: Option<Vec<f32>>,
+    /// `dgamma`, when the weights carry a head norm.
     pub dgamma: Option<Vec<f32>>,
+    /// `dbeta`, when the weights carry a Group norm's `beta`.
     pub dbeta: Option<Vec<f32>>,
 }
 

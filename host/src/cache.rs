@@ -69,6 +69,7 @@ pub trait DeviceKv: Send + Sync {
     fn traffic(&self) -> HostTraffic;
     /// For the owning backend to downcast to its own storage type.
     fn as_any(&self) -> &dyn Any;
+    /// For the owning backend to downcast to its own storage type, mutably.
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 

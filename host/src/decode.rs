@@ -286,6 +286,7 @@ pub fn band(cfg: &Config, stored: usize, n: usize) -> (usize, usize) {
 /// Device (or host) time of repeated decode calls and the cache bytes each call reads.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeTiming {
+    /// Seconds per decode call, and the clock that measured them.
     pub timing: crate::Timing,
     /// Cache bytes one call reads (counted from the bands, not measured).
     pub cache_bytes_read: u64,

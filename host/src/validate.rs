@@ -404,9 +404,13 @@ pub fn validate_inputs(cfg: &Config, w: &Weights, q: &Tensor, k: &Tensor, v: &Te
 /// the call writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Binding {
+    /// The binding's name, as the error reports it (`"out"`, `"q"`...).
     pub what: &'static str,
+    /// Device address of the buffer (0: absent, with `bytes` 0).
     pub addr: u64,
+    /// Length of the buffer in bytes.
     pub bytes: u64,
+    /// Whether the call writes this binding.
     pub written: bool,
 }
 

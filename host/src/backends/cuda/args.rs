@@ -81,7 +81,9 @@ const _: () = assert!(std::mem::size_of::<HmArgs>() == 184);
 
 /// `HmArgs::norm` codes, as `HM_NORM_*` in `kernels-cuda/norm.cuh`.
 pub const NORM_NONE: i32 = 0;
+/// `HM_NORM_RMS`: per-head RMS norm.
 pub const NORM_RMS: i32 = 1;
+/// `HM_NORM_GROUP`: MEA's GroupNorm, one group per head (with `beta`).
 pub const NORM_GROUP: i32 = 2;
 
 /// The `HmArgs::norm` code of a head norm kind.
@@ -134,10 +136,13 @@ impl HmArgs {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HmRows {
+    /// Device pointer to the rows' tensor (stored heads or pre-mixed rows).
     pub base: u64,
     /// Device pointer to `i32 [H*P]`.
     pub sel: u64,
+    /// Elements per token of the tensor (`S*d` stored, `H*P*d` pre-mixed).
     pub tok: i32,
+    /// Padding to 8 bytes.
     pub pad: i32,
 }
 
@@ -146,12 +151,17 @@ pub struct HmRows {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HmV3Attn {
+    /// Query rows.
     pub q: HmRows,
+    /// Key rows.
     pub k: HmRows,
+    /// Value rows.
     pub v: HmRows,
+    /// Where the pseudo outputs go.
     pub op: u64,
     /// Division by `P` without a divide (`V3DivP`): see [`super::plan::fast_div`].
     pub p_mul: u32,
+    /// The shift of the division by `P`.
     pub p_shr: u32,
 }
 
@@ -169,10 +179,15 @@ pub struct HmV3Mix {
     pub sel: u64,
     /// RoPE tables (`f32 (cos, sin)` pairs), 0: no RoPE.
     pub rope_hi: u64,
+    /// The low-position RoPE table (128 rows).
     pub rope_lo: u64,
+    /// Tokens `L`.
     pub l: i32,
+    /// Stored heads `S`.
     pub s: i32,
+    /// 1 for queries (RoPE at query positions), 0 for keys and values.
     pub query: i32,
+    /// The first row of `rope_hi` (position >> 7).
     pub rope_hi0: i32,
 }
 

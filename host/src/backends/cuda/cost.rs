@@ -22,6 +22,7 @@ use crate::validate::Problem;
 /// The figures of a device the model needs. Only [`H200`] is filled in.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Machine {
+    /// Device name, for reports.
     pub name: &'static str,
     /// Dense f16/bf16 tensor-core TFLOP/s.
     pub tc_tflops: f64,
@@ -31,6 +32,7 @@ pub struct Machine {
     pub hbm_tb_s: f64,
     /// L2 bandwidth, TB/s.
     pub l2_tb_s: f64,
+    /// Streaming multiprocessors.
     pub sms: u32,
     /// 32-bit registers per SM.
     pub regs_per_sm: u32,
@@ -40,7 +42,9 @@ pub struct Machine {
     pub smem_reserved_per_block: u32,
     /// The most dynamic + static shared memory one block may use, bytes.
     pub smem_per_block: u32,
+    /// The most resident blocks per SM.
     pub max_blocks_per_sm: u32,
+    /// The most resident warps per SM.
     pub max_warps_per_sm: u32,
 }
 
@@ -103,9 +107,13 @@ impl std::ops::Add for Cost {
 /// the slowest (every unit overlapped perfectly: a lower bound on the time).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Roofline {
+    /// Seconds of the tensor-core FLOP at the tensor-core peak.
     pub tc_s: f64,
+    /// Seconds of the scalar FMA FLOP at the FMA peak.
     pub fma_s: f64,
+    /// Seconds of the device-memory bytes at the HBM bandwidth.
     pub hbm_s: f64,
+    /// Seconds of the L2 bytes at the L2 bandwidth.
     pub l2_s: f64,
     /// The largest of the four.
     pub seconds: f64,
@@ -116,6 +124,7 @@ pub struct Roofline {
 }
 
 impl Cost {
+    /// This cost's roofline on `m`.
     pub fn roofline(&self, m: &Machine) -> Roofline {
         let tc_s = self.tc_flop / (m.tc_tflops * 1e12);
         let fma_s = self.fma_flop / (m.fma_tflops * 1e12);
@@ -340,7 +349,9 @@ fn epilogue(pb: &Problem) -> Cost {
 /// Resident blocks per SM and what limits them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Occupancy {
+    /// Resident blocks per SM.
     pub blocks: u32,
+    /// Resident warps per SM (`blocks` × warps per block).
     pub warps: u32,
     /// `registers`, `shared memory`, `warps` or `blocks`.
     pub limit: &'static str,

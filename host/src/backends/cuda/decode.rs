@@ -33,16 +33,27 @@ const COMBINE_ROWS: usize = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DecodeArgs {
+    /// Device pointer to `[B]` u32: the absolute length of each sequence.
     pub lens: u64,
+    /// Device pointer to the f32 partials `[splits, B, H, N·P, d + 2]` (unnormalised output, max, sum).
     pub part: u64,
+    /// Device pointer to the RoPE table `[levels, 256, d/2, 2]` (cos, sin), or 0 without RoPE.
     pub rope_tab: u64,
+    /// Cache slots per sequence.
     pub capacity: i32,
+    /// Key splits per sequence (grid x).
     pub splits: i32,
+    /// Stored tokens each split covers.
     pub tokens_per_split: i32,
+    /// Stored tokens per shared-memory tile.
     pub tile_tokens: i32,
+    /// Bytes of the position the RoPE table composes (0 without RoPE).
     pub rope_levels: i32,
+    /// Bits 0, 1, 2: `aq`, `ak`, `av` is a selection (zero weights skip their head).
     pub selection: i32,
+    /// 1 when a token row of the cache is a multiple of 16 bytes (16-byte loads).
     pub vec16: i32,
+    /// Unused; keeps the struct at 56 bytes.
     pub pad: i32,
 }
 
@@ -224,6 +235,7 @@ fn is_selection(a: &[f32], heads: usize, hp: usize) -> bool {
 /// The launch plan of one decode call (sizes only; for benchmarks and the B = 8 × 128k check).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeLaunch {
+    /// The decode-only kernel arguments.
     pub args: DecodeArgs,
     /// Grid of the decode kernel: (splits, B).
     pub grid: (u32, u32),

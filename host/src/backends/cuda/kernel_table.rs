@@ -29,9 +29,13 @@ pub enum Kernel {
 /// reads both flags at run time (one module for every mask, used by the baseline v1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MaskKind {
+    /// `HM_MASK 0`: every key visible.
     None,
+    /// `HM_MASK 1`: causal, `j <= i'`.
     Causal,
+    /// `HM_MASK 2`: sliding window, causal too when the config says so.
     Window,
+    /// `HM_MASK 3`: causality and window read from the arguments at run time.
     Runtime,
 }
 
@@ -46,6 +50,7 @@ impl MaskKind {
 pub struct KernelOption {
     /// Appended to the variant name (`""` for a kernel's only option).
     pub name: &'static str,
+    /// The `#define`s (name, value) this option adds to the prelude.
     pub defines: &'static [(&'static str, i64)],
 }
 
@@ -55,6 +60,7 @@ pub const NO_OPTIONS: &[KernelOption] = &[KernelOption { name: "", defines: &[] 
 /// One kernel version: its source, what it serves, and its launch shape.
 #[derive(Debug)]
 pub struct KernelSpec {
+    /// The kernel version this entry describes.
     pub kernel: Kernel,
     /// Short name: variant names, `HEADMIX_CUDA_KERNEL`, `headmix kernels`.
     pub name: &'static str,
@@ -62,6 +68,7 @@ pub struct KernelSpec {
     pub number: u32,
     /// The kernel file in `kernels-cuda/` and its text (embedded at build time).
     pub file: &'static str,
+    /// The text of `file`.
     pub source: &'static str,
     /// The `extern "C"` entry point.
     pub entry: &'static str,
@@ -93,6 +100,8 @@ pub struct KernelSpec {
 /// Output rows (one warp each) per block of the collapse epilogue (`HM_EPI_ROWS` in every prelude).
 pub const EPI_ROWS: usize = 4;
 
+// The kernel files come from the `headmix-kernels-cuda` crate (a path outside this crate would
+// not be in its package).
 mod src {
     pub use headmix_kernels_cuda::{ATTN_V1, ATTN_V2, ATTN_V3, EPILOGUE};
 }
@@ -200,6 +209,7 @@ impl Kernel {
         KERNELS.iter().filter(|s| s.number > 0).map(|s| s.kernel)
     }
 
+    /// Its short name (`v1`, `v2`, ...).
     pub fn name(self) -> &'static str {
         self.spec().name
     }

@@ -35,6 +35,7 @@ pub enum Source {
 }
 
 impl Source {
+    /// Whether the attention reads the stored heads (no pre-mix).
     pub fn is_stored(&self) -> bool {
         matches!(self, Source::Stored(_))
     }
@@ -43,8 +44,11 @@ impl Source {
 /// Which tensors `attn_v3` reads stored and which it pre-mixes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct V3Plan {
+    /// Queries.
     pub q: Source,
+    /// Keys.
     pub k: Source,
+    /// Values.
     pub v: Source,
 }
 
@@ -99,11 +103,15 @@ pub fn fast_div(p: u32) -> (u32, u32) {
 /// `d/2` (cos, sin) pairs, computed in f64 and stored as f32. The kernel combines them with one
 /// complex product (no transcendental on the device): error ~2e-7, within the f32 tolerance.
 pub struct RopeTables {
+    /// `(cos, sin)` of `hi*128` positions, rows `hi0 ..`.
     pub hi: Vec<f32>,
+    /// `(cos, sin)` of positions `0 .. 128`.
     pub lo: Vec<f32>,
+    /// The first `hi` row.
     pub hi0: u32,
 }
 
+/// The [`RopeTables`] of positions `[first, last]` for head dim `d`.
 pub fn rope_tables(base: f32, d: usize, first: u64, last: u64) -> RopeTables {
     let half = d / 2;
     let (hi0, hi1) = (first >> 7, last >> 7);

@@ -43,6 +43,7 @@ impl MaskKind {
         }
     }
 
+    /// The mask's part of a variant name (`dense`, `causal`, `window`, `anymask`).
     pub fn name(self) -> &'static str {
         match self {
             MaskKind::None => "dense",
@@ -98,6 +99,7 @@ impl DTypeKey {
             DTypeKey::BF16 => 2,
         }
     }
+    /// The dtype's part of a variant name (`f32`, `f16`, `bf16`).
     pub fn name(self) -> &'static str {
         match self {
             DTypeKey::F32 => "f32",

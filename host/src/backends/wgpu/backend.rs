@@ -473,7 +473,7 @@ impl Backend for WgpuBackend {
     }
 
     /// Decode: a cache on this device is read in place by the decode kernel
-    /// ([`super::decode`]); a host cache goes through the generic per-sequence path.
+    /// (`decode.wgsl`, then `combine.wgsl`); a host cache goes through the generic per-sequence path.
     fn decode(&self, problem: &crate::DecodeProblem, w: &Weights, io: crate::DecodeIo<'_>) -> Result<()> {
         match io.cache.device_storage() {
             None => crate::decode::decode_default(self, problem, w, io),

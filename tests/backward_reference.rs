@@ -268,7 +268,13 @@ fn backward_forward_is_the_operator() {
         seed: 4,
     };
     let pb = Problem::from_spec(&spec, false);
-    let mix = MixWeights { aq: &pb.aq, ak: &pb.ak, av: &pb.av, r: pb.r.as_deref(), norm: pb.gamma.as_deref().map(|gamma| HeadNorm::Rms { gamma }) };
+    let mix = MixWeights {
+        aq: &pb.aq,
+        ak: &pb.ak,
+        av: &pb.av,
+        r: pb.r.as_deref(),
+        norm: pb.gamma.as_deref().map(|gamma| HeadNorm::Rms { gamma }),
+    };
     let a = attention(&pb.p, &pb.q, &pb.k, &pb.v, &mix);
     let layer = Layer::from_mix(&mix);
     assert!(matches!(layer.norm, Some(NormWeights::Rms { .. })));

@@ -1013,11 +1013,7 @@ fn negative_controls_wgpu_device_decode() {
         let s = fixed(kind, Some(PosMode::Virtual));
         for control in [Control::PerturbCache, Control::ReverseStep] {
             let errs = run_scenario_on(&s, &cpu, Via::Api(&gpu), control, Some(&gpu));
-            assert!(
-                errs.out > tolerance(s.dtype),
-                "{kind:?} {control:?}: the broken decode passed ({:.3e})",
-                errs.out
-            );
+            assert!(errs.out > tolerance(s.dtype), "{kind:?} {control:?}: the broken decode passed ({:.3e})", errs.out);
         }
     }
 }

@@ -426,7 +426,8 @@ mod tests {
 
     #[test]
     fn the_problem_launches_every_version_that_can_run_it() {
-        let pb = problem_from(&args("--config iha --heads 4 --pseudo 2 --head-dim 128 --seq 64 --causal true")).unwrap();
+        let pb =
+            problem_from(&args("--config iha --heads 4 --pseudo 2 --head-dim 128 --seq 64 --causal true")).unwrap();
         assert_eq!(pb.dtype, DType::BF16);
         let l = launched_by(&pb);
         let names: Vec<Vec<String>> = l.iter().map(|(_, vs)| vs.iter().map(|v| v.name()).collect()).collect();

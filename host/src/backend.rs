@@ -121,7 +121,10 @@ pub trait Backend: Send + Sync {
     /// after [`crate::validate_backward`] and [`Backend::supports`] passed. The default: the
     /// backend has no backward pass.
     fn run_backward(&self, _problem: &Problem, _w: &Weights, _io: crate::BackwardIo<'_>) -> Result<()> {
-        Err(crate::Error::Unsupported { backend: self.kind().name(), why: "no backward pass on this backend yet".into() })
+        Err(crate::Error::Unsupported {
+            backend: self.kind().name(),
+            why: "no backward pass on this backend yet".into(),
+        })
     }
 
     /// Validate, then compute the gradients: the backward's entry point for host slices.
@@ -133,10 +136,7 @@ pub trait Backend: Send + Sync {
 
     /// Allocate a device-resident KV cache storage for `shape` on this backend's device (see
     /// [`crate::cache::KvCache::new_on`]); `None`: this backend keeps caches in host memory.
-    fn new_cache_storage(
-        &self,
-        _shape: &crate::cache::CacheShape,
-    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+    fn new_cache_storage(&self, _shape: &crate::cache::CacheShape) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
         Ok(None)
     }
 

@@ -632,7 +632,8 @@ impl KvCache {
         let KvStorage::Host { k, v } = &self.storage else {
             return Err(Error::Unsupported {
                 backend: self.location().name(),
-                why: "check_finite reads host memory; this cache is device-resident (check tokens before append)".into(),
+                why: "check_finite reads host memory; this cache is device-resident (check tokens before append)"
+                    .into(),
             });
         };
         for (what, buf) in [("cache k", k), ("cache v", v)] {

@@ -48,7 +48,14 @@ impl Method {
     /// GQA and compressed MEA only, `pseudo` by IHA only, `seq_len` by IHA local only (its
     /// window, the paper's `seq_len / (2 P²)` tokens). Not causal unless the method is.
     /// [`Method::Custom`] gets the MHA shape, to be edited field by field.
-    pub fn config(self, heads: usize, kv_heads: usize, pseudo: usize, head_dim: usize, seq_len: usize) -> Result<Config> {
+    pub fn config(
+        self,
+        heads: usize,
+        kv_heads: usize,
+        pseudo: usize,
+        head_dim: usize,
+        seq_len: usize,
+    ) -> Result<Config> {
         Ok(match self {
             Method::Mha => Config::mha(heads, head_dim),
             Method::Gqa => Config::gqa(heads, kv_heads, head_dim)?,

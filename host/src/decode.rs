@@ -302,7 +302,12 @@ pub fn cache_bytes_read(problem: &DecodeProblem) -> u64 {
 }
 
 /// Random new queries and an output of `n` tokens per sequence for timing decode on `cache`.
-pub(crate) fn timing_io(cfg: &Config, w: &Weights, cache: &KvCache, n: usize) -> (Owned, Vec<usize>, Owned, Vec<usize>) {
+pub(crate) fn timing_io(
+    cfg: &Config,
+    w: &Weights,
+    cache: &KvCache,
+    n: usize,
+) -> (Owned, Vec<usize>, Owned, Vec<usize>) {
     let s = cache.shape();
     let q = Owned::from_f32(s.dtype, &crate::Rng::new(1).normal_vec(s.batch * n * cfg.q_heads * cfg.head_dim, 1.0));
     let out_shape: Vec<usize> = if w.r.is_some() {

@@ -72,8 +72,8 @@
 #![warn(missing_docs)]
 
 mod backend;
-pub mod backward;
 pub mod backends;
+pub mod backward;
 pub mod cache;
 pub mod compress;
 mod config;

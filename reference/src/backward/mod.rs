@@ -57,7 +57,12 @@ pub struct Layer<'a, T> {
 impl<'a, T: Real> Layer<'a, T> {
     /// The layer of the forward's weights.
     pub fn from_mix(w: &MixWeights<'a, T>) -> Layer<'a, T> {
-        Layer { aq: w.aq, ak: w.ak, av: w.av, r: w.r, norm: w.norm.map(|n| match n {
+        Layer {
+            aq: w.aq,
+            ak: w.ak,
+            av: w.av,
+            r: w.r,
+            norm: w.norm.map(|n| match n {
                 crate::HeadNorm::Rms { gamma } => NormWeights::Rms { gamma },
                 crate::HeadNorm::Group { gamma, beta } => NormWeights::Group { gamma, beta },
             }),

@@ -63,8 +63,8 @@ pub fn compile_source(name: &str, source: &str, arch: &str) -> Result<Compiled> 
     let file = CString::new(format!("{name}.cu")).map_err(|_| dev_err(format!("{name}: name holds a NUL byte")))?;
     let opts = options(arch);
     loader::guarded("NVRTC", || -> Result<Compiled> {
-        let prog =
-            nvrtc::create_program(&src, Some(&file)).map_err(|e| Error::device_caused("cuda", "nvrtcCreateProgram", e))?;
+        let prog = nvrtc::create_program(&src, Some(&file))
+            .map_err(|e| Error::device_caused("cuda", "nvrtcCreateProgram", e))?;
         // SAFETY: prog was just created and is destroyed once, below.
         let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
         let log = unsafe { nvrtc::get_program_log(prog) }.map(|l| c_chars_to_string(&l)).unwrap_or_default();

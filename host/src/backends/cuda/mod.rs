@@ -408,10 +408,7 @@ impl Backend for CudaBackend {
     }
 
     /// A cache in this device's memory ([`decode::CudaKv`]).
-    fn new_cache_storage(
-        &self,
-        shape: &crate::cache::CacheShape,
-    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+    fn new_cache_storage(&self, shape: &crate::cache::CacheShape) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
         Ok(Some(Box::new(decode::CudaKv::new(self, shape)?)))
     }
 

@@ -465,10 +465,7 @@ impl Backend for WgpuBackend {
     }
 
     /// A cache in this device's memory ([`super::WgpuKv`]).
-    fn new_cache_storage(
-        &self,
-        shape: &crate::cache::CacheShape,
-    ) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
+    fn new_cache_storage(&self, shape: &crate::cache::CacheShape) -> Result<Option<Box<dyn crate::cache::DeviceKv>>> {
         Ok(Some(Box::new(super::decode::WgpuKv::new(self, shape)?)))
     }
 

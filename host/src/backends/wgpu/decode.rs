@@ -407,17 +407,16 @@ pub(crate) fn plan(
     };
 
     // The forward's combine and epilogue, on the problem of the whole batch.
-    let fwd =
-        Problem {
-            cfg: *c,
-            batch: b,
-            n,
-            m: n,
-            dtype: problem.dtype,
-            collapse: problem.collapse,
-            norm: problem.norm,
-            checked: crate::validate::Checked(()), // sizes of a validated decode problem
-        };
+    let fwd = Problem {
+        cfg: *c,
+        batch: b,
+        n,
+        m: n,
+        dtype: problem.dtype,
+        collapse: problem.collapse,
+        norm: problem.norm,
+        checked: crate::validate::Checked(()), // sizes of a validated decode problem
+    };
     let decode = Dispatch {
         key: key(Kind::Decode { tc, wg, hk: dims.0, h: dims.1, p: dims.2, np: dims.3 }),
         workgroups: to_u32("workgroups", b * n_splits)?,

@@ -538,7 +538,12 @@ mod tests {
     use crate::{Config, DType, Rope};
 
     fn problem(cfg: Config, n: usize, m: usize) -> Problem {
-        Problem::new(&cfg.with_pos_offset(0), 1, n, m, DType::F32, false, false).map(|mut p| { p.cfg = cfg; p }).unwrap()
+        Problem::new(&cfg.with_pos_offset(0), 1, n, m, DType::F32, false, false)
+            .map(|mut p| {
+                p.cfg = cfg;
+                p
+            })
+            .unwrap()
     }
 
     #[test]

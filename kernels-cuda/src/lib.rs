@@ -50,6 +50,9 @@ sources! {
     /// `attn_v3.cu`: v3, FlashAttention-2 class (cp.async, ldmatrix, mma.sync), the tensor-core
     /// pre-mix and the no-atomics collapse; f16/bf16, head dims up to 128, sm_80+.
     ATTN_V3 = "attn_v3.cu";
+    /// `bwd_v1.cu`: the backward pass v1 (mix, recompute, norm/collapse transpose, dq, dk/dv,
+    /// mix-back, weight gradients from per-tile partials); FMA, every dtype, no atomics.
+    BWD_V1 = "bwd_v1.cu";
 }
 
 /// The source of a file by its name (e.g. `"attn_v1.cu"`), if this crate has it.

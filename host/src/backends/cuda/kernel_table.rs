@@ -22,6 +22,9 @@ pub enum Kernel {
     AttnV3,
     /// The collapse epilogue (head norm and rounding of the f32 accumulator).
     CollapseEpilogue,
+    /// The backward pass v1 (`bwd_v1.cu`): FMA, f32 on chip, every dtype; eight entry points
+    /// launched by `backward.rs` (not an attention kernel: `HM_KERNEL` 0).
+    BwdV1,
 }
 
 /// The mask kind compiled into a variant (`HM_MASK`): dense variants carry no mask code, causal
@@ -103,7 +106,7 @@ pub const EPI_ROWS: usize = 4;
 // The kernel files come from the `headmix-kernels-cuda` crate (a path outside this crate would
 // not be in its package).
 mod src {
-    pub use headmix_kernels_cuda::{ATTN_V1, ATTN_V2, ATTN_V3, EPILOGUE};
+    pub use headmix_kernels_cuda::{ATTN_V1, ATTN_V2, ATTN_V3, BWD_V1, EPILOGUE};
 }
 
 /// Every kernel version. Order: attention kernels by version, then the epilogue.
@@ -191,6 +194,35 @@ pub static KERNELS: &[KernelSpec] = &[
         tiles: |_| (EPI_ROWS, 0),
         smem: |_, _, _| 0,
     },
+    KernelSpec {
+        kernel: Kernel::BwdV1,
+        name: "bwd_v1",
+        number: 0,
+        file: "bwd_v1.cu",
+        source: src::BWD_V1,
+        entry: "hm_bwd_v1_dq",
+        extra_entries: &[
+            "hm_bwd_v1_mix",
+            "hm_bwd_v1_fwd",
+            "hm_bwd_v1_pre",
+            "hm_bwd_v1_dkdv",
+            "hm_bwd_v1_mixback",
+            "hm_bwd_v1_wgrad",
+            "hm_bwd_v1_reduce",
+        ],
+        summary: "backward: mix, recompute, norm/collapse transpose, dq (query-major), dk/dv (key-major), mix-back, weight gradients; FMA, every dtype, d <= 256, no atomics",
+        dtypes: &[DType::F32, DType::F16, DType::BF16],
+        head_dims: &[32, 64, 128, 256],
+        masks: &[MaskKind::Runtime],
+        options: NO_OPTIONS,
+        min_cc: (7, 5),
+        // 4 warps; 16 owned rows per block (4 per warp), 32 streamed rows per tile (one per lane).
+        threads: 128,
+        tiles: |_| (16, 32),
+        // f32: owned [BR][HD+1] x2, streamed [BC][HD+1] x2, streamed lse and D [2][BC], per-warp
+        // broadcast rows [4][2][BC].
+        smem: |hd, br, bc| 4 * (2 * (br + bc) * (hd + 1) + 2 * bc + 2 * 4 * bc),
+    },
 ];
 
 impl Kernel {
@@ -242,7 +274,7 @@ mod tests {
 
     #[test]
     fn every_kernel_has_one_entry_and_a_unique_name_and_number() {
-        for k in [Kernel::AttnV1, Kernel::AttnV2, Kernel::AttnV3, Kernel::CollapseEpilogue] {
+        for k in [Kernel::AttnV1, Kernel::AttnV2, Kernel::AttnV3, Kernel::CollapseEpilogue, Kernel::BwdV1] {
             assert_eq!(KERNELS.iter().filter(|s| s.kernel == k).count(), 1, "{k:?}");
             assert_eq!(Kernel::parse(k.name()), Some(k));
         }

@@ -49,6 +49,7 @@
 //! finds them first (NVRTC also in pip wheels) and [`open`] returns `Error::Device` instead.
 
 pub mod args;
+pub mod backward;
 pub mod compile;
 pub mod cost;
 pub mod decode;
@@ -445,6 +446,12 @@ impl Backend for CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// The CUDA backward (`bwd_v1.cu`, [`backward`]): extra device memory
+    /// [`backward::BwdPlan::extra_bytes`], deterministic (no atomics).
+    fn run_backward(&self, pb: &Problem, w: &Weights, io: crate::BackwardIo<'_>) -> Result<()> {
+        self.backward_on_device(pb, w, io)
     }
 
     fn run(&self, pb: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {

@@ -1,0 +1,244 @@
+//! The CUDA backward (`kernels-cuda/bwd_v1.cu`) on the CPU emulator against the f64 reference
+//! backward: the host's launch plan (`headmix::backends::cuda::backward::BwdPlan`, what the CUDA
+//! backend launches) is executed by `kernels-cuda/emu/bwd_emu.cpp` over the real kernel sources,
+//! gradients and scratch poisoned with NaN, on random problems of every named method (windows,
+//! RoPE in both position modes, `M > N`, `Hk < H`, collapse, both head norms) in f32, f16 and bf16.
+//! Tolerances: f32 1e-5 relative, f16/bf16 the forward's, or twice the f32 reference's error
+//! where that one is already above half of it (the CPU backward's rule). Negative control: a
+//! copy of the kernel with `dS = P (dP + D)` fails the same check.
+//!
+//! Skips with one line without g++ >= 12, unless `HEADMIX_REQUIRE_EMU=1`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use headmix::backends::cpu::CpuBackend;
+use headmix::backends::cuda::backward::BwdPlan;
+use headmix::backward::reference_grads_in;
+use headmix::reference::backward::Grads;
+use headmix::reference::rel_err;
+use headmix::timing::Owned;
+use headmix::{Config, DType, Rng, Weights};
+use headmix_tests::cases::{Limits, specs};
+use headmix_tests::{Case, check_property, normals, tolerance};
+
+fn gxx_or_skip(test: &str) -> bool {
+    let version = std::process::Command::new("g++")
+        .arg("-dumpversion")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().split('.').next()?.parse::<u32>().ok());
+    let ok = version.is_some_and(|major| major >= 12);
+    if !ok {
+        if std::env::var("HEADMIX_REQUIRE_EMU").is_ok_and(|v| v == "1") {
+            panic!("{test}: HEADMIX_REQUIRE_EMU=1 but no g++ >= 12");
+        }
+        eprintln!("skipping {test}: no g++ >= 12 for the CPU emulator of the CUDA kernels");
+    }
+    ok
+}
+
+fn kernels_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda")
+}
+
+fn work_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("headmix-bwd-emu-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+    .clone()
+}
+
+/// The emulator binary of a variant (built once per variant and kernel file).
+fn emulator(plan: &BwdPlan, kernel_file: Option<&Path>) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let key = format!("{}{}", plan.variant.name(), kernel_file.map(|_| "_broken").unwrap_or(""));
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.get(&key) {
+        return p.clone();
+    }
+    let bin = work_dir().join(format!("bwd_emu_{key}"));
+    let kernels = kernels_dir();
+    let mut cmd = std::process::Command::new("g++");
+    cmd.args(["-std=c++20", "-O1"]).args(plan.variant.emu_flags()).arg("-iquote").arg(&kernels);
+    if let Some(f) = kernel_file {
+        cmd.arg(format!("-DHM_BWD_FILE={}", f.display()));
+    }
+    let out = cmd.arg(kernels.join("emu/bwd_emu.cpp")).arg("-o").arg(&bin).output().expect("running g++");
+    assert!(out.status.success(), "g++ {key}: {}", String::from_utf8_lossy(&out.stderr));
+    built.insert(key, bin.clone());
+    bin
+}
+
+/// Everything a backward call reads, in the case's dtype.
+struct Inputs {
+    case: Case,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+impl Inputs {
+    fn new(case: Case, seed: u64) -> Inputs {
+        let (out, lse) = case.run(&CpuBackend::new()).expect("forward");
+        let mut rng = Rng::new(seed ^ 0xd0);
+        let dout = normals(&mut rng, out.len(), 1.0).into_iter().map(|x| x as f32).collect::<Vec<_>>();
+        let dout = Owned::from_f32(case.problem.dtype, &dout).to_f32();
+        Inputs { case, out, lse, dout }
+    }
+
+    fn reference<T: headmix::reference::Real>(&self) -> Grads<T> {
+        let c = &self.case;
+        reference_grads_in(&c.problem, &c.weights, &c.q, &c.k, &c.v, &self.dout)
+    }
+
+    /// The plan run on the emulator (kernel file: the real one, or a broken copy); the gradients.
+    fn run_emu(&self, kernel_file: Option<&Path>, tag: &str) -> Grads<f32> {
+        let c = &self.case;
+        let p = &c.problem;
+        let plan = BwdPlan::new(p, &c.weights).expect("a plan");
+        let bin = emulator(&plan, kernel_file);
+        let dir = work_dir().join(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes = |x: &[f32]| -> Vec<u8> {
+            let o = Owned::from_f32(p.dtype, x);
+            o.tensor(&[x.len()]).data.bytes().to_vec()
+        };
+        let (q, k, v, out, dout) = (bytes(&c.q), bytes(&c.k), bytes(&c.v), bytes(&self.out), bytes(&self.dout));
+        let lse: Vec<u8> = bytemuck_f32(&self.lse);
+        let inputs: [(&str, &[u8]); 6] =
+            [("q", &q), ("k", &k), ("v", &v), ("out", &out), ("lse", &lse), ("dout", &dout)];
+        let plan_file = plan.write_emu(&dir, &inputs).unwrap();
+        let run = std::process::Command::new(&bin).arg(&plan_file).output().unwrap();
+        assert!(
+            run.status.success(),
+            "{tag}: emulator failed: {}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let read = |name: &str, dtype: DType| -> Vec<f32> {
+            let b = std::fs::read(dir.join(format!("{name}.out"))).unwrap();
+            match dtype {
+                DType::F32 => b.chunks_exact(4).map(|x| f32::from_le_bytes([x[0], x[1], x[2], x[3]])).collect(),
+                DType::F16 => b.chunks_exact(2).map(|x| half::f16::from_le_bytes([x[0], x[1]]).to_f32()).collect(),
+                DType::BF16 => b.chunks_exact(2).map(|x| half::bf16::from_le_bytes([x[0], x[1]]).to_f32()).collect(),
+            }
+        };
+        let w = &c.weights;
+        let g = Grads {
+            dq: read("dq", p.dtype),
+            dk: read("dk", p.dtype),
+            dv: read("dv", p.dtype),
+            daq: read("daq", DType::F32),
+            dak: read("dak", DType::F32),
+            dav: read("dav", DType::F32),
+            dr: w.r.as_ref().map(|_| read("dr", DType::F32)),
+            dgamma: w.norm.as_ref().map(|_| read("dgamma", DType::F32)),
+            dbeta: w.norm.as_ref().and_then(|n| n.beta()).map(|_| read("dbeta", DType::F32)),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        g
+    }
+}
+
+fn bytemuck_f32(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Every gradient within the dtype's tolerance of the f64 reference (none NaN), as
+/// tests/cpu_backward.rs checks the CPU backend. Returns the worst error over the tolerance.
+fn check(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType, label: &str) -> f64 {
+    let (g, w, r) = (got.named(), want.named(), f32_ref.named());
+    assert_eq!(g.len(), w.len(), "{label}: gradient sets differ");
+    let mut worst: f64 = 0.0;
+    for (((name, x), (_, y)), (_, z)) in g.iter().zip(&w).zip(&r) {
+        assert!(x.iter().all(|v| !v.is_nan()), "{label}: {name} has NaN (unwritten or wrong)");
+        let err = rel_err(x, y);
+        let tol = tolerance(dtype);
+        let ref_err = rel_err(z, y);
+        let bound = if ref_err > tol / 2.0 { tol.max(2.0 * ref_err) } else { tol };
+        assert!(
+            err <= bound,
+            "{label}: {name} relative error {err:.3e} above {bound:.1e} (f32 reference {ref_err:.1e})"
+        );
+        worst = worst.max(err / bound);
+    }
+    worst
+}
+
+fn check_case(inputs: &Inputs, label: &str) -> f64 {
+    let got = inputs.run_emu(None, label);
+    check(&got, &inputs.reference::<f64>(), &inputs.reference::<f32>(), inputs.case.problem.dtype, label)
+}
+
+#[test]
+fn cuda_backward_matches_the_reference_on_the_emulator() {
+    if !gxx_or_skip("cuda_backward_matches_the_reference_on_the_emulator") {
+        return;
+    }
+    let t = std::time::Instant::now();
+    // Head dims up to 32 (one head-dim capacity per dtype: three emulator builds).
+    let limits = Limits { max_n: 10, max_extra: 5, head_dims: vec![4, 8, 16, 32], ..Limits::default() };
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    let worst = Mutex::new(0f64);
+    check_property("cuda backward (emulator)", 24, specs(limits), |spec| {
+        let i = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let inputs = Inputs::new(spec.case(), spec.seed);
+        let w = check_case(&inputs, &format!("case{i}"));
+        let mut g = worst.lock().unwrap();
+        *g = g.max(w);
+    });
+    eprintln!(
+        "bwd emu: {} random cases pass, worst error {:.2} of its bound, {:.1} s",
+        count.into_inner(),
+        worst.into_inner().unwrap(),
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// Larger head dims (64: another capacity; several query and key tiles per head), every named
+/// configuration shape the forward tests use, RoPE both modes, windows, `M > N`.
+#[test]
+fn cuda_backward_at_head_dim_64_on_the_emulator() {
+    if !gxx_or_skip("cuda_backward_at_head_dim_64_on_the_emulator") {
+        return;
+    }
+    let rope = |mode| headmix::Rope { base: 10000.0, mode };
+    let cases = [
+        (Config::iha(2, 2, 64).with_rope(rope(headmix::PosMode::Virtual)), DType::F32),
+        (Config::iha_window(2, 2, 64, 5).with_rope(rope(headmix::PosMode::Token)), DType::BF16),
+        (Config::mea_compressed(4, 2, 64).unwrap().with_causal(true), DType::F16),
+        (Config::gqa(4, 2, 64).unwrap().with_causal(true).with_rope(rope(headmix::PosMode::Token)), DType::F32),
+    ];
+    for (i, (cfg, dtype)) in cases.into_iter().enumerate() {
+        let case = Case::random(cfg, Weights::random(&cfg, i as u64), 2, 13, 19, dtype, 70 + i as u64);
+        let inputs = Inputs::new(case, i as u64);
+        check_case(&inputs, &format!("d64_{i}"));
+    }
+}
+
+/// Negative control: the kernel with one sign flipped in dS (`dP + D`) fails the check.
+#[test]
+fn negative_control_a_wrong_kernel_fails_on_the_emulator() {
+    if !gxx_or_skip("negative_control_a_wrong_kernel_fails_on_the_emulator") {
+        return;
+    }
+    let src = std::fs::read_to_string(kernels_dir().join("bwd_v1.cu")).unwrap();
+    let right = "- Dr[r])";
+    assert_eq!(src.matches(right).count(), 1, "the negative control must find dS = P (dP - D)");
+    let broken = work_dir().join("bwd_v1_broken.cu");
+    std::fs::write(&broken, src.replacen(right, "+ Dr[r])", 1)).unwrap();
+    let cfg = Config::iha(2, 2, 16).with_causal(true);
+    let case = Case::random(cfg, Weights::random(&cfg, 5), 1, 7, 9, DType::F32, 5);
+    let inputs = Inputs::new(case, 5);
+    check_case(&inputs, "control_right"); // the real kernel passes this case
+    let got = inputs.run_emu(Some(&broken), "control_broken");
+    let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
+    let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, "broken")).is_err();
+    assert!(failed, "the broken kernel passed the check");
+}

@@ -32,14 +32,19 @@
 #define BW_PRE_TOK 8                // tokens per hm_bwd_v1_pre block (one partial per block)
 #define BW_W_TOK 16                 // tokens per hm_bwd_v1_wgrad block (one partial per block)
 #define HM_BWD_NPTR 25              // pointers at the head of HmBwd (the emulator relocates them)
+#ifndef HM_BWD_TC
+#define HM_BWD_TC 0 // 1: the bwd_v2 module (this file, then bwd_v2.cu's tensor-core dq, dk/dv)
+#endif
 
 #if HM_BR % BW_NW != 0 || HM_BC != 32
 #error "bwd_v1: the kernel table's tiles are BR rows over the warps and BC = 32 columns (one per lane)"
 #endif
 // Attention passes: two owned-row tiles [BR][HD+1], two streamed tiles [BC][HD+1], the streamed
 // rows' lse and D [2][BC], and per warp two broadcast rows [NW][2][BC] (f32).
+#if !HM_BWD_TC // (bwd_v2 asserts its own carve-up, which holds this one)
 static_assert(HM_SMEM == 4 * (2 * (HM_BR + HM_BC) * HM_HDP + 2 * HM_BC + 2 * BW_NW * HM_BC),
               "bwd_v1: the kernel table's shared memory (HM_SMEM) is not this carve-up");
+#endif
 
 // The backward's buffers (mirrored by host/src/backends/cuda/backward.rs): pointers first.
 struct HmBwd {
@@ -244,6 +249,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_fwd(const HmArgs a
     bw_query_pass<true>(a, x, hm_smem);
 }
 
+#if !HM_BWD_TC // bwd_v2 has its tensor-core dq and dk/dv passes instead
 extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_dq(const HmArgs a, const HmBwd x) {
     extern __shared__ float hm_smem[];
     bw_query_pass<false>(a, x, hm_smem);
@@ -332,6 +338,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_dkdv(const HmArgs 
         BW_SYNCWARP();
     }
 }
+#endif // !HM_BWD_TC
 
 // ---- 3. pre: norm and collapse backward, dop, D ------------------------------------------------
 // grid (ceil(N / BW_PRE_TOK), B). Dynamic shared memory (f32): op [HP][d], dy [R][d] (R = H with

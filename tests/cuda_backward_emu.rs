@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use headmix::backends::cpu::CpuBackend;
+use headmix::backends::cuda::Kernel;
 use headmix::backends::cuda::backward::BwdPlan;
 use headmix::backward::reference_grads_in;
 use headmix::reference::backward::Grads;
@@ -67,7 +68,8 @@ fn emulator(plan: &BwdPlan, kernel_file: Option<&Path>) -> PathBuf {
     let mut cmd = std::process::Command::new("g++");
     cmd.args(["-std=c++20", "-O1"]).args(plan.variant.emu_flags()).arg("-iquote").arg(&kernels);
     if let Some(f) = kernel_file {
-        cmd.arg(format!("-DHM_BWD_FILE={}", f.display()));
+        let which = if plan.variant.kernel == Kernel::BwdV2 { "HM_BWD_TC_FILE" } else { "HM_BWD_FILE" };
+        cmd.arg(format!("-D{which}={}", f.display()));
     }
     let out = cmd.arg(kernels.join("emu/bwd_emu.cpp")).arg("-o").arg(&bin).output().expect("running g++");
     assert!(out.status.success(), "g++ {key}: {}", String::from_utf8_lossy(&out.stderr));
@@ -98,10 +100,10 @@ impl Inputs {
     }
 
     /// The plan run on the emulator (kernel file: the real one, or a broken copy); the gradients.
-    fn run_emu(&self, kernel_file: Option<&Path>, tag: &str) -> Grads<f32> {
+    fn run_emu(&self, tc: bool, kernel_file: Option<&Path>, tag: &str) -> Grads<f32> {
         let c = &self.case;
         let p = &c.problem;
-        let plan = BwdPlan::new(p, &c.weights).expect("a plan");
+        let plan = BwdPlan::new(p, &c.weights, tc).expect("a plan");
         let bin = emulator(&plan, kernel_file);
         let dir = work_dir().join(tag);
         std::fs::create_dir_all(&dir).unwrap();
@@ -171,9 +173,16 @@ fn check(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType
     worst
 }
 
+/// The case through bwd_v1 (FMA), and for f16/bf16 also through bwd_v2 (tensor cores).
 fn check_case(inputs: &Inputs, label: &str) -> f64 {
-    let got = inputs.run_emu(None, label);
-    check(&got, &inputs.reference::<f64>(), &inputs.reference::<f32>(), inputs.case.problem.dtype, label)
+    let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
+    let dtype = inputs.case.problem.dtype;
+    let mut worst = check(&inputs.run_emu(false, None, label), &want, &want32, dtype, label);
+    if dtype != DType::F32 {
+        let label = format!("{label}_bwd_v2");
+        worst = worst.max(check(&inputs.run_emu(true, None, &label), &want, &want32, dtype, &label));
+    }
+    worst
 }
 
 #[test]
@@ -237,8 +246,29 @@ fn negative_control_a_wrong_kernel_fails_on_the_emulator() {
     let case = Case::random(cfg, Weights::random(&cfg, 5), 1, 7, 9, DType::F32, 5);
     let inputs = Inputs::new(case, 5);
     check_case(&inputs, "control_right"); // the real kernel passes this case
-    let got = inputs.run_emu(Some(&broken), "control_broken");
+    let got = inputs.run_emu(false, Some(&broken), "control_broken");
     let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
     let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, "broken")).is_err();
     assert!(failed, "the broken kernel passed the check");
+}
+
+/// Negative control of the tensor-core passes: bwd_v2 with `dS = P (dP + D)` fails.
+#[test]
+fn negative_control_a_wrong_tensor_core_kernel_fails_on_the_emulator() {
+    if !gxx_or_skip("negative_control_a_wrong_tensor_core_kernel_fails_on_the_emulator") {
+        return;
+    }
+    let src = std::fs::read_to_string(kernels_dir().join("bwd_v2.cu")).unwrap();
+    let right = "(dp[n][c] - Dv)";
+    assert_eq!(src.matches(right).count(), 1, "the negative control must find dS = P (dP - D)");
+    let broken = work_dir().join("bwd_v2_broken.cu");
+    std::fs::write(&broken, src.replacen(right, "(dp[n][c] + Dv)", 1)).unwrap();
+    let cfg = Config::iha(2, 2, 16).with_causal(true);
+    let case = Case::random(cfg, Weights::random(&cfg, 6), 1, 7, 9, DType::BF16, 6);
+    let inputs = Inputs::new(case, 6);
+    check_case(&inputs, "tc_control_right"); // v1 and v2 pass this case
+    let got = inputs.run_emu(true, Some(&broken), "tc_control_broken");
+    let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
+    let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::BF16, "broken v2")).is_err();
+    assert!(failed, "the broken tensor-core kernel passed the check");
 }

@@ -17,6 +17,7 @@
 // Run:   bwd_emu <plan file>
 
 #define HM_EMU_DECODE 1 // emu.cpp: the CUDA surface and the launcher only (no forward kernels)
+#define HM_EMU_MMA 1    // ... and its mma.sync model (bwd_v2)
 #include "emu.cpp"
 
 // __syncwarp: the warp's 32 fibers meet (bwd_v1.cu's BW_SYNCWARP under HM_EMU).
@@ -26,12 +27,19 @@ inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 #include "../traits.cuh"
 #include "../mask.cuh"
 #include "../softmax.cuh"
+#include "../tiles.cuh"
 #ifndef HM_BWD_FILE
 #define HM_BWD_FILE ../bwd_v1.cu
 #endif
 #define BW_STR_(x) #x
 #define BW_STR(x) BW_STR_(x)
 #include BW_STR(HM_BWD_FILE)
+#if HM_BWD_TC // the bwd_v2 module: bwd_v1.cu, then bwd_v2.cu
+#ifndef HM_BWD_TC_FILE
+#define HM_BWD_TC_FILE ../bwd_v2.cu
+#endif
+#include BW_STR(HM_BWD_TC_FILE)
+#endif
 
 #include <fstream>
 #include <sstream>
@@ -119,8 +127,13 @@ int main(int argc, char** argv) {
     using Entry = void (*)(const HmArgs, const HmBwd);
     const std::pair<const char*, Entry> entries[] = {
         {"hm_bwd_v1_mix", hm_bwd_v1_mix},         {"hm_bwd_v1_fwd", hm_bwd_v1_fwd},
-        {"hm_bwd_v1_pre", hm_bwd_v1_pre},         {"hm_bwd_v1_dq", hm_bwd_v1_dq},
-        {"hm_bwd_v1_dkdv", hm_bwd_v1_dkdv},       {"hm_bwd_v1_mixback", hm_bwd_v1_mixback},
+        {"hm_bwd_v1_pre", hm_bwd_v1_pre},
+#if HM_BWD_TC
+        {"hm_bwd_v2_dq", hm_bwd_v2_dq},           {"hm_bwd_v2_dkdv", hm_bwd_v2_dkdv},
+#else
+        {"hm_bwd_v1_dq", hm_bwd_v1_dq},           {"hm_bwd_v1_dkdv", hm_bwd_v1_dkdv},
+#endif
+        {"hm_bwd_v1_mixback", hm_bwd_v1_mixback},
         {"hm_bwd_v1_wgrad", hm_bwd_v1_wgrad},     {"hm_bwd_v1_reduce", hm_bwd_v1_reduce},
     };
     for (const Launch& l : launches) {

@@ -35,6 +35,8 @@ use crate::{BackwardIo, DType, Error, Result, Weights};
 pub const PRE_TOK: usize = 8;
 /// Tokens per `hm_bwd_v1_wgrad` block (`BW_W_TOK`): one partial of `daq, dak, dav` each.
 pub const W_TOK: usize = 16;
+/// Owned rows per block of bwd_v2's tensor-core passes (`BW2_BR`: 4 warps x 16).
+pub const TC_ROWS: usize = 64;
 
 /// The backward's buffers, mirrored from `HmBwd` in `kernels-cuda/bwd_v1.cu`: 25 device pointers,
 /// then 8 `i32` (232 bytes, no padding).
@@ -186,15 +188,16 @@ pub fn pre_smem(pb: &Problem) -> usize {
 }
 
 impl BwdPlan {
-    /// The plan of a validated problem and its weights; `Error::Unsupported` when `bwd_v1` has no
-    /// variant for the head dim.
-    pub fn new(pb: &Problem, w: &Weights) -> Result<BwdPlan> {
+    /// The plan of a validated problem and its weights. `tensor_cores`: the dq and dk/dv passes of
+    /// `bwd_v2` where it has a variant (f16/bf16, d <= 128), else `bwd_v1`'s. `Error::Unsupported`
+    /// when neither has a variant for the head dim.
+    pub fn new(pb: &Problem, w: &Weights, tensor_cores: bool) -> Result<BwdPlan> {
         let c = &pb.cfg;
-        let variant = Variant::attention(Kernel::BwdV1, pb.dtype, c.head_dim, MaskKind::Runtime).ok_or_else(|| {
-            Error::Unsupported {
-                backend: "cuda",
-                why: format!("the backward has no variant for head dim {}", c.head_dim),
-            }
+        let v2 = Variant::attention(Kernel::BwdV2, pb.dtype, c.head_dim, MaskKind::Runtime).filter(|_| tensor_cores);
+        let v1 = Variant::attention(Kernel::BwdV1, pb.dtype, c.head_dim, MaskKind::Runtime);
+        let variant = v2.or(v1).ok_or_else(|| Error::Unsupported {
+            backend: "cuda",
+            why: format!("the backward has no variant for head dim {}", c.head_dim),
         })?;
         let t = variant.tiles();
         let (b, n, m, h, p, d) = (pb.batch, pb.n, pb.m, c.heads, c.pseudo, c.head_dim);
@@ -306,8 +309,14 @@ impl BwdPlan {
             launches.push(l("hm_bwd_v1_fwd", (q_blocks, h32, b32), smem));
         }
         launches.push(l("hm_bwd_v1_pre", (n.div_ceil(PRE_TOK) as u32, b32, 1), pre_smem(pb) as u32));
-        launches.push(l("hm_bwd_v1_dq", (q_blocks, h32, b32), smem));
-        launches.push(l("hm_bwd_v1_dkdv", ((m * p).div_ceil(t.br) as u32, h32, b32), smem));
+        if variant.kernel == Kernel::BwdV2 {
+            let rows = TC_ROWS;
+            launches.push(l("hm_bwd_v2_dq", ((n * p).div_ceil(rows) as u32, h32, b32), smem));
+            launches.push(l("hm_bwd_v2_dkdv", ((m * p).div_ceil(rows) as u32, h32, b32), smem));
+        } else {
+            launches.push(l("hm_bwd_v1_dq", (q_blocks, h32, b32), smem));
+            launches.push(l("hm_bwd_v1_dkdv", ((m * p).div_ceil(t.br) as u32, h32, b32), smem));
+        }
         launches.push(l("hm_bwd_v1_mixback", (tokens, 3, b32), 0));
         launches.push(l("hm_bwd_v1_wgrad", (n.max(m).div_ceil(W_TOK) as u32, 3, b32), 0));
         let longest = [c.q_heads * hp, c.kv_heads * hp, h * hp, h * d].into_iter().max().unwrap_or(1);
@@ -395,7 +404,10 @@ impl CudaBackend {
     /// The CUDA backward: the plan's buffers allocated and filled, its launches on the backend's
     /// stream, the gradients copied back.
     pub(super) fn backward_on_device(&self, pb: &Problem, w: &Weights, io: BackwardIo<'_>) -> Result<()> {
-        let plan = BwdPlan::new(pb, w)?;
+        let tensor_cores = self.cc >= Kernel::BwdV2.spec().min_cc
+            && Variant::attention(Kernel::BwdV2, pb.dtype, pb.cfg.head_dim, MaskKind::Runtime)
+                .is_some_and(|v| v.tiles().smem <= self.max_smem);
+        let plan = BwdPlan::new(pb, w, tensor_cores)?;
         let s = &self.stream;
         self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
         let module = self.function(plan.variant)?;

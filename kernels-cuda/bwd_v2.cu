@@ -24,7 +24,7 @@
 #endif
 
 #define BW2_BR 64                // owned rows per block: 4 warps x 16
-#define BW2_BC 32                // streamed rows per tile
+#define BW2_BC (HM_HD > 64 ? 16 : 32) // streamed rows per tile (16 at d 128: dk and dv stay in registers)
 #define BW2_PITCH (HM_HD + 8)    // 16-bit elements per shared row (+16 B: conflict-free ldmatrix)
 #define BW2_NS (BW2_BC / 8)      // score n-tiles per warp
 #define BW2_NO (HM_HD / 8)       // output n-tiles per warp
@@ -32,8 +32,8 @@
 #error "bwd_v2: 4 warps of 16 owned rows"
 #endif
 // Owned hi/lo planes of two tensors [4][BR][PITCH], streamed [4][BC][PITCH] (16-bit), the streamed
-// rows' lse and D [2][BC] (f32). The FMA passes of bwd_v1 (HM_BR x HM_BC) fit inside it.
-static_assert(HM_SMEM == 2 * BW2_PITCH * (4 * BW2_BR + 4 * BW2_BC) + 4 * 2 * BW2_BC,
+// rows' lse and D [2][BC] (f32) and key ranges [2][BC] (i32). bwd_v1's FMA passes fit inside it.
+static_assert(HM_SMEM == 2 * BW2_PITCH * (4 * BW2_BR + 4 * BW2_BC) + 4 * 4 * BW2_BC,
               "bwd_v2: the kernel table's shared memory (HM_SMEM) is not this carve-up");
 static_assert(4 * (2 * (HM_BR + HM_BC) * HM_HDP + 2 * HM_BC + 2 * BW_NW * HM_BC) <= HM_SMEM,
               "bwd_v2: bwd_v1's recompute pass must fit the module's shared memory");
@@ -42,32 +42,44 @@ static_assert(4 * (2 * (HM_BR + HM_BC) * HM_HDP + 2 * HM_BC + 2 * BW_NW * HM_BC)
 // x = hi + lo (to about 2^-16 relative in bf16, 2^-22 in f16); zeros past nl and d.
 __device__ __forceinline__ void bw2_load(unsigned short* hi, unsigned short* lo, const float* src, int first, int nl,
                                          int rows, int d) {
-    for (int e = threadIdx.x; e < rows * HM_HD; e += HM_NT) {
-        const int r = e / HM_HD, c = e - r * HM_HD, i = first + r;
-        const float v = i < nl && c < d ? src[(long long)i * d + c] : 0.f;
-        const hm_elem h = hm_from_f32(v);
-        hi[r * BW2_PITCH + c] = h;
-        lo[r * BW2_PITCH + c] = hm_from_f32(v - hm_to_f32(h));
+    // Four columns per thread and step (HM_HD / 4 a power of two: the division is a shift).
+    for (int e = threadIdx.x; e < rows * (HM_HD / 4); e += HM_NT) {
+        const int r = e / (HM_HD / 4), c = (e - r * (HM_HD / 4)) * 4, i = first + r;
+        const float* s = src + (long long)i * d + c;
+        unsigned h2[2], l2[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const float v0 = i < nl && c + 2 * k < d ? s[2 * k] : 0.f;
+            const float v1 = i < nl && c + 2 * k + 1 < d ? s[2 * k + 1] : 0.f;
+            const float r0 = hm_round(v0), r1 = hm_round(v1);
+            h2[k] = hm_pack2(r0, r1);
+            l2[k] = hm_pack2(v0 - r0, v1 - r1);
+        }
+        *(unsigned*)(hi + r * BW2_PITCH + c) = h2[0];
+        *(unsigned*)(hi + r * BW2_PITCH + c + 2) = h2[1];
+        *(unsigned*)(lo + r * BW2_PITCH + c) = l2[0];
+        *(unsigned*)(lo + r * BW2_PITCH + c + 2) = l2[1];
     }
 }
 
 // c[16 x BC] += X[this warp's 16 rows] . Y[BC rows]^T over the head dim: A from the row-major X
 // planes, B from Y stored [n][k] (ldmatrix, two n-tiles per x4); hi*hi + hi*lo + lo*hi.
-__device__ __forceinline__ void bw2_abt(float (*c)[4], const unsigned short* xhi, const unsigned short* xlo,
-                                        const unsigned short* yhi, const unsigned short* ylo, int warp, int lane) {
+// (Planes by shared-space address: the offsets fold into ldmatrix's immediate.)
+__device__ __forceinline__ void bw2_abt(float (*c)[4], unsigned xhi, unsigned xlo, unsigned yhi, unsigned ylo, int warp,
+                                        int lane) {
     const int mi = lane >> 3, lr = lane & 7;
 #pragma unroll
     for (int kk = 0; kk < HM_HD / 16; ++kk) {
         unsigned ah[4], al[4];
         const int ao = (warp * 16 + lr + 8 * (mi & 1)) * BW2_PITCH + kk * 16 + 8 * (mi >> 1);
-        hm_ldsm_x4(ah, hm_smem_addr(xhi + ao));
-        hm_ldsm_x4(al, hm_smem_addr(xlo + ao));
+        hm_ldsm_x4(ah, xhi + 2 * ao);
+        hm_ldsm_x4(al, xlo + 2 * ao);
 #pragma unroll
         for (int np = 0; np < BW2_NS / 2; ++np) {
             unsigned bh[4], bl[4];
             const int bo = (np * 16 + lr + 8 * (mi >> 1)) * BW2_PITCH + kk * 16 + 8 * (mi & 1);
-            hm_ldsm_x4(bh, hm_smem_addr(yhi + bo));
-            hm_ldsm_x4(bl, hm_smem_addr(ylo + bo));
+            hm_ldsm_x4(bh, yhi + 2 * bo);
+            hm_ldsm_x4(bl, ylo + 2 * bo);
             hm_mma16816(c[2 * np], al, bh[0], bh[1]); // small terms first
             hm_mma16816(c[2 * np], ah, bl[0], bl[1]);
             hm_mma16816(c[2 * np], ah, bh[0], bh[1]);
@@ -81,8 +93,7 @@ __device__ __forceinline__ void bw2_abt(float (*c)[4], const unsigned short* xhi
 // o[16 x HD] += W[16 x BC] . Y[BC rows][HD]: W from this warp's score-layout accumulators (n-tiles
 // 2kk, 2kk+1 are the A fragment of key step kk), split hi + lo; B from Y stored [k][n]
 // (ldmatrix.trans).
-__device__ __forceinline__ void bw2_ab(float (*o)[4], const float (*w)[4], const unsigned short* yhi,
-                                       const unsigned short* ylo, int lane) {
+__device__ __forceinline__ void bw2_ab(float (*o)[4], const float (*w)[4], unsigned yhi, unsigned ylo, int lane) {
     const int mi = lane >> 3, lr = lane & 7;
 #pragma unroll
     for (int kk = 0; kk < BW2_BC / 16; ++kk) {
@@ -102,8 +113,8 @@ __device__ __forceinline__ void bw2_ab(float (*o)[4], const float (*w)[4], const
         for (int np = 0; np < BW2_NO / 2; ++np) {
             unsigned bh[4], bl[4];
             const int bo = (kk * 16 + lr + 8 * (mi & 1)) * BW2_PITCH + np * 16 + 8 * (mi >> 1);
-            hm_ldsm_x4_trans(bh, hm_smem_addr(yhi + bo));
-            hm_ldsm_x4_trans(bl, hm_smem_addr(ylo + bo));
+            hm_ldsm_x4_trans(bh, yhi + 2 * bo);
+            hm_ldsm_x4_trans(bl, ylo + 2 * bo);
             hm_mma16816(o[2 * np], al, bh[0], bh[1]);
             hm_mma16816(o[2 * np], ah, bl[0], bl[1]);
             hm_mma16816(o[2 * np], ah, bh[0], bh[1]);
@@ -151,6 +162,11 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
     unsigned short* y2h = y1l + BW2_BC * BW2_PITCH;
     unsigned short* y2l = y2h + BW2_BC * BW2_PITCH;
     float* st = (float*)(y2l + BW2_BC * BW2_PITCH); // [2][BC]: streamed queries' lse (log2) and D
+    int* sk = (int*)(st + 2 * BW2_BC);              // [2][BC]: the keys each streamed query sees
+    // Shared-space addresses: one base register, the planes at constant offsets (immediates).
+    const unsigned base = hm_smem_addr(sm), ox = 2 * BW2_BR * BW2_PITCH, oy = 2 * BW2_BC * BW2_PITCH;
+    const unsigned ax1h = base, ax1l = base + ox, ax2h = base + 2 * ox, ax2l = base + 3 * ox;
+    const unsigned ay1h = base + 4 * ox, ay1l = ay1h + oy, ay2h = ay1h + 2 * oy, ay2l = ay1h + 3 * oy;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int b = blockIdx.z, h = blockIdx.y, P = a.P, d = a.d, nq = a.N * P, nk = a.M * P;
     const long long off = (long long)(a.M - a.N) * P;
@@ -192,6 +208,10 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
             const long long i = c0 + threadIdx.x;
             st[threadIdx.x] = i < nq ? a.lse[hq + i] * HM_LOG2E : 0.f;
             st[BW2_BC + threadIdx.x] = i < nq ? x.D[hq + i] : 0.f;
+            long long klo, khi;
+            hm_row_keys(a, i + off, nk, &klo, &khi); // clipped to [0, nk): fits an int
+            sk[threadIdx.x] = (int)klo;
+            sk[BW2_BC + threadIdx.x] = i < nq ? (int)khi : -1;
         }
         __syncthreads();
         float s[BW2_NS][4], dp[BW2_NS][4];
@@ -199,8 +219,8 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
         for (int n = 0; n < BW2_NS; ++n)
 #pragma unroll
             for (int c = 0; c < 4; ++c) s[n][c] = dp[n][c] = 0.f;
-        bw2_abt(s, x1h, x1l, y1h, y1l, warp, lane);  // S (or S^T)
-        bw2_abt(dp, x2h, x2l, y2h, y2l, warp, lane); // dP (or dP^T)
+        bw2_abt(s, ax1h, ax1l, ay1h, ay1l, warp, lane);  // S (or S^T)
+        bw2_abt(dp, ax2h, ax2l, ay2h, ay2l, warp, lane); // dP (or dP^T)
         // P and dS by select: a pair the forward did not see carries nothing.
 #pragma unroll
         for (int n = 0; n < BW2_NS; ++n)
@@ -212,7 +232,7 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
                 bool vis;
                 float lse2, Dv;
                 if (KEYS) { // owned key `row`, streamed query y
-                    vis = row < nk && y < nq && hm_visible(a, y + off, row);
+                    vis = row >= sk[col] && row <= sk[BW2_BC + col]; // (past nk: above every range)
                     lse2 = st[col];
                     Dv = st[BW2_BC + col];
                 } else {
@@ -224,8 +244,8 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
                 dp[n][c] = vis ? p * (dp[n][c] - Dv) : 0.f;
                 s[n][c] = p;
             }
-        bw2_ab(acc1, dp, y1h, y1l, lane); // dQ += dS K   (keys: dK += dS^T Q)
-        if (KEYS) bw2_ab(acc2, s, y2h, y2l, lane); // dV += P^T dO
+        bw2_ab(acc1, dp, ay1h, ay1l, lane); // dQ += dS K   (keys: dK += dS^T Q)
+        if (KEYS) bw2_ab(acc2, s, ay2h, ay2l, lane); // dV += P^T dO
     }
     __syncthreads(); // the streamed area becomes the f32 staging of the results
     float* stage = (float*)y1h;

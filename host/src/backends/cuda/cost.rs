@@ -177,7 +177,8 @@ pub fn backward_passes(v: &Variant, pb: &Problem) -> Vec<(&'static str, Cost)> {
             (hi - lo + 1).max(0) as f64
         })
         .sum();
-    let bc = t.bc as i64;
+    // Streamed rows per tile: bwd_v2's tensor-core passes stream 16 above d 64 (bwd_v2.cu's BW2_BC).
+    let bc = if v.kernel == Kernel::BwdV2 && v.hd > 64 { 16 } else { t.bc as i64 };
     // (owned blocks of `br` queries, streamed key tiles of `bc`) over all (batch, head) columns.
     let tiles = |br: i64| {
         let mut key_tiles = 0u64;

@@ -16,7 +16,7 @@
 //! calls give the same bits.
 //!
 //! Extra device memory ([`BwdPlan::extra_bytes`]): f32 pseudo-head rows `qt, kt, vt, dop, dqt, dkt,
-//! dvt` (and `op` when recomputed), `4·B·H·P·d·(4N + 4M)` bytes (`5N` with `op`), plus `D`
+//! dvt` (and `op` when recomputed), `4·B·H·P·d·(3N + 4M)` bytes (`4N` with `op`), plus `D`
 //! (`4·B·H·N·P`), the partials and the tables; nothing of size `N²`.
 
 use std::ffi::c_void;
@@ -504,5 +504,63 @@ impl CudaBackend {
         s.synchronize().map_err(drv("running the backward"))?;
         drop(dev);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Rope};
+
+    fn plan(cfg: Config, dtype: DType, tc: bool) -> (Problem, BwdPlan) {
+        let w = Weights::random(&cfg, 3);
+        let pb = Problem::new(&cfg, 2, 9, 13, dtype, w.r.is_some(), w.norm.is_some()).unwrap();
+        let plan = BwdPlan::new(&pb, &w, tc).unwrap();
+        (pb, plan)
+    }
+
+    #[test]
+    fn the_plan_launches_table_entries_in_pass_order() {
+        let rope = Rope { base: 10000.0, mode: headmix_reference::PosMode::Token };
+        for (cfg, dtype, tc, want_v2) in [
+            (Config::mha(4, 32).with_causal(true), DType::F32, false, false),
+            (Config::mha(4, 32).with_causal(true), DType::F32, true, false), // no f32 bwd_v2
+            (Config::iha(2, 3, 64).with_rope(rope), DType::BF16, true, true),
+            (Config::mea(4, 16), DType::F16, false, false),
+            (Config::iha(2, 2, 256), DType::F16, true, false), // d 256: bwd_v1 only
+        ] {
+            let (pb, p) = plan(cfg, dtype, tc);
+            assert_eq!(p.variant.kernel == Kernel::BwdV2, want_v2, "{cfg:?} {dtype:?}");
+            let spec = p.variant.spec();
+            for l in &p.launches {
+                assert!(
+                    l.entry == spec.entry || spec.extra_entries.contains(&l.entry),
+                    "{} not in {}",
+                    l.entry,
+                    spec.name
+                );
+                assert!(l.grid.0 > 0 && l.grid.1 > 0 && l.grid.2 > 0 && l.threads as usize == spec.threads);
+            }
+            let names: Vec<_> = p
+                .launches
+                .iter()
+                .map(|l| l.entry.trim_start_matches("hm_bwd_v1_").trim_start_matches("hm_bwd_v2_"))
+                .collect();
+            let recompute = pb.collapse || pb.norm || dtype != DType::F32;
+            let mut want = vec!["mix"];
+            if recompute {
+                want.push("fwd");
+            }
+            want.extend(["pre", "dq", "dkdv", "mixback", "wgrad", "reduce"]);
+            assert_eq!(names, want);
+            // Every pointer is null or a slot of the plan; every gradient the weights need is an output.
+            for name in ["q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv", "daq", "dak", "dav"] {
+                assert!(p.slot(name).is_some(), "{name}");
+            }
+            assert_eq!(p.slot("dr").is_some(), pb.collapse);
+            assert_eq!(p.slot("dgamma").is_some(), pb.norm);
+            assert_eq!(p.slot("op").is_some(), recompute);
+            assert_eq!(p.x.rope_hi != 0, cfg.rope.is_some());
+        }
     }
 }

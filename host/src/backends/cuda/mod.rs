@@ -33,6 +33,11 @@
 //!   `Timing::extra_bytes`). Without a collapse, the attention kernel writes the de-interleaved
 //!   pseudo outputs itself (head norm included).
 //!
+//! - **bwd_v1 / bwd_v2** (`bwd_v1.cu`, `bwd_v2.cu`): the backward pass ([`backward`]): a launch
+//!   plan of eight passes (mix, recompute, norm/collapse transpose, dq, dk/dv, mix-back, weight
+//!   gradients, reduce), FMA in bwd_v1, the dq and dk/dv passes on the tensor cores in bwd_v2
+//!   (f16/bf16, d <= 128, sm_80+, chosen where it runs); no atomics.
+//!
 //! Without a GPU, every variant is compiled by the `nvrtc_compile` test and run on a CPU emulator
 //! of the kernels (`kernels-cuda/emu`) against an f64 implementation of the spec.
 //!

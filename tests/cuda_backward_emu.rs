@@ -210,11 +210,11 @@ fn cuda_backward_matches_the_reference_on_the_emulator() {
     );
 }
 
-/// Larger head dims (64: another capacity; several query and key tiles per head), every named
-/// configuration shape the forward tests use, RoPE both modes, windows, `M > N`.
+/// Larger head dims (64 and 128: more capacities, bwd_v2's 16-row streamed tiles at 128; several
+/// query and key tiles per head), RoPE both modes, windows, `M > N`, `Hk < H`, GQA.
 #[test]
-fn cuda_backward_at_head_dim_64_on_the_emulator() {
-    if !gxx_or_skip("cuda_backward_at_head_dim_64_on_the_emulator") {
+fn cuda_backward_at_head_dims_64_and_128_on_the_emulator() {
+    if !gxx_or_skip("cuda_backward_at_head_dims_64_and_128_on_the_emulator") {
         return;
     }
     let rope = |mode| headmix::Rope { base: 10000.0, mode };
@@ -223,6 +223,7 @@ fn cuda_backward_at_head_dim_64_on_the_emulator() {
         (Config::iha_window(2, 2, 64, 5).with_rope(rope(headmix::PosMode::Token)), DType::BF16),
         (Config::mea_compressed(4, 2, 64).unwrap().with_causal(true), DType::F16),
         (Config::gqa(4, 2, 64).unwrap().with_causal(true).with_rope(rope(headmix::PosMode::Token)), DType::F32),
+        (Config::iha(2, 2, 128).with_causal(true).with_rope(rope(headmix::PosMode::Virtual)), DType::F16),
     ];
     for (i, (cfg, dtype)) in cases.into_iter().enumerate() {
         let case = Case::random(cfg, Weights::random(&cfg, i as u64), 2, 13, 19, dtype, 70 + i as u64);

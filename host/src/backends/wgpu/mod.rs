@@ -32,6 +32,8 @@ mod device;
 mod kernels;
 #[cfg(feature = "wgpu")]
 mod launch;
+#[cfg(feature = "wgpu")]
+mod pack;
 
 /// The wgpu crate headmix is built against, for [`WgpuBackend::forward_buffers`] callers.
 #[cfg(feature = "wgpu")]

@@ -211,7 +211,7 @@ struct Dispatches {
 }
 
 /// Most key tiles one query tile of `br` rows visits: all of them, or the window's band.
-fn max_key_tiles(problem: &Problem, br: usize, bc: usize) -> usize {
+pub(crate) fn max_key_tiles(problem: &Problem, br: usize, bc: usize) -> usize {
     let nk = problem.m * problem.cfg.pseudo;
     let all = nk.div_ceil(bc);
     match problem.cfg.window {
@@ -297,7 +297,7 @@ pub(crate) mod loops {
     }
 }
 
-fn over_budget(kernel: &str, iterations: u64, budget: u64) -> Error {
+pub(crate) fn over_budget(kernel: &str, iterations: u64, budget: u64) -> Error {
     unsupported(format!(
         "the {kernel} kernel would run {iterations} loop iterations per invocation, above this adapter's \
          {budget} (llvmpipe ends longer loops early); use shorter sequences or a hardware adapter"

@@ -25,6 +25,8 @@
 #[cfg(feature = "wgpu")]
 mod backend;
 #[cfg(feature = "wgpu")]
+mod backward;
+#[cfg(feature = "wgpu")]
 mod decode;
 #[cfg(feature = "wgpu")]
 mod device;

@@ -1,0 +1,138 @@
+//! The wgpu backward (WGSL kernels, `WgpuBackend::run_backward`) against the f64 reference
+//! backward on lavapipe (or any adapter): property suite over every method, random shapes, masks
+//! and windows, RoPE in both position modes, `M > N`, `Hk < H`, f32/f16/bf16, gradients poisoned
+//! with NaN before each call; determinism; negative controls (deliberately wrong kernels fail the
+//! check); the loop-budget refusal as a typed error with nothing written.
+//! `HEADMIX_REQUIRE_WGPU=1` makes a missing adapter a failure instead of a skip.
+
+use headmix::NormKind;
+use headmix::backends::wgpu::WgpuBackend;
+use headmix::{Backend, BackendKind, BackwardIo, Config, DType, Error, Tensor, TensorMut, WeightGrads, Weights};
+use headmix_tests::backward::{Inputs, check_within};
+use headmix_tests::cases::{Limits, specs};
+use headmix_tests::{Case, check_property, device_or_skip};
+use proptest::strategy::Strategy;
+
+/// On a gradient that cancels to rounding noise (the f32 reference itself misses by more than half
+/// the tolerance: e.g. `dav` under a head norm without collapse, where the loss is invariant to
+/// each head's scale of `av`), the kernels' error may be this many times the f32 reference's: both
+/// are f32 sums in different orders, so their errors are two draws of the same noise (the CPU
+/// backend runs the reference's own code and keeps FlashAttention's 2x). Well-conditioned
+/// gradients keep the dtype's tolerance (f32 1e-5, f16 2e-3, bf16 1e-2).
+const NOISE: f64 = 4.0;
+
+/// The wgpu backend, or a skip (a failure under `HEADMIX_REQUIRE_WGPU=1`).
+fn wgpu(test: &str) -> Option<WgpuBackend> {
+    device_or_skip(BackendKind::Wgpu, test)?;
+    Some(WgpuBackend::new().expect("the adapter opened a moment ago"))
+}
+
+/// Property suite: 48 random problems (every method, d up to 16, N up to 8, M − N up to 4, every
+/// dtype), each checked gradient by gradient. Left out: the Group norm over d = 2 elements, which
+/// maps every vector to gamma ∘ ±(1, −1) + beta, so its gradient is eps-driven rounding noise
+/// (1e-3 relative in any f32 implementation, the reference's included).
+#[test]
+fn wgpu_backward_matches_reference_on_random_problems() {
+    let Some(be) = wgpu("wgpu_backward_matches_reference_on_random_problems") else { return };
+    let limits = Limits { max_n: 8, max_extra: 4, head_dims: vec![2, 4, 8, 16], ..Limits::default() };
+    let specs =
+        specs(limits).prop_filter("degenerate group norm", |s| !(s.head_dim == 2 && s.norm == Some(NormKind::Group)));
+    check_property("wgpu backward", 48, specs, |spec| {
+        let inputs = Inputs::new(spec.case(), spec.seed);
+        let got = inputs.run(&be).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+        let (want, want32) = inputs.reference();
+        check_within(&got, &want, &want32, spec.dtype, &format!("{spec:?}"), NOISE);
+    });
+}
+
+/// Larger fixed problems: d = 64, several tiles of queries and keys (the tile is 32 virtual
+/// tokens), windows crossing tiles, M > N, Hk < H, RoPE in both modes, collapse and both norms.
+#[test]
+fn wgpu_backward_matches_reference_on_multi_tile_problems() {
+    let Some(be) = wgpu("wgpu_backward_matches_reference_on_multi_tile_problems") else { return };
+    use headmix::{PosMode, Rope};
+    let token = Rope { base: 10000.0, mode: PosMode::Token };
+    let cases = [
+        (Config::iha(2, 2, 64).with_rope(Default::default()), 19, 23, DType::F32),
+        (Config::iha_window(2, 3, 64, 5).with_rope(token), 21, 21, DType::F32),
+        (Config::mea_compressed(4, 2, 64).unwrap().with_causal(true), 37, 40, DType::F32),
+        (Config::gqa(4, 2, 32).unwrap().with_causal(true).with_rope(token), 40, 45, DType::BF16),
+        (Config::iha(2, 2, 32), 17, 20, DType::F16),
+    ];
+    for (i, (cfg, n, m, dtype)) in cases.into_iter().enumerate() {
+        let case = Case::random(cfg, Weights::random(&cfg, i as u64), 1, n, m, dtype, 40 + i as u64);
+        let inputs = Inputs::new(case, i as u64);
+        let (want, want32) = inputs.reference();
+        let label = format!("{cfg:?} n={n} m={m} {dtype:?}");
+        check_within(&inputs.run(&be).unwrap(), &want, &want32, dtype, &label, NOISE);
+    }
+}
+
+/// Two calls give bit-identical gradients (no atomics; every sum in a fixed order).
+#[test]
+fn wgpu_backward_is_deterministic() {
+    let Some(be) = wgpu("wgpu_backward_is_deterministic") else { return };
+    let cfg = Config::mea_compressed(3, 2, 8).unwrap().with_rope(Default::default()).with_causal(true);
+    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 1), 2, 37, 41, DType::F32, 3), 3);
+    assert_eq!(inputs.run(&be).unwrap(), inputs.run(&be).unwrap());
+}
+
+/// Negative controls: each deliberately wrong kernel (RoPE transpose by +theta, dS without
+/// -D_i, dvt from dS instead of P) fails the check that the correct kernels pass.
+#[test]
+fn negative_control_wrong_kernels_fail_the_check() {
+    let Some(_) = wgpu("negative_control_wrong_kernels_fail_the_check") else { return };
+    let cfg = Config::iha(2, 2, 8).with_rope(Default::default());
+    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 2), 1, 6, 7, DType::F32, 8), 8);
+    let (want, want32) = inputs.reference();
+    let right = inputs.run(&WgpuBackend::new().unwrap()).unwrap();
+    check_within(&right, &want, &want32, DType::F32, "correct kernels", NOISE);
+    for (fault, what) in [(1, "RoPE transpose by +theta"), (2, "dS without -D"), (3, "dvt from dS")] {
+        let wrong = inputs.run(&WgpuBackend::new().unwrap().with_backward_fault(fault)).unwrap();
+        let caught =
+            std::panic::catch_unwind(|| check_within(&wrong, &want, &want32, DType::F32, what, NOISE)).is_err();
+        assert!(caught, "the wrong kernel ({what}) went unnoticed");
+    }
+}
+
+/// On an adapter with a loop budget (llvmpipe), a problem whose backward kernels would exceed
+/// it is refused with `Error::Unsupported` naming the kernel, and no gradient is written.
+#[test]
+fn over_budget_backward_is_refused_and_writes_nothing() {
+    let Some(be) = wgpu("over_budget_backward_is_refused_and_writes_nothing") else { return };
+    let Some(_) = be.loop_budget() else { return }; // no budget on hardware adapters
+    let cfg = Config::mha(1, 64);
+    let w = Weights::random(&cfg, 1);
+    let (n, d) = (3000, 64);
+    let x = vec![0.25f32; n * d];
+    let lse = vec![0.0f32; n];
+    let sentinel = 7.25f32;
+    let (mut dq, mut dk, mut dv) = (vec![sentinel; n * d], vec![sentinel; n * d], vec![sentinel; n * d]);
+    let (mut daq, mut dak, mut dav) = (vec![sentinel; 1], vec![sentinel; 1], vec![sentinel; 1]);
+    let shape = [1, n, 1, d];
+    let err = be
+        .backward(
+            &cfg,
+            &w,
+            BackwardIo {
+                q: Tensor::new(&x, &shape),
+                k: Tensor::new(&x, &shape),
+                v: Tensor::new(&x, &shape),
+                out: Tensor::new(&x, &shape),
+                lse: &lse,
+                dout: Tensor::new(&x, &shape),
+                dq: TensorMut::new(&mut dq, &shape),
+                dk: TensorMut::new(&mut dk, &shape),
+                dv: TensorMut::new(&mut dv, &shape),
+                dw: WeightGrads { daq: &mut daq, dak: &mut dak, dav: &mut dav, dr: None, dgamma: None, dbeta: None },
+            },
+        )
+        .expect_err("over the loop budget");
+    match &err {
+        Error::Unsupported { backend: "wgpu", why } if why.contains("backward") => {}
+        other => panic!("expected Unsupported naming a backward kernel, got {other:?}"),
+    }
+    for g in [&dq, &dk, &dv, &daq, &dak, &dav] {
+        assert!(g.iter().all(|&v| v == sentinel), "a gradient was written before the refusal");
+    }
+}

@@ -47,13 +47,15 @@ fn main(
         for (var e = 0u; e < D; e++) {
             sq += (y[e] - mu) * (y[e] - mu);
         }
-        let inv = inverseSqrt(sq / f32(D) + params.eps);
+        // 1 / sqrt, not inverseSqrt (whose error may be several ulp): xh must have exactly the
+        // norm's scale, or dy gains a component along y that cancels nowhere.
+        let rho = sqrt(sq / f32(D) + params.eps);
         // g = gamma * dout; dy = (g - [mean(g)] - xh * mean(g * xh)) * inv.
         let at = idx * D;
         var g_mean = 0.0;
         var gx_mean = 0.0;
         for (var e = 0u; e < D; e++) {
-            let xh = (y[e] - mu) * inv;
+            let xh = (y[e] - mu) / rho;
             let g = weights[params.gamma_off + h * D + e] * op[bw.dout_off + at + e];
             g_mean += g;
             gx_mean += g * xh;
@@ -64,7 +66,7 @@ fn main(
         for (var e = 0u; e < D; e++) {
             let xh = op[bw.xh_off + at + e];
             let g = weights[params.gamma_off + h * D + e] * op[bw.dout_off + at + e];
-            op[bw.dy_off + at + e] = (g - g_mean - xh * gx_mean) * inv;
+            op[bw.dy_off + at + e] = (g - g_mean - xh * gx_mean) / rho;
         }
     } else {
         if (idx >= bw.n_pseudo) {
@@ -76,18 +78,22 @@ fn main(
         let pp = c % params.p;
         let b = tok / params.n;
         let n = tok % params.n;
+        // Summed in pairs (t, t + HALF) as the dq / dk/dv passes sum dP = <do, vt>, so that
+        // D == dP to the bit where o_i is one value row (a row that sees one key: dS = 0 exactly).
         var dd = 0.0;
-        for (var e = 0u; e < D; e++) {
-            var x = 0.0;
+        let at = idx * D;
+        for (var t = 0u; t < HALF; t++) {
+            var x = vec2<f32>(0.0);
             if (params.collapse != 0u) {
                 for (var h = 0u; h < params.heads; h++) {
-                    x += weights[params.r_off + h * hp + c] * op[bw.dy_off + (tok * params.heads + h) * D + e];
+                    let src = bw.dy_off + (tok * params.heads + h) * D + t;
+                    x += weights[params.r_off + h * hp + c] * vec2<f32>(op[src], op[src + HALF]);
                 }
-                op[bw.dop_off + idx * D + e] = x;
+                ws_store_pair(bw.dop_off + at, t, x);
             } else {
-                x = op[bw.dy_off + idx * D + e];
+                x = ws_pair(bw.dy_off + at, t);
             }
-            dd += x * op[bw.op_off + idx * D + e];
+            dd += dot(x, ws_pair(bw.op_off + at, t));
         }
         op[bw.dd_off + (b * params.heads + hh) * params.nq + n * params.p + pp] = dd;
     }

@@ -40,6 +40,25 @@ impl Inputs {
         reference_grads_in(&c.problem, &c.weights, &c.q, &c.k, &c.v, &self.dout)
     }
 
+    /// The f32 reference at `runs` copies of the inputs (q, k, v, dout) perturbed by a few ulp
+    /// (factors `1 ± 2^-21`): other draws of the f32 rounding noise of gradients that cancel,
+    /// while a well-conditioned gradient moves by ~1e-6 relative, below half the f32 tolerance.
+    pub fn f32_noise(&self, runs: u64) -> Vec<Grads<f32>> {
+        let c = &self.case;
+        (0..runs)
+            .map(|r| {
+                let mut rng = Rng::new(0x5eed ^ r);
+                let mut jitter = |x: &[f32]| -> Vec<f32> {
+                    x.iter()
+                        .map(|&v| v * (1.0 + if rng.normal() > 0.0 { 1.0 } else { -1.0 } * 2f32.powi(-21)))
+                        .collect()
+                };
+                let (q, k, v, dout) = (jitter(&c.q), jitter(&c.k), jitter(&c.v), jitter(&self.dout));
+                reference_grads_in(&c.problem, &c.weights, &q, &k, &v, &dout)
+            })
+            .collect()
+    }
+
     /// Run `backend.backward` with every output poisoned with NaN; the gradients as f32.
     pub fn run(&self, backend: &dyn Backend) -> headmix::Result<Grads<f32>> {
         let c = &self.case;
@@ -76,20 +95,36 @@ impl Inputs {
 /// invariant to the scale of `av`), FlashAttention's rule instead: at most twice the f32
 /// reference's error.
 pub fn check(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType, label: &str) {
-    check_within(got, want, f32_ref, dtype, label, 2.0)
+    check_against(got, want, &[f32_ref], (2.0, None), dtype, label)
 }
 
-/// [`check`] with `factor` times the f32 reference's error allowed on gradients where that error
-/// exceeds half the tolerance (instead of FlashAttention's 2).
-pub fn check_within(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType, label: &str, factor: f64) {
-    let (g, w, r) = (got.named(), want.named(), f32_ref.named());
+/// [`check`] with the f32 reference's error taken as the largest of several f32 runs (e.g. the
+/// reference and [`Inputs::f32_noise`]) and `factor` times it allowed where that is above the
+/// tolerance: on a gradient that cancels to rounding noise (the loss invariant to a weight's
+/// scale), one f32 run is a single draw of that noise, and an implementation summing in another
+/// order may land a few times off it by chance. `noise: Some((level, bound))`: a gradient the
+/// f32 reference misses by more than `level` (fewer than ~3 digits survive f32: the gradient is
+/// mostly rounding noise, often a single scalar) need only be within `bound` (relative).
+pub fn check_against(
+    got: &Grads<f32>,
+    want: &Grads<f64>,
+    f32_refs: &[&Grads<f32>],
+    (factor, noise): (f64, Option<(f64, f64)>),
+    dtype: DType,
+    label: &str,
+) {
+    let (g, w) = (got.named(), want.named());
     assert_eq!(g.len(), w.len(), "{label}: gradient sets differ");
-    for (((name, x), (_, y)), (_, z)) in g.iter().zip(&w).zip(&r) {
+    for (i, ((name, x), (_, y))) in g.iter().zip(&w).enumerate() {
         assert!(x.iter().all(|v| !v.is_nan()), "{label}: {name} has NaN (unwritten or wrong)");
         let err = rel_err(x, y);
         let tol = tolerance(dtype);
-        let ref_err = rel_err(z, y);
-        let bound = if ref_err > tol / 2.0 { tol.max(factor * ref_err) } else { tol };
+        let ref_err = f32_refs.iter().map(|r| rel_err(r.named()[i].1, y)).fold(0.0, f64::max);
+        let mut bound = tol.max(factor * ref_err); // with factor 2: the tolerance unless ref_err > tol / 2
+        if let Some((level, noisy)) = noise.filter(|(level, _)| ref_err > *level) {
+            let _ = level;
+            bound = bound.max(noisy);
+        }
         assert!(
             err <= bound,
             "{label}: {name} relative error {err:.3e} above {bound:.1e} (f32 reference {ref_err:.1e})"

@@ -113,7 +113,7 @@ mod loops {
 
     /// The pre pass: stage 0 (head norm) and stage 1 (`do`, `D`), the larger.
     pub fn pre(d: u64, h: u64, p: u64) -> u64 {
-        (6 * d + h * p * (1 + d)).max(d * (1 + h))
+        (6 * d + h * p * (1 + d)).max(d / 2 * (1 + h))
     }
 
     /// Mix-back: every (head, pseudo-head) of a token.

@@ -12,8 +12,11 @@ struct Bwd {
     dvt_off: u32, wpart_off: u32, wgrad_off: u32, n_wgrad: u32, // dvt; weight-gradient partials and result
     chunks: u32, chunk_rows: u32, k_tiles: u32, n_pseudo: u32,  // row chunks of the partials; key tiles; B*N*H*P
     scale: f32, dk_at: u32, dv_at: u32, n_out_vec: u32,         // softmax scale; dk, dv in `out`; output vectors
-    mix_pairs: u32, pn: u32, norm_vecs: u32, fault: u32,        // mix-back threads; P without collapse, else 1;
-                                                                 // fault: a deliberately wrong kernel (tests), 0 none
+    mix_pairs: u32, pn: u32, sum_len: u32, fault: u32,          // mix-back threads; P without collapse, else 1;
+                                                                 // sum_len: o + 2 kv (split sums); fault: a
+                                                                 // deliberately wrong kernel (tests), 0 none
+    q_splits: u32, k_splits: u32, dq_part_off: u32, dkv_part_off: u32, // key ranges of the dq pass, query ranges
+                                                                 // of the dk/dv pass, and their partials (lavapipe)
 }
 
 @group(0) @binding(8) var<uniform> bw: Bwd;

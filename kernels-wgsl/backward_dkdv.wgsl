@@ -18,12 +18,13 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lin = wid.x + wid.y * nwg.x;
-    if (lin >= bw.k_tiles * params.heads * params.batch) {
+    if (lin >= bw.k_tiles * params.heads * params.batch * bw.k_splits) {
         return; // padding workgroup of the 2-D grid (uniform per workgroup)
     }
     let tile = lin % bw.k_tiles;
     let h = (lin / bw.k_tiles) % params.heads;
-    let b = lin / (bw.k_tiles * params.heads);
+    let b = (lin / (bw.k_tiles * params.heads)) % params.batch;
+    let split = lin / (bw.k_tiles * params.heads * params.batch);
     let j0 = tile * T;
     let j_last = min(j0 + T, params.nk) - 1u;
     let j = j0 + lid;
@@ -53,7 +54,13 @@ fn main(
         ia_hi = min(ia_hi, j_last + params.win_left);
     }
     if (ia_lo <= ia_hi) {
-        for (var qt = (ia_lo - params.off) / T; qt <= (ia_hi - params.off) / T; qt++) {
+        // This split's share of the query tiles (split only to stay under lavapipe's loop budget).
+        let first = (ia_lo - params.off) / T;
+        let last = (ia_hi - params.off) / T;
+        let per = (last - first + bw.k_splits) / bw.k_splits;
+        let qt_begin = first + split * per;
+        let qt_end = min(last + 1u, qt_begin + per);
+        for (var qt = qt_begin; qt < qt_end; qt++) {
             let i0 = qt * T;
             workgroupBarrier(); // the previous tile's readers are done
             let i = i0 + lid;
@@ -92,13 +99,20 @@ fn main(
     // dkt_j = R(-phi_j) (scale * dkr_j), dvt_j, de-interleaved into [B, M, H, P, d].
     if (valid) {
         let at = pseudo_at(b, params.m, j / params.p, h, j % params.p);
+        var dkt = bw.dkt_off;
+        var dvt = bw.dvt_off;
+        if (bw.k_splits > 1u) {
+            let kv = params.batch * params.nk * params.heads * D;
+            dkt = bw.dkv_part_off + split * 2u * kv;
+            dvt = dkt + kv;
+        }
         for (var t = 0u; t < HALF; t++) {
             var x = bw.scale * dk[t];
             if (params.rope != 0u) {
                 x = unrot(x, rope_cs(k_pos(j), t));
             }
-            ws_store_pair(bw.dkt_off + at, t, x);
-            ws_store_pair(bw.dvt_off + at, t, dv[t]);
+            ws_store_pair(dkt + at, t, x);
+            ws_store_pair(dvt + at, t, dv[t]);
         }
     }
 }

@@ -4,7 +4,8 @@
 // and values are mixed (keys rotated) into workgroup memory, P_ij = exp(S_ij - lse_i) is
 // recomputed from the saved lse, dP_ij = <do_i, vt_j>, dS_ij = P_ij (dP_ij - D_i), and
 // dqr_i += dS_ij kr_j. At the end dqt_i = R(-theta_i) scale * dqr_i goes to the f32 workspace
-// [B, N, H, P, d] (mixed back into dq by backward_mix.wgsl). No atomics: each row is one thread's.
+// [B, N, H, P, d] (mixed back into dq by backward_mix.wgsl). No atomics: each row is one thread's
+// (with key splits, each split's partial goes to its own slice, summed by backward_sum.wgsl).
 // Constants prepended by the host: D, T (= threads per workgroup).
 
 var<workgroup> ks: array<vec2<f32>, T * HALF>; // mixed, rotated keys of the current tile
@@ -17,12 +18,13 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let lin = wid.x + wid.y * nwg.x;
-    if (lin >= params.q_tiles * params.heads * params.batch) {
+    if (lin >= params.q_tiles * params.heads * params.batch * bw.q_splits) {
         return; // padding workgroup of the 2-D grid (uniform per workgroup)
     }
     let tile = lin % params.q_tiles;
     let h = (lin / params.q_tiles) % params.heads;
-    let b = lin / (params.q_tiles * params.heads);
+    let b = (lin / (params.q_tiles * params.heads)) % params.batch;
+    let split = lin / (params.q_tiles * params.heads * params.batch);
     let i0 = tile * T;
     let i_last = min(i0 + T, params.nq) - 1u;
     let i = i0 + lid;
@@ -44,10 +46,14 @@ fn main(
         d_i = op[bw.dd_off + (b * params.heads + h) * params.nq + i];
     }
 
-    // 2. The key tiles the query tile's band can see.
+    // 2. The key tiles the query tile's band can see, this split's share of them (split only to
+    //    stay under lavapipe's loop budget; backward_sum.wgsl adds the splits in order).
     let range = key_range(i0 + params.off, i_last + params.off);
     if (range.x <= range.y) {
-        for (var kt = range.x / T; kt <= range.y / T; kt++) {
+        let per = (range.y / T - range.x / T + bw.q_splits) / bw.q_splits;
+        let kt_begin = range.x / T + split * per;
+        let kt_end = min(range.y / T + 1u, kt_begin + per);
+        for (var kt = kt_begin; kt < kt_end; kt++) {
             let j0 = kt * T;
             workgroupBarrier(); // the previous tile's readers are done
             for (var t = 0u; t < HALF; t++) {
@@ -82,7 +88,11 @@ fn main(
 
     // 3. dqt_i = R(-theta_i) (scale * dqr_i), de-interleaved into [B, N, H, P, d].
     if (valid) {
-        let at = bw.dqt_off + pseudo_at(b, params.n, i / params.p, h, i % params.p);
+        var dst = bw.dqt_off;
+        if (bw.q_splits > 1u) {
+            dst = bw.dq_part_off + split * (params.batch * params.nq * params.heads * D);
+        }
+        let at = dst + pseudo_at(b, params.n, i / params.p, h, i % params.p);
         for (var t = 0u; t < HALF; t++) {
             var x = bw.scale * acc[t];
             if (params.rope != 0u) {

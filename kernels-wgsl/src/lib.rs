@@ -50,6 +50,8 @@ sources! {
     BACKWARD_DQ = "backward_dq.wgsl";
     /// `backward_dkdv.wgsl`: the key-major pass (dkt, dvt).
     BACKWARD_DKDV = "backward_dkdv.wgsl";
+    /// `backward_sum.wgsl`: sums of the dq / dk-dv passes' split partials (lavapipe's loop budget).
+    BACKWARD_SUM = "backward_sum.wgsl";
     /// `backward_mix.wgsl`: the mixing's transposes into dq, dk, dv.
     BACKWARD_MIX = "backward_mix.wgsl";
     /// `backward_wgrad.wgsl`: the weight gradients, per-chunk partials summed in a fixed order.

@@ -52,9 +52,13 @@ pub(crate) struct BwdUniforms {
     pub n_out_vec: u32,
     pub mix_pairs: u32,
     pub pn: u32,
-    pub norm_vecs: u32,
+    pub sum_len: u32,
     /// A deliberately wrong kernel (tests' negative controls), 0: none.
     pub fault: u32,
+    pub q_splits: u32,
+    pub k_splits: u32,
+    pub dq_part_off: u32,
+    pub dkv_part_off: u32,
 }
 
 /// Everything one backward call launches.
@@ -72,7 +76,8 @@ pub(crate) struct BackwardPlan {
     /// size, `kv = B·M·H·P·d`: `o` (recomputed pseudo outputs, or the saved f32 `out`; plus the
     /// recompute's split-KV partials when it splits) + `t` (`dout` in f32) + `2t` (`xh`, `dy`,
     /// with a head norm) + `o` (`do`, with a collapse) + `B·H·N·P` (`D`) + `o` (`dqt`) + `2·kv`
-    /// (`dkt`, `dvt`) + `(ceil(rows / 32) + 1)` times the weight-gradient count (partials, sums).
+    /// (`dkt`, `dvt`) + `(ceil(rows / 32) + 1)` times the weight-gradient count (partials, sums);
+    /// under a loop budget (llvmpipe) also `q_splits · o` and `k_splits · 2 kv` split partials.
     pub ws_len: usize,
     /// Elements of `[dq | dk | dv]` (tensor dtype).
     pub grads_len: usize,
@@ -155,47 +160,6 @@ pub(crate) fn plan(
     u.direct = 0;
     u.splits = 1;
 
-    // Workspace layout (f32 elements).
-    let o_len = b * n * h * p * d;
-    let t_len: usize = problem.out_shape().iter().product();
-    let mut cursor = if recompute { (fwd.op_bytes / 4) as usize } else { o_len };
-    let mut alloc = |len: usize| -> Result<u32> {
-        let off = to_u32("backward workspace offset", cursor)?;
-        cursor += len;
-        Ok(off)
-    };
-    let pn = if problem.collapse { 1 } else { p };
-    let mut bw = BwdUniforms { op_off: 0, pn: pn as u32, chunk_rows: CHUNK_ROWS, ..Default::default() };
-    bw.dout_off = alloc(t_len)?;
-    if problem.norm {
-        bw.xh_off = alloc(t_len)?;
-        bw.dy_off = alloc(t_len)?;
-    } else {
-        bw.dy_off = bw.dout_off;
-    }
-    bw.dop_off = if problem.collapse { alloc(o_len)? } else { bw.dy_off };
-    bw.dd_off = alloc(b * h * nq)?;
-    bw.dqt_off = alloc(o_len)?;
-    bw.dkt_off = alloc(b * m * h * p * d)?;
-    bw.dvt_off = alloc(b * m * h * p * d)?;
-    let (rows, n_wgrad) = wgrad_sizes(problem, w);
-    let chunks = rows.div_ceil(CHUNK_ROWS as usize);
-    bw.wpart_off = alloc(chunks * n_wgrad)?;
-    bw.wgrad_off = alloc(n_wgrad)?;
-    let ws_len = cursor;
-    to_u32("backward workspace elements (kernels index it with u32)", ws_len)?;
-    bw.n_wgrad = to_u32("weight gradients", n_wgrad)?;
-    bw.chunks = to_u32("weight-gradient chunks", chunks)?;
-    bw.n_pseudo = to_u32("pseudo vectors", b * n * h * p)?;
-    bw.n_out_vec = to_u32("output vectors", b * n * h * pn)?;
-    bw.scale = c.softmax_scale();
-    let (q_len, kv_len) = (b * n * c.q_heads * d, b * m * c.kv_heads * d);
-    bw.dk_at = to_u32("dq elements", q_len)?;
-    bw.dv_at = to_u32("dq + dk elements", q_len + kv_len)?;
-    let grads_len = q_len + 2 * kv_len;
-    to_u32("gradient elements", grads_len)?;
-    bw.mix_pairs = to_u32("mix-back threads", grads_len / 2)?;
-
     // Tile of the dq and dk/dv passes.
     let t = TILES
         .into_iter()
@@ -215,27 +179,87 @@ pub(crate) fn plan(
         })?;
     let q_tiles = nq.div_ceil(t as usize);
     let k_tiles = nk.div_ceil(t as usize);
-    u.q_tiles = to_u32("query tiles", q_tiles)?;
-    bw.k_tiles = to_u32("key tiles", k_tiles)?;
+    let (rows, n_wgrad) = wgrad_sizes(problem, w);
+    let chunks = rows.div_ceil(CHUNK_ROWS as usize);
 
+    // Under a loop budget (llvmpipe), the dq pass splits each query tile's key tiles and the dk/dv
+    // pass each key tile's query tiles into the fewest ranges that fit (partials summed in order).
+    let (mut q_splits, mut k_splits) = (1usize, 1usize);
     if let Some(budget) = loop_budget {
         let (d64, hq, hk, t64) = (d as u64, c.q_heads as u64, c.kv_heads as u64, t as u64);
-        let key_tiles = max_key_tiles(problem, t as usize, t as usize) as u64;
+        let key_tiles = max_key_tiles(problem, t as usize, t as usize);
         let query_tiles = match c.window {
             Some(win) => q_tiles.min((t as usize + win.left.min(nk) + win.right.min(nk)).div_ceil(t as usize) + 1),
             None => q_tiles,
-        } as u64;
+        };
+        // Fewest ranges of `tiles` whose share stays under the budget, or None.
+        let fit = |cost: &dyn Fn(u64) -> u64, tiles: usize| -> Option<usize> {
+            let (fixed, per) = (cost(0), cost(1) - cost(0));
+            let per_split = budget.saturating_sub(fixed) / per;
+            (per_split > 0).then(|| tiles.div_ceil(per_split as usize).max(1))
+        };
+        let dq = |x: u64| loops::dq(d64, hq, hk, t64, x);
+        let dkdv = |x: u64| loops::dkdv(d64, hq, hk, t64, x);
+        q_splits = fit(&dq, key_tiles).ok_or_else(|| over_budget("backward dq", dq(1), budget))?;
+        k_splits = fit(&dkdv, query_tiles).ok_or_else(|| over_budget("backward dk/dv", dkdv(1), budget))?;
         let counts = [
-            ("backward dq", loops::dq(d64, hq, hk, t64, key_tiles)),
-            ("backward dk/dv", loops::dkdv(d64, hq, hk, t64, query_tiles)),
             ("backward pre", loops::pre(d64, h as u64, p as u64)),
             ("backward mix-back", loops::mix(h as u64, p as u64)),
             ("backward weight-gradient", loops::wgrad(d64, CHUNK_ROWS as u64, chunks as u64)),
+            ("backward split-sum", q_splits.max(k_splits) as u64 + 1),
         ];
         if let Some((kernel, iterations)) = counts.into_iter().find(|x| x.1 > budget) {
             return Err(over_budget(kernel, iterations, budget));
         }
     }
+
+    // Workspace layout (f32 elements).
+    let o_len = b * n * h * p * d;
+    let kv_len_p = b * m * h * p * d;
+    let t_len: usize = problem.out_shape().iter().product();
+    let mut cursor = if recompute { (fwd.op_bytes / 4) as usize } else { o_len };
+    let mut alloc = |len: usize| -> Result<u32> {
+        let off = to_u32("backward workspace offset", cursor)?;
+        cursor += len;
+        Ok(off)
+    };
+    let pn = if problem.collapse { 1 } else { p };
+    let mut bw = BwdUniforms { op_off: 0, pn: pn as u32, chunk_rows: CHUNK_ROWS, ..Default::default() };
+    bw.dout_off = alloc(t_len)?;
+    if problem.norm {
+        bw.xh_off = alloc(t_len)?;
+        bw.dy_off = alloc(t_len)?;
+    } else {
+        bw.dy_off = bw.dout_off;
+    }
+    bw.dop_off = if problem.collapse { alloc(o_len)? } else { bw.dy_off };
+    bw.dd_off = alloc(b * h * nq)?;
+    // dqt, dkt, dvt contiguous (backward_sum.wgsl walks them as one region).
+    bw.dqt_off = alloc(o_len)?;
+    bw.dkt_off = alloc(kv_len_p)?;
+    bw.dvt_off = alloc(kv_len_p)?;
+    bw.dq_part_off = if q_splits > 1 { alloc(q_splits * o_len)? } else { 0 };
+    bw.dkv_part_off = if k_splits > 1 { alloc(k_splits * 2 * kv_len_p)? } else { 0 };
+    bw.wpart_off = alloc(chunks * n_wgrad)?;
+    bw.wgrad_off = alloc(n_wgrad)?;
+    let ws_len = cursor;
+    to_u32("backward workspace elements (kernels index it with u32)", ws_len)?;
+    bw.q_splits = to_u32("dq splits", q_splits)?;
+    bw.k_splits = to_u32("dk/dv splits", k_splits)?;
+    bw.sum_len = to_u32("pseudo-gradient elements", o_len + 2 * kv_len_p)?;
+    bw.n_wgrad = to_u32("weight gradients", n_wgrad)?;
+    bw.chunks = to_u32("weight-gradient chunks", chunks)?;
+    bw.n_pseudo = to_u32("pseudo vectors", b * n * h * p)?;
+    bw.n_out_vec = to_u32("output vectors", b * n * h * pn)?;
+    bw.scale = c.softmax_scale();
+    let (q_len, kv_len) = (b * n * c.q_heads * d, b * m * c.kv_heads * d);
+    bw.dk_at = to_u32("dq elements", q_len)?;
+    bw.dv_at = to_u32("dq + dk elements", q_len + kv_len)?;
+    let grads_len = q_len + 2 * kv_len;
+    to_u32("gradient elements", grads_len)?;
+    bw.mix_pairs = to_u32("mix-back threads", grads_len / 2)?;
+    u.q_tiles = to_u32("query tiles", q_tiles)?;
+    bw.k_tiles = to_u32("key tiles", k_tiles)?;
 
     let threads = |what: &'static str, x: usize| to_u32(what, x.div_ceil(VEC_WG as usize));
     let mut passes = Vec::new();
@@ -249,8 +273,18 @@ pub(crate) fn plan(
         key: key(Kind::BwdPre { wg: VEC_WG, stage: 1 }),
         workgroups: threads("vectors", b * n * h * p)?,
     });
-    passes.push(Dispatch { key: key(Kind::BwdDq { t }), workgroups: to_u32("workgroups", q_tiles * h * b)? });
-    passes.push(Dispatch { key: key(Kind::BwdDkdv { t }), workgroups: to_u32("workgroups", k_tiles * h * b)? });
+    passes
+        .push(Dispatch { key: key(Kind::BwdDq { t }), workgroups: to_u32("workgroups", q_tiles * h * b * q_splits)? });
+    passes.push(Dispatch {
+        key: key(Kind::BwdDkdv { t }),
+        workgroups: to_u32("workgroups", k_tiles * h * b * k_splits)?,
+    });
+    if q_splits > 1 || k_splits > 1 {
+        passes.push(Dispatch {
+            key: key(Kind::BwdSum { wg: VEC_WG }),
+            workgroups: threads("elements", o_len + 2 * kv_len_p)?,
+        });
+    }
     passes.push(Dispatch { key: key(Kind::BwdMix { wg: VEC_WG }), workgroups: threads("pairs", grads_len / 2)? });
     passes.push(Dispatch {
         key: key(Kind::BwdWgrad { wg: VEC_WG, stage: 0 }),

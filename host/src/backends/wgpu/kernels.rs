@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use crate::{DType, Result};
 
 // The sources, embedded by the `headmix-kernels-wgsl` crate.
-use headmix_kernels_wgsl::{BACKWARD_COMMON, BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_MIX, BACKWARD_PRE, BACKWARD_WGRAD};
+use headmix_kernels_wgsl::{
+    BACKWARD_COMMON, BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_MIX, BACKWARD_PRE, BACKWARD_SUM, BACKWARD_WGRAD,
+};
 use headmix_kernels_wgsl::{
     COMBINE, COMMON, DECODE, DTYPE_BF16, DTYPE_F16, DTYPE_F32, EPILOGUE, FLASH_FORWARD as FLASH, NAIVE_FORWARD as NAIVE,
 };
@@ -35,6 +37,8 @@ pub enum Kind {
     BwdDkdv { t: u32 },
     /// Backward mix-back into dq, dk, dv, one thread per element pair.
     BwdMix { wg: u32 },
+    /// Backward sums of split partials (dqt, dkt, dvt), one thread per element.
+    BwdSum { wg: u32 },
     /// Backward weight gradients (`stage` 0: per-chunk partials, 1: their fixed-order sum).
     BwdWgrad { wg: u32, stage: u32 },
 }
@@ -48,6 +52,7 @@ impl Kind {
                 | Kind::BwdDq { .. }
                 | Kind::BwdDkdv { .. }
                 | Kind::BwdMix { .. }
+                | Kind::BwdSum { .. }
                 | Kind::BwdWgrad { .. }
         )
     }
@@ -101,9 +106,9 @@ pub fn source(v: &KernelKey) -> String {
             consts += &format!("const T: u32 = {t}u;\n");
             if matches!(v.kind, Kind::BwdDq { .. }) { BACKWARD_DQ } else { BACKWARD_DKDV }
         }
-        Kind::BwdMix { wg } => {
+        Kind::BwdMix { wg } | Kind::BwdSum { wg } => {
             consts += &format!("const WG: u32 = {wg}u;\n");
-            BACKWARD_MIX
+            if matches!(v.kind, Kind::BwdMix { .. }) { BACKWARD_MIX } else { BACKWARD_SUM }
         }
     };
     if v.kind.is_backward() {

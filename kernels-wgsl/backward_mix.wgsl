@@ -45,12 +45,16 @@ fn main(
         for (var p = 0u; p < params.p; p++) {
             let at = src + ((tok * params.heads + h) * params.p + p) * D + 2u * w;
             let g = vec2<f32>(op[at], op[at + 1u]);
-            if (sel != DENSE) {
+            if (sel != DENSE && bw.fault != 5u) { // fault 5 (negative control): 0 * x of unread heads
                 if (selected(sel, h, p) == m) {
                     x += g;
                 }
             } else {
-                x += weights[a_off + (m * params.heads + h) * params.p + p] * g;
+                var w_at = (m * params.heads + h) * params.p + p;
+                if (bw.fault == 4u && heads == params.heads) {
+                    w_at = (h * params.heads + m) * params.p + p; // negative control: a transposed
+                }
+                x += weights[a_off + w_at] * g;
             }
         }
     }

@@ -97,7 +97,8 @@ fn wgpu_backward_is_deterministic() {
 }
 
 /// Negative controls: each deliberately wrong kernel (RoPE transpose by +theta, dS without
-/// -D_i, dvt from dS instead of P) fails the check that the correct kernels pass.
+/// -D_i, dvt from dS instead of P, the mixing matrices transposed in the mix-back) fails the
+/// check that the correct kernels pass.
 #[test]
 fn negative_control_wrong_kernels_fail_the_check() {
     let Some(_) = wgpu("negative_control_wrong_kernels_fail_the_check") else { return };
@@ -106,7 +107,8 @@ fn negative_control_wrong_kernels_fail_the_check() {
     let (want, want32) = inputs.reference();
     let right = inputs.run(&WgpuBackend::new().unwrap()).unwrap();
     check_grads(&inputs, &right, &want, &want32, DType::F32, "correct kernels");
-    for (fault, what) in [(1, "RoPE transpose by +theta"), (2, "dS without -D"), (3, "dvt from dS")] {
+    let faults = [(1, "RoPE transpose by +theta"), (2, "dS without -D"), (3, "dvt from dS"), (4, "aq transposed")];
+    for (fault, what) in faults {
         let wrong = inputs.run(&WgpuBackend::new().unwrap().with_backward_fault(fault)).unwrap();
         let caught =
             std::panic::catch_unwind(|| check_grads(&inputs, &wrong, &want, &want32, DType::F32, what)).is_err();
@@ -186,4 +188,36 @@ fn training_example_loss_falls_on_wgpu() {
     let (first, last) = (losses[0], losses[losses.len() - 1]);
     assert!(losses.iter().all(|l| l.is_finite()), "a loss is not finite: {losses:?}");
     assert!(last < 0.5 * first, "loss did not fall enough: {first:.4e} -> {last:.4e}");
+}
+
+/// NaN policy, selection mixing (MHA): a NaN in head 1's query of one token leaves head 0's
+/// `dq, dk, dv` bit-identical to the run without it (the selection gathers read no other head,
+/// the mix-back adds no 0 · NaN), while head 1's `dq` row reads it.
+#[test]
+fn nan_in_one_head_leaves_other_heads_gradients_alone() {
+    let Some(be) = wgpu("nan_in_one_head_leaves_other_heads_gradients_alone") else { return };
+    let (h, d, n) = (2, 8, 5);
+    let cfg = Config::mha(h, d);
+    let clean = Case::random(cfg, Weights::random(&cfg, 3), 1, n, n, DType::F32, 9);
+    let mut dirty = Case::random(cfg, Weights::random(&cfg, 3), 1, n, n, DType::F32, 9);
+    let token = 2;
+    dirty.q[(token * h + 1) * d] = f32::NAN; // token 2, head 1, element 0
+    let (clean, dirty) = (Inputs::new(clean, 4), Inputs::new(dirty, 4));
+    let head = |g: &[f32], m: usize| -> Vec<u32> {
+        g.chunks(d).enumerate().filter(|(i, _)| i % h == m).flat_map(|(_, x)| x.iter().map(|v| v.to_bits())).collect()
+    };
+    let check = |be: &WgpuBackend| {
+        let (a, b) = (clean.run(be).unwrap(), dirty.run(be).unwrap());
+        for (name, x, y) in [("dq", &a.dq, &b.dq), ("dk", &a.dk, &b.dk), ("dv", &a.dv, &b.dv)] {
+            assert_eq!(head(x, 0), head(y, 0), "{name} of head 0 changed");
+            assert!(head(y, 0).iter().all(|&v| f32::from_bits(v).is_finite()), "{name} of head 0 not finite");
+        }
+        let row = &b.dq[(token * h + 1) * d..(token * h + 2) * d];
+        assert!(row.iter().any(|v| v.is_nan()), "head 1's dq row read no NaN");
+    };
+    check(&be);
+    // Negative control: a mix-back that multiplies the selection densely (0 · NaN) fails it.
+    let dense = WgpuBackend::new().unwrap().with_backward_fault(5);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&dense))).is_err();
+    assert!(caught, "0 · NaN of an unread head went unnoticed");
 }

@@ -117,7 +117,9 @@ impl WgpuBackend {
 
     /// Test hook (negative controls): run a deliberately wrong backward kernel. 1: the RoPE
     /// transpose rotates `dqt` by `+theta`; 2: `dS` without the `- D_i`; 3: `dvt` accumulates
-    /// `dS` instead of `P`. 0: the correct kernels.
+    /// `dS` instead of `P`; 4: the mix-back reads the mixing matrices transposed (`a[h, m, p]`,
+    /// where the stored heads number `H`); 5: the mix-back multiplies selection matrices densely
+    /// (`0 · x` of unread heads, against the NaN policy). 0: the correct kernels.
     #[doc(hidden)]
     pub fn with_backward_fault(mut self, fault: u32) -> WgpuBackend {
         self.backward_fault = fault;

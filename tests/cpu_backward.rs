@@ -3,93 +3,10 @@
 //! NaN-poisoned outputs; typed errors with nothing written; negative controls.
 
 use headmix::backends::cpu::CpuBackend;
-use headmix::backward::{GradBuffers, reference_grads_in};
-use headmix::reference::backward::Grads;
-use headmix::reference::rel_err;
-use headmix::timing::Owned;
-use headmix::{Backend, BackendKind, BackwardIo, Config, DType, Error, Rng, WeightGrads, Weights};
+use headmix::{Backend, BackendKind, BackwardIo, Config, DType, Error, WeightGrads, Weights};
+use headmix_tests::backward::{Inputs, check};
 use headmix_tests::cases::{Limits, specs};
-use headmix_tests::{Case, check_property, device_or_skip, normals, tolerance};
-
-/// Everything a backward call reads, in the case's dtype (f32 values exactly representable).
-struct Inputs {
-    case: Case,
-    out: Vec<f32>,
-    lse: Vec<f32>,
-    dout: Vec<f32>,
-}
-
-impl Inputs {
-    /// The forward on the CPU backend gives `out`, `lse`; `dout` is random.
-    fn new(case: Case, seed: u64) -> Inputs {
-        let (out, lse) = case.run(&CpuBackend::new()).expect("forward");
-        let mut rng = Rng::new(seed ^ 0xd0);
-        let dout = normals(&mut rng, out.len(), 1.0).into_iter().map(|x| x as f32).collect::<Vec<_>>();
-        let dout = Owned::from_f32(case.problem.dtype, &dout).to_f32();
-        Inputs { case, out, lse, dout }
-    }
-
-    /// The reference gradients at the same inputs, in f64 and in f32 (each with its own forward
-    /// for `out` and `lse`).
-    fn reference(&self) -> (Grads<f64>, Grads<f32>) {
-        (self.reference_in::<f64>(), self.reference_in::<f32>())
-    }
-
-    fn reference_in<T: headmix::reference::Real>(&self) -> Grads<T> {
-        let c = &self.case;
-        reference_grads_in(&c.problem, &c.weights, &c.q, &c.k, &c.v, &self.dout)
-    }
-
-    /// Run `backend.backward` with every output poisoned with NaN; the gradients as f32.
-    fn run(&self, backend: &dyn Backend) -> headmix::Result<Grads<f32>> {
-        let c = &self.case;
-        let (p, w) = (&c.problem, &c.weights);
-        let dt = p.dtype;
-        let (q, k, v) = (Owned::from_f32(dt, &c.q), Owned::from_f32(dt, &c.k), Owned::from_f32(dt, &c.v));
-        let (out, dout) = (Owned::from_f32(dt, &self.out), Owned::from_f32(dt, &self.dout));
-        let mut g = GradBuffers::new(p, w, f32::NAN);
-        let (dq, dk, dv, dw) = g.outputs(&c.q_shape(), &c.kv_shape());
-        let out_shape = p.out_shape();
-        backend.backward(
-            &p.cfg,
-            w,
-            BackwardIo {
-                q: q.tensor(&c.q_shape()),
-                k: k.tensor(&c.kv_shape()),
-                v: v.tensor(&c.kv_shape()),
-                out: out.tensor(&out_shape),
-                lse: &self.lse,
-                dout: dout.tensor(&out_shape),
-                dq,
-                dk,
-                dv,
-                dw,
-            },
-        )?;
-        Ok(g.to_grads())
-    }
-}
-
-/// Every gradient within the dtype's tolerance of the f64 reference, and none left NaN. Where
-/// the reference itself run in f32 misses by more than half the tolerance (a gradient that
-/// cancels to ~eps, e.g. `dav` of a single head under a head norm, which makes the loss
-/// invariant to the scale of `av`), FlashAttention's rule instead: at most twice the f32
-/// reference's error.
-fn check(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType, label: &str) {
-    let (g, w, r) = (got.named(), want.named(), f32_ref.named());
-    assert_eq!(g.len(), w.len(), "{label}: gradient sets differ");
-    for (((name, x), (_, y)), (_, z)) in g.iter().zip(&w).zip(&r) {
-        assert!(x.iter().all(|v| !v.is_nan()), "{label}: {name} has NaN (unwritten or wrong)");
-        let err = rel_err(x, y);
-        let tol = tolerance(dtype);
-        let ref_err = rel_err(z, y);
-        let bound = if ref_err > tol / 2.0 { tol.max(2.0 * ref_err) } else { tol };
-        assert!(
-            err <= bound,
-            "{label}: {name} relative error {err:.3e} above {bound:.1e} (f32 reference {ref_err:.1e})"
-        );
-    }
-}
+use headmix_tests::{Case, check_property};
 
 #[test]
 fn cpu_backward_matches_reference_on_random_problems() {
@@ -156,16 +73,29 @@ fn negative_control_check_detects_a_wrong_gradient() {
     assert!(std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, "nan")).is_err());
 }
 
-/// A backend without a backward says so with a typed error (wgpu, where a device is present).
+/// A backend without a backward says so with a typed error (the trait's default): a forward-only
+/// backend that wraps the CPU one.
 #[test]
 fn backends_without_backward_are_unsupported() {
-    let Some(wgpu) = device_or_skip(BackendKind::Wgpu, "backends_without_backward_are_unsupported") else {
-        return;
-    };
+    struct ForwardOnly(CpuBackend);
+    impl Backend for ForwardOnly {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Cpu
+        }
+        fn device_name(&self) -> String {
+            "forward only".into()
+        }
+        fn describe(&self) -> Vec<(String, String)> {
+            vec![]
+        }
+        fn run(&self, problem: &headmix::Problem, w: &Weights, io: headmix::Io<'_>) -> headmix::Result<()> {
+            self.0.run(problem, w, io)
+        }
+    }
     let cfg = Config::mha(2, 8);
     let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 2), 1, 3, 3, DType::F32, 8), 8);
-    match inputs.run(wgpu.as_ref()) {
-        Err(Error::Unsupported { backend: "wgpu", .. }) => {}
+    match inputs.run(&ForwardOnly(CpuBackend::new())) {
+        Err(Error::Unsupported { backend: "cpu", .. }) => {}
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }

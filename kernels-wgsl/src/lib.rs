@@ -42,6 +42,20 @@ sources! {
     /// `decode.wgsl`: decode on a device-resident KV cache, one workgroup per (sequence, split)
     /// owning all heads.
     DECODE = "decode.wgsl";
+    /// `backward_common.wgsl`: the backward's uniforms (binding 8), mixing and RoPE helpers.
+    BACKWARD_COMMON = "backward_common.wgsl";
+    /// `backward_pre.wgsl`: head norm's transpose, `do` and `D` per token.
+    BACKWARD_PRE = "backward_pre.wgsl";
+    /// `backward_dq.wgsl`: the query-major pass (dqt).
+    BACKWARD_DQ = "backward_dq.wgsl";
+    /// `backward_dkdv.wgsl`: the key-major pass (dkt, dvt).
+    BACKWARD_DKDV = "backward_dkdv.wgsl";
+    /// `backward_sum.wgsl`: sums of the dq / dk-dv passes' split partials (lavapipe's loop budget).
+    BACKWARD_SUM = "backward_sum.wgsl";
+    /// `backward_mix.wgsl`: the mixing's transposes into dq, dk, dv.
+    BACKWARD_MIX = "backward_mix.wgsl";
+    /// `backward_wgrad.wgsl`: the weight gradients, per-chunk partials summed in a fixed order.
+    BACKWARD_WGRAD = "backward_wgrad.wgsl";
 }
 
 /// The source of a file by its name (e.g. `"common.wgsl"`), if this crate has it.

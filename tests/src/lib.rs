@@ -1,6 +1,7 @@
 //! Shared helpers of the headmix test suites: device discovery with clear skips, random inputs,
 //! poisoned outputs, and the comparison of a backend against the f64 reference.
 
+pub mod backward;
 pub mod cases;
 
 use headmix::reference::{self, HeadNorm, MixWeights, Output, Params, Rounding, max_abs_err, rel_err};

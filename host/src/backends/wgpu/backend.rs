@@ -35,6 +35,8 @@ pub struct WgpuBackend {
     faults: Arc<Mutex<Option<String>>>,
     /// Stands in for the pseudo-output binding when no epilogue runs.
     dummy: wgpu::Buffer,
+    /// A deliberately wrong backward kernel (negative controls of the tests); 0: none.
+    pub(super) backward_fault: u32,
 }
 
 /// The caller's device buffers for [`WgpuBackend::forward_buffers`]. Every buffer needs
@@ -109,7 +111,19 @@ impl WgpuBackend {
             dummy,
             uploaded: Default::default(),
             downloaded: Default::default(),
+            backward_fault: 0,
         }
+    }
+
+    /// Test hook (negative controls): run a deliberately wrong backward kernel. 1: the RoPE
+    /// transpose rotates `dqt` by `+theta`; 2: `dS` without the `- D_i`; 3: `dvt` accumulates
+    /// `dS` instead of `P`; 4: the mix-back reads the mixing matrices transposed (`a[h, m, p]`,
+    /// where the stored heads number `H`); 5: the mix-back multiplies selection matrices densely
+    /// (`0 · x` of unread heads, against the NaN policy). 0: the correct kernels.
+    #[doc(hidden)]
+    pub fn with_backward_fault(mut self, fault: u32) -> WgpuBackend {
+        self.backward_fault = fault;
+        self
     }
 
     /// The same device with another attention kernel (e.g. [`Variant::Naive`], the baseline).
@@ -485,6 +499,11 @@ impl Backend for WgpuBackend {
 
     fn supports(&self, problem: &Problem) -> Result<()> {
         launch::check_limits(problem, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())
+    }
+
+    /// The WGSL backward (`backward.rs`; passes in `kernels-wgsl/README.md`, "WGSL backward").
+    fn run_backward(&self, problem: &Problem, w: &Weights, io: crate::BackwardIo<'_>) -> Result<()> {
+        super::backward::run(self, problem, w, io)
     }
 
     fn run(&self, problem: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {

@@ -15,6 +15,7 @@ use super::WgpuBackend;
 use super::device::device_err;
 use super::kernels::{KernelKey, Kind, decode_storage_bytes};
 use super::launch::{self, COMBINE_WG, Dispatch, EPILOGUE_WG, Uniforms, loops, rope_table, to_u32};
+use super::pack::is_selection;
 use crate::cache::{CacheShape, DeviceKv, HostTraffic, KvCache};
 use crate::decode::{DecodeIo, DecodeProblem, band};
 use crate::timing::Owned;
@@ -237,14 +238,6 @@ fn threads(rows_half: usize, limits: &wgpu::Limits) -> u32 {
     wg.max(1)
 }
 
-/// Whether a mixing matrix `[heads, H, P]` is a selection: every (h, p) column one-hot with weight 1.
-fn is_selection(a: &[f32], heads: usize, hp: usize) -> bool {
-    (0..hp).all(|c| {
-        let col: Vec<f32> = (0..heads).map(|m| a[m * hp + c]).collect();
-        col.iter().filter(|&&x| x == 1.0).count() == 1 && col.iter().all(|&x| x == 0.0 || x == 1.0)
-    })
-}
-
 /// Plan a validated decode problem on a cache of `shape` whose sequences hold `lens` tokens.
 pub(crate) fn plan(
     problem: &DecodeProblem,
@@ -282,26 +275,15 @@ pub(crate) fn plan(
     if rope_levels > 4 {
         return Err(unsupported(format!("RoPE position {max_pos} above 2^32 - 1")));
     }
-    let mut weights = Vec::new();
-    let mut push = |xs: &[f32]| -> Result<u32> {
-        let off = to_u32("weights buffer", weights.len())?;
-        weights.extend_from_slice(xs);
-        Ok(off)
+    let rope = match c.rope {
+        Some(r) => rope_table(rope_levels, d, r.base as f64),
+        None => Vec::new(),
     };
-    let aq_off = push(&w.aq)?;
-    let ak_off = push(&w.ak)?;
-    let av_off = push(&w.av)?;
-    let r_off = push(w.r.as_deref().unwrap_or(&[]))?;
-    let gamma_off = push(w.norm.as_ref().map_or(&[][..], |n| n.gamma()))?;
-    let beta_off = push(w.norm.as_ref().and_then(|n| n.beta()).map_or(&[][..], |b| b))?;
-    let rope_off = match c.rope {
-        Some(r) => push(&rope_table(rope_levels, d, r.base as f64))?,
-        None => push(&[])?,
-    };
-    weights.push(0.0); // never empty
-    let selection = (is_selection(&w.aq, hq, h * p) as u32)
-        | ((is_selection(&w.ak, hk, h * p) as u32) << 1)
-        | ((is_selection(&w.av, hk, h * p) as u32) << 2);
+    // No gather tables: the decode kernel reads the selection bits below.
+    let packed = super::pack::pack(c, w, false, &rope)?;
+    let selection = (is_selection(c, &w.aq, hq) as u32)
+        | ((is_selection(c, &w.ak, hk) as u32) << 1)
+        | ((is_selection(c, &w.av, hk) as u32) << 2);
 
     // Tile: the most cached tokens per tile whose workgroup memory fits.
     let d32 = to_u32("head dim", d)?;
@@ -360,50 +342,20 @@ pub(crate) fn plan(
         batch: to_u32("batch", b)?,
         n: to_u32("n", n)?,
         m: to_u32("capacity", cap)?,
-        heads: dims.1,
-        hq: to_u32("q_heads", hq)?,
-        hk: dims.0,
-        p: dims.2,
         nq: dims.3,
         nk: to_u32("capacity·P", cap * p)?,
         off: 0,
-        causal: c.causal as u32,
-        windowed: c.window.is_some() as u32,
         win_left: win_left as u32,
         win_right: win_right as u32,
-        rope: match c.rope.map(|r| r.mode) {
-            None => 0,
-            Some(PosMode::Virtual) => 1,
-            Some(PosMode::Token) => 2,
-        },
         rope_levels,
-        pos0: to_u32("pos_offset", c.pos_offset)?,
-        scale_log2: c.softmax_scale() * std::f32::consts::LOG2_E,
-        aq_off,
-        ak_off,
-        av_off,
-        r_off,
-        gamma_off,
-        rope_off,
         q_tiles: to_u32("tokens per split", tokens_per_split)?,
         splits: to_u32("splits", n_splits)?,
-        eps: c.norm_eps,
         collapse: problem.collapse as u32,
-        norm: match w.norm.as_ref().map(|n| n.kind()) {
-            None => 0,
-            Some(headmix_reference::NormKind::Rms) => 1,
-            Some(headmix_reference::NormKind::Group) => 2,
-        },
         direct: direct as u32,
         n_vec: to_u32("output vectors", n_vec)?,
-        neg_inf_bits: f32::NEG_INFINITY.to_bits(),
         part_off: to_u32("scratch offset", op_len)?,
-        beta_off,
-        sel_q: super::launch::DENSE,
-        sel_k: super::launch::DENSE,
-        sel_v: super::launch::DENSE,
         dec_sel: selection,
-        pad: [0; 2],
+        ..packed.uniforms(c, w)?
     };
 
     // The forward's combine and epilogue, on the problem of the whole batch.
@@ -438,7 +390,7 @@ pub(crate) fn plan(
         ("q", (b * n * hq * d * problem.dtype.size()) as u128),
         ("out", out_len * problem.dtype.size() as u128),
         ("f32 scratch (pseudo outputs, split partials)", 4 * (op_len + part_len) as u128),
-        ("weights", 4 * weights.len() as u128),
+        ("weights", 4 * packed.weights.len() as u128),
     ] {
         if bytes > max_binding {
             return Err(unsupported(format!(
@@ -460,7 +412,7 @@ pub(crate) fn plan(
     let cache_bytes_read = bands.iter().map(|(lo, hi)| 2 * (hi - lo) as u64 * row_bytes).sum();
     Ok(DecodePlan {
         uniforms: u,
-        weights,
+        weights: packed.weights,
         passes,
         op_bytes: 4 * (op_len + part_len) as u64,
         splits: n_splits,

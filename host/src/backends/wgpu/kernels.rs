@@ -8,6 +8,9 @@ use crate::{DType, Result};
 
 // The sources, embedded by the `headmix-kernels-wgsl` crate.
 use headmix_kernels_wgsl::{
+    BACKWARD_COMMON, BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_MIX, BACKWARD_PRE, BACKWARD_SUM, BACKWARD_WGRAD,
+};
+use headmix_kernels_wgsl::{
     COMBINE, COMMON, DECODE, DTYPE_BF16, DTYPE_F16, DTYPE_F32, EPILOGUE, FLASH_FORWARD as FLASH, NAIVE_FORWARD as NAIVE,
 };
 
@@ -26,6 +29,33 @@ pub enum Kind {
     /// heads, `tc` cached tokens per tile, for `hk` stored heads, `p` pseudo-heads and `np = N·P`
     /// virtual queries per head (sizes of its workgroup arrays).
     Decode { tc: u32, wg: u32, hk: u32, h: u32, p: u32, np: u32 },
+    /// Backward pre pass (`stage` 0: head norm's transpose, 1: `do` and `D`), one thread per vector.
+    BwdPre { wg: u32, stage: u32 },
+    /// Backward query-major pass (dqt), `t` virtual queries and keys per tile.
+    BwdDq { t: u32 },
+    /// Backward key-major pass (dkt, dvt), `t` virtual keys and queries per tile.
+    BwdDkdv { t: u32 },
+    /// Backward mix-back into dq, dk, dv, one thread per element pair.
+    BwdMix { wg: u32 },
+    /// Backward sums of split partials (dqt, dkt, dvt), one thread per element.
+    BwdSum { wg: u32 },
+    /// Backward weight gradients (`stage` 0: per-chunk partials, 1: their fixed-order sum).
+    BwdWgrad { wg: u32, stage: u32 },
+}
+
+impl Kind {
+    /// Whether the kernel is one of the backward's (its layout adds binding 8).
+    pub fn is_backward(self) -> bool {
+        matches!(
+            self,
+            Kind::BwdPre { .. }
+                | Kind::BwdDq { .. }
+                | Kind::BwdDkdv { .. }
+                | Kind::BwdMix { .. }
+                | Kind::BwdSum { .. }
+                | Kind::BwdWgrad { .. }
+        )
+    }
 }
 
 /// One compiled variant: kernel, tensor dtype, head dim.
@@ -68,7 +98,22 @@ pub fn source(v: &KernelKey) -> String {
             );
             DECODE
         }
+        Kind::BwdPre { wg, stage } | Kind::BwdWgrad { wg, stage } => {
+            consts += &format!("const WG: u32 = {wg}u;\nconst STAGE: u32 = {stage}u;\n");
+            if matches!(v.kind, Kind::BwdPre { .. }) { BACKWARD_PRE } else { BACKWARD_WGRAD }
+        }
+        Kind::BwdDq { t } | Kind::BwdDkdv { t } => {
+            consts += &format!("const T: u32 = {t}u;\n");
+            if matches!(v.kind, Kind::BwdDq { .. }) { BACKWARD_DQ } else { BACKWARD_DKDV }
+        }
+        Kind::BwdMix { wg } | Kind::BwdSum { wg } => {
+            consts += &format!("const WG: u32 = {wg}u;\n");
+            if matches!(v.kind, Kind::BwdMix { .. }) { BACKWARD_MIX } else { BACKWARD_SUM }
+        }
     };
+    if v.kind.is_backward() {
+        return format!("{consts}\n{dtype}\n{COMMON}\n{BACKWARD_COMMON}\n{body}");
+    }
     format!("{consts}\n{dtype}\n{COMMON}\n{body}")
 }
 
@@ -146,6 +191,8 @@ pub struct Kernels {
     /// The decode kernel's layout: the shared one plus binding 8, the cache's lengths (8
     /// storage buffers; `None` on adapters that allow fewer).
     pub decode_layout: Option<(wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    /// The backward kernels' layout: the shared one plus binding 8, the backward's uniforms.
+    pub backward_layout: (wgpu::BindGroupLayout, wgpu::PipelineLayout),
     cache: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -190,6 +237,20 @@ impl Kernels {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
+        let mut backward_entries = entries.clone();
+        backward_entries.push(wgpu::BindGroupLayoutEntry { binding: 8, ..entries[0] });
+        let backward_layout = {
+            let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("headmix backward bindings"),
+                entries: &backward_entries,
+            });
+            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("headmix backward pipeline layout"),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            (layout, pipeline_layout)
+        };
         entries.push(storage_entry(8, true));
         let decode_layout = (device.limits().max_storage_buffers_per_shader_stage >= 8).then(|| {
             let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -213,6 +274,7 @@ impl Kernels {
             probe_layout,
             pipeline_layout,
             decode_layout,
+            backward_layout,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -228,6 +290,7 @@ impl Kernels {
             (Kind::Decode { .. }, None) => {
                 return Err(super::device::device_err("the decode kernel needs 8 storage buffers per shader stage"));
             }
+            (kind, _) if kind.is_backward() => &self.backward_layout.1,
             _ => &self.pipeline_layout,
         };
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use super::Variant;
 use super::kernels::{KernelKey, Kind, flash_threads, flash_tiles};
 use crate::validate::Problem;
-use crate::{Error, NormKind, PosMode, Result, Weights};
+use crate::{Error, PosMode, Result, Weights};
 
 /// Threads per workgroup of the naive kernel and of the epilogue.
 const NAIVE_WG: u32 = 64;
@@ -155,100 +155,40 @@ pub(crate) fn plan(
     loop_budget: Option<u64>,
 ) -> Result<Plan> {
     let c = &problem.cfg;
-    let (d, p) = (c.head_dim, c.pseudo);
-    let nq = problem.n * p;
-    let nk = problem.m * p;
+    let d = c.head_dim;
+    let nq = problem.n * c.pseudo;
+    let nk = problem.m * c.pseudo;
 
-    // Packed weights: aq | ak | av | r | gamma | beta | RoPE table (all f32, one binding).
-    let mut weights = Vec::new();
-    let mut push = |xs: &[f32]| -> Result<u32> {
-        let off = to_u32("weights buffer", weights.len())?;
-        weights.extend_from_slice(xs);
-        Ok(off)
-    };
-    let aq_off = push(&w.aq)?;
-    let ak_off = push(&w.ak)?;
-    let av_off = push(&w.av)?;
-    let r_off = push(w.r.as_deref().unwrap_or(&[]))?;
-    let gamma_off = push(w.norm.as_ref().map_or(&[][..], |n| n.gamma()))?;
-    let beta_off = push(w.norm.as_ref().and_then(|n| n.beta()).map_or(&[][..], |b| b))?;
-    // Selection matrices (MHA, GQA, identity) become gathers: tables of stored-head indices.
-    let mut push_sel = |a: &[f32], src: usize| -> Result<u32> {
-        match headmix_reference::mixing::selection(a, src, c.heads, p) {
-            Some(sel) => push(&sel.iter().map(|&m| f32::from_bits(m as u32)).collect::<Vec<_>>()),
-            None => Ok(DENSE),
-        }
-    };
-    let sel_q = push_sel(&w.aq, c.q_heads)?;
-    let sel_k = push_sel(&w.ak, c.kv_heads)?;
-    let sel_v = push_sel(&w.av, c.kv_heads)?;
+    // Packed weights: aq | ak | av | r | gamma | beta | selection tables | RoPE table (all f32,
+    // one binding); selection matrices (MHA, GQA, identity) become gathers.
     let rope_rows = rope_rows(problem)?;
-    let rope_off = match c.rope {
-        Some(r) => push(&rope_position_table(rope_rows, c.pos_offset, d, r.base as f64))?,
-        None => push(&[])?,
+    let rope = match c.rope {
+        Some(r) => rope_position_table(rope_rows, c.pos_offset, d, r.base as f64),
+        None => Vec::new(),
     };
-    if weights.is_empty() {
-        weights.push(0.0); // bindings may not be empty
-    }
-
+    let packed = super::pack::pack(c, w, true, &rope)?;
     let direct = !problem.collapse && !problem.norm;
     let mut u = Uniforms {
         batch: to_u32("batch", problem.batch)?,
         n: to_u32("n", problem.n)?,
         m: to_u32("m", problem.m)?,
-        heads: to_u32("heads", c.heads)?,
-        hq: to_u32("q_heads", c.q_heads)?,
-        hk: to_u32("kv_heads", c.kv_heads)?,
-        p: to_u32("pseudo", p)?,
         nq: to_u32("N·P", nq)?,
         nk: to_u32("M·P", nk)?,
         off: to_u32("(M−N)·P", nk - nq)?,
-        causal: c.causal as u32,
-        windowed: c.window.is_some() as u32,
         win_left: c.window.map_or(0, |w| w.left.min(nk)) as u32,
         win_right: c.window.map_or(0, |w| w.right.min(nk)) as u32,
-        rope: match c.rope.map(|r| r.mode) {
-            None => 0,
-            Some(PosMode::Virtual) => 1,
-            Some(PosMode::Token) => 2,
-        },
         rope_levels: 0, // the per-position table
-        pos0: to_u32("pos_offset", c.pos_offset)?,
-        scale_log2: c.softmax_scale() * std::f32::consts::LOG2_E,
-        aq_off,
-        ak_off,
-        av_off,
-        r_off,
-        gamma_off,
-        rope_off,
-        q_tiles: 0,
-        splits: 1,
-        eps: c.norm_eps,
         collapse: problem.collapse as u32,
-        norm: match w.norm.as_ref().map(|n| n.kind()) {
-            None => 0,
-            Some(NormKind::Rms) => 1,
-            Some(NormKind::Group) => 2,
-        },
         direct: direct as u32,
-        n_vec: 0,
-        neg_inf_bits: f32::NEG_INFINITY.to_bits(),
-        part_off: 0,
-        beta_off,
-        sel_q,
-        sel_k,
-        sel_v,
-        dec_sel: 0,
-        pad: [0; 2],
+        ..packed.uniforms(c, w)?
     };
-
     let ds = dispatches(problem, variant, splits, limits, loop_budget)?;
     u.q_tiles = ds.q_tiles;
     u.splits = ds.splits;
     u.n_vec = ds.epilogue.map_or(0, |e| e.workgroups);
     u.part_off = to_u32("scratch offset", ds.op_len)?;
     let passes = std::iter::once(ds.attention).chain(ds.combine).chain(ds.epilogue).collect();
-    Ok(Plan { uniforms: u, weights, passes, op_bytes: 4 * (ds.op_len + ds.part_len) as u64 })
+    Ok(Plan { uniforms: u, weights: packed.weights, passes, op_bytes: 4 * (ds.op_len + ds.part_len) as u64 })
 }
 
 /// Workgroups the split-KV heuristic aims for: enough to fill a large GPU twice over.
@@ -271,7 +211,7 @@ struct Dispatches {
 }
 
 /// Most key tiles one query tile of `br` rows visits: all of them, or the window's band.
-fn max_key_tiles(problem: &Problem, br: usize, bc: usize) -> usize {
+pub(crate) fn max_key_tiles(problem: &Problem, br: usize, bc: usize) -> usize {
     let nk = problem.m * problem.cfg.pseudo;
     let all = nk.div_ceil(bc);
     match problem.cfg.window {
@@ -357,7 +297,7 @@ pub(crate) mod loops {
     }
 }
 
-fn over_budget(kernel: &str, iterations: u64, budget: u64) -> Error {
+pub(crate) fn over_budget(kernel: &str, iterations: u64, budget: u64) -> Error {
     unsupported(format!(
         "the {kernel} kernel would run {iterations} loop iterations per invocation, above this adapter's \
          {budget} (llvmpipe ends longer loops early); use shorter sequences or a hardware adapter"

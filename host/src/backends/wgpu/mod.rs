@@ -25,6 +25,8 @@
 #[cfg(feature = "wgpu")]
 mod backend;
 #[cfg(feature = "wgpu")]
+mod backward;
+#[cfg(feature = "wgpu")]
 mod decode;
 #[cfg(feature = "wgpu")]
 mod device;
@@ -32,6 +34,8 @@ mod device;
 mod kernels;
 #[cfg(feature = "wgpu")]
 mod launch;
+#[cfg(feature = "wgpu")]
+mod pack;
 
 /// The wgpu crate headmix is built against, for [`WgpuBackend::forward_buffers`] callers.
 #[cfg(feature = "wgpu")]

@@ -1,0 +1,223 @@
+//! The wgpu backward (WGSL kernels, `WgpuBackend::run_backward`) against the f64 reference
+//! backward on lavapipe (or any adapter): property suite over every method, random shapes, masks
+//! and windows, RoPE in both position modes, `M > N`, `Hk < H`, f32/f16/bf16, gradients poisoned
+//! with NaN before each call; determinism; negative controls (deliberately wrong kernels fail the
+//! check); the loop-budget refusal as a typed error with nothing written.
+//! `HEADMIX_REQUIRE_WGPU=1` makes a missing adapter a failure instead of a skip.
+
+use headmix::backends::wgpu::WgpuBackend;
+use headmix::reference::backward::Grads;
+use headmix::{Backend, BackendKind, BackwardIo, Config, DType, Error, Tensor, TensorMut, WeightGrads, Weights};
+use headmix_tests::backward::{Inputs, check_against};
+use headmix_tests::cases::{Limits, specs};
+use headmix_tests::{Case, check_property, device_or_skip};
+use proptest::strategy::Strategy;
+
+/// How many times the f32 reference's error (the largest of three runs) the kernels may miss a
+/// gradient by where that error exceeds half the tolerance: such a gradient cancels to rounding
+/// noise (e.g. `dav` under a head norm without collapse, or `dr` of one head: the loss is
+/// invariant to their scale), and the kernels, summing in other orders, draw other noise.
+const NOISE_FACTOR: f64 = 8.0;
+
+/// A gradient the f32 reference misses by more than 1e-3 relative is mostly rounding noise (the
+/// same invariance, at smaller eps-driven values; often a single scalar, whose noise ratio between
+/// two implementations is heavy-tailed): it need only be within 10% (a wrong kernel is O(1) off).
+const NOISE_DOMINATED: (f64, f64) = (1e-3, 0.1);
+
+/// The check: every gradient within the dtype's tolerance of the f64 reference, or within
+/// FlashAttention's 2x of the f32 reference's error for f16/bf16 and, for f32, where the gradient
+/// cancels to rounding noise, within [`NOISE_FACTOR`] times the largest error of the f32 reference and
+/// eight runs of it at inputs moved by a few ulp (see `check_against`).
+fn check_grads(inputs: &Inputs, got: &Grads<f32>, want: &Grads<f64>, want32: &Grads<f32>, dtype: DType, label: &str) {
+    // The reference "in the same precision": f32 arithmetic on the dtype's inputs, dq, dk, dv
+    // rounded to the dtype as the kernels write them (small gradients are subnormal in f16).
+    let round = |g: &Grads<f32>| {
+        let r = |x: &[f32]| headmix::timing::Owned::from_f32(dtype, x).to_f32();
+        Grads { dq: r(&g.dq), dk: r(&g.dk), dv: r(&g.dv), ..g.clone() }
+    };
+    let refs: Vec<Grads<f32>> = std::iter::once(want32.clone()).chain(inputs.f32_noise(8)).map(|g| round(&g)).collect();
+    let factor = if dtype == DType::F32 { NOISE_FACTOR } else { 2.0 };
+    check_against(got, want, &refs.iter().collect::<Vec<_>>(), (factor, Some(NOISE_DOMINATED)), dtype, label);
+}
+
+/// The wgpu backend, or a skip (a failure under `HEADMIX_REQUIRE_WGPU=1`).
+fn wgpu(test: &str) -> Option<WgpuBackend> {
+    device_or_skip(BackendKind::Wgpu, test)?;
+    Some(WgpuBackend::new().expect("the adapter opened a moment ago"))
+}
+
+/// Property suite: 256 random problems (every method, d up to 16, N up to 8, M − N up to 4, every
+/// dtype), each checked gradient by gradient. Left out: a head norm over d = 2 elements (the Group
+/// norm maps every vector to gamma ∘ ±(1, −1) + beta, the Rms norm keeps only its angle), whose
+/// gradients are rounding noise with too few terms to estimate its size (errors 1e-4 to 1e-2 in
+/// any f32 implementation, the reference's included).
+#[test]
+fn wgpu_backward_matches_reference_on_random_problems() {
+    let Some(be) = wgpu("wgpu_backward_matches_reference_on_random_problems") else { return };
+    let limits = Limits { max_n: 8, max_extra: 4, head_dims: vec![2, 4, 8, 16], ..Limits::default() };
+    let specs = specs(limits).prop_filter("a head norm over d = 2", |s| !(s.head_dim == 2 && s.norm.is_some()));
+    check_property("wgpu backward", 256, specs, |spec| {
+        let inputs = Inputs::new(spec.case(), spec.seed);
+        let got = inputs.run(&be).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+        let (want, want32) = inputs.reference();
+        check_grads(&inputs, &got, &want, &want32, spec.dtype, &format!("{spec:?}"));
+    });
+}
+
+/// Larger fixed problems: d = 64, several tiles of queries and keys (the tile is 32 virtual
+/// tokens), windows crossing tiles, M > N, Hk < H, RoPE in both modes, collapse and both norms.
+#[test]
+fn wgpu_backward_matches_reference_on_multi_tile_problems() {
+    let Some(be) = wgpu("wgpu_backward_matches_reference_on_multi_tile_problems") else { return };
+    use headmix::{PosMode, Rope};
+    let token = Rope { base: 10000.0, mode: PosMode::Token };
+    let cases = [
+        (Config::iha(2, 2, 64).with_rope(Default::default()), 19, 23, DType::F32),
+        (Config::iha_window(2, 3, 64, 5).with_rope(token), 21, 21, DType::F32),
+        (Config::mea_compressed(4, 2, 64).unwrap().with_causal(true), 37, 40, DType::F32),
+        (Config::gqa(4, 2, 32).unwrap().with_causal(true).with_rope(token), 40, 45, DType::BF16),
+        (Config::iha(2, 2, 32), 17, 20, DType::F16),
+    ];
+    for (i, (cfg, n, m, dtype)) in cases.into_iter().enumerate() {
+        let case = Case::random(cfg, Weights::random(&cfg, i as u64), 1, n, m, dtype, 40 + i as u64);
+        let inputs = Inputs::new(case, i as u64);
+        let (want, want32) = inputs.reference();
+        let label = format!("{cfg:?} n={n} m={m} {dtype:?}");
+        check_grads(&inputs, &inputs.run(&be).unwrap(), &want, &want32, dtype, &label);
+    }
+}
+
+/// Two calls give bit-identical gradients (no atomics; every sum in a fixed order).
+#[test]
+fn wgpu_backward_is_deterministic() {
+    let Some(be) = wgpu("wgpu_backward_is_deterministic") else { return };
+    let cfg = Config::mea_compressed(3, 2, 8).unwrap().with_rope(Default::default()).with_causal(true);
+    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 1), 2, 37, 41, DType::F32, 3), 3);
+    assert_eq!(inputs.run(&be).unwrap(), inputs.run(&be).unwrap());
+}
+
+/// Negative controls: each deliberately wrong kernel (RoPE transpose by +theta, dS without
+/// -D_i, dvt from dS instead of P, the mixing matrices transposed in the mix-back) fails the
+/// check that the correct kernels pass.
+#[test]
+fn negative_control_wrong_kernels_fail_the_check() {
+    let Some(_) = wgpu("negative_control_wrong_kernels_fail_the_check") else { return };
+    let cfg = Config::iha(2, 2, 8).with_rope(Default::default());
+    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 2), 1, 6, 7, DType::F32, 8), 8);
+    let (want, want32) = inputs.reference();
+    let right = inputs.run(&WgpuBackend::new().unwrap()).unwrap();
+    check_grads(&inputs, &right, &want, &want32, DType::F32, "correct kernels");
+    let faults = [(1, "RoPE transpose by +theta"), (2, "dS without -D"), (3, "dvt from dS"), (4, "aq transposed")];
+    for (fault, what) in faults {
+        let wrong = inputs.run(&WgpuBackend::new().unwrap().with_backward_fault(fault)).unwrap();
+        let caught =
+            std::panic::catch_unwind(|| check_grads(&inputs, &wrong, &want, &want32, DType::F32, what)).is_err();
+        assert!(caught, "the wrong kernel ({what}) went unnoticed");
+    }
+}
+
+/// On an adapter with a loop budget (llvmpipe), a long problem is split (the dq pass over key
+/// ranges, the dk/dv pass over query ranges, partials summed in order) and still matches the
+/// reference; a problem whose smallest split cannot fit (one row mixing 128 stored heads of
+/// d = 256) is refused with `Error::Unsupported` naming the kernel, and no gradient is written.
+#[test]
+fn over_budget_backward_is_split_or_refused() {
+    let Some(be) = wgpu("over_budget_backward_is_split_or_refused") else { return };
+    let Some(budget) = be.loop_budget() else { return }; // no budget on hardware adapters
+    // Split: IHA P = 2 over 300 tokens at d = 64 is 600 virtual keys, above one invocation's budget.
+    let cfg = Config::iha(2, 2, 64).with_rope(Default::default());
+    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 5), 1, 300, 300, DType::F32, 5), 5);
+    let (want, want32) = inputs.reference();
+    check_grads(&inputs, &inputs.run(&be).unwrap(), &want, &want32, DType::F32, &format!("split under {budget}"));
+
+    let cfg = Config::mea(128, 256);
+    let w = Weights::random(&cfg, 1);
+    let (n, d, h) = (1, 256, 128);
+    let x = vec![0.25f32; n * h * d];
+    let lse = vec![0.0f32; n * h];
+    let sentinel = 7.25f32;
+    let (mut dq, mut dk, mut dv) = (vec![sentinel; n * h * d], vec![sentinel; n * h * d], vec![sentinel; n * h * d]);
+    let (mut daq, mut dak, mut dav) = (vec![sentinel; h * h], vec![sentinel; h * h], vec![sentinel; h * h]);
+    let mut dgamma = vec![sentinel; h * d];
+    let mut dbeta = w.norm.as_ref().and_then(|n| n.beta()).map(|b| vec![sentinel; b.len()]);
+    let shape = [1, n, h, d];
+    let err = be
+        .backward(
+            &cfg,
+            &w,
+            BackwardIo {
+                q: Tensor::new(&x, &shape),
+                k: Tensor::new(&x, &shape),
+                v: Tensor::new(&x, &shape),
+                out: Tensor::new(&x, &shape),
+                lse: &lse,
+                dout: Tensor::new(&x, &shape),
+                dq: TensorMut::new(&mut dq, &shape),
+                dk: TensorMut::new(&mut dk, &shape),
+                dv: TensorMut::new(&mut dv, &shape),
+                dw: WeightGrads {
+                    daq: &mut daq,
+                    dak: &mut dak,
+                    dav: &mut dav,
+                    dr: None,
+                    dgamma: Some(&mut dgamma),
+                    dbeta: dbeta.as_deref_mut(),
+                },
+            },
+        )
+        .expect_err("over the loop budget");
+    match &err {
+        Error::Unsupported { backend: "wgpu", why } if why.contains("backward") => {}
+        other => panic!("expected Unsupported naming a backward kernel, got {other:?}"),
+    }
+    for g in [&dq, &dk, &dv, &daq, &dak, &dav, &dgamma] {
+        assert!(g.iter().all(|&v| v == sentinel), "a gradient was written before the refusal");
+    }
+}
+
+#[path = "../host/examples/train_iha.rs"]
+#[allow(dead_code)]
+mod train_iha;
+
+/// The training example on the wgpu backward: 40 steps of gradient descent halve the loss, as
+/// on the CPU (`tests/train_example.rs`).
+#[test]
+fn training_example_loss_falls_on_wgpu() {
+    let Some(be) = wgpu("training_example_loss_falls_on_wgpu") else { return };
+    let losses = train_iha::fit(&be, 40, 0.02, false).expect("training runs");
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    assert!(losses.iter().all(|l| l.is_finite()), "a loss is not finite: {losses:?}");
+    assert!(last < 0.5 * first, "loss did not fall enough: {first:.4e} -> {last:.4e}");
+}
+
+/// NaN policy, selection mixing (MHA): a NaN in head 1's query of one token leaves head 0's
+/// `dq, dk, dv` bit-identical to the run without it (the selection gathers read no other head,
+/// the mix-back adds no 0 · NaN), while head 1's `dq` row reads it.
+#[test]
+fn nan_in_one_head_leaves_other_heads_gradients_alone() {
+    let Some(be) = wgpu("nan_in_one_head_leaves_other_heads_gradients_alone") else { return };
+    let (h, d, n) = (2, 8, 5);
+    let cfg = Config::mha(h, d);
+    let clean = Case::random(cfg, Weights::random(&cfg, 3), 1, n, n, DType::F32, 9);
+    let mut dirty = Case::random(cfg, Weights::random(&cfg, 3), 1, n, n, DType::F32, 9);
+    let token = 2;
+    dirty.q[(token * h + 1) * d] = f32::NAN; // token 2, head 1, element 0
+    let (clean, dirty) = (Inputs::new(clean, 4), Inputs::new(dirty, 4));
+    let head = |g: &[f32], m: usize| -> Vec<u32> {
+        g.chunks(d).enumerate().filter(|(i, _)| i % h == m).flat_map(|(_, x)| x.iter().map(|v| v.to_bits())).collect()
+    };
+    let check = |be: &WgpuBackend| {
+        let (a, b) = (clean.run(be).unwrap(), dirty.run(be).unwrap());
+        for (name, x, y) in [("dq", &a.dq, &b.dq), ("dk", &a.dk, &b.dk), ("dv", &a.dv, &b.dv)] {
+            assert_eq!(head(x, 0), head(y, 0), "{name} of head 0 changed");
+            assert!(head(y, 0).iter().all(|&v| f32::from_bits(v).is_finite()), "{name} of head 0 not finite");
+        }
+        let row = &b.dq[(token * h + 1) * d..(token * h + 2) * d];
+        assert!(row.iter().any(|v| v.is_nan()), "head 1's dq row read no NaN");
+    };
+    check(&be);
+    // Negative control: a mix-back that multiplies the selection densely (0 · NaN) fails it.
+    let dense = WgpuBackend::new().unwrap().with_backward_fault(5);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&dense))).is_err();
+    assert!(caught, "0 · NaN of an unread head went unnoticed");
+}

@@ -243,7 +243,7 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1);
 #include "../tiles.cuh"
 #endif
 
-#ifndef HM_EMU_DECODE
+#if !defined(HM_EMU_DECODE) || defined(HM_EMU_MMA) // (bwd_emu.cpp: the model without the forward)
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's 32 lanes each bring 4 A registers
 // and 2 B registers; lane l computes its 4 accumulators. Layout (PTX ISA, "Matrix fragments for
 // mma.m16n8k16", g = lane / 4, t = lane % 4, element e of a register pair: low half first):
@@ -273,6 +273,8 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     }
     emu_wait(warp_bar[w]);
 }
+#endif
+#ifndef HM_EMU_DECODE
 // The kernel under test (HM_KERNEL_FILE, HM_ENTRY: from the kernel table), then the epilogue.
 #define EMU_STR_(x) #x
 #define EMU_STR(x) EMU_STR_(x)

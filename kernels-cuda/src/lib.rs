@@ -50,7 +50,17 @@ sources! {
     /// `attn_v3.cu`: v3, FlashAttention-2 class (cp.async, ldmatrix, mma.sync), the tensor-core
     /// pre-mix and the no-atomics collapse; f16/bf16, head dims up to 128, sm_80+.
     ATTN_V3 = "attn_v3.cu";
+    /// `bwd_v1.cu`: the backward pass v1 (mix, recompute, norm/collapse transpose, dq, dk/dv,
+    /// mix-back, weight gradients from per-tile partials); FMA, every dtype, no atomics.
+    BWD_V1 = "bwd_v1.cu";
+    /// `bwd_v2.cu`: the backward's attention passes (dq, dk/dv) on the tensor cores; compiled
+    /// after `bwd_v1.cu` as one module ([`BWD_V2_MODULE`]).
+    BWD_V2 = "bwd_v2.cu";
 }
+
+/// The kernel text of the `bwd_v2` module: `bwd_v1.cu` (its other passes) then `bwd_v2.cu`
+/// (compiled with `HM_BWD_TC 1`, which leaves out bwd_v1's FMA dq and dk/dv).
+pub const BWD_V2_MODULE: &str = concat!(include_str!("../bwd_v1.cu"), "\n", include_str!("../bwd_v2.cu"));
 
 /// The source of a file by its name (e.g. `"attn_v1.cu"`), if this crate has it.
 pub fn get(file: &str) -> Option<&'static str> {

@@ -153,7 +153,128 @@ pub fn cost(v: &Variant, pb: &Problem) -> Cost {
         // v3: FlashAttention-2 over row tables; dense mixing and RoPE through the pre-mix.
         Kernel::AttnV3 => v3(v, pb),
         Kernel::CollapseEpilogue => epilogue(pb),
+        // The backward: the sum of its passes.
+        Kernel::BwdV1 | Kernel::BwdV2 => backward_passes(v, pb).into_iter().fold(Cost::default(), |a, (_, c)| a + c),
     }
+}
+
+/// The count model of the backward (`bwd_v1.cu`, `bwd_v2.cu`), per pass in launch order, for dense mixing
+/// (selections skip the mixing FLOP): `V` visible (query, key) pairs per (batch, head); every
+/// pass's f32 scratch rows counted as traffic; the attention passes read their streamed rows once
+/// per owned tile (`BR` rows). Counted, not measured.
+pub fn backward_passes(v: &Variant, pb: &Problem) -> Vec<(&'static str, Cost)> {
+    let c = &pb.cfg;
+    let t = v.tiles();
+    let p = c.pseudo as i64;
+    let (nq, nk) = (pb.n as i64 * p, pb.m as i64 * p);
+    let (b, n, m, h) = (pb.batch as f64, pb.n as f64, pb.m as f64, c.heads as f64);
+    let (hq, hk, pf, d, e) = (c.q_heads as f64, c.kv_heads as f64, p as f64, c.head_dim as f64, pb.dtype.size() as f64);
+    let cols = b * h;
+    // Visible pairs of one (batch, head), and the streamed tiles of both attention passes.
+    let visible: f64 = (0..nq)
+        .map(|i| {
+            let (lo, hi) = key_range(pb, i, i);
+            (hi - lo + 1).max(0) as f64
+        })
+        .sum();
+    // Streamed rows per tile: bwd_v2's tensor-core passes stream 16 above d 64 (bwd_v2.cu's BW2_BC).
+    let bc = if v.kernel == Kernel::BwdV2 && v.hd > 64 { 16 } else { t.bc as i64 };
+    // (owned blocks of `br` queries, streamed key tiles of `bc`) over all (batch, head) columns.
+    let tiles = |br: i64| {
+        let mut key_tiles = 0u64;
+        for i0 in (0..nq).step_by(br as usize) {
+            let (lo, hi) = key_range(pb, i0, (i0 + br).min(nq) - 1);
+            if lo <= hi {
+                key_tiles += (hi / bc - lo / bc + 1) as u64;
+            }
+        }
+        ((nq as u64).div_ceil(br as u64) as f64 * cols, key_tiles as f64 * cols)
+    };
+    let (q_blocks, key_tiles) = tiles(t.br as i64);
+    // bwd_v2: the tensor-core passes own 64 rows (the recompute pass keeps bwd_v1's tiles).
+    let tc = v.kernel == Kernel::BwdV2;
+    let br_tc = if tc { 64 } else { t.br as i64 };
+    let (q_blocks_tc, key_tiles_tc) = tiles(br_tc);
+    let k_blocks_tc = (nk as u64).div_ceil(br_tc as u64) as f64 * cols;
+    // Query tiles the key pass streams: the same (owned, streamed) tile pairs seen from the keys
+    // (the key pass owns BR keys and streams BC queries, as the query pass owns BR queries).
+    let query_tiles = key_tiles_tc;
+    let rows = |l: f64| 4.0 * b * h * l * pf * d; // one f32 scratch tensor of L tokens
+    let stored = b * (n * hq + 2.0 * m * hk) * d * e;
+    let mix_flop = 2.0 * b * (n * hq + 2.0 * m * hk) * h * pf * d;
+    let recompute = pb.collapse || pb.norm || pb.dtype != crate::DType::F32;
+    let hp = h * pf;
+    let out_rows = if pb.collapse { b * n * h } else { b * n * hp };
+    let mut passes = vec![(
+        "mix",
+        Cost {
+            blocks: (pb.n.max(pb.m) * 3 * pb.batch) as u64,
+            fma_flop: mix_flop,
+            l2_bytes: stored + rows(n + 2.0 * m),
+            hbm_bytes: stored + rows(n + 2.0 * m),
+            ..Cost::default()
+        },
+    )];
+    // `products` matrix products of 2 FLOP per visible pair and column each; on the tensor cores
+    // (bwd_v2) every (owned, streamed) tile pair runs them whole at the padded capacity, three
+    // mma per product (hi*hi + hi*lo + lo*hi).
+    let attn = |products: f64, tensor: bool, blocks: f64, pairs: f64, own: f64, streamed: f64, written: f64| {
+        let useful = 2.0 * products * visible * d * cols;
+        let tc_flop = if tensor { 3.0 * 2.0 * products * (br_tc * bc) as f64 * v.hd as f64 * pairs } else { 0.0 };
+        Cost {
+            blocks: blocks as u64,
+            key_tiles: pairs as u64,
+            useful_flop: useful,
+            tc_flop,
+            fma_flop: if tensor { 0.0 } else { useful },
+            l2_bytes: own + streamed + written,
+            hbm_bytes: own + rows(n + 2.0 * m).min(own + streamed) + written,
+            ..Cost::default()
+        }
+    };
+    let stream_k = 2.0 * key_tiles * bc as f64 * 4.0 * d;
+    if recompute {
+        passes.push(("fwd (recompute o)", attn(2.0, false, q_blocks, key_tiles, rows(n), stream_k, rows(n))));
+    }
+    let collapse_flop = if pb.collapse { 6.0 * b * n * h * hp * d } else { 0.0 };
+    let norm_flop = if pb.norm { 12.0 * out_rows * d } else { 0.0 };
+    passes.push((
+        "pre (norm, collapse, D)",
+        Cost {
+            blocks: (pb.n.div_ceil(8) * pb.batch) as u64,
+            fma_flop: collapse_flop + norm_flop + 2.0 * b * n * hp * d,
+            l2_bytes: rows(n) * 2.0 + out_rows * d * e,
+            hbm_bytes: rows(n) * 2.0 + out_rows * d * e,
+            ..Cost::default()
+        },
+    ));
+    let stream_k_tc = 2.0 * key_tiles_tc * bc as f64 * 4.0 * d;
+    // dq: S, dP, dS K; dk, dv: S^T, dP^T, P^T dO, dS^T Q.
+    passes.push(("dq (query-major)", attn(3.0, tc, q_blocks_tc, key_tiles_tc, 2.0 * rows(n), stream_k_tc, rows(n))));
+    let stream_q = 2.0 * query_tiles * bc as f64 * 4.0 * d;
+    passes
+        .push(("dk, dv (key-major)", attn(4.0, tc, k_blocks_tc, query_tiles, 2.0 * rows(m), stream_q, 2.0 * rows(m))));
+    passes.push((
+        "mix-back",
+        Cost {
+            blocks: (pb.n.max(pb.m) * 3 * pb.batch) as u64,
+            fma_flop: mix_flop,
+            l2_bytes: stored + rows(n + 2.0 * m),
+            hbm_bytes: stored + rows(n + 2.0 * m),
+            ..Cost::default()
+        },
+    ));
+    passes.push((
+        "weight gradients",
+        Cost {
+            blocks: (pb.n.max(pb.m).div_ceil(16) * 3 * pb.batch) as u64,
+            fma_flop: mix_flop,
+            l2_bytes: stored + rows(n + 2.0 * m),
+            hbm_bytes: stored + rows(n + 2.0 * m),
+            ..Cost::default()
+        },
+    ));
+    passes
 }
 
 /// The first and last key a block of virtual queries `[i0, i1]` visits (`hm_key_range` of

@@ -22,6 +22,12 @@ pub enum Kernel {
     AttnV3,
     /// The collapse epilogue (head norm and rounding of the f32 accumulator).
     CollapseEpilogue,
+    /// The backward pass v1 (`bwd_v1.cu`): FMA, f32 on chip, every dtype; eight entry points
+    /// launched by `backward.rs` (not an attention kernel: `HM_KERNEL` 0).
+    BwdV1,
+    /// The backward pass v2 (`bwd_v1.cu` + `bwd_v2.cu`): bwd_v1's passes with the dq and dk/dv
+    /// passes on the tensor cores (mma.sync, split hi + lo operands), f16/bf16, d <= 128, sm_80+.
+    BwdV2,
 }
 
 /// The mask kind compiled into a variant (`HM_MASK`): dense variants carry no mask code, causal
@@ -103,7 +109,7 @@ pub const EPI_ROWS: usize = 4;
 // The kernel files come from the `headmix-kernels-cuda` crate (a path outside this crate would
 // not be in its package).
 mod src {
-    pub use headmix_kernels_cuda::{ATTN_V1, ATTN_V2, ATTN_V3, EPILOGUE};
+    pub use headmix_kernels_cuda::{ATTN_V1, ATTN_V2, ATTN_V3, BWD_V1, BWD_V2_MODULE, EPILOGUE};
 }
 
 /// Every kernel version. Order: attention kernels by version, then the epilogue.
@@ -191,6 +197,67 @@ pub static KERNELS: &[KernelSpec] = &[
         tiles: |_| (EPI_ROWS, 0),
         smem: |_, _, _| 0,
     },
+    KernelSpec {
+        kernel: Kernel::BwdV1,
+        name: "bwd_v1",
+        number: 0,
+        file: "bwd_v1.cu",
+        source: src::BWD_V1,
+        entry: "hm_bwd_v1_dq",
+        extra_entries: &[
+            "hm_bwd_v1_mix",
+            "hm_bwd_v1_fwd",
+            "hm_bwd_v1_pre",
+            "hm_bwd_v1_dkdv",
+            "hm_bwd_v1_mixback",
+            "hm_bwd_v1_wgrad",
+            "hm_bwd_v1_reduce",
+        ],
+        summary: "backward: mix, recompute, norm/collapse transpose, dq (query-major), dk/dv (key-major), mix-back, weight gradients; FMA, every dtype, d <= 256, no atomics",
+        dtypes: &[DType::F32, DType::F16, DType::BF16],
+        head_dims: &[32, 64, 128, 256],
+        masks: &[MaskKind::Runtime],
+        options: NO_OPTIONS,
+        min_cc: (7, 5),
+        // 4 warps; 16 owned rows per block (4 per warp), 32 streamed rows per tile (one per lane).
+        threads: 128,
+        tiles: |_| (16, 32),
+        // f32: owned [BR][HD+1] x2, streamed [BC][HD+1] x2, streamed lse and D [2][BC], per-warp
+        // broadcast rows [4][2][BC].
+        smem: |hd, br, bc| 4 * (2 * (br + bc) * (hd + 1) + 2 * bc + 2 * 4 * bc),
+    },
+    KernelSpec {
+        kernel: Kernel::BwdV2,
+        name: "bwd_v2",
+        number: 0,
+        file: "bwd_v2.cu",
+        source: src::BWD_V2_MODULE,
+        entry: "hm_bwd_v2_dq",
+        extra_entries: &[
+            "hm_bwd_v1_mix",
+            "hm_bwd_v1_fwd",
+            "hm_bwd_v1_pre",
+            "hm_bwd_v2_dkdv",
+            "hm_bwd_v1_mixback",
+            "hm_bwd_v1_wgrad",
+            "hm_bwd_v1_reduce",
+        ],
+        summary: "backward with tensor-core dq and dk/dv (mma.sync m16n8k16, operands split hi + lo), bwd_v1's other passes; f16/bf16, d <= 128, sm_80+",
+        dtypes: &[DType::F16, DType::BF16],
+        head_dims: &[32, 64, 128],
+        masks: &[MaskKind::Runtime],
+        options: &[KernelOption { name: "", defines: &[("HM_BWD_TC", 1)] }],
+        min_cc: (8, 0),
+        threads: 128,
+        // bwd_v1's tiles for its FMA passes; the tensor-core passes own 64 rows and stream 32.
+        tiles: |_| (16, 32),
+        // Owned hi/lo planes [4][64][HD+8] and streamed [4][SC][HD+8] 16-bit, the streamed rows'
+        // lse and D [2][SC] f32 and key ranges [2][SC] i32; SC = 32 streamed rows (16 above d 64).
+        smem: |hd, _br, _bc| {
+            let sc = if hd > 64 { 16 } else { 32 };
+            2 * (hd + 8) * (4 * 64 + 4 * sc) + 4 * 4 * sc
+        },
+    },
 ];
 
 impl Kernel {
@@ -242,7 +309,7 @@ mod tests {
 
     #[test]
     fn every_kernel_has_one_entry_and_a_unique_name_and_number() {
-        for k in [Kernel::AttnV1, Kernel::AttnV2, Kernel::AttnV3, Kernel::CollapseEpilogue] {
+        for k in [Kernel::AttnV1, Kernel::AttnV2, Kernel::AttnV3, Kernel::CollapseEpilogue, Kernel::BwdV1, Kernel::BwdV2] {
             assert_eq!(KERNELS.iter().filter(|s| s.kernel == k).count(), 1, "{k:?}");
             assert_eq!(Kernel::parse(k.name()), Some(k));
         }

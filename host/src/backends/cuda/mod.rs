@@ -33,6 +33,11 @@
 //!   `Timing::extra_bytes`). Without a collapse, the attention kernel writes the de-interleaved
 //!   pseudo outputs itself (head norm included).
 //!
+//! - **bwd_v1 / bwd_v2** (`bwd_v1.cu`, `bwd_v2.cu`): the backward pass ([`backward`]): a launch
+//!   plan of eight passes (mix, recompute, norm/collapse transpose, dq, dk/dv, mix-back, weight
+//!   gradients, reduce), FMA in bwd_v1, the dq and dk/dv passes on the tensor cores in bwd_v2
+//!   (f16/bf16, d <= 128, sm_80+, chosen where it runs); no atomics.
+//!
 //! Without a GPU, every variant is compiled by the `nvrtc_compile` test and run on a CPU emulator
 //! of the kernels (`kernels-cuda/emu`) against an f64 implementation of the spec.
 //!
@@ -49,6 +54,7 @@
 //! finds them first (NVRTC also in pip wheels) and [`open`] returns `Error::Device` instead.
 
 pub mod args;
+pub mod backward;
 pub mod compile;
 pub mod cost;
 pub mod decode;
@@ -445,6 +451,12 @@ impl Backend for CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// The CUDA backward (`bwd_v1.cu`, [`backward`]): extra device memory
+    /// [`backward::BwdPlan::extra_bytes`], deterministic (no atomics).
+    fn run_backward(&self, pb: &Problem, w: &Weights, io: crate::BackwardIo<'_>) -> Result<()> {
+        self.backward_on_device(pb, w, io)
     }
 
     fn run(&self, pb: &Problem, w: &Weights, io: Io<'_>) -> Result<()> {

@@ -50,6 +50,9 @@ sources! {
     /// `attn_v3.cu`: v3, FlashAttention-2 class (cp.async, ldmatrix, mma.sync), the tensor-core
     /// pre-mix and the no-atomics collapse; f16/bf16, head dims up to 128, sm_80+.
     ATTN_V3 = "attn_v3.cu";
+    /// `decode_v2.cu`: decode on tensor cores (the absorbed form, cp.async double-buffered cache
+    /// tiles); f16/bf16, sm_80+; compiled after `decode_v1.cu`, whose combine it shares.
+    DECODE_V2 = "decode_v2.cu";
 }
 
 /// The source of a file by its name (e.g. `"attn_v1.cu"`), if this crate has it.

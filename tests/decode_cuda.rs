@@ -201,3 +201,57 @@ fn decode_v2_plans_within_shared_memory_and_refuses_what_it_cannot_run() {
     }
     let _ = cfg;
 }
+
+/// The counted cost (cost.rs, a model) of one decode call of dense IHA (H = 16, P = 2, Hk = 16,
+/// d = 128, f16, B = 8, 32k tokens): both kernels read the stored-head cache once; v1's FMA
+/// mixing makes it FMA-bound on an H200, v2 (tensor cores) stays under the ridge: HBM-bound.
+#[test]
+fn decode_v2_is_counted_memory_bound_where_v1_is_fma_bound() {
+    use headmix::backends::cuda::cost::{H200, decode_cost};
+    let len = 32 * 1024;
+    for rope in [None, Some(headmix::Rope::default())] {
+        let mut cfg = Config::iha(16, 2, 128);
+        if let Some(r) = rope {
+            cfg = cfg.with_rope(r);
+        }
+        let shape = CacheShape { batch: 8, capacity: len, kv_heads: 16, head_dim: 128, dtype: DType::F16 };
+        let w = Weights::random(&cfg, 1);
+        let pb = problem(&cfg, 8, len, DType::F16);
+        let bytes = cache_bytes(&cfg, 8, len, DType::F16).headmix as f64;
+        let mut bound = Vec::new();
+        for kernel in DecodeKernel::ALL {
+            let plan = plan_decode_kernel(kernel, &pb, &w, &shape, &vec![len; 8], 227 * 1024, 132).unwrap();
+            let cost = decode_cost(&pb, &plan);
+            let r = cost.roofline(&H200);
+            eprintln!(
+                "decode {} rope {}: cache {:.1} MB, tile {} tokens, {} splits; tensor-core {:.1} FLOP/B, FMA {:.1} FLOP/B; \
+                 HBM {:.1} us (cache / 4.3 TB/s {:.1} us), tensor cores {:.1} us, FMA {:.1} us: {}-bound",
+                kernel.name(),
+                rope.is_some(),
+                bytes / 1e6,
+                plan.args.tile_tokens,
+                plan.args.splits,
+                cost.tc_flop / bytes,
+                cost.fma_flop / bytes,
+                r.hbm_s * 1e6,
+                bytes / 4.3e12 * 1e6,
+                r.tc_s * 1e6,
+                r.fma_s * 1e6,
+                r.bound
+            );
+            assert_eq!(plan.cache_bytes_read as f64, bytes);
+            bound.push(r.bound);
+        }
+        assert_eq!(bound, ["FMA", "HBM"], "rope {}", rope.is_some());
+    }
+    // Negative control: a cost with v1's FMA work but v2's plan would be FMA-bound too.
+    let cfg = Config::iha(16, 2, 128);
+    let shape = CacheShape { batch: 8, capacity: len, kv_heads: 16, head_dim: 128, dtype: DType::F16 };
+    let pb = problem(&cfg, 8, len, DType::F16);
+    let w = Weights::random(&cfg, 1);
+    let v2 = plan_decode_kernel(DecodeKernel::V2, &pb, &w, &shape, &vec![len; 8], 227 * 1024, 132).unwrap();
+    let v1 = plan_decode_kernel(DecodeKernel::V1, &pb, &w, &shape, &vec![len; 8], 227 * 1024, 132).unwrap();
+    let mut c = decode_cost(&pb, &v2);
+    c.fma_flop = decode_cost(&pb, &v1).fma_flop;
+    assert_eq!(c.roofline(&H200).bound, "FMA");
+}

@@ -313,26 +313,33 @@ static bool run_case(std::mt19937_64& rng, int idx) {
             lk = std::max(lk, std::fabs(lse[i] - exact_lse[i]) / (1 + std::fabs(exact_lse[i])));
             lref = std::max(lref, std::fabs(want_lse[i] - exact_lse[i]) / (1 + std::fabs(exact_lse[i])));
         }
-    const bool two_x = max_k <= 2 * max_ref + 1e-4 * (1 + scale);
+    // (atol: a quarter of a storage ulp of the largest output; a tenth of the lse tolerance below)
+    const double atol = HM_DTYPE == 0 ? 1e-6 : HM_DTYPE == 1 ? 1.2e-4 : 1e-3;
+    const bool two_x = max_k <= 2 * max_ref + atol * (1 + scale);
     const double lse_tol = HM_DTYPE == 0 ? 1e-5 : HM_DTYPE == 1 ? 1e-3 : 4e-3; // (the forward's)
-    const bool lse_ok = lse_err <= lse_tol || (std::isfinite(lse_err) && lk <= 2 * lref + 1e-4);
+    const bool lse_ok = lse_err <= lse_tol || (std::isfinite(lse_err) && lk <= 2 * lref + lse_tol / 2);
     // Relative error within the tolerance of the spec with the storage rounding (v1 rounds where
     // it does) or of the exact spec (v2 forms no mixed k/v to round).
-    double num_e = 0, den_e = 0;
+    // Or, where the spec in storage precision itself misses the tolerance of the exact spec (a
+    // collapse that cancels), within twice its relative error (the 2x rule).
+    double num_e = 0, den_e = 0, num_r = 0;
     for (size_t i = 0; i < want.size(); ++i) {
         const double g = hm_to_f32(out[(i + shift) % want.size()]);
-        if (!std::isfinite(exact[i]) || !std::isfinite(g)) continue;
+        if (!std::isfinite(exact[i]) || !std::isfinite(g) || !std::isfinite(want[i])) continue;
         num_e += (g - exact[i]) * (g - exact[i]);
+        num_r += (want[i] - exact[i]) * (want[i] - exact[i]);
         den_e += exact[i] * exact[i];
     }
     const double err_exact = std::sqrt(num_e / (den_e > 0 ? den_e : 1));
-    const bool ok = !nan && (err <= tol || err_exact <= tol) && two_x && lse_ok;
+    const double ref_exact = std::sqrt(num_r / (den_e > 0 ? den_e : 1));
+    const bool rel_ok = err <= tol || err_exact <= tol || err_exact <= 2 * ref_exact;
+    const bool ok = !nan && rel_ok && two_x && lse_ok;
     if (!ok || std::getenv("EMU_VERBOSE"))
         std::printf("%s decode case %d: sel%d nan%d B%d N%d cap%d ring%d H%d Hq%d Hk%d P%d d%d causal%d window%d(%lld,%lld) "
                     "rope%d/%d splits %d tile %d vec16 %d collapse%d norm%d: rel err %.2e, lse err %.2e, max err "
-                    "%.2e (spec in storage precision %.2e)%s\n",
+                    "%.2e (spec in storage precision %.2e), vs exact: rel %.2e, lse %.2e (spec %.2e)%s\n",
                     ok ? "ok" : "FAIL", idx, x.selection, nan_what, B, p.N, cap, ring, p.H, p.Hq, p.Hk, p.P, p.d, p.causal, p.window, p.left,
-                    p.right, p.rope, p.rope_token, splits, x.tile_tokens, x.vec16, p.collapse, p.norm, err, lse_err, max_k, max_ref,
+                    p.right, p.rope, p.rope_token, splits, x.tile_tokens, x.vec16, p.collapse, p.norm, err, lse_err, max_k, max_ref, err_exact, lk, lref,
                     nan ? " (non-finite where the spec is finite, or the reverse)" : "");
     return ok;
 }

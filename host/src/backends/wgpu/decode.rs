@@ -16,7 +16,8 @@ use super::device::device_err;
 use super::kernels::{KernelKey, Kind, decode_storage_bytes};
 use super::launch::{self, COMBINE_WG, Dispatch, EPILOGUE_WG, Uniforms, loops, rope_table, to_u32};
 use crate::cache::{CacheShape, DeviceKv, HostTraffic, KvCache};
-use crate::decode::{DecodeIo, DecodeProblem, band};
+use crate::decode::plan::{bands, rope_levels, selection_bits};
+use crate::decode::{DecodeIo, DecodeProblem};
 use crate::timing::Owned;
 use crate::validate::Problem;
 use crate::{BackendKind, DType, Data, Error, PosMode, Result, Weights};
@@ -237,14 +238,6 @@ fn threads(rows_half: usize, limits: &wgpu::Limits) -> u32 {
     wg.max(1)
 }
 
-/// Whether a mixing matrix `[heads, H, P]` is a selection: every (h, p) column one-hot with weight 1.
-fn is_selection(a: &[f32], heads: usize, hp: usize) -> bool {
-    (0..hp).all(|c| {
-        let col: Vec<f32> = (0..heads).map(|m| a[m * hp + c]).collect();
-        col.iter().filter(|&&x| x == 1.0).count() == 1 && col.iter().all(|&x| x == 0.0 || x == 1.0)
-    })
-}
-
 /// Plan a validated decode problem on a cache of `shape` whose sequences hold `lens` tokens.
 pub(crate) fn plan(
     problem: &DecodeProblem,
@@ -262,24 +255,11 @@ pub(crate) fn plan(
     if (cap as u128) * (p as u128) > crate::validate::MAX_INDEX as u128 {
         return Err(unsupported(format!("capacity {cap} times P = {p} virtual keys above 2^31 - 1")));
     }
-    let unit = match c.rope.map(|r| r.mode) {
-        Some(PosMode::Token) => 1,
-        _ => p,
-    };
-
-    // Packed weights: aq | ak | av | r | gamma | RoPE table, as the forward.
-    let max_pos = lens
-        .iter()
-        .map(|&l| {
-            let stored = l.min(cap);
-            c.pos_offset as u64 + ((l - stored) * unit) as u64 + (stored * p) as u64
-        })
-        .max()
-        .unwrap_or(1)
-        .max(1)
-        - 1;
-    let rope_levels = if c.rope.is_some() { (64 - max_pos.leading_zeros()).div_ceil(8).max(1) } else { 0 };
+    // Packed weights: aq | ak | av | r | gamma | RoPE table, as the forward (the RoPE levels,
+    // table and selection bits: crate::decode::plan, shared with the CUDA decode).
+    let rope_levels = rope_levels(c, lens, cap);
     if rope_levels > 4 {
+        let max_pos = crate::decode::plan::max_position(c, lens, cap);
         return Err(unsupported(format!("RoPE position {max_pos} above 2^32 - 1")));
     }
     let mut weights = Vec::new();
@@ -299,9 +279,7 @@ pub(crate) fn plan(
         None => push(&[])?,
     };
     weights.push(0.0); // never empty
-    let selection = (is_selection(&w.aq, hq, h * p) as u32)
-        | ((is_selection(&w.ak, hk, h * p) as u32) << 1)
-        | ((is_selection(&w.av, hk, h * p) as u32) << 2);
+    let selection = selection_bits(c, w);
 
     // Tile: the most cached tokens per tile whose workgroup memory fits.
     let d32 = to_u32("head dim", d)?;
@@ -322,8 +300,7 @@ pub(crate) fn plan(
     let key = |kind| KernelKey { kind, dtype: problem.dtype, d: d32 };
 
     // Splits: fill the device, keep each split's share of tiles under the loop budget.
-    let bands: Vec<(usize, usize)> = problem.stored.iter().map(|&m| band(c, m, n)).collect();
-    let band_max = bands.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(1).max(1);
+    let (bands, band_max) = bands(problem);
     let tiles = band_max.div_ceil(tc as usize);
     let mut n_splits = match splits {
         Some(s) => s.clamp(1, band_max),

@@ -146,8 +146,9 @@ fn build_v2(dir: &std::path::Path, dtype: u32, hd: usize) -> std::path::PathBuf 
 /// random problems (dense and selection mixing, IHA/MEA/GQA/MHA-like head counts, rings that
 /// wrapped, ragged lengths, random splits and tiles, RoPE in both position modes, collapse and
 /// head norms, non-finite values planted in q, k or v), f16 and bf16, the forward's tolerances
-/// and the 2x rule. Negative controls: a shifted reference, and the emulator's mma, ldmatrix and
-/// cp.async models broken one at a time (every case must then fail: v2 really runs on them).
+/// and the 2x rule; every split call also equals the same call with one split. Negative controls:
+/// a shifted reference, the emulator's mma, ldmatrix and cp.async models broken one at a time
+/// (every case must then fail: v2 really runs on them), a single split missing a token.
 #[test]
 fn decode_v2_matches_the_spec_on_the_cpu_emulator() {
     if !gxx_ok() {
@@ -162,9 +163,13 @@ fn decode_v2_matches_the_spec_on_the_cpu_emulator() {
         eprint!("{}", text.lines().last().map(|l| format!("{l}\n")).unwrap_or_default());
         assert!(run.status.success(), "{bin:?}:\n{text}");
         if i == 0 {
-            for (var, value) in
-                [("EMU_NEGATIVE", "1"), ("EMU_BREAK", "mma_b"), ("EMU_BREAK", "ldsm_trans"), ("EMU_BREAK", "cp_nowait")]
-            {
+            for (var, value) in [
+                ("EMU_NEGATIVE", "1"),
+                ("EMU_BREAK", "mma_b"),
+                ("EMU_BREAK", "ldsm_trans"),
+                ("EMU_BREAK", "cp_nowait"),
+                ("EMU_BREAK", "split"), // the single-split comparison drops a token
+            ] {
                 let neg = std::process::Command::new(&bin).args(["4", "3"]).env(var, value).output().unwrap();
                 assert!(neg.status.success(), "negative control {var}={value} passed a case");
             }

@@ -143,9 +143,10 @@ fn build_v2(dir: &std::path::Path, dtype: u32, hd: usize) -> std::path::PathBuf 
 }
 
 /// decode_v2 (tensor cores, cp.async, absorbed mixing) on the CPU emulator against the f64 spec:
-/// random problems (dense and selection mixing, IHA/MEA/GQA/MHA-like head counts, rings that
+/// random problems cycling through IHA global, IHA local (a ring that wraps), MEA dense, MEA
+/// compressed, GQA, MHA and random heads and mixing (dense and selection), rings that
 /// wrapped, ragged lengths, random splits and tiles, RoPE in both position modes, collapse and
-/// head norms, non-finite values planted in q, k or v), f16 and bf16, the forward's tolerances
+/// head norms, non-finite values planted in q, k or v; f16 and bf16, the forward's tolerances
 /// and the 2x rule; every split call also equals the same call with one split. Negative controls:
 /// a shifted reference, the emulator's mma, ldmatrix and cp.async models broken one at a time
 /// (every case must then fail: v2 really runs on them), a single split missing a token.

@@ -85,8 +85,17 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     p.eps = 1e-5f;
     p.collapse = U(0, 1);
     p.norm = U(0, 2); // none, rms, group
+    // v2 builds cycle through the methods (case % 7): 0 IHA global, 1 IHA local (a ring that
+    // wraps), 2 MEA dense, 3 MEA compressed, 4 GQA, 5 MHA, 6 anything (random heads and mixing).
+    const int kind = HM_DECODE == 2 ? idx % 7 : 6;
+    if (kind <= 1) p.P = U(2, 3), p.Hq = p.Hk = p.H;             // IHA: P > 1, dense mixing
+    if (kind == 1) p.window = p.causal = 1, p.right = 0;          // IHA local: causal window
+    if (kind == 2) p.P = 1, p.Hq = p.Hk = p.H;                    // MEA dense
+    if (kind == 3) p.P = 1, p.H = U(2, 4), p.Hq = p.H, p.Hk = U(1, p.H - 1); // MEA compressed
+    if (kind == 4) p.P = 1, p.H = 2 * U(1, 2), p.Hq = p.H, p.Hk = p.H / 2;   // GQA, groups of 2
+    if (kind == 5) p.P = 1, p.Hq = p.Hk = p.H;                    // MHA
     // A ring when the window is causal (or right-closed), else a linear cache.
-    const bool ring = p.window && (p.causal || p.right == 0) && U(0, 1);
+    const bool ring = kind == 1 || (p.window && (p.causal || p.right == 0) && U(0, 1));
     int cap;
     std::vector<int> lens(B);
     if (ring) {
@@ -117,9 +126,16 @@ static bool run_case(std::mt19937_64& rng, int idx) {
         for (int c = 0; c < p.H * p.P; ++c) w[(size_t)U(0, S - 1) * p.H * p.P + c] = 1.f;
     };
     // (v2 builds only: v1's case stream stays as it was)
-    if (HM_DECODE == 2 && U(0, 2) == 0) one_hot(aq, p.Hq);
-    if (HM_DECODE == 2 && U(0, 2) == 0) one_hot(ak, p.Hk);
-    if (HM_DECODE == 2 && U(0, 2) == 0) one_hot(av, p.Hk);
+    if (kind == 6 && HM_DECODE == 2 && U(0, 2) == 0) one_hot(aq, p.Hq);
+    if (kind == 6 && HM_DECODE == 2 && U(0, 2) == 0) one_hot(ak, p.Hk);
+    if (kind == 6 && HM_DECODE == 2 && U(0, 2) == 0) one_hot(av, p.Hk);
+    if (kind >= 4 && kind <= 5) { // GQA / MHA: q identity, k and v the group's head
+        for (auto* w : {&aq, &ak, &av}) std::fill(w->begin(), w->end(), 0.f);
+        for (int h = 0; h < p.H; ++h) {
+            aq[(size_t)h * p.H + h] = 1.f;
+            ak[(size_t)(h * p.Hk / p.H) * p.H + h] = av[(size_t)(h * p.Hk / p.H) * p.H + h] = 1.f;
+        }
+    }
     auto r = weights((size_t)p.H * p.H * p.P, 1.f / std::sqrt((float)(p.H * p.P)));
     auto gamma = weights((size_t)p.H * p.d, 0.2f);
     for (auto& g : gamma) g += 1.f;
@@ -378,10 +394,10 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     const bool rel_ok = err <= tol || err_exact <= tol || err_exact <= 2 * ref_exact;
     const bool ok = !nan && rel_ok && two_x && lse_ok && split_ok;
     if (!ok || std::getenv("EMU_VERBOSE"))
-        std::printf("%s decode case %d: sel%d nan%d B%d N%d cap%d ring%d H%d Hq%d Hk%d P%d d%d causal%d window%d(%lld,%lld) "
+        std::printf("%s decode case %d (kind %d): sel%d nan%d B%d N%d cap%d ring%d H%d Hq%d Hk%d P%d d%d causal%d window%d(%lld,%lld) "
                     "rope%d/%d splits %d tile %d vec16 %d collapse%d norm%d: rel err %.2e, lse err %.2e, max err "
                     "%.2e (spec in storage precision %.2e), vs exact: rel %.2e, lse %.2e (spec %.2e)%s\n",
-                    ok ? "ok" : "FAIL", idx, x.selection, nan_what, B, p.N, cap, ring, p.H, p.Hq, p.Hk, p.P, p.d, p.causal, p.window, p.left,
+                    ok ? "ok" : "FAIL", idx, kind, x.selection, nan_what, B, p.N, cap, ring, p.H, p.Hq, p.Hk, p.P, p.d, p.causal, p.window, p.left,
                     p.right, p.rope, p.rope_token, splits, x.tile_tokens, x.vec16, p.collapse, p.norm, err, lse_err, max_k, max_ref, err_exact, lk, lref,
                     nan ? " (non-finite where the spec is finite, or the reverse)" : !split_ok ? " (split != single split)" : "");
     return ok;

@@ -406,7 +406,7 @@ pub fn plan_decode_kernel(
             smem_of(16usize.div_ceil(hk.min(16)).max(1))
         ))
     })?;
-    let (bands, widest) = bands(problem);
+    let (_, widest) = bands(problem);
     // Enough blocks for two waves over the SMs, each split at least two tiles.
     let want = (2 * sms.max(1)).div_ceil(b).min(widest.div_ceil(2 * tc)).max(1);
     let (splits, tps) = split(widest, want);
@@ -421,7 +421,7 @@ pub fn plan_decode_kernel(
         vec16: (row_bytes % 16 == 0) as i32,
         ..DecodeArgs::default()
     };
-    let cache_bytes_read = bands.iter().map(|(lo, hi)| 2 * ((hi - lo) * row_bytes) as u64).sum();
+    let cache_bytes_read = crate::decode::cache_bytes_read(problem);
     Ok(DecodeLaunch { kernel, args, grid: (splits as u32, b as u32), smem: smem_of(tc), cache_bytes_read })
 }
 

@@ -16,7 +16,7 @@ use super::device::device_err;
 use super::kernels::{KernelKey, Kind, decode_storage_bytes};
 use super::launch::{self, COMBINE_WG, Dispatch, EPILOGUE_WG, Uniforms, loops, rope_table, to_u32};
 use crate::cache::{CacheShape, DeviceKv, HostTraffic, KvCache};
-use crate::decode::plan::{bands, rope_levels, selection_bits};
+use crate::decode::plan::{bands, rope_levels, selection_bits, split};
 use crate::decode::{DecodeIo, DecodeProblem};
 use crate::timing::Owned;
 use crate::validate::Problem;
@@ -300,7 +300,7 @@ pub(crate) fn plan(
     let key = |kind| KernelKey { kind, dtype: problem.dtype, d: d32 };
 
     // Splits: fill the device, keep each split's share of tiles under the loop budget.
-    let (bands, band_max) = bands(problem);
+    let (_, band_max) = bands(problem);
     let tiles = band_max.div_ceil(tc as usize);
     let mut n_splits = match splits {
         Some(s) => s.clamp(1, band_max),
@@ -318,8 +318,7 @@ pub(crate) fn plan(
             n_splits = n_splits.max(tiles.div_ceil(tiles_per_split as usize));
         }
     }
-    let tokens_per_split = band_max.div_ceil(n_splits);
-    let n_splits = band_max.div_ceil(tokens_per_split); // no empty split at the end
+    let (n_splits, tokens_per_split) = split(band_max, n_splits); // no empty split at the end
     if let Some(budget) = loop_budget {
         let iterations = cost(tokens_per_split.div_ceil(tc as usize) as u64);
         if iterations > budget {
@@ -433,8 +432,7 @@ pub(crate) fn plan(
     for pass in &passes {
         launch::grid(pass.workgroups, limits)?;
     }
-    let row_bytes = (hk * d * problem.dtype.size()) as u64;
-    let cache_bytes_read = bands.iter().map(|(lo, hi)| 2 * (hi - lo) as u64 * row_bytes).sum();
+    let cache_bytes_read = crate::decode::cache_bytes_read(problem);
     Ok(DecodePlan {
         uniforms: u,
         weights,

@@ -297,7 +297,10 @@ extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine
         const float* at = x.part + ((long long)s * rows_all + row) * (d + 2);
         l += at[d + 1] * exp2f(at[d] - mx);
     }
-    const float inv = l > 0.f ? __fdividef(1.f, l) : 0.f; // no slow-path division call (keeps it off the stack)
+    // A row that saw no key has l = 0 (zero output, lse -inf); a NaN l (a non-finite score) stays
+    // NaN in both (NaN policy 3).
+    const bool seen = !(l <= 0.f);
+    const float inv = seen ? __fdividef(1.f, l) : 0.f; // no slow-path division call (keeps it off the stack)
     float o[8];
     float ms = 0.f;
 #pragma unroll
@@ -312,7 +315,7 @@ extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine
         o[k] = hm_round(v * inv);
         ms += o[k]; // t >= d contributes 0
     }
-    if (lane == 0 && a.has_lse) a.lse[((long long)b * H + h) * NP + i] = l > 0.f ? (mx + log2f(l)) * HM_LN2 : HM_NEG_INF;
+    if (lane == 0 && a.has_lse) a.lse[((long long)b * H + h) * NP + i] = seen ? (mx + log2f(l)) * HM_LN2 : HM_NEG_INF;
     if (a.collapse) {
         float* dst = a.acc + ((long long)(b * a.N + n) * H) * d; // acc[b, n, 0, :]
 #pragma unroll

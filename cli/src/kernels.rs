@@ -31,7 +31,8 @@ pub struct Args {
     /// The resources of every variant (compiles each one)
     #[arg(long)]
     all: bool,
-    /// Write the exact NVRTC source of the one --variant to FILE
+    /// Write the exact NVRTC source of the one --variant to FILE (also a decode module:
+    /// decode_v1_<dtype>, decode_v2_<dtype>)
     #[arg(long, value_name = "FILE")]
     source: Option<String>,
     /// Architecture ptxas assembles for (occupancy is sm_90's)
@@ -57,6 +58,15 @@ pub fn main(a: Args) -> Result<(), String> {
     }
     if a.list {
         print!("{}", list_table());
+        return Ok(());
+    }
+    // The decode modules (outside the attention table): `decode_v1_<dtype>`, `decode_v2_<dtype>`.
+    if let (Some(name), Some(file)) = (a.variant.as_deref(), a.source.as_deref())
+        && let Some((kernel, dtype)) = decode_variant(name)
+    {
+        let text = cuda_backend::decode::decode_source_of(kernel, dtype);
+        std::fs::write(file, &text).map_err(|e| format!("--source {file}: {e}"))?;
+        println!("wrote {file}: the NVRTC source of {name} ({} bytes)", text.len());
         return Ok(());
     }
     let named = match a.variant.as_deref() {
@@ -104,6 +114,13 @@ pub fn main(a: Args) -> Result<(), String> {
 }
 
 /// The problem named by the flags (`headmix run`'s, dtype bf16 by default).
+/// A decode module's name, `decode_<kernel>_<dtype>` (e.g. `decode_v2_f16`).
+fn decode_variant(name: &str) -> Option<(cuda_backend::decode::DecodeKernel, DType)> {
+    let (kernel, dtype) = name.strip_prefix("decode_")?.split_once('_')?;
+    let (kernel, dtype) = (cuda_backend::decode::DecodeKernel::parse(kernel)?, DType::parse(dtype)?);
+    kernel.dtypes().contains(&dtype).then_some((kernel, dtype))
+}
+
 fn problem_from(a: &Args) -> Result<Problem, String> {
     let r = &a.problem;
     let (n, batch) = (r.seq, r.batch);

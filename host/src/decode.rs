@@ -46,6 +46,7 @@
 //! # Ok::<(), headmix::Error>(())
 //! ```
 
+pub mod plan;
 pub mod split;
 
 use crate::cache::{CacheLayout, KvCache};

@@ -27,7 +27,6 @@ inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 #include "../traits.cuh"
 #include "../mask.cuh"
 #include "../softmax.cuh"
-#include "../tiles.cuh"
 #ifndef HM_BWD_FILE
 #define HM_BWD_FILE ../bwd_v1.cu
 #endif

@@ -240,10 +240,9 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1);
 #ifndef HM_EMU_DECODE
 #include "../mask.cuh"
 #include "../softmax.cuh"
-#include "../tiles.cuh"
 #endif
+#include "../tiles.cuh" // (decode_v2 uses the sm_80 models too)
 
-#if !defined(HM_EMU_DECODE) || defined(HM_EMU_MMA) // (bwd_emu.cpp: the model without the forward)
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's 32 lanes each bring 4 A registers
 // and 2 B registers; lane l computes its 4 accumulators. Layout (PTX ISA, "Matrix fragments for
 // mma.m16n8k16", g = lane / 4, t = lane % 4, element e of a register pair: low half first):
@@ -273,7 +272,6 @@ inline void hm_emu_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     }
     emu_wait(warp_bar[w]);
 }
-#endif
 #ifndef HM_EMU_DECODE
 // The kernel under test (HM_KERNEL_FILE, HM_ENTRY: from the kernel table), then the epilogue.
 #define EMU_STR_(x) #x
@@ -365,7 +363,8 @@ struct Problem {
     float base, scale, eps;
 };
 
-static double rnd(double x) { return (double)hm_round((float)x); } // the kernels' storage rounding
+static bool emu_exact = false; // true: the spec without the storage rounding (the "2x rule" baseline)
+static double rnd(double x) { return emu_exact ? x : (double)hm_round((float)x); } // the kernels' storage rounding
 
 // The one-hot selection a mixing matrix w [S, H*P] is (every column one weight exactly 1, the
 // others exactly 0), or empty: what the host detects (selection mixing reads only that head).

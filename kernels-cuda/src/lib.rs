@@ -56,6 +56,9 @@ sources! {
     /// `bwd_v2.cu`: the backward's attention passes (dq, dk/dv) on the tensor cores; compiled
     /// after `bwd_v1.cu` as one module ([`BWD_V2_MODULE`]).
     BWD_V2 = "bwd_v2.cu";
+    /// `decode_v2.cu`: decode on tensor cores (the absorbed form, cp.async double-buffered cache
+    /// tiles); f16/bf16, sm_80+; compiled after `decode_v1.cu`, whose combine it shares.
+    DECODE_V2 = "decode_v2.cu";
 }
 
 /// The kernel text of the `bwd_v2` module: `bwd_v1.cu` (its other passes) then `bwd_v2.cu`

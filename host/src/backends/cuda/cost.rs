@@ -599,3 +599,56 @@ mod tests {
         assert_eq!(c.roofline(&H200).bound, "FMA");
     }
 }
+
+/// The count model of one decode call's decode kernel (`decode_v1` or `decode_v2`, as `launch`
+/// planned it; the split combine and epilogue move `O(rows·d)` and are left out). Cache tiles
+/// are counted whole (a split's last tile is padded), every row over every key of a tile.
+/// `hbm_bytes` is the stored-head cache read once (`launch.cache_bytes_read`) plus the queries
+/// and the f32 partials written.
+pub fn decode_cost(problem: &crate::DecodeProblem, launch: &super::decode::DecodeLaunch) -> Cost {
+    use super::decode::DecodeKernel;
+    let c = &problem.cfg;
+    let (h, p, hk, d, n) = (c.heads as f64, c.pseudo as f64, c.kv_heads as f64, c.head_dim as f64, problem.n);
+    let (tc, tps) = (launch.args.tile_tokens as usize, launch.args.tokens_per_split as usize);
+    let (bands, _) = crate::decode::plan::bands(problem);
+    let mut tiles = 0u64;
+    let mut tokens = 0u64;
+    for (lo, hi) in &bands {
+        for s in 0..launch.args.splits as usize {
+            let t = (hi - lo).saturating_sub(s * tps).min(tps);
+            tiles += t.div_ceil(tc) as u64;
+            tokens += t as u64;
+        }
+    }
+    let np = (n * c.pseudo) as f64;
+    let rows = h * np;
+    let slots = (tiles * tc as u64) as f64; // cached tokens visited, tiles padded
+    let (tc_flop, fma_flop) = match launch.kernel {
+        // Per cached token and head: P pseudo-keys and values mixed from Hk heads (FMA), then
+        // scores and P·V of the head's N·P rows against its P virtual keys.
+        DecodeKernel::V1 => (0.0, slots * (4.0 * h * p * hk * d + 4.0 * h * np * p * d)),
+        // Per cached token: one score mma of every pseudo-query row (16-row tiles; P copies and
+        // three hi/lo products with virtual RoPE, three with token RoPE) against its Hk stored
+        // heads, one W·V mma (hi + lo); the ak / av contractions as FMA.
+        DecodeKernel::V2 => {
+            let pq = if matches!(c.rope.map(|r| r.mode), Some(crate::PosMode::Virtual)) { p } else { 1.0 };
+            let products = if c.rope.is_some() { 3.0 } else { 1.0 };
+            let rqp = ((rows * pq) / 16.0).ceil() * 16.0;
+            let rp = (rows / 16.0).ceil() * 16.0;
+            (slots * (2.0 * rqp * hk * d * products + 2.0 * 2.0 * rp * hk * d), slots * 4.0 * rows * p * hk)
+        }
+    };
+    let part = launch.args.splits as f64 * problem.batch as f64 * rows * (d + 2.0) * 4.0;
+    let q = (problem.batch * n * c.q_heads * c.head_dim * problem.dtype.size()) as f64;
+    let hbm = launch.cache_bytes_read as f64 + q + part;
+    Cost {
+        blocks: launch.grid.0 as u64 * launch.grid.1 as u64,
+        key_tiles: tiles,
+        useful_flop: tokens as f64 * 4.0 * h * np * p * d,
+        tc_flop,
+        fma_flop,
+        l2_bytes: hbm,
+        hbm_bytes: hbm,
+        atomics: 0.0,
+    }
+}

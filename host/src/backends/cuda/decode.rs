@@ -1,26 +1,31 @@
 //! Decode on the CUDA device: the device-resident KV cache ([`CudaKv`]) and the decode call
-//! (`kernels-cuda/decode_v1.cu`: one block per (split, sequence) owning all heads, then its
-//! combine kernel, then the forward's collapse epilogue when `r` is given).
+//! (one block per (split, sequence) owning all heads, then the split combine, then the forward's
+//! collapse epilogue when `r` is given). Two numbered kernels ([`DecodeKernel`]):
+//! `kernels-cuda/decode_v1.cu` (FMA, every dtype, the default) and `decode_v2.cu` (tensor
+//! cores, the absorbed form, cp.async double-buffered cache tiles; f16/bf16, `d % 16 == 0`,
+//! sm_80+), picked by `HEADMIX_CUDA_DECODE=v1|v2`; a problem v2 cannot run falls back to v1.
 //!
-//! The decode module is compiled by NVRTC from its own source (the shared headers and
-//! `decode_v1.cu`), one per dtype, outside the attention variant table: it plugs into that table
-//! as one more kernel (entries `hm_decode_v1` and `hm_decode_combine_v1`, `HM_MASK` 3, any
-//! `HM_HD`: `d` is a run-time argument up to 256).
+//! A decode module is compiled by NVRTC from its own source (the shared headers, `decode_v1.cu`
+//! and for v2 `tiles.cuh` and `decode_v2.cu`), one per (kernel, dtype), outside the attention
+//! variant table (`HM_MASK` 3, any `HM_HD`: `d` is a run-time argument up to 256). Host-side
+//! planning shared with the wgpu decode lives in [`crate::decode::plan`].
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
 use super::args::HmArgs;
 use super::variants::{Variant, src};
 use super::{CudaBackend, compile, dev_err, drv};
 use crate::cache::{CacheShape, DeviceKv, HostTraffic};
-use crate::decode::{DecodeIo, DecodeProblem, band};
+use crate::decode::plan::{bands, max_position, rope_levels, rope_table, selection_bits, split};
+use crate::decode::{DecodeIo, DecodeProblem};
 use crate::timing::Owned;
 use crate::{BackendKind, DType, Data, Error, PosMode, Result, Weights};
 
@@ -59,15 +64,84 @@ pub struct DecodeArgs {
 
 const _: () = assert!(std::mem::size_of::<DecodeArgs>() == 56);
 
-/// The NVRTC source of the decode module of a dtype.
+// SAFETY: plain `#[repr(C)]` structs of integers and device addresses, laid out as the kernels'
+// `HmArgs` / `HmDecodeArgs` (size checks above and in args.rs): passed by value to the kernels.
+unsafe impl DeviceRepr for DecodeArgs {}
+unsafe impl DeviceRepr for HmArgs {}
+
+/// The numbered decode kernels (llm.c style); both stay available and tested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DecodeKernel {
+    /// `decode_v1.cu`: FMA mixing on chip, every dtype, `d <= 256`.
+    V1,
+    /// `decode_v2.cu`: tensor cores (mma.sync m16n8k16) in the absorbed form, cp.async
+    /// double-buffered cache tiles; f16/bf16, `d % 16 == 0`, `d <= 256`, sm_80+.
+    V2,
+}
+
+impl DecodeKernel {
+    /// Every decode kernel, by version.
+    pub const ALL: [DecodeKernel; 2] = [DecodeKernel::V1, DecodeKernel::V2];
+
+    /// Short name (`HEADMIX_CUDA_DECODE`, variant names).
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeKernel::V1 => "v1",
+            DecodeKernel::V2 => "v2",
+        }
+    }
+
+    /// The kernel of a short name.
+    pub fn parse(name: &str) -> Option<DecodeKernel> {
+        DecodeKernel::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The decode entry point (the combine is `hm_decode_combine_v1` for both).
+    pub fn entry(self) -> &'static str {
+        match self {
+            DecodeKernel::V1 => "hm_decode_v1",
+            DecodeKernel::V2 => "hm_decode_v2",
+        }
+    }
+
+    /// Storage dtypes it runs.
+    pub fn dtypes(self) -> &'static [DType] {
+        match self {
+            DecodeKernel::V1 => &[DType::F32, DType::F16, DType::BF16],
+            DecodeKernel::V2 => &[DType::F16, DType::BF16],
+        }
+    }
+
+    /// The kernel `HEADMIX_CUDA_DECODE` asks for (v1 when unset: v2 has not run on hardware yet).
+    pub fn from_env() -> Result<DecodeKernel> {
+        match std::env::var("HEADMIX_CUDA_DECODE") {
+            Err(_) => Ok(DecodeKernel::V1),
+            Ok(name) => DecodeKernel::parse(&name)
+                .ok_or_else(|| dev_err(format!("HEADMIX_CUDA_DECODE={name}: expected one of v1, v2"))),
+        }
+    }
+}
+
+/// The NVRTC source of the v1 decode module of a dtype.
 pub fn decode_source(dtype: DType) -> String {
+    decode_source_of(DecodeKernel::V1, dtype)
+}
+
+/// The NVRTC source of a decode module: a `#define` prelude, the shared headers, `decode_v1.cu`
+/// (v2 also `tiles.cuh` and `decode_v2.cu`, which reuses v1's helpers and combine).
+pub fn decode_source_of(kernel: DecodeKernel, dtype: DType) -> String {
     let code = match dtype {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
     };
+    let (tiles, v2) = match kernel {
+        DecodeKernel::V1 => ("", ""),
+        DecodeKernel::V2 => (src::TILES, src::DECODE_V2),
+    };
     format!(
-        "// headmix decode_v1 {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{}\n",
+        "// headmix decode_{} {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{tiles}\n{}\n{v2}\n",
+        kernel.name(),
         dtype.name(),
         src::COMMON,
         src::NORM,
@@ -75,12 +149,18 @@ pub fn decode_source(dtype: DType) -> String {
     )
 }
 
-/// Compile the decode module of `dtype` for `arch` without a GPU, failing on any warning or a
+/// Compile the v1 decode module of `dtype` for `arch` without a GPU, failing on any warning or a
 /// missing entry point; returns the PTX size.
 pub fn compile_decode(dtype: DType, arch: &str) -> Result<usize> {
-    let name = format!("decode_v1_{}", dtype.name());
-    let c = compile::compile_source(&name, &decode_source(dtype), arch)?;
-    compile::check_clean(&name, arch, &c, "hm_decode_v1")?;
+    compile_decode_kernel(DecodeKernel::V1, dtype, arch)
+}
+
+/// Compile a decode module for `arch` without a GPU, failing on any warning or a missing entry
+/// point; returns the PTX size.
+pub fn compile_decode_kernel(kernel: DecodeKernel, dtype: DType, arch: &str) -> Result<usize> {
+    let name = format!("decode_{}_{}", kernel.name(), dtype.name());
+    let c = compile::compile_source(&name, &decode_source_of(kernel, dtype), arch)?;
+    compile::check_clean(&name, arch, &c, kernel.entry())?;
     compile::check_clean(&name, arch, &c, "hm_decode_combine_v1")?;
     Ok(c.ptx.len())
 }
@@ -203,38 +283,18 @@ struct DecodeFns {
     combine: CudaFunction,
 }
 
-fn decode_modules() -> &'static Mutex<HashMap<(usize, DType), Arc<DecodeFns>>> {
-    static M: OnceLock<Mutex<HashMap<(usize, DType), Arc<DecodeFns>>>> = OnceLock::new();
+type DecodeKey = (usize, DecodeKernel, DType);
+
+fn decode_modules() -> &'static Mutex<HashMap<DecodeKey, Arc<DecodeFns>>> {
+    static M: OnceLock<Mutex<HashMap<DecodeKey, Arc<DecodeFns>>>> = OnceLock::new();
     M.get_or_init(Default::default)
-}
-
-/// RoPE table `[levels, 256, d/2, 2]`: cos/sin of `byte · 256^level · base^(−2t/d)` in f64.
-fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
-    let half = d / 2;
-    let mut table = Vec::with_capacity(levels as usize * 256 * half * 2);
-    for l in 0..levels {
-        for b in 0..256u64 {
-            let pos = (b << (8 * l)) as f64;
-            for t in 0..half {
-                let (sin, cos) = (pos * base.powf(-2.0 * t as f64 / d as f64)).sin_cos();
-                table.push(cos as f32);
-                table.push(sin as f32);
-            }
-        }
-    }
-    table
-}
-
-fn is_selection(a: &[f32], heads: usize, hp: usize) -> bool {
-    (0..hp).all(|c| {
-        let col = (0..heads).map(|m| a[m * hp + c]);
-        col.clone().filter(|&x| x == 1.0).count() == 1 && col.clone().all(|x| x == 0.0 || x == 1.0)
-    })
 }
 
 /// The launch plan of one decode call (sizes only; for benchmarks and the B = 8 × 128k check).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeLaunch {
+    /// The decode kernel the plan is for.
+    pub kernel: DecodeKernel,
     /// The decode-only kernel arguments.
     pub args: DecodeArgs,
     /// Grid of the decode kernel: (splits, B).
@@ -253,8 +313,8 @@ impl PartialEq for DecodeArgs {
     }
 }
 
-/// Plan a validated decode problem on a cache of `shape` holding `lens`, for a device with
-/// `max_smem` bytes of shared memory per block and `sms` multiprocessors.
+/// Plan a validated decode problem on a cache of `shape` holding `lens` for `decode_v1`, on a
+/// device with `max_smem` bytes of shared memory per block and `sms` multiprocessors.
 pub fn plan_decode(
     problem: &DecodeProblem,
     w: &Weights,
@@ -263,13 +323,51 @@ pub fn plan_decode(
     max_smem: usize,
     sms: usize,
 ) -> Result<DecodeLaunch> {
+    plan_decode_kernel(DecodeKernel::V1, problem, w, shape, lens, max_smem, sms)
+}
+
+/// Shared memory of `decode_v1` with tiles of `tc` cached tokens.
+fn smem_v1(problem: &DecodeProblem, tc: usize) -> usize {
     let c = &problem.cfg;
-    let (b, n, d, p, h, hk) = (problem.batch, problem.n, c.head_dim, c.pseudo, c.heads, c.kv_heads);
+    let (d, p, hk, np) = (c.head_dim, c.pseudo, c.kv_heads, problem.n * c.pseudo);
+    let rows = c.heads * np;
+    4 * (2 * rows * d + 2 * tc * hk * d + 2 * tc * p * d + np * tc * p + 2 * rows + np)
+}
+
+/// Shared memory of `decode_v2` with tiles of `tc` cached tokens: `d2_layout` of decode_v2.cu.
+pub fn smem_v2(problem: &DecodeProblem, tc: usize) -> usize {
+    let c = &problem.cfg;
+    let (d, p, hk) = (c.head_dim, c.pseudo, c.kv_heads);
+    let rows = c.heads * problem.n * p;
+    let rope = c.rope.is_some();
+    let pq = if matches!(c.rope.map(|r| r.mode), Some(PosMode::Virtual)) { p } else { 1 };
+    let (pitch, kc) = (d + 8, tc * hk);
+    let (rqp, rp, wp) = ((rows * pq).next_multiple_of(16), rows.next_multiple_of(16), kc + 8);
+    let q = rqp * pitch * 2 * if rope { 2 } else { 1 };
+    let kv = 4 * kc * pitch * 2 + if rope { kc * pitch * 2 } else { 0 };
+    let s = rqp * kc * 4 + 2 * rp * wp * 2 + rp * d * 4;
+    q + kv + s + (rows * tc * p * 4).next_multiple_of(16) + (3 * rows * 4 + 4).next_multiple_of(16)
+}
+
+/// Plan a validated decode problem for `kernel` (see [`plan_decode`]); v2 refuses (a typed
+/// `Unsupported` error) what it cannot run: f32, `d % 16 != 0`, positions from 2^31, or no tile
+/// that fits shared memory.
+pub fn plan_decode_kernel(
+    kernel: DecodeKernel,
+    problem: &DecodeProblem,
+    w: &Weights,
+    shape: &CacheShape,
+    lens: &[usize],
+    max_smem: usize,
+    sms: usize,
+) -> Result<DecodeLaunch> {
+    let c = &problem.cfg;
+    let (b, d, p, hk) = (problem.batch, c.head_dim, c.pseudo, c.kv_heads);
     let unsupported = |why: String| Error::Unsupported { backend: "cuda", why };
     if d > 256 {
         return Err(unsupported(format!("head dim {d} above 256 (decode)")));
     }
-    let (np, rows) = (n * p, h * n * p);
+    let rows = c.heads * problem.n * p;
     let cap = shape.capacity;
     let max = crate::validate::MAX_INDEX as u128;
     for (what, x) in [
@@ -284,63 +382,62 @@ pub fn plan_decode(
     if b > 65535 {
         return Err(unsupported(format!("batch {b} above 65535 (grid y)")));
     }
-    let smem_of = |tc: usize| 4 * (2 * rows * d + 2 * tc * hk * d + 2 * tc * p * d + np * tc * p + 2 * rows + np);
-    let tc = [16usize, 8, 4, 2, 1].into_iter().find(|&tc| smem_of(tc) <= max_smem).ok_or_else(|| {
-        unsupported(format!("decode needs {} bytes of shared memory, the device allows {max_smem}", smem_of(1)))
-    })?;
-    let bands: Vec<(usize, usize)> = problem.stored.iter().map(|&m| band(c, m, n)).collect();
-    let band_max = bands.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(1).max(1);
-    // Enough blocks for two waves over the SMs, each split at least two tiles.
-    let want = (2 * sms.max(1)).div_ceil(b).min(band_max.div_ceil(2 * tc)).max(1);
-    let tps = band_max.div_ceil(want);
-    let splits = band_max.div_ceil(tps);
-    let unit = match c.rope.map(|r| r.mode) {
-        Some(PosMode::Token) => 1,
-        _ => p,
+    let smem_of = |tc: usize| match kernel {
+        DecodeKernel::V1 => smem_v1(problem, tc),
+        DecodeKernel::V2 => smem_v2(problem, tc),
     };
-    let max_pos = lens
-        .iter()
-        .map(|&l| {
-            let s = l.min(cap);
-            c.pos_offset as u64 + ((l - s) * unit) as u64 + (s * p) as u64
-        })
-        .max()
-        .unwrap_or(1)
-        .max(1)
-        - 1;
-    let rope_levels = if c.rope.is_some() { (64 - max_pos.leading_zeros()).div_ceil(8).max(1) as i32 } else { 0 };
-    let hp = h * p;
-    let selection = is_selection(&w.aq, c.q_heads, hp) as i32
-        | (is_selection(&w.ak, hk, hp) as i32) << 1
-        | (is_selection(&w.av, hk, hp) as i32) << 2;
+    if kernel == DecodeKernel::V2 {
+        if !kernel.dtypes().contains(&problem.dtype) {
+            return Err(unsupported(format!("decode v2 runs f16/bf16, not {}", problem.dtype.name())));
+        }
+        if d % 16 != 0 {
+            return Err(unsupported(format!("decode v2 needs a head dim that is a multiple of 16, not {d}")));
+        }
+        if max_position(c, lens, cap) >= i32::MAX as u64 {
+            return Err(unsupported("decode v2: RoPE positions from 2^31".into()));
+        }
+    }
+    // v2's tile of TC tokens is TC·Hk columns of the mma: a multiple of 16.
+    let fits = |tc: usize| smem_of(tc) <= max_smem && (kernel == DecodeKernel::V1 || (tc * hk) % 16 == 0);
+    let tc = [16usize, 8, 4, 2, 1].into_iter().find(|&tc| fits(tc)).ok_or_else(|| {
+        unsupported(format!(
+            "decode {} needs {} bytes of shared memory, the device allows {max_smem}",
+            kernel.name(),
+            smem_of(16usize.div_ceil(hk.min(16)).max(1))
+        ))
+    })?;
+    let (_, widest) = bands(problem);
+    // Enough blocks for two waves over the SMs, each split at least two tiles.
+    let want = (2 * sms.max(1)).div_ceil(b).min(widest.div_ceil(2 * tc)).max(1);
+    let (splits, tps) = split(widest, want);
     let row_bytes = hk * d * problem.dtype.size();
     let args = DecodeArgs {
         capacity: cap as i32,
         splits: splits as i32,
         tokens_per_split: tps as i32,
         tile_tokens: tc as i32,
-        rope_levels,
-        selection,
+        rope_levels: rope_levels(c, lens, cap) as i32,
+        selection: selection_bits(c, w) as i32,
         vec16: (row_bytes % 16 == 0) as i32,
         ..DecodeArgs::default()
     };
-    let cache_bytes_read = bands.iter().map(|(lo, hi)| 2 * ((hi - lo) * row_bytes) as u64).sum();
-    Ok(DecodeLaunch { args, grid: (splits as u32, b as u32), smem: smem_of(tc), cache_bytes_read })
+    let cache_bytes_read = crate::decode::cache_bytes_read(problem);
+    Ok(DecodeLaunch { kernel, args, grid: (splits as u32, b as u32), smem: smem_of(tc), cache_bytes_read })
 }
 
 impl CudaBackend {
-    fn decode_fns(&self, dtype: DType) -> Result<Arc<DecodeFns>> {
-        let key = (self.ordinal, dtype);
+    fn decode_fns(&self, kernel: DecodeKernel, dtype: DType) -> Result<Arc<DecodeFns>> {
+        let key = (self.ordinal, kernel, dtype);
         if let Some(f) = decode_modules().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(f.clone());
         }
-        let name = format!("decode_v1_{}", dtype.name());
-        let c = compile::compile_source(&name, &decode_source(dtype), &self.arch)?;
+        let name = format!("decode_{}_{}", kernel.name(), dtype.name());
+        let c = compile::compile_source(&name, &decode_source_of(kernel, dtype), &self.arch)?;
         let module = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(c.ptx.as_str()))
             .map_err(|e| dev_err(format!("loading {name}: {e}")))?;
-        let decode = module.load_function("hm_decode_v1").map_err(drv("cuModuleGetFunction"))?;
+        let decode = module.load_function(kernel.entry()).map_err(drv("cuModuleGetFunction"))?;
         let combine = module.load_function("hm_decode_combine_v1").map_err(drv("cuModuleGetFunction"))?;
         decode
             .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.max_smem as i32)
@@ -405,9 +502,20 @@ impl CudaBackend {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .unwrap_or(1) as usize;
         let shape = io.cache.shape();
-        let mut plan = plan_decode(problem, w, &shape, io.cache.lens(), self.max_smem, sms)?;
+        // v2 where asked for and it can run the problem (sm_80+, see plan_decode_kernel), else v1.
+        let (lens, smem) = (io.cache.lens(), self.max_smem);
+        let mut plan = match DecodeKernel::from_env()? {
+            DecodeKernel::V2 if self.cc >= (8, 0) => {
+                match plan_decode_kernel(DecodeKernel::V2, problem, w, &shape, lens, smem, sms) {
+                    Ok(plan) => plan,
+                    Err(Error::Unsupported { .. }) => plan_decode(problem, w, &shape, lens, smem, sms)?,
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => plan_decode(problem, w, &shape, lens, smem, sms)?,
+        };
         let mut seconds = Vec::with_capacity(reps);
-        let fns = self.decode_fns(problem.dtype)?;
+        let fns = self.decode_fns(plan.kernel, problem.dtype)?;
         let epi = if problem.collapse { Some(self.function(Variant::epilogue(problem.dtype))?) } else { None };
         let s = self.stream();
         self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
@@ -485,46 +593,48 @@ impl CudaBackend {
             plan.args.lens = np;
             plan.args.part = pp;
             plan.args.rope_tab = if c.rope.is_some() { tp } else { 0 };
-            let mut dargs = plan.args;
-            let mut params = [&mut args as *mut HmArgs as *mut c_void, &mut dargs as *mut DecodeArgs as *mut c_void];
+            let dargs = plan.args;
             let event =
                 || s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("event"));
+            let decode_cfg = LaunchConfig {
+                grid_dim: (plan.grid.0, plan.grid.1, 1),
+                block_dim: (DECODE_THREADS as u32, 1, 1),
+                shared_mem_bytes: plan.smem as u32,
+            };
+            let combine_cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
+                block_dim: (32 * COMBINE_ROWS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
             for rep in 0..=reps {
                 let start = if reps > 0 { Some(event()?) } else { None };
                 // SAFETY: the functions are loaded in this context; the structs match the kernels'
-                // parameters and live until the calls return (the driver copies them at launch); every
-                // pointer is a live allocation of the validated size, guarded until enqueued.
+                // parameters (typed launches copy them at launch); every pointer in them is a live
+                // allocation of the validated size, guarded until enqueued.
                 unsafe {
-                    cudarc::driver::result::launch_kernel(
-                        fns.decode.cu_function(),
-                        (plan.grid.0, plan.grid.1, 1),
-                        (DECODE_THREADS as u32, 1, 1),
-                        plan.smem as u32,
-                        s.cu_stream(),
-                        &mut params,
-                    )
-                    .map_err(drv("launching hm_decode_v1"))?;
-                    cudarc::driver::result::launch_kernel(
-                        fns.combine.cu_function(),
-                        (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
-                        (32 * COMBINE_ROWS as u32, 1, 1),
-                        0,
-                        s.cu_stream(),
-                        &mut params,
-                    )
-                    .map_err(drv("launching hm_decode_combine_v1"))?;
+                    s.launch_builder(&fns.decode).arg(&args).arg(&dargs).launch(decode_cfg).map_err(drv(
+                        if plan.kernel == DecodeKernel::V2 {
+                            "launching hm_decode_v2"
+                        } else {
+                            "launching hm_decode_v1"
+                        },
+                    ))?;
+                    s.launch_builder(&fns.combine)
+                        .arg(&args)
+                        .arg(&dargs)
+                        .launch(combine_cfg)
+                        .map_err(drv("launching hm_decode_combine_v1"))?;
                     if let Some(epi) = &epi {
                         let erows = problem.batch * problem.n * c.heads;
-                        let mut eparams = [&mut args as *mut HmArgs as *mut c_void];
-                        cudarc::driver::result::launch_kernel(
-                            epi.func.cu_function(),
-                            (erows.div_ceil(super::variants::EPI_ROWS) as u32, 1, 1),
-                            ((32 * super::variants::EPI_ROWS) as u32, 1, 1),
-                            0,
-                            s.cu_stream(),
-                            &mut eparams,
-                        )
-                        .map_err(drv("launching the collapse epilogue"))?;
+                        let epi_cfg = LaunchConfig {
+                            grid_dim: (erows.div_ceil(super::variants::EPI_ROWS) as u32, 1, 1),
+                            block_dim: ((32 * super::variants::EPI_ROWS) as u32, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        s.launch_builder(&epi.func)
+                            .arg(&args)
+                            .launch(epi_cfg)
+                            .map_err(drv("launching the collapse epilogue"))?;
                     }
                 }
                 if let Some(start) = start {

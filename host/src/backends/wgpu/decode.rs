@@ -15,12 +15,12 @@ use super::WgpuBackend;
 use super::device::device_err;
 use super::kernels::{KernelKey, Kind, decode_storage_bytes};
 use super::launch::{self, COMBINE_WG, Dispatch, EPILOGUE_WG, Uniforms, loops, rope_table, to_u32};
-use super::pack::is_selection;
 use crate::cache::{CacheShape, DeviceKv, HostTraffic, KvCache};
-use crate::decode::{DecodeIo, DecodeProblem, band};
+use crate::decode::plan::{bands, rope_levels, selection_bits, split};
+use crate::decode::{DecodeIo, DecodeProblem};
 use crate::timing::Owned;
 use crate::validate::Problem;
-use crate::{BackendKind, DType, Data, Error, PosMode, Result, Weights};
+use crate::{BackendKind, DType, Data, Error, Result, Weights};
 
 fn unsupported(why: String) -> Error {
     Error::Unsupported { backend: "wgpu", why }
@@ -255,24 +255,11 @@ pub(crate) fn plan(
     if (cap as u128) * (p as u128) > crate::validate::MAX_INDEX as u128 {
         return Err(unsupported(format!("capacity {cap} times P = {p} virtual keys above 2^31 - 1")));
     }
-    let unit = match c.rope.map(|r| r.mode) {
-        Some(PosMode::Token) => 1,
-        _ => p,
-    };
-
-    // Packed weights: aq | ak | av | r | gamma | RoPE table, as the forward.
-    let max_pos = lens
-        .iter()
-        .map(|&l| {
-            let stored = l.min(cap);
-            c.pos_offset as u64 + ((l - stored) * unit) as u64 + (stored * p) as u64
-        })
-        .max()
-        .unwrap_or(1)
-        .max(1)
-        - 1;
-    let rope_levels = if c.rope.is_some() { (64 - max_pos.leading_zeros()).div_ceil(8).max(1) } else { 0 };
+    // Packed weights: aq | ak | av | r | gamma | RoPE table, as the forward (the RoPE levels,
+    // table and selection bits: crate::decode::plan, shared with the CUDA decode).
+    let rope_levels = rope_levels(c, lens, cap);
     if rope_levels > 4 {
+        let max_pos = crate::decode::plan::max_position(c, lens, cap);
         return Err(unsupported(format!("RoPE position {max_pos} above 2^32 - 1")));
     }
     let rope = match c.rope {
@@ -281,9 +268,7 @@ pub(crate) fn plan(
     };
     // No gather tables: the decode kernel reads the selection bits below.
     let packed = super::pack::pack(c, w, false, &rope)?;
-    let selection = (is_selection(c, &w.aq, hq) as u32)
-        | ((is_selection(c, &w.ak, hk) as u32) << 1)
-        | ((is_selection(c, &w.av, hk) as u32) << 2);
+    let selection = selection_bits(c, w);
 
     // Tile: the most cached tokens per tile whose workgroup memory fits.
     let d32 = to_u32("head dim", d)?;
@@ -304,8 +289,7 @@ pub(crate) fn plan(
     let key = |kind| KernelKey { kind, dtype: problem.dtype, d: d32 };
 
     // Splits: fill the device, keep each split's share of tiles under the loop budget.
-    let bands: Vec<(usize, usize)> = problem.stored.iter().map(|&m| band(c, m, n)).collect();
-    let band_max = bands.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(1).max(1);
+    let (_, band_max) = bands(problem);
     let tiles = band_max.div_ceil(tc as usize);
     let mut n_splits = match splits {
         Some(s) => s.clamp(1, band_max),
@@ -323,8 +307,7 @@ pub(crate) fn plan(
             n_splits = n_splits.max(tiles.div_ceil(tiles_per_split as usize));
         }
     }
-    let tokens_per_split = band_max.div_ceil(n_splits);
-    let n_splits = band_max.div_ceil(tokens_per_split); // no empty split at the end
+    let (n_splits, tokens_per_split) = split(band_max, n_splits); // no empty split at the end
     if let Some(budget) = loop_budget {
         let iterations = cost(tokens_per_split.div_ceil(tc as usize) as u64);
         if iterations > budget {
@@ -408,8 +391,7 @@ pub(crate) fn plan(
     for pass in &passes {
         launch::grid(pass.workgroups, limits)?;
     }
-    let row_bytes = (hk * d * problem.dtype.size()) as u64;
-    let cache_bytes_read = bands.iter().map(|(lo, hi)| 2 * (hi - lo) as u64 * row_bytes).sum();
+    let cache_bytes_read = crate::decode::cache_bytes_read(problem);
     Ok(DecodePlan {
         uniforms: u,
         weights: packed.weights,

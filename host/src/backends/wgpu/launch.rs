@@ -124,26 +124,8 @@ pub(crate) fn rope_position_table(rows: u32, pos0: usize, d: usize, base: f64) -
     table
 }
 
-/// RoPE table by levels (decode over long caches, where a row per position would be large): for
-/// level `l`, byte value `b` and frequency index `t`, the (cos, sin) of `b · 256^l · base^(−2t/d)`
-/// computed in f64. The kernel composes one entry per byte of the position, so any position below
-/// 2^32 is exact to a few f32 ulps.
-pub(crate) fn rope_table(levels: u32, d: usize, base: f64) -> Vec<f32> {
-    let half = d / 2;
-    let mut table = Vec::with_capacity(levels as usize * 256 * half * 2);
-    for l in 0..levels {
-        for b in 0..256u64 {
-            let pos = (b << (8 * l)) as f64;
-            for t in 0..half {
-                let freq = base.powf(-2.0 * t as f64 / d as f64);
-                let (sin, cos) = (pos * freq).sin_cos();
-                table.push(cos as f32);
-                table.push(sin as f32);
-            }
-        }
-    }
-    table
-}
+/// RoPE table by levels (decode over long caches): shared with the CUDA decode.
+pub(crate) use crate::decode::plan::rope_table;
 
 /// The plan of a validated problem on a device with `limits`.
 pub(crate) fn plan(

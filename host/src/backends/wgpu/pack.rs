@@ -54,11 +54,6 @@ pub(crate) fn pack(cfg: &Config, w: &Weights, selection_tables: bool, rope: &[f3
     Ok(Packed { weights, aq_off, ak_off, av_off, r_off, gamma_off, beta_off, rope_off, sel_q, sel_k, sel_v })
 }
 
-/// Whether a mixing matrix `[src, H, P]` is a selection (every (h, p) column one-hot with weight 1).
-pub(crate) fn is_selection(cfg: &Config, a: &[f32], src: usize) -> bool {
-    headmix_reference::mixing::selection(a, src, cfg.heads, cfg.pseudo).is_some()
-}
-
 impl Packed {
     /// Uniforms with the fields fixed by the configuration and these weights (head counts,
     /// mask kind, RoPE mode, scale, norm, weight offsets); the call's sizes, tiles and scratch

@@ -4,16 +4,13 @@
 use comfy_table::{CellAlignment, Table, presets};
 use serde::{Deserialize, Serialize};
 
-use crate::count::H100;
+use crate::count::{H100, H200};
 use crate::sweep::Case;
 
 /// The schema tag every report carries.
 pub const SCHEMA: &str = "headmix-bench/1";
 /// What the fused rows' `implementation` says.
 pub const FUSED: &str = "headmix fused";
-/// The `implementation` of a decode case's attention as a forward pass with `N = 1` on
-/// device-resident keys and values, timed by the device's clock.
-pub const FORWARD_N1: &str = "headmix forward N=1";
 
 /// One benchmark run: where and when it ran, and one row per (case, implementation, backend).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,12 +102,21 @@ pub struct Row {
     pub decode: Option<DecodeInfo>,
 }
 
-/// The KV cache of a decode row.
+/// The KV cache of a decode row (the bandwidth fields are optional: older reports load).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DecodeInfo {
     pub tokens: usize,
     pub layout: String,
+    /// Counted by the backend: each visible held token's stored heads, keys and values, once.
     pub cache_read_bytes: f64,
+    #[serde(default)]
+    pub cache_gb_s: Option<f64>,
+    /// Percent of the H200's measured 4.3 TB/s copy bandwidth.
+    #[serde(default)]
+    pub pct_copy_bw: Option<f64>,
+    /// Counted roofline: `cache_read_bytes / 4.3 TB/s`.
+    #[serde(default)]
+    pub roofline_s: Option<f64>,
     pub cache_bytes: u64,
     pub unfused_cache_bytes: u64,
     pub cache_ratio: f64,
@@ -177,11 +183,9 @@ impl Report {
                 .round(jiff::Unit::Second)
                 .map_or_else(|_| "unknown".into(), |t| t.to_string()),
             load_average: load,
-            ceilings: vec![Ceiling {
-                device: H100.device.into(),
-                dense_bf16_tflops: H100.tflops,
-                copy_tb_s: H100.tb_s,
-            }],
+            ceilings: [H100, H200]
+                .map(|p| Ceiling { device: p.device.into(), dense_bf16_tflops: p.tflops, copy_tb_s: p.tb_s })
+                .to_vec(),
             backends: Vec::new(),
             skipped: Vec::new(),
             results: Vec::new(),
@@ -237,10 +241,11 @@ impl Row {
     }
 }
 
-/// `1.23 µs`, `4.56 ms`, `7.89 s`.
+/// `4.5 ns`, `1.23 µs`, `4.56 ms`, `7.89 s`.
 pub fn fmt_time(s: f64) -> String {
     match s {
         s if !s.is_finite() => "-".into(),
+        s if s < 1e-6 => format!("{:.1} ns", s * 1e9),
         s if s < 1e-3 => format!("{:.2} µs", s * 1e6),
         s if s < 1.0 => format!("{:.2} ms", s * 1e3),
         s => format!("{s:.2} s"),
@@ -330,9 +335,11 @@ pub fn table(rows: &[Row]) -> String {
     layout(header, 3, cells.collect())
 }
 
-/// The readable table of decode rows: time, cache read bandwidth, cache size against unfused.
+/// The readable table of decode rows: time against the counted roofline, cache read
+/// bandwidth, cache size against unfused.
 pub fn decode_table(rows: &[Row]) -> String {
-    let header = "config|backend|device|dtype|B|L|held|P|d|median|cache read|GB/s|%bw|cache|unfused cache|smaller";
+    let header =
+        "config|backend|device|dtype|B|L|held|P|d|median|roofline|cache read|GB/s|%copy|cache|unfused cache|smaller";
     let cells = rows.iter().filter_map(|r| r.decode.as_ref().map(|dc| (r, dc))).map(|(r, dc)| {
         let mut c = vec![config_cell(r), r.backend.clone(), short(&r.device, 28), r.dtype.clone(), r.batch.to_string()];
         c.extend([
@@ -341,7 +348,8 @@ pub fn decode_table(rows: &[Row]) -> String {
             r.pseudo.to_string(),
             r.head_dim.to_string(),
         ]);
-        c.extend([fmt_time(r.median_s), fmt_bytes(dc.cache_read_bytes as u64), fmt_sig(r.gb_s), opt(r.pct_peak_bw)]);
+        c.extend([fmt_time(r.median_s), dc.roofline_s.map_or("-".into(), fmt_time)]);
+        c.extend([fmt_bytes(dc.cache_read_bytes as u64), opt(dc.cache_gb_s), opt(dc.pct_copy_bw)]);
         c.extend([fmt_bytes(dc.cache_bytes), fmt_bytes(dc.unfused_cache_bytes), format!("{:.2}x", dc.cache_ratio)]);
         c
     });
@@ -374,9 +382,10 @@ pub fn sizes_table(cases: &[Case]) -> Result<String, String> {
 pub fn legend(rows: &[Row]) -> String {
     let mut s =
         String::from("TFLOP/s = 4·B·H·d·visible pairs / median; GB/s = (q, k, v read + out written) / median.\n");
+    let peaks = [H100, H200].map(|p| format!("{}: {} TFLOP/s dense bf16, {} TB/s copy", p.device, p.tflops, p.tb_s));
     s += &format!(
-        "%peak, %bw: percent of the device's measured ceilings ({}: {} TFLOP/s dense bf16, {} TB/s copy), used only as denominators; '-' where none is known.\n",
-        H100.device, H100.tflops, H100.tb_s
+        "%peak, %bw: percent of the device's measured ceilings ({}), used only as denominators; '-' where none is known.\n",
+        peaks.join("; ")
     );
     s += "extra mem: device memory beyond inputs and outputs ('-': not tracked, the CPU's host buffers).\n";
     // Per backend, every stage its unfused pipelines had, in pipeline order.
@@ -408,26 +417,24 @@ pub fn legend(rows: &[Row]) -> String {
     s
 }
 
-/// What the decode table's columns mean (and its device rows, where there are any).
+/// What the decode table's columns mean.
 pub fn decode_legend(rows: &[Row]) -> String {
-    let mut s = String::from(
-        "decode: one new token per sequence against a cache of L tokens per sequence (held: tokens the cache keeps and one call reads; a ring keeps IHA local's window and the new token).\n\
-         cache read = B·held·Hk·d·2·dtype size (the stored heads only; pseudo-heads are mixed on chip); GB/s = (cache read + q read + out written) / median.\n",
-    );
-    s += &format!(
-        "%bw: percent of {}'s measured {} TB/s copy bandwidth, used only as a denominator; '-' on any other device.\n",
-        H100.device, H100.tb_s
-    );
-    s += "cache / unfused cache: bytes held by headmix (Hk stored heads) and by the unfused design (the H·P mixed heads it attends over; Hk for MHA/GQA); smaller = their ratio.\n";
-    if rows.iter().any(|r| r.clock.contains("host-resident")) {
-        s += "host-resident cache: the cache lives in host memory, so a device's decode time includes moving it to the device (no %bw).\n";
-    }
-    if rows.iter().any(|r| r.implementation == FORWARD_N1) {
-        s += &format!(
-            "[{FORWARD_N1}]: the same attention as a forward pass with one query token on device-resident k/v, timed by the device clock; same bytes.\n"
-        );
-    }
-    s
+    let clocks: Vec<&str> = rows.iter().fold(Vec::new(), |mut v, r| {
+        if !v.contains(&r.clock.as_str()) {
+            v.push(&r.clock);
+        }
+        v
+    });
+    format!(
+        "decode: one new token per sequence against a cache of L tokens on the backend's device (held: tokens the cache keeps; a ring keeps IHA local's window and the new token), timed by {}.\n\
+         cache read: bytes of stored heads one call reads (counted by the backend: each visible held token's keys and values, once; pseudo-heads are mixed on chip); GB/s = cache read / median.\n\
+         %copy: percent of {}'s measured {} TB/s copy bandwidth; roofline = cache read / {} TB/s (counted, not measured).\n\
+         cache / unfused cache: bytes held by headmix (Hk stored heads) and by the unfused design (the H·P mixed heads it attends over; Hk for MHA/GQA); smaller = their ratio.\n",
+        clocks.join(", "),
+        H200.device,
+        H200.tb_s,
+        H200.tb_s
+    )
 }
 
 /// headmix rows and a peers report side by side, matched by configuration and size.

@@ -3,15 +3,14 @@
 //! * **Device clocks**: device backends time themselves ([`Backend::time`]: inputs already on the
 //!   device, CUDA events or wgpu timestamps). The GPU sweeps run 64 MiB per bf16 input, more than
 //!   an H100's 50 MB L2, so caches cannot flatter them.
+//!   Decode: [`Backend::time_decode`] on a cache of the device (CUDA events, wgpu timestamps).
 //! * **Wall clock**: everything on the host goes through [`headmix::timing::time_wall`]: the CPU
 //!   backend's forward (rotating through several random input sets, about [`ROTATE_BYTES`] in
-//!   all, so that tiny problems do not find their inputs in cache), decode (rotating filled
-//!   caches) and the unfused pipeline's host stages.
+//!   all, so that tiny problems do not find their inputs in cache), its decode (the default
+//!   [`Backend::time_decode`]) and the unfused pipeline's host stages.
 
-use headmix::cache::KvCache;
-use headmix::decode::DecodeIo;
-use headmix::timing::{Owned, time_host_rotated, time_wall};
-use headmix::{Backend, BackendKind, Config, Problem, Result, Timing, Weights};
+use headmix::timing::time_host_rotated;
+use headmix::{Backend, BackendKind, Problem, Result, Timing, Weights};
 
 /// Bytes of input the rotated sets cover together.
 pub const ROTATE_BYTES: usize = 64 << 20;
@@ -39,33 +38,4 @@ pub fn forward(backend: &dyn Backend, problem: &Problem, w: &Weights, reps: usiz
     } else {
         backend.time(problem, w, reps)
     }
-}
-
-/// Wall-clock time of `reps` calls of [`headmix::decode()`] after warm-up, call `i` on cache
-/// `i % caches.len()` with queries `queries[i % queries.len()]` (`[B, n, Hq, d]`). The caches are
-/// filled beforehand and never modified (decode only reads them): every call does the same work.
-pub fn decode(
-    backend: &dyn Backend,
-    cfg: &Config,
-    w: &Weights,
-    caches: &[KvCache],
-    queries: &[Owned],
-    n: usize,
-    reps: usize,
-) -> Result<Timing> {
-    let batch = caches.first().ok_or(headmix::Error::Empty { what: "decode caches" })?.shape().batch;
-    let qs = [batch, n, cfg.q_heads, cfg.head_dim];
-    let out_shape = match w.r {
-        Some(_) => vec![batch, n, cfg.heads, cfg.head_dim],
-        None => vec![batch, n, cfg.heads, cfg.pseudo, cfg.head_dim],
-    };
-    let mut out = Owned::filled(caches[0].dtype(), out_shape.iter().product(), f32::NAN);
-    let mut lse = vec![f32::NAN; batch * cfg.heads * n * cfg.pseudo];
-    let seconds = time_wall(reps, |call| {
-        let q = queries[call % queries.len()].tensor(&qs);
-        let io =
-            DecodeIo { q, cache: &caches[call % caches.len()], out: out.tensor_mut(&out_shape), lse: Some(&mut lse) };
-        headmix::decode(backend, cfg, w, io)
-    })?;
-    Ok(Timing { seconds, extra_bytes: 0, clock: "wall clock" })
 }

@@ -15,7 +15,7 @@ use headmix_bench::run::criterion_cases;
 use headmix_bench::sweep::{NEW_TOKENS, Sweep};
 
 fn decode(c: &mut Criterion) {
-    for (dev, cases) in criterion_cases(Sweep::Decode, Sweep::DecodeQuick) {
+    for (cases, dev) in criterion_cases(Sweep::Decode, Sweep::DecodeQuick) {
         let backend = dev.backend.as_ref();
         for case in cases {
             // Fill the cache and time one call first: a case that is too large or that the backend

@@ -23,10 +23,7 @@ pub const H200: Peak = Peak { device: "H200", tflops: 790.0, tb_s: 4.3 };
 /// PCIe card (`NVIDIA H100 80GB HBM3` is the SXM part). Any other device: `None`, printed as `-`.
 pub fn known_peak(device: &str) -> Option<Peak> {
     let d = device.to_ascii_uppercase();
-    if d.contains("H200") {
-        return Some(H200);
-    }
-    (d.contains("H100") && !d.contains("PCIE")).then_some(H100)
+    if d.contains("H200") { Some(H200) } else { (d.contains("H100") && !d.contains("PCIE")).then_some(H100) }
 }
 
 /// Bytes of one call at the memory-bound minimum: q, k, v read once and the output written once

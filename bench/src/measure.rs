@@ -33,21 +33,16 @@ impl Device {
         let scale = Scale::of(backend.kind(), &backend.device_name(), &describe);
         let info =
             BackendInfo { backend: backend.kind().name().into(), device: backend.device_name(), driver, describe };
-        let mut baselines: Vec<(&'static str, Box<dyn Backend>)> = Vec::new();
-        match backend.kind() {
-            BackendKind::Wgpu => {
-                if let Ok(b) = wgpu::WgpuBackend::new() {
-                    baselines.push(("wgpu naive", Box::new(b.with_variant(wgpu::Variant::Naive))));
-                }
-            }
-            BackendKind::Cuda => {
-                if let Ok(b) = cuda::CudaBackend::new(0) {
-                    baselines.push(("cuda attn_v2", Box::new(b.with_kernel(cuda::Kernel::AttnV2))));
-                }
-            }
-            BackendKind::Cpu => {}
-        }
-        Device { backend, info, scale, baselines }
+        let baseline: Option<(&'static str, Box<dyn Backend>)> = match backend.kind() {
+            BackendKind::Wgpu => wgpu::WgpuBackend::new()
+                .ok()
+                .map(|b| ("wgpu naive", Box::new(b.with_variant(wgpu::Variant::Naive)) as _)),
+            BackendKind::Cuda => cuda::CudaBackend::new(0)
+                .ok()
+                .map(|b| ("cuda attn_v2", Box::new(b.with_kernel(cuda::Kernel::AttnV2)) as _)),
+            BackendKind::Cpu => None,
+        };
+        Device { backend, info, scale, baselines: baseline.into_iter().collect() }
     }
 
     pub fn kind(&self) -> BackendKind {
@@ -70,9 +65,7 @@ pub fn open_all(kinds: &[BackendKind]) -> (Vec<Device>, Vec<(BackendKind, String
 /// Time one case on a device, `reps` calls after a warm-up.
 pub fn run(dev: &Device, case: &Case, reps: usize) -> Result<Vec<Row>, String> {
     let backend = dev.backend.as_ref();
-    let e = |e: headmix::Error| e.to_string();
-    // Decode cases are counted as their forward problem: N = 1 against the held tokens.
-    let (p, w) = case.problem()?;
+    let (e, (p, w)) = (|e: headmix::Error| e.to_string(), case.problem()?);
     if case.mode == Mode::Decode {
         // A filled cache on the backend's device, timed by the device's clock.
         let cache = filled_cache(backend, case, 1)?;
@@ -169,10 +162,7 @@ pub fn random_owned(dtype: DType, len: usize, seed: u64) -> Owned {
         let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
         block.iter_mut().for_each(|x| *x = ((rng.uniform() - 0.5) * 2.0 * 3f64.sqrt()) as f32);
     });
-    match dtype {
-        DType::F32 => Owned::F32(v),
-        _ => Owned::from_f32(dtype, &v),
-    }
+    if dtype == DType::F32 { Owned::F32(v) } else { Owned::from_f32(dtype, &v) }
 }
 
 /// The case's empty cache on `backend`'s device filled with random stored heads: every held

@@ -228,16 +228,9 @@ impl Report {
 impl Row {
     /// Whether `other` is the same configuration at the same size (how peers are matched).
     pub fn same_case(&self, o: &Row) -> bool {
-        let key = |r: &Row| {
-            (
-                r.config.clone(),
-                r.dtype.clone(),
-                r.causal,
-                r.window,
-                [r.batch, r.n, r.m, r.heads, r.q_heads, r.kv_heads, r.pseudo, r.head_dim],
-            )
-        };
-        key(self) == key(o)
+        let sizes = |r: &Row| [r.batch, r.n, r.m, r.heads, r.q_heads, r.kv_heads, r.pseudo, r.head_dim];
+        (&self.config, &self.dtype, self.causal, self.window, sizes(self))
+            == (&o.config, &o.dtype, o.causal, o.window, sizes(o))
     }
 }
 
@@ -254,14 +247,12 @@ pub fn fmt_time(s: f64) -> String {
 
 /// Three significant digits (small CPU throughputs stay readable: `0.00123`, not `0.000`).
 pub fn fmt_sig(x: f64) -> String {
-    if !x.is_finite() {
-        return "-".into();
-    }
-    if x == 0.0 {
-        return "0".into();
-    }
     let digits = (2 - x.abs().log10().floor() as i32).clamp(0, 12) as usize;
-    format!("{x:.digits$}")
+    match x {
+        x if !x.is_finite() => "-".into(),
+        x if x == 0.0 => "0".into(),
+        x => format!("{x:.digits$}"),
+    }
 }
 
 /// Bytes in binary units.
@@ -318,18 +309,10 @@ pub fn table(rows: &[Row]) -> String {
         if let Some(u) = &r.unfused {
             extra += &format!(" (unfused +{})", fmt_bytes(u.extra_bytes));
         }
-        let sizes = [r.batch, r.n, r.pseudo, r.head_dim].map(|x| x.to_string());
         let mut c = vec![config_cell(r), r.backend.clone(), short(&r.device, 28), r.dtype.clone()];
-        c.extend(sizes);
-        c.extend([
-            fmt_time(r.median_s),
-            fmt_sig(r.tflops),
-            opt(r.pct_peak_flops),
-            fmt_sig(r.gb_s),
-            opt(r.pct_peak_bw),
-            speedup,
-            extra,
-        ]);
+        c.extend([r.batch, r.n, r.pseudo, r.head_dim].map(|x| x.to_string()));
+        c.extend([fmt_time(r.median_s), fmt_sig(r.tflops), opt(r.pct_peak_flops), fmt_sig(r.gb_s)]);
+        c.extend([opt(r.pct_peak_bw), speedup, extra]);
         c
     });
     layout(header, 3, cells.collect())
@@ -363,14 +346,9 @@ pub fn sizes_table(cases: &[Case]) -> Result<String, String> {
     let mut cells = Vec::new();
     for c in cases {
         let b = c.cache_bytes()?;
-        let config = c.label().split(" B=").next().unwrap_or_default().to_string();
-        let mut row = vec![
-            config,
-            c.dtype.name().into(),
-            c.batch.to_string(),
-            c.m.to_string(),
-            format!("{} {}", c.held()?, c.layout_name()),
-        ];
+        let (config, held) = (c.label().split(" B=").next().unwrap_or_default().into(), c.held()?);
+        let mut row = vec![config, c.dtype.name().into(), c.batch.to_string(), c.m.to_string()];
+        row.push(format!("{held} {}", c.layout_name()));
         row.extend([c.heads, c.kv_heads, c.pseudo, c.head_dim, b.headmix, b.unfused].map(|x| x.to_string()));
         row.extend([fmt_bytes(b.headmix as u64), fmt_bytes(b.unfused as u64), format!("{:.2}x", b.ratio())]);
         cells.push(row);
@@ -391,15 +369,10 @@ pub fn legend(rows: &[Row]) -> String {
     // Per backend, every stage its unfused pipelines had, in pipeline order.
     let mut backends: Vec<(&str, Vec<String>, bool)> = Vec::new();
     for (r, u) in rows.iter().filter_map(|r| r.unfused.as_ref().map(|u| (r, u))) {
-        if !backends.iter().any(|b| b.0 == r.backend) {
-            backends.push((&r.backend, Vec::new(), u.complete));
-        }
-        let entry = backends.iter_mut().find(|b| b.0 == r.backend).expect("just added");
-        for st in &u.stages {
-            let desc = format!("{} on {} ({})", st.name, st.place, st.clock);
-            if !entry.1.contains(&desc) {
-                entry.1.push(desc);
-            }
+        let stages = u.stages.iter().map(|st| format!("{} on {} ({})", st.name, st.place, st.clock));
+        match backends.iter_mut().find(|b| b.0 == r.backend) {
+            Some(b) => b.1.extend(stages),
+            None => backends.push((&r.backend, stages.collect(), u.complete)),
         }
     }
     if backends.is_empty() {
@@ -408,6 +381,7 @@ pub fn legend(rows: &[Row]) -> String {
     s += "vs unfused = unfused pipeline time / fused time. Unfused = mix (materialise qt, kt, vt) + attention with P = 1 over N·P tokens + collapse/norm:\n";
     for (backend, mut stages, complete) in backends {
         stages.sort_by_key(|d| ["mix", "attention", "collapse"].iter().position(|s| d.starts_with(s)));
+        stages.dedup();
         s += &format!("  {backend} backend: unfused = {}{}\n", stages.join(" + "), if complete { "" } else { " only" });
     }
     s += "  host stages run in f32 on the host's cores (the reference's mix and collapse).\n";
@@ -419,12 +393,9 @@ pub fn legend(rows: &[Row]) -> String {
 
 /// What the decode table's columns mean.
 pub fn decode_legend(rows: &[Row]) -> String {
-    let clocks: Vec<&str> = rows.iter().fold(Vec::new(), |mut v, r| {
-        if !v.contains(&r.clock.as_str()) {
-            v.push(&r.clock);
-        }
-        v
-    });
+    let mut clocks: Vec<&str> = rows.iter().map(|r| r.clock.as_str()).collect();
+    clocks.sort();
+    clocks.dedup();
     format!(
         "decode: one new token per sequence against a cache of L tokens on the backend's device (held: tokens the cache keeps; a ring keeps IHA local's window and the new token), timed by {}.\n\
          cache read: bytes of stored heads one call reads (counted by the backend: each visible held token's keys and values, once; pseudo-heads are mixed on chip); GB/s = cache read / median.\n\
@@ -446,26 +417,18 @@ pub fn side_by_side(ours: &[Row], peers: &Report) -> String {
     let header = "config|peer|peer device|dtype|B|N|P|d|peer median|peer TFLOP/s|headmix|headmix median|headmix TFLOP/s|headmix speed-up";
     let mut cells = Vec::new();
     for p in &peers.results {
-        let mut c = vec![
-            config_cell(&Row { implementation: FUSED.into(), ..p.clone() }),
-            p.implementation.clone(),
-            short(&p.device, 24),
-            p.dtype.clone(),
-        ];
-        let none = ["(not run)", "-", "-", "-"].map(String::from).to_vec();
+        let config = config_cell(&Row { implementation: FUSED.into(), ..p.clone() });
+        let mut c = vec![config, p.implementation.clone(), short(&p.device, 24), p.dtype.clone()];
         c.extend([p.batch, p.n, p.pseudo, p.head_dim].map(|x| x.to_string()));
         c.extend([fmt_time(p.median_s), fmt_sig(p.tflops)]);
         let mine: Vec<&Row> =
             ours.iter().filter(|r| r.same_case(p) && r.implementation == FUSED && r.decode.is_none()).collect();
         if mine.is_empty() {
-            cells.push([c.clone(), none].concat());
+            cells.push([c.clone(), ["(not run)", "-", "-", "-"].map(String::from).to_vec()].concat());
         }
         for m in mine {
-            let speedup = if m.median_s > 0.0 && p.median_s > 0.0 {
-                format!("{:.2}x", p.median_s / m.median_s)
-            } else {
-                "-".into()
-            };
+            let ok = m.median_s > 0.0 && p.median_s > 0.0;
+            let speedup = if ok { format!("{:.2}x", p.median_s / m.median_s) } else { "-".into() };
             cells.push([c.clone(), vec![m.backend.clone(), fmt_time(m.median_s), fmt_sig(m.tflops), speedup]].concat());
         }
     }

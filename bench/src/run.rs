@@ -133,18 +133,15 @@ pub fn measure(sweep: Sweep, kinds: &[BackendKind], sel: &Selection, reps: Optio
     Ok(report)
 }
 
-/// The criterion suites' devices and cases: the backends of `HEADMIX_BENCH_BACKENDS` (default:
+/// The criterion suites' cases and devices: the backends of `HEADMIX_BENCH_BACKENDS` (default:
 /// all; one line per backend that does not open), each with `gpu` on GPUs (`host`'s sweep when
 /// `HEADMIX_BENCH_SWEEP=quick`) and `host` on host-scale devices.
-pub fn criterion_cases(gpu: Sweep, host: Sweep) -> Vec<(Device, Vec<Case>)> {
+pub fn criterion_cases(gpu: Sweep, host: Sweep) -> Vec<(Vec<Case>, Device)> {
     let env = |name: &str| std::env::var(name).ok();
-    let kinds: Vec<BackendKind> = match env("HEADMIX_BENCH_BACKENDS") {
-        Some(s) => s
-            .split(',')
-            .map(|k| BackendKind::parse(k.trim()).unwrap_or_else(|| panic!("HEADMIX_BENCH_BACKENDS: unknown {k:?}")))
-            .collect(),
-        None => BackendKind::ALL.to_vec(),
-    };
+    let backends = env("HEADMIX_BENCH_BACKENDS").unwrap_or("cuda,wgpu,cpu".into());
+    let kinds: Vec<BackendKind> = (backends.split(',').map(str::trim))
+        .map(|k| BackendKind::parse(k).unwrap_or_else(|| panic!("HEADMIX_BENCH_BACKENDS: unknown {k:?}")))
+        .collect();
     let gpu = match env("HEADMIX_BENCH_SWEEP").as_deref() {
         None | Some("full") => gpu,
         Some("quick") => host,
@@ -154,11 +151,6 @@ pub fn criterion_cases(gpu: Sweep, host: Sweep) -> Vec<(Device, Vec<Case>)> {
     for (kind, why) in skipped {
         eprintln!("{kind}: skipped ({why})");
     }
-    devices
-        .into_iter()
-        .map(|d| {
-            let cases = if d.scale == Scale::Host { host.cases(Scale::Host) } else { gpu.cases(Scale::Gpu) };
-            (d, cases)
-        })
-        .collect()
+    let sweep = |d: &Device| if d.scale == Scale::Host { host } else { gpu };
+    devices.into_iter().map(|d| (sweep(&d).cases(d.scale), d)).collect()
 }

@@ -31,12 +31,7 @@ impl Sweep {
     pub const ALL: [Sweep; 4] = [Sweep::Quick, Sweep::Full, Sweep::DecodeQuick, Sweep::Decode];
 
     pub fn name(self) -> &'static str {
-        match self {
-            Sweep::Quick => "quick",
-            Sweep::Full => "full",
-            Sweep::DecodeQuick => "decode-quick",
-            Sweep::Decode => "decode",
-        }
+        ["quick", "full", "decode-quick", "decode"][self as usize]
     }
 
     pub fn parse(s: &str) -> Option<Sweep> {
@@ -70,7 +65,7 @@ impl Sweep {
             };
             for &tokens in lens {
                 for batch in [1, 8, 64] {
-                    let base = Case::decode(Method::Mha, heads, heads, 1, head_dim, batch, tokens, dtype);
+                    let base = Case::mha(Mode::Decode, heads, head_dim, batch, tokens, dtype);
                     cases.extend(methods(base, heads / 4, heads / 4, &[2, 4]));
                 }
             }
@@ -87,11 +82,7 @@ impl Sweep {
                 let heads = if gpu { 2048 / d } else { 4 };
                 for &n in seqs {
                     let batch = if gpu { (16384 / n).max(1) } else { 1 };
-                    let base = Case {
-                        mode: Mode::Forward,
-                        n,
-                        ..Case::decode(Method::Mha, heads, heads, 1, d, batch, n, dtype)
-                    };
+                    let base = Case::mha(Mode::Forward, heads, d, batch, n, dtype);
                     cases.extend(methods(base, heads / 4, heads / 2, pseudos));
                 }
             }
@@ -121,7 +112,8 @@ fn methods(base: Case, gqa_kv: usize, mea_kv: usize, pseudos: &[usize]) -> Vec<C
 /// 32k tokens per sequence: MHA, GQA `Hk = 4`, MEA, MEA compressed `Hk = 8, 4`, IHA and IHA local
 /// `P = 2, 4, 8` (`headmix bench --sizes-only`; exact counts, nothing is timed).
 pub fn issue_size_cases() -> Vec<Case> {
-    let case = |method, kv_heads, pseudo| Case::decode(method, 16, kv_heads, pseudo, 128, 8, 32768, DType::BF16);
+    let base = Case::mha(Mode::Decode, 16, 128, 8, 32768, DType::BF16);
+    let case = |method, kv_heads, pseudo| Case { method, kv_heads, pseudo, ..base };
     let mut cases = vec![case(Method::Mha, 16, 1), case(Method::Gqa, 4, 1), case(Method::Mea, 16, 1)];
     cases.extend([case(Method::MeaCompressed, 8, 1), case(Method::MeaCompressed, 4, 1)]);
     cases.extend([2, 4, 8].map(|p| case(Method::Iha, 16, p)));
@@ -189,19 +181,10 @@ pub struct Case {
 }
 
 impl Case {
-    /// A decode case of `tokens` tokens per sequence.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode(
-        method: Method,
-        heads: usize,
-        kv_heads: usize,
-        pseudo: usize,
-        head_dim: usize,
-        batch: usize,
-        tokens: usize,
-        dtype: DType,
-    ) -> Case {
-        Case { mode: Mode::Decode, method, heads, kv_heads, pseudo, head_dim, batch, n: NEW_TOKENS, m: tokens, dtype }
+    /// An MHA case of `tokens` tokens per sequence (other methods: `Case { method, .. }`).
+    pub fn mha(mode: Mode, heads: usize, head_dim: usize, batch: usize, tokens: usize, dtype: DType) -> Case {
+        let n = if mode == Mode::Forward { tokens } else { NEW_TOKENS };
+        Case { mode, method: Method::Mha, heads, kv_heads: heads, pseudo: 1, head_dim, batch, n, m: tokens, dtype }
     }
 
     /// The configuration: causal, IHA local with the paper's window `M / (2 P²)` tokens.

@@ -12,7 +12,7 @@ fn cpu() -> Device {
 }
 
 fn small(method: Method, kv_heads: usize, pseudo: usize) -> Case {
-    Case::decode(method, 4, kv_heads, pseudo, 16, 3, 96, DType::BF16)
+    Case { method, kv_heads, pseudo, ..Case::mha(Mode::Decode, 4, 16, 3, 96, DType::BF16) }
 }
 
 #[test]
@@ -105,14 +105,14 @@ fn every_host_decode_quick_case_runs_on_the_cpu() {
 #[test]
 fn a_sequence_beyond_the_kernel_index_limit_is_refused_before_anything_is_allocated() {
     // One sequence of 2^21 tokens · 16 heads · 128 = 2^32 elements: a typed error, not 16 GiB.
-    let big = Case::decode(Method::Mha, 16, 16, 1, 128, 1, 1 << 21, DType::BF16);
+    let big = Case::mha(Mode::Decode, 16, 128, 1, 1 << 21, DType::BF16);
     let e = run(&cpu(), &big, 1).unwrap_err();
     assert!(e.contains("2147483647"), "{e}");
     let cpu = headmix::open(BackendKind::Cpu).unwrap();
     let e = big.empty_cache(cpu.as_ref()).unwrap_err();
     assert!(e.contains("KV cache capacity·Hk·d"), "{e}");
     // B = 64 at 128k tokens (2^34 elements per tensor in all) counts: 64-bit sequence bases.
-    let b64 = Case::decode(Method::Mha, 16, 16, 1, 128, 64, 1 << 17, DType::BF16);
+    let b64 = Case::mha(Mode::Decode, 16, 128, 64, 1 << 17, DType::BF16);
     let (p, _) = b64.problem().unwrap();
     assert_eq!(b64.counts(&p).1, 64.0 * headmix_bench::count::bytes(&p));
 }

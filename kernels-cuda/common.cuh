@@ -1,10 +1,7 @@
 // headmix CUDA kernels: shared helpers (no includes: NVRTC compiles this with no include path).
 //
-// The host prepends a prelude of `#define`s that select one variant, generated from its kernel
-// table (host/src/backends/cuda/kernel_table.rs; kernels-cuda/README.md lists them all), e.g.
-//   HM_DTYPE  0 = f32, 1 = f16, 2 = bf16   (storage type of q, k, v, out)
-//   HM_HD     compile-time head-dim capacity (32, 64, 96, 128, 256); the runtime d may be smaller
-// and then concatenates this file, traits.cuh and one kernel file.
+// The host prepends the `#define` prelude of one variant (HM_DTYPE, HM_HD, tile sizes: the variant
+// scheme, kernels-cuda/README.md) and concatenates this file, the other headers and one kernel file.
 
 #define HM_NEG_INF (__int_as_float(0xff800000))
 #define HM_LOG2E 1.4426950408889634f

@@ -9,8 +9,9 @@
 use headmix::backends::cuda::{CudaBackend, Kernel, RawIo};
 use headmix::reference::PosMode;
 use headmix::timing::Owned;
-use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, Problem, Rng, Rope, Tensor, TensorMut, Weights};
-use headmix::{HeadNorm, Window, validate};
+use headmix::validate;
+use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, Problem, Rope, Tensor, TensorMut, Weights};
+use headmix_tests::cases::{Limits, Spec, specs};
 use headmix_tests::{Case, check_lse, check_property, device_or_skip};
 use proptest::prelude::*;
 
@@ -33,22 +34,6 @@ fn kernels(test: &str) -> Vec<(&'static str, Box<dyn Backend>)> {
     let v2 = CudaBackend::new(0).unwrap().with_kernel(Kernel::AttnV2);
     let v3 = CudaBackend::new(0).unwrap().with_kernel(Kernel::AttnV3);
     vec![("v1", Box::new(be.with_kernel(Kernel::AttnV1))), ("v2", Box::new(v2)), ("v3", Box::new(v3))]
-}
-
-/// Dense random weights (`N(0, 1/fan_in)`), optional collapse and head norm (a `Group` norm with
-/// random `beta` when `norm`, and an `Rms` norm for odd seeds so both kinds run).
-fn dense_weights(cfg: &Config, collapse: bool, norm: bool, seed: u64) -> Weights {
-    let mut rng = Rng::new(seed);
-    let (h, p, d) = (cfg.heads, cfg.pseudo, cfg.head_dim);
-    let mut fan = |src: usize| rng.normal_vec(src * h * p, 1.0 / (src as f64).sqrt());
-    let aq = fan(cfg.q_heads);
-    let ak = fan(cfg.kv_heads);
-    let av = fan(cfg.kv_heads);
-    let r = collapse.then(|| rng.normal_vec(h * h * p, 1.0 / ((h * p) as f64).sqrt()));
-    let gamma: Vec<f32> = rng.normal_vec(h * d, 0.2).into_iter().map(|g| 1.0 + g).collect();
-    let beta = rng.normal_vec(h * d, 0.5);
-    let norm = norm.then(|| if seed % 2 == 0 { HeadNorm::Group { gamma, beta } } else { HeadNorm::Rms { gamma } });
-    Weights { aq, ak, av, r, norm }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,104 +97,26 @@ fn methods_with_identity_and_replication_weights() {
 // ---------------------------------------------------------------------------------------------
 // Random shapes.
 
-#[derive(Clone, Debug)]
-struct Shape {
-    b: usize,
-    n: usize,
-    m: usize,
-    h: usize,
-    hq: usize,
-    hk: usize,
-    p: usize,
-    d: usize,
-    causal: bool,
-    window: Option<(usize, usize)>,
-    rope: Option<Rope>,
-    pos0: usize,
-    scale: Option<f32>,
-    collapse: bool,
-    norm: bool,
-    dtype: DType,
-    seed: u64,
-}
-
-impl Shape {
-    fn config(&self) -> Config {
-        Config {
-            method: Method::Custom,
-            heads: self.h,
-            q_heads: self.hq,
-            kv_heads: self.hk,
-            pseudo: self.p,
-            head_dim: self.d,
-            causal: self.causal,
-            window: self.window.map(|(left, right)| Window { left, right }),
-            rope: self.rope,
-            pos_offset: self.pos0,
-            scale: self.scale,
-            norm_eps: 1e-5,
-            check_finite: false,
-        }
-    }
-
-    fn case(&self) -> Case {
-        let cfg = self.config();
-        let w = dense_weights(&cfg, self.collapse, self.norm, self.seed);
-        Case::random(cfg, w, self.b, self.n, self.m, self.dtype, self.seed ^ 0x5eed)
-    }
-}
-
-/// A window edge: zero, small, or the largest the API accepts.
-fn edge() -> impl Strategy<Value = usize> {
-    prop_oneof![Just(0usize), 1..40usize, Just(i32::MAX as usize)]
-}
-
-/// Head dims: every compiled capacity, and even values in between (zero-padded tails).
-fn head_dim() -> impl Strategy<Value = usize> {
-    prop_oneof![Just(32usize), Just(64), Just(96), Just(128), Just(256), (1..=128usize).prop_map(|x| 2 * x)]
-}
-
-fn rope() -> impl Strategy<Value = Option<Rope>> {
-    let mode = prop_oneof![Just(PosMode::Virtual), Just(PosMode::Token)];
-    let base = prop_oneof![Just(10000.0f32), 2.0..1e5f32];
-    proptest::option::of((mode, base).prop_map(|(mode, base)| Rope { base, mode }))
-}
-
-/// B 1..2, N 1..48, M N..N+40, H/Hq/Hk 1..6, P 1..H (at most 4), every head-dim capacity, any
-/// mask, RoPE, offset, scale, collapse, norm, dtype.
-fn shapes() -> impl Strategy<Value = Shape> {
-    let sizes = (1..=2usize, 1..=48usize, 0..=40usize, 1..=6usize, 1..=6usize, 1..=6usize, 1..=4usize, head_dim());
-    let options = (
-        any::<bool>(),
-        proptest::option::of((edge(), edge())),
-        rope(),
-        prop_oneof![Just(0usize), 0..64usize, Just(100_000usize)],
-        proptest::option::of(0.05..1.0f32),
-        (any::<bool>(), any::<bool>()),
-        prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::BF16)],
-        any::<u64>(),
-    );
-    (sizes, options).prop_map(
-        |((b, n, extra, h, hq, hk, p, d), (causal, window, rope, pos0, scale, (collapse, norm), dtype, seed))| Shape {
-            b,
-            n,
-            m: n + extra,
-            h,
-            hq,
-            hk,
-            p: p.min(h),
-            d,
-            causal,
-            window,
-            rope,
-            pos0,
-            scale,
-            collapse,
-            norm,
-            dtype,
-            seed,
-        },
-    )
+/// Custom configurations (`H`, `Hq`, `Hk` in 1..6 apart, `P` up to 4, dense mixing): B 1..2,
+/// N 1..48, M N..N+40, every head-dim capacity and even values in between, any mask with edges
+/// up to the largest the API accepts, RoPE of any base, offsets up to 100k, scale, collapse,
+/// norm, dtype.
+fn shapes() -> impl Strategy<Value = Spec> {
+    specs(Limits {
+        max_heads: 6,
+        max_n: 48,
+        max_extra: 40,
+        head_dims: vec![32, 64, 96, 128, 256],
+        even_head_dims: Some(256),
+        methods: vec![Method::Custom],
+        max_window: (39, 39),
+        huge_window: true,
+        max_pos: 63,
+        far_pos: Some((100_000, 100_000)),
+        max_scale: Some(1.0),
+        random_rope_base: true,
+        ..Limits::default()
+    })
 }
 
 #[test]

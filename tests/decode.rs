@@ -13,7 +13,7 @@ use headmix::cache::{CacheLayout, KvCache, KvCacheStack, cache_bytes, window_tok
 use headmix::decode::{DecodeIo, decode_per_sequence, decode_split, split, validate_decode};
 use headmix::reference::{self, HeadNorm, MixWeights, Output, Params, PosMode, Rope as RefRope, rel_err};
 use headmix::timing::Owned;
-use headmix::{Backend, BackendKind, Config, DType, Error, Io, Problem, Rng, Rope, Tensor, TensorMut, Weights};
+use headmix::{Backend, BackendKind, Config, DType, Error, Io, Method, Problem, Rng, Rope, Tensor, TensorMut, Weights};
 use headmix_tests::{Weights64, check_property, device_or_skip, normals, tolerance};
 use proptest::prelude::*;
 
@@ -22,19 +22,9 @@ const CASES: u32 = 64;
 // ---------------------------------------------------------------------------------------------
 // Scenarios: a configuration, ragged prompts, and the sizes of the decode steps after them.
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Kind {
-    IhaGlobal,
-    IhaLocal,
-    Mea,
-    MeaCompressed,
-    Gqa,
-    Mha,
-}
-
 #[derive(Clone, Debug)]
 struct Scenario {
-    kind: Kind,
+    kind: Method,
     h: usize,
     /// `Hk` of MEA compressed and GQA (else `H`).
     hk: usize,
@@ -58,12 +48,13 @@ impl Scenario {
     fn cfg(&self) -> Config {
         let (h, p, d) = (self.h, self.p, self.d);
         let cfg = match self.kind {
-            Kind::IhaGlobal => Config::iha(h, p, d),
-            Kind::IhaLocal => Config::iha(h, p, d).with_window(self.left, 0),
-            Kind::Mea => Config::mea(h, d).with_causal(true),
-            Kind::MeaCompressed => Config::mea_compressed(h, self.hk, d).unwrap().with_causal(true),
-            Kind::Gqa => Config::gqa(h, self.hk, d).unwrap().with_causal(true),
-            Kind::Mha => Config::mha(h, d).with_causal(true),
+            Method::Iha => Config::iha(h, p, d),
+            Method::IhaLocal => Config::iha(h, p, d).with_window(self.left, 0),
+            Method::Mea => Config::mea(h, d).with_causal(true),
+            Method::MeaCompressed => Config::mea_compressed(h, self.hk, d).unwrap().with_causal(true),
+            Method::Gqa => Config::gqa(h, self.hk, d).unwrap().with_causal(true),
+            Method::Mha => Config::mha(h, d).with_causal(true),
+            Method::Custom => unreachable!("scenarios use the named methods"),
         };
         let cfg = cfg.with_pos_offset(self.pos_offset);
         match self.rope {
@@ -343,22 +334,23 @@ fn rope() -> impl Strategy<Value = Option<PosMode>> {
     prop::sample::select(vec![None, Some(PosMode::Virtual), Some(PosMode::Virtual), Some(PosMode::Token)])
 }
 
-/// Heads `(H, Hk, P)` of a kind.
-fn heads(kind: Kind) -> BoxedStrategy<(usize, usize, usize)> {
+/// Heads `(H, Hk, P)` of a method.
+fn heads(kind: Method) -> BoxedStrategy<(usize, usize, usize)> {
     match kind {
-        Kind::IhaGlobal | Kind::IhaLocal => (1usize..=4, 1usize..=4).prop_map(|(h, p)| (h, h, p)).boxed(),
-        Kind::Mea => (1usize..=4).prop_map(|h| (h, h, 1)).boxed(),
-        Kind::MeaCompressed => (2usize..=4).prop_flat_map(|h| (Just(h), 1..h)).prop_map(|(h, hk)| (h, hk, 1)).boxed(),
-        Kind::Gqa => prop::sample::select(vec![(2usize, 1usize), (4, 2), (4, 1), (6, 3), (6, 2)])
+        Method::Iha | Method::IhaLocal => (1usize..=4, 1usize..=4).prop_map(|(h, p)| (h, h, p)).boxed(),
+        Method::Mea => (1usize..=4).prop_map(|h| (h, h, 1)).boxed(),
+        Method::MeaCompressed => (2usize..=4).prop_flat_map(|h| (Just(h), 1..h)).prop_map(|(h, hk)| (h, hk, 1)).boxed(),
+        Method::Gqa => prop::sample::select(vec![(2usize, 1usize), (4, 2), (4, 1), (6, 3), (6, 2)])
             .prop_map(|(h, g)| (h, g, 1))
             .boxed(),
-        Kind::Mha => (1usize..=4).prop_map(|h| (h, h, 1)).boxed(),
+        Method::Mha => (1usize..=4).prop_map(|h| (h, h, 1)).boxed(),
+        Method::Custom => unreachable!("scenarios use the named methods"),
     }
 }
 
-fn scenario(kind: Kind) -> impl Strategy<Value = Scenario> {
+fn scenario(kind: Method) -> impl Strategy<Value = Scenario> {
     // IHA local: generation well past the ring's capacity (window + largest step).
-    let (prompt, steps) = if kind == Kind::IhaLocal { (1usize..=10, 4usize..=9) } else { (1usize..=8, 1usize..=6) };
+    let (prompt, steps) = if kind == Method::IhaLocal { (1usize..=10, 4usize..=9) } else { (1usize..=8, 1usize..=6) };
     (
         heads(kind),
         head_dim(),
@@ -381,7 +373,7 @@ fn scenario(kind: Kind) -> impl Strategy<Value = Scenario> {
                 left: left.min(4 * p),
                 rope,
                 pos_offset,
-                no_collapse: no_collapse && matches!(kind, Kind::IhaGlobal | Kind::IhaLocal),
+                no_collapse: no_collapse && matches!(kind, Method::Iha | Method::IhaLocal),
                 prompts,
                 steps,
                 dtype,
@@ -392,7 +384,7 @@ fn scenario(kind: Kind) -> impl Strategy<Value = Scenario> {
 
 /// Prefill + decode equals the reference, through the API (split-KV on the CPU), through the
 /// host split decode with a random number of chunks, and through the generic per-sequence path.
-fn prefill_decode_property(kind: Kind) {
+fn prefill_decode_property(kind: Method) {
     let cpu = CpuBackend::new();
     let name = format!("prefill + decode {kind:?}");
     check_property(&name, CASES, (scenario(kind), 1usize..=6), |(s, splits)| {
@@ -404,36 +396,37 @@ fn prefill_decode_property(kind: Kind) {
 
 #[test]
 fn prefill_decode_iha_global() {
-    prefill_decode_property(Kind::IhaGlobal);
+    prefill_decode_property(Method::Iha);
 }
 
 #[test]
 fn prefill_decode_iha_local_ring() {
-    prefill_decode_property(Kind::IhaLocal);
+    prefill_decode_property(Method::IhaLocal);
 }
 
 #[test]
 fn prefill_decode_mea_dense() {
-    prefill_decode_property(Kind::Mea);
+    prefill_decode_property(Method::Mea);
 }
 
 #[test]
 fn prefill_decode_mea_compressed() {
-    prefill_decode_property(Kind::MeaCompressed);
+    prefill_decode_property(Method::MeaCompressed);
 }
 
 #[test]
 fn prefill_decode_gqa() {
-    prefill_decode_property(Kind::Gqa);
+    prefill_decode_property(Method::Gqa);
 }
 
-fn fixed(kind: Kind, rope: Option<PosMode>) -> Scenario {
+fn fixed(kind: Method, rope: Option<PosMode>) -> Scenario {
     let (h, hk, p) = match kind {
-        Kind::IhaGlobal | Kind::IhaLocal => (2, 2, 2),
-        Kind::Mea => (3, 3, 1),
-        Kind::MeaCompressed => (4, 2, 1),
-        Kind::Gqa => (4, 2, 1),
-        Kind::Mha => (3, 3, 1),
+        Method::Iha | Method::IhaLocal => (2, 2, 2),
+        Method::Mea => (3, 3, 1),
+        Method::MeaCompressed => (4, 2, 1),
+        Method::Gqa => (4, 2, 1),
+        Method::Mha => (3, 3, 1),
+        Method::Custom => unreachable!("scenarios use the named methods"),
     };
     Scenario {
         kind,
@@ -455,7 +448,7 @@ fn fixed(kind: Kind, rope: Option<PosMode>) -> Scenario {
 /// The ring cache of IHA local really is bounded by the window, and wraps during the generation.
 #[test]
 fn ring_cache_stays_window_sized() {
-    let s = fixed(Kind::IhaLocal, Some(PosMode::Virtual));
+    let s = fixed(Method::IhaLocal, Some(PosMode::Virtual));
     let cfg = s.cfg();
     let cache = s.cache();
     // left = 3 virtual tokens at P = 2: ceil(3/2) = 2 past tokens, plus the largest step (3).
@@ -517,7 +510,7 @@ fn ring_cache_for_a_smaller_window_is_refused() {
 /// after it is still exact.
 #[test]
 fn long_prompt_into_a_ring() {
-    let mut s = fixed(Kind::IhaLocal, Some(PosMode::Token));
+    let mut s = fixed(Method::IhaLocal, Some(PosMode::Token));
     s.prompts = vec![17, 9];
     let cpu = CpuBackend::new();
     assert_close(&s, &run_scenario(&s, &cpu, Via::Api(&cpu), Control::None), "long prompt");
@@ -527,7 +520,7 @@ fn long_prompt_into_a_ring() {
 #[test]
 fn long_sequences_split_into_default_chunks() {
     let cpu = CpuBackend::new();
-    for kind in [Kind::IhaGlobal, Kind::MeaCompressed] {
+    for kind in [Method::Iha, Method::MeaCompressed] {
         let mut s = fixed(kind, Some(PosMode::Virtual));
         s.prompts = vec![150, 70];
         assert_close(&s, &run_scenario(&s, &cpu, Via::Api(&cpu), Control::None), "long");
@@ -555,7 +548,7 @@ fn clearing_one_sequence_leaves_the_others() {
 #[test]
 fn negative_controls_decode_comparison_fails() {
     let cpu = CpuBackend::new();
-    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa] {
+    for kind in [Method::Iha, Method::IhaLocal, Method::Mea, Method::MeaCompressed, Method::Gqa] {
         let s = fixed(kind, Some(PosMode::Virtual));
         let tol = tolerance(s.dtype);
         let reversed = run_scenario(&s, &cpu, Via::Api(&cpu), Control::ReverseStep);
@@ -593,7 +586,7 @@ impl Backend for RunOnly {
 /// Any backend decodes through the trait's default: one `run` per sequence per decode call.
 #[test]
 fn every_backend_decodes_through_the_default() {
-    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::MeaCompressed] {
+    for kind in [Method::Iha, Method::IhaLocal, Method::MeaCompressed] {
         let s = fixed(kind, Some(PosMode::Virtual));
         let dev = RunOnly { cpu: CpuBackend::new(), runs: Default::default() };
         assert_close(&s, &run_scenario(&s, &dev, Via::Api(&dev), Control::None), "run-only backend");
@@ -607,7 +600,7 @@ fn every_backend_decodes_through_the_default() {
 #[test]
 fn prefill_decode_wgpu() {
     let Some(gpu) = device_or_skip(BackendKind::Wgpu, "prefill_decode_wgpu") else { return };
-    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa] {
+    for kind in [Method::Iha, Method::IhaLocal, Method::Mea, Method::MeaCompressed, Method::Gqa] {
         for rope in [None, Some(PosMode::Virtual)] {
             let mut s = fixed(kind, rope);
             s.steps.truncate(4);
@@ -962,7 +955,7 @@ fn wgpu_or_skip(test: &str, splits: Option<u32>) -> Option<WgpuBackend> {
 fn prefill_decode_wgpu_device_cache() {
     let Some(gpu) = wgpu_or_skip("prefill_decode_wgpu_device_cache", None) else { return };
     let cpu = CpuBackend::new();
-    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa, Kind::Mha] {
+    for kind in [Method::Iha, Method::IhaLocal, Method::Mea, Method::MeaCompressed, Method::Gqa, Method::Mha] {
         let name = format!("wgpu device-cache decode {kind:?}");
         check_property(&name, 4, (scenario(kind), 0usize..=4), |(s, splits)| {
             let dev = gpu_splits(&gpu, splits);
@@ -984,7 +977,7 @@ fn gpu_splits(gpu: &WgpuBackend, splits: usize) -> WgpuBackend {
 fn wgpu_device_decode_fixed_scenarios() {
     let Some(gpu) = wgpu_or_skip("wgpu_device_decode_fixed_scenarios", None) else { return };
     let cpu = CpuBackend::new();
-    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa, Kind::Mha] {
+    for kind in [Method::Iha, Method::IhaLocal, Method::Mea, Method::MeaCompressed, Method::Gqa, Method::Mha] {
         for (dtype, splits) in [(DType::F32, 1), (DType::F32, 3), (DType::F16, 2), (DType::BF16, 0)] {
             {
                 let mut s = fixed(kind, Some(PosMode::Virtual));
@@ -996,7 +989,7 @@ fn wgpu_device_decode_fixed_scenarios() {
         }
     }
     // IHA local: 40 decode steps through a ring of ceil(left / P) + 3 tokens.
-    let mut s = fixed(Kind::IhaLocal, Some(PosMode::Virtual));
+    let mut s = fixed(Method::IhaLocal, Some(PosMode::Virtual));
     s.steps = (0..30).map(|i| 1 + i % 3).collect();
     let cap = s.cache().shape().capacity;
     assert!(s.len(0) > 10 * cap, "the ring wraps many times ({} tokens, capacity {cap})", s.len(0));
@@ -1009,7 +1002,7 @@ fn wgpu_device_decode_fixed_scenarios() {
 fn negative_controls_wgpu_device_decode() {
     let Some(gpu) = wgpu_or_skip("negative_controls_wgpu_device_decode", None) else { return };
     let cpu = CpuBackend::new();
-    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::MeaCompressed] {
+    for kind in [Method::Iha, Method::IhaLocal, Method::MeaCompressed] {
         let s = fixed(kind, Some(PosMode::Virtual));
         for control in [Control::PerturbCache, Control::ReverseStep] {
             let errs = run_scenario_on(&s, &cpu, Via::Api(&gpu), control, Some(&gpu));
@@ -1225,7 +1218,7 @@ fn wgpu_time_decode_counts_the_cache_once() {
 fn prefill_decode_cuda_device_cache() {
     let Some(gpu) = device_or_skip(BackendKind::Cuda, "prefill_decode_cuda_device_cache") else { return };
     let cpu = CpuBackend::new();
-    for kind in [Kind::IhaGlobal, Kind::IhaLocal, Kind::Mea, Kind::MeaCompressed, Kind::Gqa, Kind::Mha] {
+    for kind in [Method::Iha, Method::IhaLocal, Method::Mea, Method::MeaCompressed, Method::Gqa, Method::Mha] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let mut s = fixed(kind, Some(PosMode::Virtual));
             s.dtype = dtype;

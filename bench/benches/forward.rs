@@ -16,7 +16,7 @@ use headmix_bench::sweep::Sweep;
 use headmix_bench::{count, timer, unfused};
 
 fn forward(c: &mut Criterion) {
-    for (dev, cases) in criterion_cases(Sweep::Full, Sweep::Quick) {
+    for (cases, dev) in criterion_cases(Sweep::Full, Sweep::Quick) {
         let backend = dev.backend.as_ref();
         for case in cases {
             // One timed call first: a case the backend refuses or fails is skipped with one line.

@@ -13,14 +13,17 @@ pub struct Peak {
     pub tb_s: f64,
 }
 
-/// The H100 SXM's measured ceilings: the only device with known ceilings so far.
+/// The H100 SXM's measured ceilings.
 pub const H100: Peak = Peak { device: "H100 SXM", tflops: 790.0, tb_s: 3.0 };
+/// The H200's measured ceilings (the machine headmix is benchmarked on): its 4.3 TB/s copy
+/// bandwidth is the denominator of every decode row's `%copy` and counted roofline.
+pub const H200: Peak = Peak { device: "H200", tflops: 790.0, tb_s: 4.3 };
 
-/// The ceilings of a device by the name its driver reports: an H100 other than the PCIe card
-/// (`NVIDIA H100 80GB HBM3` is the SXM part). Any other device: `None`, printed as `-`.
+/// The ceilings of a device by the name its driver reports: an H200, or an H100 other than the
+/// PCIe card (`NVIDIA H100 80GB HBM3` is the SXM part). Any other device: `None`, printed as `-`.
 pub fn known_peak(device: &str) -> Option<Peak> {
     let d = device.to_ascii_uppercase();
-    (d.contains("H100") && !d.contains("PCIE")).then_some(H100)
+    if d.contains("H200") { Some(H200) } else { (d.contains("H100") && !d.contains("PCIE")).then_some(H100) }
 }
 
 /// Bytes of one call at the memory-bound minimum: q, k, v read once and the output written once

@@ -7,7 +7,7 @@
 //! * [`report`]: the JSON report (schema in `bench/README.md`), tables, peers side by side;
 //! * [`timer`]: how a call is timed, one path per clock (device clock, host wall clock);
 //! * [`unfused`]: the unfused pipeline from the reference's pieces, timed stage by stage;
-//! * [`measure`]: one case on one device into report rows (fused, unfused, baselines, decode);
+//! * [`measure`]: one case on one device into rows (fused, unfused, baselines, device decode);
 //! * [`plot`]: the SVG chart of TFLOP/s against sequence length;
 //! * [`run`]: a sweep's plan (and its JSON for the PyTorch peers) and the measuring loop.
 //!

@@ -2,12 +2,13 @@
 //! pipeline where the configuration mixes, and the device's extra baselines.
 
 use headmix::cache::KvCache;
+use headmix::decode::DecodeTiming;
 use headmix::timing::Owned;
 use headmix::{Backend, BackendKind, DType, Problem, Rng, Timing, cache_bytes};
 use rayon::prelude::*;
 
 use crate::count;
-use crate::report::{BackendInfo, DecodeInfo, FORWARD_N1, FUSED, Row, median};
+use crate::report::{BackendInfo, DecodeInfo, FUSED, Row, median};
 use crate::sweep::{Case, Mode, NEW_TOKENS, Scale};
 use crate::{timer, unfused};
 
@@ -32,21 +33,16 @@ impl Device {
         let scale = Scale::of(backend.kind(), &backend.device_name(), &describe);
         let info =
             BackendInfo { backend: backend.kind().name().into(), device: backend.device_name(), driver, describe };
-        let mut baselines: Vec<(&'static str, Box<dyn Backend>)> = Vec::new();
-        match backend.kind() {
-            BackendKind::Wgpu => {
-                if let Ok(b) = wgpu::WgpuBackend::new() {
-                    baselines.push(("wgpu naive", Box::new(b.with_variant(wgpu::Variant::Naive))));
-                }
-            }
-            BackendKind::Cuda => {
-                if let Ok(b) = cuda::CudaBackend::new(0) {
-                    baselines.push(("cuda attn_v2", Box::new(b.with_kernel(cuda::Kernel::AttnV2))));
-                }
-            }
-            BackendKind::Cpu => {}
-        }
-        Device { backend, info, scale, baselines }
+        let baseline: Option<(&'static str, Box<dyn Backend>)> = match backend.kind() {
+            BackendKind::Wgpu => wgpu::WgpuBackend::new()
+                .ok()
+                .map(|b| ("wgpu naive", Box::new(b.with_variant(wgpu::Variant::Naive)) as _)),
+            BackendKind::Cuda => cuda::CudaBackend::new(0)
+                .ok()
+                .map(|b| ("cuda attn_v2", Box::new(b.with_kernel(cuda::Kernel::AttnV2)) as _)),
+            BackendKind::Cpu => None,
+        };
+        Device { backend, info, scale, baselines: baseline.into_iter().collect() }
     }
 
     pub fn kind(&self) -> BackendKind {
@@ -69,39 +65,17 @@ pub fn open_all(kinds: &[BackendKind]) -> (Vec<Device>, Vec<(BackendKind, String
 /// Time one case on a device, `reps` calls after a warm-up.
 pub fn run(dev: &Device, case: &Case, reps: usize) -> Result<Vec<Row>, String> {
     let backend = dev.backend.as_ref();
-    let e = |e: headmix::Error| e.to_string();
-    if case.mode != Mode::Forward {
-        // Only the cases whose decode can build its cache (and a device run stays bounded).
-        case.cache_fits()?;
-    }
-    // Decode cases are counted as their forward problem: N = 1 against the held tokens.
-    let (p, w) = case.problem()?;
-    match case.mode {
-        Mode::Forward => {}
-        Mode::Decode => {
-            // Enough filled caches to rotate through, random new queries per cache, wall clock.
-            let first = filled_cache(case, 1)?;
-            let sets = timer::sets(first.bytes(), 1);
-            let mut caches = vec![first];
-            for s in 1..sets {
-                caches.push(filled_cache(case, 1 + 1000 * s as u64)?);
-            }
-            let q_len = case.batch * NEW_TOKENS * p.cfg.q_heads * p.cfg.head_dim;
-            let queries: Vec<Owned> = (0..sets).map(|s| random_owned(case.dtype, q_len, 7 + s as u64)).collect();
-            let t = timer::decode(backend, &p.cfg, &w, &caches, &queries, NEW_TOKENS, reps).map_err(e)?;
-            // While caches live in host memory a device decode also moves the cache to the device.
-            return Ok(vec![decode_row(dev, case, FUSED, &p, &t, dev.kind() != BackendKind::Cpu)]);
-        }
-        Mode::DecodeForward => {
-            backend.supports(&p).map_err(e)?;
-            let t = timer::forward(backend, &p, &w, reps).map_err(e)?;
-            return Ok(vec![decode_row(dev, case, FORWARD_N1, &p, &t, false)]);
-        }
+    let (e, (p, w)) = (|e: headmix::Error| e.to_string(), case.problem()?);
+    if case.mode == Mode::Decode {
+        // A filled cache on the backend's device, timed by the device's clock.
+        let cache = filled_cache(backend, case, 1)?;
+        let t = backend.time_decode(&p.cfg, &w, &cache, NEW_TOKENS, reps).map_err(e)?;
+        return Ok(vec![decode_row(dev, case, &p, &t)]);
     }
     // The fused call, its unfused pipeline (mix and collapse timed on the CPU backend only, see
     // [`unfused`]), then the device's baselines.
     backend.supports(&p).map_err(e)?;
-    let mut fused = row(dev, case, FUSED, &p, &timer::forward(backend, &p, &w, reps).map_err(e)?, true);
+    let mut fused = row(dev, case, FUSED, &p, &timer::forward(backend, &p, &w, reps).map_err(e)?);
     if unfused::Stages::of(&p, &w).any() {
         let u = unfused::measure(backend, &p, &w, reps, dev.kind() == BackendKind::Cpu)?;
         fused.speedup_vs_unfused = Some(u.median_s / fused.median_s);
@@ -110,7 +84,7 @@ pub fn run(dev: &Device, case: &Case, reps: usize) -> Result<Vec<Row>, String> {
     let mut rows = vec![fused];
     for (name, b) in &dev.baselines {
         match b.supports(&p).and_then(|()| b.time(&p, &w, reps)) {
-            Ok(t) => rows.push(row(dev, case, name, &p, &t, true)),
+            Ok(t) => rows.push(row(dev, case, name, &p, &t)),
             // A baseline that cannot take this case (e.g. the naive kernel on a large one) is left out.
             Err(headmix::Error::Unsupported { .. }) => {}
             Err(e) => return Err(format!("{name}: {e}")),
@@ -119,22 +93,20 @@ pub fn run(dev: &Device, case: &Case, reps: usize) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-/// A decode row: the cache read (the stored heads of the held tokens) and the cache sizes
-/// against the unfused design. A device decode reading a host-resident cache gets no `%bw`.
-fn decode_row(dev: &Device, case: &Case, implementation: &str, p: &Problem, t: &Timing, host_cache: bool) -> Row {
-    let mut r = row(dev, case, implementation, p, t, !host_cache);
-    if host_cache {
-        r.clock = "wall clock (host-resident cache)".into();
-    }
-    if case.mode == Mode::Decode {
-        r.extra_bytes = None; // not tracked by the wall-clock decode timer
-    }
-    let c = &p.cfg;
-    let sizes = cache_bytes(&c, p.batch, p.m, p.dtype);
+/// A decode row: the cache bytes one call reads (counted by the backend), their bandwidth
+/// against the H200's 4.3 TB/s copy and the counted roofline, and the cache sizes against the
+/// unfused design.
+fn decode_row(dev: &Device, case: &Case, p: &Problem, t: &DecodeTiming) -> Row {
+    let mut r = row(dev, case, FUSED, p, &t.timing);
+    let (sizes, read) = (cache_bytes(&p.cfg, case.batch, p.m, p.dtype), t.cache_bytes_read as f64);
+    let copy = count::H200.tb_s * 1e12;
     r.decode = Some(DecodeInfo {
         tokens: case.m,
         layout: case.layout_name().into(),
-        cache_read_bytes: (2 * p.batch * p.m * c.kv_heads * c.head_dim * p.dtype.size()) as f64,
+        cache_read_bytes: read,
+        cache_gb_s: Some(read / r.median_s / 1e9),
+        pct_copy_bw: Some(100.0 * read / r.median_s / copy),
+        roofline_s: Some(read / copy),
         cache_bytes: sizes.headmix as u64,
         unfused_cache_bytes: sizes.unfused as u64,
         cache_ratio: sizes.ratio(),
@@ -143,11 +115,11 @@ fn decode_row(dev: &Device, case: &Case, implementation: &str, p: &Problem, t: &
 }
 
 /// A row of a timed call: FLOPs and bytes of the problem, throughput from the median, and
-/// percentages against the device's measured ceilings where known (and `peak` allows).
-fn row(dev: &Device, case: &Case, implementation: &str, p: &Problem, t: &Timing, peak: bool) -> Row {
-    let (c, median_s, flops, bytes) = (&p.cfg, median(&t.seconds), p.flops(), count::bytes(p));
+/// percentages against the device's measured ceilings where known.
+fn row(dev: &Device, case: &Case, implementation: &str, p: &Problem, t: &Timing) -> Row {
+    let (c, median_s, (flops, bytes)) = (&p.cfg, median(&t.seconds), case.counts(p));
     let (tflops, gb_s) = (flops / median_s / 1e12, bytes / median_s / 1e9);
-    let peak = count::known_peak(&dev.info.device).filter(|_| peak);
+    let peak = count::known_peak(&dev.info.device);
     Row {
         config: case.method.name().into(),
         implementation: implementation.into(),
@@ -155,7 +127,7 @@ fn row(dev: &Device, case: &Case, implementation: &str, p: &Problem, t: &Timing,
         device: dev.info.device.clone(),
         driver: dev.info.driver.clone(),
         dtype: p.dtype.name().into(),
-        batch: p.batch,
+        batch: case.batch,
         n: p.n,
         m: p.m,
         heads: c.heads,
@@ -190,33 +162,24 @@ pub fn random_owned(dtype: DType, len: usize, seed: u64) -> Owned {
         let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
         block.iter_mut().for_each(|x| *x = ((rng.uniform() - 0.5) * 2.0 * 3f64.sqrt()) as f32);
     });
-    match dtype {
-        DType::F32 => Owned::F32(v),
-        _ => Owned::from_f32(dtype, &v),
-    }
+    if dtype == DType::F32 { Owned::F32(v) } else { Owned::from_f32(dtype, &v) }
 }
 
-/// The case's empty cache filled with random stored heads: every held token of every sequence,
-/// the new one included (decode reads a cache that already holds its new tokens). A ring is
-/// filled with exactly its `W + 1` tokens: without RoPE one decode does the same work at any
-/// position. Appended in blocks of about 16 M elements to bound the host memory beyond the cache.
-pub fn filled_cache(case: &Case, seed: u64) -> Result<KvCache, String> {
-    // HOOK: when device-resident caches land, create the device's cache here.
-    let mut cache = case.empty_cache()?;
+/// The case's empty cache on `backend`'s device filled with random stored heads: every held
+/// token of every sequence, the new one included (decode reads a cache that already holds its
+/// new tokens). A ring is filled with exactly its `W + 1` tokens: without RoPE one decode does
+/// the same work at any position. Appended in blocks of about 16 M elements (uploaded once) to
+/// bound the host memory beyond the cache.
+pub fn filled_cache(backend: &dyn Backend, case: &Case, seed: u64) -> Result<KvCache, String> {
+    let mut cache = case.empty_cache(backend)?;
     let s = cache.shape();
     let row = s.kv_heads * s.head_dim;
     let (held, step) = (case.held()?, ((1 << 24) / (s.batch * row)).max(1));
-    let mut at = 0;
-    for block in 0u64.. {
-        if at >= held {
-            break;
-        }
-        let t = step.min(held - at);
+    for (block, at) in (0..held).step_by(step).enumerate() {
+        let (t, seed) = (step.min(held - at), seed.wrapping_add(2 * block as u64));
         let shape = [s.batch, t, s.kv_heads, s.head_dim];
-        let k = random_owned(s.dtype, s.batch * t * row, seed.wrapping_add(2 * block));
-        let v = random_owned(s.dtype, s.batch * t * row, seed.wrapping_add(2 * block + 1));
+        let [k, v] = [seed, seed + 1].map(|seed| random_owned(s.dtype, s.batch * t * row, seed));
         cache.append(&k.tensor(&shape), &v.tensor(&shape)).map_err(|e| e.to_string())?;
-        at += t;
     }
     Ok(cache)
 }

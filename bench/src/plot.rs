@@ -36,12 +36,9 @@ fn lines(rows: &[&Row]) -> BTreeMap<String, Vec<(f64, f64)>> {
 pub fn svg(rows: &[Row], title: &str, path: &str) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("{path}: {e}");
     let rows: Vec<&Row> = rows.iter().filter(|r| r.n > 0 && r.tflops.is_finite() && r.tflops >= 0.0).collect();
-    let mut configs: Vec<&str> = Vec::new();
-    for r in &rows {
-        if !configs.contains(&r.config.as_str()) {
-            configs.push(&r.config);
-        }
-    }
+    let mut configs: Vec<&str> = rows.iter().map(|r| r.config.as_str()).collect();
+    configs.sort();
+    configs.dedup();
     if configs.is_empty() {
         return Err(format!("{path}: nothing to plot (no forward row with N >= 1 and a finite TFLOP/s)"));
     }

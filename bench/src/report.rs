@@ -4,16 +4,13 @@
 use comfy_table::{CellAlignment, Table, presets};
 use serde::{Deserialize, Serialize};
 
-use crate::count::H100;
+use crate::count::{H100, H200};
 use crate::sweep::Case;
 
 /// The schema tag every report carries.
 pub const SCHEMA: &str = "headmix-bench/1";
 /// What the fused rows' `implementation` says.
 pub const FUSED: &str = "headmix fused";
-/// The `implementation` of a decode case's attention as a forward pass with `N = 1` on
-/// device-resident keys and values, timed by the device's clock.
-pub const FORWARD_N1: &str = "headmix forward N=1";
 
 /// One benchmark run: where and when it ran, and one row per (case, implementation, backend).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,12 +102,21 @@ pub struct Row {
     pub decode: Option<DecodeInfo>,
 }
 
-/// The KV cache of a decode row.
+/// The KV cache of a decode row (the bandwidth fields are optional: older reports load).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DecodeInfo {
     pub tokens: usize,
     pub layout: String,
+    /// Counted by the backend: each visible held token's stored heads, keys and values, once.
     pub cache_read_bytes: f64,
+    #[serde(default)]
+    pub cache_gb_s: Option<f64>,
+    /// Percent of the H200's measured 4.3 TB/s copy bandwidth.
+    #[serde(default)]
+    pub pct_copy_bw: Option<f64>,
+    /// Counted roofline: `cache_read_bytes / 4.3 TB/s`.
+    #[serde(default)]
+    pub roofline_s: Option<f64>,
     pub cache_bytes: u64,
     pub unfused_cache_bytes: u64,
     pub cache_ratio: f64,
@@ -177,11 +183,9 @@ impl Report {
                 .round(jiff::Unit::Second)
                 .map_or_else(|_| "unknown".into(), |t| t.to_string()),
             load_average: load,
-            ceilings: vec![Ceiling {
-                device: H100.device.into(),
-                dense_bf16_tflops: H100.tflops,
-                copy_tb_s: H100.tb_s,
-            }],
+            ceilings: [H100, H200]
+                .map(|p| Ceiling { device: p.device.into(), dense_bf16_tflops: p.tflops, copy_tb_s: p.tb_s })
+                .to_vec(),
             backends: Vec::new(),
             skipped: Vec::new(),
             results: Vec::new(),
@@ -224,23 +228,17 @@ impl Report {
 impl Row {
     /// Whether `other` is the same configuration at the same size (how peers are matched).
     pub fn same_case(&self, o: &Row) -> bool {
-        let key = |r: &Row| {
-            (
-                r.config.clone(),
-                r.dtype.clone(),
-                r.causal,
-                r.window,
-                [r.batch, r.n, r.m, r.heads, r.q_heads, r.kv_heads, r.pseudo, r.head_dim],
-            )
-        };
-        key(self) == key(o)
+        let sizes = |r: &Row| [r.batch, r.n, r.m, r.heads, r.q_heads, r.kv_heads, r.pseudo, r.head_dim];
+        (&self.config, &self.dtype, self.causal, self.window, sizes(self))
+            == (&o.config, &o.dtype, o.causal, o.window, sizes(o))
     }
 }
 
-/// `1.23 µs`, `4.56 ms`, `7.89 s`.
+/// `4.5 ns`, `1.23 µs`, `4.56 ms`, `7.89 s`.
 pub fn fmt_time(s: f64) -> String {
     match s {
         s if !s.is_finite() => "-".into(),
+        s if s < 1e-6 => format!("{:.1} ns", s * 1e9),
         s if s < 1e-3 => format!("{:.2} µs", s * 1e6),
         s if s < 1.0 => format!("{:.2} ms", s * 1e3),
         s => format!("{s:.2} s"),
@@ -249,14 +247,12 @@ pub fn fmt_time(s: f64) -> String {
 
 /// Three significant digits (small CPU throughputs stay readable: `0.00123`, not `0.000`).
 pub fn fmt_sig(x: f64) -> String {
-    if !x.is_finite() {
-        return "-".into();
-    }
-    if x == 0.0 {
-        return "0".into();
-    }
     let digits = (2 - x.abs().log10().floor() as i32).clamp(0, 12) as usize;
-    format!("{x:.digits$}")
+    match x {
+        x if !x.is_finite() => "-".into(),
+        x if x == 0.0 => "0".into(),
+        x => format!("{x:.digits$}"),
+    }
 }
 
 /// Bytes in binary units.
@@ -313,26 +309,20 @@ pub fn table(rows: &[Row]) -> String {
         if let Some(u) = &r.unfused {
             extra += &format!(" (unfused +{})", fmt_bytes(u.extra_bytes));
         }
-        let sizes = [r.batch, r.n, r.pseudo, r.head_dim].map(|x| x.to_string());
         let mut c = vec![config_cell(r), r.backend.clone(), short(&r.device, 28), r.dtype.clone()];
-        c.extend(sizes);
-        c.extend([
-            fmt_time(r.median_s),
-            fmt_sig(r.tflops),
-            opt(r.pct_peak_flops),
-            fmt_sig(r.gb_s),
-            opt(r.pct_peak_bw),
-            speedup,
-            extra,
-        ]);
+        c.extend([r.batch, r.n, r.pseudo, r.head_dim].map(|x| x.to_string()));
+        c.extend([fmt_time(r.median_s), fmt_sig(r.tflops), opt(r.pct_peak_flops), fmt_sig(r.gb_s)]);
+        c.extend([opt(r.pct_peak_bw), speedup, extra]);
         c
     });
     layout(header, 3, cells.collect())
 }
 
-/// The readable table of decode rows: time, cache read bandwidth, cache size against unfused.
+/// The readable table of decode rows: time against the counted roofline, cache read
+/// bandwidth, cache size against unfused.
 pub fn decode_table(rows: &[Row]) -> String {
-    let header = "config|backend|device|dtype|B|L|held|P|d|median|cache read|GB/s|%bw|cache|unfused cache|smaller";
+    let header =
+        "config|backend|device|dtype|B|L|held|P|d|median|roofline|cache read|GB/s|%copy|cache|unfused cache|smaller";
     let cells = rows.iter().filter_map(|r| r.decode.as_ref().map(|dc| (r, dc))).map(|(r, dc)| {
         let mut c = vec![config_cell(r), r.backend.clone(), short(&r.device, 28), r.dtype.clone(), r.batch.to_string()];
         c.extend([
@@ -341,7 +331,8 @@ pub fn decode_table(rows: &[Row]) -> String {
             r.pseudo.to_string(),
             r.head_dim.to_string(),
         ]);
-        c.extend([fmt_time(r.median_s), fmt_bytes(dc.cache_read_bytes as u64), fmt_sig(r.gb_s), opt(r.pct_peak_bw)]);
+        c.extend([fmt_time(r.median_s), dc.roofline_s.map_or("-".into(), fmt_time)]);
+        c.extend([fmt_bytes(dc.cache_read_bytes as u64), opt(dc.cache_gb_s), opt(dc.pct_copy_bw)]);
         c.extend([fmt_bytes(dc.cache_bytes), fmt_bytes(dc.unfused_cache_bytes), format!("{:.2}x", dc.cache_ratio)]);
         c
     });
@@ -355,14 +346,9 @@ pub fn sizes_table(cases: &[Case]) -> Result<String, String> {
     let mut cells = Vec::new();
     for c in cases {
         let b = c.cache_bytes()?;
-        let config = c.label().split(" B=").next().unwrap_or_default().to_string();
-        let mut row = vec![
-            config,
-            c.dtype.name().into(),
-            c.batch.to_string(),
-            c.m.to_string(),
-            format!("{} {}", c.held()?, c.layout_name()),
-        ];
+        let (config, held) = (c.label().split(" B=").next().unwrap_or_default().into(), c.held()?);
+        let mut row = vec![config, c.dtype.name().into(), c.batch.to_string(), c.m.to_string()];
+        row.push(format!("{held} {}", c.layout_name()));
         row.extend([c.heads, c.kv_heads, c.pseudo, c.head_dim, b.headmix, b.unfused].map(|x| x.to_string()));
         row.extend([fmt_bytes(b.headmix as u64), fmt_bytes(b.unfused as u64), format!("{:.2}x", b.ratio())]);
         cells.push(row);
@@ -374,23 +360,19 @@ pub fn sizes_table(cases: &[Case]) -> Result<String, String> {
 pub fn legend(rows: &[Row]) -> String {
     let mut s =
         String::from("TFLOP/s = 4·B·H·d·visible pairs / median; GB/s = (q, k, v read + out written) / median.\n");
+    let peaks = [H100, H200].map(|p| format!("{}: {} TFLOP/s dense bf16, {} TB/s copy", p.device, p.tflops, p.tb_s));
     s += &format!(
-        "%peak, %bw: percent of the device's measured ceilings ({}: {} TFLOP/s dense bf16, {} TB/s copy), used only as denominators; '-' where none is known.\n",
-        H100.device, H100.tflops, H100.tb_s
+        "%peak, %bw: percent of the device's measured ceilings ({}), used only as denominators; '-' where none is known.\n",
+        peaks.join("; ")
     );
     s += "extra mem: device memory beyond inputs and outputs ('-': not tracked, the CPU's host buffers).\n";
     // Per backend, every stage its unfused pipelines had, in pipeline order.
     let mut backends: Vec<(&str, Vec<String>, bool)> = Vec::new();
     for (r, u) in rows.iter().filter_map(|r| r.unfused.as_ref().map(|u| (r, u))) {
-        if !backends.iter().any(|b| b.0 == r.backend) {
-            backends.push((&r.backend, Vec::new(), u.complete));
-        }
-        let entry = backends.iter_mut().find(|b| b.0 == r.backend).expect("just added");
-        for st in &u.stages {
-            let desc = format!("{} on {} ({})", st.name, st.place, st.clock);
-            if !entry.1.contains(&desc) {
-                entry.1.push(desc);
-            }
+        let stages = u.stages.iter().map(|st| format!("{} on {} ({})", st.name, st.place, st.clock));
+        match backends.iter_mut().find(|b| b.0 == r.backend) {
+            Some(b) => b.1.extend(stages),
+            None => backends.push((&r.backend, stages.collect(), u.complete)),
         }
     }
     if backends.is_empty() {
@@ -399,6 +381,7 @@ pub fn legend(rows: &[Row]) -> String {
     s += "vs unfused = unfused pipeline time / fused time. Unfused = mix (materialise qt, kt, vt) + attention with P = 1 over N·P tokens + collapse/norm:\n";
     for (backend, mut stages, complete) in backends {
         stages.sort_by_key(|d| ["mix", "attention", "collapse"].iter().position(|s| d.starts_with(s)));
+        stages.dedup();
         s += &format!("  {backend} backend: unfused = {}{}\n", stages.join(" + "), if complete { "" } else { " only" });
     }
     s += "  host stages run in f32 on the host's cores (the reference's mix and collapse).\n";
@@ -408,26 +391,21 @@ pub fn legend(rows: &[Row]) -> String {
     s
 }
 
-/// What the decode table's columns mean (and its device rows, where there are any).
+/// What the decode table's columns mean.
 pub fn decode_legend(rows: &[Row]) -> String {
-    let mut s = String::from(
-        "decode: one new token per sequence against a cache of L tokens per sequence (held: tokens the cache keeps and one call reads; a ring keeps IHA local's window and the new token).\n\
-         cache read = B·held·Hk·d·2·dtype size (the stored heads only; pseudo-heads are mixed on chip); GB/s = (cache read + q read + out written) / median.\n",
-    );
-    s += &format!(
-        "%bw: percent of {}'s measured {} TB/s copy bandwidth, used only as a denominator; '-' on any other device.\n",
-        H100.device, H100.tb_s
-    );
-    s += "cache / unfused cache: bytes held by headmix (Hk stored heads) and by the unfused design (the H·P mixed heads it attends over; Hk for MHA/GQA); smaller = their ratio.\n";
-    if rows.iter().any(|r| r.clock.contains("host-resident")) {
-        s += "host-resident cache: the cache lives in host memory, so a device's decode time includes moving it to the device (no %bw).\n";
-    }
-    if rows.iter().any(|r| r.implementation == FORWARD_N1) {
-        s += &format!(
-            "[{FORWARD_N1}]: the same attention as a forward pass with one query token on device-resident k/v, timed by the device clock; same bytes.\n"
-        );
-    }
-    s
+    let mut clocks: Vec<&str> = rows.iter().map(|r| r.clock.as_str()).collect();
+    clocks.sort();
+    clocks.dedup();
+    format!(
+        "decode: one new token per sequence against a cache of L tokens on the backend's device (held: tokens the cache keeps; a ring keeps IHA local's window and the new token), timed by {}.\n\
+         cache read: bytes of stored heads one call reads (counted by the backend: each visible held token's keys and values, once; pseudo-heads are mixed on chip); GB/s = cache read / median.\n\
+         %copy: percent of {}'s measured {} TB/s copy bandwidth; roofline = cache read / {} TB/s (counted, not measured).\n\
+         cache / unfused cache: bytes held by headmix (Hk stored heads) and by the unfused design (the H·P mixed heads it attends over; Hk for MHA/GQA); smaller = their ratio.\n",
+        clocks.join(", "),
+        H200.device,
+        H200.tb_s,
+        H200.tb_s
+    )
 }
 
 /// headmix rows and a peers report side by side, matched by configuration and size.
@@ -439,26 +417,18 @@ pub fn side_by_side(ours: &[Row], peers: &Report) -> String {
     let header = "config|peer|peer device|dtype|B|N|P|d|peer median|peer TFLOP/s|headmix|headmix median|headmix TFLOP/s|headmix speed-up";
     let mut cells = Vec::new();
     for p in &peers.results {
-        let mut c = vec![
-            config_cell(&Row { implementation: FUSED.into(), ..p.clone() }),
-            p.implementation.clone(),
-            short(&p.device, 24),
-            p.dtype.clone(),
-        ];
-        let none = ["(not run)", "-", "-", "-"].map(String::from).to_vec();
+        let config = config_cell(&Row { implementation: FUSED.into(), ..p.clone() });
+        let mut c = vec![config, p.implementation.clone(), short(&p.device, 24), p.dtype.clone()];
         c.extend([p.batch, p.n, p.pseudo, p.head_dim].map(|x| x.to_string()));
         c.extend([fmt_time(p.median_s), fmt_sig(p.tflops)]);
         let mine: Vec<&Row> =
             ours.iter().filter(|r| r.same_case(p) && r.implementation == FUSED && r.decode.is_none()).collect();
         if mine.is_empty() {
-            cells.push([c.clone(), none].concat());
+            cells.push([c.clone(), ["(not run)", "-", "-", "-"].map(String::from).to_vec()].concat());
         }
         for m in mine {
-            let speedup = if m.median_s > 0.0 && p.median_s > 0.0 {
-                format!("{:.2}x", p.median_s / m.median_s)
-            } else {
-                "-".into()
-            };
+            let ok = m.median_s > 0.0 && p.median_s > 0.0;
+            let speedup = if ok { format!("{:.2}x", p.median_s / m.median_s) } else { "-".into() };
             cells.push([c.clone(), vec![m.backend.clone(), fmt_time(m.median_s), fmt_sig(m.tflops), speedup]].concat());
         }
     }

@@ -42,7 +42,7 @@ pub fn plan_json(sweep: Sweep, kinds: &[BackendKind], sel: &Selection) -> Value 
             plan.push(json!({
                 "backend": kind.name(),
                 "label": case.label(),
-                "mode": match case.mode { Mode::Forward => "forward", Mode::Decode => "decode", Mode::DecodeForward => "decode-forward" },
+                "mode": if case.mode == Mode::Forward { "forward" } else { "decode" },
                 "config": case.method.name(),
                 "heads": case.heads,
                 "q_heads": cfg.map(|c| c.q_heads),
@@ -56,8 +56,8 @@ pub fn plan_json(sweep: Sweep, kinds: &[BackendKind], sel: &Selection) -> Value 
                 "causal": cfg.map(|c| c.causal),
                 "window": cfg.and_then(|c| c.window).map(|w| [w.left, w.right]),
                 "collapse": problem.map(|p| p.collapse),
-                "flops": problem.map(|p| p.flops()),
-                "bytes": problem.map(|p| crate::count::bytes(&p)),
+                "flops": problem.map(|p| case.counts(&p).0),
+                "bytes": problem.map(|p| case.counts(&p).1),
             }));
         }
     }
@@ -67,16 +67,14 @@ pub fn plan_json(sweep: Sweep, kinds: &[BackendKind], sel: &Selection) -> Value 
 /// The progress line of a measured row: time and TFLOP/s (forward) or cache GB/s (decode).
 fn done_line(label: &str, r: &Row) -> String {
     let mut line = format!("{label}: {}", fmt_time(r.median_s));
-    match (&r.decode, r.pct_peak_bw, r.speedup_vs_unfused) {
-        (Some(dc), bw, _) => {
-            line += &format!(" ({} GB/s", fmt_sig(r.gb_s));
-            if let Some(pct) = bw {
-                line += &format!(", {}% of copy bw", fmt_sig(pct));
-            }
-            line += &format!(", cache {:.2}x smaller than unfused)", dc.cache_ratio);
+    let sig = |x: Option<f64>| x.map_or("-".into(), fmt_sig);
+    match (&r.decode, r.speedup_vs_unfused) {
+        (Some(dc), _) => {
+            let (gb_s, pct, ratio) = (sig(dc.cache_gb_s), sig(dc.pct_copy_bw), dc.cache_ratio);
+            line += &format!(" (cache read {gb_s} GB/s, {pct}% of 4.3 TB/s, cache {ratio:.2}x smaller than unfused)");
         }
-        (None, _, Some(x)) => line += &format!(" ({} TFLOP/s, {x:.2}x vs unfused)", fmt_sig(r.tflops)),
-        (None, _, None) => line += &format!(" ({} TFLOP/s)", fmt_sig(r.tflops)),
+        (None, Some(x)) => line += &format!(" ({} TFLOP/s, {x:.2}x vs unfused)", fmt_sig(r.tflops)),
+        (None, None) => line += &format!(" ({} TFLOP/s)", fmt_sig(r.tflops)),
     }
     line
 }
@@ -135,18 +133,15 @@ pub fn measure(sweep: Sweep, kinds: &[BackendKind], sel: &Selection, reps: Optio
     Ok(report)
 }
 
-/// The criterion suites' devices and cases: the backends of `HEADMIX_BENCH_BACKENDS` (default:
+/// The criterion suites' cases and devices: the backends of `HEADMIX_BENCH_BACKENDS` (default:
 /// all; one line per backend that does not open), each with `gpu` on GPUs (`host`'s sweep when
 /// `HEADMIX_BENCH_SWEEP=quick`) and `host` on host-scale devices.
-pub fn criterion_cases(gpu: Sweep, host: Sweep) -> Vec<(Device, Vec<Case>)> {
+pub fn criterion_cases(gpu: Sweep, host: Sweep) -> Vec<(Vec<Case>, Device)> {
     let env = |name: &str| std::env::var(name).ok();
-    let kinds: Vec<BackendKind> = match env("HEADMIX_BENCH_BACKENDS") {
-        Some(s) => s
-            .split(',')
-            .map(|k| BackendKind::parse(k.trim()).unwrap_or_else(|| panic!("HEADMIX_BENCH_BACKENDS: unknown {k:?}")))
-            .collect(),
-        None => BackendKind::ALL.to_vec(),
-    };
+    let backends = env("HEADMIX_BENCH_BACKENDS").unwrap_or("cuda,wgpu,cpu".into());
+    let kinds: Vec<BackendKind> = (backends.split(',').map(str::trim))
+        .map(|k| BackendKind::parse(k).unwrap_or_else(|| panic!("HEADMIX_BENCH_BACKENDS: unknown {k:?}")))
+        .collect();
     let gpu = match env("HEADMIX_BENCH_SWEEP").as_deref() {
         None | Some("full") => gpu,
         Some("quick") => host,
@@ -156,11 +151,6 @@ pub fn criterion_cases(gpu: Sweep, host: Sweep) -> Vec<(Device, Vec<Case>)> {
     for (kind, why) in skipped {
         eprintln!("{kind}: skipped ({why})");
     }
-    devices
-        .into_iter()
-        .map(|d| {
-            let cases = if d.scale == Scale::Host { host.cases(Scale::Host) } else { gpu.cases(Scale::Gpu) };
-            (d, cases)
-        })
-        .collect()
+    let sweep = |d: &Device| if d.scale == Scale::Host { host } else { gpu };
+    devices.into_iter().map(|d| (sweep(&d).cases(d.scale), d)).collect()
 }

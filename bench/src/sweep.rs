@@ -9,8 +9,7 @@
 //! in decode, a ring cache of `W + 1` tokens (all a new query can see).
 
 use headmix::cache::{KvCache, window_tokens};
-use headmix::validate::MAX_INDEX;
-use headmix::{BackendKind, CacheBytes, Config, DType, Method, Problem, Weights, cache_bytes};
+use headmix::{Backend, BackendKind, CacheBytes, Config, DType, Method, Problem, Weights, cache_bytes};
 
 /// New query tokens per sequence of a decode case.
 pub const NEW_TOKENS: usize = 1;
@@ -32,12 +31,7 @@ impl Sweep {
     pub const ALL: [Sweep; 4] = [Sweep::Quick, Sweep::Full, Sweep::DecodeQuick, Sweep::Decode];
 
     pub fn name(self) -> &'static str {
-        match self {
-            Sweep::Quick => "quick",
-            Sweep::Full => "full",
-            Sweep::DecodeQuick => "decode-quick",
-            Sweep::Decode => "decode",
-        }
+        ["quick", "full", "decode-quick", "decode"][self as usize]
     }
 
     pub fn parse(s: &str) -> Option<Sweep> {
@@ -57,8 +51,7 @@ impl Sweep {
         }
     }
 
-    /// The cases of this sweep at a scale. On GPUs each decode case is followed by its
-    /// device-clock forward `N = 1` twin ([`Mode::DecodeForward`]).
+    /// The cases of this sweep at a scale.
     pub fn cases(self, scale: Scale) -> Vec<Case> {
         let gpu = scale == Scale::Gpu;
         let mut cases = Vec::new();
@@ -72,13 +65,8 @@ impl Sweep {
             };
             for &tokens in lens {
                 for batch in [1, 8, 64] {
-                    let base = Case::decode(Method::Mha, heads, heads, 1, head_dim, batch, tokens, dtype);
-                    for case in methods(base, heads / 4, heads / 4, &[2, 4]) {
-                        cases.push(case);
-                        if gpu {
-                            cases.push(Case { mode: Mode::DecodeForward, ..case });
-                        }
-                    }
+                    let base = Case::mha(Mode::Decode, heads, head_dim, batch, tokens, dtype);
+                    cases.extend(methods(base, heads / 4, heads / 4, &[2, 4]));
                 }
             }
             return cases;
@@ -94,11 +82,7 @@ impl Sweep {
                 let heads = if gpu { 2048 / d } else { 4 };
                 for &n in seqs {
                     let batch = if gpu { (16384 / n).max(1) } else { 1 };
-                    let base = Case {
-                        mode: Mode::Forward,
-                        n,
-                        ..Case::decode(Method::Mha, heads, heads, 1, d, batch, n, dtype)
-                    };
+                    let base = Case::mha(Mode::Forward, heads, d, batch, n, dtype);
                     cases.extend(methods(base, heads / 4, heads / 2, pseudos));
                 }
             }
@@ -128,7 +112,8 @@ fn methods(base: Case, gqa_kv: usize, mea_kv: usize, pseudos: &[usize]) -> Vec<C
 /// 32k tokens per sequence: MHA, GQA `Hk = 4`, MEA, MEA compressed `Hk = 8, 4`, IHA and IHA local
 /// `P = 2, 4, 8` (`headmix bench --sizes-only`; exact counts, nothing is timed).
 pub fn issue_size_cases() -> Vec<Case> {
-    let case = |method, kv_heads, pseudo| Case::decode(method, 16, kv_heads, pseudo, 128, 8, 32768, DType::BF16);
+    let base = Case::mha(Mode::Decode, 16, 128, 8, 32768, DType::BF16);
+    let case = |method, kv_heads, pseudo| Case { method, kv_heads, pseudo, ..base };
     let mut cases = vec![case(Method::Mha, 16, 1), case(Method::Gqa, 4, 1), case(Method::Mea, 16, 1)];
     cases.extend([case(Method::MeaCompressed, 8, 1), case(Method::MeaCompressed, 4, 1)]);
     cases.extend([2, 4, 8].map(|p| case(Method::Iha, 16, p)));
@@ -170,10 +155,9 @@ impl Scale {
 pub enum Mode {
     /// A forward pass of `N` query tokens against `M = N` keys.
     Forward,
-    /// [`headmix::decode()`] of one new token per sequence against a filled cache of `L = m` tokens.
+    /// [`headmix::decode()`] of one new token per sequence against a filled cache of `L = m`
+    /// tokens on the device ([`headmix::Backend::time_decode`]).
     Decode,
-    /// A decode case's attention as a forward pass with `N = 1` on device-resident k/v.
-    DecodeForward,
 }
 
 /// One benchmark case: a named configuration at one size and dtype.
@@ -197,19 +181,10 @@ pub struct Case {
 }
 
 impl Case {
-    /// A decode case of `tokens` tokens per sequence.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode(
-        method: Method,
-        heads: usize,
-        kv_heads: usize,
-        pseudo: usize,
-        head_dim: usize,
-        batch: usize,
-        tokens: usize,
-        dtype: DType,
-    ) -> Case {
-        Case { mode: Mode::Decode, method, heads, kv_heads, pseudo, head_dim, batch, n: NEW_TOKENS, m: tokens, dtype }
+    /// An MHA case of `tokens` tokens per sequence (other methods: `Case { method, .. }`).
+    pub fn mha(mode: Mode, heads: usize, head_dim: usize, batch: usize, tokens: usize, dtype: DType) -> Case {
+        let n = if mode == Mode::Forward { tokens } else { NEW_TOKENS };
+        Case { mode, method: Method::Mha, heads, kv_heads: heads, pseudo: 1, head_dim, batch, n, m: tokens, dtype }
     }
 
     /// The configuration: causal, IHA local with the paper's window `M / (2 P²)` tokens.
@@ -223,14 +198,20 @@ impl Case {
         Ok(Weights::random(&self.config()?, 42))
     }
 
-    /// The validated forward problem the case times: `N` against `M`, or for decode cases one
-    /// query token against the held tokens (bottom-right aligned, so it sees exactly what a
-    /// decode sees).
+    /// The validated forward problem the case times: `N` against `M`; for decode cases, what
+    /// one sequence's decode counts: one query token against the held tokens (bottom-right
+    /// aligned, so it sees exactly what a decode sees), `B = 1` (every sequence holds as many).
     pub fn problem(&self) -> Result<(Problem, Weights), String> {
         let (cfg, w) = (self.config()?, self.weights()?);
-        let m = if self.mode == Mode::Forward { self.m } else { self.held()? };
-        let p = Problem::for_weights(&cfg, &w, self.batch, self.n, m, self.dtype).map_err(|e| e.to_string())?;
+        let (b, m) = if self.mode == Mode::Forward { (self.batch, self.m) } else { (1, self.held()?) };
+        let p = Problem::for_weights(&cfg, &w, b, self.n, m, self.dtype).map_err(|e| e.to_string())?;
         Ok((p, w))
+    }
+
+    /// FLOPs and bytes of the whole case from its [`Case::problem`] (times `B` for decode).
+    pub fn counts(&self, p: &Problem) -> (f64, f64) {
+        let b = (self.batch / p.batch) as f64;
+        (b * p.flops(), b * crate::count::bytes(p))
     }
 
     /// Whether the cache is a ring (decode of IHA local: only the window and the new token).
@@ -247,27 +228,17 @@ impl Case {
         })
     }
 
-    /// The empty cache: linear of `L` tokens, or a ring of `W + 1` (room for the new token). An
-    /// error naming the limit, before anything is allocated, when `KvCache`'s 32-bit indices
-    /// cannot address it.
-    pub fn empty_cache(&self) -> Result<KvCache, String> {
-        self.cache_fits()?;
+    /// The empty cache on `backend`'s device (host memory for the CPU): linear of `L` tokens, or
+    /// a ring of `W + 1` (room for the new token). A typed error, before anything is allocated,
+    /// when a sequence exceeds the kernels' 32-bit indices or the device refuses the size.
+    pub fn empty_cache(&self, backend: &dyn Backend) -> Result<KvCache, String> {
         let cfg = self.config()?;
         let cache = if self.ring() {
-            KvCache::ring(&cfg, self.batch, NEW_TOKENS, self.dtype)
+            KvCache::ring_on(backend, &cfg, self.batch, NEW_TOKENS, self.dtype)
         } else {
-            KvCache::for_config(&cfg, self.batch, self.m, self.dtype)
+            KvCache::for_config_on(backend, &cfg, self.batch, self.m, self.dtype)
         };
         cache.map_err(|e| e.to_string())
-    }
-
-    /// Whether `KvCache`'s 32-bit indices address the cache (`B·held·Hk·d < 2³¹` per tensor).
-    pub fn cache_fits(&self) -> Result<(), String> {
-        let elements = self.batch as u128 * self.held()? as u128 * (self.kv_heads * self.head_dim) as u128;
-        if elements > MAX_INDEX as u128 {
-            return Err(format!("KV cache: B·held·Hk·d = {elements} elements per tensor exceed 2^31 - 1"));
-        }
-        Ok(())
     }
 
     /// `linear` or `ring`.
@@ -294,7 +265,6 @@ impl Case {
         match self.mode {
             Mode::Forward => format!("{s} B={b} N={} d={d} {dt}", self.n),
             Mode::Decode => format!("{s} B={b} L={} d={d} {dt}", self.m),
-            Mode::DecodeForward => format!("{s} B={b} L={} d={d} {dt} [forward N=1]", self.m),
         }
     }
 }

@@ -1,34 +1,26 @@
 //! How a call is timed: one path per clock.
 //!
-//! * **Device clocks**: device backends time themselves ([`Backend::time`]: inputs already on the
-//!   device, CUDA events or wgpu timestamps). The GPU sweeps run 64 MiB per bf16 input, more than
-//!   an H100's 50 MB L2, so caches cannot flatter them.
-//! * **Wall clock**: everything on the host goes through [`headmix::timing::time_wall`]: the CPU
-//!   backend's forward (rotating through several random input sets, about [`ROTATE_BYTES`] in
-//!   all, so that tiny problems do not find their inputs in cache), decode (rotating filled
-//!   caches) and the unfused pipeline's host stages.
+//! * **Device clocks** (CUDA events, wgpu timestamps): device backends time themselves on inputs
+//!   already on the device, [`Backend::time`] (the GPU sweeps' 64 MiB per bf16 input exceed the
+//!   50 MB L2) and [`Backend::time_decode`] (a cache on the device).
+//! * **Wall clock** ([`headmix::timing::time_wall`]): the CPU backend's forward, rotating through
+//!   random input sets of about [`ROTATE_BYTES`] in all so that tiny problems do not find their
+//!   inputs in cache, its decode, and the unfused pipeline's host stages.
 
-use headmix::cache::KvCache;
-use headmix::decode::DecodeIo;
-use headmix::timing::{Owned, time_host_rotated, time_wall};
-use headmix::{Backend, BackendKind, Config, Problem, Result, Timing, Weights};
+use headmix::timing::time_host_rotated;
+use headmix::{Backend, BackendKind, Problem, Result, Timing, Weights};
 
 /// Bytes of input the rotated sets cover together.
 pub const ROTATE_BYTES: usize = 64 << 20;
 /// At most this many input sets.
 pub const MAX_SETS: usize = 16;
 
-/// How many sets of `bytes` each to rotate through: enough to cover [`ROTATE_BYTES`], at least
-/// `min`, at most [`MAX_SETS`].
-pub fn sets(bytes: usize, min: usize) -> usize {
-    ROTATE_BYTES.div_ceil(bytes.max(1)).clamp(min, MAX_SETS)
-}
-
-/// The input sets of a forward problem: q, k and v together, at least 2.
+/// How many input sets (q, k and v) of a forward problem to rotate through: enough to cover
+/// [`ROTATE_BYTES`], 2 to [`MAX_SETS`].
 pub fn input_sets(problem: &Problem) -> usize {
     let c = &problem.cfg;
     let elements = problem.batch * (problem.n * c.q_heads + 2 * problem.m * c.kv_heads) * c.head_dim;
-    sets(elements * problem.dtype.size(), 2)
+    ROTATE_BYTES.div_ceil((elements * problem.dtype.size()).max(1)).clamp(2, MAX_SETS)
 }
 
 /// Time `reps` forward calls after warm-up: the CPU backend on the wall clock with rotated
@@ -39,33 +31,4 @@ pub fn forward(backend: &dyn Backend, problem: &Problem, w: &Weights, reps: usiz
     } else {
         backend.time(problem, w, reps)
     }
-}
-
-/// Wall-clock time of `reps` calls of [`headmix::decode()`] after warm-up, call `i` on cache
-/// `i % caches.len()` with queries `queries[i % queries.len()]` (`[B, n, Hq, d]`). The caches are
-/// filled beforehand and never modified (decode only reads them): every call does the same work.
-pub fn decode(
-    backend: &dyn Backend,
-    cfg: &Config,
-    w: &Weights,
-    caches: &[KvCache],
-    queries: &[Owned],
-    n: usize,
-    reps: usize,
-) -> Result<Timing> {
-    let batch = caches.first().ok_or(headmix::Error::Empty { what: "decode caches" })?.shape().batch;
-    let qs = [batch, n, cfg.q_heads, cfg.head_dim];
-    let out_shape = match w.r {
-        Some(_) => vec![batch, n, cfg.heads, cfg.head_dim],
-        None => vec![batch, n, cfg.heads, cfg.pseudo, cfg.head_dim],
-    };
-    let mut out = Owned::filled(caches[0].dtype(), out_shape.iter().product(), f32::NAN);
-    let mut lse = vec![f32::NAN; batch * cfg.heads * n * cfg.pseudo];
-    let seconds = time_wall(reps, |call| {
-        let q = queries[call % queries.len()].tensor(&qs);
-        let io =
-            DecodeIo { q, cache: &caches[call % caches.len()], out: out.tensor_mut(&out_shape), lse: Some(&mut lse) };
-        headmix::decode(backend, cfg, w, io)
-    })?;
-    Ok(Timing { seconds, extra_bytes: 0, clock: "wall clock" })
 }

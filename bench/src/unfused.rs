@@ -94,13 +94,11 @@ pub fn measure(
     let sets = timer::input_sets(problem);
     let mut rng = Rng::new(11);
     let mut random_sets = |len: usize| (0..sets).map(|_| rng.normal_vec(len, 1.0)).collect::<Vec<_>>();
-    let host = |name: &str, seconds: Vec<f64>| StageResult {
-        name: name.into(),
-        place: "host".into(),
-        clock: "wall clock".into(),
-        median_s: median(&seconds),
-        seconds,
+    let stage = |name: &str, place: &str, clock: &str, seconds: Vec<f64>| {
+        let (name, place, clock) = (name.into(), place.into(), clock.into());
+        StageResult { name, place, clock, median_s: median(&seconds), seconds }
     };
+    let host = |name, seconds| stage(name, "host", "wall clock", seconds);
     let mut stages = Vec::new();
     let e = |e: headmix::Error| e.to_string();
     if host_stages && (s.mix_q || s.mix_k || s.mix_v) {
@@ -125,14 +123,7 @@ pub fn measure(
         stages.push(host("mix", seconds.map_err(e)?));
     }
     let t = timer::forward(backend, &ap, &aw, reps).map_err(e)?;
-    let place = backend.kind().name().into();
-    stages.push(StageResult {
-        name: "attention".into(),
-        place,
-        clock: t.clock.into(),
-        median_s: median(&t.seconds),
-        seconds: t.seconds,
-    });
+    stages.push(stage("attention", backend.kind().name(), t.clock, t.seconds));
     if host_stages && s.collapse {
         let o = random_sets(b * n * p * h * d);
         let r = w.r.as_deref().filter(|_| problem.collapse);

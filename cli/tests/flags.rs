@@ -253,13 +253,16 @@ fn bench_runs_writes_reads_back_and_fails_cleanly() {
     assert_eq!(r.sweep, "decode-quick");
     assert_eq!(r.results.iter().map(|r| r.config.as_str()).collect::<Vec<_>>(), ["gqa", "iha", "iha"]);
     assert!(r.results.iter().all(|r| r.decode.is_some() && r.n == 1 && r.m == 256 && r.batch == 1));
+    assert!(r.results.iter().all(|r| r.decode.as_ref().unwrap().roofline_s.is_some()));
     ok(&["bench", "--load", &d]);
     refused(&["bench", "--sweep", "decode", "--svg", &path("d.svg")], "--svg");
     refused(&["bench", "--load", &d, "--svg", &path("d.svg")], "--svg");
     // Sizes and lists need no device; the plan for the peers is JSON with FLOPs and bytes.
     assert!(ok(&["bench", "--sizes-only"]).contains("4097 ring"));
     assert!(ok(&["bench", "--sizes-only", "--sweep", "decode", "--filter", "L=131072"]).contains("131072"));
-    assert!(ok(&["bench", "--list", "--sweep", "decode", "--backend", "cuda,cpu"]).contains("[forward N=1]"));
+    // Decode is timed on device caches: one row per case, no forward N = 1 stand-in.
+    let list = ok(&["bench", "--list", "--sweep", "decode", "--backend", "cuda,cpu"]);
+    assert!(list.contains("cuda\tiha P=2 B=8 L=32768 d=128 bf16") && !list.contains("N=1"), "{list}");
     let plan = path("plan.json");
     ok(&["bench", "--list", "--sweep", "quick", "--backend", "cpu", "--json", &plan]);
     let plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();

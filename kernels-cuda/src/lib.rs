@@ -9,21 +9,9 @@
 
 #![no_std]
 
-/// Declares one `pub const NAME: &str` per source file, and [`ALL`] listing them by file name.
-/// Adding a kernel file is one line here.
-macro_rules! sources {
-    ($($(#[$doc:meta])* $name:ident = $file:literal;)*) => {
-        $(
-            $(#[$doc])*
-            pub const $name: &str = include_str!(concat!("../", $file));
-        )*
-
-        /// Every source file of the crate as `(file name, text)`, in declaration order.
-        pub const ALL: &[(&str, &str)] = &[$(($file, $name)),*];
-    };
-}
-
-sources! {
+// One `pub const` per file, `ALL`, `get` and their test (the macro is shared with the other
+// kernel crate). Adding a kernel file is one line here.
+headmix_embed::sources! {
     /// `common.cuh`: the argument block `HmArgs` (mirrored by the host), storage types and
     /// f16/bf16 conversions in inline PTX, warp reductions and RoPE.
     COMMON = "common.cuh";
@@ -64,21 +52,3 @@ sources! {
 /// The kernel text of the `bwd_v2` module: `bwd_v1.cu` (its other passes) then `bwd_v2.cu`
 /// (compiled with `HM_BWD_TC 1`, which leaves out bwd_v1's FMA dq and dk/dv).
 pub const BWD_V2_MODULE: &str = concat!(include_str!("../bwd_v1.cu"), "\n", include_str!("../bwd_v2.cu"));
-
-/// The source of a file by its name (e.g. `"attn_v1.cu"`), if this crate has it.
-pub fn get(file: &str) -> Option<&'static str> {
-    ALL.iter().find(|(name, _)| *name == file).map(|(_, text)| *text)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn every_source_is_present_and_named_once() {
-        for (i, (name, text)) in super::ALL.iter().enumerate() {
-            assert!(!text.is_empty(), "{name} is empty");
-            assert!(super::ALL[..i].iter().all(|(other, _)| other != name), "{name} listed twice");
-            assert_eq!(super::get(name), Some(*text));
-        }
-        assert_eq!(super::get("no_such_file.cu"), None);
-    }
-}

@@ -8,21 +8,9 @@
 
 #![no_std]
 
-/// Declares one `pub const NAME: &str` per source file, and [`ALL`] listing them by file name.
-/// Adding a kernel file is one line here.
-macro_rules! sources {
-    ($($(#[$doc:meta])* $name:ident = $file:literal;)*) => {
-        $(
-            $(#[$doc])*
-            pub const $name: &str = include_str!(concat!("../", $file));
-        )*
-
-        /// Every source file of the crate as `(file name, text)`, in declaration order.
-        pub const ALL: &[(&str, &str)] = &[$(($file, $name)),*];
-    };
-}
-
-sources! {
+// One `pub const` per file, `ALL`, `get` and their test (the macro is shared with the other
+// kernel crate). Adding a kernel file is one line here.
+headmix_embed::sources! {
     /// `common.wgsl`: the uniform block, the bindings, the mask, RoPE and output stores.
     COMMON = "common.wgsl";
     /// `dtype_f32.wgsl`: loads and stores of f32 tensors.
@@ -56,22 +44,4 @@ sources! {
     BACKWARD_MIX = "backward_mix.wgsl";
     /// `backward_wgrad.wgsl`: the weight gradients, per-chunk partials summed in a fixed order.
     BACKWARD_WGRAD = "backward_wgrad.wgsl";
-}
-
-/// The source of a file by its name (e.g. `"common.wgsl"`), if this crate has it.
-pub fn get(file: &str) -> Option<&'static str> {
-    ALL.iter().find(|(name, _)| *name == file).map(|(_, text)| *text)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn every_source_is_present_and_named_once() {
-        for (i, (name, text)) in super::ALL.iter().enumerate() {
-            assert!(!text.is_empty(), "{name} is empty");
-            assert!(super::ALL[..i].iter().all(|(other, _)| other != name), "{name} listed twice");
-            assert_eq!(super::get(name), Some(*text));
-        }
-        assert_eq!(super::get("no_such_file.wgsl"), None);
-    }
 }

@@ -84,9 +84,10 @@ fn decode_bytes_count_the_stored_heads_and_q_out() {
 }
 
 #[test]
-fn only_an_h100_sxm_has_known_ceilings() {
+fn only_an_h100_sxm_and_an_h200_have_known_ceilings() {
     assert_eq!(known_peak("NVIDIA H100 80GB HBM3"), Some(H100));
-    for other in ["host CPU (2 threads)", "NVIDIA H100 PCIe", "NVIDIA H200", "llvmpipe (LLVM 19.1.7, 256 bits)"] {
+    assert_eq!(known_peak("NVIDIA H200"), Some(H200));
+    for other in ["host CPU (2 threads)", "NVIDIA H100 PCIe", "llvmpipe (LLVM 19.1.7, 256 bits)"] {
         assert_eq!(known_peak(other), None, "{other}");
     }
 }

@@ -1,11 +1,9 @@
 //! Tests of `bench/src/measure.rs`.
 
-use headmix::decode::DecodeIo;
-use headmix::timing::Owned;
 use headmix::{BackendKind, DType, Method};
 use headmix_bench::measure::*;
-use headmix_bench::report::{FORWARD_N1, FUSED};
-use headmix_bench::sweep::{Case, Mode, Scale, Sweep, issue_size_cases};
+use headmix_bench::report::FUSED;
+use headmix_bench::sweep::{Case, Mode, Scale, Sweep};
 
 fn cpu() -> Device {
     let (mut devs, skipped) = open_all(&[BackendKind::Cpu]);
@@ -14,7 +12,7 @@ fn cpu() -> Device {
 }
 
 fn small(method: Method, kv_heads: usize, pseudo: usize) -> Case {
-    Case::decode(method, 4, kv_heads, pseudo, 16, 3, 96, DType::BF16)
+    Case { method, kv_heads, pseudo, ..Case::mha(Mode::Decode, 4, 16, 3, 96, DType::BF16) }
 }
 
 #[test]
@@ -48,7 +46,7 @@ fn a_cpu_case_gives_a_fused_row_with_its_unfused_pipeline() {
 #[test]
 fn filled_caches_hold_random_values_in_every_held_slot() {
     for case in [small(Method::Iha, 4, 2), small(Method::IhaLocal, 4, 2), small(Method::Gqa, 2, 1)] {
-        let cache = filled_cache(&case, 5).unwrap();
+        let cache = filled_cache(cpu().backend.as_ref(), &case, 5).unwrap();
         let held = case.held().unwrap();
         assert_eq!(cache.lens(), vec![held; 3].as_slice(), "{}", case.label());
         for b in 0..3 {
@@ -73,7 +71,10 @@ fn a_cpu_decode_case_gives_a_row_with_its_cache_read_and_sizes() {
     assert!(r.median_s > 0.0 && r.gb_s > 0.0 && r.pct_peak_bw.is_none() && r.clock == "wall clock");
     let dc = r.decode.as_ref().unwrap();
     // By hand: B·M·Hk·d·2·2 = 3·96·4·16·2·2 bytes read; q and the collapsed out 3·4·16·2 each.
-    assert_eq!(dc.cache_read_bytes, (3 * 96 * 4 * 16 * 2 * 2) as f64);
+    let read = (3 * 96 * 4 * 16 * 2 * 2) as f64;
+    assert_eq!(dc.cache_read_bytes, read);
+    assert_eq!((dc.cache_gb_s, dc.roofline_s), (Some(read / r.median_s / 1e9), Some(read / 4.3e12)));
+    assert_eq!(dc.pct_copy_bw, Some(100.0 * read / r.median_s / 4.3e12));
     assert_eq!(r.bytes, (3 * 96 * 4 * 16 * 2 * 2 + 2 * 3 * 4 * 16 * 2) as f64);
     assert_eq!(dc.cache_bytes, 3 * 96 * 4 * 16 * 2 * 2);
     assert_eq!((dc.unfused_cache_bytes, dc.cache_ratio), (2 * dc.cache_bytes, 2.0));
@@ -82,63 +83,6 @@ fn a_cpu_decode_case_gives_a_row_with_its_cache_read_and_sizes() {
     let r = &run(&cpu(), &small(Method::IhaLocal, 4, 2), 1).unwrap()[0];
     assert_eq!((r.m, r.decode.as_ref().unwrap().layout.as_str()), (13, "ring"));
     assert_eq!(r.decode.as_ref().unwrap().cache_read_bytes, (3 * 13 * 4 * 16 * 2 * 2) as f64);
-}
-
-/// The forward baseline does the same attention and reads the same bytes as the decode call;
-/// run on the CPU here (devices run it in the sweep), it gives the same output.
-#[test]
-fn the_forward_n1_baseline_counts_and_computes_what_decode_does() {
-    let dev = cpu();
-    for case in [small(Method::Iha, 4, 2), small(Method::IhaLocal, 4, 2), small(Method::MeaCompressed, 1, 1)] {
-        let twin = Case { mode: Mode::DecodeForward, ..case };
-        let dec = &run(&dev, &case, 1).unwrap()[0];
-        let fwd = &run(&dev, &twin, 1).unwrap()[0];
-        assert_eq!(fwd.implementation, FORWARD_N1);
-        assert_eq!((fwd.n, fwd.m, fwd.bytes, fwd.flops), (dec.n, dec.m, dec.bytes, dec.flops), "{}", case.label());
-        assert_eq!(fwd.decode, dec.decode);
-        assert!(fwd.extra_bytes.is_none() && fwd.pct_peak_bw.is_none());
-        // Same attention: the forward of the held tokens' k/v with N = 1 equals the decode.
-        let (cfg, w) = (case.config().unwrap(), case.weights().unwrap());
-        let cache = filled_cache(&case, 9).unwrap();
-        let (hq, held) = (cfg.q_heads, case.held().unwrap());
-        let q = random_owned(case.dtype, 3 * hq * 16, 3);
-        let (p, _) = twin.problem().unwrap();
-        let out_len: usize = p.out_shape().iter().product();
-        let mut dec_out = Owned::filled(case.dtype, out_len, f32::NAN);
-        let io = DecodeIo {
-            q: q.tensor(&[3, 1, hq, 16]),
-            cache: &cache,
-            out: dec_out.tensor_mut(&p.out_shape()),
-            lse: None,
-        };
-        headmix::decode(dev.backend.as_ref(), &cfg, &w, io).unwrap();
-        for b in 0..3 {
-            let (k, v) = cache.sequence(b).unwrap();
-            let qb = Owned::from_f32(case.dtype, &q.to_f32()[b * hq * 16..(b + 1) * hq * 16]);
-            let mut shape = p.out_shape();
-            shape[0] = 1;
-            let mut out = Owned::filled(case.dtype, out_len / 3, f32::NAN);
-            let kv = [1, held, case.kv_heads, 16];
-            let io = headmix::Io {
-                q: qb.tensor(&[1, 1, hq, 16]),
-                k: k.tensor(&kv),
-                v: v.tensor(&kv),
-                out: out.tensor_mut(&shape),
-                lse: None,
-            };
-            dev.backend.forward(&cfg, &w, io).unwrap();
-            let want = &dec_out.to_f32()[b * out_len / 3..(b + 1) * out_len / 3];
-            let err = out.to_f32().iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err <= 0.02, "{} b={b}: max |forward - decode| = {err}", case.label());
-        }
-    }
-}
-
-#[test]
-fn cases_beyond_the_cache_index_limit_are_refused_before_anything_is_allocated() {
-    let big = Case { batch: 64, m: 131072, ..issue_size_cases()[0] };
-    assert!(run(&cpu(), &Case { mode: Mode::DecodeForward, ..big }, 1).unwrap_err().contains("2^31 - 1"));
-    assert!(run(&cpu(), &big, 1).unwrap_err().contains("KV cache"));
 }
 
 #[test]
@@ -155,5 +99,41 @@ fn every_host_decode_quick_case_runs_on_the_cpu() {
         };
         assert_eq!(r.decode.as_ref().unwrap().cache_ratio, want, "{}", case.label());
         assert!(r.median_s.is_finite() && r.tflops > 0.0, "{}", case.label());
+    }
+}
+
+#[test]
+fn a_sequence_beyond_the_kernel_index_limit_is_refused_before_anything_is_allocated() {
+    // One sequence of 2^21 tokens · 16 heads · 128 = 2^32 elements: a typed error, not 16 GiB.
+    let big = Case::mha(Mode::Decode, 16, 128, 1, 1 << 21, DType::BF16);
+    let e = run(&cpu(), &big, 1).unwrap_err();
+    assert!(e.contains("2147483647"), "{e}");
+    let cpu = headmix::open(BackendKind::Cpu).unwrap();
+    let e = big.empty_cache(cpu.as_ref()).unwrap_err();
+    assert!(e.contains("KV cache capacity·Hk·d"), "{e}");
+    // B = 64 at 128k tokens (2^34 elements per tensor in all) counts: 64-bit sequence bases.
+    let b64 = Case::mha(Mode::Decode, 16, 128, 64, 1 << 17, DType::BF16);
+    let (p, _) = b64.problem().unwrap();
+    assert_eq!(b64.counts(&p).1, 64.0 * headmix_bench::count::bytes(&p));
+}
+
+/// On wgpu the cache is built on the device and the decode timed by the device's clock, with
+/// the same counted cache bytes as on the CPU. Skips with one line without an adapter (a
+/// failure under `HEADMIX_REQUIRE_WGPU=1`).
+#[test]
+fn a_wgpu_decode_case_reads_a_device_cache_by_the_device_clock() {
+    let (devs, skipped) = open_all(&[BackendKind::Wgpu]);
+    let Some(dev) = devs.first() else {
+        assert!(std::env::var_os("HEADMIX_REQUIRE_WGPU").is_none(), "wgpu required: {skipped:?}");
+        return eprintln!("skipped: no wgpu adapter ({skipped:?})");
+    };
+    for case in [small(Method::Iha, 4, 2), small(Method::IhaLocal, 4, 2), small(Method::Gqa, 2, 1)] {
+        let cache = filled_cache(dev.backend.as_ref(), &case, 5).unwrap();
+        assert_eq!(cache.location(), BackendKind::Wgpu, "{}", case.label());
+        let r = &run(dev, &case, 2).unwrap()[0];
+        assert!(r.clock == "wgpu timestamps" || r.clock == "wall clock (submit + wait)", "{}", r.clock);
+        let on_cpu = &run(&cpu(), &case, 1).unwrap()[0];
+        assert_eq!(r.decode.as_ref().unwrap().cache_read_bytes, on_cpu.decode.as_ref().unwrap().cache_read_bytes);
+        assert!(r.decode.as_ref().unwrap().cache_gb_s.unwrap() > 0.0, "{}", case.label());
     }
 }

@@ -58,6 +58,9 @@ pub fn sample_decode_row() -> Row {
             tokens: 1024,
             layout: "linear".into(),
             cache_read_bytes: read,
+            cache_gb_s: Some(read / 0.25 / 1e9),
+            pct_copy_bw: Some(100.0 * read / 0.25 / 4.3e12),
+            roofline_s: Some(read / 4.3e12),
             cache_bytes: read as u64,
             unfused_cache_bytes: 2 * read as u64,
             cache_ratio: 2.0,
@@ -117,15 +120,24 @@ fn tables_legends_and_formats() {
     let t = decode_table(&rows);
     assert_eq!(t.lines().count(), 3, "{t}");
     assert!(t.contains("1024 linear") && t.contains("2.00x") && t.contains("4.0 MiB") && t.contains("8.0 MiB"), "{t}");
-    assert!(decode_legend(&rows).contains("B·held·Hk·d·2") && !decode_legend(&rows).contains("host-resident"));
-    let device = Row { clock: "wall clock (host-resident cache)".into(), ..sample_decode_row() };
-    assert!(decode_legend(&[device]).contains("host-resident cache:"));
+    // The counted roofline (bytes / 4.3 TB/s) beside the median: 4 MiB / 4.3 TB/s = 975.4 ns.
+    assert!(t.contains("975.4 ns") && t.contains("roofline") && t.contains("%copy"), "{t}");
+    let l = decode_legend(&rows);
+    assert!(l.contains("4.3 TB/s") && l.contains("timed by wall clock"), "{l}");
+    // A report written before the bandwidth fields existed still loads (they read as null).
+    let mut v = serde_json::to_value(sample_decode_row()).unwrap();
+    v["decode"]
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| !["cache_gb_s", "pct_copy_bw", "roofline_s"].contains(&k.as_str()));
+    let old: Row = serde_json::from_value(v).unwrap();
+    assert!(old.decode.as_ref().unwrap().roofline_s.is_none() && decode_table(&[old]).contains(" - "));
     let sizes = sizes_table(&headmix_bench::sweep::issue_size_cases()).unwrap();
     assert_eq!(sizes.lines().count(), 2 + headmix_bench::sweep::issue_size_cases().len());
     assert!(sizes.contains("2147483648") && sizes.contains("2.0 GiB") && sizes.contains("4097 ring"), "{sizes}");
     assert_eq!(
-        (fmt_time(2.5e-6), fmt_sig(123.456), fmt_sig(0.0012345), fmt_sig(3.2e-9)),
-        ("2.50 µs".into(), "123".into(), "0.00123".into(), "0.00000000320".into())
+        (fmt_time(2.5e-6) + &fmt_time(4.25e-9), fmt_sig(123.456), fmt_sig(0.0012345), fmt_sig(3.2e-9)),
+        ("2.50 µs4.2 ns".into(), "123".into(), "0.00123".into(), "0.00000000320".into())
     );
     assert_eq!(
         (fmt_bytes(512), fmt_bytes(3 * 1024 * 1024), fmt_bytes(1024)),

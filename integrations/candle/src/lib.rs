@@ -194,55 +194,30 @@ impl HeadMix {
         }
         let shape = self.out_shape(q_dims);
         let mut lse = want_lse.then(|| vec![f32::NAN; self.lse_shape(q_dims).elem_count()]);
+        // One generic body; the arm only picks the element type.
+        let qkv = [(q, lq), (k, lk), (v, lv)];
         let out = match q {
-            CpuStorage::F32(_) => CpuStorage::F32(self.cpu_typed(
-                (q.as_slice()?, lq),
-                (k.as_slice()?, lk),
-                (v.as_slice()?, lv),
-                &shape,
-                lse.as_deref_mut(),
-            )?),
-            CpuStorage::F16(_) => CpuStorage::F16(self.cpu_typed(
-                (q.as_slice()?, lq),
-                (k.as_slice()?, lk),
-                (v.as_slice()?, lv),
-                &shape,
-                lse.as_deref_mut(),
-            )?),
-            CpuStorage::BF16(_) => CpuStorage::BF16(self.cpu_typed(
-                (q.as_slice()?, lq),
-                (k.as_slice()?, lk),
-                (v.as_slice()?, lv),
-                &shape,
-                lse.as_deref_mut(),
-            )?),
+            CpuStorage::F32(_) => CpuStorage::F32(self.cpu_typed(qkv, &shape, lse.as_deref_mut())?),
+            CpuStorage::F16(_) => CpuStorage::F16(self.cpu_typed(qkv, &shape, lse.as_deref_mut())?),
+            CpuStorage::BF16(_) => CpuStorage::BF16(self.cpu_typed(qkv, &shape, lse.as_deref_mut())?),
             other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), OP)),
         };
         Ok((out, shape, lse.map(CpuStorage::F32)))
     }
 
-    fn cpu_typed<T>(
-        &self,
-        q: (&[T], &Layout),
-        k: (&[T], &Layout),
-        v: (&[T], &Layout),
-        shape: &Shape,
-        lse: Option<&mut [f32]>,
-    ) -> Result<Vec<T>>
+    /// The CPU forward in element type `T` (the dtype of q, k and v, checked equal).
+    fn cpu_typed<T>(&self, qkv: [(&CpuStorage, &Layout); 3], shape: &Shape, lse: Option<&mut [f32]>) -> Result<Vec<T>>
     where
         T: candle_core::WithDType,
         for<'a> &'a [T]: Into<headmix::Data<'a>>,
         for<'a> &'a mut [T]: Into<headmix::DataMut<'a>>,
     {
+        let [q, k, v] = qkv.map(|(s, l)| {
+            Ok::<_, candle_core::Error>(headmix::Tensor::new(contiguous(s.as_slice::<T>()?, l)?, l.dims()))
+        });
         // Poisoned: a value headmix failed to write shows as NaN.
         let mut out = vec![T::from_f64(f64::NAN); shape.elem_count()];
-        let io = Io {
-            q: headmix::Tensor::new(contiguous(q.0, q.1)?, q.1.dims()),
-            k: headmix::Tensor::new(contiguous(k.0, k.1)?, k.1.dims()),
-            v: headmix::Tensor::new(contiguous(v.0, v.1)?, v.1.dims()),
-            out: TensorMut::new(out.as_mut_slice(), shape.dims()),
-            lse,
-        };
+        let io = Io { q: q?, k: k?, v: v?, out: TensorMut::new(out.as_mut_slice(), shape.dims()), lse };
         CpuBackend::new().forward(&self.cfg, &self.weights, io).map_err(wrap)?;
         Ok(out)
     }

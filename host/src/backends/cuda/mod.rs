@@ -1,37 +1,15 @@
 //! CUDA backend: kernels compiled at run time by NVRTC for the device's own architecture.
 //!
-//! # The variant scheme
+//! # Kernels
 //!
-//! The kernel sources live in `kernels-cuda/`, embedded by the `headmix-kernels-cuda` crate. Every kernel
-//! version is one entry of the kernel table ([`kernel_table::KERNELS`]); the variants, the
-//! `#define` prelude NVRTC compiles (tile sizes included), the launch shape, the emulator's grid
-//! and the count model all derive from it. `kernels-cuda/README.md` describes the scheme and how to
-//! add a version. Modules are cached per (device, variant) for the life of the process, and PTX per
-//! (variant, arch) in memory and, under `HEADMIX_CACHE_DIR`, on disk.
-//!
-//! Kernel versions, numbered llm.c style and kept side by side:
-//!
-//! - **v1** (`attn_v1.cu`), the readable baseline: one block per (query tile, head, batch); the
-//!   tile's pseudo-queries are mixed, rotated and scaled in shared memory; each KV tile the mask
-//!   can reach is mixed into shared memory (keys rotated after mixing) and consumed with FMA
-//!   scores, an f32 online softmax in the log2 domain and P·V into registers. Whole KV tiles
-//!   outside the causal/window range are never visited. It serves every dtype (f16/bf16 are
-//!   rounded where a tensor-core kernel would round: mixed q/k/v, probabilities, outputs).
-//! - **v2** (`attn_v2.cu`): the same blocks on the tensor cores (mma.sync m16n8k16, f16/bf16,
-//!   d <= 128, sm_80+), FlashAttention-2 register layout. Opt-in ([`CudaBackend::with_kernel`] or
-//!   `HEADMIX_CUDA_KERNEL=v2`) until it has passed the device suites on hardware; problems it
-//!   cannot run fall back to v1.
-//! - **v3** (`attn_v3.cu`): FlashAttention-2 class on sm_80+ (f16/bf16, d <= 128 with d % 8 == 0):
-//!   16-byte `cp.async` into a double-buffered shared-memory pipeline, `ldmatrix` fragments,
-//!   `mma.sync`, 128 virtual queries per block. Selection weights (MHA, GQA, one-hot mixing,
-//!   detected at upload, [`plan::V3Plan`]) read the stored heads directly; dense mixing and RoPE
-//!   go through a tensor-core pre-mix into scratch rows; the collapse runs without atomics.
-//!   Opt-in (`with_kernel(Kernel::AttnV3)` or `HEADMIX_CUDA_KERNEL=v3`) until a GPU validates it.
-//! - **epilogue** (`epilogue.cu`): with a collapse `r`, the attention kernel scatters each pseudo
-//!   output through `r` into an f32 accumulator `[B, N, H, d]` with atomics; the epilogue applies
-//!   the head norm and rounds into `out`. Its size does not depend on `P` (this is
-//!   `Timing::extra_bytes`). Without a collapse, the attention kernel writes the de-interleaved
-//!   pseudo outputs itself (head norm included).
+//! The kernel sources live in `kernels-cuda/`, embedded by the `headmix-kernels-cuda` crate; what
+//! each version (v1, v2, v3, the collapse epilogue, decode) does, the variant scheme (one kernel
+//! table, [`kernel_table::KERNELS`], from which variants, preludes, launch shapes, the emulator's
+//! grid and the count model derive) and how to add a version: `kernels-cuda/README.md`. v1 serves
+//! every problem; v2 and v3 are opt-in ([`CudaBackend::with_kernel`] or `HEADMIX_CUDA_KERNEL=v2|v3`)
+//! until a GPU validates them, and fall back to v1 for what they cannot run. Modules are cached
+//! per (device, variant) for the life of the process, and PTX per (variant, arch) in memory and,
+//! under `HEADMIX_CACHE_DIR`, on disk.
 //!
 //! - **bwd_v1 / bwd_v2** (`bwd_v1.cu`, `bwd_v2.cu`): the backward pass ([`backward`]): a launch
 //!   plan of eight passes (mix, recompute, norm/collapse transpose, dq, dk/dv, mix-back, weight

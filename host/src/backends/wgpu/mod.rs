@@ -3,16 +3,10 @@
 //! * [`open`] / [`WgpuBackend::new`] pick an adapter (discrete GPU first; override with
 //!   `HEADMIX_WGPU_ADAPTER=<name substring>` and `HEADMIX_WGPU_BACKEND=vulkan|metal|dx12|gl`) and
 //!   request a device with the adapter's own limits and its `SHADER_F16` / `TIMESTAMP_QUERY`.
-//! * Kernels ([`Variant`]): `Flash` (default) is the tiled flash forward that mixes the stored
-//!   heads in workgroup memory inside the online-softmax loop; `Naive` is one thread per virtual
-//!   query, the benchmark baseline (`WgpuBackend::new()?.with_variant(Variant::Naive)`).
-//! * Collapse (`r`) and head norm (`gamma`, `beta`) run in a second small pass over the f32 pseudo
-//!   outputs; without either, the attention kernel writes the output itself.
-//! * f16 and bf16 tensors are stored packed two per `u32` and widened in the shader, so they run
-//!   on every adapter (`SHADER_F16` is not needed); arithmetic is f32 throughout.
-//! * Split-KV: when the query tiles alone give too few workgroups (decode), each query tile's keys
-//!   are cut into ranges run by separate workgroups and merged by a combine pass
-//!   ([`WgpuBackend::with_kv_splits`] forces a count; `Some(1)` turns it off).
+//! * Kernels ([`Variant`]): `Flash` (default) or `Naive`, the benchmark baseline
+//!   (`WgpuBackend::new()?.with_variant(Variant::Naive)`); [`WgpuBackend::with_kv_splits`] forces
+//!   the split-KV count (`Some(1)` turns it off). The WGSL passes (flash, naive, combine,
+//!   epilogue, decode), their bindings and the f16/bf16 packing: `kernels-wgsl/README.md`.
 //! * Mesa's llvmpipe (lavapipe) silently ends an invocation's loops after 65535 iterations; on it
 //!   the flash kernel splits the keys to stay under a budget and calls that cannot are refused
 //!   with `Error::Unsupported` ([`WgpuBackend::loop_budget`], `HEADMIX_WGPU_LOOP_BUDGET`).

@@ -45,6 +45,24 @@ impl Owner {
 /// read back with [`WgpuBackend::download_tensor`]. A handle works only on the backend that made
 /// it (or its [`WgpuBackend::fork`]s): any other backend answers [`Error::ForeignBuffer`].
 /// Cloning is cheap and shares the buffer (a clone aliases the original).
+///
+/// ```
+/// use headmix::backends::wgpu::{DeviceIo, WgpuBackend};
+/// use headmix::{Config, DType, Error, Weights};
+/// let Ok(gpu) = WgpuBackend::new() else { return Ok(()) }; // no adapter here
+/// let cfg = Config::mha(2, 32);
+/// let w = Weights::random(&cfg, 1);
+/// let x: Vec<f32> = (0..4 * 2 * 32).map(|i| (i as f32 * 0.37).sin()).collect(); // [1, 4, 2, 32]
+/// let (q, k, v) = (gpu.upload_tensor(&x)?, gpu.upload_tensor(&x)?, gpu.upload_tensor(&x)?);
+/// let out = gpu.alloc_tensor(DType::F32, x.len())?;
+/// let io = DeviceIo { q: &q, k: &k, v: &v, out: &out, lse: None };
+/// gpu.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io)?;
+/// assert_eq!(gpu.download_f32(&out)?.len(), x.len()); // waits for the queue
+/// // Another backend (here another wgpu instance) refuses the handle.
+/// let other = WgpuBackend::new()?;
+/// assert_eq!(other.download_f32(&out), Err(Error::ForeignBuffer { what: "downloaded tensor" }));
+/// # Ok::<(), Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct WgpuTensor {
     buffer: wgpu::Buffer,

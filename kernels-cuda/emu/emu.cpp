@@ -20,7 +20,8 @@
 // on random problems exactly as host/src/backends/cuda/device.rs does (for v3: the selection
 // test, the pre-mix plan, the RoPE tables) and compares with a direct f64 implementation of
 // docs/operator.md (same rounding points), NaN policy included: cases with non-finite inputs
-// check that exactly the rows that read them are non-finite.
+// check that exactly the rows that read them are non-finite. The lse is also held to twice the
+// error of that implementation run in f32 arithmetic (the kernels' precision; run_case).
 // What it cannot check: real-GPU behaviour (memory model, occupancy, NVRTC-specific code paths).
 //
 // Run: kernels-cuda/emu/run.sh  (g++ >= 12, C++20; builds the headmix CLI for the grid).

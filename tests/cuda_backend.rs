@@ -278,6 +278,57 @@ fn device_slices_on_a_caller_stream_match_the_host_path() {
     assert!(matches!(err, Error::Shape { .. }), "{err:?}");
 }
 
+/// Slices of another CUDA context (a non-primary context of the same device) are
+/// `Error::ForeignBuffer` naming the binding, in `forward_device` and `append_device`, with the
+/// output untouched. Negative controls: the backend's own slices, and slices of a second
+/// `CudaContext::new` of the device (the same primary context, the same memory), run and equal
+/// the host path.
+#[test]
+fn slices_of_another_context_are_foreign() {
+    let Some(be) = cuda_concrete("slices_of_another_context_are_foreign") else { return };
+    use headmix::backends::cuda::cudarc::driver::CudaContext;
+    let cfg = Config::mha(2, 32);
+    let case = Case::random(cfg, Weights::random(&cfg, 4), 1, 8, 8, DType::F32, 4);
+    let (host_out, _) = case.run(&be).unwrap();
+    let stream = be.context().new_stream().unwrap();
+    let dw = be.upload_weights(&cfg, &case.weights, &stream).unwrap();
+    let (q, k, v) =
+        (stream.clone_htod(&case.q).unwrap(), stream.clone_htod(&case.k).unwrap(), stream.clone_htod(&case.v).unwrap());
+    let mut out = stream.clone_htod(&vec![f32::NAN; host_out.len()]).unwrap();
+    let mut lse = stream.clone_htod(&vec![f32::NAN; case.problem.lse_len()]).unwrap();
+
+    let other = CudaContext::new_non_primary(be.context().ordinal(), 0).unwrap();
+    let os = other.new_stream().unwrap();
+    let fq = os.clone_htod(&case.q).unwrap();
+    let mut fout = os.clone_htod(&vec![f32::NAN; host_out.len()]).unwrap();
+    let mut flse = os.clone_htod(&vec![f32::NAN; case.problem.lse_len()]).unwrap();
+    let foreign = |e: Error, what: &str| assert!(matches!(e, Error::ForeignBuffer { what: w } if w == what), "{e}");
+    let call = |q, k, v, out: &mut _, lse| be.forward_device(&cfg, &dw, 1, q, k, v, out, lse, &stream);
+    foreign(call(&fq, &k, &v, &mut out, None).unwrap_err(), "q (device)");
+    foreign(call(&q, &fq, &v, &mut out, None).unwrap_err(), "k (device)");
+    foreign(call(&q, &k, &fq, &mut out, None).unwrap_err(), "v (device)");
+    foreign(call(&q, &k, &v, &mut fout, None).unwrap_err(), "out (device)");
+    foreign(call(&q, &k, &v, &mut out, Some(&mut flse)).unwrap_err(), "lse (device)");
+    assert!(stream.clone_dtoh(&out).unwrap().iter().all(|x| x.is_nan()), "nothing ran");
+    let mut cache = headmix::KvCache::for_config_on(&be, &cfg, 1, 16, DType::F32).unwrap();
+    let (kb, fkb) =
+        (stream.clone_htod(&vec![1u8; 8 * 2 * 32 * 4]).unwrap(), os.clone_htod(&vec![1u8; 8 * 2 * 32 * 4]).unwrap());
+    foreign(be.append_device(&mut cache, &fkb, &kb, 8).unwrap_err(), "appended k (device)");
+    be.append_device(&mut cache, &kb, &kb, 8).expect("own slices append");
+
+    // Negative controls: own slices, and the primary context opened a second time.
+    call(&q, &k, &v, &mut out, Some(&mut lse)).expect("own slices");
+    let got = stream.clone_dtoh(&out).unwrap();
+    assert!(headmix::reference::rel_err(&got, &host_out) <= 1e-5, "own slices differ from the host path");
+    let primary = CudaContext::new(be.context().ordinal()).unwrap().new_stream().unwrap();
+    let pq = primary.clone_htod(&case.q).unwrap();
+    let mut pout = primary.clone_htod(&vec![f32::NAN; host_out.len()]).unwrap();
+    call(&pq, &k, &v, &mut pout, None).expect("the primary context's memory");
+    stream.synchronize().unwrap();
+    let got = primary.clone_dtoh(&pout).unwrap();
+    assert!(headmix::reference::rel_err(&got, &host_out) <= 1e-5, "primary-context slices differ");
+}
+
 #[test]
 fn raw_pointers_match_the_host_path() {
     let Some(be) = cuda_concrete("raw_pointers_match_the_host_path") else { return };

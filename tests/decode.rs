@@ -967,8 +967,7 @@ fn prefill_decode_wgpu_device_cache() {
 
 /// The backend with a forced split count (0: the heuristic) on the same device.
 fn gpu_splits(gpu: &WgpuBackend, splits: usize) -> WgpuBackend {
-    WgpuBackend::from_device(gpu.adapter_info().clone(), gpu.device().clone(), gpu.queue().clone())
-        .with_kv_splits((splits > 0).then_some(splits as u32))
+    gpu.fork().with_kv_splits((splits > 0).then_some(splits as u32))
 }
 
 /// Every dtype on fixed scenarios of every kind, and a long IHA-local generation whose ring
@@ -1052,15 +1051,7 @@ fn wgpu_device_append_equals_host_append() {
             assert_eq!(dev.location(), BackendKind::Wgpu);
             let mut rng = Rng::new(7);
             let mut draw = |len: usize| Owned::from_f32(dtype, &rng.normal_vec(len, 1.0));
-            let usage = headmix::backends::wgpu::wgpu::BufferUsages::COPY_SRC;
-            let buffer = |o: &Owned| {
-                use headmix::backends::wgpu::wgpu::util::DeviceExt;
-                gpu.device().create_buffer_init(&headmix::backends::wgpu::wgpu::util::BufferInitDescriptor {
-                    label: None,
-                    contents: o.tensor(&[owned_len(o)]).data.bytes(),
-                    usage,
-                })
-            };
+            let buffer = |o: &Owned| gpu.upload_tensor(o.tensor(&[owned_len(o)]).data).unwrap();
             // Ragged prefill, per sequence.
             for seq in 0..b {
                 let n = [5, 1, 12][seq];

@@ -269,6 +269,15 @@ fn kernels_match_the_spec_on_the_cpu_emulator() {
                             fail(format!("{bin:?}: the shifted-reference negative control passed a case"));
                         }
                     }
+                    if i == 0 || v.name().starts_with("v3_bf16") {
+                        // Negative control of the lse check (f32 and bf16 tolerances): every lse
+                        // moved by 2.5x its tolerance must fail.
+                        let neg =
+                            std::process::Command::new(&bin).args(["3", "5"]).env("EMU_NEGATIVE_LSE", "1").output();
+                        if !neg.unwrap().status.success() {
+                            fail(format!("{bin:?}: the shifted-lse negative control passed a case"));
+                        }
+                    }
                     if v.kernel == Kernel::AttnV3 && v.hd == 128 {
                         // Negative controls of the ldmatrix / cp.async / mma models: a wrong layout, a
                         // missing wait, a missing zero-fill must fail every case.

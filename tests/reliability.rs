@@ -3,7 +3,7 @@
 //! re-checked at every backend entry, outputs that may not alias, buffers of another device,
 //! float settings whose derived constants overflow, compression layer names, and small ones.
 
-use headmix::backends::wgpu::{DeviceIo, WgpuBackend, wgpu};
+use headmix::backends::wgpu::{DeviceIo, WgpuBackend};
 use headmix::cache::KvCache;
 use headmix::compress::safetensors::{self, Dtype, tensor::TensorView};
 use headmix::compress::{CompressError, Projection, compress_safetensors};
@@ -161,7 +161,8 @@ fn decode_validates_the_problem_again() {
 }
 
 /// Finding 4: `forward_buffers` refused nothing when `lse` aliased `out` (it overwrote part of
-/// the output); now every output/other-binding alias is `Error::Alias`.
+/// the output); now every output/other-binding alias is `Error::Alias`, also through a clone of
+/// a handle. Buffers of another device or wgpu instance: `tests/device_handles.rs`.
 #[test]
 fn forward_buffers_refuses_aliases_and_foreign_buffers() {
     if device_or_skip(BackendKind::Wgpu, "forward_buffers_refuses_aliases_and_foreign_buffers").is_none() {
@@ -170,19 +171,13 @@ fn forward_buffers_refuses_aliases_and_foreign_buffers() {
     let wb = WgpuBackend::new().unwrap();
     let cfg = Config::mha(2, 32);
     let w = Weights::identity(&cfg);
-    let make = |b: &WgpuBackend, size: u64| {
-        b.device().create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })
-    };
-    let bytes = 4 * 4 * 2 * 32;
-    let (q, k, v, out, lse) =
-        (make(&wb, bytes), make(&wb, bytes), make(&wb, bytes), make(&wb, bytes), make(&wb, bytes));
+    let make = || wb.alloc_tensor(DType::F32, 4 * 2 * 32).unwrap();
+    let (q, k, v, out, lse) = (make(), make(), make(), make(), make());
     let call = |io: DeviceIo| wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io);
     let e = call(DeviceIo { q: &q, k: &k, v: &v, out: &out, lse: Some(&out) }).expect_err("lse on out");
+    assert_eq!(e, Error::Alias { what: "lse buffer", other: "out buffer" });
+    let twin = out.clone(); // another handle on the same buffer
+    let e = call(DeviceIo { q: &q, k: &k, v: &v, out: &out, lse: Some(&twin) }).expect_err("lse on a clone of out");
     assert_eq!(e, Error::Alias { what: "lse buffer", other: "out buffer" });
     let e = call(DeviceIo { q: &q, k: &k, v: &v, out: &out, lse: Some(&k) }).expect_err("lse on k");
     assert_eq!(e, Error::Alias { what: "lse buffer", other: "k buffer" });
@@ -190,12 +185,6 @@ fn forward_buffers_refuses_aliases_and_foreign_buffers() {
     assert_eq!(e, Error::Alias { what: "out buffer", other: "v buffer" });
     // Inputs may share a buffer (negative control).
     call(DeviceIo { q: &q, k: &q, v: &q, out: &out, lse: Some(&lse) }).expect("shared inputs are fine");
-
-    // Not tested: a buffer of a device of *another wgpu instance*. wgpu 30 gives a buffer no
-    // device accessor and resolves buffer ids in the calling device's instance, so such a buffer
-    // panics inside wgpu-core ("Cannot get non-existent resource") or aliases an unrelated buffer
-    // of this device; `forward_buffers` catches foreign buffers of the same instance only
-    // (wgpu-core's own device check, reported as `Error::ForeignBuffer`). See the issue report.
     call(DeviceIo { q: &q, k: &k, v: &v, out: &out, lse: None }).expect("usable after the errors");
 }
 

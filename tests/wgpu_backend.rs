@@ -8,7 +8,7 @@
 //! Rows that see no key (lse = -inf, output 0) cannot be built through the validated API (with
 //! `M >= N` every virtual query sees its diagonal key); the kernels handle them (`l = 0`).
 
-use headmix::backends::wgpu::{DeviceIo, Variant, WgpuBackend, wgpu};
+use headmix::backends::wgpu::{DeviceIo, Variant, WgpuBackend};
 use headmix::reference::Rounding;
 use headmix::timing::Owned;
 use headmix::{
@@ -17,7 +17,6 @@ use headmix::{
 use headmix_tests::cases::{Limits, Spec, specs};
 use headmix_tests::{Case, check_property, device_or_skip};
 use proptest::prelude::*;
-use wgpu::util::DeviceExt;
 
 /// The flash backend, or a one-line skip.
 fn flash(test: &str) -> Option<Box<dyn Backend>> {
@@ -329,24 +328,24 @@ fn typed_errors_for_bad_and_oversized_input() {
     let ok = Problem::new(&cfg, 1, n - 1, n - 1, DType::F32, false, false).unwrap();
     wb.supports(&ok).expect("just fits");
 
-    // The zero-copy entry point refuses buffers that are too small or not STORAGE.
+    // The zero-copy entry point refuses tensors that are too small or of another dtype.
     let cfg = Config::iha(2, 2, 32);
     let w = Weights::random(&cfg, 2);
-    let buf = |size: u64, usage| {
-        wb.device().create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false })
-    };
-    let s = wgpu::BufferUsages::STORAGE;
-    let (q, small) = (buf(4 * 4 * 2 * 32, s), buf(4, s));
+    let buf = |len: usize| wb.alloc_tensor(DType::F32, len).unwrap();
+    let (q, small) = (buf(4 * 2 * 32), buf(1));
     let io = DeviceIo { q: &q, k: &q, v: &q, out: &small, lse: None };
     let e = wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect_err("out too small");
     assert!(matches!(e, Error::Length { what: "out buffer", .. }), "{e}");
     let e = wb.forward_buffers(&cfg, &w, 1, 5, 4, DType::F32, io).expect_err("N > M");
     assert!(matches!(e, Error::QueryLongerThanKeys { .. }), "{e}");
+    let half = wb.alloc_tensor(DType::BF16, 4 * 2 * 32).unwrap();
+    let io = DeviceIo { q: &q, k: &q, v: &q, out: &half, lse: None };
+    let e = wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect_err("bf16 out of an f32 call");
+    assert_eq!(e, Error::DType { what: "out buffer", expected: DType::F32, got: DType::BF16 });
 
     // An output also bound as the read-only query is refused up front as `Error::Alias`
     // (issue 11), not left to wgpu's validation; the backend stays usable.
-    let s = wgpu::BufferUsages::STORAGE;
-    let (q, out) = (buf(4 * 4 * 2 * 32, s), buf(4 * 4 * 2 * 32, s));
+    let (q, out) = (buf(4 * 2 * 32), buf(4 * 2 * 32));
     let io = DeviceIo { q: &out, k: &q, v: &q, out: &out, lse: None };
     let cfg = Config::mha(2, 32);
     let w = Weights::random(&cfg, 3);
@@ -356,7 +355,8 @@ fn typed_errors_for_bad_and_oversized_input() {
     wb.forward_buffers(&cfg, &w, 1, 4, 4, DType::F32, io).expect("still usable after errors");
 }
 
-/// `forward_buffers` on buffers the caller owns equals the host path, for f32 and bf16.
+/// `forward_buffers` on device tensors (uploaded, allocated, downloaded) equals the host path
+/// bit for bit, for f32 and bf16.
 #[test]
 fn zero_copy_matches_reference() {
     let Some(_) = flash("zero_copy_matches_reference") else { return };
@@ -365,54 +365,21 @@ fn zero_copy_matches_reference() {
         let cfg = Config::iha(3, 2, 32).with_rope(Rope::default());
         let case = Case::random(cfg, Weights::random(&cfg, 13), 2, 7, 9, dtype, 14);
         let p = case.problem;
-        let dev = wb.device();
-        let upload = |x: &[f32], shape: &[usize]| {
-            let o = Owned::from_f32(dtype, x);
-            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: o.tensor(shape).data.bytes(),
-                usage: wgpu::BufferUsages::STORAGE,
-            })
-        };
+        let upload =
+            |x: &[f32], shape: &[usize]| wb.upload_tensor(Owned::from_f32(dtype, x).tensor(shape).data).unwrap();
         let (q, k, v) =
             (upload(&case.q, &case.q_shape()), upload(&case.k, &case.kv_shape()), upload(&case.v, &case.kv_shape()));
         let out_len: usize = p.out_shape().iter().product();
-        let out_bytes = (out_len * dtype.size()) as u64;
-        let lse_bytes = 4 * p.lse_len() as u64;
-        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-        let mk =
-            |size| dev.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
-        let (out, lse) = (mk(out_bytes), mk(lse_bytes));
+        let (out, lse) = (wb.alloc_tensor(dtype, out_len).unwrap(), wb.alloc_tensor(DType::F32, p.lse_len()).unwrap());
         let io = DeviceIo { q: &q, k: &k, v: &v, out: &out, lse: Some(&lse) };
         wb.forward_buffers(&cfg, &case.weights, p.batch, p.n, p.m, dtype, io).expect("zero-copy forward");
-        let staging = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: out_bytes + lse_bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = dev.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&out, 0, &staging, 0, out_bytes);
-        enc.copy_buffer_to_buffer(&lse, 0, &staging, out_bytes, lse_bytes);
-        wb.queue().submit([enc.finish()]);
-        staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
-        dev.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
-        let bytes = staging.get_mapped_range(..).expect("mapped").to_vec();
-        let (ob, lb) = bytes.split_at(out_bytes as usize);
-        let got: Vec<f32> = match dtype {
-            DType::F32 => bytemuck_f32(ob),
-            _ => ob.chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        };
-        let lse_got = bytemuck_f32(lb);
+        let got = wb.download_f32(&out).expect("read back out");
+        let lse_got = wb.download_f32(&lse).expect("read back lse");
         let (host_out, host_lse) = case.run(&wb).expect("host path");
         assert_eq!(got, host_out, "{dtype:?}: zero-copy output differs from the host path");
         assert_eq!(lse_got, host_lse, "{dtype:?}: zero-copy lse differs from the host path");
         case.check(&wb, &format!("zero-copy {dtype:?} (host path)"));
     }
-}
-
-fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// `time` returns one positive duration per repetition, by timestamps where the adapter has them.

@@ -153,7 +153,8 @@ pub enum Error {
         /// The binding it overlaps.
         other: &'static str,
     },
-    /// A device buffer that belongs to another device than the backend's.
+    /// A device buffer that belongs to another device than the backend's (a handle of another
+    /// backend or wgpu instance, a slice of another CUDA context).
     ForeignBuffer {
         /// The binding.
         what: &'static str,

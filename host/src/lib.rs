@@ -68,6 +68,17 @@
 //! Weights and configuration numbers are always validated: a non-finite weight is an
 //! [`Error::NonFinite`], a scale whose `scale · log2(e)` overflows f32 or a subnormal `norm_eps`
 //! an [`Error::Config`]. The operator's definition is in `docs/operator.md`.
+//!
+//! # Device tensors
+//!
+//! Tensors that stay on the GPU between calls go through each backend's device entries:
+//! `backends::wgpu::WgpuTensor` handles (made by `WgpuBackend::alloc_tensor` /
+//! `upload_tensor`, read by `download_tensor`) for `WgpuBackend::forward_buffers` and
+//! `append_buffers`, cudarc slices for `CudaBackend::forward_device` and `append_device`. A handle
+//! or slice of another backend, device, wgpu instance or CUDA context is
+//! [`Error::ForeignBuffer`] naming the binding, an output aliasing another binding
+//! [`Error::Alias`]; raw buffers and pointers, which cannot be checked, enter only through
+//! `unsafe` functions (`WgpuBackend::adopt_buffer`, `CudaBackend::forward_raw`).
 
 #![warn(missing_docs)]
 

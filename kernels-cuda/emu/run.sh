@@ -6,6 +6,9 @@
 # with cargo. Needs g++ >= 12 (C++20, _Float16). Builds go to ${TMPDIR:-/tmp}/headmix-emu.
 # Negative controls of the sm_80 instruction models (every v3 case must fail; other kernels skip):
 #   EMU_BREAK=ldsm_trans|ldsm_rows|cp_nowait|cp_zfill|mma_b kernels-cuda/emu/run.sh 2
+# Negative control of the lse check (every case must fail): EMU_NEGATIVE_LSE=1 kernels-cuda/emu/run.sh 2
+# (run_one's exit status then says so); EMU_LSE_STATS=1 prints each case's lse error, the f32
+# reference's and the tolerance.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cases="${1:-12}"

@@ -658,7 +658,8 @@ impl CudaBackend {
 
     /// Append `n` tokens to every sequence of a cache on this device from device tensors `k`, `v`
     /// `[B, n, Hk, d]` of the cache dtype's bytes (e.g. the prefill forward's inputs of
-    /// [`CudaBackend::forward_device`]): copied device to device on the backend's stream.
+    /// [`CudaBackend::forward_device`]): copied device to device on the backend's stream. Sources
+    /// in another context than the backend's are [`Error::ForeignBuffer`].
     pub fn append_device<S: DevicePtr<u8>>(
         &self,
         cache: &mut crate::cache::KvCache,
@@ -673,6 +674,9 @@ impl CudaBackend {
                 return Err(Error::Length { what, expected: shape.batch * n * row, got: len });
             }
         }
+        // Sources of another context (another device, a non-primary context): ForeignBuffer.
+        self.check_owner("appended k (device)", k.stream().context())?;
+        self.check_owner("appended v (device)", v.stream().context())?;
         let ordinal =
             cache.device_storage().and_then(|d| d.as_any().downcast_ref::<CudaKv>()).map(|kv| kv.ordinal).ok_or_else(
                 || Error::Cache { why: format!("the cache lives on the {} device, not CUDA", cache.location()) },

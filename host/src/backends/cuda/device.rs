@@ -4,8 +4,8 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::sys::{CUcontext, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::args::{HmArgs, HmRows, HmV3Attn, HmV3Mix};
 use super::plan::{self, Source, V3Plan};
@@ -73,6 +73,15 @@ fn check_bindings(pb: &Problem, io: &RawIo) -> Result<()> {
         binding("out", io.out, out_len, es, true),
         binding("lse", io.lse, pb.lse_len(), 4, true),
     ])
+}
+
+/// Device memory of context `theirs` is usable by kernels of context `ours` when both are one
+/// `CUcontext`: `CudaContext::new` of one device retains its primary context, so two such
+/// handles share memory; a non-primary context (`CudaContext::new_non_primary`) or another
+/// device's is [`Error::ForeignBuffer`] naming `what`. (Both contexts are alive while their
+/// `Arc`s are, so equal handles are one context, never a reused address.)
+fn same_context(what: &'static str, ours: CUcontext, theirs: CUcontext) -> Result<()> {
+    if ours == theirs { Ok(()) } else { Err(Error::ForeignBuffer { what }) }
 }
 
 /// A layer's mixing weights on the device: f32, packed `aq | ak | av | r | gamma | beta`,
@@ -160,6 +169,14 @@ impl CudaBackend {
         Ok(DeviceWeights { buf, offsets, collapse: w.r.is_some(), norm, dims: dims_of(cfg), plan, tables })
     }
 
+    /// [`Error::ForeignBuffer`] naming `what` unless memory of context `theirs` is this backend's.
+    pub(super) fn check_owner(&self, what: &'static str, theirs: &Arc<CudaContext>) -> Result<()> {
+        if Arc::ptr_eq(theirs, &self.ctx) {
+            return Ok(());
+        }
+        same_context(what, self.ctx.cu_ctx(), theirs.cu_ctx())
+    }
+
     fn check_stream(&self, stream: &Arc<CudaStream>) -> Result<()> {
         if !Arc::ptr_eq(stream.context(), &self.ctx) && stream.context().cu_ctx() != self.ctx.cu_ctx() {
             return Err(dev_err("the stream belongs to another CUDA context than this backend's"));
@@ -195,7 +212,10 @@ impl CudaBackend {
     /// Zero-copy entry: tensors already on the device (`CudaSlice`s or views), launched
     /// asynchronously on `stream` (of this backend's context). `q: [B,N,Hq,d]`, `k, v: [B,M,Hk,d]`,
     /// `out` as [`Problem::out_shape`], `lse: [B,H,N·P]`; N and M are read off the lengths. Every
-    /// size is checked before anything is enqueued.
+    /// size is checked before anything is enqueued, and every tensor's (and the weights')
+    /// context, read off its cudarc stream: memory of another context (another device, or a
+    /// non-primary context of this one) is [`Error::ForeignBuffer`] naming it. Raw pointers,
+    /// which carry no context, go through the `unsafe` [`CudaBackend::forward_raw`].
     pub fn forward_device<T, Q, K, V, O>(
         &self,
         cfg: &Config,
@@ -216,6 +236,16 @@ impl CudaBackend {
         O: DevicePtrMut<T>,
     {
         self.check_stream(stream)?;
+        // Every tensor must live in this backend's context (a slice of another context would
+        // reach the kernels as an address they cannot read): by each slice's own stream.
+        self.check_owner("device weights", w.buf.context())?;
+        self.check_owner("q (device)", q.stream().context())?;
+        self.check_owner("k (device)", k.stream().context())?;
+        self.check_owner("v (device)", v.stream().context())?;
+        self.check_owner("out (device)", out.stream().context())?;
+        if let Some(l) = &lse {
+            self.check_owner("lse (device)", l.context())?;
+        }
         let per_q = batch.max(1) * cfg.q_heads.max(1) * cfg.head_dim.max(1);
         let per_k = batch.max(1) * cfg.kv_heads.max(1) * cfg.head_dim.max(1);
         let (n, m) = (q.len() / per_q, k.len() / per_k);
@@ -539,5 +569,25 @@ impl CudaBackend {
         drop(scratch); // stream-ordered frees, after the kernels that read them
         drop(op_buf);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_context;
+    use crate::Error;
+    use cudarc::driver::sys::CUcontext;
+
+    /// The ownership rule on context handles (no GPU: the handles are opaque pointers): one
+    /// context is accepted, another is `ForeignBuffer` naming the binding.
+    #[test]
+    fn memory_of_another_context_is_foreign() {
+        let (a, b) = (
+            std::ptr::without_provenance_mut::<u8>(0x1000) as CUcontext,
+            std::ptr::without_provenance_mut::<u8>(0x2000) as CUcontext,
+        );
+        assert_eq!(same_context("q (device)", a, a), Ok(()));
+        assert_eq!(same_context("q (device)", a, b), Err(Error::ForeignBuffer { what: "q (device)" }));
+        assert_eq!(same_context("lse (device)", b, a), Err(Error::ForeignBuffer { what: "lse (device)" }));
     }
 }

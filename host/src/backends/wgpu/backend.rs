@@ -10,6 +10,7 @@ use super::Variant;
 use super::device::{self, device_err};
 use super::kernels::{Kernels, flash_tiles};
 use super::launch::{self, Plan};
+use super::tensor::{Owner, WgpuTensor};
 use crate::timing::{Owned, try_random_inputs};
 use crate::validate::{Problem, validate_config, validate_weights};
 use crate::{Backend, BackendKind, Config, DType, Error, Io, Result, Timing, Weights};
@@ -28,7 +29,7 @@ pub struct WgpuBackend {
     /// Forced split-KV ranges per query tile, or `None` for the heuristic.
     pub(super) kv_splits: Option<u32>,
     /// Bytes this backend moved host to device and device to host (uploads, read-backs).
-    uploaded: Arc<std::sync::atomic::AtomicU64>,
+    pub(super) uploaded: Arc<std::sync::atomic::AtomicU64>,
     downloaded: Arc<std::sync::atomic::AtomicU64>,
     /// Errors no error scope caught (device loss, errors raised on other threads), reported by
     /// the next call instead of wgpu's default panic.
@@ -37,32 +38,33 @@ pub struct WgpuBackend {
     dummy: wgpu::Buffer,
     /// A deliberately wrong backward kernel (negative controls of the tests); 0: none.
     pub(super) backward_fault: u32,
+    /// This backend's identity: the owner of its [`WgpuTensor`]s and caches.
+    pub(super) owner: Owner,
 }
 
-/// The caller's device buffers for [`WgpuBackend::forward_buffers`]. Every buffer needs
-/// `BufferUsages::STORAGE` and at least the bytes below, little-endian, densely packed,
-/// offset 0; f16/bf16 elements are 2 bytes each (two per 32-bit word, element `2w` in the low
-/// half), f32 4 bytes:
+/// The device tensors of one [`WgpuBackend::forward_buffers`] call: handles made by this
+/// backend ([`WgpuBackend::alloc_tensor`], [`WgpuBackend::upload_tensor`],
+/// [`WgpuBackend::adopt_buffer`]), each holding at least the elements below, densely packed:
 ///
 /// * `q`: `[B, N, Hq, d]` in the dtype; `k`, `v`: `[B, M, Hk, d]` in the dtype;
 /// * `out`: `[B, N, H, d]` in the dtype when the weights carry `r`, else `[B, N, H, P, d]`;
 /// * `lse`: `[B, H, N·P]` f32, optional.
 ///
-/// All must live on this backend's [`WgpuBackend::device`] (a buffer of another device of the
-/// same wgpu instance is [`Error::ForeignBuffer`]; one of another instance cannot be detected),
-/// and `out`/`lse` may not alias any other binding ([`Error::Alias`]; inputs may share a buffer).
+/// A handle of another backend (another device or wgpu instance) is [`Error::ForeignBuffer`]
+/// naming the binding; another dtype [`Error::DType`]; too few elements [`Error::Length`];
+/// `out`/`lse` may not alias any other binding ([`Error::Alias`]; inputs may share a buffer).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceIo<'a> {
     /// Queries `[B, N, Hq, d]`.
-    pub q: &'a wgpu::Buffer,
+    pub q: &'a WgpuTensor,
     /// Keys `[B, M, Hk, d]`.
-    pub k: &'a wgpu::Buffer,
+    pub k: &'a WgpuTensor,
     /// Values `[B, M, Hk, d]`.
-    pub v: &'a wgpu::Buffer,
+    pub v: &'a WgpuTensor,
     /// Output.
-    pub out: &'a wgpu::Buffer,
+    pub out: &'a WgpuTensor,
     /// Log-sum-exp `[B, H, N·P]` (f32), when asked for.
-    pub lse: Option<&'a wgpu::Buffer>,
+    pub lse: Option<&'a WgpuTensor>,
 }
 
 /// Bind group and pipelines of one call, ready to record (possibly many times, for timing).
@@ -91,9 +93,11 @@ impl WgpuBackend {
         Ok(backend)
     }
 
-    /// Run on a device the caller opened (for [`WgpuBackend::forward_buffers`] on its buffers).
+    /// Run on a device the caller opened (to share it with another wgpu library; its buffers
+    /// enter [`WgpuBackend::forward_buffers`] through [`WgpuBackend::adopt_buffer`]).
     /// `info` is the adapter's `get_info()`, used for [`Backend::device_name`] and `describe`.
-    /// The caller's uncaptured-error handler is left as it is.
+    /// The caller's uncaptured-error handler is left as it is. Each call makes a new identity:
+    /// tensors and caches of one such backend are foreign to another (see [`WgpuBackend::fork`]).
     pub fn from_device(info: wgpu::AdapterInfo, device: wgpu::Device, queue: wgpu::Queue) -> WgpuBackend {
         let dummy = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("headmix unused binding"),
@@ -112,6 +116,7 @@ impl WgpuBackend {
             uploaded: Default::default(),
             downloaded: Default::default(),
             backward_fault: 0,
+            owner: Owner::new(),
         }
     }
 
@@ -124,6 +129,20 @@ impl WgpuBackend {
     pub fn with_backward_fault(mut self, fault: u32) -> WgpuBackend {
         self.backward_fault = fault;
         self
+    }
+
+    /// Another backend on this device and queue with the same identity: it accepts this
+    /// backend's [`WgpuTensor`]s and KV caches (and this one its), with its own kernel variant
+    /// and split-KV setting, e.g. `gpu.fork().with_kv_splits(Some(4))`. (A second
+    /// [`WgpuBackend::from_device`] on the same device is a new identity: handles do not cross.)
+    pub fn fork(&self) -> WgpuBackend {
+        let device = self.device();
+        let mut forked = WgpuBackend::from_device(self.info.clone(), device.clone(), self.queue.clone());
+        forked.variant = self.variant;
+        forked.kv_splits = self.kv_splits;
+        forked.faults = self.faults.clone();
+        forked.owner = self.owner.clone();
+        forked
     }
 
     /// The same device with another attention kernel (e.g. [`Variant::Naive`], the baseline).
@@ -145,7 +164,8 @@ impl WgpuBackend {
         self.variant
     }
 
-    /// The wgpu device (to create buffers for [`WgpuBackend::forward_buffers`]).
+    /// The wgpu device (for the caller's own work; its buffers enter the device entries through
+    /// [`WgpuBackend::adopt_buffer`]).
     pub fn device(&self) -> &wgpu::Device {
         &self.kernels.device
     }
@@ -166,8 +186,9 @@ impl WgpuBackend {
     }
 
     /// Zero copy: validate, then record and submit one forward call on `queue` reading and writing
-    /// the caller's buffers (layouts in [`DeviceIo`]). Returns once submitted; the results are
-    /// ready when the queue's work completes (map a buffer or `device.poll`). Small temporary
+    /// device tensors of this backend (layouts and checks in [`DeviceIo`]). Returns once
+    /// submitted; the results are ready when the queue's work completes
+    /// ([`WgpuBackend::download_tensor`] waits for it, or `device.poll`). Small temporary
     /// buffers (uniforms, packed weights, the f32 pseudo outputs when `r` or a head norm is given) are
     /// allocated per call and freed by wgpu after the work completes.
     pub fn forward_buffers(
@@ -183,32 +204,33 @@ impl WgpuBackend {
         let problem = problem_of(cfg, w, batch, n, m, dtype)?;
         self.supports(&problem)?;
         let c = &problem.cfg;
-        let es = dtype.size() as u64;
         let out_len: usize = problem.out_shape().iter().product();
         let needs = [
-            ("q buffer", io.q, (batch * n * c.q_heads * c.head_dim) as u64 * es),
-            ("k buffer", io.k, (batch * m * c.kv_heads * c.head_dim) as u64 * es),
-            ("v buffer", io.v, (batch * m * c.kv_heads * c.head_dim) as u64 * es),
-            ("out buffer", io.out, out_len as u64 * es),
+            ("q buffer", io.q, dtype, batch * n * c.q_heads * c.head_dim),
+            ("k buffer", io.k, dtype, batch * m * c.kv_heads * c.head_dim),
+            ("v buffer", io.v, dtype, batch * m * c.kv_heads * c.head_dim),
+            ("out buffer", io.out, dtype, out_len),
         ];
         let lse_bytes = 4 * problem.lse_len() as u64;
-        for (what, buf, bytes) in needs.into_iter().chain(io.lse.map(|l| ("lse buffer", l, lse_bytes))) {
-            if buf.size() < bytes {
-                return Err(Error::Length { what, expected: bytes as usize, got: buf.size() as usize });
-            }
-            if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
+        // Ownership first (a handle of another backend, device or wgpu instance is refused by
+        // identity before wgpu sees its buffer), then dtype, length and usage.
+        for (what, t, dtype, len) in
+            needs.into_iter().chain(io.lse.map(|l| ("lse buffer", l, DType::F32, problem.lse_len())))
+        {
+            self.check_tensor(what, t, dtype, len)?;
+            if !t.buffer().usage().contains(wgpu::BufferUsages::STORAGE) {
                 return Err(Error::device("wgpu", format!("{what} lacks BufferUsages::STORAGE")));
             }
         }
         // Outputs may not alias any other binding (whole buffers at offset 0: aliasing is
         // identity); inputs may share a buffer (they are only read).
         let bindings = [
-            ("q buffer", Some(io.q)),
-            ("k buffer", Some(io.k)),
-            ("v buffer", Some(io.v)),
-            ("out buffer", Some(io.out)),
+            ("q buffer", Some(io.q.buffer())),
+            ("k buffer", Some(io.k.buffer())),
+            ("v buffer", Some(io.v.buffer())),
+            ("out buffer", Some(io.out.buffer())),
         ];
-        for (what, out) in [("out buffer", Some(io.out)), ("lse buffer", io.lse)] {
+        for (what, out) in [("out buffer", Some(io.out.buffer())), ("lse buffer", io.lse.map(|l| l.buffer()))] {
             let Some(out) = out else { continue };
             for &(other, buf) in bindings.iter().filter(|(o, _)| *o != what) {
                 if buf == Some(out) {
@@ -216,25 +238,19 @@ impl WgpuBackend {
                 }
             }
         }
-        // Every buffer must live on this backend's device: a buffer of another device of the same
-        // wgpu instance is `Error::ForeignBuffer`. (A buffer of another *instance* cannot be told
-        // apart: wgpu 30 resolves buffer ids in the calling device's instance.)
-        for (what, buf) in needs.iter().map(|n| (n.0, n.1)).chain(io.lse.map(|l| ("lse buffer", l))) {
-            self.check_own_device(what, buf)?;
-        }
         self.check_faults()?;
         let plan =
             launch::plan(&problem, w, self.variant, self.kv_splits, &self.device().limits(), self.loop_budget())?;
         self.scoped(|| {
             let scratch;
             let lse = match io.lse {
-                Some(l) => l,
+                Some(l) => l.buffer(),
                 None => {
                     scratch = self.buffer("lse", lse_bytes, wgpu::BufferUsages::STORAGE);
                     &scratch
                 }
             };
-            let prepared = self.prepare(&plan, [io.q, io.k, io.v, io.out, lse])?;
+            let prepared = self.prepare(&plan, [io.q.buffer(), io.k.buffer(), io.v.buffer(), io.out.buffer(), lse])?;
             let mut enc = self.device().create_command_encoder(&Default::default());
             self.record(&prepared, &mut enc, None);
             self.queue.submit([enc.finish()]);
@@ -263,8 +279,9 @@ impl WgpuBackend {
 
     /// [`Error::ForeignBuffer`] unless `buf` belongs to this backend's device: a one-entry bind
     /// group on this device, in a validation error scope, accepts only buffers of this device
-    /// (wgpu-core's device check; it cannot see buffers of another wgpu instance).
-    fn check_own_device(&self, what: &'static str, buf: &wgpu::Buffer) -> Result<()> {
+    /// (wgpu-core's device check; it cannot see buffers of another wgpu instance, hence
+    /// [`WgpuBackend::adopt_buffer`], its only caller, is `unsafe`).
+    pub(super) fn check_own_device(&self, what: &'static str, buf: &wgpu::Buffer) -> Result<()> {
         let device = self.device();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let _probe = device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -15,6 +15,7 @@ use super::WgpuBackend;
 use super::device::device_err;
 use super::kernels::{KernelKey, Kind, decode_storage_bytes};
 use super::launch::{self, COMBINE_WG, Dispatch, EPILOGUE_WG, Uniforms, loops, rope_table, to_u32};
+use super::tensor::WgpuTensor;
 use crate::cache::{CacheShape, DeviceKv, HostTraffic, KvCache};
 use crate::decode::plan::{bands, rope_levels, selection_bits, split};
 use crate::decode::{DecodeIo, DecodeProblem};
@@ -38,6 +39,8 @@ pub struct WgpuKv {
     lens: wgpu::Buffer,
     uploaded: AtomicU64,
     downloaded: AtomicU64,
+    /// The backend that made it: only that backend (and its forks) reads or appends to it.
+    owner: super::tensor::Owner,
 }
 
 /// Caches up to this size are filled with NaN at creation (a slot read before it is written
@@ -106,6 +109,7 @@ impl WgpuKv {
             lens,
             uploaded: AtomicU64::new(0),
             downloaded: AtomicU64::new(0),
+            owner: backend.owner.clone(),
         })
     }
 
@@ -477,8 +481,11 @@ impl WgpuBackend {
     }
 
     fn check_cache(&self, kv: &WgpuKv) -> Result<()> {
-        if kv.device != *self.device() {
-            return Err(Error::Cache { why: "the cache lives on another wgpu device than this backend's".into() });
+        // By identity: `wgpu::Device` equality compares ids, which repeat across wgpu instances.
+        if !kv.owner.is(&self.owner) {
+            return Err(Error::Cache {
+                why: "the cache was made by another wgpu backend (device or instance) than this one".into(),
+            });
         }
         Ok(())
     }
@@ -631,22 +638,23 @@ impl WgpuBackend {
         Ok(crate::decode::DecodeTiming { timing, cache_bytes_read: plan.cache_bytes_read })
     }
 
-    /// Append `n` tokens to every sequence of a cache on this device from device buffers `k`, `v`
+    /// Append `n` tokens to every sequence of a cache on this device from device tensors `k`, `v`
     /// `[B, n, Hk, d]` in the cache dtype (e.g. the prefill forward's inputs of
-    /// [`WgpuBackend::forward_buffers`]): copied on the device, no host round trip. The buffers
-    /// need `BufferUsages::COPY_SRC` and must live on this backend's device.
-    pub fn append_buffers(&self, cache: &mut KvCache, k: &wgpu::Buffer, v: &wgpu::Buffer, n: usize) -> Result<()> {
+    /// [`WgpuBackend::forward_buffers`]): copied on the device, no host round trip. The tensors
+    /// must be this backend's ([`Error::ForeignBuffer`]) and need `BufferUsages::COPY_SRC`
+    /// (every tensor the backend allocates has it).
+    pub fn append_buffers(&self, cache: &mut KvCache, k: &WgpuTensor, v: &WgpuTensor, n: usize) -> Result<()> {
         let seqs: Vec<usize> = (0..cache.shape().batch).collect();
         self.append_from(cache, k, v, n, &seqs, n)
     }
 
-    /// Append `n` tokens to sequence `b` only (ragged prefill) from device buffers `[n, Hk, d]`.
+    /// Append `n` tokens to sequence `b` only (ragged prefill) from device tensors `[n, Hk, d]`.
     pub fn append_seq_buffers(
         &self,
         cache: &mut KvCache,
         b: usize,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
+        k: &WgpuTensor,
+        v: &WgpuTensor,
         n: usize,
     ) -> Result<()> {
         self.append_from(cache, k, v, n, &[b], 0)
@@ -657,8 +665,8 @@ impl WgpuBackend {
     fn append_from(
         &self,
         cache: &mut KvCache,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
+        k: &WgpuTensor,
+        v: &WgpuTensor,
         n: usize,
         seqs: &[usize],
         stride: usize,
@@ -666,21 +674,17 @@ impl WgpuBackend {
         let shape = cache.shape();
         let rows_needed = if stride == 0 { n } else { shape.batch * n };
         let row_bytes = (shape.kv_heads * shape.head_dim * shape.dtype.size()) as u64;
-        for (what, buf) in [("appended k buffer", k), ("appended v buffer", v)] {
-            let need = rows_needed as u64 * row_bytes;
-            if buf.size() < need {
-                return Err(Error::Length { what, expected: need as usize, got: buf.size() as usize });
-            }
-            if !buf.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+        for (what, t) in [("appended k buffer", k), ("appended v buffer", v)] {
+            self.check_tensor(what, t, shape.dtype, rows_needed * shape.kv_heads * shape.head_dim)?;
+            if !t.buffer().usage().contains(wgpu::BufferUsages::COPY_SRC) {
                 return Err(device_err(format!("{what} lacks BufferUsages::COPY_SRC")));
             }
         }
         let kv = cache.device_storage().and_then(|d| d.as_any().downcast_ref::<WgpuKv>()).ok_or_else(|| {
             Error::Cache { why: format!("the cache lives on the {} device, not wgpu", cache.location()) }
         })?;
-        if kv.device != *self.device() {
-            return Err(Error::Cache { why: "the cache lives on another wgpu device than this backend's".into() });
-        }
+        self.check_cache(kv)?;
+        let (k, v) = (k.buffer(), v.buffer());
         self.check_faults()?;
         let mut enc = self.device().create_command_encoder(&Default::default());
         self.scoped(|| {

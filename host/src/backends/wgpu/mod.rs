@@ -12,7 +12,13 @@
 //!   with `Error::Unsupported` ([`WgpuBackend::loop_budget`], `HEADMIX_WGPU_LOOP_BUDGET`).
 //! * Buffers above the adapter's storage-binding limit are refused (`Error::Unsupported`), never
 //!   truncated; wgpu validation, out-of-memory and device-loss errors become `Error::Device`.
-//! * [`WgpuBackend::forward_buffers`] runs on the caller's own device, queue and buffers.
+//! * Device tensors: [`WgpuTensor`] is a typed handle (buffer, owning backend, dtype, length)
+//!   made by [`WgpuBackend::alloc_tensor`] / [`WgpuBackend::upload_tensor`] and read by
+//!   [`WgpuBackend::download_tensor`]; [`WgpuBackend::forward_buffers`] (zero copy) and
+//!   [`WgpuBackend::append_buffers`] take them and refuse another backend's handle with
+//!   `Error::ForeignBuffer` (by identity: this works across devices and wgpu instances, which
+//!   wgpu itself cannot tell apart). A buffer of another wgpu library on the same device
+//!   ([`WgpuBackend::from_device`]) enters through the `unsafe` [`WgpuBackend::adopt_buffer`].
 //! * [`crate::Backend::time`] uses GPU timestamps where the adapter has `TIMESTAMP_QUERY`
 //!   (`Timing::clock` = "wgpu timestamps"), else the host clock around submit + wait.
 
@@ -30,6 +36,7 @@ mod kernels;
 mod launch;
 #[cfg(feature = "wgpu")]
 mod pack;
+mod tensor;
 
 /// The wgpu crate headmix is built against, for [`WgpuBackend::forward_buffers`] callers.
 #[cfg(feature = "wgpu")]
@@ -40,6 +47,8 @@ pub use backend::{DeviceIo, WgpuBackend};
 pub use decode::WgpuKv;
 #[cfg(feature = "wgpu")]
 pub use device::{ADAPTER_VAR, BACKEND_VAR};
+#[cfg(feature = "wgpu")]
+pub use tensor::WgpuTensor;
 
 use crate::{Backend, Result};
 

@@ -309,7 +309,9 @@ mod tests {
 
     #[test]
     fn every_kernel_has_one_entry_and_a_unique_name_and_number() {
-        for k in [Kernel::AttnV1, Kernel::AttnV2, Kernel::AttnV3, Kernel::CollapseEpilogue, Kernel::BwdV1, Kernel::BwdV2] {
+        for k in
+            [Kernel::AttnV1, Kernel::AttnV2, Kernel::AttnV3, Kernel::CollapseEpilogue, Kernel::BwdV1, Kernel::BwdV2]
+        {
             assert_eq!(KERNELS.iter().filter(|s| s.kernel == k).count(), 1, "{k:?}");
             assert_eq!(Kernel::parse(k.name()), Some(k));
         }

@@ -23,24 +23,7 @@ use headmix::reference::rel_err;
 use headmix::timing::Owned;
 use headmix::{Config, DType, Rng, Weights};
 use headmix_tests::cases::{Limits, specs};
-use headmix_tests::{Case, check_property, normals, tolerance};
-
-fn gxx_or_skip(test: &str) -> bool {
-    let version = std::process::Command::new("g++")
-        .arg("-dumpversion")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().split('.').next()?.parse::<u32>().ok());
-    let ok = version.is_some_and(|major| major >= 12);
-    if !ok {
-        if std::env::var("HEADMIX_REQUIRE_EMU").is_ok_and(|v| v == "1") {
-            panic!("{test}: HEADMIX_REQUIRE_EMU=1 but no g++ >= 12");
-        }
-        eprintln!("skipping {test}: no g++ >= 12 for the CPU emulator of the CUDA kernels");
-    }
-    ok
-}
+use headmix_tests::{Case, check_property, gxx_or_skip, normals, tolerance};
 
 fn kernels_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda")

@@ -37,26 +37,9 @@ fn decode_kernel_compiles_cleanly() {
     }
 }
 
-fn gxx_ok() -> bool {
-    let version = std::process::Command::new("g++")
-        .arg("-dumpversion")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().split('.').next()?.parse::<u32>().ok());
-    let ok = version.is_some_and(|v| v >= 12);
-    if !ok {
-        if std::env::var("HEADMIX_REQUIRE_EMU").is_ok_and(|v| v == "1") {
-            panic!("HEADMIX_REQUIRE_EMU=1 but no g++ >= 12");
-        }
-        eprintln!("skipping the decode emulator: no g++ >= 12");
-    }
-    ok
-}
-
 #[test]
 fn decode_kernel_matches_the_spec_on_the_cpu_emulator() {
-    if !gxx_ok() {
+    if !headmix_tests::gxx_or_skip("the decode emulator") {
         return;
     }
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda/emu/decode_emu.cpp");
@@ -152,7 +135,7 @@ fn build_v2(dir: &std::path::Path, dtype: u32, hd: usize) -> std::path::PathBuf 
 /// (every case must then fail: v2 really runs on them), a single split missing a token.
 #[test]
 fn decode_v2_matches_the_spec_on_the_cpu_emulator() {
-    if !gxx_ok() {
+    if !headmix_tests::gxx_or_skip("the decode emulator") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("headmix-decode-v2-emu-{}", std::process::id()));

@@ -190,32 +190,9 @@ fn ptx_disk_cache_is_keyed_and_read_back() {
 /// The sm_80 instruction models broken one at a time (`EMU_BREAK`): every v3 case must fail.
 const EMU_BREAKS: [&str; 5] = ["ldsm_trans", "ldsm_rows", "cp_nowait", "cp_zfill", "mma_b"];
 
-/// g++ 12 or newer (C++20 and `_Float16` on x86), or a one-line skip (a failure under
-/// `HEADMIX_REQUIRE_EMU=1`).
-fn gxx_or_skip(test: &str) -> bool {
-    let version = std::process::Command::new("g++")
-        .arg("-dumpversion")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().split('.').next()?.parse::<u32>().ok());
-    let ok = version.is_some_and(|major| major >= 12);
-    if !ok {
-        let why = match version {
-            Some(v) => format!("g++ {v} is older than 12"),
-            None => "no g++".into(),
-        };
-        if std::env::var("HEADMIX_REQUIRE_EMU").is_ok_and(|v| v == "1") {
-            panic!("{test}: HEADMIX_REQUIRE_EMU=1 but {why}");
-        }
-        eprintln!("skipping {test}: {why} for the CPU emulator of the CUDA kernels");
-    }
-    ok
-}
-
 #[test]
 fn kernels_match_the_spec_on_the_cpu_emulator() {
-    if !gxx_or_skip("kernels_match_the_spec_on_the_cpu_emulator") {
+    if !headmix_tests::gxx_or_skip("kernels_match_the_spec_on_the_cpu_emulator") {
         return;
     }
     let kernels = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda");

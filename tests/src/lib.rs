@@ -298,3 +298,26 @@ pub fn check_group_norm(backend: &dyn Backend, label: &str) {
         assert!(err > 1e-2, "{what}: negative control (centring dropped) not detected: {err:.3e}");
     }
 }
+
+/// g++ 12 or newer (C++20 and `_Float16` on x86), or a one-line skip (a failure under
+/// `HEADMIX_REQUIRE_EMU=1`).
+pub fn gxx_or_skip(test: &str) -> bool {
+    let version = std::process::Command::new("g++")
+        .arg("-dumpversion")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().split('.').next()?.parse::<u32>().ok());
+    let ok = version.is_some_and(|major| major >= 12);
+    if !ok {
+        let why = match version {
+            Some(v) => format!("g++ {v} is older than 12"),
+            None => "no g++".into(),
+        };
+        if std::env::var("HEADMIX_REQUIRE_EMU").is_ok_and(|v| v == "1") {
+            panic!("{test}: HEADMIX_REQUIRE_EMU=1 but {why}");
+        }
+        eprintln!("skipping {test}: {why} for the CPU emulator of the CUDA kernels");
+    }
+    ok
+}

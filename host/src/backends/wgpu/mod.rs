@@ -36,6 +36,7 @@ mod kernels;
 mod launch;
 #[cfg(feature = "wgpu")]
 mod pack;
+#[cfg(feature = "wgpu")]
 mod tensor;
 
 /// The wgpu crate headmix is built against, for [`WgpuBackend::forward_buffers`] callers.

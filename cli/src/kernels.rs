@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(long)]
     all: bool,
     /// Write the exact NVRTC source of the one --variant to FILE (also a decode module:
-    /// decode_v1_<dtype>, decode_v2_<dtype>)
+    /// `decode_v1_<dtype>`, `decode_v2_<dtype>`)
     #[arg(long, value_name = "FILE")]
     source: Option<String>,
     /// Architecture ptxas assembles for (occupancy is sm_90's)

@@ -258,6 +258,58 @@ impl WgpuBackend {
         })
     }
 
+    /// Time `reps` submissions of what `record` records (after one warm-up submission): the
+    /// device's timestamps around the first and last pass where the adapter has
+    /// `TIMESTAMP_QUERY` (`record` gets the query set and base index to write them to), else the
+    /// host clock around submit + wait. Returns the seconds per rep and the clock's name.
+    pub(super) fn time_recorded(
+        &self,
+        reps: usize,
+        record: impl Fn(&mut wgpu::CommandEncoder, Option<(&wgpu::QuerySet, u32)>),
+    ) -> Result<(Vec<f64>, &'static str)> {
+        use wgpu::BufferUsages as U;
+        let stamps = self.has_timestamps();
+        let set = stamps.then(|| {
+            self.device().create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("headmix timing"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            })
+        });
+        let stride = wgpu::QUERY_RESOLVE_BUFFER_ALIGNMENT;
+        let resolve = self.buffer("timestamps", stride * reps.max(1) as u64, U::QUERY_RESOLVE | U::COPY_SRC);
+        let mut seconds = Vec::with_capacity(reps);
+        for rep in 0..=reps {
+            let mut enc = self.device().create_command_encoder(&Default::default());
+            record(&mut enc, set.as_ref().map(|s| (s, 0)));
+            if let (Some(set), Some(r)) = (&set, rep.checked_sub(1)) {
+                enc.resolve_query_set(set, 0..2, &resolve, stride * r as u64);
+            }
+            let t = Instant::now();
+            self.queue.submit([enc.finish()]);
+            self.device().poll(wgpu::PollType::wait_indefinitely()).map_err(|e| device::device_caused("poll", e))?;
+            if rep > 0 {
+                seconds.push(t.elapsed().as_secs_f64());
+            }
+        }
+        if stamps && reps > 0 {
+            let staging = self.buffer("timestamps read back", stride * reps as u64, U::MAP_READ | U::COPY_DST);
+            let mut enc = self.device().create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, stride * reps as u64);
+            self.queue.submit([enc.finish()]);
+            let bytes = self.read_back(&staging)?;
+            let period = self.queue.get_timestamp_period() as f64 * 1e-9;
+            for (r, s) in seconds.iter_mut().enumerate() {
+                let at = |i: usize| {
+                    let o = r * stride as usize + 8 * i;
+                    u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"))
+                };
+                *s = at(1).wrapping_sub(at(0)) as f64 * period;
+            }
+        }
+        Ok((seconds, if stamps { "wgpu timestamps" } else { "wall clock (submit + wait)" }))
+    }
+
     /// Loop iterations one invocation may run: Mesa's llvmpipe (lavapipe) silently ends an
     /// invocation's loops after 65535 iterations in all; the kernels stay under this budget (the
     /// flash kernel by splitting the keys) or refuse the call. `None`: no such limit.
@@ -570,7 +622,6 @@ impl Backend for WgpuBackend {
         let owned = |x: &[f32]| Owned::from_f32(problem.dtype, x);
         let (q, k, v) = (owned(&q), owned(&k), owned(&v));
         let out_bytes: u64 = problem.out_shape().iter().product::<usize>() as u64 * problem.dtype.size() as u64;
-        let stamps = self.has_timestamps();
         self.scoped(|| {
             use wgpu::BufferUsages as U;
             let q = self.upload("q", q.tensor(&qs).data.bytes(), U::STORAGE);
@@ -579,47 +630,7 @@ impl Backend for WgpuBackend {
             let out = self.buffer("out", out_bytes, U::STORAGE);
             let lse = self.buffer("lse", 4 * problem.lse_len() as u64, U::STORAGE);
             let prepared = self.prepare(&plan, [&q, &k, &v, &out, &lse])?;
-            let set = stamps.then(|| {
-                self.device().create_query_set(&wgpu::QuerySetDescriptor {
-                    label: Some("headmix timing"),
-                    ty: wgpu::QueryType::Timestamp,
-                    count: 2,
-                })
-            });
-            let stride = wgpu::QUERY_RESOLVE_BUFFER_ALIGNMENT;
-            let resolve = self.buffer("timestamps", stride * reps as u64, U::QUERY_RESOLVE | U::COPY_SRC);
-            let mut seconds = Vec::with_capacity(reps);
-            for rep in 0..=reps {
-                let mut enc = self.device().create_command_encoder(&Default::default());
-                self.record(&prepared, &mut enc, set.as_ref().map(|s| (s, 0)));
-                if let (Some(set), Some(r)) = (&set, rep.checked_sub(1)) {
-                    enc.resolve_query_set(set, 0..2, &resolve, stride * r as u64);
-                }
-                let t = Instant::now();
-                self.queue.submit([enc.finish()]);
-                self.device()
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| device::device_caused("poll", e))?;
-                if rep > 0 {
-                    seconds.push(t.elapsed().as_secs_f64());
-                }
-            }
-            if stamps && reps > 0 {
-                let staging = self.buffer("timestamps read back", stride * reps as u64, U::MAP_READ | U::COPY_DST);
-                let mut enc = self.device().create_command_encoder(&Default::default());
-                enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, stride * reps as u64);
-                self.queue.submit([enc.finish()]);
-                let bytes = self.read_back(&staging)?;
-                let period = self.queue.get_timestamp_period() as f64 * 1e-9;
-                for (r, s) in seconds.iter_mut().enumerate() {
-                    let at = |i: usize| {
-                        let o = r * stride as usize + 8 * i;
-                        u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"))
-                    };
-                    *s = at(1).wrapping_sub(at(0)) as f64 * period;
-                }
-            }
-            let clock = if stamps { "wgpu timestamps" } else { "wall clock (submit + wait)" };
+            let (seconds, clock) = self.time_recorded(reps, |enc, stamps| self.record(&prepared, enc, stamps))?;
             Ok(Timing { seconds, extra_bytes: prepared.extra_bytes, clock })
         })
     }

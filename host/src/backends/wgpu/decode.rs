@@ -585,54 +585,13 @@ impl WgpuBackend {
         let io = DecodeIo { q: q.tensor(&qs), cache, out: out.tensor_mut(&os), lse: None };
         let problem = crate::decode::validate_decode(cfg, w, &io)?;
         let plan = self.decode_plan(&problem, w, cache)?;
-        let stamps = self.has_timestamps();
         self.check_faults()?;
         let out_bytes = (out_len * shape.dtype.size()) as u64;
         let timing = self.scoped(|| {
             use wgpu::BufferUsages as U;
             let qb = self.upload("q", io.q.data.bytes(), U::STORAGE);
             let call = self.prepare_decode(&plan, &qb, kv, out_bytes, 4 * problem.lse_len() as u64)?;
-            let set = stamps.then(|| {
-                self.device().create_query_set(&wgpu::QuerySetDescriptor {
-                    label: Some("headmix decode timing"),
-                    ty: wgpu::QueryType::Timestamp,
-                    count: 2,
-                })
-            });
-            let stride = wgpu::QUERY_RESOLVE_BUFFER_ALIGNMENT;
-            let resolve = self.buffer("timestamps", stride * reps.max(1) as u64, U::QUERY_RESOLVE | U::COPY_SRC);
-            let mut seconds = Vec::with_capacity(reps);
-            for rep in 0..=reps {
-                let mut enc = self.device().create_command_encoder(&Default::default());
-                self.record_decode(&call, &mut enc, set.as_ref().map(|s| (s, 0)));
-                if let (Some(set), Some(r)) = (&set, rep.checked_sub(1)) {
-                    enc.resolve_query_set(set, 0..2, &resolve, stride * r as u64);
-                }
-                let t = std::time::Instant::now();
-                self.queue.submit([enc.finish()]);
-                self.device()
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| device_err(format!("poll: {e}")))?;
-                if rep > 0 {
-                    seconds.push(t.elapsed().as_secs_f64());
-                }
-            }
-            if stamps && reps > 0 {
-                let staging = self.buffer("timestamps read back", stride * reps as u64, U::MAP_READ | U::COPY_DST);
-                let mut enc = self.device().create_command_encoder(&Default::default());
-                enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, stride * reps as u64);
-                self.queue.submit([enc.finish()]);
-                let bytes = self.read_back(&staging)?;
-                let period = self.queue.get_timestamp_period() as f64 * 1e-9;
-                for (r, s) in seconds.iter_mut().enumerate() {
-                    let at = |i: usize| {
-                        let o = r * stride as usize + 8 * i;
-                        u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"))
-                    };
-                    *s = at(1).wrapping_sub(at(0)) as f64 * period;
-                }
-            }
-            let clock = if stamps { "wgpu timestamps" } else { "wall clock (submit + wait)" };
+            let (seconds, clock) = self.time_recorded(reps, |enc, stamps| self.record_decode(&call, enc, stamps))?;
             Ok(crate::Timing { seconds, extra_bytes: plan.op_bytes, clock })
         })?;
         Ok(crate::decode::DecodeTiming { timing, cache_bytes_read: plan.cache_bytes_read })

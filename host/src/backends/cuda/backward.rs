@@ -26,6 +26,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, DevicePtrMut};
 
 use super::args::HmArgs;
+use super::device::launch_raw;
 use super::variants::{Kernel, MaskKind, Variant};
 use super::{CudaBackend, drv, plan};
 use crate::validate::Problem;
@@ -471,16 +472,8 @@ impl CudaBackend {
                 // SAFETY: loaded in this context; every entry of bwd_v1.cu takes (HmArgs, HmBwd) by
                 // value; the pointers are the plan's buffers, sized by the validated problem.
                 unsafe {
-                    cudarc::driver::result::launch_kernel(
-                        func.cu_function(),
-                        l.grid,
-                        (l.threads, 1, 1),
-                        l.smem,
-                        s.cu_stream(),
-                        &mut params,
-                    )
-                }
-                .map_err(drv(&format!("launching {}", l.entry)))?;
+                    launch_raw(&func, l.grid, l.threads, l.smem, s, &mut params, &format!("launching {}", l.entry))
+                }?;
             }
         }
         let BackwardIo { mut dq, mut dk, mut dv, dw, .. } = io;

@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUcontext, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::args::{HmArgs, HmRows, HmV3Attn, HmV3Mix};
 use super::plan::{self, Source, V3Plan};
@@ -384,16 +384,16 @@ impl CudaBackend {
             let et = ev.tiles();
             // SAFETY: the function is loaded in this context; `args` matches the kernel's HmArgs.
             unsafe {
-                cudarc::driver::result::launch_kernel(
-                    epi.func.cu_function(),
+                launch_raw(
+                    &epi.func,
                     (rows.div_ceil(et.br) as u32, 1, 1),
-                    (et.threads as u32, 1, 1),
+                    et.threads as u32,
                     0,
-                    stream.cu_stream(),
+                    stream,
                     &mut params,
+                    &format!("launching {}", ev.name()),
                 )
-            }
-            .map_err(drv(&format!("launching {}", ev.name())))?;
+            }?;
         }
         Ok(())
     }
@@ -416,16 +416,16 @@ impl CudaBackend {
         // SAFETY: the function is loaded in this context; `args` matches the kernels' HmArgs and
         // lives until the call returns (the driver copies parameters at launch).
         unsafe {
-            cudarc::driver::result::launch_kernel(
-                attn.func.cu_function(),
+            launch_raw(
+                &attn.func,
                 grid,
-                (t.threads as u32, 1, 1),
+                t.threads as u32,
                 t.smem as u32,
-                stream.cu_stream(),
+                stream,
                 &mut params,
+                &format!("launching {}", attn_v.name()),
             )
-        }
-        .map_err(drv(&format!("launching {}", attn_v.name())))?;
+        }?;
         Ok(())
     }
 
@@ -503,16 +503,16 @@ impl CudaBackend {
                             [&mut a as *mut HmArgs as *mut c_void, &mut mix as *mut HmV3Mix as *mut c_void];
                         // SAFETY: loaded in this context; the parameters match hm_v3_mix(HmArgs, HmV3Mix).
                         unsafe {
-                            cudarc::driver::result::launch_kernel(
-                                mix_fn.cu_function(),
+                            launch_raw(
+                                &mix_fn,
                                 (l.div_ceil(16) as u32, hp.div_ceil(64) as u32, b as u32),
-                                (128, 1, 1),
+                                128,
                                 smem as u32,
-                                stream.cu_stream(),
+                                stream,
                                 &mut params,
+                                "launching hm_v3_mix",
                             )
-                        }
-                        .map_err(drv("launching hm_v3_mix"))?;
+                        }?;
                         drop(_gy);
                         scratch.push(y);
                         Ok(HmRows { base: yp, sel: iota, tok: (hp * d) as i32, pad: 0 })
@@ -540,31 +540,31 @@ impl CudaBackend {
         let mut params = [&mut args as *mut HmArgs as *mut c_void, &mut x as *mut HmV3Attn as *mut c_void];
         // SAFETY: loaded in this context; the parameters match hm_attn_v3(HmArgs, HmV3Attn).
         unsafe {
-            cudarc::driver::result::launch_kernel(
-                attn.func.cu_function(),
+            launch_raw(
+                &attn.func,
                 grid,
-                (t.threads as u32, 1, 1),
+                t.threads as u32,
                 t.smem as u32,
-                stream.cu_stream(),
+                stream,
                 &mut params,
+                &format!("launching {}", attn_v.name()),
             )
-        }
-        .map_err(drv(&format!("launching {}", attn_v.name())))?;
+        }?;
         if pb.collapse {
             let mut opp = op;
             let mut params = [&mut args as *mut HmArgs as *mut c_void, &mut opp as *mut u64 as *mut c_void];
             // SAFETY: loaded in this context; the parameters match hm_v3_collapse(HmArgs, const void*).
             unsafe {
-                cudarc::driver::result::launch_kernel(
-                    attn.extra[1].cu_function(),
+                launch_raw(
+                    &attn.extra[1],
                     ((b * n) as u32, 1, 1),
-                    (128, 1, 1),
+                    128,
                     0,
-                    stream.cu_stream(),
+                    stream,
                     &mut params,
+                    "launching hm_v3_collapse",
                 )
-            }
-            .map_err(drv("launching hm_v3_collapse"))?;
+            }?;
         }
         drop(scratch); // stream-ordered frees, after the kernels that read them
         drop(op_buf);
@@ -590,4 +590,34 @@ mod tests {
         assert_eq!(same_context("q (device)", a, b), Err(Error::ForeignBuffer { what: "q (device)" }));
         assert_eq!(same_context("lse (device)", b, a), Err(Error::ForeignBuffer { what: "lse (device)" }));
     }
+}
+
+/// Enqueue `func` on `stream`: a `grid` of blocks of `threads` threads with `smem` bytes of
+/// dynamic shared memory, `params` one pointer per kernel parameter (the driver copies the
+/// values at launch); a driver error names `what`.
+///
+/// # Safety
+/// `func` is loaded in the current context and `params` point to live values matching its
+/// parameters, with every device pointer in them valid for what the kernel reads and writes.
+pub(super) unsafe fn launch_raw(
+    func: &CudaFunction,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: u32,
+    stream: &CudaStream,
+    params: &mut [*mut c_void],
+    what: &str,
+) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            func.cu_function(),
+            grid,
+            (threads, 1, 1),
+            smem,
+            stream.cu_stream(),
+            params,
+        )
+    }
+    .map_err(drv(what))
 }

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use headmix::backends::cpu::CpuBackend;
-use headmix::backends::cuda::Kernel;
 use headmix::backends::cuda::backward::BwdPlan;
 use headmix::backward::reference_grads_in;
 use headmix::reference::backward::Grads;
@@ -42,7 +41,8 @@ fn work_dir() -> PathBuf {
 /// The emulator binary of a variant (built once per variant and kernel file).
 fn emulator(plan: &BwdPlan, kernel_file: Option<&Path>) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let key = format!("{}{}", plan.variant.name(), kernel_file.map(|_| "_broken").unwrap_or(""));
+    let stem = |f: &Path| f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let key = format!("{}{}", plan.variant.name(), kernel_file.map(|f| format!("_{}", stem(f))).unwrap_or_default());
     let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = built.get(&key) {
         return p.clone();
@@ -52,7 +52,9 @@ fn emulator(plan: &BwdPlan, kernel_file: Option<&Path>) -> PathBuf {
     let mut cmd = std::process::Command::new("g++");
     cmd.args(["-std=c++20", "-O1"]).args(plan.variant.emu_flags()).arg("-iquote").arg(&kernels);
     if let Some(f) = kernel_file {
-        let which = if plan.variant.kernel == Kernel::BwdV2 { "HM_BWD_TC_FILE" } else { "HM_BWD_FILE" };
+        // A copy of bwd_v2.cu replaces the tensor-core passes; any other file bwd_v1.cu (whose
+        // mix, recompute, mix-back and weight-gradient passes the bwd_v2 module shares).
+        let which = if stem(f).starts_with("bwd_v2") { "HM_BWD_TC_FILE" } else { "HM_BWD_FILE" };
         cmd.arg(format!("-D{which}={}", f.display()));
     }
     let out = cmd.arg(kernels.join("emu/bwd_emu.cpp")).arg("-o").arg(&bin).output().expect("running g++");
@@ -293,4 +295,301 @@ fn negative_control_a_wrong_tensor_core_kernel_fails_on_the_emulator() {
     let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
     let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::BF16, 128.0, "broken v2")).is_err();
     assert!(failed, "the broken tensor-core kernel passed the check");
+}
+
+// ---- NaN policy (docs/operator.md "Non-finite inputs", docs/backward.md "Non-finite inputs") ----
+
+/// The stored gradient rows (`dq [B, N, Hq]`, `dk`, `dv [B, M, Hk]`, one flag per row of `d`)
+/// that read a non-finite input, by the NaN policy: a selection (MHA, GQA) reads only its head, a
+/// dense mixing every head of the token. Per pseudo-row `i` and visible key `j`: `dS_ij` reads
+/// `qt_i`, `kt_j`, `vt_j`, the row's saved `lse_i` and its `D_i` and `do_i` (so every key and value
+/// the row sees: `o_i`), and `do_i` is non-finite when `o_i` is and a head norm follows (every
+/// pseudo-row of the token when the norm follows a collapse); `P_ij` reads `qt_i`, `kt_j` and
+/// `lse_i` only. `dqt_i` reads row `i`'s `dS`, `dkt_j` the `dS_ij` of the rows that see `j`,
+/// `dvt_j` their `P_ij` and `do_i`. `lse` is the forward's (an absorbed `-inf` score leaves it
+/// finite). A non-finite `dout` row reaches `do` of its pseudo-rows (of every pseudo-row of its
+/// token through a collapse).
+struct Reads {
+    dq: Vec<bool>,
+    dk: Vec<bool>,
+    dv: Vec<bool>,
+}
+
+fn reads(case: &Case, lse: &[f32], dout: &[f32]) -> Reads {
+    use headmix::backends::cuda::plan::selection;
+    let pb = &case.problem;
+    let p = pb.params();
+    let c = &pb.cfg;
+    let (b, n, m, hq, hk, h, pp, d) = (pb.batch, pb.n, pb.m, c.q_heads, c.kv_heads, c.heads, c.pseudo, c.head_dim);
+    let (hp, nq, nk) = (h * pp, n * pp, m * pp);
+    let w = &case.weights;
+    let sel = [selection(&w.aq, hq, hp), selection(&w.ak, hk, hp), selection(&w.av, hk, hp)];
+    // Stored head s feeds pseudo-head c (h * P + p) of a mixing: its selection, or any (dense).
+    let feeds = |sel: &Option<Vec<i32>>, s: usize, c: usize| sel.as_ref().is_none_or(|x| x[c] as usize == s);
+    // Pseudo-head rows [B, H, L*P] that hold a non-finite value after the mixing.
+    let mixed = |x: &[f32], sel: &Option<Vec<i32>>, src: usize, len: usize| {
+        let mut t = vec![false; b * h * len * pp];
+        for (row, xs) in x.chunks(d).enumerate() {
+            if xs.iter().all(|v| v.is_finite()) {
+                continue;
+            }
+            let (bl, s) = (row / src, row % src);
+            let (bb, l) = (bl / len, bl % len);
+            for cc in (0..hp).filter(|&cc| feeds(sel, s, cc)) {
+                t[(bb * h + cc / pp) * len * pp + l * pp + cc % pp] = true;
+            }
+        }
+        t
+    };
+    let (qt, kt, vt) = (mixed(&case.q, &sel[0], hq, n), mixed(&case.k, &sel[1], hk, m), mixed(&case.v, &sel[2], hk, m));
+    // Pseudo-rows: o_i (reads the query, lse and every key and value the row sees), do_i (o_i's
+    // when a head norm follows: a token's rows together after a collapse), dS (both).
+    let lse_bad = |r: usize| !lse[r].is_finite();
+    let sees = |bh: usize, i: usize| (0..nk).any(|j| p.visible(i, j) && (kt[bh * nk + j] || vt[bh * nk + j]));
+    let o: Vec<bool> = (0..b * h * nq).map(|r| qt[r] || lse_bad(r) || sees(r / nq, r % nq)).collect();
+    // do: dout's row (a collapse: any of the token's), o's with a head norm (the token's with both).
+    let outs = if pb.collapse { h } else { hp };
+    let dout_bad =
+        |bb: usize, t: usize, r: usize| dout[((bb * n + t) * outs + r) * d..][..d].iter().any(|v| !v.is_finite());
+    let mut dop = vec![false; b * h * nq];
+    for bb in 0..b {
+        for t in 0..n {
+            let at = |hh: usize, q: usize| (bb * h + hh) * nq + t * pp + q;
+            let token = pb.collapse
+                && ((0..h).any(|r| dout_bad(bb, t, r)) || pb.norm && (0..hp).any(|c| o[at(c / pp, c % pp)]));
+            for c in 0..hp {
+                let r = at(c / pp, c % pp);
+                dop[r] = token || !pb.collapse && (dout_bad(bb, t, c) || pb.norm && o[r]);
+            }
+        }
+    }
+    let dout = dop;
+    let row: Vec<bool> = o.iter().zip(&dout).map(|(x, y)| *x || *y).collect();
+    let (mut key, mut value) = (vec![false; b * h * nk], vec![false; b * h * nk]);
+    for bh in 0..b * h {
+        for j in 0..nk {
+            let r = |i: usize| bh * nq + i;
+            let vis = |i: &usize| p.visible(*i, j);
+            key[bh * nk + j] = (0..nq).filter(vis).any(|i| row[r(i)]);
+            let prob = |i: usize| qt[r(i)] || kt[bh * nk + j] || lse_bad(r(i));
+            value[bh * nk + j] = (0..nq).filter(vis).any(|i| prob(i) || dout[r(i)]);
+        }
+    }
+    // Mixed back: a stored row reads the pseudo-rows its head feeds.
+    let back = |t: &[bool], sel: &Option<Vec<i32>>, src: usize, len: usize| -> Vec<bool> {
+        (0..b * len * src)
+            .map(|r| {
+                let (bl, s) = (r / src, r % src);
+                let (bb, l) = (bl / len, bl % len);
+                (0..hp).any(|cc| feeds(sel, s, cc) && t[(bb * h + cc / pp) * len * pp + l * pp + cc % pp])
+            })
+            .collect()
+    };
+    Reads { dq: back(&row, &sel[0], hq, n), dk: back(&key, &sel[1], hk, m), dv: back(&value, &sel[2], hk, m) }
+}
+
+/// The policy on a clean and a poisoned run of the same kernel: rows that read no non-finite input
+/// are finite and equal to the clean run's (which `check` holds to the f64 reference), rows that
+/// read one have a non-finite element. Err: the first row that breaks it.
+fn policy_holds(clean: &Grads<f32>, dirty: &Grads<f32>, reads: &Reads, d: usize) -> Result<(), String> {
+    for (name, x, y, r) in [
+        ("dq", &clean.dq, &dirty.dq, &reads.dq),
+        ("dk", &clean.dk, &dirty.dk, &reads.dk),
+        ("dv", &clean.dv, &dirty.dv, &reads.dv),
+    ] {
+        for (row, &bad) in r.iter().enumerate() {
+            let (a, b) = (&x[row * d..][..d], &y[row * d..][..d]);
+            if bad && b.iter().all(|v| v.is_finite()) {
+                return Err(format!("{name} row {row} reads a non-finite input but is finite"));
+            }
+            if !bad && (b.iter().any(|v| !v.is_finite()) || a.iter().zip(b).any(|(u, v)| u != v)) {
+                return Err(format!("{name} row {row} reads no non-finite input but is {b:?}, clean {a:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A NaN-policy scenario: the same random bf16 problem clean and with `poison` applied.
+struct NanCase {
+    clean: Inputs,
+    dirty: Inputs,
+    reads: Reads,
+    label: String,
+}
+
+impl NanCase {
+    fn new(label: &str, cfg: Config, n: usize, m: usize, seed: u64, poison: impl FnOnce(&mut Case)) -> NanCase {
+        NanCase::with_dout(label, cfg, n, m, seed, poison, None)
+    }
+
+    /// The same, and `dout` made NaN at `dout_nan`.
+    fn with_dout(
+        label: &str,
+        cfg: Config,
+        n: usize,
+        m: usize,
+        seed: u64,
+        poison: impl FnOnce(&mut Case),
+        dout_nan: Option<usize>,
+    ) -> NanCase {
+        let w = Weights::random(&cfg, seed);
+        let clean = Case::random(cfg, w.clone(), 1, n, m, DType::BF16, seed);
+        let mut dirty = Case::random(cfg, w, 1, n, m, DType::BF16, seed);
+        poison(&mut dirty);
+        let mut dirty = Inputs::new(dirty, seed);
+        if let Some(e) = dout_nan {
+            dirty.dout[e] = f32::NAN;
+        }
+        let reads = reads(&dirty.case, &dirty.lse, &dirty.dout);
+        // Rows of both kinds (dv reads only P and do: a value row alone leaves it clean).
+        for (name, r) in [("dq", &reads.dq), ("dk", &reads.dk), ("dv", &reads.dv)] {
+            let bad = r.iter().filter(|&&x| x).count();
+            assert!(bad < r.len(), "{label}: {name} must have rows that do not read the poison");
+            assert!(bad > 0 || name == "dv", "{label}: {name} must have rows that read the poison");
+        }
+        NanCase { clean: Inputs::new(clean, seed), dirty, reads, label: label.into() }
+    }
+
+    /// bwd_v1 (`tc` false) or bwd_v2 (true), or a broken copy of a kernel file: the policy, Err
+    /// naming how it broke. The real kernels' clean run is also checked against the reference.
+    fn check(&self, tc: bool, kernel_file: Option<&Path>) -> Result<(), String> {
+        let label = format!(
+            "{}_{}{}",
+            self.label,
+            if tc { "v2" } else { "v1" },
+            if kernel_file.is_some() { "_broken" } else { "" }
+        );
+        let clean = self.clean.run_emu(tc, kernel_file, &format!("{label}_clean"));
+        let dirty = self.dirty.run_emu(tc, kernel_file, &format!("{label}_dirty"));
+        if kernel_file.is_none() {
+            let (want, want32) = (self.clean.reference::<f64>(), self.clean.reference::<f32>());
+            check(&clean, &want, &want32, DType::BF16, if tc { 128.0 } else { 1.0 }, &label);
+        }
+        policy_holds(&clean, &dirty, &self.reads, self.clean.case.problem.cfg.head_dim)
+            .map_err(|e| format!("{label}: {e}"))
+    }
+}
+
+/// Element `e` of row (token `t`, head `s`) of a `[1, L, S, d]` tensor.
+fn at(t: usize, s: usize, heads: usize, d: usize, e: usize) -> usize {
+    (t * heads + s) * d + e
+}
+
+/// Selection mixing (policy 1): a NaN in one head's query (MHA; GQA with `M > N`; causal, so the
+/// keys after it share its tiles without seeing it) reaches only that head's rows that read it.
+fn selection_cases() -> Vec<NanCase> {
+    let d = 16;
+    let rope = headmix::Rope { base: 500.0, mode: headmix::PosMode::Token };
+    vec![
+        NanCase::new("mha_nan_q", Config::mha(2, d).with_rope(rope), 20, 20, 31, |c| c.q[at(7, 1, 2, d, 3)] = f32::NAN),
+        NanCase::new("gqa_nan_q", Config::gqa(4, 2, d).unwrap(), 18, 21, 32, |c| c.q[at(5, 2, 4, d, 0)] = f32::NAN),
+    ]
+}
+
+/// Masks (policies 2 and 3): non-finite key and value rows in the causal future of earlier rows,
+/// beyond the window of later ones, sharing tiles with keys those rows see; NaN, and infinities in
+/// a value row;
+/// a NaN in `dout`, and a NaN query under a head norm (their `do` rows non-finite); IHA's dense
+/// mixing and collapse.
+fn mask_cases() -> Vec<NanCase> {
+    let d = 16;
+    let kv = |t: usize, s: usize, hk: usize, x: f32, y: f32| {
+        move |c: &mut Case| {
+            c.k[at(t, s, hk, d, 1)] = x;
+            c.v[at(t, s, hk, d, 2)] = y;
+        }
+    };
+    vec![
+        NanCase::new("gqa_nan_kv", Config::gqa(4, 2, d).unwrap(), 20, 20, 33, kv(9, 0, 2, f32::NAN, f32::NAN)),
+        NanCase::new(
+            "mha_window_nan_kv",
+            Config::mha(2, d).with_window(4, 0),
+            20,
+            20,
+            34,
+            kv(5, 0, 2, f32::NAN, f32::NAN),
+        ),
+        // Infinities in a value row (a key's: its score, +inf or an absorbed -inf by the sign of
+        // the query, would move the lse of rows that see it without making them non-finite).
+        NanCase::new("gqa_inf_v", Config::gqa(4, 2, d).unwrap(), 20, 20, 35, |c| {
+            c.v[at(12, 1, 2, d, 1)] = f32::INFINITY;
+            c.v[at(12, 1, 2, d, 2)] = f32::NEG_INFINITY;
+        }),
+        // A NaN in dout: its row's do, so dv of the keys the row sees through P_ij do_i (finite P).
+        NanCase::with_dout("mha_nan_dout", Config::mha(2, d), 20, 20, 38, |_| (), Some(at(8, 0, 2, d, 5))),
+        NanCase::new("mea_nan_q", Config::mea(2, d), 20, 20, 36, |c| c.q[at(6, 0, 2, d, 0)] = f32::NAN),
+        NanCase::new("iha_window_nan_kv", Config::iha_window(2, 2, d, 3), 16, 16, 37, kv(4, 0, 2, f32::NAN, f32::NAN)),
+    ]
+}
+
+fn run_policy(cases: &[NanCase]) {
+    for c in cases {
+        for tc in [false, true] {
+            if let Err(e) = c.check(tc, None) {
+                panic!("{e}");
+            }
+        }
+    }
+}
+
+/// A copy of a kernel file with `from` replaced by `to` (every occurrence; `count` expected).
+fn broken_copy(file: &str, from: &str, to: &str, count: usize, name: &str) -> PathBuf {
+    let src = std::fs::read_to_string(kernels_dir().join(file)).unwrap();
+    assert_eq!(src.matches(from).count(), count, "the negative control must find {from:?} in {file}");
+    let path = work_dir().join(name);
+    std::fs::write(&path, src.replace(from, to)).unwrap();
+    path
+}
+
+/// Asserts that the broken kernel breaks the policy on at least one of the cases.
+fn fails_policy(cases: &[NanCase], tc: bool, broken: &Path, what: &str) {
+    let failed = cases.iter().find_map(|c| c.check(tc, Some(broken)).err());
+    let failed = failed.unwrap_or_else(|| panic!("{what}: the broken kernel passed the NaN policy"));
+    eprintln!("{what}: caught ({failed})");
+}
+
+#[test]
+fn cuda_backward_nan_in_one_head_leaves_other_heads_alone_on_the_emulator() {
+    if !gxx_or_skip("cuda_backward_nan_in_one_head_leaves_other_heads_alone_on_the_emulator") {
+        return;
+    }
+    let cases = selection_cases();
+    run_policy(&cases);
+    // Negative controls: bwd_v1's mix-back (shared by bwd_v2) applying the selection as a dense
+    // multiply (0 · NaN), and its mix reading the selection densely.
+    let mixback = broken_copy(
+        "bwd_v1.cu",
+        "if (sel[hp] == m) s += gv;",
+        "s = fmaf(sel[hp] == m ? 1.f : 0.f, gv, s);",
+        1,
+        "bwd_v1_dense_mixback.cu",
+    );
+    fails_policy(&cases, false, &mixback, "dense mix-back");
+}
+
+#[test]
+fn cuda_backward_masked_non_finite_keys_never_reach_a_row_on_the_emulator() {
+    if !gxx_or_skip("cuda_backward_masked_non_finite_keys_never_reach_a_row_on_the_emulator") {
+        return;
+    }
+    let cases = mask_cases();
+    run_policy(&cases);
+    // Negative controls: bwd_v1 multiplying masked pairs' zero weights (0 · NaN) instead of
+    // skipping them; bwd_v2 without sanitizing (any streamed tile; only dO in the dk/dv pass) and
+    // without marking the rows that see a sanitized row.
+    let noskip = broken_copy("bwd_v1.cu", "continue; // masked", "{} // masked", 2, "bwd_v1_no_skip.cu");
+    fails_policy(&cases, false, &noskip, "masked weights multiplied");
+    let unsanitized = broken_copy("bwd_v2.cu", "bw2_load<true>(", "bw2_load<false>(", 2, "bwd_v2_unsanitized.cu");
+    fails_policy(&cases, true, &unsanitized, "no sanitizing");
+    let do_unsanitized = broken_copy(
+        "bwd_v2.cu",
+        "if (KEYS) bad |= bw2_load<true>",
+        "if (KEYS) bad |= bw2_load<false>",
+        1,
+        "bwd_v2_do_unsanitized.cu",
+    );
+    fails_policy(&cases, true, &do_unsanitized, "dO not sanitized");
+    let unmarked = broken_copy("bwd_v2.cu", "if (tile_bad) {", "if (false && tile_bad) {", 1, "bwd_v2_unmarked.cu");
+    fails_policy(&cases, true, &unmarked, "rows that see a sanitized row not marked");
 }

@@ -111,6 +111,19 @@ static const char* emu_break = std::getenv("EMU_BREAK") ? std::getenv("EMU_BREAK
 static bool broken(const char* what) { return std::strcmp(emu_break, what) == 0; }
 
 inline void __syncthreads() { emu_wait(block_bar); }
+// The barrier that also ORs a predicate over the block: the last fiber to arrive publishes the
+// result, which no fiber can overwrite before every fiber has read it (the next publication needs
+// all of them at the next barrier).
+static int emu_or_acc, emu_or_result;
+inline int __syncthreads_or(int p) {
+    emu_or_acc |= p != 0;
+    if (block_bar.arrived + 1 == block_bar.participants) {
+        emu_or_result = emu_or_acc;
+        emu_or_acc = 0;
+    }
+    emu_wait(block_bar);
+    return emu_or_result;
+}
 
 inline float __shfl_xor_sync(unsigned, float x, int o) {
     const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
@@ -119,6 +132,17 @@ inline float __shfl_xor_sync(unsigned, float x, int o) {
     const float y = shfl_buf[w][l ^ o];
     emu_wait(warp_bar[w]);
     return y;
+}
+
+static unsigned ballot_buf[EMU_THREADS / 32][32];
+inline unsigned __ballot_sync(unsigned, int p) {
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    ballot_buf[w][l] = p != 0;
+    emu_wait(warp_bar[w]);
+    unsigned m = 0;
+    for (int i = 0; i < 32; ++i) m |= ballot_buf[w][i] << i;
+    emu_wait(warp_bar[w]);
+    return m;
 }
 
 inline float __int_as_float(unsigned x) {

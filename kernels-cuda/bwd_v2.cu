@@ -18,10 +18,12 @@
 //
 // NaN policy (docs/backward.md, "Non-finite inputs"): the second products (dS K, P^T dO, dS^T Q)
 // multiply a whole streamed tile by weights that are 0 for masked pairs, and 0 * NaN is NaN in
-// the mma. So a tile the mask cuts has its streamed operands of those products sanitized as it
-// is loaded (bw2_load<true>: a non-finite 16-bit part becomes 0, by select), and an owned row
-// that sees a sanitized streamed row gets NaN gradients (it read the non-finite value). Tiles
-// every owned row sees whole load unchecked: there 0 * NaN reaches only rows that read it.
+// the mma. So in a tile the mask cuts, the streamed operands of those products are sanitized as
+// they are loaded (bw2_load with a mask: a non-finite 16-bit part becomes 0, by select, and its
+// row is noted), and in the rare tile that held one (__syncthreads_or), an owned row that sees a
+// sanitized streamed row gets NaN gradients (it read a non-finite value). Tiles every owned row
+// sees whole load as they are (a branch per loaded word): there 0 * NaN reaches only rows that
+// read it.
 
 #if HM_DTYPE == 0
 #error "bwd_v2 runs f16/bf16 only (f32 uses bwd_v1)"
@@ -39,25 +41,20 @@
 #error "bwd_v2: 4 warps of 16 owned rows"
 #endif
 // Owned hi/lo planes of two tensors [4][BR][PITCH], streamed [4][BC][PITCH] (16-bit), the streamed
-// rows' lse and D [2][BC] (f32) and key ranges [2][BC] (i32). bwd_v1's FMA passes fit inside it.
-static_assert(HM_SMEM == 2 * BW2_PITCH * (4 * BW2_BR + 4 * BW2_BC) + 4 * 4 * BW2_BC,
+// rows' lse and D [2][BC] (f32) and key ranges [2][BC] (i32), the mask of sanitized streamed rows
+// (u32, 16 bytes). bwd_v1's FMA passes fit inside it.
+static_assert(HM_SMEM == 2 * BW2_PITCH * (4 * BW2_BR + 4 * BW2_BC) + 4 * 4 * BW2_BC + 16,
               "bwd_v2: the kernel table's shared memory (HM_SMEM) is not this carve-up");
 static_assert(4 * (2 * (HM_BR + HM_BC) * HM_HDP + 2 * HM_BC + 2 * BW_NW * HM_BC) <= HM_SMEM,
               "bwd_v2: bwd_v1's recompute pass must fit the module's shared memory");
 
-// Whether the 16-bit high part of an operand is NaN or infinite (a NaN or infinite input, or an
-// f32 beyond the 16-bit range): what an mma must not multiply by 0 for a row that did not read it.
-__device__ __forceinline__ bool bw2_nonfinite(float hi) {
-    return !(fabsf(hi) <= 3.40282347e38f);
-}
-
 // f32 rows [first, first + rows) of an [nl, d] slice -> 16-bit planes hi, lo [rows][PITCH] with
 // x = hi + lo (to about 2^-16 relative in bf16, 2^-22 in f16); zeros past nl and d.
-// SANITIZE: a value whose high part is non-finite is loaded as 0; returns whether one was (this
-// thread's elements).
-template <bool SANITIZE = false>
+// bad != null: sanitize (NaN policy): an element whose high part is NaN or infinite (a non-finite
+// input, or an f32 beyond the 16-bit range) is stored as 0 (by select, hi and lo) and its row's bit
+// set in *bad (rows <= 32); returns whether this thread sanitized one.
 __device__ __forceinline__ bool bw2_load(unsigned short* hi, unsigned short* lo, const float* src, int first, int nl,
-                                         int rows, int d) {
+                                         int rows, int d, unsigned* bad = nullptr) {
     bool any = false;
     // Four columns per thread and step (HM_HD / 4 a power of two: the division is a shift).
     for (int e = threadIdx.x; e < rows * (HM_HD / 4); e += HM_NT) {
@@ -66,17 +63,20 @@ __device__ __forceinline__ bool bw2_load(unsigned short* hi, unsigned short* lo,
         unsigned h2[2], l2[2];
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
-            float v0 = i < nl && c + 2 * k < d ? s[2 * k] : 0.f;
-            float v1 = i < nl && c + 2 * k + 1 < d ? s[2 * k + 1] : 0.f;
-            float r0 = hm_round(v0), r1 = hm_round(v1);
-            if (SANITIZE) { // select, never multiply
-                const bool b0 = bw2_nonfinite(r0), b1 = bw2_nonfinite(r1);
-                any |= b0 || b1;
-                v0 = b0 ? 0.f : v0, r0 = b0 ? 0.f : r0;
-                v1 = b1 ? 0.f : v1, r1 = b1 ? 0.f : r1;
-            }
+            const float v0 = i < nl && c + 2 * k < d ? s[2 * k] : 0.f;
+            const float v1 = i < nl && c + 2 * k + 1 < d ? s[2 * k + 1] : 0.f;
+            const float r0 = hm_round(v0), r1 = hm_round(v1);
             h2[k] = hm_pack2(r0, r1);
             l2[k] = hm_pack2(v0 - r0, v1 - r1);
+            if (bad) { // select, never multiply
+                const unsigned m = (hm_bits_nonfinite((unsigned short)h2[k]) ? 0xffffu : 0u) |
+                                   (hm_bits_nonfinite((unsigned short)(h2[k] >> 16)) ? 0xffff0000u : 0u);
+                if (m) { // rare
+                    h2[k] &= ~m, l2[k] &= ~m;
+                    atomicOr(bad, 1u << r);
+                    any = true;
+                }
+            }
         }
         *(unsigned*)(hi + r * BW2_PITCH + c) = h2[0];
         *(unsigned*)(hi + r * BW2_PITCH + c + 2) = h2[1];
@@ -84,29 +84,6 @@ __device__ __forceinline__ bool bw2_load(unsigned short* hi, unsigned short* lo,
         *(unsigned*)(lo + r * BW2_PITCH + c + 2) = l2[1];
     }
     return any;
-}
-
-// The rows of the streamed tile [c0, c0 + BC) that bw2_load<true> sanitized, as a bit mask (bit r:
-// row c0 + r), recomputed from global memory by each warp (lane r checks row r of y1 and y2, y2
-// may be null): the rare path of a tile that held a non-finite value.
-__device__ __forceinline__ unsigned bw2_bad_rows(const float* y1, const float* y2, long long c0, int ny, int d,
-                                                 int lane) {
-    bool bad = false;
-    const long long i = c0 + lane;
-    if (lane < BW2_BC && i < ny)
-        for (int c = 0; c < d; ++c)
-            bad |= bw2_nonfinite(hm_round(y1[i * d + c])) || (y2 && bw2_nonfinite(hm_round(y2[i * d + c])));
-    return __ballot_sync(0xffffffffu, bad);
-}
-
-// Whether every virtual query of [i0, i1] sees every virtual key of [j0, j1]: a tile pair the mask
-// does not cut (the key ranges of mask.cuh grow with the query).
-__device__ __forceinline__ bool bw2_all_visible(const HmArgs& a, long long i0, long long i1, long long j0,
-                                                long long j1) {
-    long long lo, hi;
-    const long long off = (long long)(a.M - a.N) * a.P;
-    hm_common_keys(a, i0 + off, i1 + off, (long long)a.M * a.P, &lo, &hi);
-    return lo <= j0 && j1 <= hi;
 }
 
 // c[16 x BC] += X[this warp's 16 rows] . Y[BC rows]^T over the head dim: A from the row-major X
@@ -210,6 +187,7 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
     unsigned short* y2l = y2h + BW2_BC * BW2_PITCH;
     float* st = (float*)(y2l + BW2_BC * BW2_PITCH); // [2][BC]: streamed queries' lse (log2) and D
     int* sk = (int*)(st + 2 * BW2_BC);              // [2][BC]: the keys each streamed query sees
+    unsigned* badm = (unsigned*)(sk + 2 * BW2_BC);  // streamed rows sanitized (bit r: row c0 + r)
     // Shared-space addresses: one base register, the planes at constant offsets (immediates).
     const unsigned base = hm_smem_addr(sm), ox = 2 * BW2_BR * BW2_PITCH, oy = 2 * BW2_BC * BW2_PITCH;
     const unsigned ax1h = base, ax1l = base + ox, ax2h = base + 2 * ox, ax2l = base + 3 * ox;
@@ -218,7 +196,7 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
     const int b = blockIdx.z, h = blockIdx.y, P = a.P, d = a.d, nq = a.N * P, nk = a.M * P;
     const long long off = (long long)(a.M - a.N) * P;
     const long long hq = ((long long)b * a.H + h) * nq, hk = ((long long)b * a.H + h) * nk;
-    const int nx = KEYS ? nk : nq, ny = KEYS ? nq : nk, r0 = blockIdx.x * BW2_BR, xlast = min(r0 + BW2_BR, nx) - 1;
+    const int nx = KEYS ? nk : nq, ny = KEYS ? nq : nk, r0 = blockIdx.x * BW2_BR;
     const float* X1 = KEYS ? x.kt + hk * d : x.qt + hq * d;
     const float* X2 = KEYS ? x.vt + hk * d : x.dop + hq * d;
     const float* Y1 = KEYS ? x.qt + hq * d : x.kt + hk * d;
@@ -244,25 +222,27 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
     for (int n = 0; n < BW2_NO; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc1[n][c] = acc2[n][c] = 0.f;
-    long long slo, shi;
-    if (KEYS) bw_query_range(a, r0, xlast, &slo, &shi);
-    else hm_key_range(a, r0, xlast, &slo, &shi);
+    // The streamed rows [slo, shi] some owned row sees, and [alo, ahi] that every owned row sees
+    // (tiles inside it are not cut by the mask). Keys: bw_query_range of the swapped ends.
+    long long slo, shi, alo, ahi;
+    const int xlast = min(r0 + BW2_BR, nx) - 1;
+    if (KEYS) {
+        bw_query_range(a, r0, xlast, &slo, &shi);
+        bw_query_range(a, xlast, r0, &alo, &ahi);
+    } else {
+        hm_key_range(a, r0, xlast, &slo, &shi);
+        hm_common_keys(a, r0 + off, xlast + off, nk, &alo, &ahi);
+    }
     bool bad_a = false, bad_b = false; // the row sees a sanitized streamed row (NaN policy)
+    if (threadIdx.x == 0) *badm = 0;   // (ordered by the first barrier of the loop)
     for (long long c0 = slo / BW2_BC * BW2_BC; c0 <= shi; c0 += BW2_BC) {
         __syncthreads(); // the previous tile consumed (the first time: the owned planes written)
-        // Sanitize the streamed operands of the second products (Y1 in dS Y1; with KEYS also Y2
-        // in P^T Y2) where the mask cuts the tile.
-        const long long ylast = min(c0 + BW2_BC, (long long)ny) - 1;
-        const bool sanitize = KEYS ? !bw2_all_visible(a, c0, ylast, r0, xlast) : !bw2_all_visible(a, r0, xlast, c0, ylast);
-        bool bad = false;
-        if (sanitize) {
-            bad = bw2_load<true>(y1h, y1l, Y1, (int)c0, ny, BW2_BC, d);
-            if (KEYS) bad |= bw2_load<true>(y2h, y2l, Y2, (int)c0, ny, BW2_BC, d);
-            else bw2_load(y2h, y2l, Y2, (int)c0, ny, BW2_BC, d);
-        } else {
-            bw2_load(y1h, y1l, Y1, (int)c0, ny, BW2_BC, d);
-            bw2_load(y2h, y2l, Y2, (int)c0, ny, BW2_BC, d);
-        }
+        // Where the mask cuts the tile, the streamed operands of the second products sanitized: Y1
+        // (dS Y1), and with KEYS Y2 (P^T Y2). (Without KEYS, Y2 = vt enters dP = dO V^T only,
+        // column by column: masked by select.)
+        unsigned* san = c0 < alo || min(c0 + BW2_BC, (long long)ny) - 1 > ahi ? badm : nullptr;
+        bool bad = bw2_load(y1h, y1l, Y1, (int)c0, ny, BW2_BC, d, san);
+        bad |= bw2_load(y2h, y2l, Y2, (int)c0, ny, BW2_BC, d, KEYS ? san : nullptr);
         if (KEYS && threadIdx.x < BW2_BC) {
             const long long i = c0 + threadIdx.x;
             st[threadIdx.x] = i < nq ? a.lse[hq + i] * HM_LOG2E : 0.f;
@@ -272,23 +252,18 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
             sk[threadIdx.x] = (int)klo;
             sk[BW2_BC + threadIdx.x] = i < nq ? (int)khi : -1;
         }
-        const bool tile_bad = __syncthreads_or(bad); // (the barrier; true: an element was sanitized)
-        // Whether owned row (c < 2 ? ra : rb) and streamed row c0 + col see each other.
-        auto visible = [&](int col, int c) -> bool {
-            const int row = c < 2 ? ra : rb;
-            if (KEYS) return row >= sk[col] && row <= sk[BW2_BC + col]; // (past nk: above every range)
-            const long long y = c0 + col;
-            return c < 2 ? (y >= lo_a && y <= hi_a) : (y >= lo_b && y <= hi_b);
-        };
-        if (tile_bad) { // rare: the owned rows that see a sanitized row read a non-finite value
-            const unsigned bm = bw2_bad_rows(Y1, KEYS ? Y2 : nullptr, c0, ny, d, lane);
-#pragma unroll
-            for (int n = 0; n < BW2_NS; ++n)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const int col = n * 8 + 2 * t + (c & 1);
-                    if ((bm >> col & 1u) && visible(col, c)) (c < 2 ? bad_a : bad_b) = true;
-                }
+        if (__syncthreads_or(bad)) { // (the barrier) rare: an element was sanitized
+            // The owned rows that see a sanitized row read a non-finite value.
+            for (unsigned m = *badm; m != 0; m &= m - 1) { // the sanitized rows, one by one
+                const int col = __ffs(m) - 1;
+                const long long y = c0 + col;
+                // Keys: owned keys ra, rb among the streamed query's keys; queries: the streamed
+                // key among the owned query's.
+                bad_a |= KEYS ? ra >= sk[col] && ra <= sk[BW2_BC + col] : y >= lo_a && y <= hi_a;
+                bad_b |= KEYS ? rb >= sk[col] && rb <= sk[BW2_BC + col] : y >= lo_b && y <= hi_b;
+            }
+            __syncthreads(); // every thread read the mask
+            if (threadIdx.x == 0) *badm = 0; // (ordered by the next tile's first barrier)
         }
         float s[BW2_NS][4], dp[BW2_NS][4];
 #pragma unroll
@@ -303,9 +278,19 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const int col = n * 8 + 2 * t + (c & 1);
-                const bool vis = visible(col, c);
-                const float lse2 = KEYS ? st[col] : c < 2 ? lse_a : lse_b; // (keys: streamed query col)
-                const float Dv = KEYS ? st[BW2_BC + col] : c < 2 ? D_a : D_b;
+                const long long y = c0 + col;
+                const int row = c < 2 ? ra : rb;
+                bool vis;
+                float lse2, Dv;
+                if (KEYS) { // owned key `row`, streamed query y
+                    vis = row >= sk[col] && row <= sk[BW2_BC + col]; // (past nk: above every range)
+                    lse2 = st[col];
+                    Dv = st[BW2_BC + col];
+                } else {
+                    vis = c < 2 ? (y >= lo_a && y <= hi_a) : (y >= lo_b && y <= hi_b);
+                    lse2 = c < 2 ? lse_a : lse_b;
+                    Dv = c < 2 ? D_a : D_b;
+                }
                 const float p = vis ? exp2f(hm_score_visible(s[n][c], a.scale_log2) - lse2) : 0.f;
                 dp[n][c] = vis ? p * (dp[n][c] - Dv) : 0.f;
                 s[n][c] = p;
@@ -313,14 +298,13 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
         bw2_ab(acc1, dp, ay1h, ay1l, lane); // dQ += dS K   (keys: dK += dS^T Q)
         if (KEYS) bw2_ab(acc2, s, ay2h, ay2l, lane); // dV += P^T dO
     }
-    // A row that read a sanitized (non-finite) value has NaN gradients, as every lane of its quad.
-    const bool nan_a = hm_quad_max(bad_a ? 1.f : 0.f) > 0.f, nan_b = hm_quad_max(bad_b ? 1.f : 0.f) > 0.f;
+    // A row that read a sanitized (non-finite) value has NaN gradients (the lanes of its quad agree).
     const float qnan = __int_as_float(0x7fc00000);
 #pragma unroll
     for (int n = 0; n < BW2_NO; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            const bool nan = c < 2 ? nan_a : nan_b;
+            const bool nan = c < 2 ? bad_a : bad_b;
             acc1[n][c] = nan ? qnan : acc1[n][c];
             acc2[n][c] = nan ? qnan : acc2[n][c];
         }

@@ -501,6 +501,8 @@ fn mask_cases() -> Vec<NanCase> {
         }
     };
     vec![
+        // A NaN in dout: its row's do, so dv of the keys the row sees through P_ij do_i (finite P).
+        NanCase::with_dout("mha_nan_dout", Config::mha(2, d), 20, 20, 38, |_| (), Some(at(8, 0, 2, d, 5))),
         NanCase::new("gqa_nan_kv", Config::gqa(4, 2, d).unwrap(), 20, 20, 33, kv(9, 0, 2, f32::NAN, f32::NAN)),
         NanCase::new(
             "mha_window_nan_kv",
@@ -516,8 +518,6 @@ fn mask_cases() -> Vec<NanCase> {
             c.v[at(12, 1, 2, d, 1)] = f32::INFINITY;
             c.v[at(12, 1, 2, d, 2)] = f32::NEG_INFINITY;
         }),
-        // A NaN in dout: its row's do, so dv of the keys the row sees through P_ij do_i (finite P).
-        NanCase::with_dout("mha_nan_dout", Config::mha(2, d), 20, 20, 38, |_| (), Some(at(8, 0, 2, d, 5))),
         NanCase::new("mea_nan_q", Config::mea(2, d), 20, 20, 36, |c| c.q[at(6, 0, 2, d, 0)] = f32::NAN),
         NanCase::new("iha_window_nan_kv", Config::iha_window(2, 2, d, 3), 16, 16, 37, kv(4, 0, 2, f32::NAN, f32::NAN)),
     ]
@@ -576,20 +576,26 @@ fn cuda_backward_masked_non_finite_keys_never_reach_a_row_on_the_emulator() {
     let cases = mask_cases();
     run_policy(&cases);
     // Negative controls: bwd_v1 multiplying masked pairs' zero weights (0 · NaN) instead of
-    // skipping them; bwd_v2 without sanitizing (any streamed tile; only dO in the dk/dv pass) and
-    // without marking the rows that see a sanitized row.
+    // skipping them; bwd_v2 without sanitizing Y1 (K in the dq pass, Q in the dk/dv pass), or dO,
+    // and without marking the rows that see a sanitized row.
     let noskip = broken_copy("bwd_v1.cu", "continue; // masked", "{} // masked", 2, "bwd_v1_no_skip.cu");
     fails_policy(&cases, false, &noskip, "masked weights multiplied");
-    let unsanitized = broken_copy("bwd_v2.cu", "bw2_load<true>(", "bw2_load<false>(", 2, "bwd_v2_unsanitized.cu");
-    fails_policy(&cases, true, &unsanitized, "no sanitizing");
-    let do_unsanitized = broken_copy(
+    let unsanitized = broken_copy(
         "bwd_v2.cu",
-        "if (KEYS) bad |= bw2_load<true>",
-        "if (KEYS) bad |= bw2_load<false>",
+        "Y1, (int)c0, ny, BW2_BC, d, san)",
+        "Y1, (int)c0, ny, BW2_BC, d, nullptr)",
         1,
-        "bwd_v2_do_unsanitized.cu",
+        "bwd_v2_y1_unsanitized.cu",
     );
+    fails_policy(&cases, true, &unsanitized, "K (dq) and Q (dk, dv) not sanitized");
+    let do_unsanitized = broken_copy("bwd_v2.cu", "KEYS ? san : nullptr", "nullptr", 1, "bwd_v2_do_unsanitized.cu");
     fails_policy(&cases, true, &do_unsanitized, "dO not sanitized");
-    let unmarked = broken_copy("bwd_v2.cu", "if (tile_bad) {", "if (false && tile_bad) {", 1, "bwd_v2_unmarked.cu");
+    let unmarked = broken_copy(
+        "bwd_v2.cu",
+        "const bool nan = c < 2 ? bad_a : bad_b;",
+        "const bool nan = false;",
+        1,
+        "bwd_v2_unmarked.cu",
+    );
     fails_policy(&cases, true, &unmarked, "rows that see a sanitized row not marked");
 }

@@ -165,6 +165,7 @@ inline unsigned atomicOr(unsigned* p, unsigned v) {
     *p = old | v;
     return old;
 }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 inline float atomicAdd(float* p, float v) {
     const float old = *p; // fibers never run concurrently

@@ -252,10 +252,11 @@ pub static KERNELS: &[KernelSpec] = &[
         // bwd_v1's tiles for its FMA passes; the tensor-core passes own 64 rows and stream 32.
         tiles: |_| (16, 32),
         // Owned hi/lo planes [4][64][HD+8] and streamed [4][SC][HD+8] 16-bit, the streamed rows'
-        // lse and D [2][SC] f32 and key ranges [2][SC] i32; SC = 32 streamed rows (16 above d 64).
+        // lse and D [2][SC] f32 and key ranges [2][SC] i32, the mask of sanitized streamed rows
+        // (16 bytes); SC = 32 streamed rows (16 above d 64).
         smem: |hd, _br, _bc| {
             let sc = if hd > 64 { 16 } else { 32 };
-            2 * (hd + 8) * (4 * 64 + 4 * sc) + 4 * 4 * sc
+            2 * (hd + 8) * (4 * 64 + 4 * sc) + 4 * 4 * sc + 16
         },
     },
 ];

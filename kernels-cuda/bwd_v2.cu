@@ -222,25 +222,30 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
     for (int n = 0; n < BW2_NO; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc1[n][c] = acc2[n][c] = 0.f;
-    // The streamed rows [slo, shi] some owned row sees, and [alo, ahi] that every owned row sees
-    // (tiles inside it are not cut by the mask). Keys: bw_query_range of the swapped ends.
-    long long slo, shi, alo, ahi;
+    // The streamed rows [slo, shi] some owned row sees; keys: [alo, ahi], the queries that see
+    // every owned key (bw_query_range of the swapped ends: tiles inside it are not cut by the mask).
+    long long slo, shi, alo = 0, ahi = -1;
     const int xlast = min(r0 + BW2_BR, nx) - 1;
     if (KEYS) {
         bw_query_range(a, r0, xlast, &slo, &shi);
         bw_query_range(a, xlast, r0, &alo, &ahi);
     } else {
         hm_key_range(a, r0, xlast, &slo, &shi);
-        hm_common_keys(a, r0 + off, xlast + off, nk, &alo, &ahi);
     }
     bool bad_a = false, bad_b = false; // the row sees a sanitized streamed row (NaN policy)
     if (threadIdx.x == 0) *badm = 0;   // (ordered by the first barrier of the loop)
     for (long long c0 = slo / BW2_BC * BW2_BC; c0 <= shi; c0 += BW2_BC) {
-        __syncthreads(); // the previous tile consumed (the first time: the owned planes written)
-        // Where the mask cuts the tile, the streamed operands of the second products sanitized: Y1
-        // (dS Y1), and with KEYS Y2 (P^T Y2). (Without KEYS, Y2 = vt enters dP = dO V^T only,
-        // column by column: masked by select.)
-        unsigned* san = c0 < alo || min(c0 + BW2_BC, (long long)ny) - 1 > ahi ? badm : nullptr;
+        // Whether the mask cuts the tile (some owned row does not see all its streamed rows):
+        // queries from this thread's two rows, OR-ed over the block by the barrier; keys against
+        // [alo, ahi]. (A block-wide range for the queries too costs ptxas registers and a spill.)
+        const long long ylast = min(c0 + BW2_BC, (long long)ny) - 1;
+        const bool part = !KEYS && ((ra < nq && (lo_a > c0 || hi_a < ylast)) || (rb < nq && (lo_b > c0 || hi_b < ylast)));
+        // (The barrier: the previous tile consumed; the first time, the owned planes written.)
+        const bool cut = __syncthreads_or(part) || (KEYS && (c0 < alo || ylast > ahi));
+        // Where it does, the streamed operands of the second products sanitized: Y1 (dS Y1), and
+        // with KEYS Y2 (P^T Y2). (Without KEYS, Y2 = vt enters dP = dO V^T only, column by
+        // column: masked by select.)
+        unsigned* san = cut ? badm : nullptr;
         bool bad = bw2_load(y1h, y1l, Y1, (int)c0, ny, BW2_BC, d, san);
         bad |= bw2_load(y2h, y2l, Y2, (int)c0, ny, BW2_BC, d, KEYS ? san : nullptr);
         if (KEYS && threadIdx.x < BW2_BC) {

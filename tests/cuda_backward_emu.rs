@@ -8,6 +8,14 @@
 //! working precision would miss by (see `check`). Negative controls: copies of bwd_v1 and bwd_v2
 //! with `dS = P (dP + D)` fail the same check.
 //!
+//! NaN policy (docs/backward.md, "Non-finite inputs"), bwd_v1 and bwd_v2 in bf16: a clean and a
+//! poisoned run of one problem (NaN in one head's query under MHA/GQA selections; NaN or infinite
+//! key and value rows in the causal future and beyond a window, sharing tiles with keys the rows
+//! see; NaN in `dout`; a NaN query under MEA's head norm; IHA's dense mixing and collapse): the
+//! rows that read the poison (`reads`, the policy as a model) are non-finite, all others equal the
+//! clean run, itself checked against the reference. Negative controls: kernel copies with a dense
+//! mix-back, with masked zero weights multiplied, without bwd_v2's sanitizing (K/Q, dO) or marking.
+//!
 //! Skips with one line without g++ >= 12, unless `HEADMIX_REQUIRE_EMU=1`.
 
 use std::collections::HashMap;

@@ -95,6 +95,11 @@ impl Inputs {
 
     /// The plan run on the emulator (kernel file: the real one, or a broken copy); the gradients.
     fn run_emu(&self, tc: bool, kernel_file: Option<&Path>, tag: &str) -> Grads<f32> {
+        self.run_emu_fault(tc, kernel_file, None, tag)
+    }
+
+    /// The same, with `EMU_BREAK=fault` (a fault a kernel copy made by [`fault_copy`] switches on).
+    fn run_emu_fault(&self, tc: bool, kernel_file: Option<&Path>, fault: Option<&str>, tag: &str) -> Grads<f32> {
         let c = &self.case;
         let p = &c.problem;
         let plan = BwdPlan::new(p, &c.weights, tc).expect("a plan");
@@ -110,7 +115,8 @@ impl Inputs {
         let inputs: [(&str, &[u8]); 6] =
             [("q", &q), ("k", &k), ("v", &v), ("out", &out), ("lse", &lse), ("dout", &dout)];
         let plan_file = plan.write_emu(&dir, &inputs).unwrap();
-        let run = std::process::Command::new(&bin).arg(&plan_file).output().unwrap();
+        let run =
+            std::process::Command::new(&bin).arg(&plan_file).env("EMU_BREAK", fault.unwrap_or("")).output().unwrap();
         assert!(
             run.status.success(),
             "{tag}: emulator failed: {}{}",
@@ -459,18 +465,20 @@ impl NanCase {
         NanCase { clean: Inputs::new(clean, seed), dirty, reads, label: label.into() }
     }
 
-    /// bwd_v1 (`tc` false) or bwd_v2 (true), or a broken copy of a kernel file: the policy, Err
-    /// naming how it broke. The real kernels' clean run is also checked against the reference.
-    fn check(&self, tc: bool, kernel_file: Option<&Path>) -> Result<(), String> {
+    /// bwd_v1 (`tc` false) or bwd_v2 (true), or a kernel copy with a fault switched on: the
+    /// policy, Err naming how it broke. The real kernels' clean run is also checked against the
+    /// reference.
+    fn check(&self, tc: bool, faulty: Option<(&Path, &str)>) -> Result<(), String> {
         let label = format!(
             "{}_{}{}",
             self.label,
             if tc { "v2" } else { "v1" },
-            if kernel_file.is_some() { "_broken" } else { "" }
+            faulty.map_or(String::new(), |(_, f)| format!("_{f}"))
         );
-        let clean = self.clean.run_emu(tc, kernel_file, &format!("{label}_clean"));
-        let dirty = self.dirty.run_emu(tc, kernel_file, &format!("{label}_dirty"));
-        if kernel_file.is_none() {
+        let (file, fault) = (faulty.map(|(p, _)| p), faulty.map(|(_, f)| f));
+        let clean = self.clean.run_emu_fault(tc, file, fault, &format!("{label}_clean"));
+        let dirty = self.dirty.run_emu_fault(tc, file, fault, &format!("{label}_dirty"));
+        if faulty.is_none() {
             let (want, want32) = (self.clean.reference::<f64>(), self.clean.reference::<f32>());
             check(&clean, &want, &want32, DType::BF16, if tc { 128.0 } else { 1.0 }, &label);
         }
@@ -541,18 +549,65 @@ fn run_policy(cases: &[NanCase]) {
     }
 }
 
-/// A copy of a kernel file with `from` replaced by `to` (every occurrence; `count` expected).
-fn broken_copy(file: &str, from: &str, to: &str, count: usize, name: &str) -> PathBuf {
-    let src = std::fs::read_to_string(kernels_dir().join(file)).unwrap();
-    assert_eq!(src.matches(from).count(), count, "the negative control must find {from:?} in {file}");
-    let path = work_dir().join(name);
-    std::fs::write(&path, src.replace(from, to)).unwrap();
+/// The copy of a kernel file whose faults (`EMU_BREAK` names, emu.cpp's `broken`) the negative
+/// controls switch on one at a time: each `(from, to)` replaces `from` (found `count` times) by
+/// code that behaves as the original unless its fault is set. One emulator build per file.
+fn fault_copy(file: &str, edits: &[(&str, &str, usize)]) -> PathBuf {
+    static WRITTEN: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut written = WRITTEN.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let stem = file.trim_end_matches(".cu");
+    if let Some(p) = written.get(stem) {
+        return p.clone();
+    }
+    let mut src = std::fs::read_to_string(kernels_dir().join(file)).unwrap();
+    for (from, to, count) in edits {
+        assert_eq!(src.matches(from).count(), *count, "the negative control must find {from:?} in {file}");
+        src = src.replace(from, to);
+    }
+    let path = work_dir().join(format!("{stem}_faults.cu"));
+    std::fs::write(&path, src).unwrap();
+    written.insert(stem.into(), path.clone());
     path
 }
 
-/// Asserts that the broken kernel breaks the policy on at least one of the cases.
-fn fails_policy(cases: &[NanCase], tc: bool, broken: &Path, what: &str) {
-    let failed = cases.iter().find_map(|c| c.check(tc, Some(broken)).err());
+/// bwd_v1 with its NaN-policy mechanisms switchable off: `dense_mix` (the mix reads a selection
+/// densely), `dense_mixback` (the mix-back multiplies it densely), `no_skip` (the FMA passes
+/// multiply masked pairs' zero weights instead of skipping them).
+fn bwd_v1_faults() -> PathBuf {
+    fault_copy(
+        "bwd_v1.cu",
+        &[
+            ("if (sel) return", "if (sel && !broken(\"dense_mix\")) return", 1),
+            (
+                "if (sel[hp] == m) s += gv;",
+                "if (broken(\"dense_mixback\")) s = fmaf(w[m * HP + hp], gv, s); else if (sel[hp] == m) s += gv;",
+                1,
+            ),
+            ("continue; // masked", "if (!broken(\"no_skip\")) continue; // masked", 2),
+        ],
+    )
+}
+
+/// bwd_v2 with its sanitizing switchable off: `y1` (K in the dq pass, Q in the dk/dv pass), `do`
+/// (dO in the dk/dv pass), `mark` (rows that see a sanitized row keep finite gradients).
+fn bwd_v2_faults() -> PathBuf {
+    fault_copy(
+        "bwd_v2.cu",
+        &[
+            ("Y1, (int)c0, ny, BW2_BC, d, san)", "Y1, (int)c0, ny, BW2_BC, d, broken(\"y1\") ? nullptr : san)", 1),
+            ("KEYS ? san : nullptr", "KEYS && !broken(\"do\") ? san : nullptr", 1),
+            (
+                "const bool nan = c < 2 ? bad_a : bad_b;",
+                "const bool nan = !broken(\"mark\") && (c < 2 ? bad_a : bad_b);",
+                1,
+            ),
+        ],
+    )
+}
+
+/// Asserts that the kernel copy with `fault` switched on breaks the policy on one of the cases.
+fn fails_policy(cases: &[NanCase], tc: bool, copy: &Path, fault: &str, what: &str) {
+    let failed = cases.iter().find_map(|c| c.check(tc, Some((copy, fault))).err());
     let failed = failed.unwrap_or_else(|| panic!("{what}: the broken kernel passed the NaN policy"));
     eprintln!("{what}: caught ({failed})");
 }
@@ -566,14 +621,9 @@ fn cuda_backward_nan_in_one_head_leaves_other_heads_alone_on_the_emulator() {
     run_policy(&cases);
     // Negative controls: bwd_v1's mix-back (shared by bwd_v2) applying the selection as a dense
     // multiply (0 · NaN), and its mix reading the selection densely.
-    let mixback = broken_copy(
-        "bwd_v1.cu",
-        "if (sel[hp] == m) s += gv;",
-        "s = fmaf(sel[hp] == m ? 1.f : 0.f, gv, s);",
-        1,
-        "bwd_v1_dense_mixback.cu",
-    );
-    fails_policy(&cases, false, &mixback, "dense mix-back");
+    let v1 = bwd_v1_faults();
+    fails_policy(&cases, false, &v1, "dense_mixback", "dense mix-back");
+    fails_policy(&cases, false, &v1, "dense_mix", "dense mix");
 }
 
 #[test]
@@ -586,24 +636,9 @@ fn cuda_backward_masked_non_finite_keys_never_reach_a_row_on_the_emulator() {
     // Negative controls: bwd_v1 multiplying masked pairs' zero weights (0 · NaN) instead of
     // skipping them; bwd_v2 without sanitizing Y1 (K in the dq pass, Q in the dk/dv pass), or dO,
     // and without marking the rows that see a sanitized row.
-    let noskip = broken_copy("bwd_v1.cu", "continue; // masked", "{} // masked", 2, "bwd_v1_no_skip.cu");
-    fails_policy(&cases, false, &noskip, "masked weights multiplied");
-    let unsanitized = broken_copy(
-        "bwd_v2.cu",
-        "Y1, (int)c0, ny, BW2_BC, d, san)",
-        "Y1, (int)c0, ny, BW2_BC, d, nullptr)",
-        1,
-        "bwd_v2_y1_unsanitized.cu",
-    );
-    fails_policy(&cases, true, &unsanitized, "K (dq) and Q (dk, dv) not sanitized");
-    let do_unsanitized = broken_copy("bwd_v2.cu", "KEYS ? san : nullptr", "nullptr", 1, "bwd_v2_do_unsanitized.cu");
-    fails_policy(&cases, true, &do_unsanitized, "dO not sanitized");
-    let unmarked = broken_copy(
-        "bwd_v2.cu",
-        "const bool nan = c < 2 ? bad_a : bad_b;",
-        "const bool nan = false;",
-        1,
-        "bwd_v2_unmarked.cu",
-    );
-    fails_policy(&cases, true, &unmarked, "rows that see a sanitized row not marked");
+    fails_policy(&cases, false, &bwd_v1_faults(), "no_skip", "masked weights multiplied");
+    let v2 = bwd_v2_faults();
+    fails_policy(&cases, true, &v2, "y1", "K (dq) and Q (dk, dv) not sanitized");
+    fails_policy(&cases, true, &v2, "do", "dO not sanitized");
+    fails_policy(&cases, true, &v2, "mark", "rows that see a sanitized row not marked");
 }

@@ -239,7 +239,8 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
         // queries from this thread's two rows, OR-ed over the block by the barrier; keys against
         // [alo, ahi]. (A block-wide range for the queries too costs ptxas registers and a spill.)
         const long long ylast = min(c0 + BW2_BC, (long long)ny) - 1;
-        const bool part = !KEYS && ((ra < nq && (lo_a > c0 || hi_a < ylast)) || (rb < nq && (lo_b > c0 || hi_b < ylast)));
+        const bool part =
+            !KEYS && ((ra < nq && (lo_a > c0 || hi_a < ylast)) || (rb < nq && (lo_b > c0 || hi_b < ylast)));
         // (The barrier: the previous tile consumed; the first time, the owned planes written.)
         const bool cut = __syncthreads_or(part) || (KEYS && (c0 < alo || ylast > ahi));
         // Where it does, the streamed operands of the second products sanitized: Y1 (dS Y1), and

@@ -14,7 +14,8 @@
 //! see; NaN in `dout`; a NaN query under MEA's head norm; IHA's dense mixing and collapse): the
 //! rows that read the poison (`reads`, the policy as a model) are non-finite, all others equal the
 //! clean run, itself checked against the reference. Negative controls: kernel copies with a dense
-//! mix-back, with masked zero weights multiplied, without bwd_v2's sanitizing (K/Q, dO) or marking.
+//! mix or mix-back, with masked zero weights multiplied, without bwd_v2's sanitizing (K/Q, dO) or
+//! marking (faults switched on at run time, `fault_copy`).
 //!
 //! Skips with one line without g++ >= 12, unless `HEADMIX_REQUIRE_EMU=1`.
 

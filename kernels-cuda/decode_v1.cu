@@ -7,9 +7,10 @@
 // a host table: no f64 in the loop). Scores, an online softmax in the log2 domain and P V follow,
 // each row over its visible span of the tile (the causal / window mask is an interval).
 // Flash-decoding: the visible band of held tokens is cut into `splits` ranges; each block writes
-// its unnormalised partial (o, max, sum) and hm_decode_combine_v1 merges them exactly, then
-// writes the de-interleaved outputs (head norm included) or scatters them through r into the
-// collapse accumulator for hm_collapse_epilogue (epilogue.cu), exactly as after a forward.
+// its unnormalised partial (o, max, sum); hm_decode_combine_v1 merges them exactly and writes
+// the de-interleaved outputs (head norm included), or with a collapse r hm_decode_collapse_v1
+// merges a token's rows and collapses them in a fixed order, then norms. No atomics anywhere:
+// decode is deterministic, bit for bit.
 //
 // Indexing: the sequence's base is a 64-bit offset computed once; within a sequence 32-bit
 // (capacity*Hk*d <= 2^31 - 1, checked by the host), so B*capacity*Hk*d may exceed 2^31.
@@ -277,19 +278,13 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v1(const HmArgs
     }
 }
 
-// Combine: one warp per virtual query row (b, h, i): merge the splits' partials, write lse, then
-// store the de-interleaved pseudo output (head norm included) or scatter it through r into the
-// zeroed collapse accumulator (hm_collapse_epilogue norms and rounds it).
-#define HM_DEC_ROWS 4
-extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine_v1(const HmArgs a,
-                                                                                    const HmDecodeArgs x) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int H = a.H, P = a.P, d = a.d, NP = a.N * P, R = H * NP;
+// Merge the splits' partials of virtual query row `row` = b*R + (h*N + n)*P + p: its lse, and the
+// lane's columns t = lane + 32k of the normalised output, rounded to the storage precision, into
+// o[k] (0 for t >= d). The splits are read in order: the result does not depend on the launch.
+__device__ __forceinline__ void hm_dec_merge(const HmArgs& a, const HmDecodeArgs& x, int row, int lane, float o[8]) {
+    const int H = a.H, d = a.d, NP = a.N * a.P, R = H * NP;
     const int rows_all = a.B * R; // below 2^31 (checked by the host): 32-bit division only
-    const int row = blockIdx.x * HM_DEC_ROWS + warp;
-    if (row >= rows_all) return;
-    const int b = row / R, r = row % R, h = r / NP, i = r % NP, n = i / P, p = i % P;
-
+    const int b = row / R, r = row % R, h = r / NP, i = r % NP;
     float mx = -3.0e38f;
     for (int s = 0; s < x.splits; ++s) mx = fmaxf(mx, x.part[((long long)s * rows_all + row) * (d + 2) + d]);
     float l = 0.f;
@@ -301,8 +296,6 @@ extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine
     // NaN in both (NaN policy 3).
     const bool seen = !(l <= 0.f);
     const float inv = seen ? __fdividef(1.f, l) : 0.f; // no slow-path division call (keeps it off the stack)
-    float o[8];
-    float ms = 0.f;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         const int t = lane + 32 * k;
@@ -313,23 +306,20 @@ extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine
                 v += exp2f(at[d] - mx) * at[t];
             }
         o[k] = hm_round(v * inv);
-        ms += o[k]; // t >= d contributes 0
     }
     if (lane == 0 && a.has_lse) a.lse[((long long)b * H + h) * NP + i] = seen ? (mx + log2f(l)) * HM_LN2 : HM_NEG_INF;
-    if (a.collapse) {
-        float* dst = a.acc + ((long long)(b * a.N + n) * H) * d; // acc[b, n, 0, :]
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int t = lane + 32 * k;
-            if (t < d)
-                for (int hh = 0; hh < H; ++hh) atomicAdd(dst + (long long)hh * d + t, a.r[(hh * H + h) * P + p] * o[k]);
-        }
-        return;
-    }
-    // Head norm (norm.cuh), two passes over the row held in registers: mean (group only), then
-    // the centred sum of squares.
+}
+
+// Store one output row of head h held by a warp (lane's columns t = lane + 32k) at element dst of
+// out, head-normed (norm.cuh) in two passes over the registers: mean (group only), then the
+// centred sum of squares.
+__device__ __forceinline__ void hm_dec_store_row(const HmArgs& a, const float o[8], int h, long long dst, int lane) {
+    const int d = a.d;
     float mu = 0.f, rinv = 1.f;
     if (a.norm) {
+        float ms = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) ms += o[k]; // t >= d holds 0
         mu = hm_norm_mean(a, hm_warp_sum(ms));
         float sq = 0.f;
 #pragma unroll
@@ -337,10 +327,61 @@ extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine
             if (lane + 32 * k < d) sq += (o[k] - mu) * (o[k] - mu);
         rinv = hm_norm_inv(a, hm_warp_sum(sq));
     }
-    const long long dst = ((((long long)b * a.N + n) * H + h) * P + p) * d;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         const int t = lane + 32 * k;
         if (t < d) hm_store(a.out, dst + t, a.norm ? hm_norm_apply(a, h, t, o[k], mu, rinv) : o[k]);
+    }
+}
+
+// Combine without a collapse: one warp per virtual query row (b, h, i): merge the splits'
+// partials, write lse and the de-interleaved pseudo output (head norm included).
+#define HM_DEC_ROWS 4
+extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine_v1(const HmArgs a,
+                                                                                    const HmDecodeArgs x) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int H = a.H, P = a.P, NP = a.N * P, R = H * NP;
+    const int row = blockIdx.x * HM_DEC_ROWS + warp;
+    if (row >= a.B * R) return;
+    const int b = row / R, r = row % R, h = r / NP, i = r % NP, n = i / P, p = i % P;
+    float o[8];
+    hm_dec_merge(a, x, row, lane, o);
+    hm_dec_store_row(a, o, h, ((((long long)b * a.N + n) * H + h) * P + p) * a.d, lane);
+}
+
+// Combine with a collapse r, no atomics: one block per token (b, n). Its warps merge the token's
+// H*P pseudo rows j = h*P + p (as the combine), each into the partial slot of split 0 of its row
+// (read by this block only, and by this lane only before), then each collapsed row
+// out[b, n, h'] = sum_j r[h', j] op_j is summed by the lanes owning its columns in the fixed
+// order j = 0, 1, ..., head-normed and rounded. The result does not depend on the order in
+// which blocks or warps run: decode is deterministic (bit for bit, run to run).
+#define HM_DEC_CWARPS 8
+extern "C" __global__ void __launch_bounds__(32 * HM_DEC_CWARPS) hm_decode_collapse_v1(const HmArgs a,
+                                                                                       const HmDecodeArgs x) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int H = a.H, P = a.P, d = a.d, NP = a.N * P, R = H * NP, HP = H * P;
+    const int b = blockIdx.x / a.N, n = blockIdx.x % a.N;
+    const int row0 = b * R + n * P; // row of (h, p): row0 + h*NP + p
+    for (int j = warp; j < HP; j += HM_DEC_CWARPS) {
+        const int row = row0 + (j / P) * NP + j % P;
+        float o[8];
+        hm_dec_merge(a, x, row, lane, o);
+        float* dst = x.part + (long long)row * (d + 2);
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if (lane + 32 * k < d) dst[lane + 32 * k] = o[k];
+    }
+    __syncthreads(); // the token's merged rows are written (global memory, visible to the block)
+    for (int hh = warp; hh < H; hh += HM_DEC_CWARPS) {
+        const float* rr = a.r + hh * HP;
+        float y[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int j = 0; j < HP; ++j) {
+            const float w = rr[j];
+            const float* src = x.part + (long long)(row0 + (j / P) * NP + j % P) * (d + 2);
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (lane + 32 * k < d) y[k] += w * src[lane + 32 * k];
+        }
+        hm_dec_store_row(a, y, hh, (((long long)b * a.N + n) * H + hh) * d, lane);
     }
 }

@@ -1,6 +1,7 @@
 //! Decode on the CUDA device: the device-resident KV cache ([`CudaKv`]) and the decode call
-//! (one block per (split, sequence) owning all heads, then the split combine, then the forward's
-//! collapse epilogue when `r` is given). Two numbered kernels ([`DecodeKernel`]):
+//! (one block per (split, sequence) owning all heads, then the split combine; with a collapse `r`
+//! a merge-and-collapse kernel instead, one block per token summing in a fixed order: no atomics,
+//! so a decode call is deterministic bit for bit). Two numbered kernels ([`DecodeKernel`]):
 //! `kernels-cuda/decode_v1.cu` (FMA, every dtype, the default) and `decode_v2.cu` (tensor
 //! cores, the absorbed form, cp.async double-buffered cache tiles; f16/bf16, `d % 16 == 0`,
 //! sm_80+), picked by `HEADMIX_CUDA_DECODE=v1|v2`; a problem v2 cannot run falls back to v1.
@@ -21,7 +22,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMu
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::args::HmArgs;
-use super::variants::{Variant, src};
+use super::variants::src;
 use super::{CudaBackend, compile, dev_err, drv};
 use crate::cache::{CacheShape, DeviceKv, HostTraffic};
 use crate::decode::plan::{bands, max_position, rope_levels, rope_table, selection_bits, split};
@@ -33,6 +34,8 @@ use crate::{BackendKind, DType, Data, Error, PosMode, Result, Weights};
 pub const DECODE_THREADS: usize = 128;
 /// Rows (warps) per combine block (`HM_DEC_ROWS`).
 const COMBINE_ROWS: usize = 4;
+/// Warps per merge-and-collapse block (`HM_DEC_CWARPS`).
+const COLLAPSE_WARPS: usize = 8;
 
 /// `HmDecodeArgs` of `decode_v1.cu`: 3 pointers, 8 `i32` (56 bytes, no padding).
 #[repr(C)]
@@ -96,7 +99,8 @@ impl DecodeKernel {
         DecodeKernel::ALL.into_iter().find(|k| k.name() == name)
     }
 
-    /// The decode entry point (the combine is `hm_decode_combine_v1` for both).
+    /// The decode entry point (the combine is `hm_decode_combine_v1`, with a collapse
+    /// `hm_decode_collapse_v1`, for both).
     pub fn entry(self) -> &'static str {
         match self {
             DecodeKernel::V1 => "hm_decode_v1",
@@ -162,6 +166,7 @@ pub fn compile_decode_kernel(kernel: DecodeKernel, dtype: DType, arch: &str) -> 
     let c = compile::compile_source(&name, &decode_source_of(kernel, dtype), arch)?;
     compile::check_clean(&name, arch, &c, kernel.entry())?;
     compile::check_clean(&name, arch, &c, "hm_decode_combine_v1")?;
+    compile::check_clean(&name, arch, &c, "hm_decode_collapse_v1")?;
     Ok(c.ptx.len())
 }
 
@@ -277,10 +282,11 @@ impl DeviceKv for CudaKv {
     }
 }
 
-/// The decode and combine kernels of one (device, dtype).
+/// The decode, combine and merge-and-collapse kernels of one (device, dtype).
 struct DecodeFns {
     decode: CudaFunction,
     combine: CudaFunction,
+    collapse: CudaFunction,
 }
 
 type DecodeKey = (usize, DecodeKernel, DType);
@@ -439,10 +445,11 @@ impl CudaBackend {
             .map_err(|e| dev_err(format!("loading {name}: {e}")))?;
         let decode = module.load_function(kernel.entry()).map_err(drv("cuModuleGetFunction"))?;
         let combine = module.load_function("hm_decode_combine_v1").map_err(drv("cuModuleGetFunction"))?;
+        let collapse = module.load_function("hm_decode_collapse_v1").map_err(drv("cuModuleGetFunction"))?;
         decode
             .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.max_smem as i32)
             .map_err(drv("cuFuncSetAttribute (dynamic shared memory)"))?;
-        let fns = Arc::new(DecodeFns { decode, combine });
+        let fns = Arc::new(DecodeFns { decode, combine, collapse });
         decode_modules().lock().unwrap_or_else(|e| e.into_inner()).insert(key, fns.clone());
         Ok(fns)
     }
@@ -516,7 +523,6 @@ impl CudaBackend {
         };
         let mut seconds = Vec::with_capacity(reps);
         let fns = self.decode_fns(plan.kernel, problem.dtype)?;
-        let epi = if problem.collapse { Some(self.function(Variant::epilogue(problem.dtype))?) } else { None };
         let s = self.stream();
         self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
         let c = &problem.cfg;
@@ -524,7 +530,7 @@ impl CudaBackend {
         let q = s.clone_htod(io.q.data.bytes()).map_err(drv("copying q"))?;
         let mut out_t = io.out;
         let out_bytes = out_t.data.bytes_mut();
-        // SAFETY: the combine (or the epilogue) writes every element of out and lse.
+        // SAFETY: the combine (or the merge-and-collapse) writes every element of out and lse.
         let mut out = unsafe { s.alloc::<u8>(out_bytes.len()) }.map_err(drv("allocating out"))?;
         let mut lse = unsafe { s.alloc::<f32>(problem.lse_len()) }.map_err(drv("allocating lse"))?;
         let rows = problem.batch * c.heads * problem.n * c.pseudo;
@@ -536,14 +542,6 @@ impl CudaBackend {
             None => vec![0.0],
         };
         let tab = s.clone_htod(&tab).map_err(drv("copying the RoPE table"))?;
-        let mut acc = if problem.collapse {
-            Some(
-                s.alloc_zeros::<f32>(problem.batch * problem.n * c.heads * c.head_dim)
-                    .map_err(drv("allocating the accumulator"))?,
-            )
-        } else {
-            None
-        };
         {
             let fwd = crate::validate::Problem {
                 cfg: *c,
@@ -568,13 +566,6 @@ impl CudaBackend {
             let (tp, _g7) = tab.device_ptr(s);
             let (np, _g8) = kv.lens.device_ptr(s);
             let (wp, _g9) = dw.buf.device_ptr(s);
-            let (ap, _g10) = match acc.as_mut() {
-                Some(a) => {
-                    let (p, g) = a.device_ptr_mut(s);
-                    (p, Some(g))
-                }
-                None => (0, None),
-            };
             let at = |slot: usize| wp + 4 * dw.offsets[slot] as u64;
             args.q = qp;
             args.k = kp;
@@ -582,7 +573,6 @@ impl CudaBackend {
             args.out = op;
             args.lse = lp;
             args.has_lse = 1;
-            args.acc = ap;
             args.aq = at(0);
             args.ak = at(1);
             args.av = at(2);
@@ -601,10 +591,21 @@ impl CudaBackend {
                 block_dim: (DECODE_THREADS as u32, 1, 1),
                 shared_mem_bytes: plan.smem as u32,
             };
-            let combine_cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
-                block_dim: (32 * COMBINE_ROWS as u32, 1, 1),
-                shared_mem_bytes: 0,
+            // Without a collapse one warp per row; with one, one block per token.
+            let (combine, combine_cfg, combine_name) = if problem.collapse {
+                let cfg = LaunchConfig {
+                    grid_dim: ((problem.batch * problem.n) as u32, 1, 1),
+                    block_dim: (32 * COLLAPSE_WARPS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                (&fns.collapse, cfg, "launching hm_decode_collapse_v1")
+            } else {
+                let cfg = LaunchConfig {
+                    grid_dim: (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
+                    block_dim: (32 * COMBINE_ROWS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                (&fns.combine, cfg, "launching hm_decode_combine_v1")
             };
             for rep in 0..=reps {
                 let start = if reps > 0 { Some(event()?) } else { None };
@@ -619,23 +620,7 @@ impl CudaBackend {
                             "launching hm_decode_v1"
                         },
                     ))?;
-                    s.launch_builder(&fns.combine)
-                        .arg(&args)
-                        .arg(&dargs)
-                        .launch(combine_cfg)
-                        .map_err(drv("launching hm_decode_combine_v1"))?;
-                    if let Some(epi) = &epi {
-                        let erows = problem.batch * problem.n * c.heads;
-                        let epi_cfg = LaunchConfig {
-                            grid_dim: (erows.div_ceil(super::variants::EPI_ROWS) as u32, 1, 1),
-                            block_dim: ((32 * super::variants::EPI_ROWS) as u32, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        s.launch_builder(&epi.func)
-                            .arg(&args)
-                            .launch(epi_cfg)
-                            .map_err(drv("launching the collapse epilogue"))?;
-                    }
+                    s.launch_builder(combine).arg(&args).arg(&dargs).launch(combine_cfg).map_err(drv(combine_name))?;
                 }
                 if let Some(start) = start {
                     let end = event()?;

@@ -1,5 +1,5 @@
 // CPU emulator run of the decode kernels (decode_v1.cu, or with -DHM_DECODE=2 decode_v2.cu, its
-// tensor-core version, + the combine + epilogue.cu) against the f64 spec:
+// tensor-core version, + decode_combine.cu) against the f64 spec:
 // random device-layout caches (linear, and rings that wrapped many times), ragged lengths,
 // unwritten slots poisoned with NaN, random splits and tile sizes, every option of the forward.
 // For each sequence the expected result is the reference forward over its held tokens (M = held,
@@ -35,11 +35,14 @@ struct float2 {
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
-#include "../decode_v1.cu"
+#include "../decode.cuh"
 #if HM_DECODE == 2
 #include "../decode_v2.cu"
+#else
+#include "../decode_v1.cu"
 #endif
-#include "../epilogue.cu"
+#include "../decode_combine.cu"
+#include "../epilogue.cu" // (the old atomic collapse of the negative control only)
 
 static std::vector<hm_elem> to_storage(const std::vector<float>& x) {
     std::vector<hm_elem> y(x.size());

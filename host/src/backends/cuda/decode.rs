@@ -6,8 +6,8 @@
 //! cores, the absorbed form, cp.async double-buffered cache tiles; f16/bf16, `d % 16 == 0`,
 //! sm_80+), picked by `HEADMIX_CUDA_DECODE=v1|v2`; a problem v2 cannot run falls back to v1.
 //!
-//! A decode module is compiled by NVRTC from its own source (the shared headers, `decode_v1.cu`
-//! and for v2 `tiles.cuh` and `decode_v2.cu`), one per (kernel, dtype), outside the attention
+//! A decode module is compiled by NVRTC from its own source (the shared headers, `decode.cuh`,
+//! for v2 `tiles.cuh`, the kernel file, `decode_combine.cu`), one per (kernel, dtype), outside the attention
 //! variant table (`HM_MASK` 3, any `HM_HD`: `d` is a run-time argument up to 256). Host-side
 //! planning shared with the wgpu decode lives in [`crate::decode::plan`].
 
@@ -37,7 +37,7 @@ const COMBINE_ROWS: usize = 4;
 /// Warps per merge-and-collapse block (`HM_DEC_CWARPS`).
 const COLLAPSE_WARPS: usize = 8;
 
-/// `HmDecodeArgs` of `decode_v1.cu`: 3 pointers, 8 `i32` (56 bytes, no padding).
+/// `HmDecodeArgs` of `decode.cuh`: 3 pointers, 8 `i32` (56 bytes, no padding).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DecodeArgs {
@@ -131,25 +131,26 @@ pub fn decode_source(dtype: DType) -> String {
     decode_source_of(DecodeKernel::V1, dtype)
 }
 
-/// The NVRTC source of a decode module: a `#define` prelude, the shared headers, `decode_v1.cu`
-/// (v2 also `tiles.cuh` and `decode_v2.cu`, which reuses v1's helpers and combine).
+/// The NVRTC source of a decode module: a `#define` prelude, the shared headers and
+/// `decode.cuh` (v2 also `tiles.cuh`), the kernel file, then `decode_combine.cu`.
 pub fn decode_source_of(kernel: DecodeKernel, dtype: DType) -> String {
     let code = match dtype {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
     };
-    let (tiles, v2) = match kernel {
-        DecodeKernel::V1 => ("", ""),
+    let (tiles, file) = match kernel {
+        DecodeKernel::V1 => ("", src::DECODE_V1),
         DecodeKernel::V2 => (src::TILES, src::DECODE_V2),
     };
     format!(
-        "// headmix decode_{} {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{tiles}\n{}\n{v2}\n",
+        "// headmix decode_{} {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{}\n{tiles}\n{file}\n{}\n",
         kernel.name(),
         dtype.name(),
         src::COMMON,
         src::NORM,
-        src::DECODE_V1
+        src::DECODE,
+        src::DECODE_COMBINE
     )
 }
 

@@ -13,7 +13,6 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute;
@@ -24,7 +23,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use super::args::HmArgs;
 use super::variants::src;
 use super::{CudaBackend, compile, dev_err, drv};
-use crate::cache::{CacheShape, DeviceKv, HostTraffic};
+use crate::cache::{CacheShape, DeviceKv, HostTraffic, TrafficCounter, owned_from_le_bytes};
 use crate::decode::plan::{bands, max_position, rope_levels, rope_table, selection_bits, split};
 use crate::decode::{DecodeIo, DecodeProblem};
 use crate::timing::Owned;
@@ -180,8 +179,7 @@ pub struct CudaKv {
     k: CudaSlice<u8>,
     v: CudaSlice<u8>,
     lens: CudaSlice<u32>,
-    uploaded: AtomicU64,
-    downloaded: AtomicU64,
+    traffic: TrafficCounter,
 }
 
 impl CudaKv {
@@ -203,8 +201,7 @@ impl CudaKv {
             k,
             v,
             lens,
-            uploaded: AtomicU64::new(0),
-            downloaded: AtomicU64::new(0),
+            traffic: TrafficCounter::default(),
         })
     }
 
@@ -217,14 +214,6 @@ impl CudaKv {
     pub fn values(&self) -> &CudaSlice<u8> {
         &self.v
     }
-
-    fn row_bytes(&self) -> usize {
-        self.shape.kv_heads * self.shape.head_dim * self.shape.dtype.size()
-    }
-
-    fn at(&self, b: usize, slot: usize) -> usize {
-        (b * self.shape.capacity + slot) * self.row_bytes()
-    }
 }
 
 impl DeviceKv for CudaKv {
@@ -233,15 +222,12 @@ impl DeviceKv for CudaKv {
     }
 
     fn write_rows(&mut self, b: usize, slot: usize, k: &Data, v: &Data, src_at: usize, rows: usize) -> Result<()> {
-        let es = self.shape.dtype.size();
-        let (from, to) = (src_at * es, (src_at + rows * self.shape.kv_heads * self.shape.head_dim) * es);
-        let at = self.at(b, slot);
+        let range = self.shape.rows_bytes(src_at, rows);
+        let (at, len) = (self.shape.slot_offset(b, slot), range.len());
         let s = self.stream.clone();
-        s.memcpy_htod(&k.bytes()[from..to], &mut self.k.slice_mut(at..at + (to - from)))
-            .map_err(drv("appending keys"))?;
-        s.memcpy_htod(&v.bytes()[from..to], &mut self.v.slice_mut(at..at + (to - from)))
-            .map_err(drv("appending values"))?;
-        self.uploaded.fetch_add(2 * (to - from) as u64, Ordering::Relaxed);
+        s.memcpy_htod(&k.bytes()[range.clone()], &mut self.k.slice_mut(at..at + len)).map_err(drv("appending keys"))?;
+        s.memcpy_htod(&v.bytes()[range], &mut self.v.slice_mut(at..at + len)).map_err(drv("appending values"))?;
+        self.traffic.upload(2 * len as u64);
         Ok(())
     }
 
@@ -254,24 +240,12 @@ impl DeviceKv for CudaKv {
         let k = self.stream.clone_dtoh(&self.k).map_err(drv("reading the cache keys back"))?;
         let v = self.stream.clone_dtoh(&self.v).map_err(drv("reading the cache values back"))?;
         self.stream.synchronize().map_err(drv("reading the cache back"))?;
-        self.downloaded.fetch_add((k.len() + v.len()) as u64, Ordering::Relaxed);
-        let owned = |b: &[u8]| -> Owned {
-            match self.shape.dtype {
-                DType::F32 => Owned::F32(bytemuck::pod_collect_to_vec(b)),
-                DType::F16 => Owned::F16(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect()),
-                DType::BF16 => {
-                    Owned::BF16(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect())
-                }
-            }
-        };
-        Ok((owned(&k), owned(&v)))
+        self.traffic.download((k.len() + v.len()) as u64);
+        Ok((owned_from_le_bytes(self.shape.dtype, &k), owned_from_le_bytes(self.shape.dtype, &v)))
     }
 
     fn traffic(&self) -> HostTraffic {
-        HostTraffic {
-            uploaded: self.uploaded.load(Ordering::Relaxed),
-            downloaded: self.downloaded.load(Ordering::Relaxed),
-        }
+        self.traffic.get()
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -676,7 +650,7 @@ impl CudaBackend {
         let (vp, _gv) = v.device_ptr(&s);
         cache.append_with(n, &seqs, |d, b, t, slot, rows| {
             let kv = d.as_any_mut().downcast_mut::<CudaKv>().expect("checked above");
-            let (src, bytes, at) = (((b * n + t) * row) as u64, rows * row, kv.at(b, slot));
+            let (src, bytes, at) = (((b * n + t) * row) as u64, rows * row, kv.shape.slot_offset(b, slot));
             for (from, dst) in [(kp + src, &mut kv.k), (vp + src, &mut kv.v)] {
                 let mut view = dst.slice_mut(at..at + bytes);
                 let (dp, _g) = view.device_ptr_mut(&s);

@@ -16,7 +16,8 @@
 // The decode-only arguments (mirrored by `DecodeArgs` in host/src/backends/cuda/decode.rs).
 struct HmDecodeArgs {
     const unsigned* lens;  // [B] absolute length of each sequence
-    float* part;           // [splits, B, H, N*P, d + 2] partials (o unnormalised, max, sum)
+    float* part;           // [splits, B, H, N*P, d + 2] partials (o unnormalised, max, sum); the
+                           // collapse keeps merged rows in split 0's (decode_combine.cu)
     const float* rope_tab; // [levels, 256, d/2, 2] cos/sin of byte * 256^level * freq_t, or null
     int capacity, splits, tokens_per_split, tile_tokens;
     int rope_levels, selection, vec16, pad;

@@ -42,7 +42,9 @@ const COLLAPSE_WARPS: usize = 8;
 pub struct DecodeArgs {
     /// Device pointer to `[B]` u32: the absolute length of each sequence.
     pub lens: u64,
-    /// Device pointer to the f32 partials `[splits, B, H, N·P, d + 2]` (unnormalised output, max, sum).
+    /// Device pointer to the f32 partials `[splits, B, H, N·P, d + 2]` (unnormalised output, max,
+    /// sum); with a collapse, `hm_decode_collapse_v1` then keeps each merged pseudo output in its
+    /// row of split 0 (scratch, read by the same block).
     pub part: u64,
     /// Device pointer to the RoPE table `[levels, 256, d/2, 2]` (cos, sin), or 0 without RoPE.
     pub rope_tab: u64,

@@ -384,12 +384,14 @@ pub(crate) fn plan(
         chunk_fwd.push(if recompute {
             let mut cp = fwd_problem;
             cp.cfg.heads = ch.heads;
+            cp.cfg.rope = None; // the chunk reads the call's RoPE table (no second table)
             let cw = Weights { aq, ak, av, r: None, norm: None };
             let mut f = launch::plan(&cp, &cw, Variant::Flash, Some(fwd.uniforms.splits), limits, loop_budget)?;
             f.passes.retain(|pass| !matches!(pass.key.kind, Kind::Epilogue { .. }));
             let fu = &mut f.uniforms;
             (fu.aq_off, fu.ak_off, fu.av_off) = (cu.aq_off, cu.ak_off, cu.av_off);
-            (fu.sel_q, fu.sel_k, fu.sel_v, fu.rope_off) = (cu.sel_q, cu.sel_k, cu.sel_v, u.rope_off);
+            (fu.sel_q, fu.sel_k, fu.sel_v) = (cu.sel_q, cu.sel_k, cu.sel_v);
+            (fu.rope, fu.rope_off) = (u.rope, u.rope_off);
             Some((f.uniforms, f.passes, f.op_bytes))
         } else {
             None

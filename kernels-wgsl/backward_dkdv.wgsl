@@ -21,11 +21,9 @@ fn main(
     if (!id.valid) {
         return; // padding workgroup of the 2-D grid (uniform per workgroup)
     }
-    let tile = id.tile;
     let h = id.h;
     let b = id.b;
-    let split = id.split;
-    let j0 = tile * T;
+    let j0 = id.tile * T;
     let j_last = min(j0 + T, params.nk) - 1u;
     let j = j0 + lid;
     let valid = j < params.nk;
@@ -57,7 +55,7 @@ fn main(
         // This split's share of the query tiles (split only to stay under lavapipe's loop budget).
         let first = (ia_lo - params.off) / T;
         let last = (ia_hi - params.off) / T;
-        let tiles = split_tiles(first, last, bw.k_splits, split);
+        let tiles = split_tiles(first, last, bw.k_splits, id.split);
         for (var qt = tiles.x; qt < tiles.y; qt++) {
             let i0 = qt * T;
             workgroupBarrier(); // the previous tile's readers are done
@@ -101,7 +99,7 @@ fn main(
         var dvt = bw.dvt_off;
         if (bw.k_splits > 1u) {
             let kv = params.batch * params.nk * params.heads * D;
-            dkt = bw.dkv_part_off + split * 2u * kv;
+            dkt = bw.dkv_part_off + id.split * 2u * kv;
             dvt = dkt + kv;
         }
         for (var t = 0u; t < HALF; t++) {

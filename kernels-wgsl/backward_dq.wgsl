@@ -21,11 +21,9 @@ fn main(
     if (!id.valid) {
         return; // padding workgroup of the 2-D grid (uniform per workgroup)
     }
-    let tile = id.tile;
     let h = id.h;
     let b = id.b;
-    let split = id.split;
-    let i0 = tile * T;
+    let i0 = id.tile * T;
     let i_last = min(i0 + T, params.nq) - 1u;
     let i = i0 + lid;
     let valid = i < params.nq;
@@ -50,7 +48,7 @@ fn main(
     //    stay under lavapipe's loop budget; backward_sum.wgsl adds the splits in order).
     let range = key_range(i0 + params.off, i_last + params.off);
     if (range.x <= range.y) {
-        let tiles = split_tiles(range.x / T, range.y / T, bw.q_splits, split);
+        let tiles = split_tiles(range.x / T, range.y / T, bw.q_splits, id.split);
         for (var kt = tiles.x; kt < tiles.y; kt++) {
             let j0 = kt * T;
             workgroupBarrier(); // the previous tile's readers are done
@@ -88,7 +86,7 @@ fn main(
     if (valid) {
         var dst = bw.dqt_off;
         if (bw.q_splits > 1u) {
-            dst = bw.dq_part_off + split * (params.batch * params.nq * params.heads * D);
+            dst = bw.dq_part_off + id.split * (params.batch * params.nq * params.heads * D);
         }
         let at = dst + pseudo_at(b, params.n, i / params.p, h, i % params.p);
         for (var t = 0u; t < HALF; t++) {

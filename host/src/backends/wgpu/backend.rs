@@ -148,8 +148,9 @@ impl WgpuBackend {
     }
 
     /// Another backend on this device and queue with the same identity: it accepts this
-    /// backend's [`WgpuTensor`]s and KV caches (and this one its), with its own kernel variant
-    /// and split-KV setting, e.g. `gpu.fork().with_kv_splits(Some(4))`. (A second
+    /// backend's [`WgpuTensor`]s and KV caches (and this one its) and shares its compiled
+    /// pipelines, with its own kernel variant, split-KV and backward chunk settings, e.g.
+    /// `gpu.fork().with_kv_splits(Some(4))`. (A second
     /// [`WgpuBackend::from_device`] on the same device is a new identity: handles do not cross.)
     pub fn fork(&self) -> WgpuBackend {
         let device = self.device();

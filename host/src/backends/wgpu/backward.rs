@@ -789,6 +789,30 @@ mod tests {
         assert_eq!(chunk_heads(8, 100, 0, 35), 1, "at least one head");
     }
 
+    /// The chunk size is read in one place: a backend's forced size, else the environment
+    /// variable (a positive integer; anything else is ignored), else the budget.
+    #[test]
+    fn chunk_size_comes_from_the_backend_then_the_environment() {
+        // SAFETY: no other test of this binary reads or writes this variable.
+        let set = |v: Option<&str>| unsafe {
+            match v {
+                Some(v) => std::env::set_var(CHUNK_HEADS_VAR, v),
+                None => std::env::remove_var(CHUNK_HEADS_VAR),
+            }
+        };
+        set(None);
+        assert_eq!(Chunking::of(None), Chunking::default());
+        assert_eq!(Chunking::of(Some(3)).heads, Some(3));
+        set(Some("2"));
+        assert_eq!(Chunking::of(None).heads, Some(2));
+        assert_eq!(Chunking::of(Some(3)).heads, Some(3), "the backend's setting wins");
+        for junk in ["0", "two", ""] {
+            set(Some(junk));
+            assert_eq!(Chunking::of(None).heads, None, "{junk:?} is ignored");
+        }
+        set(None);
+    }
+
     /// The counted workspace table of BENCHMARKS.md ("wgpu backward extra device memory"):
     /// `cargo test --release -p headmix --lib -- --ignored wgpu_backward_workspace_table --nocapture`.
     #[test]

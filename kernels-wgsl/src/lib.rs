@@ -1,8 +1,9 @@
 //! The WGSL sources of [headmix](https://crates.io/crates/headmix)'s wgpu kernels, embedded as
 //! strings.
 //!
-//! headmix builds each kernel variant as `constants + dtype_*.wgsl + common.wgsl + [mixing.wgsl
-//! + [backward_common.wgsl]] + <kernel>.wgsl` and compiles it once per device. The files stay where they are in the repository
+//! headmix builds each kernel variant as `constants + dtype_*.wgsl + common.wgsl +` the shared
+//! pieces it needs (`mixing.wgsl`, `backward_common.wgsl`) `+ <kernel>.wgsl` and compiles it once
+//! per device. The files stay where they are in the repository
 //! (`kernels-wgsl/*.wgsl`); this crate only makes them part of a package, so that the published
 //! `headmix` crate carries its kernels. See `kernels-wgsl/README.md` for what each file holds.
 

@@ -401,12 +401,11 @@ pub(crate) fn plan(
 
     // Workspace layout (f32 elements); pseudo-head regions sized for the largest chunk.
     let t_len: usize = problem.out_shape().iter().product();
-    let mut ws = Workspace::default();
-    ws.o = if recompute {
-        chunk_fwd.iter().flatten().map(|f| (f.2 / 4) as usize).max().unwrap_or(0)
-    } else {
-        b * n * h * p * d
+    let o = match recompute {
+        true => chunk_fwd.iter().flatten().map(|f| (f.2 / 4) as usize).max().unwrap_or(0),
+        false => b * n * h * p * d,
     };
+    let mut ws = Workspace { o, ..Default::default() };
     let mut cursor = ws.o;
     let mut alloc = |len: usize, count: &mut usize| -> Result<u32> {
         let off = to_u32("backward workspace offset", cursor)?;
@@ -655,10 +654,8 @@ pub(super) fn run(be: &WgpuBackend, problem: &Problem, w: &Weights, io: Backward
         for (dst, rows) in mats.iter_mut() {
             put(dst, *rows);
         }
-        if problem.collapse {
-            if let Some(dst) = dr.as_deref_mut() {
-                put(dst, h);
-            }
+        if let (true, Some(dst)) = (problem.collapse, dr.as_deref_mut()) {
+            put(dst, h);
         }
         if ch.h0 + ch.heads == h {
             for dst in rest.iter_mut().flatten() {

@@ -6,10 +6,12 @@
 //! `HEADMIX_REQUIRE_WGPU=1` makes a missing adapter a failure instead of a skip.
 
 use headmix::backends::wgpu::WgpuBackend;
+use headmix::reference::backward::Grads;
 use headmix::{Backend, BackendKind, BackwardIo, Config, DType, Error, Tensor, TensorMut, WeightGrads, Weights};
 use headmix_tests::backward::Inputs;
 use headmix_tests::cases::{Limits, specs};
 use headmix_tests::{Case, check_property, device_or_skip};
+use proptest::strategy::Strategy;
 
 /// The wgpu backend, or a skip (a failure under `HEADMIX_REQUIRE_WGPU=1`).
 fn wgpu(test: &str) -> Option<WgpuBackend> {
@@ -65,21 +67,74 @@ fn wgpu_backward_is_deterministic() {
 
 /// Negative controls: each deliberately wrong kernel (RoPE transpose by +theta, dS without
 /// -D_i, dvt from dS instead of P, the mixing matrices transposed in the mix-back) fails the
-/// check that the correct kernels pass.
+/// check that the correct kernels pass, in one chunk of heads; over one head per chunk, so do
+/// the first three and a mix-back that drops the chunks before the last, and (collapse and head
+/// norm) a `y` that keeps only the last chunk's columns.
 #[test]
 fn negative_control_wrong_kernels_fail_the_check() {
-    let Some(_) = wgpu("negative_control_wrong_kernels_fail_the_check") else { return };
+    let Some(be) = wgpu("negative_control_wrong_kernels_fail_the_check") else { return };
     let cfg = Config::iha(2, 2, 8).with_rope(Default::default());
-    let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 2), 1, 6, 7, DType::F32, 8), 8);
+    let mut w = Weights::random(&cfg, 2);
+    w.norm = Some(headmix::HeadNorm::Rms { gamma: (0..16).map(|i| 1.0 + 0.05 * i as f32).collect() });
+    let inputs = Inputs::new(Case::random(cfg, w, 1, 6, 7, DType::F32, 8), 8);
     let expected = inputs.expected();
-    let right = inputs.run(&WgpuBackend::new().unwrap()).unwrap();
-    expected.check(&right, 1.0, "correct kernels");
-    let faults = [(1, "RoPE transpose by +theta"), (2, "dS without -D"), (3, "dvt from dS"), (4, "aq transposed")];
-    for (fault, what) in faults {
-        let wrong = inputs.run(&WgpuBackend::new().unwrap().with_backward_fault(fault)).unwrap();
-        let caught = std::panic::catch_unwind(|| expected.check(&wrong, 1.0, what)).is_err();
-        assert!(caught, "the wrong kernel ({what}) went unnoticed");
+    let one_chunk = be.fork().with_backward_chunk_heads(Some(usize::MAX));
+    let chunked = be.fork().with_backward_chunk_heads(Some(1));
+    expected.check(&inputs.run(&one_chunk).unwrap(), 1.0, "correct kernels");
+    expected.check(&inputs.run(&chunked).unwrap(), 1.0, "correct kernels, chunked");
+    let faults = [
+        (1, "RoPE transpose by +theta", true),
+        (2, "dS without -D", true),
+        (3, "dvt from dS", true),
+        (4, "aq transposed", false),
+        (6, "mix-back drops the chunks before", true),
+        (7, "y keeps the last chunk only", true),
+    ];
+    for (fault, what, in_chunks) in faults {
+        let runs = [(&one_chunk, fault < 6), (&chunked, in_chunks)];
+        for (be, _) in runs.into_iter().filter(|r| r.1) {
+            let wrong = inputs.run(&be.fork().with_backward_fault(fault)).unwrap();
+            let caught = std::panic::catch_unwind(|| expected.check(&wrong, 1.0, what)).is_err();
+            assert!(caught, "the wrong kernel ({what}) went unnoticed");
+        }
     }
+}
+
+/// The gradients' bits, for equality that tells -0 from 0 and fails on NaN nowhere.
+fn bits(g: &Grads<f32>) -> Vec<u32> {
+    let opt = [g.dr.as_deref(), g.dgamma.as_deref(), g.dbeta.as_deref()];
+    [&g.dq[..], &g.dk, &g.dv, &g.daq, &g.dak, &g.dav]
+        .into_iter()
+        .chain(opt.into_iter().flatten())
+        .flat_map(|x| x.iter().map(|v| v.to_bits()))
+        .collect()
+}
+
+/// Chunks of heads: the passes over one head per chunk and over `1 < G < H` heads give the
+/// same gradients, bit for bit, as one chunk (the mix-back and the collapse's `y` continue their
+/// sums in the unchunked order, the recompute keeps the unchunked split-KV ranges), which match
+/// the reference: 40 random problems with `H` in 2..=5 (every method, head norms, collapse, RoPE,
+/// windows, `M > N`, every dtype).
+#[test]
+fn chunked_backward_is_the_unchunked_bit_for_bit() {
+    let Some(be) = wgpu("chunked_backward_is_the_unchunked_bit_for_bit") else { return };
+    let limits = Limits { max_heads: 5, max_n: 6, max_extra: 3, head_dims: vec![4, 8], ..Limits::default() };
+    let specs = specs(limits).prop_filter("one head is one chunk", |s| s.heads >= 2);
+    let one_chunk = be.fork().with_backward_chunk_heads(Some(usize::MAX));
+    let per_head: Vec<WgpuBackend> = (1..=4).map(|g| be.fork().with_backward_chunk_heads(Some(g))).collect();
+    check_property("wgpu backward chunks", 40, specs, |spec| {
+        let inputs = Inputs::new(spec.case(), spec.seed);
+        let whole = inputs.run(&one_chunk).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+        inputs.expected().check(&whole, 1.0, &format!("{spec:?} one chunk"));
+        let mut sizes = vec![1];
+        if spec.heads > 2 {
+            sizes.push(spec.heads / 2 + 1); // 1 < G < H, a shorter last chunk when H is odd
+        }
+        for g in sizes {
+            let got = inputs.run(&per_head[g - 1]).unwrap_or_else(|e| panic!("{spec:?} G = {g}: {e}"));
+            assert!(bits(&got) == bits(&whole), "{spec:?}: G = {g} differs from one chunk");
+        }
+    });
 }
 
 /// On an adapter with a loop budget (llvmpipe), a long problem is split (the dq pass over key

@@ -14,7 +14,8 @@
 // product is hi*hi + hi*lo + lo*hi (three mma, as bwd_v1's pre-mix does for weights): the scores
 // stay f32-accurate, so P matches the saved lse and dP - D does not cancel into rounding noise.
 // Tiles are loaded (f32 -> hi, lo) into shared memory and read by ldmatrix; masks by select
-// (mask.cuh), masked pairs give P = dS = 0. No atomics.
+// (mask.cuh), masked pairs give P = dS = 0. No float atomics (an integer atomicOr marks sanitized
+// rows, below: deterministic).
 //
 // NaN policy (docs/backward.md, "Non-finite inputs"): the second products (dS K, P^T dO, dS^T Q)
 // multiply a whole streamed tile by weights that are 0 for masked pairs, and 0 * NaN is NaN in

@@ -224,6 +224,9 @@ template <bool RECOMPUTE> __device__ __forceinline__ void bw_query_pass(const Hm
             BW_SYNCWARP();
         }
     }
+    // Every thread's loads of the owned rows done before warps reuse their rows of qs (a block
+    // whose queries see no key ran no barrier yet: another warp's load could overwrite them).
+    __syncthreads();
     // The warp's own rows: op (RECOMPUTE), or scale * acc rotated back into dqt.
     const float scale = a.scale_log2 * HM_LN2;
 #pragma unroll
@@ -314,6 +317,9 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_dkdv(const HmArgs 
             BW_SYNCWARP();
         }
     }
+    // As in the query pass: the owned rows' loads done before warps reuse them (a block of keys
+    // no query sees ran no barrier yet).
+    __syncthreads();
     const float scale = a.scale_log2 * HM_LN2;
 #pragma unroll
     for (int r = 0; r < BW_RPW; ++r) {

@@ -602,3 +602,46 @@ fn cuda_backward_masked_non_finite_keys_never_reach_a_row_on_the_emulator() {
     fails_policy(&cases, true, &v2, "do", "dO not sanitized");
     fails_policy(&cases, true, &v2, "mark", "rows that see a sanitized row not marked");
 }
+
+/// A block whose owned rows see no streamed tile (keys no query sees: `M > N` with a window) runs
+/// no barrier in its loop; bwd_v1's passes then reuse their owned rows' shared memory, which other
+/// warps may still be loading: a barrier after the loop orders them (found by the random suite:
+/// `dk` of the unseen keys held `kt`). The case, and the negative control without that barrier.
+#[test]
+fn cuda_backward_blocks_that_see_nothing_on_the_emulator() {
+    if !gxx_or_skip("cuda_backward_blocks_that_see_nothing_on_the_emulator") {
+        return;
+    }
+    let spec = headmix_tests::cases::Spec {
+        kind: headmix::Method::IhaLocal,
+        batch: 1,
+        heads: 3,
+        q_heads: 3,
+        kv_heads: 3,
+        pseudo: 4,
+        head_dim: 16,
+        n: 1,
+        m: 6,
+        causal: true,
+        window: Some((3, 0)),
+        rope: None,
+        rope_base: 10000.0,
+        pos_offset: 0,
+        scale: None,
+        collapse: false,
+        norm: None,
+        dtype: DType::BF16,
+        seed: 55134688335,
+    };
+    let inputs = Inputs::new(spec.case(), spec.seed);
+    check_case(&inputs, "unseen_keys");
+    let src = std::fs::read_to_string(kernels_dir().join("bwd_v1.cu")).unwrap();
+    let barrier = "ran no barrier yet).\n    __syncthreads();";
+    assert_eq!(src.matches(barrier).count(), 1, "the negative control must find the key pass's barrier");
+    let broken = work_dir().join("bwd_v1_no_barrier.cu");
+    std::fs::write(&broken, src.replace(barrier, "ran no barrier yet).")).unwrap();
+    let got = inputs.run_emu(false, Some(&broken), "unseen_keys_broken");
+    let expected = inputs.expected();
+    let failed = std::panic::catch_unwind(|| expected.check(&got, 1.0, "no barrier")).is_err();
+    assert!(failed, "the key pass without its barrier passed the check");
+}

@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::{Grads, Layer, axpy, dot, norm};
+use crate::mixing::selection;
 use crate::rope::rotate;
 use crate::{Params, Real};
 
@@ -17,14 +18,21 @@ struct Head<T> {
     vt: Vec<T>,
 }
 
+/// Head `h`'s mixed rows `xt[s·P + q] = sum_m a[m,h,q] x[s, m]`. A selection matrix (MHA, GQA:
+/// every column one-hot with weight 1) reads only the selected head, as the forward does: an
+/// unread head's non-finite value never enters as `0 · NaN` (the NaN policy).
 fn mix<T: Real>(p: &Params, x: &[T], src: usize, len: usize, a: &[T], b: usize, h: usize) -> Vec<T> {
     let (d, pp) = (p.d, p.p);
+    let sel = selection(a, src, p.h, pp).is_some();
     let mut xt = vec![T::ZERO; len * pp * d];
     for s in 0..len {
         for q in 0..pp {
             let row = &mut xt[(s * pp + q) * d..][..d];
             for m in 0..src {
-                axpy(a[(m * p.h + h) * pp + q], &x[((b * len + s) * src + m) * d..][..d], row);
+                let w = a[(m * p.h + h) * pp + q];
+                if !(sel && w == T::ZERO) {
+                    axpy(w, &x[((b * len + s) * src + m) * d..][..d], row);
+                }
             }
         }
     }
@@ -334,12 +342,16 @@ fn mix_back<T: Real>(
     da: &mut [T],
 ) {
     let (d, pp) = (p.d, p.p);
+    let sel = selection(a, src, p.h, pp).is_some(); // as in `mix`: no 0 · NaN into unread heads
     for s in 0..len {
         for ps in 0..pp {
             let g = &dxt[(s * pp + ps) * d..][..d];
             for m in 0..src {
                 let w = (m * p.h + h) * pp + ps;
-                axpy(a[(m * p.h + hw) * pp + ps], g, &mut dx[(s * src + m) * d..][..d]);
+                let weight = a[(m * p.h + hw) * pp + ps];
+                if !(sel && weight == T::ZERO) {
+                    axpy(weight, g, &mut dx[(s * src + m) * d..][..d]);
+                }
                 da[w] += dot(&x[((b * len + s) * src + m) * d..][..d], g);
             }
         }

@@ -8,6 +8,11 @@
 //! working precision would miss by (see `check`). Negative controls: copies of bwd_v1 and bwd_v2
 //! with `dS = P (dP + D)` fail the same check.
 //!
+//! Chunks of heads (`Chunk`, the bounded-memory plan): cases run with one chunk and with `G = 1`
+//! and `1 < G < H` heads per chunk; every chunked run matches the f64 reference and gives the same
+//! bits as the one-chunk run (the same sums in the same order). Negative control: a mix-back that
+//! drops the previous chunks' sum passes with one chunk and fails with several.
+//!
 //! Skips with one line without g++ >= 12, unless `HEADMIX_REQUIRE_EMU=1`.
 
 use std::collections::HashMap;
@@ -16,7 +21,7 @@ use std::sync::{Mutex, OnceLock};
 
 use headmix::backends::cpu::CpuBackend;
 use headmix::backends::cuda::Kernel;
-use headmix::backends::cuda::backward::BwdPlan;
+use headmix::backends::cuda::backward::{BwdPlan, Chunk};
 use headmix::backward::reference_grads_in;
 use headmix::reference::backward::Grads;
 use headmix::reference::rel_err;
@@ -42,7 +47,8 @@ fn work_dir() -> PathBuf {
 /// The emulator binary of a variant (built once per variant and kernel file).
 fn emulator(plan: &BwdPlan, kernel_file: Option<&Path>) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let key = format!("{}{}", plan.variant.name(), kernel_file.map(|_| "_broken").unwrap_or(""));
+    let stem = kernel_file.and_then(|f| f.file_stem()).map(|s| format!("_{}", s.to_string_lossy()));
+    let key = format!("{}{}", plan.variant.name(), stem.unwrap_or_default());
     let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = built.get(&key) {
         return p.clone();
@@ -84,10 +90,11 @@ impl Inputs {
     }
 
     /// The plan run on the emulator (kernel file: the real one, or a broken copy); the gradients.
-    fn run_emu(&self, tc: bool, kernel_file: Option<&Path>, tag: &str) -> Grads<f32> {
+    fn run_emu(&self, tc: bool, kernel_file: Option<&Path>, tag: &str, heads: usize) -> Grads<f32> {
         let c = &self.case;
         let p = &c.problem;
-        let plan = BwdPlan::new(p, &c.weights, tc).expect("a plan");
+        let plan = BwdPlan::new(p, &c.weights, tc, Chunk::Heads(heads)).expect("a plan");
+        assert_eq!(plan.chunk_heads(), heads.min(c.problem.cfg.heads));
         let bin = emulator(&plan, kernel_file);
         let dir = work_dir().join(tag);
         std::fs::create_dir_all(&dir).unwrap();
@@ -176,17 +183,57 @@ fn check(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType
     worst
 }
 
-/// The case through bwd_v1 (FMA), and for f16/bf16 also through bwd_v2 (tensor cores).
-fn check_case(inputs: &Inputs, label: &str) -> f64 {
+/// Bitwise equality of two runs' gradients (a chunked and a one-chunk run of the same kernels).
+fn same_bits(a: &Grads<f32>, b: &Grads<f32>, label: &str) {
+    for ((name, x), (_, y)) in a.named().iter().zip(b.named()) {
+        let differ = x.iter().zip(y.iter()).filter(|(u, v)| u.to_bits() != v.to_bits()).count();
+        assert_eq!(differ, 0, "{label}: {name} differs from the one-chunk run in {differ} of {} values", x.len());
+    }
+}
+
+/// Heads per chunk a case runs beyond one chunk: `G = 1`, and `G = H - 1` (an uneven last chunk)
+/// when `H > 2`.
+fn chunkings(heads: usize) -> Vec<usize> {
+    match heads {
+        0 | 1 => vec![],
+        2 => vec![1],
+        h => vec![1, h - 1],
+    }
+}
+
+/// Wall time of the chunked emulator runs (reported by the random-case test).
+static CHUNKED_SECS: Mutex<f64> = Mutex::new(0.0);
+
+/// The case through bwd_v1 (FMA), and for f16/bf16 also through bwd_v2 (tensor cores), with one
+/// chunk; then the last of them (bwd_v2 where it runs) with every chunking of `chunks`: each
+/// matches the reference and has the one-chunk run's bits.
+fn check_case_chunked(inputs: &Inputs, label: &str, chunks: &[usize]) -> f64 {
     let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
     let dtype = inputs.case.problem.dtype;
-    let mut worst = check(&inputs.run_emu(false, None, label), &want, &want32, dtype, 1.0, label);
+    let heads = inputs.case.problem.cfg.heads;
+    let mut last = inputs.run_emu(false, None, label, heads);
+    let mut worst = check(&last, &want, &want32, dtype, 1.0, label);
+    let (mut tc, mut precision) = (false, 1.0);
     if dtype != DType::F32 {
         let label = format!("{label}_bwd_v2");
-        let precision = if dtype == DType::BF16 { 128.0 } else { 4.0 };
-        worst = worst.max(check(&inputs.run_emu(true, None, &label), &want, &want32, dtype, precision, &label));
+        (tc, precision) = (true, if dtype == DType::BF16 { 128.0 } else { 4.0 });
+        last = inputs.run_emu(true, None, &label, heads);
+        worst = worst.max(check(&last, &want, &want32, dtype, precision, &label));
+    }
+    for &g in chunks {
+        let label = format!("{label}_{}_g{g}", if tc { "bwd_v2" } else { "bwd_v1" });
+        let t = std::time::Instant::now();
+        let got = inputs.run_emu(tc, None, &label, g);
+        *CHUNKED_SECS.lock().unwrap_or_else(|e| e.into_inner()) += t.elapsed().as_secs_f64();
+        worst = worst.max(check(&got, &want, &want32, dtype, precision, &label));
+        same_bits(&got, &last, &label);
     }
     worst
+}
+
+/// [`check_case_chunked`] with one chunk only.
+fn check_case(inputs: &Inputs, label: &str) -> f64 {
+    check_case_chunked(inputs, label, &[])
 }
 
 #[test]
@@ -202,15 +249,17 @@ fn cuda_backward_matches_the_reference_on_the_emulator() {
     check_property("cuda backward (emulator)", 12, specs(limits), |spec| {
         let i = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inputs = Inputs::new(spec.case(), spec.seed);
-        let w = check_case(&inputs, &format!("case{i}"));
+        let w = check_case_chunked(&inputs, &format!("case{i}"), &chunkings(inputs.case.problem.cfg.heads));
         let mut g = worst.lock().unwrap();
         *g = g.max(w);
     });
     eprintln!(
-        "bwd emu: {} random cases pass, worst error {:.2} of its bound, {:.1} s",
+        "bwd emu: {} random cases pass (chunked runs too, same bits), worst error {:.2} of its bound, {:.1} s \
+         ({:.1} s in chunked runs)",
         count.into_inner(),
         worst.into_inner().unwrap(),
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        *CHUNKED_SECS.lock().unwrap_or_else(|e| e.into_inner())
     );
 }
 
@@ -253,6 +302,57 @@ fn cuda_backward_of_every_named_method_on_the_emulator() {
     }
 }
 
+/// Chunks of heads on the paths the random cases may miss: a collapse feeding a head norm (`y`
+/// summed over the chunks, then the norm once) in bf16 (bwd_v2) and f32 (the sums in `dq, dk, dv`
+/// themselves), a norm without a collapse (MEA, per-chunk `dgamma`), `Hk < H`; `G = 1`, `G = 2`
+/// and `G = 3` of `H = 4` (an uneven last chunk), each against the reference and bit for bit
+/// against one chunk.
+#[test]
+fn cuda_backward_in_chunks_of_heads_on_the_emulator() {
+    if !gxx_or_skip("cuda_backward_in_chunks_of_heads_on_the_emulator") {
+        return;
+    }
+    let rope = |mode| headmix::Rope { base: 500.0, mode };
+    let iha = Config::iha(4, 2, 16).with_causal(true);
+    let cases = [
+        (iha.with_rope(rope(headmix::PosMode::Virtual)), Some(headmix::NormKind::Group), DType::BF16, &[1, 2, 3][..]),
+        (iha, Some(headmix::NormKind::Rms), DType::F32, &[1, 3][..]),
+        (Config::mea_compressed(4, 2, 16).unwrap().with_rope(rope(headmix::PosMode::Token)), None, DType::F16, &[1, 3][..]),
+    ];
+    for (i, (cfg, norm, dtype, chunks)) in cases.into_iter().enumerate() {
+        let mut w = Weights::random(&cfg, 40 + i as u64);
+        if norm.is_some() {
+            w = w.with_norm_kind(norm, &cfg);
+        }
+        let case = Case::random(cfg, w, 2, 7, 10, dtype, 50 + i as u64);
+        let inputs = Inputs::new(case, 50 + i as u64);
+        check_case_chunked(&inputs, &format!("chunks_{i}"), chunks);
+    }
+}
+
+/// Negative control of the chunked plan: a mix-back that forgets the previous chunks' sum of
+/// `dq, dk, dv` passes with one chunk and fails the check with two.
+#[test]
+fn negative_control_a_chunked_sum_that_drops_a_chunk_fails_on_the_emulator() {
+    if !gxx_or_skip("negative_control_a_chunked_sum_that_drops_a_chunk_fails_on_the_emulator") {
+        return;
+    }
+    let src = std::fs::read_to_string(kernels_dir().join("bwd_v1.cu")).unwrap();
+    let right = "float s = first ? 0.f : acc[o];";
+    assert_eq!(src.matches(right).count(), 1, "the negative control must find the mix-back's running sum");
+    let broken = work_dir().join("bwd_v1_chunk_broken.cu");
+    std::fs::write(&broken, src.replacen(right, "float s = 0.f;", 1)).unwrap();
+    let cfg = Config::mha(2, 16).with_causal(true);
+    let case = Case::random(cfg, Weights::random(&cfg, 7), 1, 7, 9, DType::F32, 7);
+    let inputs = Inputs::new(case, 7);
+    let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
+    let whole = inputs.run_emu(false, Some(&broken), "chunk_control_whole", cfg.heads);
+    check(&whole, &want, &want32, DType::F32, 1.0, "broken mix-back, one chunk"); // passes
+    let got = inputs.run_emu(false, Some(&broken), "chunk_control_broken", 1);
+    let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, 1.0, "broken")).is_err();
+    assert!(failed, "a mix-back that drops the first chunk passed the check");
+}
+
 /// Negative control: the kernel with one sign flipped in dS (`dP + D`) fails the check.
 #[test]
 fn negative_control_a_wrong_kernel_fails_on_the_emulator() {
@@ -268,7 +368,7 @@ fn negative_control_a_wrong_kernel_fails_on_the_emulator() {
     let case = Case::random(cfg, Weights::random(&cfg, 5), 1, 7, 9, DType::F32, 5);
     let inputs = Inputs::new(case, 5);
     check_case(&inputs, "control_right"); // the real kernel passes this case
-    let got = inputs.run_emu(false, Some(&broken), "control_broken");
+    let got = inputs.run_emu(false, Some(&broken), "control_broken", cfg.heads);
     let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
     let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, 1.0, "broken")).is_err();
     assert!(failed, "the broken kernel passed the check");
@@ -289,7 +389,7 @@ fn negative_control_a_wrong_tensor_core_kernel_fails_on_the_emulator() {
     let case = Case::random(cfg, Weights::random(&cfg, 6), 1, 7, 9, DType::BF16, 6);
     let inputs = Inputs::new(case, 6);
     check_case(&inputs, "tc_control_right"); // v1 and v2 pass this case
-    let got = inputs.run_emu(true, Some(&broken), "tc_control_broken");
+    let got = inputs.run_emu(true, Some(&broken), "tc_control_broken", cfg.heads);
     let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
     let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::BF16, 128.0, "broken v2")).is_err();
     assert!(failed, "the broken tensor-core kernel passed the check");

@@ -42,7 +42,7 @@
 #define BW_TPL ((HM_HD + 31) / 32)  // columns per lane
 #define BW_PRE_TOK 8                // tokens per hm_bwd_v1_pre block (one partial per block)
 #define BW_W_TOK 16                 // tokens per hm_bwd_v1_wgrad block (one partial per block)
-#define HM_BWD_NPTR 29              // pointers at the head of HmBwd (the emulator relocates them)
+#define HM_BWD_NPTR 30              // pointers at the head of HmBwd (the emulator relocates them)
 #ifndef HM_BWD_TC
 #define HM_BWD_TC 0 // 1: the bwd_v2 module (this file, then bwd_v2.cu's tensor-core dq, dk/dv)
 #endif
@@ -74,6 +74,8 @@ struct HmBwd {
     float *accq, *acck, *accv;      // f32 sums of dq, dk, dv over the chunks so far (null: one chunk)
     float* y;                       // [B, N, H, d] f32 y, then dy in place (several chunks with a
                                     // collapse and a norm), or null
+    float* lse;                     // [B, hc, N*P] the chunk's saved lse: the call's lse with one
+                                    // chunk, else a copy (hm_bwd_v1_mix; the passes index it as D)
     int rope_hi0;
     int pre_tiles;                  // B * ceil(N / BW_PRE_TOK)
     int wq_tiles, wk_tiles;         // B * ceil(N / BW_W_TOK), B * ceil(M / BW_W_TOK)
@@ -134,6 +136,8 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_mix(const HmArgs a
         const int cl = e / per, t = e - cl * per, h = cl / P, p = cl - h * P, vi = l * P + p;
         const int hp = x.h0 * P + cl; // the pseudo-head's column of the weights
         float* row = dst + (((long long)b * x.hc + h) * L * P + vi) * d;
+        if (which == 0 && t == 0 && x.lse != a.lse) // several chunks: the chunk's lse rows
+            x.lse[((long long)b * x.hc + h) * L * P + vi] = a.lse[((long long)b * a.H + x.h0 + h) * L * P + vi];
         if (rope) {
             float c, s;
             bw_rope_cs(x, which == 0 ? bw_q_pos(a, vi) : bw_k_pos(a, vi), t, half, &c, &s);
@@ -202,7 +206,6 @@ template <bool RECOMPUTE> __device__ __forceinline__ void bw_query_pass(const Hm
     const int P = a.P, d = a.d, nq = a.N * P, nk = a.M * P, i0 = blockIdx.x * HM_BR;
     const long long off = (long long)(a.M - a.N) * P;
     const long long hq = ((long long)b * x.hc + h) * nq, hk = ((long long)b * x.hc + h) * nk; // chunk rows
-    const float* lse = a.lse + ((long long)b * a.H + x.h0 + h) * nq; // head h0 + h's saved lse
     bw_load(qs, x.qt + hq * d, i0, nq, HM_BR, d);
     if (!RECOMPUTE) bw_load(dos, x.dop + hq * d, i0, nq, HM_BR, d);
     float lse2[BW_RPW], Dr[BW_RPW], acc[BW_RPW][BW_TPL];
@@ -211,7 +214,7 @@ template <bool RECOMPUTE> __device__ __forceinline__ void bw_query_pass(const Hm
     for (int r = 0; r < BW_RPW; ++r) {
         const int i = i0 + warp * BW_RPW + r;
         const bool ok = i < nq;
-        lse2[r] = ok ? lse[i] * HM_LOG2E : 0.f;
+        lse2[r] = ok ? x.lse[hq + i] * HM_LOG2E : 0.f;
         Dr[r] = ok && !RECOMPUTE ? x.D[hq + i] : 0.f;
         hm_row_keys(a, i + off, nk, &klo[r], &khi[r]);
         if (!ok) khi[r] = -1;
@@ -293,7 +296,6 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_dkdv(const HmArgs 
     const int P = a.P, d = a.d, nq = a.N * P, nk = a.M * P, j0 = blockIdx.x * HM_BR;
     const long long off = (long long)(a.M - a.N) * P;
     const long long hq = ((long long)b * x.hc + h) * nq, hk = ((long long)b * x.hc + h) * nk; // chunk rows
-    const float* lse = a.lse + ((long long)b * a.H + x.h0 + h) * nq; // head h0 + h's saved lse
     bw_load(ks, x.kt + hk * d, j0, nk, HM_BR, d);
     bw_load(vs, x.vt + hk * d, j0, nk, HM_BR, d);
     float ak[BW_RPW][BW_TPL], av[BW_RPW][BW_TPL];
@@ -309,7 +311,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_dkdv(const HmArgs 
         bw_load(dos, x.dop + hq * d, (int)c0, nq, HM_BC, d);
         if (threadIdx.x < HM_BC) {
             const long long i = c0 + threadIdx.x;
-            st[threadIdx.x] = i < nq ? lse[i] * HM_LOG2E : 0.f;
+            st[threadIdx.x] = i < nq ? x.lse[hq + i] * HM_LOG2E : 0.f;
             st[HM_BC + threadIdx.x] = i < nq ? x.D[hq + i] : 0.f;
         }
         __syncthreads();
@@ -404,9 +406,10 @@ __device__ __forceinline__ void bw_norm_back(const HmArgs& a, int h, const float
 // pseudo rows), dy [R][d] (R = H with a collapse, else CP), dr partial [H][CP], dgamma and dbeta
 // partials [H][d] (backward.rs sizes it). Warp w owns heads w, w + NW, ... in the norm phase and
 // pseudo rows w, w + NW, ... in the collapse-transpose phase: every partial element has one owner
-// and a fixed token order. With x.y set (several chunks, a collapse and a norm) dy is read from
+// and a fixed token order. (Launch bounds (NT, 1): ptxas's default register target, 64, spilled
+// the d 256 variant.) With x.y set (several chunks, a collapse and a norm) dy is read from
 // it (hm_bwd_v1_norm wrote it: y needs every chunk's op) and the norm phase is skipped.
-extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_pre(const HmArgs a, const HmBwd x) {
+extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_bwd_v1_pre(const HmArgs a, const HmBwd x) {
     extern __shared__ float hm_smem[];
     const int H = a.H, P = a.P, HP = H * P, d = a.d, N = a.N, nq = N * P, b = blockIdx.y;
     const int CP = x.hc * P, c0 = x.h0 * P; // the chunk's pseudo rows: cl local, c0 + cl global
@@ -434,8 +437,9 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_pre(const HmArgs a
         for (int r = warp; r < (col ? H : x.hc); r += BW_NW) {
             const int h = col ? r : x.h0 + r;
             for (int rr = 0; rr < (col ? 1 : P); ++rr) {
-                const int row = col ? h : r * P + rr;  // its row of dys (and of ops without a collapse)
-                const int orow = col ? h : h * P + rr; // its row of dout
+                const int row = col ? h : r * P + rr; // its row of dys (and of ops without a collapse)
+                // Its row of dout (and of x.y, which is set with a collapse only).
+                const long long go = (((long long)b * N + n) * (col ? H : HP) + (col ? h : h * P + rr)) * d;
                 float y[BW_TPL], g[BW_TPL];
                 float sum = 0.f;
 #pragma unroll
@@ -451,8 +455,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_pre(const HmArgs a
                             if (rw != 0.f) y[u] = fmaf(rw, ops[cl * d + t], y[u]); // unread stays unread
                         }
                     }
-                    g[u] = x.y ? x.y[(((long long)b * N + n) * H + h) * d + t]
-                               : hm_load(x.dout, (((long long)b * N + n) * (col ? H : HP) + orow) * d + t);
+                    g[u] = x.y ? x.y[go + t] : hm_load(x.dout, go + t);
                     sum += y[u];
                 }
                 if (norm) {
@@ -536,7 +539,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_norm(const HmArgs 
     float* dgs = hm_smem;      // [H][d]
     float* dbs = dgs + H * d;  // [H][d]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const float inv_d = 1.f / (float)d;
+    const float inv_d = 1.f / (float)d; // as pre's (the same bits)
     for (int e = threadIdx.x; e < 2 * H * d; e += HM_NT) dgs[e] = 0.f;
     __syncthreads();
     const int n0 = blockIdx.x * BW_PRE_TOK, n1 = min(n0 + BW_PRE_TOK, N);

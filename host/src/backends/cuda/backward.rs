@@ -49,8 +49,8 @@ pub const W_TOK: usize = 16;
 /// Owned rows per block of bwd_v2's tensor-core passes (`BW2_BR`: 4 warps x 16).
 pub const TC_ROWS: usize = 64;
 
-/// The backward's buffers, mirrored from `HmBwd` in `kernels-cuda/bwd_v1.cu`: 29 device pointers,
-/// then 12 `i32` (280 bytes, no padding). The pseudo-head scratch holds the chunk's heads.
+/// The backward's buffers, mirrored from `HmBwd` in `kernels-cuda/bwd_v1.cu`: 30 device pointers,
+/// then 12 `i32` (288 bytes, no padding). The pseudo-head scratch holds the chunk's heads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HmBwd {
@@ -112,6 +112,9 @@ pub struct HmBwd {
     pub accv: u64,
     /// `y` `[B, N, H, d]` f32, then `dy` in place (several chunks with a collapse and a norm), or 0.
     pub y: u64,
+    /// The chunk's saved `lse` `[B, hc, N·P]`: the call's `lse` with one chunk, else a copy
+    /// (written by `hm_bwd_v1_mix`; the attention passes index it as `D`).
+    pub lse: u64,
     /// The first row of `rope_hi`.
     pub rope_hi0: i32,
     /// Partials of the `pre` pass: `B·ceil(N / PRE_TOK)`.
@@ -138,10 +141,10 @@ pub struct HmBwd {
     pub reduce: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<HmBwd>() == 29 * 8 + 12 * 4);
+const _: () = assert!(std::mem::size_of::<HmBwd>() == 30 * 8 + 12 * 4);
 
 /// Pointers at the head of [`HmBwd`] (relocated from slots to device addresses).
-pub const HM_BWD_NPTR: usize = 29;
+pub const HM_BWD_NPTR: usize = 30;
 
 /// What a buffer of the plan holds before the kernels run.
 #[derive(Clone, Debug)]
@@ -250,11 +253,12 @@ fn recomputes(pb: &Problem) -> bool {
 }
 
 /// Bytes of one head's f32 pseudo-head scratch: `qt, dop, dqt` (and `op` when recomputed) of
-/// `N·P` rows, `kt, vt, dkt, dvt` of `M·P` rows, and `D` (`N·P`), for all `B`.
+/// `N·P` rows, `kt, vt, dkt, dvt` of `M·P` rows, `D` and the copy of `lse` (`N·P` each; the copy
+/// with several chunks only), for all `B`.
 pub fn head_scratch_bytes(pb: &Problem) -> u64 {
     let (b, p, d) = (pb.batch as u64, pb.cfg.pseudo as u64, pb.cfg.head_dim as u64);
     let q_rows = if recomputes(pb) { 4 } else { 3 };
-    4 * b * p * (d * (q_rows * pb.n as u64 + 4 * pb.m as u64) + pb.n as u64)
+    4 * b * p * (d * (q_rows * pb.n as u64 + 4 * pb.m as u64) + 2 * pb.n as u64)
 }
 
 /// The whole backward of one problem: buffers, argument blocks (pointers as slot numbers: slot
@@ -382,7 +386,9 @@ impl BwdPlan {
         x.dqt = add(rows_q, BufRole::Scratch("dqt"));
         x.dkt = add(rows_k, BufRole::Scratch("dkt"));
         x.dvt = add(rows_k, BufRole::Scratch("dvt"));
-        // Several chunks: f32 sums of dq, dk, dv across them (f32 gradients hold their own sums).
+        // Several chunks: the chunk's lse rows (one chunk reads the call's), f32 sums of dq, dk, dv
+        // across chunks (f32 gradients hold their own sums).
+        x.lse = if chunked { add(4 * b * g * n * p, BufRole::Scratch("lse chunk")) } else { args.lse };
         if chunked {
             if pb.dtype == DType::F32 {
                 (x.accq, x.acck, x.accv) = (x.dq, x.dk, x.dv);
@@ -746,7 +752,10 @@ mod tests {
                 let two_phase = g < 5 && pb.collapse && pb.norm;
                 assert_eq!(p.slot("y").is_some(), two_phase);
                 assert_eq!(p.launches.iter().filter(|l| short(l) == "norm").count(), two_phase as usize);
-                assert_eq!(p.launches.iter().filter(|l| short(l) == "ysum").count(), if two_phase { want.len() } else { 0 });
+                assert_eq!(
+                    p.launches.iter().filter(|l| short(l) == "ysum").count(),
+                    if two_phase { want.len() } else { 0 }
+                );
                 assert_eq!(p.slot("dq f32").is_some(), g < 5 && dtype != DType::F32);
                 assert_eq!(p.x.accq == p.x.dq, g < 5 && dtype == DType::F32);
                 // Each chunk's launches cover its heads only (grids over hc heads).
@@ -787,9 +796,10 @@ mod tests {
             // One chunk: the old figure (rows with op, D, partials, weights and tables).
             let (bb, hp) = (b as u64, (h * p) as u64);
             let rows = 4 * bb * hp * d as u64 * (4 * n as u64 + 4 * m as u64) + 4 * bb * hp * n as u64;
-            let parts = 4 * ((bb * n.div_ceil(8) as u64) * (h as u64 * hp + 2 * (h * d) as u64)
-                + (bb * n.div_ceil(16) as u64) * h as u64 * hp
-                + 2 * (bb * m.div_ceil(16) as u64) * h as u64 * hp);
+            let parts = 4
+                * ((bb * n.div_ceil(8) as u64) * (h as u64 * hp + 2 * (h * d) as u64)
+                    + (bb * n.div_ceil(16) as u64) * h as u64 * hp
+                    + 2 * (bb * m.div_ceil(16) as u64) * h as u64 * hp);
             assert_eq!(whole.scratch_bytes(), rows + parts, "P={p}");
         }
         assert!(scratch.windows(2).all(|s| s[0] == s[1]), "scratch grows with P: {scratch:?}");

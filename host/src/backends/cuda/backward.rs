@@ -783,7 +783,7 @@ mod tests {
         // The budget: two heads at P = 2 (G = 4, 2, 1 at P = 1, 2, 4).
         let (pb2, _) = figure(Config::iha(h, 2, d), Chunk::Heads(h));
         let budget = 2 * head_scratch_bytes(&pb2);
-        let mut scratch = Vec::new();
+        let (mut scratch, mut extra, mut unchunked) = (Vec::new(), Vec::new(), Vec::new());
         for p in [1, 2, 4] {
             let cfg = Config::iha(h, p, d);
             let (pb, chunked) = figure(cfg, Chunk::Budget(budget));
@@ -791,8 +791,13 @@ mod tests {
             assert_eq!(chunked.chunk_heads(), 4 / p);
             assert!(chunked.x.hc as u64 * head_scratch_bytes(&pb) <= budget);
             scratch.push(chunked.scratch_bytes());
-            // Beyond the scratch: the weights and tables, the same in both plans.
-            assert_eq!(chunked.extra_bytes() - chunked.scratch_bytes(), whole.extra_bytes() - whole.scratch_bytes());
+            // Beyond the scratch: the uploaded weights (`aq, ak, av, r`: `(Hq + 2 Hk + H)·H·P`
+            // f32, the parameters themselves, as large as their gradients), the same in both plans.
+            let weights = 4 * (3 * h + h) as u64 * (h * p) as u64;
+            assert_eq!(chunked.extra_bytes() - chunked.scratch_bytes(), weights);
+            assert_eq!(whole.extra_bytes() - whole.scratch_bytes(), weights);
+            extra.push(chunked.extra_bytes() - weights);
+            unchunked.push(whole.extra_bytes() - weights);
             // One chunk: the old figure (rows with op, D, partials, weights and tables).
             let (bb, hp) = (b as u64, (h * p) as u64);
             let rows = 4 * bb * hp * d as u64 * (4 * n as u64 + 4 * m as u64) + 4 * bb * hp * n as u64;
@@ -803,6 +808,9 @@ mod tests {
             assert_eq!(whole.scratch_bytes(), rows + parts, "P={p}");
         }
         assert!(scratch.windows(2).all(|s| s[0] == s[1]), "scratch grows with P: {scratch:?}");
+        assert!(extra.windows(2).all(|s| s[0] == s[1]), "extra memory grows with P: {extra:?}");
+        // Negative control: one chunk does grow with P (the check can fail).
+        assert!(unchunked.windows(2).all(|s| s[0] < s[1]), "{unchunked:?}");
         // The default budget: the pseudo-head scratch at most the stored q, k, v in f32.
         let (pb, p) = figure(Config::iha(h, 4, d), Chunk::default_for(&pb2));
         let stored = 4 * (b * d * (n * h + 2 * m * h)) as u64;

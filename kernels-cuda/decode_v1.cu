@@ -7,62 +7,14 @@
 // a host table: no f64 in the loop). Scores, an online softmax in the log2 domain and P V follow,
 // each row over its visible span of the tile (the causal / window mask is an interval).
 // Flash-decoding: the visible band of held tokens is cut into `splits` ranges; each block writes
-// its unnormalised partial (o, max, sum) and hm_decode_combine_v1 merges them exactly, then
-// writes the de-interleaved outputs (head norm included) or scatters them through r into the
-// collapse accumulator for hm_collapse_epilogue (epilogue.cu), exactly as after a forward.
+// its unnormalised partial (o, max, sum); hm_decode_combine_v1 merges them exactly and writes
+// the de-interleaved outputs (head norm included), or with a collapse r hm_decode_collapse_v1
+// merges a token's rows and collapses them in a fixed order, then norms. No atomics anywhere:
+// decode is deterministic, bit for bit.
 //
-// Indexing: the sequence's base is a 64-bit offset computed once; within a sequence 32-bit
-// (capacity*Hk*d <= 2^31 - 1, checked by the host), so B*capacity*Hk*d may exceed 2^31.
-// Held token t (0 = oldest) lives in slot (first + t) % capacity: a ring (IHA local) and a
-// linear cache are read alike. The masks and RoPE positions are the forward's over the held
-// tokens, bottom-right aligned.
-
-#ifndef HM_NT
-#define HM_NT 128
-#endif
-
-// The decode-only arguments (mirrored by `DecodeArgs` in host/src/backends/cuda/decode.rs).
-struct HmDecodeArgs {
-    const unsigned* lens;  // [B] absolute length of each sequence
-    float* part;           // [splits, B, H, N*P, d + 2] partials (o unnormalised, max, sum)
-    const float* rope_tab; // [levels, 256, d/2, 2] cos/sin of byte * 256^level * freq_t, or null
-    int capacity, splits, tokens_per_split, tile_tokens;
-    int rope_levels, selection, vec16, pad;
-};
-
-// Rotate (x0, x1) to `pos` by composing one table rotation per byte of the position.
-__device__ __forceinline__ void hm_rope_tab(const HmDecodeArgs& x, float& x0, float& x1, unsigned pos, int t,
-                                            int half) {
-    float c = 1.f, s = 0.f;
-    for (int l = 0; l < x.rope_levels; ++l) {
-        const float2 e = ((const float2*)x.rope_tab)[(l * 256 + ((pos >> (8 * l)) & 255u)) * half + t];
-        const float c2 = c * e.x - s * e.y;
-        s = c * e.y + s * e.x;
-        c = c2;
-    }
-    const float a0 = x0, a1 = x1;
-    x0 = a0 * c - a1 * s;
-    x1 = a1 * c + a0 * s;
-}
-
-// The keys the query at key index ia sees among the `count` virtual keys from j0, as local
-// [*lo, *hi): the causal / window mask is an interval, from the run-time flags (one module
-// serves every mask), so the loops run over it with no per-key test.
-struct HmSpan {
-    int lo, hi;
-};
-__device__ __forceinline__ HmSpan hm_dec_span(const HmArgs& a, int ia, int j0, int count) {
-    long long l = j0, h = (long long)j0 + count;
-    if (a.causal) h = min(h, (long long)ia + 1);
-    if (a.has_window) {
-        l = max(l, (long long)ia - a.window_left);
-        h = min(h, (long long)ia + a.window_right + 1);
-    }
-    return HmSpan{(int)(l - j0), (int)(max(h, l) - j0)};
-}
-
-// Whether a mixing weight is used: a zero of a one-hot selection matrix skips its head.
-__device__ __forceinline__ bool hm_uses(float w, int selection, int bit) { return w != 0.f || !(selection & bit); }
+// Shared with decode_v2.cu (decode.cuh): the argument block, the sequence's view of its cache,
+// the mixed queries, RoPE from a host table, the mask as an interval, the partials; the split
+// combine is decode_combine.cu.
 
 // Widen 16 bytes of storage into floats.
 __device__ __forceinline__ void hm_widen16(const uint4 u, float* dst) {
@@ -101,54 +53,24 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v1(const HmArgs
     float* lrun = mrun + R;    // [R] running sum
     float* alpha = lrun + R;   // [NP] the current tile's rescale of the current head's rows
 
-    // The sequence: held tokens, oldest one's absolute position and slot, RoPE offset.
-    const unsigned cap = (unsigned)x.capacity, len = x.lens[b];
-    const unsigned stored = min(len, cap), first = len - stored, slot0 = first % cap;
-    const unsigned unit = a.rope_token ? 1u : (unsigned)P;
-    const unsigned pos0 = (unsigned)a.pos0 + first * unit;
-    const int M = (int)stored, off = (M - a.N) * P, nk = M * P;
-
-    // The band of held tokens the rows can see, and this split's share.
-    int lo = 0, hi = nk - 1;
-    if (a.has_window) {
-        lo = max(0, off - a.window_left);
-        hi = (int)min((long long)hi, (long long)off + NP - 1 + a.window_right);
-    }
-    if (a.causal) hi = min(hi, off + NP - 1);
-    const int t_begin = lo / P + split * x.tokens_per_split;
-    const int t_end = min(hi / P + 1, t_begin + x.tokens_per_split);
-
-    // 64-bit base of this sequence's rows; 32-bit offsets inside it.
-    const long long seq_base = (long long)b * cap * KW;
-    const hm_elem* kc = (const hm_elem*)a.k + seq_base;
-    const hm_elem* vc = (const hm_elem*)a.v + seq_base;
+    // The sequence: held tokens, ring slots, RoPE offset, this split's band (decode.cuh).
+    const HmDecSeq sq = hm_dec_seq(a, x, b, split);
+    const unsigned pos0 = sq.pos0;
+    const int off = sq.off, t_begin = sq.t_begin, t_end = sq.t_end;
+    const hm_elem *kc = sq.kc, *vc = sq.vc;
 
     // 1. Queries of every head: mix, rotate at the query positions, fold in scale*log2(e).
     for (int e = tid; e < R * half; e += HM_NT) {
-        const int r = e / half, t = e % half, h = r / NP, i = r % NP, n = i / P, pq = i % P;
-        const hm_elem* src = (const hm_elem*)a.q + ((long long)b * a.N + n) * a.Hq * d + t;
-        float x0 = 0.f, x1 = 0.f;
-        for (int m = 0; m < a.Hq; ++m) {
-            const float w = a.aq[(m * H + h) * P + pq];
-            if (hm_uses(w, x.selection, 1)) {
-                x0 += w * hm_to_f32(src[m * d]);
-                x1 += w * hm_to_f32(src[m * d + half]);
-            }
-        }
-        if (a.rope) {
-            const unsigned pos = a.rope_token ? pos0 + n + (stored - a.N) : pos0 + i + off;
-            hm_rope_tab(x, x0, x1, pos, t, half);
-        }
+        const int r = e / half, t = e % half;
+        float x0, x1;
+        hm_dec_query(a, x, sq, b, r / NP, r % NP, t, x0, x1);
         // Rounded to the storage precision where v1 / a tensor-core kernel rounds (mixed q, k, v,
         // probabilities, outputs), so f16/bf16 results match the reference's rounding points.
         qs[r * d + t] = hm_round(x0) * a.scale_log2;
         qs[r * d + t + half] = hm_round(x1) * a.scale_log2;
     }
     for (int e = tid; e < R * d; e += HM_NT) os[e] = 0.f;
-    for (int r = tid; r < R; r += HM_NT) {
-        mrun[r] = -3.0e38f;
-        lrun[r] = 0.f;
-    }
+    hm_dec_init_rows(mrun, lrun, R);
 
     // 2. The split's held tokens, TC at a time.
     for (int t0 = t_begin; t0 < t_end; t0 += TC) {
@@ -163,8 +85,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v1(const HmArgs
                 float* kd = kr + c * KW + w * epv;
                 float* vd = vr + c * KW + w * epv;
                 if (c < tiles_valid) {
-                    unsigned slot = slot0 + (unsigned)(t0 + c);
-                    if (slot >= cap) slot -= cap;
+                    const unsigned slot = hm_dec_slot(sq, t0 + c);
                     const uint4 ku = ((const uint4*)(kc + slot * (unsigned)KW))[w];
                     const uint4 vu = ((const uint4*)(vc + slot * (unsigned)KW))[w];
                     hm_widen16(ku, kd);
@@ -178,8 +99,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v1(const HmArgs
                 const int c = e / KW, w = e % KW;
                 float kx = 0.f, vx = 0.f;
                 if (c < tiles_valid) {
-                    unsigned slot = slot0 + (unsigned)(t0 + c);
-                    if (slot >= cap) slot -= cap;
+                    const unsigned slot = hm_dec_slot(sq, t0 + c);
                     kx = hm_to_f32(kc[slot * (unsigned)KW + w]);
                     vx = hm_to_f32(vc[slot * (unsigned)KW + w]);
                 }
@@ -265,82 +185,5 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v1(const HmArgs
 
     // 3. This split's partials.
     __syncthreads();
-    const long long rows_all = (long long)a.B * R;
-    for (int e = tid; e < R * d; e += HM_NT) {
-        const int r = e / d, t = e % d;
-        x.part[((long long)split * rows_all + (long long)b * R + r) * (d + 2) + t] = os[e];
-    }
-    for (int r = tid; r < R; r += HM_NT) {
-        float* dst = x.part + ((long long)split * rows_all + (long long)b * R + r) * (d + 2) + d;
-        dst[0] = mrun[r];
-        dst[1] = lrun[r];
-    }
-}
-
-// Combine: one warp per virtual query row (b, h, i): merge the splits' partials, write lse, then
-// store the de-interleaved pseudo output (head norm included) or scatter it through r into the
-// zeroed collapse accumulator (hm_collapse_epilogue norms and rounds it).
-#define HM_DEC_ROWS 4
-extern "C" __global__ void __launch_bounds__(32 * HM_DEC_ROWS) hm_decode_combine_v1(const HmArgs a,
-                                                                                    const HmDecodeArgs x) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int H = a.H, P = a.P, d = a.d, NP = a.N * P, R = H * NP;
-    const int rows_all = a.B * R; // below 2^31 (checked by the host): 32-bit division only
-    const int row = blockIdx.x * HM_DEC_ROWS + warp;
-    if (row >= rows_all) return;
-    const int b = row / R, r = row % R, h = r / NP, i = r % NP, n = i / P, p = i % P;
-
-    float mx = -3.0e38f;
-    for (int s = 0; s < x.splits; ++s) mx = fmaxf(mx, x.part[((long long)s * rows_all + row) * (d + 2) + d]);
-    float l = 0.f;
-    for (int s = 0; s < x.splits; ++s) {
-        const float* at = x.part + ((long long)s * rows_all + row) * (d + 2);
-        l += at[d + 1] * exp2f(at[d] - mx);
-    }
-    // A row that saw no key has l = 0 (zero output, lse -inf); a NaN l (a non-finite score) stays
-    // NaN in both (NaN policy 3).
-    const bool seen = !(l <= 0.f);
-    const float inv = seen ? __fdividef(1.f, l) : 0.f; // no slow-path division call (keeps it off the stack)
-    float o[8];
-    float ms = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const int t = lane + 32 * k;
-        float v = 0.f;
-        if (t < d)
-            for (int s = 0; s < x.splits; ++s) {
-                const float* at = x.part + ((long long)s * rows_all + row) * (d + 2);
-                v += exp2f(at[d] - mx) * at[t];
-            }
-        o[k] = hm_round(v * inv);
-        ms += o[k]; // t >= d contributes 0
-    }
-    if (lane == 0 && a.has_lse) a.lse[((long long)b * H + h) * NP + i] = seen ? (mx + log2f(l)) * HM_LN2 : HM_NEG_INF;
-    if (a.collapse) {
-        float* dst = a.acc + ((long long)(b * a.N + n) * H) * d; // acc[b, n, 0, :]
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int t = lane + 32 * k;
-            if (t < d)
-                for (int hh = 0; hh < H; ++hh) atomicAdd(dst + (long long)hh * d + t, a.r[(hh * H + h) * P + p] * o[k]);
-        }
-        return;
-    }
-    // Head norm (norm.cuh), two passes over the row held in registers: mean (group only), then
-    // the centred sum of squares.
-    float mu = 0.f, rinv = 1.f;
-    if (a.norm) {
-        mu = hm_norm_mean(a, hm_warp_sum(ms));
-        float sq = 0.f;
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-            if (lane + 32 * k < d) sq += (o[k] - mu) * (o[k] - mu);
-        rinv = hm_norm_inv(a, hm_warp_sum(sq));
-    }
-    const long long dst = ((((long long)b * a.N + n) * H + h) * P + p) * d;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const int t = lane + 32 * k;
-        if (t < d) hm_store(a.out, dst + t, a.norm ? hm_norm_apply(a, h, t, o[k], mu, rinv) : o[k]);
-    }
+    hm_dec_write_partials(a, x, split, b, os, mrun, lrun);
 }

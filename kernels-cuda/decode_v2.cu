@@ -1,7 +1,8 @@
 // decode v2: decode_v1's problem (N new tokens per sequence against its device-resident cache of
-// stored heads [B, capacity, Hk, d]) on the tensor cores, f16/bf16, sm_80+. Needs decode_v1.cu
-// before it in the module (HmDecodeArgs, hm_rope_tab, hm_dec_span, hm_uses, and the split
-// combine hm_decode_combine_v1, which merges v2's partials unchanged) and tiles.cuh.
+// stored heads [B, capacity, Hk, d]) on the tensor cores, f16/bf16, sm_80+. Needs decode.cuh
+// (shared with v1: HmDecodeArgs, the sequence's view of its cache, the mixed queries, RoPE from a
+// host table, the mask as an interval, the partials) and tiles.cuh before it; decode_combine.cu
+// after it (the split combine merges v2's partials as v1's).
 //
 // The absorbed form: head mixing is linear, so a tile is never mixed into pseudo-keys/values.
 //   scores   S[(h,i), (c,m)] = q(h,i) . k(c,m)     one mma over ALL heads' pseudo-queries at once:
@@ -126,23 +127,11 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v2(const HmArgs
     const unsigned ql_addr = hm_smem_addr(ql), kl_addr = hm_smem_addr(kl);
     const int stage_bytes = KC * PI * 2;
 
-    // The sequence (as v1): held tokens, oldest one's absolute position and slot, RoPE offset.
-    const unsigned cap = (unsigned)x.capacity, len = x.lens[b];
-    const unsigned stored = min(len, cap), first = len - stored, slot0 = first % cap;
-    const unsigned unit = a.rope_token ? 1u : (unsigned)P;
-    const unsigned pos0 = (unsigned)a.pos0 + first * unit;
-    const int M = (int)stored, off = (M - a.N) * P, nk = M * P;
-    int lo = 0, hi = nk - 1;
-    if (a.has_window) {
-        lo = max(0, off - a.window_left);
-        hi = (int)min((long long)hi, (long long)off + NP - 1 + a.window_right);
-    }
-    if (a.causal) hi = min(hi, off + NP - 1);
-    const int t_begin = lo / P + split * x.tokens_per_split;
-    const int t_end = min(hi / P + 1, t_begin + x.tokens_per_split);
-    const long long seq_base = (long long)b * cap * KW;
-    const hm_elem* kc = (const hm_elem*)a.k + seq_base;
-    const hm_elem* vc = (const hm_elem*)a.v + seq_base;
+    // The sequence (decode.cuh, as v1): held tokens, ring slots, RoPE offset, this split's band.
+    const HmDecSeq sq = hm_dec_seq(a, x, b, split);
+    const unsigned unit = sq.unit, pos0 = sq.pos0;
+    const int off = sq.off, t_begin = sq.t_begin, t_end = sq.t_end;
+    const hm_elem *kc = sq.kc, *vc = sq.vc;
 
     // Stage a tile of TC held tokens from t0: 16-byte cp.async per (token, head, chunk); tokens
     // past the split's end are zero-filled (finite: they meet the mma, never a row's output).
@@ -151,8 +140,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v2(const HmArgs
         for (int e = tid; e < KC * CH; e += HM_NT) {
             const int row = e / CH, ch = e - row * CH, c = row / HK, m = row - c * HK;
             const bool ok = c < valid;
-            unsigned slot = slot0 + (unsigned)(t0 + c);
-            if (slot >= cap) slot -= cap;
+            const unsigned slot = hm_dec_slot(sq, t0 + c);
             const unsigned src = ok ? slot * (unsigned)KW + (unsigned)(m * d + ch * 8) : 0u;
             const unsigned dst = (unsigned)(stage * stage_bytes + (row * PI + ch * 8) * 2);
             hm_cp_async16(k_addr + dst, kc + src, ok);
@@ -165,21 +153,12 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v2(const HmArgs
     // 1. Pseudo-queries of every head (rows (h, i, p') of the score mma): mix, rotate, round.
     for (int e = tid; e < L.rq * half; e += HM_NT) {
         const int rq = e / half, t = e - rq * half, r = rq / PQ, pq = rq - r * PQ;
-        const int h = r / NP, i = r - h * NP, n = i / P, pp = i - n * P;
-        const hm_elem* src = (const hm_elem*)a.q + ((long long)b * a.N + n) * a.Hq * d + t;
-        float x0 = 0.f, x1 = 0.f;
-        for (int m = 0; m < a.Hq; ++m) {
-            const float w = a.aq[(m * H + h) * P + pp];
-            if (hm_uses(w, x.selection, 1)) {
-                x0 += w * hm_to_f32(src[m * d]);
-                x1 += w * hm_to_f32(src[m * d + half]);
-            }
-        }
+        const int h = r / NP, i = r - h * NP;
+        float x0, x1;
+        hm_dec_query(a, x, sq, b, h, i, t, x0, x1);
         if (a.rope) {
             // The query as v1 / the spec rounds it (rotated to its position), then the copy for
             // pseudo-key pq rotated back by pq, split hi + lo.
-            const unsigned pos = a.rope_token ? pos0 + n + (stored - a.N) : pos0 + i + off;
-            hm_rope_tab(x, x0, x1, pos, t, half);
             x0 = hm_round(x0);
             x1 = hm_round(x1);
             if (pq) d2_rope(x, x0, x1, -pq, t, half);
@@ -201,10 +180,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v2(const HmArgs
         ws[(R + rr) * L.wp + e - rr * KC] = 0; // padding rows of W stay zero
         wl[(R + rr) * L.wp + e - rr * KC] = 0;
     }
-    for (int r = tid; r < R; r += HM_NT) {
-        mrun[r] = -3.0e38f;
-        lrun[r] = 0.f;
-    }
+    hm_dec_init_rows(mrun, lrun, R);
     if (tid == 0) *vbad = 0;
 
     // 2. The split's held tokens, TC at a time, tile k+1 in flight while tile k computes.
@@ -367,16 +343,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_decode_v2(const HmArgs
     }
     hm_cp_wait<0>();
 
-    // 3. This split's partials (the layout hm_decode_combine_v1 merges).
+    // 3. This split's partials (decode.cuh: the layout decode_combine.cu merges).
     __syncthreads();
-    const long long rows_all = (long long)a.B * R;
-    for (int e = tid; e < R * d; e += HM_NT) {
-        const int r = e / d, t = e - r * d;
-        x.part[((long long)split * rows_all + (long long)b * R + r) * (d + 2) + t] = os[e];
-    }
-    for (int r = tid; r < R; r += HM_NT) {
-        float* dst = x.part + ((long long)split * rows_all + (long long)b * R + r) * (d + 2) + d;
-        dst[0] = mrun[r];
-        dst[1] = lrun[r];
-    }
+    hm_dec_write_partials(a, x, split, b, os, mrun, lrun);
 }

@@ -3,7 +3,7 @@
 // value, then walks the query tiles that can see the key tile: each tile's queries are mixed and
 // rotated into workgroup memory with their do_i, lse_i and D_i; P_ij is recomputed from lse, and
 // dvt_j += P_ij do_i, dkr_j += dS_ij qr_i. At the end dkt_j = R(-phi_j) scale * dkr_j and dvt_j go to
-// the f32 workspace [B, M, H, P, d]. No atomics: each key is one thread's, a fixed order.
+// the f32 workspace [B, M, G, P, d] of the chunk. No atomics: each key is one thread's, a fixed order.
 // Constants prepended by the host: D, T (= threads per workgroup).
 
 var<workgroup> qs: array<vec2<f32>, T * HALF>; // mixed, rotated queries of the current tile
@@ -17,15 +17,13 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let lin = wid.x + wid.y * nwg.x;
-    if (lin >= bw.k_tiles * params.heads * params.batch * bw.k_splits) {
+    let id = tile_id(wid, nwg, bw.k_tiles, bw.k_splits);
+    if (!id.valid) {
         return; // padding workgroup of the 2-D grid (uniform per workgroup)
     }
-    let tile = lin % bw.k_tiles;
-    let h = (lin / bw.k_tiles) % params.heads;
-    let b = (lin / (bw.k_tiles * params.heads)) % params.batch;
-    let split = lin / (bw.k_tiles * params.heads * params.batch);
-    let j0 = tile * T;
+    let h = id.h;
+    let b = id.b;
+    let j0 = id.tile * T;
     let j_last = min(j0 + T, params.nk) - 1u;
     let j = j0 + lid;
     let valid = j < params.nk;
@@ -57,20 +55,18 @@ fn main(
         // This split's share of the query tiles (split only to stay under lavapipe's loop budget).
         let first = (ia_lo - params.off) / T;
         let last = (ia_hi - params.off) / T;
-        let per = (last - first + bw.k_splits) / bw.k_splits;
-        let qt_begin = first + split * per;
-        let qt_end = min(last + 1u, qt_begin + per);
-        for (var qt = qt_begin; qt < qt_end; qt++) {
+        let tiles = split_tiles(first, last, bw.k_splits, id.split);
+        for (var qt = tiles.x; qt < tiles.y; qt++) {
             let i0 = qt * T;
             workgroupBarrier(); // the previous tile's readers are done
             let i = i0 + lid;
             if (i < params.nq) {
-                let at = pseudo_at(b, params.n, i / params.p, h, i % params.p);
+                let at = do_vec(b * params.n + i / params.p, h, i % params.p);
                 for (var t = 0u; t < HALF; t++) {
                     qs[lid * HALF + t] = mixed_query(b, h, i, t);
-                    dos[lid * HALF + t] = ws_pair(bw.dop_off + at, t);
+                    dos[lid * HALF + t] = ws_pair(at, t);
                 }
-                ls[lid] = lse[(b * params.heads + h) * params.nq + i];
+                ls[lid] = lse_at(b, h, i);
                 dds[lid] = op[bw.dd_off + (b * params.heads + h) * params.nq + i];
             }
             workgroupBarrier();
@@ -103,13 +99,13 @@ fn main(
         var dvt = bw.dvt_off;
         if (bw.k_splits > 1u) {
             let kv = params.batch * params.nk * params.heads * D;
-            dkt = bw.dkv_part_off + split * 2u * kv;
+            dkt = bw.dkv_part_off + id.split * 2u * kv;
             dvt = dkt + kv;
         }
         for (var t = 0u; t < HALF; t++) {
             var x = bw.scale * dk[t];
             if (params.rope != 0u) {
-                x = unrot(x, rope_cs(k_pos(j), t));
+                x = unrotate(x, k_pos(j), t);
             }
             ws_store_pair(dkt + at, t, x);
             ws_store_pair(dvt + at, t, dv[t]);

@@ -4,7 +4,7 @@
 // and values are mixed (keys rotated) into workgroup memory, P_ij = exp(S_ij - lse_i) is
 // recomputed from the saved lse, dP_ij = <do_i, vt_j>, dS_ij = P_ij (dP_ij - D_i), and
 // dqr_i += dS_ij kr_j. At the end dqt_i = R(-theta_i) scale * dqr_i goes to the f32 workspace
-// [B, N, H, P, d] (mixed back into dq by backward_mix.wgsl). No atomics: each row is one thread's
+// [B, N, G, P, d] of the chunk (mixed back into dq by backward_mix.wgsl). No atomics: each row is one thread's
 // (with key splits, each split's partial goes to its own slice, summed by backward_sum.wgsl).
 // Constants prepended by the host: D, T (= threads per workgroup).
 
@@ -17,15 +17,13 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let lin = wid.x + wid.y * nwg.x;
-    if (lin >= params.q_tiles * params.heads * params.batch * bw.q_splits) {
+    let id = tile_id(wid, nwg, params.q_tiles, bw.q_splits);
+    if (!id.valid) {
         return; // padding workgroup of the 2-D grid (uniform per workgroup)
     }
-    let tile = lin % params.q_tiles;
-    let h = (lin / params.q_tiles) % params.heads;
-    let b = (lin / (params.q_tiles * params.heads)) % params.batch;
-    let split = lin / (params.q_tiles * params.heads * params.batch);
-    let i0 = tile * T;
+    let h = id.h;
+    let b = id.b;
+    let i0 = id.tile * T;
     let i_last = min(i0 + T, params.nq) - 1u;
     let i = i0 + lid;
     let valid = i < params.nq;
@@ -37,12 +35,12 @@ fn main(
     var lse_i = 0.0;
     var d_i = 0.0;
     if (valid) {
-        let at = pseudo_at(b, params.n, i / params.p, h, i % params.p);
+        let at = do_vec(b * params.n + i / params.p, h, i % params.p);
         for (var t = 0u; t < HALF; t++) {
             qv[t] = mixed_query(b, h, i, t);
-            dov[t] = ws_pair(bw.dop_off + at, t);
+            dov[t] = ws_pair(at, t);
         }
-        lse_i = lse[(b * params.heads + h) * params.nq + i];
+        lse_i = lse_at(b, h, i);
         d_i = op[bw.dd_off + (b * params.heads + h) * params.nq + i];
     }
 
@@ -50,10 +48,8 @@ fn main(
     //    stay under lavapipe's loop budget; backward_sum.wgsl adds the splits in order).
     let range = key_range(i0 + params.off, i_last + params.off);
     if (range.x <= range.y) {
-        let per = (range.y / T - range.x / T + bw.q_splits) / bw.q_splits;
-        let kt_begin = range.x / T + split * per;
-        let kt_end = min(range.y / T + 1u, kt_begin + per);
-        for (var kt = kt_begin; kt < kt_end; kt++) {
+        let tiles = split_tiles(range.x / T, range.y / T, bw.q_splits, id.split);
+        for (var kt = tiles.x; kt < tiles.y; kt++) {
             let j0 = kt * T;
             workgroupBarrier(); // the previous tile's readers are done
             for (var t = 0u; t < HALF; t++) {
@@ -90,13 +86,13 @@ fn main(
     if (valid) {
         var dst = bw.dqt_off;
         if (bw.q_splits > 1u) {
-            dst = bw.dq_part_off + split * (params.batch * params.nq * params.heads * D);
+            dst = bw.dq_part_off + id.split * (params.batch * params.nq * params.heads * D);
         }
         let at = dst + pseudo_at(b, params.n, i / params.p, h, i % params.p);
         for (var t = 0u; t < HALF; t++) {
             var x = bw.scale * acc[t];
             if (params.rope != 0u) {
-                x = select(unrot(x, rope_cs(q_pos(i), t)), rot(x, rope_cs(q_pos(i), t)), bw.fault == 1u);
+                x = select(unrotate(x, q_pos(i), t), rotate(x, q_pos(i), t), bw.fault == 1u);
             }
             ws_store_pair(at, t, x);
         }

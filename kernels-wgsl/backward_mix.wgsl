@@ -3,6 +3,9 @@
 //   dq[n, m] = sum_{h,p} aq[m,h,p] dqt[n,h,p],  dk[s, m] from ak and dkt,  dv[s, m] from av and dvt,
 // written to `out` = [dq | dk | dv] in the tensor dtype. A selection matrix (MHA, GQA, identity)
 // sums only the pseudo-heads that read head m (no 0 * x of unread pseudo-gradients).
+// Over several chunks of heads, each chunk continues the sum in f32 from the accumulators of the
+// chunks before (acc_off, [dq | dk | dv] in f32): the same additions in the same order as one
+// chunk, so chunking leaves the result bit-identical; the last chunk writes `out`.
 // Constants prepended by the host: D, WG.
 
 @compute @workgroup_size(WG)
@@ -40,7 +43,12 @@ fn main(
     let w = e % HALF;          // elements (2w, 2w + 1)
     let m = (e / HALF) % heads;
     let tok = e / (HALF * heads); // b * tokens + token
+    let at_out = dst + (tok * heads + m) * D + 2u * w;
+    let at_acc = bw.acc_off + at_out;
     var x = vec2<f32>(0.0);
+    if (bw.first == 0u && bw.fault != 6u) { // fault 6 (negative control): drop the chunks before
+        x = vec2<f32>(op[at_acc], op[at_acc + 1u]);
+    }
     for (var h = 0u; h < params.heads; h++) {
         for (var p = 0u; p < params.p; p++) {
             let at = src + ((tok * params.heads + h) * params.p + p) * D + 2u * w;
@@ -58,5 +66,10 @@ fn main(
             }
         }
     }
-    store_pair(dst + (tok * heads + m) * D + 2u * w, x);
+    if (bw.last != 0u) {
+        store_pair(at_out, x);
+    } else {
+        op[at_acc] = x.x;
+        op[at_acc + 1u] = x.y;
+    }
 }

@@ -3,7 +3,9 @@
 //   daq[m,h,p] = sum_{b,n} <q[n,m], dqt[n,h,p]>    dak, dav alike over (b, s) with k, v and dkt, dvt
 //   dr[h, c]   = sum_{b,n} <dy[n,h], o[n,c]>        (c = h'*P + p)
 //   dgamma[h,e] = sum dout[.,h,e] xh[.,h,e]         dbeta[h,e] = sum dout[.,h,e]
-// Outputs are numbered o in [daq | dak | dav | dr | dgamma | dbeta] (n_wgrad in all).
+// Per chunk of heads h0 .. h0 + G, the chunk's outputs are numbered o in
+// [daq | dak | dav] over its columns ([Hq, G, P], [Hk, G, P] twice), then dr [H, G*P] of its
+// columns, then (last chunk only) dgamma, dbeta: n_wgrad in all; the host puts them in place.
 // STAGE 0: one thread per (chunk of chunk_rows rows, o) writes the chunk's partial sum;
 // STAGE 1: one thread per o adds the chunks' partials in chunk order. Constants: D, WG, STAGE.
 
@@ -57,30 +59,30 @@ fn term(o: u32, row: u32) -> f32 {
     }
     var oo = o - nq_w - 2u * nk_w;
     if (params.collapse != 0u) {
-        if (oo < params.heads * hp) {
-            // dr[h, c]: rows are tokens.
+        if (oo < bw.h_all * hp) {
+            // dr[h, c] of the chunk's columns c: rows are tokens.
             if (row >= toks_q) {
                 return 0.0;
             }
             let h = oo / hp;
             let c = oo % hp;
-            let dy_at = bw.dy_off + (row * params.heads + h) * D;
-            let o_at = bw.op_off + (row * hp + c) * D;
+            let dy_at = bw.dy_off + (row * bw.h_all + h) * D;
+            let o_at = o_vec(row, c / params.p, c % params.p);
             for (var e = 0u; e < D; e++) {
                 acc += op[dy_at + e] * op[o_at + e];
             }
             return acc;
         }
-        oo -= params.heads * hp;
+        oo -= bw.h_all * hp;
     }
     // dgamma, then dbeta: [H, d] each; rows are the output vectors of head h (b, n[, p]).
-    let hd = params.heads * D;
+    let hd = bw.h_all * D;
     if (row >= toks_q * bw.pn) {
         return 0.0;
     }
     let h = (oo % hd) / D;
     let e = oo % D;
-    let vec_idx = ((row / bw.pn) * params.heads + h) * bw.pn + row % bw.pn;
+    let vec_idx = ((row / bw.pn) * bw.h_all + h) * bw.pn + row % bw.pn;
     let g = op[bw.dout_off + vec_idx * D + e];
     if (oo < hd) {
         return g * op[bw.xh_off + vec_idx * D + e];

@@ -79,13 +79,13 @@ fn k_pos(j: u32) -> u32 {
     return params.pos0 + j;
 }
 
-// Rotate the pair (x[t], x[t + d/2]) to position `pos`. cos/sin come from a host table built once
-// per call in f64 and stored as f32 (cos, sin) pairs, in one of two layouts:
-// - rope_levels == 0 (the forward): row `pos - pos0` of a table with one row per position of the
-//   call, for t < d/2: one read, no transcendental;
+// (cos, sin) of position `pos` for the pair (x[t], x[t + d/2]). They come from a host table built
+// once per call in f64 and stored as f32 (cos, sin) pairs, in one of two layouts:
+// - rope_levels == 0 (the forward and the backward): row `pos - pos0` of a table with one row per
+//   position of the call, for t < d/2: one read, no transcendental;
 // - rope_levels > 0 (decode over long caches, where a row per position would be large): one level
 //   per byte of `pos`, composed as rotations: accurate for any position.
-fn rotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
+fn rope_cs(pos: u32, t: u32) -> vec2<f32> {
     var cs = vec2<f32>(1.0, 0.0);
     if (params.rope_levels == 0u) {
         let idx = params.rope_off + ((pos - params.pos0) * HALF + t) * 2u;
@@ -97,7 +97,27 @@ fn rotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
         let e = vec2<f32>(weights[idx], weights[idx + 1u]);
         cs = vec2<f32>(cs.x * e.x - cs.y * e.y, cs.x * e.y + cs.y * e.x);
     }
+    return cs;
+}
+
+// R(theta) x: the pair (x[t], x[t + d/2]) rotated to position `pos`.
+fn rotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
+    let cs = rope_cs(pos, t);
     return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
+}
+
+// R(-theta) x: its transpose (the backward's RoPE step).
+fn unrotate(x: vec2<f32>, pos: u32, t: u32) -> vec2<f32> {
+    let cs = rope_cs(pos, t);
+    return vec2<f32>(x.x * cs.x + x.y * cs.y, x.y * cs.x - x.x * cs.y);
+}
+
+// Tile range [x, y) of split `split` of `splits` over the tiles first..=last: contiguous shares
+// (the split-KV forward and the backward's split passes under a loop budget).
+fn split_tiles(first: u32, last: u32, splits: u32, split: u32) -> vec2<u32> {
+    let per = (last - first + splits) / splits; // tiles per split
+    let begin = first + split * per;
+    return vec2<u32>(begin, min(last + 1u, begin + per));
 }
 
 // NaN policy (see the crate docs): a selection mixing matrix (MHA, GQA, identity) is a gather,

@@ -70,18 +70,7 @@ fn main(
         let iq = i0 + r;
         var x = vec2<f32>(0.0);
         if (iq < params.nq) {
-            let n = iq / params.p;
-            let pq = iq % params.p;
-            let base = (b * params.n + n) * params.hq * D + t;
-            if (params.sel_q != DENSE) {
-                let m = selected(params.sel_q, h, pq); // the one stored head this column reads
-                x = vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
-            } else {
-                for (var m = 0u; m < params.hq; m++) {
-                    let a = weights[params.aq_off + (m * params.heads + h) * params.p + pq];
-                    x += a * vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
-                }
-            }
+            x = mix_query(b, h, iq, t);
             if (params.rope != 0u) {
                 x = rotate(x, q_pos(iq), t);
             }
@@ -103,10 +92,8 @@ fn main(
     //    this split's share of them.
     let range = key_range(i0 + params.off, i_last + params.off);
     if (range.x <= range.y) {
-        let per = (range.y / BC - range.x / BC + params.splits) / params.splits; // tiles per split
-        let kt_begin = range.x / BC + split * per;
-        let kt_end = min(range.y / BC + 1u, kt_begin + per);
-        for (var kt = kt_begin; kt < kt_end; kt++) {
+        let tiles = split_tiles(range.x / BC, range.y / BC, params.splits, split);
+        for (var kt = tiles.x; kt < tiles.y; kt++) {
             let j0 = kt * BC;
             workgroupBarrier(); // the previous tile's readers are done with ks, vs, sp, part
 
@@ -118,29 +105,9 @@ fn main(
                 var kx = vec2<f32>(0.0);
                 var vx = vec2<f32>(0.0);
                 if (j < params.nk) {
-                    let s_tok = j / params.p;
-                    let pk = j % params.p;
-                    let base = (b * params.m + s_tok) * params.hk * D + t;
-                    if (params.sel_k != DENSE) {
-                        let src = base + selected(params.sel_k, h, pk) * D;
-                        kx = vec2<f32>(k_at(src), k_at(src + HALF));
-                    }
-                    if (params.sel_v != DENSE) {
-                        let src = base + selected(params.sel_v, h, pk) * D;
-                        vx = vec2<f32>(v_at(src), v_at(src + HALF));
-                    }
-                    if (params.sel_k == DENSE || params.sel_v == DENSE) {
-                        for (var m = 0u; m < params.hk; m++) {
-                            let w = (m * params.heads + h) * params.p + pk;
-                            let src = base + m * D;
-                            if (params.sel_k == DENSE) {
-                                kx += weights[params.ak_off + w] * vec2<f32>(k_at(src), k_at(src + HALF));
-                            }
-                            if (params.sel_v == DENSE) {
-                                vx += weights[params.av_off + w] * vec2<f32>(v_at(src), v_at(src + HALF));
-                            }
-                        }
-                    }
+                    let kv = mix_key_value(b, h, j, t);
+                    kx = kv[0];
+                    vx = kv[1];
                     if (params.rope != 0u) {
                         kx = rotate(kx, k_pos(j), t);
                     }

@@ -24,17 +24,7 @@ fn main(
     var bad = false;
     var qt: array<f32, D>;
     for (var t = 0u; t < HALF; t++) {
-        var x = vec2<f32>(0.0);
-        let base = (b * params.n + n) * params.hq * D + t;
-        if (params.sel_q != DENSE) {
-            let src = base + selected(params.sel_q, h, pq) * D;
-            x = vec2<f32>(q_at(src), q_at(src + HALF));
-        } else {
-            for (var m = 0u; m < params.hq; m++) {
-                let a = weights[params.aq_off + (m * params.heads + h) * params.p + pq];
-                x += a * vec2<f32>(q_at(base + m * D), q_at(base + m * D + HALF));
-            }
-        }
+        var x = mix_query(b, h, i, t);
         if (params.rope != 0u) {
             x = rotate(x, q_pos(i), t);
         }

@@ -187,9 +187,14 @@ fn direct_matches_unfused_on_random_problems() {
     });
 }
 
+/// Left out: the Group norm over d = 2 elements, `gamma ∘ (1, −1) · s / sqrt(s² + eps) + beta`
+/// with `s` half the difference of the two: not smooth at the step's scale where `s` is small
+/// (a case at 5.9e-6 in ~20,000 draws); direct vs unfused covers it exactly.
 #[test]
 fn finite_differences_match_direct_on_random_problems() {
-    check_property("fd vs direct", 48, (specs(small_limits()), any::<bool>()), |(spec, group)| {
+    let smooth = (specs(small_limits()), any::<bool>())
+        .prop_filter("a Group norm over d = 2", |(s, group)| !(*group && s.norm.is_some() && s.head_dim == 2));
+    check_property("fd vs direct", 48, smooth, |(spec, group)| {
         let pb = Problem::from_spec(&spec, group);
         let (err, name) = pb.fd_error(&pb.direct(Fault::None), 6, spec.seed);
         assert!(err <= FD_TOL, "{name}: finite differences vs direct {err:.3e} ({spec:?}, group {group})");

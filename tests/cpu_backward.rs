@@ -4,7 +4,7 @@
 
 use headmix::backends::cpu::CpuBackend;
 use headmix::{Backend, BackendKind, BackwardIo, Config, DType, Error, WeightGrads, Weights};
-use headmix_tests::backward::{Inputs, check};
+use headmix_tests::backward::Inputs;
 use headmix_tests::cases::{Limits, specs};
 use headmix_tests::{Case, check_property};
 
@@ -15,8 +15,7 @@ fn cpu_backward_matches_reference_on_random_problems() {
     check_property("cpu backward", 64, specs(limits), |spec| {
         let inputs = Inputs::new(spec.case(), spec.seed);
         let got = inputs.run(&cpu).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
-        let (want, want32) = inputs.reference();
-        check(&got, &want, &want32, spec.dtype, &format!("{spec:?}"));
+        inputs.expected().check(&got, 1.0, &format!("{spec:?}"));
     });
 }
 
@@ -34,8 +33,7 @@ fn cpu_backward_matches_reference_at_head_dim_64() {
     {
         let case = Case::random(cfg, Weights::random(&cfg, i as u64), 2, 9, 12, DType::F32, 40 + i as u64);
         let inputs = Inputs::new(case, i as u64);
-        let (want, want32) = inputs.reference();
-        check(&inputs.run(&cpu).unwrap(), &want, &want32, DType::F32, &format!("{cfg:?}"));
+        inputs.expected().check(&inputs.run(&cpu).unwrap(), 1.0, &format!("{cfg:?}"));
     }
 }
 
@@ -52,8 +50,8 @@ fn cpu_backward_is_deterministic() {
 fn negative_control_check_detects_a_wrong_gradient() {
     let cfg = Config::iha(2, 2, 8);
     let inputs = Inputs::new(Case::random(cfg, Weights::random(&cfg, 2), 1, 5, 5, DType::F32, 8), 8);
-    let (mut got, (want, want32)) = (inputs.run(&CpuBackend::new()).unwrap(), inputs.reference());
-    check(&got, &want, &want32, DType::F32, "correct");
+    let (mut got, expected) = (inputs.run(&CpuBackend::new()).unwrap(), inputs.expected());
+    expected.check(&got, 1.0, "correct");
     for name in ["dq", "dk", "dv", "daq", "dak", "dav", "dr"] {
         let mut bad = got.clone();
         let x = match name {
@@ -66,11 +64,11 @@ fn negative_control_check_detects_a_wrong_gradient() {
             _ => bad.dr.as_mut().unwrap(),
         };
         x[0] += 0.05;
-        let caught = std::panic::catch_unwind(|| check(&bad, &want, &want32, DType::F32, name)).is_err();
+        let caught = std::panic::catch_unwind(|| expected.check(&bad, 1.0, name)).is_err();
         assert!(caught, "a wrong {name} went unnoticed");
     }
     got.dq[1] = f32::NAN;
-    assert!(std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, "nan")).is_err());
+    assert!(std::panic::catch_unwind(|| expected.check(&got, 1.0, "nan")).is_err());
 }
 
 /// A backend without a backward says so with a typed error (the trait's default): a forward-only

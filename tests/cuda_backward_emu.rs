@@ -3,16 +3,16 @@
 //! backend launches) is executed by `kernels-cuda/emu/bwd_emu.cpp` over the real kernel sources,
 //! gradients and scratch poisoned with NaN, on random problems of every named method (windows,
 //! RoPE in both position modes, `M > N`, `Hk < H`, collapse, both head norms) in f32, f16 and bf16.
-//! Tolerances: f32 1e-5 relative, f16/bf16 the forward's; a gradient the f32 reference itself
-//! misses by more than half of that (ill-conditioned) is held to what a reference at the kernel's
-//! working precision would miss by (see `check`). Negative controls: copies of bwd_v1 and bwd_v2
+//! Tolerances: the one rule of every backward suite (`headmix_tests::backward::Expected::check`),
+//! with bwd_v2's working precision (bf16 / f16 operands split hi + lo: 2^7 / 2^2 times f32's unit
+//! roundoff) scaling the ill-conditioned gradients' bound. Negative controls: copies of bwd_v1 and bwd_v2
 //! with `dS = P (dP + D)` fail the same check.
 //!
 //! Chunks of heads (`Chunk`, the bounded-memory plan): cases run with one chunk and with `G = 1`
 //! or `1 < G < H` heads per chunk (both on the cases of the chunk test); every chunked run matches
 //! the f64 reference and gives the same bits as the one-chunk run (the same sums in the same
-//! order). Negative control: a mix-back that
-//! drops the previous chunks' sum passes with one chunk and fails with several.
+//! order). Negative control: a mix-back that drops the previous chunks' sum passes with one chunk
+//! and fails with several.
 //!
 //! Skips with one line without g++ >= 12, unless `HEADMIX_REQUIRE_EMU=1`.
 
@@ -20,16 +20,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use headmix::backends::cpu::CpuBackend;
 use headmix::backends::cuda::Kernel;
 use headmix::backends::cuda::backward::{BwdPlan, Chunk};
-use headmix::backward::reference_grads_in;
 use headmix::reference::backward::Grads;
-use headmix::reference::rel_err;
 use headmix::timing::Owned;
-use headmix::{Config, DType, Rng, Weights};
+use headmix::{Config, DType, Weights};
+use headmix_tests::backward::Inputs;
 use headmix_tests::cases::{Limits, specs};
-use headmix_tests::{Case, check_property, gxx_or_skip, normals, tolerance};
+use headmix_tests::{Case, check_property, gxx_or_skip};
 
 fn kernels_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda")
@@ -68,35 +66,20 @@ fn emulator(plan: &BwdPlan, kernel_file: Option<&Path>) -> PathBuf {
     bin
 }
 
-/// Everything a backward call reads, in the case's dtype.
-struct Inputs {
-    case: Case,
-    out: Vec<f32>,
-    lse: Vec<f32>,
-    dout: Vec<f32>,
+/// The backward plan run on the emulator of the real sources.
+trait Emu {
+    fn run_emu(&self, tc: bool, kernel_file: Option<&Path>, tag: &str, heads: usize) -> Grads<f32>;
 }
 
-impl Inputs {
-    fn new(case: Case, seed: u64) -> Inputs {
-        let (out, lse) = case.run(&CpuBackend::new()).expect("forward");
-        let mut rng = Rng::new(seed ^ 0xd0);
-        let dout = normals(&mut rng, out.len(), 1.0).into_iter().map(|x| x as f32).collect::<Vec<_>>();
-        let dout = Owned::from_f32(case.problem.dtype, &dout).to_f32();
-        Inputs { case, out, lse, dout }
-    }
-
-    fn reference<T: headmix::reference::Real>(&self) -> Grads<T> {
-        let c = &self.case;
-        reference_grads_in(&c.problem, &c.weights, &c.q, &c.k, &c.v, &self.dout)
-    }
-
+impl Emu for Inputs {
     /// The plan run on the emulator (kernel file: the real one, or a broken copy); the gradients.
+    /// `heads`: heads per chunk of the plan (`H`: one chunk).
     fn run_emu(&self, tc: bool, kernel_file: Option<&Path>, tag: &str, heads: usize) -> Grads<f32> {
         let started = std::time::Instant::now();
         let c = &self.case;
         let p = &c.problem;
         let plan = BwdPlan::new(p, &c.weights, tc, Chunk::Heads(heads)).expect("a plan");
-        assert_eq!(plan.chunk_heads(), heads.min(c.problem.cfg.heads));
+        assert_eq!(plan.chunk_heads(), heads.min(p.cfg.heads));
         let bin = emulator(&plan, kernel_file);
         let dir = work_dir().join(tag);
         std::fs::create_dir_all(&dir).unwrap();
@@ -146,46 +129,6 @@ fn bytemuck_f32(x: &[f32]) -> Vec<u8> {
     x.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// Every gradient within the dtype's tolerance of the f64 reference (none NaN), as
-/// tests/cpu_backward.rs checks the CPU backend. Returns the worst error over the tolerance.
-///
-/// The bound is the tolerance, or, for an ill-conditioned gradient (a sum that cancels, e.g. `dav`
-/// under a head norm, which makes the loss nearly invariant to the scale of `av`: the f32
-/// reference itself misses by ~1e-3), what a reference at the kernel's own working precision would
-/// miss by: the f32 reference's error times `precision` (the kernel's unit roundoff over f32's: 1
-/// for bwd_v1's f32 arithmetic, 2^7 for bwd_v2's bf16 hi + lo operands, 2^2 for f16's), times 32
-/// for the spread between two summation orders (errors of two f32 sums that cancel differ by 8x
-/// and more between implementations). For well-conditioned gradients (f32 reference
-/// error ~1e-7) that is far below the tolerance, which then applies (the negative controls are
-/// such cases). `dq, dk, dv` may in addition miss by twice the reference's own rounding to the
-/// dtype (their storage).
-fn check(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType, precision: f64, label: &str) -> f64 {
-    let (g, w, r) = (got.named(), want.named(), f32_ref.named());
-    assert_eq!(g.len(), w.len(), "{label}: gradient sets differ");
-    let mut worst: f64 = 0.0;
-    for (((name, x), (_, y)), (_, z)) in g.iter().zip(&w).zip(&r) {
-        assert!(x.iter().all(|v| !v.is_nan()), "{label}: {name} has NaN (unwritten or wrong)");
-        let err = rel_err(x, y);
-        let tol = tolerance(dtype);
-        let ref_err = rel_err(z, y);
-        // dq, dk, dv are stored in the dtype: the reference rounded to it misses by this much
-        // (f16 gradients near its subnormal range lose more than the tolerance by storage alone).
-        let stored = if ["dq", "dk", "dv"].contains(name) {
-            let y32: Vec<f32> = y.iter().map(|&v| v as f32).collect();
-            rel_err(&Owned::from_f32(dtype, &y32).to_f32(), y)
-        } else {
-            0.0
-        };
-        let bound = tol.max(32.0 * precision * ref_err).max(2.0 * stored);
-        assert!(
-            err <= bound,
-            "{label}: {name} relative error {err:.3e} above {bound:.1e} (f32 reference {ref_err:.1e})"
-        );
-        worst = worst.max(err / bound);
-    }
-    worst
-}
-
 /// Bitwise equality of two runs' gradients (a chunked and a one-chunk run of the same kernels).
 fn same_bits(a: &Grads<f32>, b: &Grads<f32>, label: &str) {
     for ((name, x), (_, y)) in a.named().iter().zip(b.named()) {
@@ -215,17 +158,17 @@ thread_local! {
 /// chunk; then the last of them (bwd_v2 where it runs) with every chunking of `chunks`: each
 /// matches the reference and has the one-chunk run's bits.
 fn check_case_chunked(inputs: &Inputs, label: &str, chunks: &[usize]) -> f64 {
-    let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
+    let expected = inputs.expected();
     let dtype = inputs.case.problem.dtype;
     let heads = inputs.case.problem.cfg.heads;
     let mut last = inputs.run_emu(false, None, label, heads);
-    let mut worst = check(&last, &want, &want32, dtype, 1.0, label);
+    let mut worst = expected.check(&last, 1.0, label);
     let (mut tc, mut precision) = (false, 1.0);
     if dtype != DType::F32 {
         let label = format!("{label}_bwd_v2");
         (tc, precision) = (true, if dtype == DType::BF16 { 128.0 } else { 4.0 });
         last = inputs.run_emu(true, None, &label, heads);
-        worst = worst.max(check(&last, &want, &want32, dtype, precision, &label));
+        worst = worst.max(expected.check(&last, precision, &label));
     }
     for &g in chunks {
         let label = format!("{label}_{}_g{g}", if tc { "bwd_v2" } else { "bwd_v1" });
@@ -233,7 +176,7 @@ fn check_case_chunked(inputs: &Inputs, label: &str, chunks: &[usize]) -> f64 {
         let got = inputs.run_emu(tc, None, &label, g);
         let s = t.elapsed().as_secs_f64();
         EMU_SECS.with(|c| c.set((c.get().0 + s, c.get().1)));
-        worst = worst.max(check(&got, &want, &want32, dtype, precision, &label));
+        worst = worst.max(expected.check(&got, precision, &label));
         same_bits(&got, &last, &label);
     }
     worst
@@ -324,15 +267,11 @@ fn cuda_backward_in_chunks_of_heads_on_the_emulator() {
     }
     let rope = |mode| headmix::Rope { base: 500.0, mode };
     let iha = Config::iha(4, 2, 16).with_causal(true);
+    let mea = Config::mea_compressed(4, 2, 16).unwrap().with_rope(rope(headmix::PosMode::Token));
     let cases = [
         (iha.with_rope(rope(headmix::PosMode::Virtual)), Some(headmix::NormKind::Group), DType::BF16, &[1, 2, 3][..]),
         (iha, Some(headmix::NormKind::Rms), DType::F32, &[1, 3][..]),
-        (
-            Config::mea_compressed(4, 2, 16).unwrap().with_rope(rope(headmix::PosMode::Token)),
-            None,
-            DType::F16,
-            &[1, 3][..],
-        ),
+        (mea, None, DType::F16, &[1, 3][..]),
     ];
     for (i, (cfg, norm, dtype, chunks)) in cases.into_iter().enumerate() {
         let mut w = Weights::random(&cfg, 40 + i as u64);
@@ -360,11 +299,11 @@ fn negative_control_a_chunked_sum_that_drops_a_chunk_fails_on_the_emulator() {
     let cfg = Config::mha(2, 16).with_causal(true);
     let case = Case::random(cfg, Weights::random(&cfg, 7), 1, 7, 9, DType::F32, 7);
     let inputs = Inputs::new(case, 7);
-    let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
+    let expected = inputs.expected();
     let whole = inputs.run_emu(false, Some(&broken), "chunk_control_whole", cfg.heads);
-    check(&whole, &want, &want32, DType::F32, 1.0, "broken mix-back, one chunk"); // passes
+    expected.check(&whole, 1.0, "broken mix-back, one chunk"); // passes
     let got = inputs.run_emu(false, Some(&broken), "chunk_control_broken", 1);
-    let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, 1.0, "broken")).is_err();
+    let failed = std::panic::catch_unwind(|| expected.check(&got, 1.0, "broken")).is_err();
     assert!(failed, "a mix-back that drops the first chunk passed the check");
 }
 
@@ -384,8 +323,8 @@ fn negative_control_a_wrong_kernel_fails_on_the_emulator() {
     let inputs = Inputs::new(case, 5);
     check_case(&inputs, "control_right"); // the real kernel passes this case
     let got = inputs.run_emu(false, Some(&broken), "control_broken", cfg.heads);
-    let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
-    let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::F32, 1.0, "broken")).is_err();
+    let expected = inputs.expected();
+    let failed = std::panic::catch_unwind(|| expected.check(&got, 1.0, "broken")).is_err();
     assert!(failed, "the broken kernel passed the check");
 }
 
@@ -405,7 +344,7 @@ fn negative_control_a_wrong_tensor_core_kernel_fails_on_the_emulator() {
     let inputs = Inputs::new(case, 6);
     check_case(&inputs, "tc_control_right"); // v1 and v2 pass this case
     let got = inputs.run_emu(true, Some(&broken), "tc_control_broken", cfg.heads);
-    let (want, want32) = (inputs.reference::<f64>(), inputs.reference::<f32>());
-    let failed = std::panic::catch_unwind(|| check(&got, &want, &want32, DType::BF16, 128.0, "broken v2")).is_err();
+    let expected = inputs.expected();
+    let failed = std::panic::catch_unwind(|| expected.check(&got, 128.0, "broken v2")).is_err();
     assert!(failed, "the broken tensor-core kernel passed the check");
 }

@@ -1,7 +1,8 @@
 //! The CUDA decode kernels without a GPU: `decode_v1.cu` compiles cleanly for sm_80 and sm_90 in
 //! every dtype, runs on the CPU emulator (`kernels-cuda/emu/decode_emu.cpp`) against the f64 spec
 //! (linear caches and rings that wrapped many times, ragged lengths, random splits and tiles,
-//! unwritten slots poisoned), with a negative control; the launch plan of B = 8 sequences of 128k
+//! unwritten slots poisoned), with a negative control, and repeats bit for bit with its blocks
+//! run in another order (no atomics: deterministic); the launch plan of B = 8 sequences of 128k
 //! tokens builds without allocating, and its counted cache bytes per call are the stored-head
 //! cache size (each cached token read once for all heads).
 
@@ -65,6 +66,11 @@ fn decode_kernel_matches_the_spec_on_the_cpu_emulator() {
             // Negative control: against a shifted reference every case must fail.
             let neg = std::process::Command::new(&bin).args(["4", "3"]).env("EMU_NEGATIVE", "1").output().unwrap();
             assert!(neg.status.success(), "the shifted-reference negative control passed a case");
+            // Negative control of the determinism check (each case is run twice, the second time
+            // with its blocks shuffled, and must repeat bit for bit): the old collapse by float
+            // atomicAdd makes a quarter of the f32 cases or more differ.
+            let neg = std::process::Command::new(&bin).args(["12", "3"]).env("EMU_BREAK", "atomic").output().unwrap();
+            assert!(neg.status.success(), "the atomic-collapse negative control repeated bit for bit");
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

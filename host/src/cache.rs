@@ -25,6 +25,8 @@
 //! sequence's base with 64 bits, so `B·capacity·Hk·d` may exceed 2^31 (B = 8 at 128k tokens).
 
 use std::any::Any;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::timing::Owned;
 use crate::{Backend, BackendKind, Config, DType, Data, Error, Result, Tensor};
@@ -50,6 +52,47 @@ pub struct HostTraffic {
     pub uploaded: u64,
     /// Device to host: cache bytes read back ([`KvCache::sequence`], [`KvCache::to_host`]).
     pub downloaded: u64,
+}
+
+/// The byte counters behind [`DeviceKv::traffic`], shared by the device storages: each adds
+/// every cache byte it moves between host and device.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+#[derive(Debug, Default)]
+pub(crate) struct TrafficCounter {
+    uploaded: AtomicU64,
+    downloaded: AtomicU64,
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl TrafficCounter {
+    /// Count `bytes` moved host to device.
+    pub(crate) fn upload(&self, bytes: u64) {
+        self.uploaded.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Count `bytes` moved device to host.
+    pub(crate) fn download(&self, bytes: u64) {
+        self.downloaded.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub(crate) fn get(&self) -> HostTraffic {
+        HostTraffic {
+            uploaded: self.uploaded.load(Ordering::Relaxed),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A host buffer of `dtype` from the little-endian bytes of a device buffer (a device storage's
+/// read back).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn owned_from_le_bytes(dtype: DType, b: &[u8]) -> Owned {
+    match dtype {
+        DType::F32 => Owned::F32(bytemuck::pod_collect_to_vec(b)),
+        DType::F16 => Owned::F16(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect()),
+        DType::BF16 => Owned::BF16(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect()),
+    }
 }
 
 /// A device-resident cache storage: `[B, capacity, Hk, d]` keys and values plus the
@@ -162,6 +205,26 @@ impl CacheShape {
     /// Bytes of keys and values together.
     pub fn bytes(&self) -> u128 {
         2 * self.elements() * self.dtype.size() as u128
+    }
+
+    /// Bytes of one token's keys (`Hk·d` elements; its values as many).
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.kv_heads * self.head_dim * self.dtype.size()
+    }
+
+    /// Byte offset of slot `slot` of sequence `b` in the key (or value) buffer.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    pub(crate) fn slot_offset(&self, b: usize, slot: usize) -> usize {
+        (b * self.capacity + slot) * self.row_bytes()
+    }
+
+    /// The byte range of `rows` token rows from element `src_at` of host keys (or values)
+    /// `[.., Hk, d]`: what [`DeviceKv::write_rows`] copies.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    pub(crate) fn rows_bytes(&self, src_at: usize, rows: usize) -> std::ops::Range<usize> {
+        let es = self.dtype.size();
+        src_at * es..(src_at + rows * self.kv_heads * self.head_dim) * es
     }
 
     /// The checks every cache shape passes before anything is allocated: no zero size, one

@@ -128,12 +128,7 @@ impl DecodeProblem {
     /// `[B, N, H, d]` with a collapse or when `P = 1`, else `[B, N, H, P, d]` (as
     /// [`Problem::out_shape`]; `[B, N, H, 1, d]` is accepted too for `P = 1`).
     pub fn out_shape(&self) -> Vec<usize> {
-        let c = &self.cfg;
-        if self.collapse || c.pseudo == 1 {
-            vec![self.batch, self.n, c.heads, c.head_dim]
-        } else {
-            vec![self.batch, self.n, c.heads, c.pseudo, c.head_dim]
-        }
+        crate::validate::out_shape(&self.cfg, self.batch, self.n, self.collapse)
     }
 
     /// `[B, H, N·P]`.

@@ -114,12 +114,7 @@ impl Problem {
     /// Output shape: `[B, N, H, d]` with a collapse or when `P = 1`, else `[B, N, H, P, d]`.
     /// (For `P = 1` without a collapse the 5-D `[B, N, H, 1, d]` is accepted too: same layout.)
     pub fn out_shape(&self) -> Vec<usize> {
-        let c = &self.cfg;
-        if self.collapse || c.pseudo == 1 {
-            vec![self.batch, self.n, c.heads, c.head_dim]
-        } else {
-            vec![self.batch, self.n, c.heads, c.pseudo, c.head_dim]
-        }
+        out_shape(&self.cfg, self.batch, self.n, self.collapse)
     }
 
     /// Whether `shape` is an accepted output shape: [`Problem::out_shape`], or `[B, N, H, 1, d]`
@@ -427,4 +422,14 @@ pub fn check_no_alias(bindings: &[Binding]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The output shape of `batch × n` tokens: `[B, N, H, d]` with a collapse or when `P = 1`, else
+/// `[B, N, H, P, d]` (the forward's and decode's).
+pub(crate) fn out_shape(cfg: &Config, batch: usize, n: usize, collapse: bool) -> Vec<usize> {
+    if collapse || cfg.pseudo == 1 {
+        vec![batch, n, cfg.heads, cfg.head_dim]
+    } else {
+        vec![batch, n, cfg.heads, cfg.pseudo, cfg.head_dim]
+    }
 }

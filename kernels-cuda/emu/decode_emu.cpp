@@ -1,5 +1,5 @@
 // CPU emulator run of the decode kernels (decode_v1.cu, or with -DHM_DECODE=2 decode_v2.cu, its
-// tensor-core version, + the combine + epilogue.cu) against the f64 spec:
+// tensor-core version, + decode_combine.cu) against the f64 spec:
 // random device-layout caches (linear, and rings that wrapped many times), ragged lengths,
 // unwritten slots poisoned with NaN, random splits and tile sizes, every option of the forward.
 // For each sequence the expected result is the reference forward over its held tokens (M = held,
@@ -8,10 +8,13 @@
 // Selection mixing (MHA/GQA-like one-hot weights) in some cases, and in some a non-finite value
 // planted in q, a held key or a held value: the rows that read it must be non-finite, the others
 // equal to the spec (NaN policy).
-// Every case with several splits is run again with one split (same outputs). Checks: the forward's
-// tolerances against the spec in storage precision or the exact spec, and the 2x rule (f16/bf16).
+// Every case with several splits is run again with one split (same outputs), and every case is
+// run again with its blocks in a shuffled order (the same bits: decode is deterministic). Checks:
+// the forward's tolerances against the spec in storage precision or the exact spec, and the 2x
+// rule (f16/bf16).
 // Negative controls: EMU_NEGATIVE=1 (shifted reference), EMU_BREAK=mma_b|ldsm_trans|cp_nowait|...
-// (v2 on broken sm_80 models), EMU_BREAK=split (the single split drops a token).
+// (v2 on broken sm_80 models), EMU_BREAK=split (the single split drops a token), EMU_BREAK=atomic
+// (the old collapse by float atomics: the repeat differs bitwise).
 // Build and run: kernels-cuda/emu/run_decode.sh [cases] [seed]  (g++ >= 12).
 
 #define HM_EMU_DECODE 1
@@ -32,11 +35,14 @@ struct float2 {
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
-#include "../decode_v1.cu"
+#include "../decode.cuh"
 #if HM_DECODE == 2
 #include "../decode_v2.cu"
+#else
+#include "../decode_v1.cu"
 #endif
-#include "../epilogue.cu"
+#include "../decode_combine.cu"
+#include "../epilogue.cu" // (the old atomic collapse of the negative control only)
 
 static std::vector<hm_elem> to_storage(const std::vector<float>& x) {
     std::vector<hm_elem> y(x.size());
@@ -46,16 +52,63 @@ static std::vector<hm_elem> to_storage(const std::vector<float>& x) {
 
 static const HmArgs* dec_a;
 static const HmDecodeArgs* dec_x;
-static bool dec_combine;
+static int dec_stage; // 0 decode, 1 combine, 2 merge and collapse, 3 the old atomic collapse
+static void old_atomic_collapse(const HmArgs& a, const HmDecodeArgs& x);
 static void dec_body() {
-    if (dec_combine)
+    if (dec_stage == 1)
         hm_decode_combine_v1(*dec_a, *dec_x);
+    else if (dec_stage == 2)
+        hm_decode_collapse_v1(*dec_a, *dec_x);
+    else if (dec_stage == 3)
+        old_atomic_collapse(*dec_a, *dec_x);
     else
 #if HM_DECODE == 2
         hm_decode_v2(*dec_a, *dec_x);
 #else
         hm_decode_v1(*dec_a, *dec_x);
 #endif
+}
+
+// Negative control of the determinism check (EMU_BREAK=atomic): the collapse as decode did it
+// before, each warp's merged pseudo row scattered through r into the zeroed accumulator with float
+// atomicAdd (so in the order the warps and blocks happen to run), then the forward's epilogue.
+static void old_atomic_collapse(const HmArgs& a, const HmDecodeArgs& x) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int H = a.H, P = a.P, d = a.d, NP = a.N * P, R = H * NP;
+    const int row = blockIdx.x * HM_DEC_ROWS + warp;
+    if (row >= a.B * R) return;
+    const int b = row / R, h = row % R / NP, i = row % R % NP, n = i / P, p = i % P;
+    float o[8];
+    hm_dec_merge(a, x, row, lane, o);
+    float* dst = a.acc + (long long)(b * a.N + n) * H * d;
+    for (int k = 0; k < 8; ++k)
+        if (lane + 32 * k < d)
+            for (int hh = 0; hh < H; ++hh) atomicAdd(dst + hh * d + lane + 32 * k, a.r[(hh * H + h) * P + p] * o[k]);
+}
+
+// One decode call as the host launches it: the decode kernel on a (splits, B) grid, then the
+// combine (one warp per row) or, with a collapse, the merge-and-collapse (one block per token).
+static void run_call(const HmArgs& a, const HmDecodeArgs& x) {
+    const int R = a.H * a.N * a.P;
+    dec_a = &a;
+    dec_x = &x;
+    emu_body = dec_body;
+    dec_stage = 0;
+    launch(nullptr, {x.splits, a.B, 1}, a);
+    if (!a.collapse) {
+        dec_stage = 1;
+        launch(nullptr, {(a.B * R + HM_DEC_ROWS - 1) / HM_DEC_ROWS, 1, 1}, a, 32 * HM_DEC_ROWS);
+    } else if (std::strcmp(emu_break, "atomic") != 0) {
+        dec_stage = 2;
+        launch(nullptr, {a.B * a.N, 1, 1}, a, 32 * HM_DEC_CWARPS);
+    } else {
+        std::fill(a.acc, a.acc + (size_t)a.B * a.N * a.H * a.d, 0.f);
+        dec_stage = 3;
+        launch(nullptr, {(a.B * R + HM_DEC_ROWS - 1) / HM_DEC_ROWS, 1, 1}, a, 32 * HM_DEC_ROWS);
+        emu_body = nullptr;
+        launch(hm_collapse_epilogue, {(a.B * a.N * a.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, a, 32 * HM_EPI_ROWS);
+    }
+    emu_body = nullptr;
 }
 
 static bool run_case(std::mt19937_64& rng, int idx) {
@@ -266,11 +319,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     if (smem_v2 > sizeof(hm_smem)) return true;
 #endif
     if (smem > sizeof(hm_smem)) return true; // too big for the emulator's shared memory: skip
-    dec_a = &a;
-    dec_x = &x;
-    emu_body = dec_body;
-    dec_combine = false;
-    launch(nullptr, {splits, B, 1}, a);
+    run_call(a, x);
     if (std::getenv("EMU_DEBUG")) {
         size_t bad = 0;
         for (float f : part) bad += !std::isfinite(f);
@@ -278,10 +327,25 @@ static bool run_case(std::mt19937_64& rng, int idx) {
         for (auto e : vs) badv += !std::isfinite(hm_to_f32(e));
         std::printf("  partials: %zu non-finite; cache values: %zu non-finite (of %zu)\n", bad, badv, vs.size());
     }
-    dec_combine = true;
-    launch(nullptr, {(B * R + HM_DEC_ROWS - 1) / HM_DEC_ROWS, 1, 1}, a);
-    emu_body = nullptr;
-    if (p.collapse) launch(hm_collapse_epilogue, {(B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, a);
+
+    // Determinism: the same call again with its blocks in a shuffled order (and the threads of
+    // each block in another order) gives the same out and lse bit for bit. (The emulator runs one
+    // block at a time: without the shuffle every run would sum in the same order.)
+    // EMU_BREAK=atomic (negative control): the old atomic collapse, whose bits then change.
+    bool det_ok = true;
+    {
+        std::vector<hm_elem> out2(want.size(), hm_from_f32(NAN));
+        std::vector<float> lse2(want_lse.size(), NAN), acc2(acc.size(), NAN), part2(part.size(), NAN);
+        HmArgs a2 = a;
+        a2.out = out2.data(), a2.lse = lse2.data(), a2.acc = p.collapse ? acc2.data() : nullptr;
+        HmDecodeArgs x2 = x;
+        x2.part = part2.data();
+        emu_shuffle_blocks = true;
+        run_call(a2, x2);
+        emu_shuffle_blocks = false;
+        det_ok = std::memcmp(out.data(), out2.data(), out.size() * sizeof(hm_elem)) == 0 &&
+                 std::memcmp(lse.data(), lse2.data(), lse.size() * sizeof(float)) == 0;
+    }
 
     // The same call with one split: the split combine against a single split (same outputs up
     // to f32 reassociation, same non-finite pattern).
@@ -296,15 +360,7 @@ static bool run_case(std::mt19937_64& rng, int idx) {
         a1.out = out1.data(), a1.lse = lse1.data(), a1.acc = p.collapse ? acc1.data() : nullptr;
         HmDecodeArgs x1 = x;
         x1.part = part1.data(), x1.splits = 1, x1.tokens_per_split = band_max - (break_split && band_max > 1);
-        dec_a = &a1;
-        dec_x = &x1;
-        emu_body = dec_body;
-        dec_combine = false;
-        launch(nullptr, {1, B, 1}, a1);
-        dec_combine = true;
-        launch(nullptr, {(B * R + HM_DEC_ROWS - 1) / HM_DEC_ROWS, 1, 1}, a1);
-        emu_body = nullptr;
-        if (p.collapse) launch(hm_collapse_epilogue, {(B * p.N * p.H + HM_EPI_ROWS - 1) / HM_EPI_ROWS, 1, 1}, a1);
+        run_call(a1, x1);
         double n2 = 0, d2 = 0;
         for (size_t i = 0; i < want.size(); ++i) {
             const double g = hm_to_f32(out[i]), g1 = hm_to_f32(out1[i]);
@@ -392,14 +448,15 @@ static bool run_case(std::mt19937_64& rng, int idx) {
     const double err_exact = std::sqrt(num_e / (den_e > 0 ? den_e : 1));
     const double ref_exact = std::sqrt(num_r / (den_e > 0 ? den_e : 1));
     const bool rel_ok = err <= tol || err_exact <= tol || err_exact <= 2 * ref_exact;
-    const bool ok = !nan && rel_ok && two_x && lse_ok && split_ok;
+    const bool ok = !nan && rel_ok && two_x && lse_ok && split_ok && det_ok;
     if (!ok || std::getenv("EMU_VERBOSE"))
         std::printf("%s decode case %d (kind %d): sel%d nan%d B%d N%d cap%d ring%d H%d Hq%d Hk%d P%d d%d causal%d window%d(%lld,%lld) "
                     "rope%d/%d splits %d tile %d vec16 %d collapse%d norm%d: rel err %.2e, lse err %.2e, max err "
                     "%.2e (spec in storage precision %.2e), vs exact: rel %.2e, lse %.2e (spec %.2e)%s\n",
                     ok ? "ok" : "FAIL", idx, kind, x.selection, nan_what, B, p.N, cap, ring, p.H, p.Hq, p.Hk, p.P, p.d, p.causal, p.window, p.left,
                     p.right, p.rope, p.rope_token, splits, x.tile_tokens, x.vec16, p.collapse, p.norm, err, lse_err, max_k, max_ref, err_exact, lk, lref,
-                    nan ? " (non-finite where the spec is finite, or the reverse)" : !split_ok ? " (split != single split)" : "");
+                    nan ? " (non-finite where the spec is finite, or the reverse)" : !split_ok ? " (split != single split)"
+                    : !det_ok ? " (two runs differ bitwise)" : "");
     return ok;
 }
 
@@ -411,6 +468,9 @@ int main(int argc, char** argv) {
     std::printf("emu decode_v%d dtype %d hd %d: %d/%d cases pass\n", HM_DECODE, HM_DTYPE, HM_HD, cases - failed, cases);
     // (EMU_BREAK=split: a case whose band is one token, or whose last token no row weighs, can pass)
     if (std::strcmp(emu_break, "split") == 0) return 4 * failed >= 3 * cases ? 0 : 1;
+    // (EMU_BREAK=atomic: only cases with a collapse of at least three pseudo rows per output, whose
+    // f32 sums then round differently in another order, can fail: at least a quarter must)
+    if (std::strcmp(emu_break, "atomic") == 0) return 4 * failed >= cases ? 0 : 1;
     if (std::getenv("EMU_NEGATIVE") || std::getenv("EMU_BREAK")) return failed == cases ? 0 : 1;
     return failed != 0;
 }

@@ -291,6 +291,9 @@ static void fiber_main() {
 }
 
 static std::mt19937 sched_rng(12345);
+// Blocks run in a random order (not x, then y, then z) when set: a result that depends on the
+// order blocks run in (float atomics) then changes from one launch to the next.
+static bool emu_shuffle_blocks = false;
 
 // Run every block of the grid, one after another, each with `threads` fibers and `smem` bytes of
 // dynamic shared memory; body() is the kernel call with its arguments.
@@ -305,45 +308,49 @@ static void launch_fn(std::function<void()> body, Dim3 grid, int threads, size_t
     for (int t = 0; t < threads; ++t) order[t] = t;
     emu_body = std::move(body);
     emu_smem_bytes = smem;
+    std::vector<Dim3> blocks;
     for (int z = 0; z < grid.z; ++z)
         for (int y = 0; y < grid.y; ++y)
-            for (int x = 0; x < grid.x; ++x) {
-                std::memset(hm_smem, 0xff, sizeof(hm_smem)); // shared memory starts as garbage (NaN)
-                blockIdx = {x, y, z};
-                for (int t = 0; t < threads; ++t) {
-                    Fiber& f = fibers[t];
-                    f.tid = {t, 0, 0};
-                    f.state = 0;
-                    f.stack.resize(256 * 1024);
-                    cp_open[t].clear();
-                    cp_groups[t].clear();
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack.data();
-                    f.ctx.uc_stack.ss_size = f.stack.size();
-                    f.ctx.uc_link = &sched_ctx;
-                    makecontext(&f.ctx, fiber_main, 0);
-                }
-                for (;;) {
-                    // Threads run in a fresh random order in every round: a read of shared memory that
-                    // a missing barrier leaves racing sees the wrong value in some order and fails.
-                    std::shuffle(order.begin(), order.end(), sched_rng);
-                    bool ran = false, all_done = true;
-                    for (int t : order) {
-                        if (fibers[t].state == 2) continue;
-                        all_done = false;
-                        if (fibers[t].state != 0) continue;
-                        emu_cur = &fibers[t];
-                        swapcontext(&sched_ctx, &fibers[t].ctx);
-                        ran = true;
-                    }
-                    if (all_done) break;
-                    if (!ran) {
-                        std::fprintf(stderr, "emu: block (%d, %d, %d) hangs: a barrier some threads never reach\n", x, y,
-                                     z);
-                        std::exit(2);
-                    }
-                }
+            for (int x = 0; x < grid.x; ++x) blocks.push_back({x, y, z});
+    if (emu_shuffle_blocks) std::shuffle(blocks.begin(), blocks.end(), sched_rng);
+    for (const Dim3 blk : blocks) {
+        const int x = blk.x, y = blk.y, z = blk.z;
+        std::memset(hm_smem, 0xff, sizeof(hm_smem)); // shared memory starts as garbage (NaN)
+        blockIdx = {x, y, z};
+        for (int t = 0; t < threads; ++t) {
+            Fiber& f = fibers[t];
+            f.tid = {t, 0, 0};
+            f.state = 0;
+            f.stack.resize(256 * 1024);
+            cp_open[t].clear();
+            cp_groups[t].clear();
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = f.stack.data();
+            f.ctx.uc_stack.ss_size = f.stack.size();
+            f.ctx.uc_link = &sched_ctx;
+            makecontext(&f.ctx, fiber_main, 0);
+        }
+        for (;;) {
+            // Threads run in a fresh random order in every round: a read of shared memory that
+            // a missing barrier leaves racing sees the wrong value in some order and fails.
+            std::shuffle(order.begin(), order.end(), sched_rng);
+            bool ran = false, all_done = true;
+            for (int t : order) {
+                if (fibers[t].state == 2) continue;
+                all_done = false;
+                if (fibers[t].state != 0) continue;
+                emu_cur = &fibers[t];
+                swapcontext(&sched_ctx, &fibers[t].ctx);
+                ran = true;
             }
+            if (all_done) break;
+            if (!ran) {
+                std::fprintf(stderr, "emu: block (%d, %d, %d) hangs: a barrier some threads never reach\n", x, y,
+                             z);
+                std::exit(2);
+            }
+        }
+    }
 }
 
 // A kernel taking the argument block (nullptr: the emu_body a caller set, as decode_emu.cpp does),

@@ -26,7 +26,7 @@ headmix_embed::sources! {
     /// `norm.cuh`: the head norm (`Rms`, MEA's `Group` with `beta`) as device functions.
     NORM = "norm.cuh";
     /// `decode_v1.cu`: decode on a device-resident KV cache, one block per (sequence, split)
-    /// owning all heads, and its split combine.
+    /// owning all heads; compiled after `decode.cuh`.
     DECODE_V1 = "decode_v1.cu";
     /// `mask.cuh`: the mask, one copy for every kernel: visibility, key ranges, value-tile
     /// sanitizing (NaN policy).
@@ -45,8 +45,14 @@ headmix_embed::sources! {
     /// after `bwd_v1.cu` as one module ([`BWD_V2_MODULE`]).
     BWD_V2 = "bwd_v2.cu";
     /// `decode_v2.cu`: decode on tensor cores (the absorbed form, cp.async double-buffered cache
-    /// tiles); f16/bf16, sm_80+; compiled after `decode_v1.cu`, whose combine it shares.
+    /// tiles); f16/bf16, sm_80+; compiled after `decode.cuh` and `tiles.cuh`.
     DECODE_V2 = "decode_v2.cu";
+    /// `decode.cuh`: what the decode kernels share: `HmDecodeArgs`, the sequence's view of its
+    /// cache (ring slots, split band), the mixed queries, RoPE from a table, the partials.
+    DECODE = "decode.cuh";
+    /// `decode_combine.cu`: the decode split combine and the fixed-order collapse (no atomics),
+    /// compiled after either decode kernel.
+    DECODE_COMBINE = "decode_combine.cu";
 }
 
 /// The kernel text of the `bwd_v2` module: `bwd_v1.cu` (its other passes) then `bwd_v2.cu`

@@ -1,8 +1,9 @@
 //! The WGSL sources of [headmix](https://crates.io/crates/headmix)'s wgpu kernels, embedded as
 //! strings.
 //!
-//! headmix builds each kernel variant as `constants + dtype_*.wgsl + common.wgsl + <kernel>.wgsl`
-//! and compiles it once per device. The files stay where they are in the repository
+//! headmix builds each kernel variant as `constants + dtype_*.wgsl + common.wgsl +` the shared
+//! pieces it needs (`mixing.wgsl`, `backward_common.wgsl`) `+ <kernel>.wgsl` and compiles it once
+//! per device. The files stay where they are in the repository
 //! (`kernels-wgsl/*.wgsl`); this crate only makes them part of a package, so that the published
 //! `headmix` crate carries its kernels. See `kernels-wgsl/README.md` for what each file holds.
 
@@ -19,6 +20,8 @@ headmix_embed::sources! {
     DTYPE_F16 = "dtype_f16.wgsl";
     /// `dtype_bf16.wgsl`: loads and stores of bf16 tensors.
     DTYPE_BF16 = "dtype_bf16.wgsl";
+    /// `mixing.wgsl`: the mixing of stored heads into pseudo-heads (forward and backward).
+    MIXING = "mixing.wgsl";
     /// `flash_forward.wgsl`: the tiled flash forward kernel.
     FLASH_FORWARD = "flash_forward.wgsl";
     /// `naive_forward.wgsl`: one thread per virtual query (the baseline).

@@ -65,8 +65,8 @@ pub fn row_max<T: Real>(scores: impl IntoIterator<Item = T>) -> Option<T> {
     for s in scores {
         max = Some(match max {
             None => s,
-            Some(m) if m != m => m, // NaN sticks
-            Some(_) if s != s => s,
+            Some(m) if m.to_f64().is_nan() => m, // NaN sticks
+            Some(_) if s.to_f64().is_nan() => s,
             Some(m) => {
                 if s > m {
                     s

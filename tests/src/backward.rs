@@ -1,6 +1,6 @@
 //! Shared helpers of the backward suites: the inputs of one backward call (the CPU forward gives
 //! `out` and `lse`, `dout` is random), the call with NaN-poisoned outputs, and the check of every
-//! gradient against the f64 reference (tolerance per dtype, or twice the f32 reference's error).
+//! gradient against the f64 reference by one rule for every backend ([`Expected::check`]).
 
 use headmix::backends::cpu::CpuBackend;
 use headmix::backward::{GradBuffers, reference_grads_in};
@@ -29,10 +29,11 @@ impl Inputs {
         Inputs { case, out, lse, dout }
     }
 
-    /// The reference gradients at the same inputs, in f64 and in f32 (each with its own forward
-    /// for `out` and `lse`).
-    pub fn reference(&self) -> (Grads<f64>, Grads<f32>) {
-        (self.reference_in::<f64>(), self.reference_in::<f32>())
+    /// What the gradients are checked against ([`Expected::check`]): the f64 reference and the
+    /// f32 reference's runs, each with its own forward for `out` and `lse`.
+    pub fn expected(&self) -> Expected {
+        let f32_runs = std::iter::once(self.reference_in::<f32>()).chain(self.f32_noise(NOISE_RUNS)).collect();
+        Expected { want: self.reference_in::<f64>(), f32_runs, dtype: self.case.problem.dtype }
     }
 
     pub fn reference_in<T: headmix::reference::Real>(&self) -> Grads<T> {
@@ -89,45 +90,71 @@ impl Inputs {
     }
 }
 
-/// Every gradient within the dtype's tolerance of the f64 reference, and none left NaN. Where
-/// the reference itself run in f32 misses by more than half the tolerance (a gradient that
-/// cancels to ~eps, e.g. `dav` of a single head under a head norm, which makes the loss
-/// invariant to the scale of `av`), FlashAttention's rule instead: at most twice the f32
-/// reference's error.
-pub fn check(got: &Grads<f32>, want: &Grads<f64>, f32_ref: &Grads<f32>, dtype: DType, label: &str) {
-    check_against(got, want, &[f32_ref], (2.0, None), dtype, label)
+/// How many times the f32 reference's rounding noise (the largest error of [`NOISE_RUNS`] + 1 f32
+/// runs) a backend may miss a gradient by. On a well-conditioned gradient that noise is ~1e-7, so
+/// the dtype's tolerance applies; on one that cancels (the loss nearly invariant to a weight's
+/// scale: `dav` under a head norm, `dr` of one head) each f32 run is one draw of rounding noise
+/// amplified by the condition number, and an implementation summing in another order draws
+/// another: 8 times the largest of nine draws holds it (40,000 random CPU cases and 1,500 wgpu
+/// ones, head norms over d = 2 included, stayed below 0.3 of the bound; the case that failed CI
+/// under the old rule of twice one f32 run sits at 0.5).
+pub const NOISE_FACTOR: f64 = 8.0;
+
+/// The f32 reference runs at jittered inputs ([`Inputs::f32_noise`]) besides the plain one.
+pub const NOISE_RUNS: u64 = 8;
+
+/// A gradient the f32 reference misses by more than 1e-3 relative keeps fewer than three digits
+/// in any f32 implementation: it is mostly rounding noise (often a single scalar, whose noise
+/// ratio between two implementations is heavy-tailed) and need only be within 10% (a wrong
+/// kernel is O(1) off).
+pub const NOISE_DOMINATED: (f64, f64) = (1e-3, 0.1);
+
+/// What a backend's gradients are checked against: the f64 reference, and the f32 reference at
+/// the same inputs and at [`NOISE_RUNS`] copies moved by a few ulp (the size of f32 rounding noise
+/// of each gradient).
+pub struct Expected {
+    pub want: Grads<f64>,
+    pub f32_runs: Vec<Grads<f32>>,
+    pub dtype: DType,
 }
 
-/// [`check`] with the f32 reference's error taken as the largest of several f32 runs (e.g. the
-/// reference and [`Inputs::f32_noise`]) and `factor` times it allowed where that is above the
-/// tolerance: on a gradient that cancels to rounding noise (the loss invariant to a weight's
-/// scale), one f32 run is a single draw of that noise, and an implementation summing in another
-/// order may land a few times off it by chance. `noise: Some((level, bound))`: a gradient the
-/// f32 reference misses by more than `level` (fewer than ~3 digits survive f32: the gradient is
-/// mostly rounding noise, often a single scalar) need only be within `bound` (relative).
-pub fn check_against(
-    got: &Grads<f32>,
-    want: &Grads<f64>,
-    f32_refs: &[&Grads<f32>],
-    (factor, noise): (f64, Option<(f64, f64)>),
-    dtype: DType,
-    label: &str,
-) {
-    let (g, w) = (got.named(), want.named());
-    assert_eq!(g.len(), w.len(), "{label}: gradient sets differ");
-    for (i, ((name, x), (_, y))) in g.iter().zip(&w).enumerate() {
-        assert!(x.iter().all(|v| !v.is_nan()), "{label}: {name} has NaN (unwritten or wrong)");
-        let err = rel_err(x, y);
-        let tol = tolerance(dtype);
-        let ref_err = f32_refs.iter().map(|r| rel_err(r.named()[i].1, y)).fold(0.0, f64::max);
-        let mut bound = tol.max(factor * ref_err); // with factor 2: the tolerance unless ref_err > tol / 2
-        if let Some((level, noisy)) = noise.filter(|(level, _)| ref_err > *level) {
-            let _ = level;
-            bound = bound.max(noisy);
+impl Expected {
+    /// The one rule of every backward suite (CPU, wgpu, the CUDA emulator), gradient by
+    /// gradient: none NaN, and the relative error to the f64 reference at most the largest of
+    /// * the dtype's tolerance (f32 1e-5, f16 2e-3, bf16 1e-2);
+    /// * [`NOISE_FACTOR`] × `precision` × the f32 reference's noise (the largest error of its
+    ///   runs): `precision` is the kernel's working unit roundoff over f32's (1 for f32
+    ///   arithmetic, 2^2 / 2^7 for f16 / bf16 tensor-core operands split hi + lo);
+    /// * twice the error of the f64 reference rounded to the dtype, for `dq, dk, dv` (their
+    ///   storage: small f16 gradients are subnormal);
+    /// * 10% where the noise is above 1e-3 ([`NOISE_DOMINATED`]).
+    ///
+    /// Returns the worst error over its bound (below 1).
+    pub fn check(&self, got: &Grads<f32>, precision: f64, label: &str) -> f64 {
+        let (g, w) = (got.named(), self.want.named());
+        assert_eq!(g.len(), w.len(), "{label}: gradient sets differ");
+        let tol = tolerance(self.dtype);
+        let mut worst: f64 = 0.0;
+        for (i, ((name, x), (_, y))) in g.iter().zip(&w).enumerate() {
+            assert!(x.iter().all(|v| !v.is_nan()), "{label}: {name} has NaN (unwritten or wrong)");
+            let err = rel_err(x, y);
+            let noise = self.f32_runs.iter().map(|r| rel_err(r.named()[i].1, y)).fold(0.0, f64::max);
+            let stored = if ["dq", "dk", "dv"].contains(name) && self.dtype != DType::F32 {
+                let y32: Vec<f32> = y.iter().map(|&v| v as f32).collect();
+                rel_err(&Owned::from_f32(self.dtype, &y32).to_f32(), y)
+            } else {
+                0.0
+            };
+            let mut bound = tol.max(NOISE_FACTOR * precision * noise).max(2.0 * stored);
+            if noise > NOISE_DOMINATED.0 {
+                bound = bound.max(NOISE_DOMINATED.1);
+            }
+            assert!(
+                err <= bound,
+                "{label}: {name} relative error {err:.3e} above {bound:.1e} (f32 reference noise {noise:.1e})"
+            );
+            worst = worst.max(err / bound);
         }
-        assert!(
-            err <= bound,
-            "{label}: {name} relative error {err:.3e} above {bound:.1e} (f32 reference {ref_err:.1e})"
-        );
+        worst
     }
 }

@@ -1,18 +1,18 @@
 //! Decode on the CUDA device: the device-resident KV cache ([`CudaKv`]) and the decode call
-//! (one block per (split, sequence) owning all heads, then the split combine, then the forward's
-//! collapse epilogue when `r` is given). Two numbered kernels ([`DecodeKernel`]):
+//! (one block per (split, sequence) owning all heads, then the split combine; with a collapse `r`
+//! a merge-and-collapse kernel instead, one block per token summing in a fixed order: no atomics,
+//! so a decode call is deterministic bit for bit). Two numbered kernels ([`DecodeKernel`]):
 //! `kernels-cuda/decode_v1.cu` (FMA, every dtype, the default) and `decode_v2.cu` (tensor
 //! cores, the absorbed form, cp.async double-buffered cache tiles; f16/bf16, `d % 16 == 0`,
 //! sm_80+), picked by `HEADMIX_CUDA_DECODE=v1|v2`; a problem v2 cannot run falls back to v1.
 //!
-//! A decode module is compiled by NVRTC from its own source (the shared headers, `decode_v1.cu`
-//! and for v2 `tiles.cuh` and `decode_v2.cu`), one per (kernel, dtype), outside the attention
+//! A decode module is compiled by NVRTC from its own source (the shared headers, `decode.cuh`,
+//! for v2 `tiles.cuh`, the kernel file, `decode_combine.cu`), one per (kernel, dtype), outside the attention
 //! variant table (`HM_MASK` 3, any `HM_HD`: `d` is a run-time argument up to 256). Host-side
 //! planning shared with the wgpu decode lives in [`crate::decode::plan`].
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute;
@@ -21,9 +21,9 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMu
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::args::HmArgs;
-use super::variants::{Variant, src};
+use super::variants::src;
 use super::{CudaBackend, compile, dev_err, drv};
-use crate::cache::{CacheShape, DeviceKv, HostTraffic};
+use crate::cache::{CacheShape, DeviceKv, HostTraffic, TrafficCounter, owned_from_le_bytes};
 use crate::decode::plan::{bands, max_position, rope_levels, rope_table, selection_bits, split};
 use crate::decode::{DecodeIo, DecodeProblem};
 use crate::timing::Owned;
@@ -33,14 +33,18 @@ use crate::{BackendKind, DType, Data, Error, PosMode, Result, Weights};
 pub const DECODE_THREADS: usize = 128;
 /// Rows (warps) per combine block (`HM_DEC_ROWS`).
 const COMBINE_ROWS: usize = 4;
+/// Warps per merge-and-collapse block (`HM_DEC_CWARPS`).
+const COLLAPSE_WARPS: usize = 8;
 
-/// `HmDecodeArgs` of `decode_v1.cu`: 3 pointers, 8 `i32` (56 bytes, no padding).
+/// `HmDecodeArgs` of `decode.cuh`: 3 pointers, 8 `i32` (56 bytes, no padding).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DecodeArgs {
     /// Device pointer to `[B]` u32: the absolute length of each sequence.
     pub lens: u64,
-    /// Device pointer to the f32 partials `[splits, B, H, N·P, d + 2]` (unnormalised output, max, sum).
+    /// Device pointer to the f32 partials `[splits, B, H, N·P, d + 2]` (unnormalised output, max,
+    /// sum); with a collapse, `hm_decode_collapse_v1` then keeps each merged pseudo output in its
+    /// row of split 0 (scratch, read by the same block).
     pub part: u64,
     /// Device pointer to the RoPE table `[levels, 256, d/2, 2]` (cos, sin), or 0 without RoPE.
     pub rope_tab: u64,
@@ -96,7 +100,8 @@ impl DecodeKernel {
         DecodeKernel::ALL.into_iter().find(|k| k.name() == name)
     }
 
-    /// The decode entry point (the combine is `hm_decode_combine_v1` for both).
+    /// The decode entry point (the combine is `hm_decode_combine_v1`, with a collapse
+    /// `hm_decode_collapse_v1`, for both).
     pub fn entry(self) -> &'static str {
         match self {
             DecodeKernel::V1 => "hm_decode_v1",
@@ -127,25 +132,26 @@ pub fn decode_source(dtype: DType) -> String {
     decode_source_of(DecodeKernel::V1, dtype)
 }
 
-/// The NVRTC source of a decode module: a `#define` prelude, the shared headers, `decode_v1.cu`
-/// (v2 also `tiles.cuh` and `decode_v2.cu`, which reuses v1's helpers and combine).
+/// The NVRTC source of a decode module: a `#define` prelude, the shared headers and
+/// `decode.cuh` (v2 also `tiles.cuh`), the kernel file, then `decode_combine.cu`.
 pub fn decode_source_of(kernel: DecodeKernel, dtype: DType) -> String {
     let code = match dtype {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
     };
-    let (tiles, v2) = match kernel {
-        DecodeKernel::V1 => ("", ""),
+    let (tiles, file) = match kernel {
+        DecodeKernel::V1 => ("", src::DECODE_V1),
         DecodeKernel::V2 => (src::TILES, src::DECODE_V2),
     };
     format!(
-        "// headmix decode_{} {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{tiles}\n{}\n{v2}\n",
+        "// headmix decode_{} {}\n#define HM_DTYPE {code}\n#define HM_HD 128\n#define HM_MASK 3\n#define HM_NT {DECODE_THREADS}\n{}\n{}\n{}\n{tiles}\n{file}\n{}\n",
         kernel.name(),
         dtype.name(),
         src::COMMON,
         src::NORM,
-        src::DECODE_V1
+        src::DECODE,
+        src::DECODE_COMBINE
     )
 }
 
@@ -162,6 +168,7 @@ pub fn compile_decode_kernel(kernel: DecodeKernel, dtype: DType, arch: &str) -> 
     let c = compile::compile_source(&name, &decode_source_of(kernel, dtype), arch)?;
     compile::check_clean(&name, arch, &c, kernel.entry())?;
     compile::check_clean(&name, arch, &c, "hm_decode_combine_v1")?;
+    compile::check_clean(&name, arch, &c, "hm_decode_collapse_v1")?;
     Ok(c.ptx.len())
 }
 
@@ -174,8 +181,7 @@ pub struct CudaKv {
     k: CudaSlice<u8>,
     v: CudaSlice<u8>,
     lens: CudaSlice<u32>,
-    uploaded: AtomicU64,
-    downloaded: AtomicU64,
+    traffic: TrafficCounter,
 }
 
 impl CudaKv {
@@ -197,8 +203,7 @@ impl CudaKv {
             k,
             v,
             lens,
-            uploaded: AtomicU64::new(0),
-            downloaded: AtomicU64::new(0),
+            traffic: TrafficCounter::default(),
         })
     }
 
@@ -211,14 +216,6 @@ impl CudaKv {
     pub fn values(&self) -> &CudaSlice<u8> {
         &self.v
     }
-
-    fn row_bytes(&self) -> usize {
-        self.shape.kv_heads * self.shape.head_dim * self.shape.dtype.size()
-    }
-
-    fn at(&self, b: usize, slot: usize) -> usize {
-        (b * self.shape.capacity + slot) * self.row_bytes()
-    }
 }
 
 impl DeviceKv for CudaKv {
@@ -227,15 +224,12 @@ impl DeviceKv for CudaKv {
     }
 
     fn write_rows(&mut self, b: usize, slot: usize, k: &Data, v: &Data, src_at: usize, rows: usize) -> Result<()> {
-        let es = self.shape.dtype.size();
-        let (from, to) = (src_at * es, (src_at + rows * self.shape.kv_heads * self.shape.head_dim) * es);
-        let at = self.at(b, slot);
+        let range = self.shape.rows_bytes(src_at, rows);
+        let (at, len) = (self.shape.slot_offset(b, slot), range.len());
         let s = self.stream.clone();
-        s.memcpy_htod(&k.bytes()[from..to], &mut self.k.slice_mut(at..at + (to - from)))
-            .map_err(drv("appending keys"))?;
-        s.memcpy_htod(&v.bytes()[from..to], &mut self.v.slice_mut(at..at + (to - from)))
-            .map_err(drv("appending values"))?;
-        self.uploaded.fetch_add(2 * (to - from) as u64, Ordering::Relaxed);
+        s.memcpy_htod(&k.bytes()[range.clone()], &mut self.k.slice_mut(at..at + len)).map_err(drv("appending keys"))?;
+        s.memcpy_htod(&v.bytes()[range], &mut self.v.slice_mut(at..at + len)).map_err(drv("appending values"))?;
+        self.traffic.upload(2 * len as u64);
         Ok(())
     }
 
@@ -248,24 +242,12 @@ impl DeviceKv for CudaKv {
         let k = self.stream.clone_dtoh(&self.k).map_err(drv("reading the cache keys back"))?;
         let v = self.stream.clone_dtoh(&self.v).map_err(drv("reading the cache values back"))?;
         self.stream.synchronize().map_err(drv("reading the cache back"))?;
-        self.downloaded.fetch_add((k.len() + v.len()) as u64, Ordering::Relaxed);
-        let owned = |b: &[u8]| -> Owned {
-            match self.shape.dtype {
-                DType::F32 => Owned::F32(bytemuck::pod_collect_to_vec(b)),
-                DType::F16 => Owned::F16(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect()),
-                DType::BF16 => {
-                    Owned::BF16(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect())
-                }
-            }
-        };
-        Ok((owned(&k), owned(&v)))
+        self.traffic.download((k.len() + v.len()) as u64);
+        Ok((owned_from_le_bytes(self.shape.dtype, &k), owned_from_le_bytes(self.shape.dtype, &v)))
     }
 
     fn traffic(&self) -> HostTraffic {
-        HostTraffic {
-            uploaded: self.uploaded.load(Ordering::Relaxed),
-            downloaded: self.downloaded.load(Ordering::Relaxed),
-        }
+        self.traffic.get()
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -277,10 +259,11 @@ impl DeviceKv for CudaKv {
     }
 }
 
-/// The decode and combine kernels of one (device, dtype).
+/// The decode, combine and merge-and-collapse kernels of one (device, dtype).
 struct DecodeFns {
     decode: CudaFunction,
     combine: CudaFunction,
+    collapse: CudaFunction,
 }
 
 type DecodeKey = (usize, DecodeKernel, DType);
@@ -439,10 +422,11 @@ impl CudaBackend {
             .map_err(|e| dev_err(format!("loading {name}: {e}")))?;
         let decode = module.load_function(kernel.entry()).map_err(drv("cuModuleGetFunction"))?;
         let combine = module.load_function("hm_decode_combine_v1").map_err(drv("cuModuleGetFunction"))?;
+        let collapse = module.load_function("hm_decode_collapse_v1").map_err(drv("cuModuleGetFunction"))?;
         decode
             .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.max_smem as i32)
             .map_err(drv("cuFuncSetAttribute (dynamic shared memory)"))?;
-        let fns = Arc::new(DecodeFns { decode, combine });
+        let fns = Arc::new(DecodeFns { decode, combine, collapse });
         decode_modules().lock().unwrap_or_else(|e| e.into_inner()).insert(key, fns.clone());
         Ok(fns)
     }
@@ -516,7 +500,6 @@ impl CudaBackend {
         };
         let mut seconds = Vec::with_capacity(reps);
         let fns = self.decode_fns(plan.kernel, problem.dtype)?;
-        let epi = if problem.collapse { Some(self.function(Variant::epilogue(problem.dtype))?) } else { None };
         let s = self.stream();
         self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
         let c = &problem.cfg;
@@ -524,7 +507,7 @@ impl CudaBackend {
         let q = s.clone_htod(io.q.data.bytes()).map_err(drv("copying q"))?;
         let mut out_t = io.out;
         let out_bytes = out_t.data.bytes_mut();
-        // SAFETY: the combine (or the epilogue) writes every element of out and lse.
+        // SAFETY: the combine (or the merge-and-collapse) writes every element of out and lse.
         let mut out = unsafe { s.alloc::<u8>(out_bytes.len()) }.map_err(drv("allocating out"))?;
         let mut lse = unsafe { s.alloc::<f32>(problem.lse_len()) }.map_err(drv("allocating lse"))?;
         let rows = problem.batch * c.heads * problem.n * c.pseudo;
@@ -536,14 +519,6 @@ impl CudaBackend {
             None => vec![0.0],
         };
         let tab = s.clone_htod(&tab).map_err(drv("copying the RoPE table"))?;
-        let mut acc = if problem.collapse {
-            Some(
-                s.alloc_zeros::<f32>(problem.batch * problem.n * c.heads * c.head_dim)
-                    .map_err(drv("allocating the accumulator"))?,
-            )
-        } else {
-            None
-        };
         {
             let fwd = crate::validate::Problem {
                 cfg: *c,
@@ -568,13 +543,6 @@ impl CudaBackend {
             let (tp, _g7) = tab.device_ptr(s);
             let (np, _g8) = kv.lens.device_ptr(s);
             let (wp, _g9) = dw.buf.device_ptr(s);
-            let (ap, _g10) = match acc.as_mut() {
-                Some(a) => {
-                    let (p, g) = a.device_ptr_mut(s);
-                    (p, Some(g))
-                }
-                None => (0, None),
-            };
             let at = |slot: usize| wp + 4 * dw.offsets[slot] as u64;
             args.q = qp;
             args.k = kp;
@@ -582,7 +550,6 @@ impl CudaBackend {
             args.out = op;
             args.lse = lp;
             args.has_lse = 1;
-            args.acc = ap;
             args.aq = at(0);
             args.ak = at(1);
             args.av = at(2);
@@ -601,10 +568,21 @@ impl CudaBackend {
                 block_dim: (DECODE_THREADS as u32, 1, 1),
                 shared_mem_bytes: plan.smem as u32,
             };
-            let combine_cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
-                block_dim: (32 * COMBINE_ROWS as u32, 1, 1),
-                shared_mem_bytes: 0,
+            // Without a collapse one warp per row; with one, one block per token.
+            let (combine, combine_cfg, combine_name) = if problem.collapse {
+                let cfg = LaunchConfig {
+                    grid_dim: ((problem.batch * problem.n) as u32, 1, 1),
+                    block_dim: (32 * COLLAPSE_WARPS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                (&fns.collapse, cfg, "launching hm_decode_collapse_v1")
+            } else {
+                let cfg = LaunchConfig {
+                    grid_dim: (rows.div_ceil(COMBINE_ROWS) as u32, 1, 1),
+                    block_dim: (32 * COMBINE_ROWS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                (&fns.combine, cfg, "launching hm_decode_combine_v1")
             };
             for rep in 0..=reps {
                 let start = if reps > 0 { Some(event()?) } else { None };
@@ -619,23 +597,7 @@ impl CudaBackend {
                             "launching hm_decode_v1"
                         },
                     ))?;
-                    s.launch_builder(&fns.combine)
-                        .arg(&args)
-                        .arg(&dargs)
-                        .launch(combine_cfg)
-                        .map_err(drv("launching hm_decode_combine_v1"))?;
-                    if let Some(epi) = &epi {
-                        let erows = problem.batch * problem.n * c.heads;
-                        let epi_cfg = LaunchConfig {
-                            grid_dim: (erows.div_ceil(super::variants::EPI_ROWS) as u32, 1, 1),
-                            block_dim: ((32 * super::variants::EPI_ROWS) as u32, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        s.launch_builder(&epi.func)
-                            .arg(&args)
-                            .launch(epi_cfg)
-                            .map_err(drv("launching the collapse epilogue"))?;
-                    }
+                    s.launch_builder(combine).arg(&args).arg(&dargs).launch(combine_cfg).map_err(drv(combine_name))?;
                 }
                 if let Some(start) = start {
                     let end = event()?;
@@ -690,7 +652,7 @@ impl CudaBackend {
         let (vp, _gv) = v.device_ptr(&s);
         cache.append_with(n, &seqs, |d, b, t, slot, rows| {
             let kv = d.as_any_mut().downcast_mut::<CudaKv>().expect("checked above");
-            let (src, bytes, at) = (((b * n + t) * row) as u64, rows * row, kv.at(b, slot));
+            let (src, bytes, at) = (((b * n + t) * row) as u64, rows * row, kv.shape.slot_offset(b, slot));
             for (from, dst) in [(kp + src, &mut kv.k), (vp + src, &mut kv.v)] {
                 let mut view = dst.slice_mut(at..at + bytes);
                 let (dp, _g) = view.device_ptr_mut(&s);

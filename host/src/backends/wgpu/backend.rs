@@ -24,7 +24,7 @@ const LLVMPIPE_LOOP_BUDGET: u64 = 30_000;
 pub struct WgpuBackend {
     info: wgpu::AdapterInfo,
     pub(super) queue: wgpu::Queue,
-    pub(super) kernels: Kernels,
+    pub(super) kernels: Arc<Kernels>,
     variant: Variant,
     /// Forced split-KV ranges per query tile, or `None` for the heuristic.
     pub(super) kv_splits: Option<u32>,
@@ -38,6 +38,9 @@ pub struct WgpuBackend {
     dummy: wgpu::Buffer,
     /// A deliberately wrong backward kernel (negative controls of the tests); 0: none.
     pub(super) backward_fault: u32,
+    /// Heads per chunk of the backward, forced (tests), or `None`: `HEADMIX_WGPU_BWD_CHUNK_HEADS`,
+    /// else the memory budget (see `backward::Chunking`).
+    pub(super) backward_chunk_heads: Option<usize>,
     /// This backend's identity: the owner of its [`WgpuTensor`]s and caches.
     pub(super) owner: Owner,
 }
@@ -108,7 +111,7 @@ impl WgpuBackend {
         WgpuBackend {
             info,
             queue,
-            kernels: Kernels::new(&device),
+            kernels: Arc::new(Kernels::new(&device)),
             variant: Variant::Flash,
             kv_splits: None,
             faults: Arc::new(Mutex::new(None)),
@@ -116,6 +119,7 @@ impl WgpuBackend {
             uploaded: Default::default(),
             downloaded: Default::default(),
             backward_fault: 0,
+            backward_chunk_heads: None,
             owner: Owner::new(),
         }
     }
@@ -124,22 +128,37 @@ impl WgpuBackend {
     /// transpose rotates `dqt` by `+theta`; 2: `dS` without the `- D_i`; 3: `dvt` accumulates
     /// `dS` instead of `P`; 4: the mix-back reads the mixing matrices transposed (`a[h, m, p]`,
     /// where the stored heads number `H`); 5: the mix-back multiplies selection matrices densely
-    /// (`0 · x` of unread heads, against the NaN policy). 0: the correct kernels.
+    /// (`0 · x` of unread heads, against the NaN policy); over several chunks of heads, 6: the
+    /// mix-back drops the chunks before the last, 7: the collapse's `y` keeps only the last
+    /// chunk's columns. 0: the correct kernels.
     #[doc(hidden)]
     pub fn with_backward_fault(mut self, fault: u32) -> WgpuBackend {
         self.backward_fault = fault;
         self
     }
 
+    /// Run the backward over chunks of `heads` heads (`Some(h)` with `h >= H`: one chunk, the
+    /// unchunked passes); `None` (the default): the environment variable
+    /// `HEADMIX_WGPU_BWD_CHUNK_HEADS` if set, else the memory budget, which chunks only when the
+    /// pseudo-head scratch of all heads exceeds twice the stored `q, k, v` in f32
+    /// (`kernels-wgsl/README.md`, "WGSL backward"). The gradients are bit-identical either way.
+    pub fn with_backward_chunk_heads(mut self, heads: Option<usize>) -> WgpuBackend {
+        self.backward_chunk_heads = heads;
+        self
+    }
+
     /// Another backend on this device and queue with the same identity: it accepts this
-    /// backend's [`WgpuTensor`]s and KV caches (and this one its), with its own kernel variant
-    /// and split-KV setting, e.g. `gpu.fork().with_kv_splits(Some(4))`. (A second
+    /// backend's [`WgpuTensor`]s and KV caches (and this one its) and shares its compiled
+    /// pipelines, with its own kernel variant, split-KV and backward chunk settings, e.g.
+    /// `gpu.fork().with_kv_splits(Some(4))`. (A second
     /// [`WgpuBackend::from_device`] on the same device is a new identity: handles do not cross.)
     pub fn fork(&self) -> WgpuBackend {
         let device = self.device();
         let mut forked = WgpuBackend::from_device(self.info.clone(), device.clone(), self.queue.clone());
         forked.variant = self.variant;
         forked.kv_splits = self.kv_splits;
+        forked.backward_chunk_heads = self.backward_chunk_heads;
+        forked.kernels = self.kernels.clone(); // the same device: share the compiled pipelines
         forked.faults = self.faults.clone();
         forked.owner = self.owner.clone();
         forked

@@ -9,14 +9,13 @@
 //! ([`WgpuBackend::host_traffic`] counts every byte the backend moves).
 
 use std::any::Any;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::WgpuBackend;
 use super::device::device_err;
 use super::kernels::{KernelKey, Kind, decode_storage_bytes};
 use super::launch::{self, COMBINE_WG, Dispatch, EPILOGUE_WG, Uniforms, loops, rope_table, to_u32};
 use super::tensor::WgpuTensor;
-use crate::cache::{CacheShape, DeviceKv, HostTraffic, KvCache};
+use crate::cache::{CacheShape, DeviceKv, HostTraffic, KvCache, TrafficCounter, owned_from_le_bytes};
 use crate::decode::plan::{bands, rope_levels, selection_bits, split};
 use crate::decode::{DecodeIo, DecodeProblem};
 use crate::timing::Owned;
@@ -37,8 +36,7 @@ pub struct WgpuKv {
     k: wgpu::Buffer,
     v: wgpu::Buffer,
     lens: wgpu::Buffer,
-    uploaded: AtomicU64,
-    downloaded: AtomicU64,
+    traffic: TrafficCounter,
     /// The backend that made it: only that backend (and its forks) reads or appends to it.
     owner: super::tensor::Owner,
 }
@@ -107,8 +105,7 @@ impl WgpuKv {
             k,
             v,
             lens,
-            uploaded: AtomicU64::new(0),
-            downloaded: AtomicU64::new(0),
+            traffic: TrafficCounter::default(),
             owner: backend.owner.clone(),
         })
     }
@@ -128,18 +125,10 @@ impl WgpuKv {
         &self.lens
     }
 
-    fn row_bytes(&self) -> u64 {
-        (self.shape.kv_heads * self.shape.head_dim * self.shape.dtype.size()) as u64
-    }
-
     /// Byte offset of slot `slot` of sequence `b`.
     fn at(&self, b: usize, slot: usize) -> u64 {
-        (b as u64 * self.shape.capacity as u64 + slot as u64) * self.row_bytes()
+        self.shape.slot_offset(b, slot) as u64
     }
-}
-
-fn data_bytes<'a>(d: &'a Data<'a>) -> &'a [u8] {
-    d.bytes()
 }
 
 impl DeviceKv for WgpuKv {
@@ -148,12 +137,10 @@ impl DeviceKv for WgpuKv {
     }
 
     fn write_rows(&mut self, b: usize, slot: usize, k: &Data, v: &Data, src_at: usize, rows: usize) -> Result<()> {
-        let es = self.shape.dtype.size();
-        let row = self.shape.kv_heads * self.shape.head_dim;
-        let (from, to) = (src_at * es, (src_at + rows * row) * es);
-        self.queue.write_buffer(&self.k, self.at(b, slot), &data_bytes(k)[from..to]);
-        self.queue.write_buffer(&self.v, self.at(b, slot), &data_bytes(v)[from..to]);
-        self.uploaded.fetch_add(2 * (to - from) as u64, Ordering::Relaxed);
+        let range = self.shape.rows_bytes(src_at, rows);
+        self.queue.write_buffer(&self.k, self.at(b, slot), &k.bytes()[range.clone()]);
+        self.queue.write_buffer(&self.v, self.at(b, slot), &v.bytes()[range.clone()]);
+        self.traffic.upload(2 * range.len() as u64);
         Ok(())
     }
 
@@ -176,27 +163,14 @@ impl DeviceKv for WgpuKv {
         enc.copy_buffer_to_buffer(&self.v, 0, &staging, bytes, bytes);
         self.queue.submit([enc.finish()]);
         let raw = super::backend::map_read(&self.device, &staging)?;
-        self.downloaded.fetch_add(2 * bytes, Ordering::Relaxed);
-        let len = self.shape.elements() as usize;
-        let owned = |b: &[u8]| -> Owned {
-            let b = &b[..len * self.shape.dtype.size()];
-            match self.shape.dtype {
-                DType::F32 => Owned::F32(bytemuck::pod_collect_to_vec(b)),
-                DType::F16 => Owned::F16(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect()),
-                DType::BF16 => {
-                    Owned::BF16(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect())
-                }
-            }
-        };
+        self.traffic.download(2 * bytes);
+        let len = self.shape.elements() as usize * self.shape.dtype.size(); // (the buffers are at least 4 bytes)
         let (kb, vb) = raw.split_at(bytes as usize);
-        Ok((owned(kb), owned(vb)))
+        Ok((owned_from_le_bytes(self.shape.dtype, &kb[..len]), owned_from_le_bytes(self.shape.dtype, &vb[..len])))
     }
 
     fn traffic(&self) -> HostTraffic {
-        HostTraffic {
-            uploaded: self.uploaded.load(Ordering::Relaxed),
-            downloaded: self.downloaded.load(Ordering::Relaxed),
-        }
+        self.traffic.get()
     }
 
     fn as_any(&self) -> &dyn Any {

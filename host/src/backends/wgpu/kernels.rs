@@ -11,7 +11,8 @@ use headmix_kernels_wgsl::{
     BACKWARD_COMMON, BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_MIX, BACKWARD_PRE, BACKWARD_SUM, BACKWARD_WGRAD,
 };
 use headmix_kernels_wgsl::{
-    COMBINE, COMMON, DECODE, DTYPE_BF16, DTYPE_F16, DTYPE_F32, EPILOGUE, FLASH_FORWARD as FLASH, NAIVE_FORWARD as NAIVE,
+    COMBINE, COMMON, DECODE, DTYPE_BF16, DTYPE_F16, DTYPE_F32, EPILOGUE, FLASH_FORWARD as FLASH, MIXING,
+    NAIVE_FORWARD as NAIVE,
 };
 
 /// Which kernel, with its compile-time tile sizes.
@@ -111,10 +112,14 @@ pub fn source(v: &KernelKey) -> String {
             if matches!(v.kind, Kind::BwdMix { .. }) { BACKWARD_MIX } else { BACKWARD_SUM }
         }
     };
-    if v.kind.is_backward() {
-        return format!("{consts}\n{dtype}\n{COMMON}\n{BACKWARD_COMMON}\n{body}");
-    }
-    format!("{consts}\n{dtype}\n{COMMON}\n{body}")
+    // The shared pieces after common.wgsl: the mixing (kernels that mix pseudo-heads), then the
+    // backward's declarations.
+    let pieces: &[&str] = match v.kind {
+        kind if kind.is_backward() => &[MIXING, BACKWARD_COMMON],
+        Kind::Flash { .. } | Kind::Naive { .. } => &[MIXING],
+        _ => &[],
+    };
+    format!("{consts}\n{dtype}\n{COMMON}\n{}\n{body}", pieces.join("\n"))
 }
 
 /// Bytes of workgroup memory the flash kernel declares for a tile shape (see flash_forward.wgsl).

@@ -1,25 +1,36 @@
 // bwd_v1: the backward pass of head-mixing attention (docs/backward.md), FMA kernels with f32
 // arithmetic for every dtype (f16/bf16 inputs widened, dq/dk/dv rounded once at the end).
-// One module, seven entry points, launched in this order by host/src/backends/cuda/backward.rs
+// One module, ten entry points, launched in this order by host/src/backends/cuda/backward.rs
 // (every kernel takes the call's HmArgs and HmBwd; the host's launch plan is also what the CPU
-// emulator runs, kernels-cuda/emu/bwd_emu.cpp):
+// emulator runs, kernels-cuda/emu/bwd_emu.cpp). The passes run over a chunk of heads
+// [h0, h0 + hc) (HmBwd's h0, hc): the f32 pseudo-head scratch holds that chunk's rows only, so the
+// backward's extra memory is bounded by the host's budget, not by H*P. With one chunk (hc = H)
+// the sequence below runs once; with several, mix .. reduce run once per chunk, mix-back
+// accumulates dq, dk, dv in f32 across chunks (in chunk order: the same sums in the same order,
+// the same bits), and a collapse with a head norm first runs mix, fwd, ysum per chunk (y, every
+// head's collapse, is complete only after all chunks) and norm once (y -> dy):
 //
-//   hm_bwd_v1_mix      mix (and rotate) q, k, v into f32 pseudo-head rows qt, kt, vt [B, H, L*P, d],
+//   hm_bwd_v1_mix      mix (and rotate) q, k, v into f32 pseudo-head rows qt, kt, vt [B, hc, L*P, d],
 //                      kept in f32 (the arithmetic of the reference and of the CPU backward: a 16-bit
 //                      rounding here would move P away from the saved lse); a one-hot selection
 //                      copies its head only.
 //   hm_bwd_v1_fwd      only with a collapse, a head norm or a 16-bit dtype: recompute the pseudo
-//                      outputs o_i = sum_j P_ij vt_j from the saved lse into op [B, H, N*P, d].
-//   hm_bwd_v1_pre      per token: y = r op (or op), head-norm backward -> dy, dop = r^T dy,
-//                      D_i = <dop_i, op_i>; per-tile partials of dr, dgamma, dbeta.
+//                      outputs o_i = sum_j P_ij vt_j from the saved lse into op [B, hc, N*P, d].
+//   hm_bwd_v1_ysum     (several chunks, collapse and norm) y [B, N, H, d] (+)= r[:, chunk] op.
+//   hm_bwd_v1_norm     (several chunks, collapse and norm) head-norm backward y -> dy in place;
+//                      partials of dgamma, dbeta.
+//   hm_bwd_v1_pre      per token: y = r op (or op), head-norm backward -> dy (or dy read from the
+//                      norm pass), dop = r^T dy, D_i = <dop_i, op_i>; per-tile partials of dr,
+//                      dgamma, dbeta.
 //   hm_bwd_v1_dq       query-major per (query tile, h, b): P from lse, dS = P (dP - D), dqr, then
 //                      R(-theta): dqt. No atomics.
 //   hm_bwd_v1_dkdv     key-major per (key tile, h, b): the scores recomputed, dvt = P^T do and
 //                      dkr = dS^T qr, then R(-phi): dkt. No atomics.
 //   hm_bwd_v1_mixback  dq, dk, dv: the transposes of the mixing (a selection adds only the
-//                      pseudo-heads that selected the head: no multiply by 0).
+//                      pseudo-heads that selected the head: no multiply by 0), added to the f32
+//                      accumulators of the previous chunks, rounded to the dtype by the last.
 //   hm_bwd_v1_wgrad    per-tile partials of daq, dak, dav (<x, dxt> over the tile's tokens).
-//   hm_bwd_v1_reduce   every weight gradient: its partials summed in tile order (deterministic).
+//   hm_bwd_v1_reduce   the chunk's weight-gradient columns: partials summed in tile order.
 //
 // No atomics anywhere: every sum has one owner thread and a fixed order, so two calls give the
 // same bits. Scores live in the log2 domain as in the forward (softmax.cuh): p = 2^(s - lse*log2e).
@@ -31,7 +42,7 @@
 #define BW_TPL ((HM_HD + 31) / 32)  // columns per lane
 #define BW_PRE_TOK 8                // tokens per hm_bwd_v1_pre block (one partial per block)
 #define BW_W_TOK 16                 // tokens per hm_bwd_v1_wgrad block (one partial per block)
-#define HM_BWD_NPTR 25              // pointers at the head of HmBwd (the emulator relocates them)
+#define HM_BWD_NPTR 30              // pointers at the head of HmBwd (the emulator relocates them)
 #ifndef HM_BWD_TC
 #define HM_BWD_TC 0 // 1: the bwd_v2 module (this file, then bwd_v2.cu's tensor-core dq, dk/dv)
 #endif
@@ -47,24 +58,35 @@ static_assert(HM_SMEM == 4 * (2 * (HM_BR + HM_BC) * HM_HDP + 2 * HM_BC + 2 * BW_
 #endif
 
 // The backward's buffers (mirrored by host/src/backends/cuda/backward.rs): pointers first.
+// The pseudo-head scratch (qt .. dvt, D) holds the chunk's hc heads: head h0 + h at index h.
 struct HmBwd {
     const void* dout;               // dL/dout, the shape of out (storage type)
-    float *qt, *kt, *vt;            // [B, H, L*P, d] f32 pseudo-head rows (qt, kt rotated)
-    float* op;                      // [B, H, N*P, d] recomputed pseudo outputs, or null (out is op)
-    float* dop;                     // [B, H, N*P, d] dL/d(pseudo output)
-    float* D;                       // [B, H, N*P] <dop_i, o_i>
-    float *dqt, *dkt, *dvt;         // [B, H, L*P, d] pseudo-gradients (after the RoPE transpose)
+    float *qt, *kt, *vt;            // [B, hc, L*P, d] f32 pseudo-head rows (qt, kt rotated)
+    float* op;                      // [B, hc, N*P, d] recomputed pseudo outputs, or null (out is op)
+    float* dop;                     // [B, hc, N*P, d] dL/d(pseudo output)
+    float* D;                       // [B, hc, N*P] <dop_i, o_i>
+    float *dqt, *dkt, *dvt;         // [B, hc, L*P, d] pseudo-gradients (after the RoPE transpose)
     void *dq, *dk, *dv;             // gradients of q, k, v (storage type)
     float *daq, *dak, *dav, *dr, *dgamma, *dbeta; // weight gradients (f32; dr.. null when absent)
     float* part;                    // per-tile partials of every weight gradient
     const int *selq, *selk, *selv;  // one-hot selections [H*P], or null (dense mixing)
     const float *rope_hi, *rope_lo; // RoPE (cos, sin) tables (plan::rope_tables), or null
+    float *accq, *acck, *accv;      // f32 sums of dq, dk, dv over the chunks so far (null: one chunk)
+    float* y;                       // [B, N, H, d] f32 y, then dy in place (several chunks with a
+                                    // collapse and a norm), or null
+    float* lse;                     // [B, hc, N*P] the chunk's saved lse: the call's lse with one
+                                    // chunk, else a copy (hm_bwd_v1_mix; the passes index it as D)
     int rope_hi0;
     int pre_tiles;                  // B * ceil(N / BW_PRE_TOK)
     int wq_tiles, wk_tiles;         // B * ceil(N / BW_W_TOK), B * ceil(M / BW_W_TOK)
-    int part_pre, part_wq, part_wk, part_wv; // float offsets of the partial segments in part
+    int part_pre, part_g;           // float offsets in part: dr [pre_tiles][H][hc*P], dgamma and
+                                    // dbeta [pre_tiles][2][H*d]
+    int part_wq, part_wk, part_wv;  // ... daq [wq_tiles][Hq][hc*P], dak and dav [wk_tiles][Hk][hc*P]
+    int h0, hc;                     // this launch's chunk of heads [h0, h0 + hc)
+    int reduce;                     // hm_bwd_v1_reduce: bit g set = write gradient g (daq, dak, dav,
+                                    // dr, dgamma, dbeta: bits 0 .. 5)
 };
-static_assert(sizeof(HmBwd) == HM_BWD_NPTR * 8 + 8 * 4, "HmBwd: pointers first, then 8 ints");
+static_assert(sizeof(HmBwd) == HM_BWD_NPTR * 8 + 12 * 4, "HmBwd: pointers first, then 12 ints");
 
 #ifdef HM_EMU
 #define BW_SYNCWARP() hm_emu_syncwarp()
@@ -90,7 +112,8 @@ __device__ __forceinline__ unsigned bw_k_pos(const HmArgs& a, int j) {
 }
 
 // ---- 1. mix: qt, kt, vt ------------------------------------------------------------------------
-// grid (max(N, M), 3 = q|k|v, B): one block per (token, tensor, batch element).
+// grid (max(N, M), 3 = q|k|v, B): one block per (token, tensor, batch element); the chunk's
+// pseudo-heads hp = h0*P .. (h0 + hc)*P - 1.
 extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_mix(const HmArgs a, const HmBwd x) {
     const int which = blockIdx.y, l = blockIdx.x, b = blockIdx.z;
     const int L = which == 0 ? a.N : a.M;
@@ -108,10 +131,13 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_mix(const HmArgs a
         for (int m = 0; m < S; ++m) s += w[m * HP + hp] * hm_load(src, xrow + (long long)m * d + t);
         return s;
     };
-    const int per = rope ? half : d;
-    for (int e = threadIdx.x; e < HP * per; e += HM_NT) {
-        const int hp = e / per, t = e - hp * per, h = hp / P, p = hp - h * P, vi = l * P + p;
-        float* row = dst + (((long long)b * a.H + h) * L * P + vi) * d;
+    const int per = rope ? half : d, CP = x.hc * P;
+    for (int e = threadIdx.x; e < CP * per; e += HM_NT) {
+        const int cl = e / per, t = e - cl * per, h = cl / P, p = cl - h * P, vi = l * P + p;
+        const int hp = x.h0 * P + cl; // the pseudo-head's column of the weights
+        float* row = dst + (((long long)b * x.hc + h) * L * P + vi) * d;
+        if (which == 0 && t == 0 && x.lse != a.lse) // several chunks: the chunk's lse rows
+            x.lse[((long long)b * x.hc + h) * L * P + vi] = a.lse[((long long)b * a.H + x.h0 + h) * L * P + vi];
         if (rope) {
             float c, s;
             bw_rope_cs(x, which == 0 ? bw_q_pos(a, vi) : bw_k_pos(a, vi), t, half, &c, &s);
@@ -179,7 +205,7 @@ template <bool RECOMPUTE> __device__ __forceinline__ void bw_query_pass(const Hm
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, b = blockIdx.z, h = blockIdx.y;
     const int P = a.P, d = a.d, nq = a.N * P, nk = a.M * P, i0 = blockIdx.x * HM_BR;
     const long long off = (long long)(a.M - a.N) * P;
-    const long long hq = ((long long)b * a.H + h) * nq, hk = ((long long)b * a.H + h) * nk;
+    const long long hq = ((long long)b * x.hc + h) * nq, hk = ((long long)b * x.hc + h) * nk; // chunk rows
     bw_load(qs, x.qt + hq * d, i0, nq, HM_BR, d);
     if (!RECOMPUTE) bw_load(dos, x.dop + hq * d, i0, nq, HM_BR, d);
     float lse2[BW_RPW], Dr[BW_RPW], acc[BW_RPW][BW_TPL];
@@ -188,7 +214,7 @@ template <bool RECOMPUTE> __device__ __forceinline__ void bw_query_pass(const Hm
     for (int r = 0; r < BW_RPW; ++r) {
         const int i = i0 + warp * BW_RPW + r;
         const bool ok = i < nq;
-        lse2[r] = ok ? a.lse[hq + i] * HM_LOG2E : 0.f;
+        lse2[r] = ok ? x.lse[hq + i] * HM_LOG2E : 0.f;
         Dr[r] = ok && !RECOMPUTE ? x.D[hq + i] : 0.f;
         hm_row_keys(a, i + off, nk, &klo[r], &khi[r]);
         if (!ok) khi[r] = -1;
@@ -272,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_dkdv(const HmArgs 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, b = blockIdx.z, h = blockIdx.y;
     const int P = a.P, d = a.d, nq = a.N * P, nk = a.M * P, j0 = blockIdx.x * HM_BR;
     const long long off = (long long)(a.M - a.N) * P;
-    const long long hq = ((long long)b * a.H + h) * nq, hk = ((long long)b * a.H + h) * nk;
+    const long long hq = ((long long)b * x.hc + h) * nq, hk = ((long long)b * x.hc + h) * nk; // chunk rows
     bw_load(ks, x.kt + hk * d, j0, nk, HM_BR, d);
     bw_load(vs, x.vt + hk * d, j0, nk, HM_BR, d);
     float ak[BW_RPW][BW_TPL], av[BW_RPW][BW_TPL];
@@ -288,7 +314,7 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_dkdv(const HmArgs 
         bw_load(dos, x.dop + hq * d, (int)c0, nq, HM_BC, d);
         if (threadIdx.x < HM_BC) {
             const long long i = c0 + threadIdx.x;
-            st[threadIdx.x] = i < nq ? a.lse[hq + i] * HM_LOG2E : 0.f;
+            st[threadIdx.x] = i < nq ? x.lse[hq + i] * HM_LOG2E : 0.f;
             st[HM_BC + threadIdx.x] = i < nq ? x.D[hq + i] : 0.f;
         }
         __syncthreads();
@@ -347,36 +373,79 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_dkdv(const HmArgs 
 #endif // !HM_BWD_TC
 
 // ---- 3. pre: norm and collapse backward, dop, D ------------------------------------------------
-// grid (ceil(N / BW_PRE_TOK), B). Dynamic shared memory (f32): op [HP][d], dy [R][d] (R = H with
-// a collapse, else HP), dr partial [H][HP], dgamma and dbeta partials [H][d] (backward.rs sizes it).
-// Warp w owns heads w, w + NW, ... in the norm phase and pseudo rows w, w + NW, ... in the
-// collapse-transpose phase: every partial element has one owner and a fixed token order.
-extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_pre(const HmArgs a, const HmBwd x) {
+// The head norm's backward of one output row of head h (a warp, lanes over columns): y and g
+// (= dout) in registers, `sum` this lane's part of sum(y); dy[t] = (g' - m1 - xh m2) / sigma, and
+// the dgamma, dbeta terms of the row added to dg[t], db[t] (rows the warp owns).
+__device__ __forceinline__ void bw_norm_back(const HmArgs& a, int h, const float* y, const float* g, float sum,
+                                             float* dy, float* dg, float* db, int lane, float inv_d) {
+    const int d = a.d;
+    const bool group = a.norm == HM_NORM_GROUP;
+    const float mu = group ? hm_warp_sum(sum) * inv_d : 0.f;
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < BW_TPL; ++u)
+        if (lane + 32 * u < d) ss += (y[u] - mu) * (y[u] - mu);
+    const float inv = rsqrtf(hm_warp_sum(ss) * inv_d + a.eps); // hm_norm_inv without the division
+    float xh[BW_TPL], gg[BW_TPL], s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int u = 0; u < BW_TPL; ++u) {
+        const int t = lane + 32 * u;
+        xh[u] = (y[u] - mu) * inv;
+        gg[u] = t < d ? a.gamma[h * d + t] * g[u] : 0.f;
+        if (t < d) {
+            s1 += gg[u];
+            s2 += gg[u] * xh[u];
+        }
+    }
+    const float m1 = group ? hm_warp_sum(s1) * inv_d : 0.f, m2 = hm_warp_sum(s2) * inv_d;
+#pragma unroll
+    for (int u = 0; u < BW_TPL; ++u) {
+        const int t = lane + 32 * u;
+        if (t >= d) continue;
+        dg[t] += g[u] * xh[u];
+        if (group) db[t] += g[u];
+        dy[t] = (gg[u] - m1 - xh[u] * m2) * inv;
+    }
+}
+
+// grid (ceil(N / BW_PRE_TOK), B). Dynamic shared memory (f32): op [CP][d] (the chunk's CP = hc*P
+// pseudo rows), dy [R][d] (R = H with a collapse, else CP), dr partial [H][CP], dgamma and dbeta
+// partials [H][d] (backward.rs sizes it). Warp w owns heads w, w + NW, ... in the norm phase and
+// pseudo rows w, w + NW, ... in the collapse-transpose phase: every partial element has one owner
+// and a fixed token order. (Launch bounds (NT, 1): ptxas's default register target, 64, spilled
+// the d 256 variant.) With x.y set (several chunks, a collapse and a norm) dy is read from
+// it (hm_bwd_v1_norm wrote it: y needs every chunk's op) and the norm phase is skipped.
+extern "C" __global__ void __launch_bounds__(HM_NT, 1) hm_bwd_v1_pre(const HmArgs a, const HmBwd x) {
     extern __shared__ float hm_smem[];
     const int H = a.H, P = a.P, HP = H * P, d = a.d, N = a.N, nq = N * P, b = blockIdx.y;
-    const bool col = a.collapse != 0;
-    const int R = col ? H : HP;
-    float* ops = hm_smem;        // [HP][d]
-    float* dys = ops + HP * d;   // [R][d]
-    float* drs = dys + R * d;    // [H][HP]
-    float* dgs = drs + H * HP;   // [H][d]
+    const int CP = x.hc * P, c0 = x.h0 * P; // the chunk's pseudo rows: cl local, c0 + cl global
+    const bool col = a.collapse != 0, norm = a.norm != HM_NORM_NONE && x.y == nullptr;
+    const int R = col ? H : CP;
+    float* ops = hm_smem;        // [CP][d]
+    float* dys = ops + CP * d;   // [R][d]
+    float* drs = dys + R * d;    // [H][CP]
+    float* dgs = drs + H * CP;   // [H][d]
     float* dbs = dgs + H * d;    // [H][d]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float inv_d = 1.f / (float)d; // no division (a slow-path call) in the token loop
-    for (int e = threadIdx.x; e < H * HP + 2 * H * d; e += HM_NT) drs[e] = 0.f;
+    for (int e = threadIdx.x; e < H * CP + 2 * H * d; e += HM_NT) drs[e] = 0.f;
     const int n0 = blockIdx.x * BW_PRE_TOK, n1 = min(n0 + BW_PRE_TOK, N);
     for (int n = n0; n < n1; ++n) {
         __syncthreads(); // the previous token is done with ops and dys
-        for (int e = threadIdx.x; e < HP * d; e += HM_NT) {
-            const int c = e / d, t = e - c * d, hh = c / P, i = n * P + (c - hh * P);
-            ops[e] = x.op ? x.op[(((long long)b * H + hh) * nq + i) * d + t]
-                          : hm_load(a.out, (((long long)b * N + n) * HP + c) * d + t);
+        for (int e = threadIdx.x; e < CP * d; e += HM_NT) {
+            const int cl = e / d, t = e - cl * d, hl = cl / P, i = n * P + (cl - hl * P);
+            ops[e] = x.op ? x.op[(((long long)b * x.hc + hl) * nq + i) * d + t]
+                          : hm_load(a.out, (((long long)b * N + n) * HP + c0 + cl) * d + t);
         }
         __syncthreads();
-        // Output rows of head h: y (collapse or the pseudo output), the norm's backward -> dy.
-        for (int h = warp; h < H; h += BW_NW) {
+        // Output rows of head h (every head with a collapse, the chunk's without): y (collapse or
+        // the pseudo output), the norm's backward -> dy.
+        for (int r = warp; r < (col ? H : x.hc); r += BW_NW) {
+            const int h = col ? r : x.h0 + r;
             for (int rr = 0; rr < (col ? 1 : P); ++rr) {
-                const int row = col ? h : h * P + rr;
+                const int row = col ? h : r * P + rr; // its row of dys (and of ops without a collapse)
+                // Its row of dout (and of x.y, which is set with a collapse only).
+                const long long go = (((long long)b * N + n) * (col ? H : HP) + (col ? h : h * P + rr)) * d;
                 float y[BW_TPL], g[BW_TPL];
                 float sum = 0.f;
 #pragma unroll
@@ -384,45 +453,19 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_pre(const HmArgs a
                     const int t = lane + 32 * u;
                     y[u] = g[u] = 0.f;
                     if (t >= d) continue;
-                    if (col) {
-                        for (int c = 0; c < HP; ++c) {
-                            const float rw = a.r[h * HP + c];
-                            if (rw != 0.f) y[u] = fmaf(rw, ops[c * d + t], y[u]); // unread stays unread
-                        }
-                    } else {
+                    if (!col) {
                         y[u] = ops[row * d + t];
+                    } else if (norm) {
+                        for (int cl = 0; cl < CP; ++cl) {
+                            const float rw = a.r[h * HP + c0 + cl];
+                            if (rw != 0.f) y[u] = fmaf(rw, ops[cl * d + t], y[u]); // unread stays unread
+                        }
                     }
-                    g[u] = hm_load(x.dout, (((long long)b * N + n) * R + row) * d + t);
+                    g[u] = x.y ? x.y[go + t] : hm_load(x.dout, go + t);
                     sum += y[u];
                 }
-                if (a.norm != HM_NORM_NONE) {
-                    const bool group = a.norm == HM_NORM_GROUP;
-                    const float mu = group ? hm_warp_sum(sum) * inv_d : 0.f;
-                    float ss = 0.f;
-#pragma unroll
-                    for (int u = 0; u < BW_TPL; ++u)
-                        if (lane + 32 * u < d) ss += (y[u] - mu) * (y[u] - mu);
-                    const float inv = rsqrtf(hm_warp_sum(ss) * inv_d + a.eps); // hm_norm_inv without the division
-                    float xh[BW_TPL], gg[BW_TPL], s1 = 0.f, s2 = 0.f;
-#pragma unroll
-                    for (int u = 0; u < BW_TPL; ++u) {
-                        const int t = lane + 32 * u;
-                        xh[u] = (y[u] - mu) * inv;
-                        gg[u] = t < d ? a.gamma[h * d + t] * g[u] : 0.f;
-                        if (t < d) {
-                            s1 += gg[u];
-                            s2 += gg[u] * xh[u];
-                        }
-                    }
-                    const float m1 = group ? hm_warp_sum(s1) * inv_d : 0.f, m2 = hm_warp_sum(s2) * inv_d;
-#pragma unroll
-                    for (int u = 0; u < BW_TPL; ++u) {
-                        const int t = lane + 32 * u;
-                        if (t >= d) continue;
-                        dgs[h * d + t] += g[u] * xh[u];
-                        if (group) dbs[h * d + t] += g[u];
-                        dys[row * d + t] = (gg[u] - m1 - xh[u] * m2) * inv;
-                    }
+                if (norm) {
+                    bw_norm_back(a, h, y, g, sum, dys + row * d, dgs + h * d, dbs + h * d, lane, inv_d);
                 } else {
 #pragma unroll
                     for (int u = 0; u < BW_TPL; ++u)
@@ -431,10 +474,11 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_pre(const HmArgs a
             }
         }
         __syncthreads();
-        // Pseudo row c = (h', p): dop = r^T dy (or dy), D = <dop, op>, dr[h][c] += <dy_h, op_c>.
-        for (int c = warp; c < HP; c += BW_NW) {
-            const int hh = c / P, i = n * P + (c - hh * P);
-            float* dst = x.dop + (((long long)b * H + hh) * nq + i) * d;
+        // Pseudo row c = (h', p) of the chunk: dop = r^T dy (or dy), D = <dop, op>,
+        // dr[h][c] += <dy_h, op_c>.
+        for (int cl = warp; cl < CP; cl += BW_NW) {
+            const int c = c0 + cl, hl = cl / P, i = n * P + (cl - hl * P);
+            float* dst = x.dop + (((long long)b * x.hc + hl) * nq + i) * d;
             float dot = 0.f;
             for (int t = lane; t < d; t += 32) {
                 float g = 0.f;
@@ -444,96 +488,168 @@ extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_pre(const HmArgs a
                         if (rw != 0.f) g = fmaf(rw, dys[h * d + t], g);
                     }
                 } else {
-                    g = dys[c * d + t];
+                    g = dys[cl * d + t];
                 }
                 dst[t] = g;
-                dot = fmaf(g, ops[c * d + t], dot);
+                dot = fmaf(g, ops[cl * d + t], dot);
             }
             dot = hm_warp_sum(dot);
-            if (lane == 0) x.D[((long long)b * H + hh) * nq + i] = dot;
+            if (lane == 0) x.D[((long long)b * x.hc + hl) * nq + i] = dot;
             if (col)
                 for (int h = 0; h < H; ++h) {
                     float s = 0.f;
-                    for (int t = lane; t < d; t += 32) s = fmaf(dys[h * d + t], ops[c * d + t], s);
+                    for (int t = lane; t < d; t += 32) s = fmaf(dys[h * d + t], ops[cl * d + t], s);
                     s = hm_warp_sum(s);
-                    if (lane == 0) drs[h * HP + c] += s;
+                    if (lane == 0) drs[h * CP + cl] += s;
                 }
         }
     }
     __syncthreads();
-    float* part = x.part + x.part_pre + (long long)(b * ((N + BW_PRE_TOK - 1) / BW_PRE_TOK) + blockIdx.x) * (H * HP + 2 * H * d);
-    for (int e = threadIdx.x; e < H * HP + 2 * H * d; e += HM_NT) part[e] = drs[e];
+    const long long tile = (long long)b * ((N + BW_PRE_TOK - 1) / BW_PRE_TOK) + blockIdx.x;
+    float* part = x.part + x.part_pre + tile * (H * CP);
+    for (int e = threadIdx.x; e < H * CP; e += HM_NT) part[e] = drs[e];
+    // dgamma, dbeta of the heads whose norm ran here: the chunk's, or every head's with a collapse.
+    const int g0 = col ? 0 : x.h0, g1 = !norm ? g0 : col ? H : x.h0 + x.hc;
+    float* pg = x.part + x.part_g + tile * (2 * H * d);
+    for (int e = threadIdx.x; e < 2 * H * d; e += HM_NT) {
+        const int h = (e < H * d ? e : e - H * d) / d;
+        if (h >= g0 && h < g1) pg[e] = dgs[e];
+    }
+}
+
+// ---- 3a. ysum: y = r op over the chunks (several chunks with a collapse and a head norm) ---------
+// grid (N, B): y[b, n, h, :] = (0 for the first chunk, else the previous chunks' sum) + sum over
+// the chunk's pseudo rows c of r[h, c] op_c: pre's sum, in the same order (the same bits).
+extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_ysum(const HmArgs a, const HmBwd x) {
+    const int n = blockIdx.x, b = blockIdx.y, H = a.H, P = a.P, HP = H * P, d = a.d, nq = a.N * P;
+    const int CP = x.hc * P, c0 = x.h0 * P;
+    for (int e = threadIdx.x; e < H * d; e += HM_NT) {
+        const int h = e / d, t = e - h * d;
+        float* yr = x.y + (((long long)b * a.N + n) * H + h) * d + t;
+        float s = x.h0 == 0 ? 0.f : *yr;
+        for (int cl = 0; cl < CP; ++cl) {
+            const float rw = a.r[h * HP + c0 + cl];
+            const int hl = cl / P;
+            if (rw != 0.f) s = fmaf(rw, x.op[(((long long)b * x.hc + hl) * nq + n * P + (cl - hl * P)) * d + t], s);
+        }
+        *yr = s;
+    }
+}
+
+// ---- 3b. norm: the head norm's backward over the complete y, in place (y -> dy) ------------------
+// grid (ceil(N / BW_PRE_TOK), B), dynamic shared memory [2][H][d] f32 (the dgamma, dbeta partials;
+// warp w owns heads w, w + NW, ...), partials laid out as pre's.
+extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_norm(const HmArgs a, const HmBwd x) {
+    extern __shared__ float hm_smem[];
+    const int H = a.H, d = a.d, N = a.N, b = blockIdx.y;
+    float* dgs = hm_smem;      // [H][d]
+    float* dbs = dgs + H * d;  // [H][d]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float inv_d = 1.f / (float)d; // as pre's (the same bits)
+    for (int e = threadIdx.x; e < 2 * H * d; e += HM_NT) dgs[e] = 0.f;
+    __syncthreads();
+    const int n0 = blockIdx.x * BW_PRE_TOK, n1 = min(n0 + BW_PRE_TOK, N);
+    for (int n = n0; n < n1; ++n)
+        for (int h = warp; h < H; h += BW_NW) {
+            float* yr = x.y + (((long long)b * N + n) * H + h) * d;
+            float y[BW_TPL], g[BW_TPL], sum = 0.f;
+#pragma unroll
+            for (int u = 0; u < BW_TPL; ++u) {
+                const int t = lane + 32 * u;
+                y[u] = g[u] = 0.f;
+                if (t >= d) continue;
+                y[u] = yr[t];
+                g[u] = hm_load(x.dout, (((long long)b * N + n) * H + h) * d + t);
+                sum += y[u];
+            }
+            bw_norm_back(a, h, y, g, sum, yr, dgs + h * d, dbs + h * d, lane, inv_d); // dy over y
+        }
+    __syncthreads();
+    const long long tile = (long long)b * ((N + BW_PRE_TOK - 1) / BW_PRE_TOK) + blockIdx.x;
+    float* pg = x.part + x.part_g + tile * (2 * H * d);
+    for (int e = threadIdx.x; e < 2 * H * d; e += HM_NT) pg[e] = dgs[e];
 }
 
 // ---- 6. mix-back: dq, dk, dv ----------------------------------------------------------------------
-// grid (max(N, M), 3 = q|k|v, B): dx[b, l, m, :] = sum_{h,p} w[m, h, p] dxt[b, h, l*P + p, :].
+// grid (max(N, M), 3 = q|k|v, B): dx[b, l, m, :] = sum_{h,p} w[m, h, p] dxt[b, h, l*P + p, :], the
+// sum over the chunk's (h, p) continuing the previous chunks' f32 sum (acc), in (h, p) order.
 extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_mixback(const HmArgs a, const HmBwd x) {
     const int which = blockIdx.y, l = blockIdx.x, b = blockIdx.z;
     const int L = which == 0 ? a.N : a.M;
     if (l >= L) return;
-    const int S = which == 0 ? a.Hq : a.Hk, HP = a.H * a.P, P = a.P, d = a.d;
+    const int S = which == 0 ? a.Hq : a.Hk, HP = a.H * a.P, P = a.P, d = a.d, CP = x.hc * P, c0 = x.h0 * P;
     const float* w = which == 0 ? a.aq : which == 1 ? a.ak : a.av;
     const int* sel = which == 0 ? x.selq : which == 1 ? x.selk : x.selv;
     const float* g = which == 0 ? x.dqt : which == 1 ? x.dkt : x.dvt;
     void* dst = which == 0 ? x.dq : which == 1 ? x.dk : x.dv;
+    float* acc = which == 0 ? x.accq : which == 1 ? x.acck : x.accv;
+    const bool first = x.h0 == 0, last = x.h0 + x.hc == a.H;
     for (int e = threadIdx.x; e < S * d; e += HM_NT) {
         const int m = e / d, t = e - m * d;
-        float s = 0.f;
-        for (int hp = 0; hp < HP; ++hp) {
-            const int h = hp / P, vi = l * P + (hp - h * P);
-            const float gv = g[(((long long)b * a.H + h) * L * P + vi) * d + t];
+        const long long o = (((long long)b * L + l) * S + m) * d + t;
+        float s = first ? 0.f : acc[o];
+        for (int cl = 0; cl < CP; ++cl) {
+            const int hp = c0 + cl, h = cl / P, vi = l * P + (cl - h * P);
+            const float gv = g[(((long long)b * x.hc + h) * L * P + vi) * d + t];
             if (sel) {
                 if (sel[hp] == m) s += gv; // only the pseudo-heads that read this head
             } else {
                 s = fmaf(w[m * HP + hp], gv, s);
             }
         }
-        hm_store(dst, (((long long)b * L + l) * S + m) * d + t, s);
+        if (last) hm_store(dst, o, s);
+        else acc[o] = s;
     }
 }
 
 // ---- 7. weight-gradient partials: daq, dak, dav ---------------------------------------------------
-// grid (ceil(max(N, M) / BW_W_TOK), 3, B): part[tile][m][hp] = sum over the tile's tokens of
-// <x[b, l, m, :], dxt[b, h, l*P + p, :]>.
+// grid (ceil(max(N, M) / BW_W_TOK), 3, B): part[tile][m][cl] = sum over the tile's tokens of
+// <x[b, l, m, :], dxt[b, h, l*P + p, :]> for the chunk's pseudo-heads cl = (h - h0)*P + p.
 extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_wgrad(const HmArgs a, const HmBwd x) {
     const int which = blockIdx.y, b = blockIdx.z;
     const int L = which == 0 ? a.N : a.M, tiles = (L + BW_W_TOK - 1) / BW_W_TOK;
     if ((int)blockIdx.x >= tiles) return;
-    const int S = which == 0 ? a.Hq : a.Hk, HP = a.H * a.P, P = a.P, d = a.d;
+    const int S = which == 0 ? a.Hq : a.Hk, P = a.P, d = a.d, CP = x.hc * P;
     const void* src = which == 0 ? a.q : which == 1 ? a.k : a.v;
     const float* g = which == 0 ? x.dqt : which == 1 ? x.dkt : x.dvt;
     const int seg = which == 0 ? x.part_wq : which == 1 ? x.part_wk : x.part_wv;
-    float* part = x.part + seg + (long long)(b * tiles + blockIdx.x) * S * HP;
+    float* part = x.part + seg + (long long)(b * tiles + blockIdx.x) * S * CP;
     const int l0 = blockIdx.x * BW_W_TOK, l1 = min(l0 + BW_W_TOK, L);
-    for (int e = threadIdx.x; e < S * HP; e += HM_NT) {
-        const int m = e / HP, hp = e - m * HP, h = hp / P, p = hp - h * P;
+    for (int e = threadIdx.x; e < S * CP; e += HM_NT) {
+        const int m = e / CP, cl = e - m * CP, h = cl / P, p = cl - h * P;
         float s = 0.f;
         for (int l = l0; l < l1; ++l) {
             const long long xr = (((long long)b * L + l) * S + m) * d;
-            const float* gr = g + (((long long)b * a.H + h) * L * P + l * P + p) * d;
+            const float* gr = g + (((long long)b * x.hc + h) * L * P + l * P + p) * d;
             for (int t = 0; t < d; ++t) s = fmaf(hm_load(src, xr + t), gr[t], s);
         }
         part[e] = s;
     }
 }
 
-// ---- 8. reduce: every weight gradient from its partials, in tile order ------------------------------
-// grid (ceil(largest gradient / NT), 6 = daq|dak|dav|dr|dgamma|dbeta).
+// ---- 8. reduce: weight gradients from their partials, in tile order ----------------------------------
+// grid (ceil(largest gradient part / NT), 6 = daq|dak|dav|dr|dgamma|dbeta); gradient y runs when
+// bit y of x.reduce is set: daq, dak, dav, dr the chunk's columns [h0*P, (h0 + hc)*P) of every row,
+// dgamma, dbeta the chunk's heads' rows.
 extern "C" __global__ void __launch_bounds__(HM_NT) hm_bwd_v1_reduce(const HmArgs a, const HmBwd x) {
-    const int HP = a.H * a.P, Hd = a.H * a.d, pre = a.H * HP + 2 * Hd;
+    const int HP = a.H * a.P, CP = x.hc * a.P, Hd = a.H * a.d, grad = blockIdx.y;
+    if (!((x.reduce >> grad) & 1)) return;
     float* dst;
-    int len, tiles, stride, off;
-    switch (blockIdx.y) {
-    case 0: dst = x.daq, len = a.Hq * HP, tiles = x.wq_tiles, stride = len, off = x.part_wq; break;
-    case 1: dst = x.dak, len = a.Hk * HP, tiles = x.wk_tiles, stride = len, off = x.part_wk; break;
-    case 2: dst = x.dav, len = a.Hk * HP, tiles = x.wk_tiles, stride = len, off = x.part_wv; break;
-    case 3: dst = x.dr, len = a.H * HP, tiles = x.pre_tiles, stride = pre, off = x.part_pre; break;
-    case 4: dst = x.dgamma, len = Hd, tiles = x.pre_tiles, stride = pre, off = x.part_pre + a.H * HP; break;
-    default: dst = x.dbeta, len = Hd, tiles = x.pre_tiles, stride = pre, off = x.part_pre + a.H * HP + Hd; break;
+    int rows, tiles, stride, off; // partial element e of tile t: part[off + t*stride + e]
+    switch (grad) {
+    case 0: dst = x.daq, rows = a.Hq, tiles = x.wq_tiles, stride = a.Hq * CP, off = x.part_wq; break;
+    case 1: dst = x.dak, rows = a.Hk, tiles = x.wk_tiles, stride = a.Hk * CP, off = x.part_wk; break;
+    case 2: dst = x.dav, rows = a.Hk, tiles = x.wk_tiles, stride = a.Hk * CP, off = x.part_wv; break;
+    case 3: dst = x.dr, rows = a.H, tiles = x.pre_tiles, stride = a.H * CP, off = x.part_pre; break;
+    case 4: dst = x.dgamma, rows = 0, tiles = x.pre_tiles, stride = 2 * Hd, off = x.part_g; break;
+    default: dst = x.dbeta, rows = 0, tiles = x.pre_tiles, stride = 2 * Hd, off = x.part_g + Hd; break;
     }
+    const bool cols = grad < 4; // a [rows][H*P] gradient (the chunk's columns), else [H][d]
     const int e = blockIdx.x * HM_NT + threadIdx.x;
-    if (dst == nullptr || e >= len) return;
+    if (dst == nullptr || e >= (cols ? rows * CP : x.hc * a.d)) return;
+    const int r = cols ? e / CP : 0;
+    const int src = cols ? e : x.h0 * a.d + e, to = cols ? r * HP + x.h0 * a.P + (e - r * CP) : src;
     float s = 0.f;
-    for (int t = 0; t < tiles; ++t) s += x.part[off + (long long)t * stride + e];
-    dst[e] = s;
+    for (int t = 0; t < tiles; ++t) s += x.part[off + (long long)t * stride + src];
+    dst[to] = s;
 }

@@ -196,7 +196,7 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int b = blockIdx.z, h = blockIdx.y, P = a.P, d = a.d, nq = a.N * P, nk = a.M * P;
     const long long off = (long long)(a.M - a.N) * P;
-    const long long hq = ((long long)b * a.H + h) * nq, hk = ((long long)b * a.H + h) * nk;
+    const long long hq = ((long long)b * x.hc + h) * nq, hk = ((long long)b * x.hc + h) * nk; // chunk rows
     const int nx = KEYS ? nk : nq, ny = KEYS ? nq : nk, r0 = blockIdx.x * BW2_BR;
     const float* X1 = KEYS ? x.kt + hk * d : x.qt + hq * d;
     const float* X2 = KEYS ? x.vt + hk * d : x.dop + hq * d;
@@ -210,11 +210,11 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
     long long lo_a = 0, hi_a = -1, lo_b = 0, hi_b = -1;
     if (!KEYS) { // queries: their lse, D and key ranges
         if (ra < nq) {
-            lse_a = a.lse[hq + ra] * HM_LOG2E, D_a = x.D[hq + ra];
+            lse_a = x.lse[hq + ra] * HM_LOG2E, D_a = x.D[hq + ra];
             hm_row_keys(a, ra + off, nk, &lo_a, &hi_a);
         }
         if (rb < nq) {
-            lse_b = a.lse[hq + rb] * HM_LOG2E, D_b = x.D[hq + rb];
+            lse_b = x.lse[hq + rb] * HM_LOG2E, D_b = x.D[hq + rb];
             hm_row_keys(a, rb + off, nk, &lo_b, &hi_b);
         }
     }
@@ -252,7 +252,7 @@ template <bool KEYS> __device__ __forceinline__ void bw2_pass(const HmArgs& a, c
         bad |= bw2_load(y2h, y2l, Y2, (int)c0, ny, BW2_BC, d, KEYS ? san : nullptr);
         if (KEYS && threadIdx.x < BW2_BC) {
             const long long i = c0 + threadIdx.x;
-            st[threadIdx.x] = i < nq ? a.lse[hq + i] * HM_LOG2E : 0.f;
+            st[threadIdx.x] = i < nq ? x.lse[hq + i] * HM_LOG2E : 0.f;
             st[BW2_BC + threadIdx.x] = i < nq ? x.D[hq + i] : 0.f;
             long long klo, khi;
             hm_row_keys(a, i + off, nk, &klo, &khi); // clipped to [0, nk): fits an int

@@ -17,13 +17,19 @@
 //! mix or mix-back, with masked zero weights multiplied, without bwd_v2's sanitizing (K/Q, dO) or
 //! marking (faults switched on at run time, `fault_copy`).
 //!
+//! Chunks of heads (`Chunk`, the bounded-memory plan): cases run with one chunk and with `G = 1`
+//! or `1 < G < H` heads per chunk (both on the cases of the chunk test); every chunked run matches
+//! the f64 reference and gives the same bits as the one-chunk run (the same sums in the same
+//! order). Negative control: a mix-back that drops the previous chunks' sum passes with one chunk
+//! and fails with several.
+//!
 //! Skips with one line without g++ >= 12, unless `HEADMIX_REQUIRE_EMU=1`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use headmix::backends::cuda::backward::BwdPlan;
+use headmix::backends::cuda::backward::{BwdPlan, Chunk};
 use headmix::reference::backward::Grads;
 use headmix::timing::Owned;
 use headmix::{Config, DType, Weights};
@@ -72,20 +78,36 @@ fn emulator(plan: &BwdPlan, kernel_file: Option<&Path>) -> PathBuf {
 
 /// The backward plan run on the emulator of the real sources.
 trait Emu {
-    /// The plan run on the emulator (kernel file: the real one, or a broken copy); the gradients.
-    fn run_emu(&self, tc: bool, kernel_file: Option<&Path>, tag: &str) -> Grads<f32> {
-        self.run_emu_fault(tc, kernel_file, None, tag)
+    /// The plan run on the emulator (kernel file: the real one, or a broken copy) with `heads`
+    /// heads per chunk (`H`: one chunk); the gradients.
+    fn run_emu(&self, tc: bool, kernel_file: Option<&Path>, tag: &str, heads: usize) -> Grads<f32> {
+        self.run_plan(tc, kernel_file, None, tag, heads)
     }
 
-    /// The same, with `EMU_BREAK=fault` (a fault a kernel copy made by [`fault_copy`] switches on).
+    /// One chunk, with `EMU_BREAK=fault` (a fault a kernel copy made by [`fault_copy`] switches on).
     fn run_emu_fault(&self, tc: bool, kernel_file: Option<&Path>, fault: Option<&str>, tag: &str) -> Grads<f32>;
+
+    fn run_plan(&self, tc: bool, file: Option<&Path>, fault: Option<&str>, tag: &str, heads: usize) -> Grads<f32>;
 }
 
 impl Emu for Inputs {
     fn run_emu_fault(&self, tc: bool, kernel_file: Option<&Path>, fault: Option<&str>, tag: &str) -> Grads<f32> {
+        self.run_plan(tc, kernel_file, fault, tag, self.case.problem.cfg.heads)
+    }
+
+    fn run_plan(
+        &self,
+        tc: bool,
+        kernel_file: Option<&Path>,
+        fault: Option<&str>,
+        tag: &str,
+        heads: usize,
+    ) -> Grads<f32> {
+        let started = std::time::Instant::now();
         let c = &self.case;
         let p = &c.problem;
-        let plan = BwdPlan::new(p, &c.weights, tc).expect("a plan");
+        let plan = BwdPlan::new(p, &c.weights, tc, Chunk::Heads(heads)).expect("a plan");
+        assert_eq!(plan.chunk_heads(), heads.min(p.cfg.heads));
         let bin = emulator(&plan, kernel_file);
         let dir = work_dir().join(tag);
         std::fs::create_dir_all(&dir).unwrap();
@@ -127,6 +149,7 @@ impl Emu for Inputs {
             dbeta: w.norm.as_ref().and_then(|n| n.beta()).map(|_| read("dbeta", DType::F32)),
         };
         let _ = std::fs::remove_dir_all(&dir);
+        EMU_SECS.with(|c| c.set((c.get().0, c.get().1 + started.elapsed().as_secs_f64())));
         g
     }
 }
@@ -135,17 +158,62 @@ fn bytemuck_f32(x: &[f32]) -> Vec<u8> {
     x.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// The case through bwd_v1 (FMA), and for f16/bf16 also through bwd_v2 (tensor cores).
-fn check_case(inputs: &Inputs, label: &str) -> f64 {
+/// Bitwise equality of two runs' gradients (a chunked and a one-chunk run of the same kernels).
+fn same_bits(a: &Grads<f32>, b: &Grads<f32>, label: &str) {
+    for ((name, x), (_, y)) in a.named().iter().zip(b.named()) {
+        let differ = x.iter().zip(y.iter()).filter(|(u, v)| u.to_bits() != v.to_bits()).count();
+        assert_eq!(differ, 0, "{label}: {name} differs from the one-chunk run in {differ} of {} values", x.len());
+    }
+}
+
+/// Heads per chunk case `i` runs beyond one chunk (none when `H = 1`): `G = 1` in even cases,
+/// `G = H - 1` (`1 < G < H` from `H = 3`, an uneven last chunk) in odd ones. One chunked run per
+/// case keeps the suite's time (CI): `cuda_backward_in_chunks_of_heads_on_the_emulator` runs both
+/// on the same cases.
+fn chunking(i: usize, heads: usize) -> Vec<usize> {
+    match heads {
+        0 | 1 => vec![],
+        h if i % 2 == 1 && h > 2 => vec![h - 1],
+        _ => vec![1],
+    }
+}
+
+thread_local! {
+    /// Wall time of this thread's emulator runs: (chunked, all), for the random-case report.
+    static EMU_SECS: std::cell::Cell<(f64, f64)> = const { std::cell::Cell::new((0.0, 0.0)) };
+}
+
+/// The case through bwd_v1 (FMA), and for f16/bf16 also through bwd_v2 (tensor cores), with one
+/// chunk; then the last of them (bwd_v2 where it runs) with every chunking of `chunks`: each
+/// matches the reference and has the one-chunk run's bits.
+fn check_case_chunked(inputs: &Inputs, label: &str, chunks: &[usize]) -> f64 {
     let expected = inputs.expected();
     let dtype = inputs.case.problem.dtype;
-    let mut worst = expected.check(&inputs.run_emu(false, None, label), 1.0, label);
+    let heads = inputs.case.problem.cfg.heads;
+    let mut last = inputs.run_emu(false, None, label, heads);
+    let mut worst = expected.check(&last, 1.0, label);
+    let (mut tc, mut precision) = (false, 1.0);
     if dtype != DType::F32 {
         let label = format!("{label}_bwd_v2");
-        let precision = if dtype == DType::BF16 { 128.0 } else { 4.0 };
-        worst = worst.max(expected.check(&inputs.run_emu(true, None, &label), precision, &label));
+        (tc, precision) = (true, if dtype == DType::BF16 { 128.0 } else { 4.0 });
+        last = inputs.run_emu(true, None, &label, heads);
+        worst = worst.max(expected.check(&last, precision, &label));
+    }
+    for &g in chunks {
+        let label = format!("{label}_{}_g{g}", if tc { "bwd_v2" } else { "bwd_v1" });
+        let t = std::time::Instant::now();
+        let got = inputs.run_emu(tc, None, &label, g);
+        let s = t.elapsed().as_secs_f64();
+        EMU_SECS.with(|c| c.set((c.get().0 + s, c.get().1)));
+        worst = worst.max(expected.check(&got, precision, &label));
+        same_bits(&got, &last, &label);
     }
     worst
+}
+
+/// [`check_case_chunked`] with one chunk only.
+fn check_case(inputs: &Inputs, label: &str) -> f64 {
+    check_case_chunked(inputs, label, &[])
 }
 
 #[test]
@@ -161,15 +229,18 @@ fn cuda_backward_matches_the_reference_on_the_emulator() {
     check_property("cuda backward (emulator)", 12, specs(limits), |spec| {
         let i = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inputs = Inputs::new(spec.case(), spec.seed);
-        let w = check_case(&inputs, &format!("case{i}"));
+        let w = check_case_chunked(&inputs, &format!("case{i}"), &chunking(i, inputs.case.problem.cfg.heads));
         let mut g = worst.lock().unwrap();
         *g = g.max(w);
     });
     eprintln!(
-        "bwd emu: {} random cases pass, worst error {:.2} of its bound, {:.1} s",
+        "bwd emu: {} random cases pass (chunked runs too, same bits), worst error {:.2} of its bound, {:.1} s \
+         ({:.1} s of {:.1} s of emulator runs chunked)",
         count.into_inner(),
         worst.into_inner().unwrap(),
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        EMU_SECS.with(|c| c.get().0),
+        EMU_SECS.with(|c| c.get().1),
     );
 }
 
@@ -196,7 +267,8 @@ fn cuda_backward_at_head_dims_64_and_128_on_the_emulator() {
 }
 
 /// Every named method once (its own weights: MHA/GQA selections, MEA's norm, IHA's collapse, IHA
-/// local's window), RoPE alternating between the position modes, `M > N`, bf16 (bwd_v1 and bwd_v2).
+/// local's window), RoPE alternating between the position modes, `M > N`, bf16 (bwd_v1 and bwd_v2),
+/// and bwd_v2 in chunks of 1 or 3 of the 4 heads (alternating).
 #[test]
 fn cuda_backward_of_every_named_method_on_the_emulator() {
     if !gxx_or_skip("cuda_backward_of_every_named_method_on_the_emulator") {
@@ -208,8 +280,60 @@ fn cuda_backward_of_every_named_method_on_the_emulator() {
             method.config(4, 2, 2, 16, 12).unwrap().with_causal(true).with_rope(headmix::Rope { base: 500.0, mode });
         let case = Case::random(cfg, Weights::random(&cfg, 20 + i as u64), 1, 7, 11, DType::BF16, 90 + i as u64);
         let inputs = Inputs::new(case, i as u64);
-        check_case(&inputs, &format!("method_{}", method.name()));
+        check_case_chunked(&inputs, &format!("method_{}", method.name()), &chunking(i, cfg.heads));
     }
+}
+
+/// Chunks of heads on the paths the random cases may miss: a collapse feeding a head norm (`y`
+/// summed over the chunks, then the norm once) in bf16 (bwd_v2) and f32 (the sums in `dq, dk, dv`
+/// themselves), a norm without a collapse (MEA, per-chunk `dgamma`), `Hk < H`; `G = 1`, `G = 2`
+/// and `G = 3` of `H = 4` (an uneven last chunk), each against the reference and bit for bit
+/// against one chunk.
+#[test]
+fn cuda_backward_in_chunks_of_heads_on_the_emulator() {
+    if !gxx_or_skip("cuda_backward_in_chunks_of_heads_on_the_emulator") {
+        return;
+    }
+    let rope = |mode| headmix::Rope { base: 500.0, mode };
+    let iha = Config::iha(4, 2, 16).with_causal(true);
+    let mea = Config::mea_compressed(4, 2, 16).unwrap().with_rope(rope(headmix::PosMode::Token));
+    let cases = [
+        (iha.with_rope(rope(headmix::PosMode::Virtual)), Some(headmix::NormKind::Group), DType::BF16, &[1, 2, 3][..]),
+        (iha, Some(headmix::NormKind::Rms), DType::F32, &[1, 3][..]),
+        (mea, None, DType::F16, &[1, 3][..]),
+    ];
+    for (i, (cfg, norm, dtype, chunks)) in cases.into_iter().enumerate() {
+        let mut w = Weights::random(&cfg, 40 + i as u64);
+        if norm.is_some() {
+            w = w.with_norm_kind(norm, &cfg);
+        }
+        let case = Case::random(cfg, w, 2, 7, 10, dtype, 50 + i as u64);
+        let inputs = Inputs::new(case, 50 + i as u64);
+        check_case_chunked(&inputs, &format!("chunks_{i}"), chunks);
+    }
+}
+
+/// Negative control of the chunked plan: a mix-back that forgets the previous chunks' sum of
+/// `dq, dk, dv` passes with one chunk and fails the check with two.
+#[test]
+fn negative_control_a_chunked_sum_that_drops_a_chunk_fails_on_the_emulator() {
+    if !gxx_or_skip("negative_control_a_chunked_sum_that_drops_a_chunk_fails_on_the_emulator") {
+        return;
+    }
+    let src = std::fs::read_to_string(kernels_dir().join("bwd_v1.cu")).unwrap();
+    let right = "float s = first ? 0.f : acc[o];";
+    assert_eq!(src.matches(right).count(), 1, "the negative control must find the mix-back's running sum");
+    let broken = work_dir().join("bwd_v1_chunk_broken.cu");
+    std::fs::write(&broken, src.replacen(right, "float s = 0.f;", 1)).unwrap();
+    let cfg = Config::mha(2, 16).with_causal(true);
+    let case = Case::random(cfg, Weights::random(&cfg, 7), 1, 7, 9, DType::F32, 7);
+    let inputs = Inputs::new(case, 7);
+    let expected = inputs.expected();
+    let whole = inputs.run_emu(false, Some(&broken), "chunk_control_whole", cfg.heads);
+    expected.check(&whole, 1.0, "broken mix-back, one chunk"); // passes
+    let got = inputs.run_emu(false, Some(&broken), "chunk_control_broken", 1);
+    let failed = std::panic::catch_unwind(|| expected.check(&got, 1.0, "broken")).is_err();
+    assert!(failed, "a mix-back that drops the first chunk passed the check");
 }
 
 /// Negative control: the kernel with one sign flipped in dS (`dP + D`) fails the check.
@@ -227,7 +351,7 @@ fn negative_control_a_wrong_kernel_fails_on_the_emulator() {
     let case = Case::random(cfg, Weights::random(&cfg, 5), 1, 7, 9, DType::F32, 5);
     let inputs = Inputs::new(case, 5);
     check_case(&inputs, "control_right"); // the real kernel passes this case
-    let got = inputs.run_emu(false, Some(&broken), "control_broken");
+    let got = inputs.run_emu(false, Some(&broken), "control_broken", cfg.heads);
     let expected = inputs.expected();
     let failed = std::panic::catch_unwind(|| expected.check(&got, 1.0, "broken")).is_err();
     assert!(failed, "the broken kernel passed the check");
@@ -248,7 +372,7 @@ fn negative_control_a_wrong_tensor_core_kernel_fails_on_the_emulator() {
     let case = Case::random(cfg, Weights::random(&cfg, 6), 1, 7, 9, DType::BF16, 6);
     let inputs = Inputs::new(case, 6);
     check_case(&inputs, "tc_control_right"); // v1 and v2 pass this case
-    let got = inputs.run_emu(true, Some(&broken), "tc_control_broken");
+    let got = inputs.run_emu(true, Some(&broken), "tc_control_broken", cfg.heads);
     let expected = inputs.expected();
     let failed = std::panic::catch_unwind(|| expected.check(&got, 128.0, "broken v2")).is_err();
     assert!(failed, "the broken tensor-core kernel passed the check");
@@ -640,7 +764,7 @@ fn cuda_backward_blocks_that_see_nothing_on_the_emulator() {
     assert_eq!(src.matches(barrier).count(), 1, "the negative control must find the key pass's barrier");
     let broken = work_dir().join("bwd_v1_no_barrier.cu");
     std::fs::write(&broken, src.replace(barrier, "ran no barrier yet).")).unwrap();
-    let got = inputs.run_emu(false, Some(&broken), "unseen_keys_broken");
+    let got = inputs.run_emu(false, Some(&broken), "unseen_keys_broken", inputs.case.problem.cfg.heads);
     let expected = inputs.expected();
     let failed = std::panic::catch_unwind(|| expected.check(&got, 1.0, "no barrier")).is_err();
     assert!(failed, "the key pass without its barrier passed the check");

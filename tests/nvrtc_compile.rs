@@ -81,6 +81,15 @@ fn kernel_parameter_block_matches_the_host_struct() {
         let want = format!("{}_param_0[{size}]", v.kernel.entry());
         assert!(c.ptx.contains(&want), "{}: PTX parameter is not `{want}`", v.name());
     }
+    // The backward's entries take (HmArgs, HmBwd): the second block too (its chunk fields last).
+    let v = Variant::attention(Kernel::BwdV2, headmix::DType::F16, 128, MaskKind::Runtime).unwrap();
+    let c = compile::compile_uncached(&v, "sm_80").unwrap();
+    let bwd = std::mem::size_of::<cuda::backward::HmBwd>();
+    for entry in std::iter::once(v.kernel.entry()).chain(v.kernel.extra_entries().iter().copied()) {
+        for want in [format!("{entry}_param_0[{size}]"), format!("{entry}_param_1[{bwd}]")] {
+            assert!(c.ptx.contains(&want), "{}: PTX parameter is not `{want}`", v.name());
+        }
+    }
 }
 
 #[test]

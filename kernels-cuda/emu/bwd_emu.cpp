@@ -8,7 +8,8 @@
 //   buf <bytes> <in|out|tmp> <file>     buffers in slot order (slot s is pointer value s + 1)
 //   args <hex>                          HmArgs, pointers as slot values (0: null)
 //   bwd <hex>                           HmBwd, the same
-//   launch <entry> <gx> <gy> <gz> <threads> <smem>
+//   launch <entry> <gx> <gy> <gz> <threads> <smem> <h0> <hc> <reduce>
+//                                       (HmBwd's chunk h0, hc and reduce mask for this launch)
 // `in` buffers are read from their file; `out` and `tmp` start as 0xff bytes (NaN in every dtype:
 // an element no kernel writes stays NaN) and `out` buffers are written back to their file.
 //
@@ -83,6 +84,7 @@ int main(int argc, char** argv) {
         Dim3 grid;
         int threads;
         size_t smem;
+        int h0, hc, reduce;
     };
     std::vector<Launch> launches;
     std::string line;
@@ -117,7 +119,11 @@ int main(int argc, char** argv) {
             std::memcpy(kind == "args" ? (void*)&a : (void*)&x, bytes.data(), want);
         } else if (kind == "launch") {
             Launch l;
-            ls >> l.entry >> l.grid.x >> l.grid.y >> l.grid.z >> l.threads >> l.smem;
+            ls >> l.entry >> l.grid.x >> l.grid.y >> l.grid.z >> l.threads >> l.smem >> l.h0 >> l.hc >> l.reduce;
+            if (!ls) {
+                std::fprintf(stderr, "bwd_emu: bad launch line: %s\n", line.c_str());
+                return 4;
+            }
             launches.push_back(l);
         }
     }
@@ -126,7 +132,8 @@ int main(int argc, char** argv) {
     using Entry = void (*)(const HmArgs, const HmBwd);
     const std::pair<const char*, Entry> entries[] = {
         {"hm_bwd_v1_mix", hm_bwd_v1_mix},         {"hm_bwd_v1_fwd", hm_bwd_v1_fwd},
-        {"hm_bwd_v1_pre", hm_bwd_v1_pre},
+        {"hm_bwd_v1_pre", hm_bwd_v1_pre},         {"hm_bwd_v1_ysum", hm_bwd_v1_ysum},
+        {"hm_bwd_v1_norm", hm_bwd_v1_norm},
 #if HM_BWD_TC
         {"hm_bwd_v2_dq", hm_bwd_v2_dq},           {"hm_bwd_v2_dkdv", hm_bwd_v2_dkdv},
 #else
@@ -143,6 +150,7 @@ int main(int argc, char** argv) {
             std::fprintf(stderr, "bwd_emu: no kernel %s\n", l.entry.c_str());
             return 4;
         }
+        x.h0 = l.h0, x.hc = l.hc, x.reduce = l.reduce;
         launch_fn([&] { f(a, x); }, l.grid, l.threads, l.smem);
     }
     for (Buf& b : bufs)

@@ -15,9 +15,19 @@
 //! transposes; the weight gradients from per-tile partials reduced in tile order. No atomics: two
 //! calls give the same bits.
 //!
-//! Extra device memory ([`BwdPlan::extra_bytes`]): f32 pseudo-head rows `qt, kt, vt, dop, dqt, dkt,
-//! dvt` (and `op` when recomputed), `4·B·H·P·d·(3N + 4M)` bytes (`4N` with `op`), plus `D`
-//! (`4·B·H·N·P`), the partials and the tables; nothing of size `N²`.
+//! The passes run over chunks of `G` heads ([`Chunk`]): the f32 pseudo-head scratch holds one
+//! chunk's rows, the mix-back adds each chunk into f32 sums of `dq, dk, dv` (in chunk order), and
+//! each chunk's weight-gradient columns are reduced before the next chunk reuses the partials.
+//! `G = H` (one chunk) is the launch sequence without chunks. A collapse with a head norm needs
+//! `y` (every head's pseudo outputs) before any `dop`: with several chunks the plan first runs mix,
+//! recompute and `ysum` per chunk into an f32 `y`, then `norm` (`y -> dy`), then the chunks again.
+//!
+//! Extra device memory ([`BwdPlan::extra_bytes`]): per head of a chunk the f32 pseudo-head rows
+//! `qt, kt, vt, dop, dqt, dkt, dvt` (and `op` when recomputed) and `D`, [`head_scratch_bytes`]
+//! (`4·B·P·d·(3N + 4M) + 4·B·N·P`, `4N` with `op`), times `G`; the partials (the chunk's columns);
+//! with several chunks the f32 sums of `dq, dk, dv` (16-bit dtypes; f32 sums in the gradients
+//! themselves) and with a collapse and a norm `y` (`4·B·N·H·d`); the weights and tables. Nothing of
+//! size `N²`, and with the default budget nothing that grows with `H·P` beyond the weights.
 
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
@@ -39,8 +49,8 @@ pub const W_TOK: usize = 16;
 /// Owned rows per block of bwd_v2's tensor-core passes (`BW2_BR`: 4 warps x 16).
 pub const TC_ROWS: usize = 64;
 
-/// The backward's buffers, mirrored from `HmBwd` in `kernels-cuda/bwd_v1.cu`: 25 device pointers,
-/// then 8 `i32` (232 bytes, no padding).
+/// The backward's buffers, mirrored from `HmBwd` in `kernels-cuda/bwd_v1.cu`: 30 device pointers,
+/// then 12 `i32` (288 bytes, no padding). The pseudo-head scratch holds the chunk's heads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HmBwd {
@@ -94,6 +104,17 @@ pub struct HmBwd {
     pub rope_hi: u64,
     /// RoPE table of positions `0 .. 128`.
     pub rope_lo: u64,
+    /// f32 sum of `dq` over the chunks so far (0: one chunk; `dq` itself in f32).
+    pub accq: u64,
+    /// f32 sum of `dk` (as `accq`).
+    pub acck: u64,
+    /// f32 sum of `dv` (as `accq`).
+    pub accv: u64,
+    /// `y` `[B, N, H, d]` f32, then `dy` in place (several chunks with a collapse and a norm), or 0.
+    pub y: u64,
+    /// The chunk's saved `lse` `[B, hc, N·P]`: the call's `lse` with one chunk, else a copy
+    /// (written by `hm_bwd_v1_mix`; the attention passes index it as `D`).
+    pub lse: u64,
     /// The first row of `rope_hi`.
     pub rope_hi0: i32,
     /// Partials of the `pre` pass: `B·ceil(N / PRE_TOK)`.
@@ -102,17 +123,28 @@ pub struct HmBwd {
     pub wq_tiles: i32,
     /// Partials of `dak`, `dav`: `B·ceil(M / W_TOK)`.
     pub wk_tiles: i32,
-    /// Offset (f32 elements) of the `pre` partials in `part`.
+    /// Offset (f32 elements) of the `dr` partials `[pre_tiles][H][hc·P]` in `part`.
     pub part_pre: i32,
-    /// Offset of the `daq` partials.
+    /// Offset of the `dgamma, dbeta` partials `[pre_tiles][2][H·d]`.
+    pub part_g: i32,
+    /// Offset of the `daq` partials `[wq_tiles][Hq][hc·P]`.
     pub part_wq: i32,
-    /// Offset of the `dak` partials.
+    /// Offset of the `dak` partials `[wk_tiles][Hk][hc·P]`.
     pub part_wk: i32,
     /// Offset of the `dav` partials.
     pub part_wv: i32,
+    /// The launch's chunk: its first head (set per launch from [`BwdLaunch::heads`]).
+    pub h0: i32,
+    /// The launch's chunk: its number of heads.
+    pub hc: i32,
+    /// `hm_bwd_v1_reduce`: bit `g` set writes gradient `g` (daq, dak, dav, dr, dgamma, dbeta).
+    pub reduce: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<HmBwd>() == 25 * 8 + 8 * 4);
+const _: () = assert!(std::mem::size_of::<HmBwd>() == 30 * 8 + 12 * 4);
+
+/// Pointers at the head of [`HmBwd`] (relocated from slots to device addresses).
+pub const HM_BWD_NPTR: usize = 30;
 
 /// What a buffer of the plan holds before the kernels run.
 #[derive(Clone, Debug)]
@@ -157,6 +189,76 @@ pub struct BwdLaunch {
     pub threads: u32,
     /// Dynamic shared memory, bytes.
     pub smem: u32,
+    /// The chunk of heads it covers, `(h0, hc)`: `HmBwd::h0`, `HmBwd::hc` for this launch.
+    pub heads: (u32, u32),
+    /// `HmBwd::reduce` for this launch (the gradients `hm_bwd_v1_reduce` writes; 0 elsewhere).
+    pub reduce: u32,
+}
+
+/// Bits of [`BwdLaunch::reduce`] (`hm_bwd_v1_reduce`'s grid rows).
+pub mod reduce {
+    /// `daq, dak, dav, dr`: the chunk's columns.
+    pub const COLUMNS: u32 = 0b1111;
+    /// `dgamma, dbeta`: the chunk's heads.
+    pub const NORM: u32 = 0b11_0000;
+}
+
+/// Variable that forces the number of heads per chunk ([`Chunk::from_env`]).
+pub const CHUNK_VAR: &str = "HEADMIX_CUDA_BWD_CHUNK_HEADS";
+
+/// How many heads each pass of the plan covers: the f32 pseudo-head scratch holds one chunk's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunk {
+    /// The most heads whose scratch ([`head_scratch_bytes`] each) fits in this many bytes; at
+    /// least one, at most `H`.
+    Budget(u64),
+    /// This many heads per chunk (clamped to `1..=H`).
+    Heads(usize),
+}
+
+impl Chunk {
+    /// The default budget: the pseudo-head scratch at most the size of the stored `q, k, v` in f32
+    /// (`4·B·d·(N·Hq + 2·M·Hk)` bytes).
+    pub fn default_for(pb: &Problem) -> Chunk {
+        let c = &pb.cfg;
+        Chunk::Budget(4 * (pb.batch * c.head_dim * (pb.n * c.q_heads + 2 * pb.m * c.kv_heads)) as u64)
+    }
+
+    /// `HEADMIX_CUDA_BWD_CHUNK_HEADS` (heads per chunk, a positive integer) when set, else
+    /// [`Chunk::default_for`]. The one place the variable is read.
+    pub fn from_env(pb: &Problem) -> Result<Chunk> {
+        match std::env::var(CHUNK_VAR) {
+            Err(_) => Ok(Chunk::default_for(pb)),
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(g) if g >= 1 => Ok(Chunk::Heads(g)),
+                _ => Err(super::dev_err(format!("{CHUNK_VAR}={v}: expected a number of heads >= 1"))),
+            },
+        }
+    }
+
+    /// Heads per chunk for a problem (`1..=H`).
+    pub fn heads(self, pb: &Problem) -> usize {
+        let h = pb.cfg.heads.max(1);
+        match self {
+            Chunk::Heads(g) => g.clamp(1, h),
+            Chunk::Budget(bytes) => ((bytes / head_scratch_bytes(pb).max(1)) as usize).clamp(1, h),
+        }
+    }
+}
+
+/// Whether the plan recomputes the pseudo outputs: unless `out` is them in f32 (FlashAttention-2's
+/// `D = rowsum(dout * out)`); a 16-bit `out` would put its rounding into `D`.
+fn recomputes(pb: &Problem) -> bool {
+    pb.collapse || pb.norm || pb.dtype != DType::F32
+}
+
+/// Bytes of one head's f32 pseudo-head scratch: `qt, dop, dqt` (and `op` when recomputed) of
+/// `N·P` rows, `kt, vt, dkt, dvt` of `M·P` rows, `D` and the copy of `lse` (`N·P` each; the copy
+/// with several chunks only), for all `B`.
+pub fn head_scratch_bytes(pb: &Problem) -> u64 {
+    let (b, p, d) = (pb.batch as u64, pb.cfg.pseudo as u64, pb.cfg.head_dim as u64);
+    let q_rows = if recomputes(pb) { 4 } else { 3 };
+    4 * b * p * (d * (q_rows * pb.n as u64 + 4 * pb.m as u64) + 2 * pb.n as u64)
 }
 
 /// The whole backward of one problem: buffers, argument blocks (pointers as slot numbers: slot
@@ -179,20 +281,22 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
     bytemuck::cast_slice(x).to_vec()
 }
 
-/// Dynamic shared memory of `hm_bwd_v1_pre` (mirrors its carve-up): op `[HP][d]`, dy `[R][d]`,
-/// the dr partial `[H][HP]`, the dgamma and dbeta partials `[H][d]`, f32.
-pub fn pre_smem(pb: &Problem) -> usize {
+/// Dynamic shared memory of `hm_bwd_v1_pre` over a chunk of `heads` heads (mirrors its
+/// carve-up): op `[CP][d]` (`CP = heads·P`), dy `[R][d]` (`R = H` with a collapse, else `CP`), the
+/// dr partial `[H][CP]`, the dgamma and dbeta partials `[H][d]`, f32.
+pub fn pre_smem(pb: &Problem, heads: usize) -> usize {
     let c = &pb.cfg;
-    let (h, hp, d) = (c.heads, c.heads * c.pseudo, c.head_dim);
-    let rows = if pb.collapse { h } else { hp };
-    4 * (hp * d + rows * d + h * hp + 2 * h * d)
+    let (h, cp, d) = (c.heads, heads * c.pseudo, c.head_dim);
+    let rows = if pb.collapse { h } else { cp };
+    4 * (cp * d + rows * d + h * cp + 2 * h * d)
 }
 
 impl BwdPlan {
-    /// The plan of a validated problem and its weights. `tensor_cores`: the dq and dk/dv passes of
-    /// `bwd_v2` where it has a variant (f16/bf16, d <= 128), else `bwd_v1`'s. `Error::Unsupported`
-    /// when neither has a variant for the head dim.
-    pub fn new(pb: &Problem, w: &Weights, tensor_cores: bool) -> Result<BwdPlan> {
+    /// The plan of a validated problem and its weights, its heads in chunks as `chunk` says.
+    /// `tensor_cores`: the dq and dk/dv passes of `bwd_v2` where it has a variant (f16/bf16,
+    /// d <= 128), else `bwd_v1`'s. `Error::Unsupported` when neither has a variant for the head
+    /// dim.
+    pub fn new(pb: &Problem, w: &Weights, tensor_cores: bool, chunk: Chunk) -> Result<BwdPlan> {
         let c = &pb.cfg;
         let v2 = Variant::attention(Kernel::BwdV2, pb.dtype, c.head_dim, MaskKind::Runtime).filter(|_| tensor_cores);
         let v1 = Variant::attention(Kernel::BwdV1, pb.dtype, c.head_dim, MaskKind::Runtime);
@@ -203,6 +307,10 @@ impl BwdPlan {
         let t = variant.tiles();
         let (b, n, m, h, p, d) = (pb.batch, pb.n, pb.m, c.heads, c.pseudo, c.head_dim);
         let hp = h * p;
+        // Heads per chunk, and whether there is more than one chunk.
+        let g = chunk.heads(pb);
+        let chunked = g < h;
+        let gp = g * p;
         let e = pb.dtype.size();
         let mut bufs: Vec<BwdBuf> = Vec::new();
         let mut add = |bytes: usize, role: BufRole| -> u64 {
@@ -264,29 +372,45 @@ impl BwdPlan {
                 x.dbeta = add(4 * h * d, BufRole::Output("dbeta"));
             }
         }
-        // f32 scratch: pseudo-head rows and their gradients.
-        let (rows_q, rows_k) = (4 * b * h * n * p * d, 4 * b * h * m * p * d);
+        // f32 scratch of one chunk (G heads): pseudo-head rows and their gradients.
+        let (rows_q, rows_k) = (4 * b * g * n * p * d, 4 * b * g * m * p * d);
         x.qt = add(rows_q, BufRole::Scratch("qt"));
         x.kt = add(rows_k, BufRole::Scratch("kt"));
         x.vt = add(rows_k, BufRole::Scratch("vt"));
-        // The pseudo outputs are recomputed unless `out` is them in f32 (FlashAttention-2's
-        // D = rowsum(dout * out)); a 16-bit out would put its rounding into D.
-        let recompute = pb.collapse || pb.norm || pb.dtype != DType::F32;
+        let recompute = recomputes(pb);
         if recompute {
             x.op = add(rows_q, BufRole::Scratch("op"));
         }
         x.dop = add(rows_q, BufRole::Scratch("dop"));
-        x.d_rows = add(4 * b * h * n * p, BufRole::Scratch("D"));
+        x.d_rows = add(4 * b * g * n * p, BufRole::Scratch("D"));
         x.dqt = add(rows_q, BufRole::Scratch("dqt"));
         x.dkt = add(rows_k, BufRole::Scratch("dkt"));
         x.dvt = add(rows_k, BufRole::Scratch("dvt"));
-        // Partials: pre [pre_tiles][H*HP + 2*H*d], then daq, dak, dav [tiles][S][HP].
+        // Several chunks: the chunk's lse rows (one chunk reads the call's), f32 sums of dq, dk, dv
+        // across chunks (f32 gradients hold their own sums).
+        x.lse = if chunked { add(4 * b * g * n * p, BufRole::Scratch("lse chunk")) } else { args.lse };
+        if chunked {
+            if pb.dtype == DType::F32 {
+                (x.accq, x.acck, x.accv) = (x.dq, x.dk, x.dv);
+            } else {
+                x.accq = add(4 * q_len, BufRole::Scratch("dq f32"));
+                x.acck = add(4 * kv_len, BufRole::Scratch("dk f32"));
+                x.accv = add(4 * kv_len, BufRole::Scratch("dv f32"));
+            }
+        }
+        // y needs every chunk's pseudo outputs when a collapse feeds a norm.
+        let two_phase = chunked && pb.collapse && pb.norm;
+        if two_phase {
+            x.y = add(4 * b * n * h * d, BufRole::Scratch("y"));
+        }
+        // Partials (one chunk's columns, reduced before the next chunk): dr [pre_tiles][H][GP],
+        // dgamma and dbeta [pre_tiles][2][H*d], daq [wq_tiles][Hq][GP], dak, dav [wk_tiles][Hk][GP].
         let pre_tiles = b * n.div_ceil(PRE_TOK);
         let (wq_tiles, wk_tiles) = (b * n.div_ceil(W_TOK), b * m.div_ceil(W_TOK));
-        let pre_len = pre_tiles * (h * hp + 2 * h * d);
-        let wq_len = wq_tiles * c.q_heads * hp;
-        let wk_len = wk_tiles * c.kv_heads * hp;
-        let part_len = pre_len + wq_len + 2 * wk_len;
+        let (dr_len, g_len) = (pre_tiles * h * gp, pre_tiles * 2 * h * d);
+        let wq_len = wq_tiles * c.q_heads * gp;
+        let wk_len = wk_tiles * c.kv_heads * gp;
+        let part_len = dr_len + g_len + wq_len + 2 * wk_len;
         if part_len > i32::MAX as usize {
             return Err(Error::Unsupported { backend: "cuda", why: format!("{part_len} weight-gradient partials") });
         }
@@ -295,34 +419,70 @@ impl BwdPlan {
         x.wq_tiles = wq_tiles as i32;
         x.wk_tiles = wk_tiles as i32;
         x.part_pre = 0;
-        x.part_wq = pre_len as i32;
-        x.part_wk = (pre_len + wq_len) as i32;
-        x.part_wv = (pre_len + wq_len + wk_len) as i32;
+        x.part_g = dr_len as i32;
+        x.part_wq = (dr_len + g_len) as i32;
+        x.part_wk = (dr_len + g_len + wq_len) as i32;
+        x.part_wv = (dr_len + g_len + wq_len + wk_len) as i32;
+        (x.h0, x.hc) = (0, g as i32);
 
-        // Launches, in order.
+        // Launches, in order: per chunk of heads [h0, h0 + hc).
         let (nt, smem) = (t.threads as u32, t.smem as u32);
-        let (b32, h32) = (b as u32, h as u32);
+        let b32 = b as u32;
         let tokens = n.max(m) as u32;
-        let l = |entry, grid, smem| BwdLaunch { entry, grid, threads: nt, smem };
-        let mut launches = vec![l("hm_bwd_v1_mix", (tokens, 3, b32), 0)];
-        let q_blocks = (n * p).div_ceil(t.br) as u32;
-        if recompute {
-            launches.push(l("hm_bwd_v1_fwd", (q_blocks, h32, b32), smem));
+        let chunks: Vec<(u32, u32)> = (0..h).step_by(g).map(|h0| (h0 as u32, g.min(h - h0) as u32)).collect();
+        let longest = [c.q_heads * gp, c.kv_heads * gp, h * gp, h * d].into_iter().max().unwrap_or(1);
+        let l = |entry, grid, smem, heads, reduce| BwdLaunch { entry, grid, threads: nt, smem, heads, reduce };
+        let reduce_grid = (longest.div_ceil(t.threads) as u32, 6, 1);
+        let pre_grid = (n.div_ceil(PRE_TOK) as u32, b32, 1);
+        let q_blocks = |hc: u32| ((n * p).div_ceil(t.br) as u32, hc, b32);
+        let mut launches = Vec::new();
+        if two_phase {
+            // y = r op over every chunk, then the norm's backward once (dgamma, dbeta reduced).
+            for &(h0, hc) in &chunks {
+                launches.push(l("hm_bwd_v1_mix", (tokens, 3, b32), 0, (h0, hc), 0));
+                launches.push(l("hm_bwd_v1_fwd", q_blocks(hc), smem, (h0, hc), 0));
+                launches.push(l("hm_bwd_v1_ysum", (n as u32, b32, 1), 0, (h0, hc), 0));
+            }
+            let all = (0, h as u32);
+            launches.push(l("hm_bwd_v1_norm", pre_grid, (8 * h * d) as u32, all, 0));
+            launches.push(l("hm_bwd_v1_reduce", reduce_grid, 0, all, reduce::NORM));
         }
-        launches.push(l("hm_bwd_v1_pre", (n.div_ceil(PRE_TOK) as u32, b32, 1), pre_smem(pb) as u32));
-        if variant.kernel == Kernel::BwdV2 {
-            let rows = TC_ROWS;
-            launches.push(l("hm_bwd_v2_dq", ((n * p).div_ceil(rows) as u32, h32, b32), smem));
-            launches.push(l("hm_bwd_v2_dkdv", ((m * p).div_ceil(rows) as u32, h32, b32), smem));
-        } else {
-            launches.push(l("hm_bwd_v1_dq", (q_blocks, h32, b32), smem));
-            launches.push(l("hm_bwd_v1_dkdv", ((m * p).div_ceil(t.br) as u32, h32, b32), smem));
+        for &(h0, hc) in &chunks {
+            launches.push(l("hm_bwd_v1_mix", (tokens, 3, b32), 0, (h0, hc), 0));
+            if recompute {
+                launches.push(l("hm_bwd_v1_fwd", q_blocks(hc), smem, (h0, hc), 0));
+            }
+            launches.push(l("hm_bwd_v1_pre", pre_grid, pre_smem(pb, hc as usize) as u32, (h0, hc), 0));
+            if variant.kernel == Kernel::BwdV2 {
+                let rows = TC_ROWS;
+                launches.push(l("hm_bwd_v2_dq", ((n * p).div_ceil(rows) as u32, hc, b32), smem, (h0, hc), 0));
+                launches.push(l("hm_bwd_v2_dkdv", ((m * p).div_ceil(rows) as u32, hc, b32), smem, (h0, hc), 0));
+            } else {
+                launches.push(l("hm_bwd_v1_dq", q_blocks(hc), smem, (h0, hc), 0));
+                launches.push(l("hm_bwd_v1_dkdv", ((m * p).div_ceil(t.br) as u32, hc, b32), smem, (h0, hc), 0));
+            }
+            launches.push(l("hm_bwd_v1_mixback", (tokens, 3, b32), 0, (h0, hc), 0));
+            launches.push(l("hm_bwd_v1_wgrad", (n.max(m).div_ceil(W_TOK) as u32, 3, b32), 0, (h0, hc), 0));
+            let bits = if two_phase { reduce::COLUMNS } else { reduce::COLUMNS | reduce::NORM };
+            launches.push(l("hm_bwd_v1_reduce", reduce_grid, 0, (h0, hc), bits));
         }
-        launches.push(l("hm_bwd_v1_mixback", (tokens, 3, b32), 0));
-        launches.push(l("hm_bwd_v1_wgrad", (n.max(m).div_ceil(W_TOK) as u32, 3, b32), 0));
-        let longest = [c.q_heads * hp, c.kv_heads * hp, h * hp, h * d].into_iter().max().unwrap_or(1);
-        launches.push(l("hm_bwd_v1_reduce", (longest.div_ceil(t.threads) as u32, 6, 1), 0));
         Ok(BwdPlan { variant, bufs, args, x, launches })
+    }
+
+    /// Heads per chunk (`H`: one chunk, the launch sequence without chunks).
+    pub fn chunk_heads(&self) -> usize {
+        self.x.hc as usize
+    }
+
+    /// The largest dynamic shared memory of a launch of `entry` (0 when none).
+    pub fn smem_of(&self, entry: &str) -> usize {
+        self.launches.iter().filter(|l| l.entry == entry).map(|l| l.smem as usize).max().unwrap_or(0)
+    }
+
+    /// Scratch bytes only (pseudo-head rows, `D`, the f32 sums, `y`, partials): what
+    /// [`BwdPlan::extra_bytes`] holds beyond the uploaded weights and tables.
+    pub fn scratch_bytes(&self) -> u64 {
+        self.bufs.iter().filter(|b| matches!(b.role, BufRole::Scratch(_))).map(|b| b.bytes as u64).sum()
     }
 
     /// Device memory the plan needs beyond the call's tensors and gradients: scratch, partials,
@@ -377,8 +537,12 @@ impl BwdPlan {
         let _ = writeln!(text, "args {}", hex(a));
         let _ = writeln!(text, "bwd {}", hex(x));
         for l in &self.launches {
-            let _ =
-                writeln!(text, "launch {} {} {} {} {} {}", l.entry, l.grid.0, l.grid.1, l.grid.2, l.threads, l.smem);
+            let (g, (h0, hc)) = (l.grid, l.heads);
+            let _ = writeln!(
+                text,
+                "launch {} {} {} {} {} {} {h0} {hc} {}",
+                l.entry, g.0, g.1, g.2, l.threads, l.smem, l.reduce
+            );
         }
         let f = dir.join("plan.txt");
         std::fs::write(&f, text)?;
@@ -408,12 +572,12 @@ impl CudaBackend {
         let tensor_cores = self.cc >= Kernel::BwdV2.spec().min_cc
             && Variant::attention(Kernel::BwdV2, pb.dtype, pb.cfg.head_dim, MaskKind::Runtime)
                 .is_some_and(|v| v.tiles().smem <= self.max_smem);
-        let plan = BwdPlan::new(pb, w, tensor_cores)?;
+        let plan = BwdPlan::new(pb, w, tensor_cores, Chunk::from_env(pb)?)?;
         let s = &self.stream;
         self.ctx.bind_to_thread().map_err(drv("binding the context"))?;
         let module = self.function(plan.variant)?;
         let spec = plan.variant.spec();
-        let pre_smem = pre_smem(pb);
+        let pre_smem = plan.smem_of("hm_bwd_v1_pre").max(plan.smem_of("hm_bwd_v1_norm"));
         if pre_smem > self.max_smem {
             return Err(Error::Unsupported {
                 backend: "cuda",
@@ -449,12 +613,14 @@ impl CudaBackend {
             let ptrs_guards: Vec<_> = dev.iter_mut().map(|d| d.device_ptr_mut(s)).collect();
             let ptrs: Vec<u64> = ptrs_guards.iter().map(|(p, _)| *p).collect();
             let (mut args, mut x) = (plan.args, plan.x);
-            // SAFETY: HmArgs starts with 12 pointers, HmBwd with 25.
+            // SAFETY: HmArgs starts with 12 pointers, HmBwd with HM_BWD_NPTR.
             unsafe {
                 relocate(&mut args, 12, &ptrs);
-                relocate(&mut x, 25, &ptrs);
+                relocate(&mut x, HM_BWD_NPTR, &ptrs);
             }
             for l in &plan.launches {
+                // The launch's chunk (the parameters are copied at launch: later changes are safe).
+                (x.h0, x.hc, x.reduce) = (l.heads.0 as i32, l.heads.1 as i32, l.reduce as i32);
                 let func = if l.entry == spec.entry {
                     &module.func
                 } else {
@@ -505,11 +671,20 @@ mod tests {
     use super::*;
     use crate::{Config, Rope};
 
-    fn plan(cfg: Config, dtype: DType, tc: bool) -> (Problem, BwdPlan) {
+    fn problem(cfg: Config, dtype: DType) -> (Problem, Weights) {
         let w = Weights::random(&cfg, 3);
         let pb = Problem::new(&cfg, 2, 9, 13, dtype, w.r.is_some(), w.norm.is_some()).unwrap();
-        let plan = BwdPlan::new(&pb, &w, tc).unwrap();
+        (pb, w)
+    }
+
+    fn plan(cfg: Config, dtype: DType, tc: bool) -> (Problem, BwdPlan) {
+        let (pb, w) = problem(cfg, dtype);
+        let plan = BwdPlan::new(&pb, &w, tc, Chunk::Heads(cfg.heads)).unwrap();
         (pb, plan)
+    }
+
+    fn short(l: &BwdLaunch) -> &'static str {
+        l.entry.trim_start_matches("hm_bwd_v1_").trim_start_matches("hm_bwd_v2_")
     }
 
     #[test]
@@ -533,12 +708,9 @@ mod tests {
                     spec.name
                 );
                 assert!(l.grid.0 > 0 && l.grid.1 > 0 && l.grid.2 > 0 && l.threads as usize == spec.threads);
+                assert_eq!(l.heads, (0, cfg.heads as u32), "one chunk");
             }
-            let names: Vec<_> = p
-                .launches
-                .iter()
-                .map(|l| l.entry.trim_start_matches("hm_bwd_v1_").trim_start_matches("hm_bwd_v2_"))
-                .collect();
+            let names: Vec<_> = p.launches.iter().map(short).collect();
             let recompute = pb.collapse || pb.norm || dtype != DType::F32;
             let mut want = vec!["mix"];
             if recompute {
@@ -554,6 +726,103 @@ mod tests {
             assert_eq!(p.slot("dgamma").is_some(), pb.norm);
             assert_eq!(p.slot("op").is_some(), recompute);
             assert_eq!(p.x.rope_hi != 0, cfg.rope.is_some());
+            assert!(p.slot("y").is_none() && p.x.accq == 0, "one chunk: no sums across chunks");
         }
+    }
+
+    /// Chunks of G heads: every head in exactly one chunk, in order; the passes per chunk; the
+    /// two-phase sequence (y first) only for a collapse with a norm; f32 sums only for 16-bit.
+    #[test]
+    fn chunked_plans_cover_every_head_once_in_order() {
+        let collapse_norm = Config::iha(5, 2, 16);
+        for (cfg, dtype, norm) in [
+            (Config::mha(5, 32).with_causal(true), DType::F32, None),
+            (Config::mea(5, 16), DType::BF16, Some(crate::NormKind::Rms)),
+            (collapse_norm, DType::F16, Some(crate::NormKind::Group)),
+            (collapse_norm, DType::F32, None),
+        ] {
+            let w = Weights::random(&cfg, 3).with_norm_kind(norm, &cfg);
+            let pb = Problem::new(&cfg, 2, 9, 13, dtype, w.r.is_some(), w.norm.is_some()).unwrap();
+            for g in 1..=5usize {
+                let p = BwdPlan::new(&pb, &w, true, Chunk::Heads(g)).unwrap();
+                assert_eq!(p.chunk_heads(), g);
+                let mixes: Vec<_> = p.launches.iter().filter(|l| short(l) == "mixback").map(|l| l.heads).collect();
+                let want: Vec<_> = (0..5).step_by(g).map(|h0| (h0 as u32, g.min(5 - h0) as u32)).collect();
+                assert_eq!(mixes, want, "{cfg:?} G={g}");
+                let two_phase = g < 5 && pb.collapse && pb.norm;
+                assert_eq!(p.slot("y").is_some(), two_phase);
+                assert_eq!(p.launches.iter().filter(|l| short(l) == "norm").count(), two_phase as usize);
+                assert_eq!(
+                    p.launches.iter().filter(|l| short(l) == "ysum").count(),
+                    if two_phase { want.len() } else { 0 }
+                );
+                assert_eq!(p.slot("dq f32").is_some(), g < 5 && dtype != DType::F32);
+                assert_eq!(p.x.accq == p.x.dq, g < 5 && dtype == DType::F32);
+                // Each chunk's launches cover its heads only (grids over hc heads).
+                for l in &p.launches {
+                    if ["fwd", "dq", "dkdv"].contains(&short(l)) {
+                        assert_eq!(l.grid.1, l.heads.1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The extra memory: with a budget, the scratch does not grow with P (G shrinks as P grows),
+    /// only the weights (of `H·P` columns, as their gradients) do; one chunk is the plan without
+    /// chunks (the figure `4·B·H·P·d·(4N + 4M)` of pseudo-head rows, `D`, partials, data).
+    #[test]
+    fn extra_memory_is_bounded_by_the_budget_not_by_p() {
+        let (b, n, m, d, h) = (2, 9, 13, 32, 8);
+        let figure = |cfg: Config, chunk: Chunk| {
+            let w = Weights::random(&cfg, 3);
+            let pb = Problem::new(&cfg, b, n, m, DType::BF16, w.r.is_some(), w.norm.is_some()).unwrap();
+            let p = BwdPlan::new(&pb, &w, true, chunk).unwrap();
+            (pb, p)
+        };
+        // The budget: two heads at P = 2 (G = 4, 2, 1 at P = 1, 2, 4).
+        let (pb2, _) = figure(Config::iha(h, 2, d), Chunk::Heads(h));
+        let budget = 2 * head_scratch_bytes(&pb2);
+        let (mut scratch, mut extra, mut unchunked) = (Vec::new(), Vec::new(), Vec::new());
+        for p in [1, 2, 4] {
+            let cfg = Config::iha(h, p, d);
+            let (pb, chunked) = figure(cfg, Chunk::Budget(budget));
+            let (_, whole) = figure(cfg, Chunk::Heads(h));
+            assert_eq!(chunked.chunk_heads(), 4 / p);
+            assert!(chunked.x.hc as u64 * head_scratch_bytes(&pb) <= budget);
+            scratch.push(chunked.scratch_bytes());
+            // Beyond the scratch: the uploaded weights (`aq, ak, av, r`: `(Hq + 2 Hk + H)·H·P`
+            // f32, the parameters themselves, as large as their gradients), the same in both plans.
+            let weights = 4 * (3 * h + h) as u64 * (h * p) as u64;
+            assert_eq!(chunked.extra_bytes() - chunked.scratch_bytes(), weights);
+            assert_eq!(whole.extra_bytes() - whole.scratch_bytes(), weights);
+            extra.push(chunked.extra_bytes() - weights);
+            unchunked.push(whole.extra_bytes() - weights);
+            // One chunk: the old figure (rows with op, D, partials, weights and tables).
+            let (bb, hp) = (b as u64, (h * p) as u64);
+            let rows = 4 * bb * hp * d as u64 * (4 * n as u64 + 4 * m as u64) + 4 * bb * hp * n as u64;
+            let parts = 4
+                * ((bb * n.div_ceil(8) as u64) * (h as u64 * hp + 2 * (h * d) as u64)
+                    + (bb * n.div_ceil(16) as u64) * h as u64 * hp
+                    + 2 * (bb * m.div_ceil(16) as u64) * h as u64 * hp);
+            assert_eq!(whole.scratch_bytes(), rows + parts, "P={p}");
+        }
+        assert!(scratch.windows(2).all(|s| s[0] == s[1]), "scratch grows with P: {scratch:?}");
+        assert!(extra.windows(2).all(|s| s[0] == s[1]), "extra memory grows with P: {extra:?}");
+        // Negative control: one chunk does grow with P (the check can fail).
+        assert!(unchunked.windows(2).all(|s| s[0] < s[1]), "{unchunked:?}");
+        // The default budget: the pseudo-head scratch at most the stored q, k, v in f32.
+        let (pb, p) = figure(Config::iha(h, 4, d), Chunk::default_for(&pb2));
+        let stored = 4 * (b * d * (n * h + 2 * m * h)) as u64;
+        assert!(p.x.hc as u64 * head_scratch_bytes(&pb) <= stored || p.x.hc == 1);
+    }
+
+    #[test]
+    fn the_chunk_variable_is_a_number_of_heads() {
+        let (pb, _) = problem(Config::mha(4, 32), DType::F32);
+        assert_eq!(Chunk::Heads(9).heads(&pb), 4);
+        assert_eq!(Chunk::Heads(0).heads(&pb), 1);
+        assert_eq!(Chunk::Budget(0).heads(&pb), 1);
+        assert_eq!(Chunk::Budget(u64::MAX).heads(&pb), 4);
     }
 }

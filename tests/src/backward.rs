@@ -158,3 +158,51 @@ impl Expected {
         worst
     }
 }
+
+/// The NaN policy's selection case (MHA, `H = 2`, `d = 8`, 5 tokens, f32): a NaN in head 1's query
+/// of token 2. A backend must leave head 0's `dq, dk, dv` bit-identical to the clean run and
+/// finite (selection gathers and mix-backs read no other head: no `0 · NaN`), while head 1's `dq`
+/// row of that token reads it.
+pub struct OneHeadNan {
+    pub clean: Inputs,
+    pub dirty: Inputs,
+}
+
+impl OneHeadNan {
+    const H: usize = 2;
+    const D: usize = 8;
+    const TOKEN: usize = 2;
+
+    pub fn new() -> OneHeadNan {
+        let cfg = headmix::Config::mha(Self::H, Self::D);
+        let case = || Case::random(cfg, headmix::Weights::random(&cfg, 3), 1, 5, 5, DType::F32, 9);
+        let mut dirty = case();
+        dirty.q[(Self::TOKEN * Self::H + 1) * Self::D] = f32::NAN; // token 2, head 1, element 0
+        OneHeadNan { clean: Inputs::new(case(), 4), dirty: Inputs::new(dirty, 4) }
+    }
+
+    /// Panics unless `dirty` (the gradients of [`OneHeadNan::dirty`]) follows the policy against
+    /// `clean` (those of [`OneHeadNan::clean`]).
+    pub fn check(&self, clean: &Grads<f32>, dirty: &Grads<f32>) {
+        let (h, d) = (Self::H, Self::D);
+        let head = |g: &[f32], m: usize| -> Vec<u32> {
+            g.chunks(d)
+                .enumerate()
+                .filter(|(i, _)| i % h == m)
+                .flat_map(|(_, x)| x.iter().map(|v| v.to_bits()))
+                .collect()
+        };
+        for (name, x, y) in [("dq", &clean.dq, &dirty.dq), ("dk", &clean.dk, &dirty.dk), ("dv", &clean.dv, &dirty.dv)] {
+            assert_eq!(head(x, 0), head(y, 0), "{name} of head 0 changed");
+            assert!(head(y, 0).iter().all(|&v| f32::from_bits(v).is_finite()), "{name} of head 0 not finite");
+        }
+        let row = &dirty.dq[(Self::TOKEN * h + 1) * d..(Self::TOKEN * h + 2) * d];
+        assert!(row.iter().any(|v| v.is_nan()), "head 1's dq row read no NaN");
+    }
+}
+
+impl Default for OneHeadNan {
+    fn default() -> Self {
+        Self::new()
+    }
+}

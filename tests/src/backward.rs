@@ -95,9 +95,9 @@ impl Inputs {
 /// the dtype's tolerance applies; on one that cancels (the loss nearly invariant to a weight's
 /// scale: `dav` under a head norm, `dr` of one head) each f32 run is one draw of rounding noise
 /// amplified by the condition number, and an implementation summing in another order draws
-/// another: 8 times the largest of nine draws holds it (40,000 random CPU cases and 1,500 wgpu
-/// ones, head norms over d = 2 included, stayed below 0.3 of the bound; the case that failed CI
-/// under the old rule of twice one f32 run sits at 0.5).
+/// another: 8 times the largest of nine draws holds it (40,000 random CPU cases, head norms over
+/// d = 2 included, stayed below 0.3 of the bound, and 1,500 wgpu cases passed; the case that
+/// failed CI under the old rule of twice one f32 run sits at 0.5).
 pub const NOISE_FACTOR: f64 = 8.0;
 
 /// The f32 reference runs at jittered inputs ([`Inputs::f32_noise`]) besides the plain one.

@@ -87,6 +87,18 @@ __device__ __forceinline__ bool bw2_load(unsigned short* hi, unsigned short* lo,
     return any;
 }
 
+// Two n-tiles c[0], c[1] += A . B with both operands split hi + lo: hi*hi + hi*lo + lo*hi, small
+// terms first. `bh`, `bl`: an ldmatrix x4 of B, registers 0-1 the first n-tile, 2-3 the second.
+__device__ __forceinline__ void bw2_mma_split(float (*c)[4], const unsigned* ah, const unsigned* al,
+                                              const unsigned* bh, const unsigned* bl) {
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+        hm_mma16816(c[t], al, bh[2 * t], bh[2 * t + 1]);
+        hm_mma16816(c[t], ah, bl[2 * t], bl[2 * t + 1]);
+        hm_mma16816(c[t], ah, bh[2 * t], bh[2 * t + 1]);
+    }
+}
+
 // c[16 x BC] += X[this warp's 16 rows] . Y[BC rows]^T over the head dim: A from the row-major X
 // planes, B from Y stored [n][k] (ldmatrix, two n-tiles per x4); hi*hi + hi*lo + lo*hi.
 // (Planes by shared-space address: the offsets fold into ldmatrix's immediate.)
@@ -105,12 +117,7 @@ __device__ __forceinline__ void bw2_abt(float (*c)[4], unsigned xhi, unsigned xl
             const int bo = (np * 16 + lr + 8 * (mi >> 1)) * BW2_PITCH + kk * 16 + 8 * (mi & 1);
             hm_ldsm_x4(bh, yhi + 2 * bo);
             hm_ldsm_x4(bl, ylo + 2 * bo);
-            hm_mma16816(c[2 * np], al, bh[0], bh[1]); // small terms first
-            hm_mma16816(c[2 * np], ah, bl[0], bl[1]);
-            hm_mma16816(c[2 * np], ah, bh[0], bh[1]);
-            hm_mma16816(c[2 * np + 1], al, bh[2], bh[3]);
-            hm_mma16816(c[2 * np + 1], ah, bl[2], bl[3]);
-            hm_mma16816(c[2 * np + 1], ah, bh[2], bh[3]);
+            bw2_mma_split(c + 2 * np, ah, al, bh, bl);
         }
     }
 }
@@ -140,12 +147,7 @@ __device__ __forceinline__ void bw2_ab(float (*o)[4], const float (*w)[4], unsig
             const int bo = (kk * 16 + lr + 8 * (mi & 1)) * BW2_PITCH + np * 16 + 8 * (mi >> 1);
             hm_ldsm_x4_trans(bh, yhi + 2 * bo);
             hm_ldsm_x4_trans(bl, ylo + 2 * bo);
-            hm_mma16816(o[2 * np], al, bh[0], bh[1]);
-            hm_mma16816(o[2 * np], ah, bl[0], bl[1]);
-            hm_mma16816(o[2 * np], ah, bh[0], bh[1]);
-            hm_mma16816(o[2 * np + 1], al, bh[2], bh[3]);
-            hm_mma16816(o[2 * np + 1], ah, bl[2], bl[3]);
-            hm_mma16816(o[2 * np + 1], ah, bh[2], bh[3]);
+            bw2_mma_split(o + 2 * np, ah, al, bh, bl);
         }
     }
 }

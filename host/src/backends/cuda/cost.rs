@@ -205,16 +205,15 @@ pub fn backward_passes(v: &Variant, pb: &Problem) -> Vec<(&'static str, Cost)> {
     let recompute = pb.collapse || pb.norm || pb.dtype != crate::DType::F32;
     let hp = h * pf;
     let out_rows = if pb.collapse { b * n * h } else { b * n * hp };
-    let mut passes = vec![(
-        "mix",
-        Cost {
-            blocks: (pb.n.max(pb.m) * 3 * pb.batch) as u64,
-            fma_flop: mix_flop,
-            l2_bytes: stored + rows(n + 2.0 * m),
-            hbm_bytes: stored + rows(n + 2.0 * m),
-            ..Cost::default()
-        },
-    )];
+    // The mix and its transpose (mix-back) read and write the same tensors at the same cost.
+    let mix = Cost {
+        blocks: (pb.n.max(pb.m) * 3 * pb.batch) as u64,
+        fma_flop: mix_flop,
+        l2_bytes: stored + rows(n + 2.0 * m),
+        hbm_bytes: stored + rows(n + 2.0 * m),
+        ..Cost::default()
+    };
+    let mut passes = vec![("mix", mix)];
     // `products` matrix products of 2 FLOP per visible pair and column each; on the tensor cores
     // (bwd_v2) every (owned, streamed) tile pair runs them whole at the padded capacity, three
     // mma per product (hi*hi + hi*lo + lo*hi).
@@ -254,26 +253,8 @@ pub fn backward_passes(v: &Variant, pb: &Problem) -> Vec<(&'static str, Cost)> {
     let stream_q = 2.0 * query_tiles * bc as f64 * 4.0 * d;
     passes
         .push(("dk, dv (key-major)", attn(4.0, tc, k_blocks_tc, query_tiles, 2.0 * rows(m), stream_q, 2.0 * rows(m))));
-    passes.push((
-        "mix-back",
-        Cost {
-            blocks: (pb.n.max(pb.m) * 3 * pb.batch) as u64,
-            fma_flop: mix_flop,
-            l2_bytes: stored + rows(n + 2.0 * m),
-            hbm_bytes: stored + rows(n + 2.0 * m),
-            ..Cost::default()
-        },
-    ));
-    passes.push((
-        "weight gradients",
-        Cost {
-            blocks: (pb.n.max(pb.m).div_ceil(16) * 3 * pb.batch) as u64,
-            fma_flop: mix_flop,
-            l2_bytes: stored + rows(n + 2.0 * m),
-            hbm_bytes: stored + rows(n + 2.0 * m),
-            ..Cost::default()
-        },
-    ));
+    passes.push(("mix-back", mix));
+    passes.push(("weight gradients", Cost { blocks: (pb.n.max(pb.m).div_ceil(16) * 3 * pb.batch) as u64, ..mix }));
     passes
 }
 
